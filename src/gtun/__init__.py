@@ -1,0 +1,3 @@
+"""gtun: a VPN relay and clients speaking the WireGuard protocol."""
+
+__version__ = "0.1.0"

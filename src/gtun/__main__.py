@@ -1,0 +1,3 @@
+from gtun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The `gtun` command.  Errors are translated here, once: a ConfigError prints one line
+and exits 2, a RuntimeFailure prints one line and exits 1; a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gtun import __version__
+from gtun.errors import ConfigError, GtunError, RuntimeFailure
+
+DEFAULT_SERVER_SOCKET = Path("/run/gtun/server.sock")
+DEFAULT_CLIENT_SOCKET = Path("/run/gtun/client.sock")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 itself; keep it one line
+        self.print_usage(sys.stderr)
+        print(f"gtun: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gtun", description="A VPN relay and clients speaking WireGuard.")
+    p.add_argument("--version", action="version", version=f"gtun {__version__}")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("genkey", help="print a new private key")
+    sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+
+    s = sub.add_parser("server", help="run the relay in the foreground")
+    s.add_argument("-c", "--config", required=True, type=Path, help="server.toml")
+
+    c = sub.add_parser("client", help="run a client in the foreground")
+    c.add_argument("-c", "--config", required=True, type=Path, help="client.toml")
+
+    peer = sub.add_parser("peer", help="manage the relay's peers")
+    peer_sub = peer.add_subparsers(dest="peer_command", required=True, parser_class=_Parser)
+    add = peer_sub.add_parser(
+        "add", help="add a stock WireGuard peer and print its wg-quick configuration"
+    )
+    add.add_argument("name", help="the peer's name")
+    add.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    add.add_argument("--endpoint", help="HOST:PORT the peer dials (default: guessed)")
+    add.add_argument("-o", "--output", type=Path, help="write the configuration here (0600)")
+
+    st = sub.add_parser("status", help="ask a running relay or client")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("-s", "--socket", type=Path, help="control socket (default: relay's)")
+
+    d = sub.add_parser("demo", help="build a lab in namespaces and show traffic (root)")
+    d.add_argument("--keep-logs", type=Path, help="copy the processes' logs here")
+    return p
+
+
+def setup_logging(debug: bool, role: str) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s gtun {role}: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # Only gtun's own logger gets verbose: pyroute2 logs every netlink message at DEBUG.
+    logging.getLogger("gtun").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except GtunError as exc:
+        if args.debug:
+            raise
+        print(f"gtun: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from gtun import keys
+
+    if args.command == "genkey":
+        print(keys.encode_key(keys.generate_private_key()))
+        return 0
+    if args.command == "pubkey":
+        text = sys.stdin.read()
+        private = keys.decode_key(text, file="<stdin>")
+        print(keys.encode_key(keys.public_key(private)))
+        return 0
+    if args.command == "server":
+        from gtun.server import run_server
+
+        setup_logging(args.debug, "server")
+        run_server(args.config)
+        return 0
+    if args.command == "client":
+        from gtun.client import run_client
+
+        setup_logging(args.debug, "client")
+        run_client(args.config)
+        return 0
+    if args.command == "peer":
+        return peer_add(args)
+    if args.command == "status":
+        return status(args)
+    if args.command == "demo":
+        from gtun.demo import run_demo
+
+        return run_demo(keep_logs=args.keep_logs)
+    raise ConfigError(f"unknown command {args.command}")
+
+
+def peer_add(args: argparse.Namespace) -> int:
+    from gtun.config import load_server_config, parse_host_port
+    from gtun.peeradd import add_peer
+
+    cfg = load_server_config(args.config)
+    endpoint = None
+    if args.endpoint:
+        endpoint = parse_host_port(args.endpoint, file="--endpoint", key="endpoint")
+    text, note = add_peer(cfg, args.name, endpoint)
+    if args.output:
+        import os
+
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"gtun: wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    if note:
+        print(f"gtun: peer {args.name} added; {note}", file=sys.stderr)
+    return 0
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    seconds = max(0, int(time.time() - ts))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def status(args: argparse.Namespace) -> int:
+    from gtun.control import query
+
+    path = args.socket
+    if path is None:
+        path = DEFAULT_SERVER_SOCKET if DEFAULT_SERVER_SOCKET.exists() else DEFAULT_CLIENT_SOCKET
+    answer = query(path, {"command": "status"})
+    if "error" in answer:
+        raise RuntimeFailure(f"gtun on {path}: {answer['error']}")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(
+        f"{answer['role']} {answer['device']} {answer.get('address') or '(no address yet)'}"
+        f"  public key {answer['public_key']}"
+    )
+    if answer["role"] == "client":
+        state = "connected" if answer.get("connected") else "not connected"
+        routes = ", ".join(answer.get("routes") or []) or "none"
+        print(f"  {state}; routes {routes}; dns {', '.join(answer.get('dns') or []) or 'none'}")
+    header = ("NAME", "ADDRESS", "ENDPOINT", "TRANSPORT", "RX", "TX", "HANDSHAKE", "PUBLIC KEY")
+    rows = [header]
+    for peer in answer["peers"]:
+        rows.append(
+            (
+                peer["name"],
+                peer.get("address") or "-",
+                peer.get("endpoint") or "-",
+                peer.get("transport") or "-",
+                _bytes(peer["rx_bytes"]),
+                _bytes(peer["tx_bytes"]),
+                _ago(peer.get("last_handshake")),
+                peer["public_key"],
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+    drops = {k: v for k, v in answer.get("drops", {}).items() if v}
+    if drops:
+        print("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    return 0

@@ -1,0 +1,206 @@
+"""A gtun client, sans-IO: one WireGuard peer (the relay) plus gtun's config push.
+
+Theory of operation
+-------------------
+DISCONNECTED --handshake completes--> CONNECTED (asks for its configuration, repeating
+the request every CONFIG_RETRY until a CONFIG arrives) --CONFIG--> the edge configures
+the device.  While connected the client sends a PING every `ping_interval`; the relay
+answers with a PONG.  Because a PING is data, WireGuard's own timer starts a new
+handshake when no answer came for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a
+restarted relay (which has forgotten every session) is noticed and rejoined.  When the
+relay has not been heard from for `dead_after`, the client reports it DISCONNECTED and
+keeps trying; when WireGuard gives up a round of handshakes (REKEY_ATTEMPT_TIME), the
+next round starts after a backoff that doubles up to MAX_BACKOFF.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from gtun import tunnelmsg as tm
+from gtun.packet import packet_length, parse_addresses
+from gtun.relay import PushedConfig, parse_pushed_config
+from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PacketReceived, WireGuard
+from gtun.wg.events import Event
+
+CONFIG_RETRY = 2.0
+PING_INTERVAL = 10.0
+FIRST_BACKOFF = 2.0
+MAX_BACKOFF = 60.0
+
+CLIENT_DROP_REASONS = ("not_configured", "not_ip", "malformed", "queue_full")
+
+
+@dataclass(frozen=True, slots=True)
+class Connected(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected(Event):
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReceived(Event):
+    config: PushedConfig
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Event):
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUpRound(Event):
+    """A round of handshakes went unanswered; the next starts after `retry_in`."""
+
+    retry_in: float
+
+
+class ClientCore:
+    def __init__(
+        self,
+        private_key: bytes,
+        server_public_key: bytes,
+        endpoint: Hashable | None,
+        *,
+        mode: str = "tun",
+        wall_offset: float = 0.0,
+        ping_interval: float = PING_INTERVAL,
+    ) -> None:
+        self.wg = WireGuard(private_key, wall_offset=wall_offset)
+        self.server = self.wg.add_peer(server_public_key, endpoint=endpoint)
+        self.mode = mode
+        self.ping_interval = ping_interval
+        self.dead_after = 2 * ping_interval + 5.0
+        self.config: PushedConfig | None = None
+        self.connected = False
+        self.drops: dict[str, int] = dict.fromkeys(CLIENT_DROP_REASONS, 0)
+        self._events: deque[Event] = deque()
+        self._tun_out: list[bytes] = []
+        self._t_config: float | None = None
+        self._t_ping: float | None = None
+        self._t_retry: float | None = None
+        self._backoff = FIRST_BACKOFF
+        self._config_confirmed = False
+
+    # --- outputs -------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def tun_writes(self) -> list[bytes]:
+        out = self._tun_out
+        self._tun_out = []
+        return out
+
+    def datagrams_to_send(self) -> list[tuple[bytes, object]]:
+        return self.wg.datagrams_to_send()
+
+    def get_timer(self) -> float | None:
+        times = [
+            t
+            for t in (self.wg.get_timer(), self._t_config, self._t_ping, self._t_retry)
+            if t is not None
+        ]
+        return min(times) if times else None
+
+    # --- inputs --------------------------------------------------------------------
+
+    def set_endpoint(self, endpoint: Hashable) -> None:
+        self.server.endpoint = endpoint
+
+    def start(self, now: float) -> None:
+        self.wg.initiate_handshake(self.server, now)
+        self._drain(now)
+
+    def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
+        self.wg.receive_datagram(data, addr, now)
+        self._drain(now)
+
+    def tun_packet(self, packet: bytes, now: float) -> None:
+        if self.config is None:
+            self.drops["not_configured"] += 1
+            return
+        self.wg.send(self.server, packet, now)
+        self._drain(now)
+
+    def handle_timer(self, now: float) -> None:
+        self.wg.handle_timer(now)
+        if self._t_config is not None and self._t_config <= now:
+            self._t_config = None
+            if not self._config_confirmed and self.connected:
+                self._request_config(now)
+        if self._t_ping is not None and self._t_ping <= now:
+            self._t_ping = now + self.ping_interval
+            last = self.server.last_received
+            if self.connected and last is not None and now - last > self.dead_after:
+                self.connected = False
+                self._config_confirmed = False
+                self._events.append(Disconnected(now - last))
+            self.wg.send(self.server, tm.push_message(tm.PING), now)
+        if self._t_retry is not None and self._t_retry <= now:
+            self._t_retry = None
+            self.wg.initiate_handshake(self.server, now)
+        self._drain(now)
+
+    # --- internals -----------------------------------------------------------------
+
+    def _request_config(self, now: float) -> None:
+        self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, {"mode": self.mode}), now)
+        self._t_config = now + CONFIG_RETRY
+
+    def _drain(self, now: float) -> None:
+        while (event := self.wg.next_event()) is not None:
+            if isinstance(event, PacketReceived):
+                self._from_relay(event.data, now)
+            elif isinstance(event, HandshakeCompleted):
+                self._backoff = FIRST_BACKOFF
+                self._t_retry = None
+                if not self.connected:
+                    self.connected = True
+                    self._events.append(Connected())
+                # Ask after every new session: the relay may have restarted or changed.
+                self._config_confirmed = False
+                self._request_config(now)
+                if self._t_ping is None:
+                    self._t_ping = now + self.ping_interval
+            elif isinstance(event, HandshakeTimedOut):
+                self._t_retry = now + self._backoff
+                self._events.append(GaveUpRound(self._backoff))
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _from_relay(self, plaintext: bytes, now: float) -> None:
+        if plaintext[0] == 0:
+            try:
+                msg = tm.pull_message(plaintext)
+            except tm.TunnelMessageError:
+                self.drops["malformed"] += 1
+                return
+            if msg.type == tm.CONFIG:
+                try:
+                    config = parse_pushed_config(msg.payload)
+                except ValueError:
+                    self.drops["malformed"] += 1
+                    return
+                self._config_confirmed = True
+                self._t_config = None
+                changed = config != self.config
+                self.config = config
+                self._events.append(ConfigReceived(config, changed))
+            elif msg.type == tm.REFUSED:
+                self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
+            elif msg.type != tm.PONG:
+                self.drops["malformed"] += 1
+            return
+        if parse_addresses(plaintext) is None:
+            self.drops["not_ip"] += 1
+            return
+        length = packet_length(plaintext)
+        if length is not None and length < len(plaintext):
+            plaintext = plaintext[:length]
+        self._tun_out.append(plaintext)

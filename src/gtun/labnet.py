@@ -1,0 +1,266 @@
+"""A gtun network in namespaces: a relay with a LAN host behind it and gtun clients,
+each in its own namespace, running real `gtun` processes.  Used by `gtun demo`, the
+tests and the benchmark.
+
+    underlay: client i  <-- veth 10.<u>.<i>.0/24 -->  relay  <-- veth 192.168.77.0/24 --> lan
+    overlay:  10.66.0.0/24 on the relay's TUN; the LAN is pushed as a route, NAT on.
+
+Every address lives inside the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gtun.control import query
+from gtun.errors import GtunError
+from gtun.keys import encode_key, generate_private_key, public_key
+from gtun.lab import Lab, Namespace
+
+PORT = 9621
+LAN_NET = "192.168.77"
+
+
+@dataclass
+class Node:
+    ns: Namespace
+    name: str
+    key: bytes
+    config: Path
+    socket: Path
+    log: Path
+    underlay: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def public(self) -> str:
+        return encode_key(public_key(self.key))
+
+
+def write_key(path: Path, key: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(encode_key(key) + "\n")
+
+
+class GtunNet:
+    def __init__(
+        self,
+        lab: Lab,
+        workdir: Path,
+        *,
+        clients: int = 2,
+        underlay: int = 250,
+        network: str = "10.66.0.0/24",
+        lan: bool = True,
+        nat: bool = True,
+        extra_peers: str = "",
+        debug: bool = False,
+    ) -> None:
+        self.lab = lab
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.network = network
+        self.debug = debug
+        r = lab.add_ns("relay")
+        self.relay = Node(
+            r,
+            "relay",
+            generate_private_key(),
+            self.dir / "server.toml",
+            self.dir / "server.sock",
+            self.dir / "server.log",
+        )
+        self.lan: Namespace | None = None
+        if lan:
+            self.lan = lab.add_ns("lan")
+            lab.veth(r, "rlan", f"{LAN_NET}.1/24", self.lan, "lan0", f"{LAN_NET}.10/24")
+            # No route back to the virtual network: replies reach clients only through NAT.
+        self.clients: list[Node] = []
+        for i in range(1, clients + 1):
+            ns = lab.add_ns(f"c{i}")
+            lab.veth(r, f"rc{i}", f"10.{underlay}.{i}.1/24", ns, "up0", f"10.{underlay}.{i}.2/24")
+            node = Node(
+                ns,
+                f"c{i}",
+                generate_private_key(),
+                self.dir / f"c{i}.toml",
+                self.dir / f"c{i}.sock",
+                self.dir / f"c{i}.log",
+                underlay=f"10.{underlay}.{i}.1",
+            )
+            self.clients.append(node)
+        self._write_configs(nat=nat, lan=lan, extra_peers=extra_peers)
+
+    def _write_configs(self, *, nat: bool, lan: bool, extra_peers: str) -> None:
+        r = self.relay
+        write_key(self.dir / "server.key", r.key)
+        routes = f'["{LAN_NET}.0/24"]' if lan else "[]"
+        peers = "".join(
+            f'\n[[peers]]\nname = "{c.name}"\npublic_key = "{c.public}"\n' for c in self.clients
+        )
+        r.config.write_text(
+            "[server]\n"
+            f'listen = "0.0.0.0:{PORT}"\n'
+            'private_key_file = "server.key"\n'
+            f'network = "{self.network}"\n'
+            'device = "gtun0"\n'
+            f"routes = {routes}\n"
+            f"nat = {'true' if nat else 'false'}\n"
+            f'state_dir = "{self.dir / "state"}"\n'
+            f'control_socket = "{r.socket}"\n' + peers + extra_peers
+        )
+        for c in self.clients:
+            write_key(self.dir / f"{c.name}.key", c.key)
+            c.config.write_text(
+                "[client]\n"
+                f'server = "{c.underlay}:{PORT}"\n'
+                f'server_public_key = "{r.public}"\n'
+                f'private_key_file = "{c.name}.key"\n'
+                'device = "gtun0"\n'
+                f'control_socket = "{c.socket}"\n'
+            )
+
+    # --- processes ---------------------------------------------------------------------
+
+    def _gtun(self, node: Node, role: str) -> None:
+        cmd = [sys.executable, "-m", "gtun"]
+        if self.debug:
+            cmd.append("--debug")
+        cmd += [role, "-c", str(node.config)]
+        node.proc = node.ns.spawn(cmd, log_path=node.log)
+
+    def start_relay(self, timeout: float = 10.0) -> None:
+        self._gtun(self.relay, "server")
+        self.wait_status(self.relay, lambda s: True, timeout, "relay to start")
+
+    def start_client(self, node: Node) -> None:
+        self._gtun(node, "client")
+
+    def stop(self, node: Node, timeout: float = 10.0) -> int | None:
+        proc = node.proc
+        if proc is None:
+            return None
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return None
+        finally:
+            node.proc = None
+
+    def status(self, node: Node) -> dict[str, Any] | None:
+        try:
+            return query(node.socket, {"command": "status"}, timeout=2.0)
+        except GtunError:
+            return None
+
+    def wait_status(self, node: Node, cond: Any, timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.proc is not None and node.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{node.name} exited ({node.proc.returncode}) waiting for {what}:\n"
+                    + self.log_tail(node)
+                )
+            st = self.status(node)
+            if st is not None and cond(st):
+                return st
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"timed out after {timeout:g}s waiting for {what}:\n{self.log_tail(node)}"
+        )
+
+    def wait_configured(self, node: Node, timeout: float = 20.0) -> str:
+        st = self.wait_status(
+            node, lambda s: s.get("address") is not None, timeout, f"{node.name} configured"
+        )
+        address = str(st["address"]).split("/")[0]
+        node.extra["address"] = address
+        return address
+
+    def log_tail(self, node: Node, lines: int = 30) -> str:
+        try:
+            text = node.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # --- traffic ------------------------------------------------------------------------
+
+    def ping(self, ns: Namespace, address: str, count: int = 3, timeout: float = 30) -> float:
+        """Average RTT in ms; raises RuntimeError when no reply came."""
+        out = ns.run(
+            ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", address],
+            check=False,
+            timeout=timeout,
+        )
+        for line in out.stdout.splitlines():
+            if "min/avg/max" in line:
+                return float(line.split("=")[1].split("/")[1])
+        raise RuntimeError(f"ping {address} from {ns.name} failed:\n{out.stdout}{out.stderr}")
+
+    def transfer(
+        self, src: Namespace, dst: Namespace, address: str, size: int, port: int = 5201
+    ) -> tuple[str, str, float]:
+        """Send `size` random bytes over TCP; (sent sha256, received sha256, seconds)."""
+        receiver = dst.spawn(
+            [sys.executable, "-c", _RECEIVER, str(port)], log_path=self.dir / "receiver.out"
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                ss = dst.run(["ss", "-ltn", f"sport = :{port}"], check=False).stdout
+                if f":{port}" in ss:
+                    break
+                time.sleep(0.1)
+            started = time.monotonic()
+            sent = src.run(
+                [sys.executable, "-c", _SENDER, address, str(port), str(size)], timeout=120
+            ).stdout.strip()
+            receiver.wait(60)
+            elapsed = time.monotonic() - started
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait(5)
+        got = (self.dir / "receiver.out").read_text().strip().splitlines()
+        received = got[-1] if got else ""
+        return sent, received, elapsed
+
+
+_RECEIVER = """
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1); s.settimeout(60)
+c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256()
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b)
+print(h.hexdigest(), flush=True)
+"""
+
+_SENDER = """
+import hashlib, os, socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=30); h = hashlib.sha256(); left = size
+while left:
+    b = os.urandom(min(left, 1 << 16)); h.update(b); s.sendall(b); left -= len(b)
+s.shutdown(socket.SHUT_WR); s.recv(1); s.close(); print(h.hexdigest())
+"""
+
+
+def dump_status(node: Node) -> str:
+    st = query(node.socket, {"command": "status"})
+    return json.dumps(st, indent=2)

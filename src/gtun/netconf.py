@@ -1,0 +1,267 @@
+"""Device configuration through netlink (pyroute2): MTU, link state, addresses, routes.
+
+A `LinkConfig` remembers every change it made so that `undo()` can reverse them in
+reverse order when gtun stops.  It acts on the network namespace of the calling
+process.  Every netlink failure becomes one RuntimeFailure line that names the device
+and the change.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from gtun.errors import RuntimeFailure
+
+# From <linux/if.h>, <linux/if_addr.h> and <linux/rtnetlink.h>.
+IFF_UP = 0x1
+IFA_F_NODAD = 0x02
+RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete request: any scope
+
+# Errors meaning "already gone" when undoing: the device, address or route is not there.
+_GONE = frozenset({errno.ENODEV, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENOENT})
+
+
+def _reason(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(exc, NetlinkError) and isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _code(exc: BaseException) -> int | None:
+    if isinstance(exc, NetlinkError):
+        return int(exc.code)
+    if isinstance(exc, OSError):
+        return exc.errno
+    return None
+
+
+def _family(net: IPv4Network | IPv6Network | IPv4Interface | IPv6Interface) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6
+
+
+def _open_ipr() -> IPRoute:
+    try:
+        return IPRoute()
+    except (NetlinkError, OSError) as exc:
+        raise RuntimeFailure(f"cannot open a netlink socket: {_reason(exc)}") from exc
+
+
+def link_index(name: str) -> int | None:
+    """The interface index of `name` in this namespace, or None if there is none."""
+    ipr = _open_ipr()
+    try:
+        found = ipr.link_lookup(ifname=name)
+    except (NetlinkError, OSError) as exc:
+        raise RuntimeFailure(f"cannot look up device {name}: {_reason(exc)}") from exc
+    finally:
+        ipr.close()
+    return int(found[0]) if found else None
+
+
+def link_exists(name: str) -> bool:
+    """Whether a device named `name` exists in this namespace."""
+    return link_index(name) is not None
+
+
+class LinkConfig:
+    """Configures one device and can undo what it did.
+
+    Adding something that already exists is not an error, and is not undone (it was
+    not ours).  Methods raise RuntimeFailure naming the device and the change.
+    """
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self._ipr: IPRoute | None = None
+        # Undo actions, most recent last; each is (description, action).
+        self._undo: list[tuple[str, Callable[[IPRoute], None]]] = []
+
+    # -- plumbing --
+
+    def _conn(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = _open_ipr()
+        return self._ipr
+
+    def _index(self, what: str) -> int:
+        try:
+            found = self._conn().link_lookup(ifname=self.ifname)
+        except (NetlinkError, OSError) as exc:
+            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+        if not found:
+            raise RuntimeFailure(f"cannot {what}: device {self.ifname} does not exist")
+        return int(found[0])
+
+    def _link(self, what: str) -> tuple[int, Any]:
+        index = self._index(what)
+        try:
+            return index, self._conn().link("get", index=index)[0]
+        except (NetlinkError, OSError) as exc:
+            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+
+    def _do(self, what: str, action: Callable[[IPRoute], object]) -> bool:
+        """Run one change; False if it already existed (EEXIST)."""
+        try:
+            action(self._conn())
+        except (NetlinkError, OSError) as exc:
+            if _code(exc) == errno.EEXIST:
+                return False
+            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+        return True
+
+    # -- changes --
+
+    def set_mtu(self, mtu: int) -> None:
+        what = f"set mtu {mtu} on {self.ifname}"
+        index, link = self._link(what)
+        old = link.get("mtu")
+        if old == mtu:
+            return
+        self._do(what, lambda ipr: ipr.link("set", index=index, mtu=mtu))
+        if old is not None:
+            self._undo.append(
+                (f"restore mtu {old} on {self.ifname}", lambda ipr: self._set_mtu_by_name(ipr, old))
+            )
+
+    def _set_mtu_by_name(self, ipr: IPRoute, mtu: int) -> None:
+        ipr.link("set", index=self._index(f"restore mtu {mtu} on {self.ifname}"), mtu=mtu)
+
+    def set_up(self) -> None:
+        what = f"bring {self.ifname} up"
+        index, link = self._link(what)
+        if link["flags"] & IFF_UP:
+            return
+        self._do(what, lambda ipr: ipr.link("set", index=index, state="up"))
+        self._undo.append(
+            (
+                f"bring {self.ifname} down",
+                lambda ipr: ipr.link(
+                    "set", index=self._index(f"bring {self.ifname} down"), state="down"
+                ),
+            )
+        )
+
+    def add_address(self, iface: IPv4Interface | IPv6Interface) -> None:
+        what = f"add address {iface} to {self.ifname}"
+        index = self._index(what)
+        extra: dict[str, Any] = {}
+        if iface.version == 6:
+            # A tunnel address has no neighbours to collide with: skip duplicate
+            # address detection so the address is usable at once.
+            extra["flags"] = IFA_F_NODAD
+        added = self._do(
+            what,
+            lambda ipr: ipr.addr(
+                "add",
+                index=index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+                family=_family(iface),
+                **extra,
+            ),
+        )
+        if added:
+            self._undo.append(
+                (
+                    f"remove address {iface} from {self.ifname}",
+                    lambda ipr: ipr.addr(
+                        "del",
+                        index=self._index(f"remove address {iface} from {self.ifname}"),
+                        address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen,
+                        family=_family(iface),
+                    ),
+                )
+            )
+
+    def _route_args(self, network: IPv4Network | IPv6Network, index: int) -> dict[str, Any]:
+        args: dict[str, Any] = {"dst": str(network), "oif": index, "family": _family(network)}
+        if network.version == 4:
+            args["scope"] = RT_SCOPE_LINK  # as `ip route add NET dev DEV` does
+        return args
+
+    def add_route(self, network: IPv4Network | IPv6Network, *, metric: int | None = None) -> None:
+        """Route `network` via this device (optionally with a metric)."""
+        what = f"add route {network} via {self.ifname}"
+        index = self._index(what)
+        args = self._route_args(network, index)
+        if metric is not None:
+            args["priority"] = metric
+        added = self._do(what, lambda ipr: ipr.route("add", **args))
+        if added:
+            self._undo.append((f"remove route {network} via {self.ifname}", self._route_undo(args)))
+
+    def _route_undo(self, args: dict[str, Any]) -> Callable[[IPRoute], None]:
+        def undo(ipr: IPRoute) -> None:
+            current = dict(args, oif=self._index(f"remove route {args['dst']}"))
+            if "scope" in current:
+                current["scope"] = RT_SCOPE_NOWHERE
+            ipr.route("del", **current)
+
+        return undo
+
+    def remove_route(self, network: IPv4Network | IPv6Network) -> None:
+        """Remove the route to `network` via this device; no error if it is not there."""
+        what = f"remove route {network} via {self.ifname}"
+        index = self._index(what)
+        args = self._route_args(network, index)
+        if "scope" in args:
+            args["scope"] = RT_SCOPE_NOWHERE
+        try:
+            self._conn().route("del", **args)
+        except (NetlinkError, OSError) as exc:
+            if _code(exc) not in _GONE:
+                raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+        # It is gone now: undo must not try again.
+        self._undo = [
+            (desc, act)
+            for desc, act in self._undo
+            if desc != f"remove route {network} via {self.ifname}"
+        ]
+
+    # -- teardown --
+
+    def undo(self) -> None:
+        """Reverse every change this object made, most recent first.
+
+        Things already gone (the device was deleted, the route removed) are skipped.
+        Raises RuntimeFailure for the first other failure, after trying all the rest.
+        """
+        first: RuntimeFailure | None = None
+        while self._undo:
+            desc, action = self._undo.pop()
+            try:
+                action(self._conn())
+            except RuntimeFailure:
+                continue  # the device is gone, and everything on it with it
+            except (NetlinkError, OSError) as exc:
+                if _code(exc) in _GONE:
+                    continue
+                if first is None:
+                    first = RuntimeFailure(f"cannot {desc}: {_reason(exc)}")
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Close the netlink socket (without undoing).  Idempotent."""
+        if self._ipr is not None:
+            ipr, self._ipr = self._ipr, None
+            ipr.close()
+
+    def __enter__(self) -> LinkConfig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

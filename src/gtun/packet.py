@@ -1,0 +1,155 @@
+"""Just enough of IPv4 and IPv6 headers to route a packet, plus builders for tests.
+
+The parsers run on every packet and on bytes from the network: they check sizes before
+reading and answer None rather than raise.  Layouts: IPv4 RFC 791 section 3.1, IPv6
+RFC 8200 section 3, ICMP RFC 792, UDP RFC 768, the checksum RFC 1071.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address
+
+__all__ = [
+    "IPPROTO_ICMP",
+    "IPPROTO_UDP",
+    "build_icmp_echo",
+    "build_ipv4",
+    "build_udp4",
+    "ip_version",
+    "ipv4_checksum",
+    "packet_length",
+    "parse_addresses",
+]
+
+# From the specifications.
+IPV4_HEADER_MIN = 20  # RFC 791: IHL >= 5 words
+IPV6_HEADER_LEN = 40  # RFC 8200: fixed header
+IPPROTO_ICMP = 1
+IPPROTO_UDP = 17
+ICMP_ECHO_REPLY = 0
+ICMP_ECHO_REQUEST = 8
+
+_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+_ICMP_ECHO = struct.Struct("!BBHHH")
+_UDP = struct.Struct("!HHHH")
+
+Address4 = bytes | str | IPv4Address
+
+
+def ip_version(packet: bytes) -> int:
+    """The version nibble of an IP packet: 4, 6, something else, or 0 if empty."""
+    return packet[0] >> 4 if packet else 0
+
+
+def parse_addresses(packet: bytes) -> tuple[bytes, bytes] | None:
+    """The raw (source, destination) addresses of a well-formed IPv4 or IPv6 packet.
+
+    Returns None, never raises, for anything else: empty, truncated, another version,
+    a header length below the minimum, or a length field beyond the buffer.
+    """
+    n = len(packet)
+    if not n:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if n < IPV4_HEADER_MIN:
+            return None
+        header_len = (packet[0] & 0x0F) * 4
+        total = (packet[2] << 8) | packet[3]
+        if header_len < IPV4_HEADER_MIN or total < header_len or total > n:
+            return None
+        return bytes(packet[12:16]), bytes(packet[16:20])
+    if version == 6:
+        if n < IPV6_HEADER_LEN or IPV6_HEADER_LEN + ((packet[4] << 8) | packet[5]) > n:
+            return None
+        return bytes(packet[8:24]), bytes(packet[24:40])
+    return None
+
+
+def packet_length(packet: bytes) -> int | None:
+    """The length the IP header claims for the packet (IPv4 total length, IPv6 40 +
+    payload length), or None if the packet is malformed as parse_addresses judges it.
+
+    Used to trim the zero padding WireGuard adds before encryption.
+    """
+    n = len(packet)
+    if not n:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if n < IPV4_HEADER_MIN:
+            return None
+        header_len = (packet[0] & 0x0F) * 4
+        total = (packet[2] << 8) | packet[3]
+        if header_len < IPV4_HEADER_MIN or total < header_len or total > n:
+            return None
+        return total
+    if version == 6:
+        if n < IPV6_HEADER_LEN:
+            return None
+        total = IPV6_HEADER_LEN + ((packet[4] << 8) | packet[5])
+        return total if total <= n else None
+    return None
+
+
+def ipv4_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`: summing data that carries it gives 0."""
+    if len(data) % 2:
+        data = bytes(data) + b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _addr4(address: Address4) -> bytes:
+    if isinstance(address, bytes):
+        if len(address) != 4:
+            raise ValueError(f"an IPv4 address is 4 bytes, not {len(address)}")
+        return address
+    return IPv4Address(address).packed
+
+
+def build_ipv4(
+    src: Address4, dst: Address4, proto: int, payload: bytes, ttl: int = 64, ident: int = 0
+) -> bytes:
+    """An IPv4 packet (20-byte header, Don't Fragment unset) with a correct checksum.
+
+    Raises ValueError on a bad address or a payload too long for one packet.
+    """
+    total = IPV4_HEADER_MIN + len(payload)
+    if total > 0xFFFF:
+        raise ValueError(
+            f"an IPv4 packet holds at most {0xFFFF - IPV4_HEADER_MIN} bytes of payload, "
+            f"not {len(payload)}"
+        )
+    header = bytearray(
+        _IPV4_HEADER.pack(
+            0x45, 0, total, ident & 0xFFFF, 0, ttl, proto, 0, _addr4(src), _addr4(dst)
+        )
+    )
+    struct.pack_into("!H", header, 10, ipv4_checksum(bytes(header)))
+    return bytes(header) + payload
+
+
+def build_icmp_echo(
+    src: Address4, dst: Address4, ident: int, seq: int, payload: bytes, reply: bool = False
+) -> bytes:
+    """An IPv4 ICMP echo request (or reply) with correct IP and ICMP checksums."""
+    kind = ICMP_ECHO_REPLY if reply else ICMP_ECHO_REQUEST
+    message = bytearray(_ICMP_ECHO.pack(kind, 0, 0, ident & 0xFFFF, seq & 0xFFFF) + payload)
+    struct.pack_into("!H", message, 2, ipv4_checksum(bytes(message)))
+    return build_ipv4(src, dst, IPPROTO_ICMP, bytes(message))
+
+
+def build_udp4(src: Address4, dst: Address4, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4 UDP datagram with correct IP and UDP checksums (RFC 768 pseudo-header)."""
+    src_b, dst_b = _addr4(src), _addr4(dst)
+    length = _UDP.size + len(payload)
+    datagram = _UDP.pack(sport, dport, length, 0) + payload
+    pseudo = src_b + dst_b + struct.pack("!BBH", 0, IPPROTO_UDP, length)
+    # A computed 0 is sent as 0xFFFF: 0 on the wire means "no checksum".
+    checksum = ipv4_checksum(pseudo + datagram) or 0xFFFF
+    datagram = datagram[:6] + struct.pack("!H", checksum) + datagram[8:]
+    return build_ipv4(src_b, dst_b, IPPROTO_UDP, datagram)

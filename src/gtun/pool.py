@@ -1,0 +1,345 @@
+"""What the relay remembers across restarts: address leases and peers added at run time.
+
+Both live in one SQLite file under `state_dir`.  The running relay and `gtun peer add`
+may open it at the same time, so every change is one short IMMEDIATE transaction (the
+write lock is taken at its start, so two writers queue instead of deadlocking) and a
+busy timeout makes the second process wait for the first instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from gtun.errors import ConfigError, RuntimeFailure
+
+__all__ = ["AddressPool", "StateStore", "StoredPeer", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 10.0  # seconds another gtun process may hold the write lock
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    public_key TEXT PRIMARY KEY,
+    address TEXT UNIQUE NOT NULL,
+    name TEXT,
+    updated REAL
+);
+CREATE TABLE IF NOT EXISTS peers (
+    name TEXT PRIMARY KEY,
+    public_key TEXT UNIQUE NOT NULL,
+    address TEXT,
+    subnets TEXT,
+    created REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredPeer:
+    """A peer added by `gtun peer add`; the key is base64 text, as in a config file."""
+
+    name: str
+    public_key: str
+    address: str | None = None
+    subnets: tuple[str, ...] = ()
+
+
+class StateStore:
+    """The relay's SQLite state file.  Usable from several threads (one lock) and by
+    several processes at once.
+
+    Every method raises RuntimeFailure naming the file if the database cannot be used
+    (corrupt, not a database, locked for longer than BUSY_TIMEOUT, disk full).
+    """
+
+    def __init__(self, path: Path) -> None:
+        """Open `path`, creating it (mode 0600) and its directory (mode 0700) if missing.
+
+        Raises RuntimeFailure naming the file if it cannot be created, is not an SQLite
+        database, or was written by a newer gtun.
+        """
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._depth = 0
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created here rather than by SQLite so that it is never readable by others.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"cannot create state database {self.path}: {exc.strerror or exc}"
+            ) from None
+        try:
+            # isolation_level=None: transactions are begun and ended here, explicitly.
+            self._db = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise RuntimeFailure(f"cannot open state database {self.path}: {exc}") from None
+        try:
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            # One statement at a time: executescript() would commit the transaction.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] if row else None
+            if version is None:
+                self._db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise RuntimeFailure(
+                    f"state database {self.path} was written by a newer gtun "
+                    f"(schema version {version}, this one knows {SCHEMA_VERSION})"
+                )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the database's write lock for the block; commit at its end, roll back on
+        an exception.  Nested uses join the outermost transaction.
+
+        Raises RuntimeFailure naming the file on any database error.
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._failure(exc) from None
+            self._depth = 1
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                    raise self._failure(exc) from None
+                raise
+            finally:
+                self._depth = 0
+
+    def _failure(self, exc: sqlite3.Error) -> RuntimeFailure:
+        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+            return RuntimeFailure(
+                f"state database {self.path} is corrupt or not an SQLite database; "
+                "move it aside to start afresh"
+            )
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return RuntimeFailure(
+                f"state database {self.path} is locked by another process "
+                f"for more than {BUSY_TIMEOUT:g}s"
+            )
+        return RuntimeFailure(f"state database {self.path}: {exc}")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run one read statement in its own transaction (or the enclosing one)."""
+        with self.transaction():
+            return list(self._db.execute(sql, args).fetchall())
+
+    # -- leases ----------------------------------------------------------------
+
+    def get_lease(self, public_key: str) -> str | None:
+        """The address leased to `public_key`, or None."""
+        rows = self._query("SELECT address FROM leases WHERE public_key = ?", (public_key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_lease(self, public_key: str, address: str, name: str = "") -> None:
+        """Lease `address` to `public_key`, taking it from any other key holding it."""
+        with self.transaction():
+            self._db.execute(
+                "DELETE FROM leases WHERE address = ? AND public_key != ?", (address, public_key)
+            )
+            self._db.execute(
+                "INSERT INTO leases (public_key, address, name, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (public_key) DO UPDATE SET "
+                "address = excluded.address, name = excluded.name, updated = excluded.updated",
+                (public_key, address, name, time.time()),
+            )
+
+    def delete_lease(self, public_key: str) -> None:
+        """Forget the lease of `public_key`, if any."""
+        with self.transaction():
+            self._db.execute("DELETE FROM leases WHERE public_key = ?", (public_key,))
+
+    def leases(self) -> dict[str, str]:
+        """Every lease: public key (base64) to address."""
+        rows = self._query("SELECT public_key, address FROM leases ORDER BY public_key")
+        return {str(key): str(address) for key, address in rows}
+
+    # -- peers -----------------------------------------------------------------
+
+    def add_peer(self, peer: StoredPeer) -> None:
+        """Remember a peer added at run time.
+
+        Raises ConfigError if its name or public key is already taken by a stored peer.
+        """
+        try:
+            with self.transaction():
+                self._db.execute(
+                    "INSERT INTO peers (name, public_key, address, subnets, created) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        peer.name,
+                        peer.public_key,
+                        peer.address,
+                        json.dumps(list(peer.subnets)),
+                        time.time(),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            what = f"name {peer.name!r}" if "peers.name" in str(exc) else "public key"
+            raise ConfigError(
+                f"a peer with this {what} already exists", file=self.path, key=peer.name
+            ) from None
+
+    def remove_peer(self, name: str) -> bool:
+        """Forget the stored peer `name` and its lease; return whether it existed."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT public_key FROM peers WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._db.execute("DELETE FROM peers WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM leases WHERE public_key = ?", (row[0],))
+            return True
+
+    def peers(self) -> list[StoredPeer]:
+        """The stored peers, oldest first."""
+        rows = self._query(
+            "SELECT name, public_key, address, subnets FROM peers ORDER BY created, name"
+        )
+        peers = []
+        for name, key, address, subnets in rows:
+            try:
+                decoded = json.loads(str(subnets)) if subnets else []
+            except ValueError:
+                raise RuntimeFailure(
+                    f"state database {self.path}: peer {name!r} has corrupt subnets"
+                ) from None
+            peers.append(
+                StoredPeer(
+                    name=str(name),
+                    public_key=str(key),
+                    address=None if address is None else str(address),
+                    subnets=tuple(str(s) for s in decoded),
+                )
+            )
+        return peers
+
+    # -- life --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; further calls raise RuntimeFailure."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AddressPool:
+    """Hands out the IPv4 addresses of `network` to public keys, remembering them in a
+    StateStore so that a key gets the same address after a restart.
+
+    The network and broadcast addresses are never handed out, nor the relay's own
+    address (the first host) nor any of `reserved`.  Each assignment reads and writes
+    the store in one transaction, so another process assigning at the same time (`gtun
+    peer add` beside a running relay) cannot be given the same address.
+    """
+
+    def __init__(
+        self, network: IPv4Network, store: StateStore, reserved: Iterable[IPv4Address] = ()
+    ) -> None:
+        self.network = network
+        self.store = store
+        self._first = int(network.network_address) + 1
+        self._last = int(network.broadcast_address) - 1
+        self.reserved = frozenset({network.network_address + 1, *reserved})
+
+    def _usable(self, address: IPv4Address) -> bool:
+        return self._first <= int(address) <= self._last and address not in self.reserved
+
+    def assign(
+        self, public_key: str, *, fixed: IPv4Address | None = None, name: str = ""
+    ) -> IPv4Address:
+        """The address of `public_key`: `fixed` if given (taken from any other key that
+        held it; assign fixed peers first so that those keys move elsewhere), else its
+        previous lease if still usable, else the lowest free host.
+
+        Raises ConfigError if `fixed` is outside the network, or is its network,
+        broadcast or a reserved address; RuntimeFailure if no address is free or the
+        store fails.
+        """
+        if fixed is not None:
+            if fixed not in self.network:
+                raise ConfigError(f"address {fixed} is outside network {self.network}")
+            if fixed in self.reserved:
+                raise ConfigError(f"address {fixed} is reserved (the relay's own, or in use)")
+            if not self._usable(fixed):
+                raise ConfigError(
+                    f"address {fixed} is the network or broadcast address of {self.network}"
+                )
+        with self.store.transaction():
+            if fixed is not None:
+                self.store.set_lease(public_key, str(fixed), name)
+                return fixed
+            previous = self.store.get_lease(public_key)
+            if previous is not None:
+                address = _parse(previous)
+                if address is not None and address in self.network and self._usable(address):
+                    self.store.set_lease(public_key, previous, name)
+                    return address
+            address = self._lowest_free(set(self.store.leases().values()))
+            self.store.set_lease(public_key, str(address), name)
+            return address
+
+    def _lowest_free(self, leased: set[str]) -> IPv4Address:
+        taken = {int(a) for a in map(_parse, leased) if a is not None}
+        taken.update(int(a) for a in self.reserved)
+        for candidate in range(self._first, self._last + 1):
+            if candidate not in taken:
+                return IPv4Address(candidate)
+        raise RuntimeFailure(f"address pool {self.network} is exhausted")
+
+    def lookup(self, public_key: str) -> IPv4Address | None:
+        """The address currently leased to `public_key` inside this pool, or None."""
+        text = self.store.get_lease(public_key)
+        address = None if text is None else _parse(text)
+        return address if address is not None and address in self.network else None
+
+    def release(self, public_key: str) -> None:
+        """Give up the lease of `public_key`, if any."""
+        self.store.delete_lease(public_key)
+
+
+def _parse(text: str) -> IPv4Address | None:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        return None

@@ -1,0 +1,297 @@
+"""The relay's forwarding logic, sans-IO: WireGuard device + cryptokey routing.
+
+Theory of operation
+-------------------
+Every peer owns its virtual address (a /32) and the subnets behind it; together they form
+the routing table, a longest-prefix match from an inner address to a peer.  The same
+table serves both directions:
+
+- A packet decrypted from peer P must have an inner source that P owns (its address or
+  one of its subnets), else it is a spoof and is dropped and counted.  Its inner
+  destination is then looked up: another peer Q gets it directly (encrypted to Q, never
+  through the kernel); anything else (the relay's own address, the pushed routes, the
+  internet) is written into the relay's TUN, where the kernel routes it and NAT applies.
+- A packet read from the TUN goes to the peer owning its destination, or is dropped
+  ("no_route") when none does.
+
+Plaintexts that start with 0x00 are gtun's own messages (tunnelmsg.py): a gtun client
+asks for its configuration and pings; stock WireGuard peers never send them and so never
+get any.
+
+The caller drains datagrams (self.wg.datagrams_to_send()), TUN writes
+(self.tun_writes()) and events after each call, as with the core itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+from gtun import tunnelmsg as tm
+from gtun.packet import packet_length, parse_addresses
+from gtun.routing import RouteTable
+from gtun.wg import HandshakeCompleted, PacketReceived, Peer, PeerUnknown, WireGuard
+from gtun.wg.events import Event, HandshakeTimedOut
+
+Network = IPv4Network | IPv6Network
+
+RELAY_DROP_REASONS = (
+    "spoofed",  # inner source not owned by the sending peer
+    "no_route",  # from the TUN, to an address no peer owns
+    "loop",  # a peer sent a packet addressed to itself
+    "not_ip",  # plaintext that is neither IP nor a gtun message
+    "malformed",  # gtun message that does not parse
+    "queue_full",  # the edge could not queue the datagram or TUN write
+)
+
+
+@dataclass
+class PeerSpec:
+    """What the relay knows of a peer from its configuration and leases."""
+
+    name: str
+    public_key: bytes
+    address: IPv4Address
+    subnets: tuple[Network, ...] = ()
+    address6: IPv6Address | None = None
+
+    def owned(self) -> list[Network]:
+        nets: list[Network] = [IPv4Network(f"{self.address}/32")]
+        if self.address6 is not None:
+            nets.append(IPv6Network(f"{self.address6}/128"))
+        nets.extend(self.subnets)
+        return nets
+
+
+@dataclass
+class PeerState:
+    """The relay's per-peer state, kept in `Peer.data`."""
+
+    spec: PeerSpec
+    is_gtun: bool = False  # asked for its configuration: a gtun client
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerJoined(Event):
+    """A gtun client asked for (and got) its configuration."""
+
+    peer: Peer
+
+
+@dataclass
+class RelaySettings:
+    network: IPv4Network
+    relay_address: IPv4Address
+    mtu: int
+    routes: tuple[Network, ...] = ()
+    dns: tuple[IPv4Address | IPv6Address, ...] = ()
+    mode: str = "tun"
+
+
+class Relay:
+    def __init__(
+        self, private_key: bytes, settings: RelaySettings, *, wall_offset: float = 0.0
+    ) -> None:
+        self.settings = settings
+        self.wg = WireGuard(private_key, wall_offset=wall_offset, mtu=settings.mtu)
+        self.table: RouteTable[Peer] = RouteTable()
+        self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
+        self._tun_out: list[bytes] = []
+        self._events: deque[Event] = deque()
+
+    # --- peers ---------------------------------------------------------------------
+
+    def set_peers(self, specs: Iterable[PeerSpec]) -> tuple[list[str], list[str]]:
+        """Make the peer set equal to `specs`, keeping the sessions of unchanged keys.
+
+        Returns (added names, removed names)."""
+        wanted = {s.public_key: s for s in specs}
+        added: list[str] = []
+        removed: list[str] = []
+        for key, peer in list(self.wg.peers.items()):
+            if key not in wanted:
+                self.table.remove_value(peer)
+                self.wg.remove_peer(peer)
+                removed.append(peer.data.spec.name)
+        for key, spec in wanted.items():
+            existing = self.wg.peers.get(key)
+            if existing is None:
+                peer = self.wg.add_peer(key, data=PeerState(spec))
+                added.append(spec.name)
+            else:
+                peer = existing
+                peer.data.spec = spec
+            self.table.remove_value(peer)
+            for net in spec.owned():
+                self.table.insert(net, peer)
+        return added, removed
+
+    def peer_by_name(self, name: str) -> Peer | None:
+        for peer in self.wg.peers.values():
+            if peer.data.spec.name == name:
+                return peer
+        return None
+
+    def routes_for(self, peer: Peer) -> list[Network]:
+        """The networks a client reaches through the relay: pushed routes and the
+        subnets behind the other peers."""
+        routes = list(self.settings.routes)
+        for other in self.wg.peers.values():
+            if other is not peer:
+                routes.extend(other.data.spec.subnets)
+        return routes
+
+    # --- outputs -------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        return self.wg.datagrams_to_send()
+
+    def tun_writes(self) -> list[bytes]:
+        out = self._tun_out
+        self._tun_out = []
+        return out
+
+    def next_event(self) -> Event | None:
+        """Events of the relay and of the WireGuard core, in order."""
+        return self._events.popleft() if self._events else None
+
+    # --- inputs --------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
+        self.wg.receive_datagram(data, addr, now)
+        self._drain_core(now)
+
+    def tun_packet(self, packet: bytes, now: float) -> None:
+        addrs = parse_addresses(packet)
+        if addrs is None:
+            self.drops["not_ip"] += 1
+            return
+        peer = self.table.lookup(addrs[1])
+        if peer is None:
+            self.drops["no_route"] += 1
+            return
+        self.wg.send(peer, packet, now)
+
+    def handle_timer(self, now: float) -> None:
+        self.wg.handle_timer(now)
+        self._drain_core(now)
+
+    def get_timer(self) -> float | None:
+        return self.wg.get_timer()
+
+    # --- internals -----------------------------------------------------------------
+
+    def _drain_core(self, now: float) -> None:
+        wg = self.wg
+        while True:
+            event = wg.next_event()
+            if event is None:
+                return
+            if isinstance(event, PacketReceived):
+                self._from_peer(event.peer, event.data, now)
+            elif isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
+                self._events.append(event)
+
+    def _from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        if plaintext[0] == 0:
+            self._tunnel_message(peer, plaintext, now)
+            return
+        addrs = parse_addresses(plaintext)
+        if addrs is None:
+            self.drops["not_ip"] += 1
+            return
+        length = packet_length(plaintext)
+        if length is not None and length < len(plaintext):
+            plaintext = plaintext[:length]  # WireGuard's zero padding
+        src, dst = addrs
+        if self.table.lookup(src) is not peer:
+            self._count(peer, "spoofed")
+            return
+        target = self.table.lookup(dst)
+        if target is None:
+            self._tun_out.append(plaintext)
+        elif target is peer:
+            self._count(peer, "loop")
+        else:
+            self.wg.send(target, plaintext, now)
+
+    def _count(self, peer: Peer, reason: str) -> None:
+        self.drops[reason] += 1
+        per_peer = peer.data.drops
+        per_peer[reason] = per_peer.get(reason, 0) + 1
+
+    def _tunnel_message(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        try:
+            msg = tm.pull_message(plaintext)
+        except tm.TunnelMessageError:
+            self._count(peer, "malformed")
+            return
+        state: PeerState = peer.data
+        if msg.type == tm.CONFIG_REQUEST:
+            mode = msg.payload.get("mode")
+            if mode is not None and mode != self.settings.mode:
+                reason = (
+                    f"this relay runs in {self.settings.mode} mode; the client asked for {mode}"
+                )
+                self.wg.send(peer, tm.push_message(tm.REFUSED, {"reason": reason}), now)
+                return
+            state.is_gtun = True
+            self.wg.send(peer, tm.push_message(tm.CONFIG, self.config_for(peer)), now)
+            self._events.append(PeerJoined(peer))
+        elif msg.type == tm.PING:
+            state.is_gtun = True
+            self.wg.send(peer, tm.push_message(tm.PONG, {}), now)
+        else:
+            self._count(peer, "malformed")
+
+    def config_for(self, peer: Peer) -> dict[str, Any]:
+        s = self.settings
+        spec: PeerSpec = peer.data.spec
+        return {
+            "name": spec.name,
+            "address": str(spec.address),
+            "prefix": s.network.prefixlen,
+            "network": str(s.network),
+            "gateway": str(s.relay_address),
+            "routes": [str(r) for r in self.routes_for(peer)],
+            "mtu": s.mtu,
+            "dns": [str(d) for d in s.dns],
+            "mode": s.mode,
+        }
+
+
+def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
+    """Validate a CONFIG payload from the relay.  Raises ValueError."""
+    try:
+        address = IPv4Address(payload["address"])
+        prefix = int(payload["prefix"])
+        if not 0 < prefix <= 32:
+            raise ValueError(f"bad prefix {prefix}")
+        routes = tuple(ipaddress.ip_network(r) for r in payload.get("routes", []))
+        dns = tuple(ipaddress.ip_address(d) for d in payload.get("dns", []))
+        mtu = int(payload["mtu"])
+        if not 576 <= mtu <= 9000:
+            raise ValueError(f"bad mtu {mtu}")
+        gateway = IPv4Address(payload["gateway"])
+        name = str(payload.get("name", ""))
+        mode = str(payload.get("mode", "tun"))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"incomplete configuration: {exc}") from exc
+    return PushedConfig(name, address, prefix, gateway, routes, mtu, dns, mode)
+
+
+@dataclass(frozen=True)
+class PushedConfig:
+    name: str
+    address: IPv4Address
+    prefix: int
+    gateway: IPv4Address
+    routes: tuple[Network, ...]
+    mtu: int
+    dns: tuple[IPv4Address | IPv6Address, ...]
+    mode: str

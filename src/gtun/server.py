@@ -1,0 +1,353 @@
+"""`gtun server`: the relay's edge.  Wires the sans-IO Relay to a UDP socket, a TUN
+device, netlink, nftables, the state store and the control socket; undoes all of its
+network changes on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address, IPv4Interface, ip_network
+from pathlib import Path
+from typing import Any
+
+from gtun.config import ServerConfig, load_server_config
+from gtun.control import ControlServer
+from gtun.edge import Driver
+from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.firewall import Forwarding, Nat
+from gtun.keys import decode_key, encode_key
+from gtun.netconf import LinkConfig
+from gtun.pool import AddressPool, StateStore
+from gtun.relay import PeerJoined, PeerSpec, Relay, RelaySettings
+from gtun.tun import open_tun
+from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
+from gtun.wg.events import Event
+
+log = logging.getLogger("gtun")
+
+STATE_FILE = "gtun.sqlite"
+
+
+def check_privileges(config_file: Path) -> None:
+    """Exit-2 problems of the machine, found before anything is changed."""
+    if os.geteuid() != 0:
+        raise ConfigError("gtun must run as root to create and configure its network device")
+    if not os.path.exists("/dev/net/tun"):
+        raise ConfigError("/dev/net/tun is missing: load the tun module (modprobe tun)")
+
+
+def open_state(cfg: ServerConfig) -> StateStore:
+    return StateStore(cfg.state_dir / STATE_FILE)
+
+
+def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
+    """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
+    with their addresses (fixed ones first, so leases move out of their way).
+
+    Raises ConfigError for a stored peer that clashes with the config."""
+    pool = AddressPool(cfg.network, store)
+    entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
+        (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
+    ]
+    names = {p.name for p in cfg.peers}
+    keys = {p.public_key for p in cfg.peers}
+    for sp in store.peers():
+        key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
+        if sp.name in names or key in keys:
+            log.warning(
+                "peer %s from %s clashes with %s (same name or key); using the config's",
+                sp.name,
+                store.path,
+                cfg.path,
+            )
+            continue
+        names.add(sp.name)
+        keys.add(key)
+        fixed = IPv4Address(sp.address) if sp.address else None
+        subnets = tuple(ip_network(s) for s in sp.subnets)
+        entries.append((sp.name, key, fixed, subnets))
+    specs = []
+    ordered = sorted(entries, key=lambda e: (e[2] is None, e[0]))
+    for name, key, fixed, subnets in ordered:
+        try:
+            address = pool.assign(encode_key(key), fixed=fixed, name=name)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
+        specs.append(PeerSpec(name, key, address, subnets))
+    return specs
+
+
+def bind_udp(cfg: ServerConfig) -> socket.socket:
+    host, port = cfg.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
+            raise ConfigError(
+                f"cannot listen on UDP {host}:{port}: {exc.strerror}"
+                + (" (another program uses this port)" if exc.errno == 98 else ""),
+                file=cfg.path,
+                key="server.listen",
+            ) from exc
+        raise ConfigError(
+            f"cannot listen on UDP {host}:{port}: {exc.strerror}",
+            file=cfg.path,
+            key="server.listen",
+        ) from exc
+    sock.setblocking(False)
+    for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    return sock
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.relay: Relay | None = None
+        self.driver: Driver | None = None
+        self.link: LinkConfig | None = None
+        self.subnet_routes: set[Any] = set()
+        self.stop = asyncio.Event()
+        # (what, undo, runs in the netlink thread)
+        self._cleanup: list[tuple[str, Callable[[], object], bool]] = []
+        # pyroute2's synchronous API runs its own asyncio loop, so every netlink call
+        # goes to this one worker thread, never to the event loop's thread.
+        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+
+    async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
+
+    # --- life cycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        try:
+            store = open_state(cfg)
+            self._cleanup.append(("state store", store.close, False))
+            self.store = store
+            specs = collect_peers(cfg, store)
+            sock = bind_udp(cfg)
+            settings = RelaySettings(
+                network=cfg.network,
+                relay_address=cfg.relay_address,
+                mtu=cfg.mtu,
+                routes=cfg.routes,
+                dns=cfg.dns,
+                mode=cfg.mode,
+            )
+            relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
+            relay.set_peers(specs)
+            self.relay = relay
+            driver = Driver(relay, loop, self.on_event)
+            self.driver = driver
+            await loop.create_datagram_endpoint(lambda: driver, sock=sock)
+            self._cleanup.append(("UDP socket", driver.close, False))
+
+            tun = open_tun(cfg.device, tap=cfg.mode == "tap")
+            self._cleanup.append((f"device {cfg.device}", tun.close, False))
+            link = LinkConfig(tun.name)
+            self.link = link
+            self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
+            await self.nl(link.set_mtu, cfg.mtu)
+            await self.nl(
+                link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
+            )
+            await self.nl(link.set_up)
+            await self.nl(self.sync_subnet_routes, specs)
+            driver.attach_tun(tun)
+
+            forwarding = Forwarding()
+            forwarding.enable(ipv6=cfg.network6 is not None)
+            self._cleanup.append(("IP forwarding", forwarding.restore, False))
+            if cfg.nat:
+                nat = Nat(tun.name, [cfg.network])
+                nat.apply()
+                self._cleanup.append(("NAT rules", nat.remove, False))
+
+            control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
+            await control.start()
+            self._control = control
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            log.info(
+                "relay %s listening on UDP %s:%d, device %s %s/%d, %d peers, public key %s",
+                cfg.path.name,
+                cfg.listen[0],
+                cfg.listen[1],
+                tun.name,
+                cfg.relay_address,
+                cfg.network.prefixlen,
+                len(specs),
+                encode_key(cfg.public_key),
+            )
+            for spec in specs:
+                log.info("peer %s: %s", spec.name, spec.address)
+            if cfg.network6 is not None or cfg.metrics_listen is not None:
+                log.warning("network6 and metrics_listen are not implemented yet; ignored")
+            driver.poke()
+            await self.stop.wait()
+            log.info("stopping")
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        if getattr(self, "_control", None) is not None:
+            await self._control.close()
+        for what, undo, in_netlink in reversed(self._cleanup):
+            try:
+                if in_netlink:
+                    await self.nl(undo)
+                else:
+                    undo()
+            except GtunError as exc:
+                log.error("while removing %s: %s", what, exc)
+            except Exception as exc:  # cleanup must go on whatever one step does
+                log.error("while removing %s: %s", what, exc, exc_info=log.isEnabledFor(10))
+        self._cleanup.clear()
+        self._netlink.shutdown(wait=True)
+
+    # --- peers -----------------------------------------------------------------------
+
+    def sync_subnet_routes(self, specs: list[PeerSpec]) -> None:
+        """Kernel routes into the TUN for the LANs behind peers (so the relay's own
+        host and its LAN reach them)."""
+        assert self.link is not None
+        wanted = {net for s in specs for net in s.subnets if net.version == 4}
+        for net in self.subnet_routes - wanted:
+            self.link.remove_route(net)
+        for net in wanted - self.subnet_routes:
+            self.link.add_route(net)
+        self.subnet_routes = wanted
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions."""
+        assert self.relay is not None
+        try:
+            cfg = load_server_config(self.cfg.path)
+            specs = collect_peers(cfg, self.store)
+            added, removed = self.relay.set_peers(specs)
+            await self.nl(self.sync_subnet_routes, specs)
+        except GtunError as exc:
+            log.error("reload failed, keeping the current peers: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        log.info(
+            "reloaded %s: %d peers (added %s, removed %s)",
+            self.cfg.path.name,
+            len(specs),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+        if self.driver is not None:
+            self.driver.poke()
+        return {"ok": True, "added": added, "removed": removed}
+
+    # --- events and control ---------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, HandshakeCompleted):
+            spec = event.peer.data.spec
+            log.debug(
+                "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
+            )
+        elif isinstance(event, PeerJoined):
+            spec = event.peer.data.spec
+            log.info("client %s joined from %s as %s", spec.name, event.peer.endpoint, spec.address)
+        elif isinstance(event, PeerUnknown):
+            log.warning(
+                "handshake from unknown key %s at %s: not a peer of this relay",
+                encode_key(event.public_key),
+                event.addr,
+            )
+        elif isinstance(event, HandshakeTimedOut):
+            log.debug("peer %s stopped answering", event.peer.data.spec.name)
+
+    async def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "status":
+            return self.status()
+        if command == "reload":
+            return await self.reload()
+        return {"error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        relay = self.relay
+        assert relay is not None and self.driver is not None
+        loop_now = self.driver.loop.time()
+        wall = time.time() - loop_now
+        peers = []
+        for peer in relay.wg.peers.values():
+            spec = peer.data.spec
+            peers.append(
+                {
+                    "name": spec.name,
+                    "public_key": encode_key(peer.public_key),
+                    "address": str(spec.address),
+                    "subnets": [str(s) for s in spec.subnets],
+                    "endpoint": _fmt_endpoint(peer.endpoint),
+                    "transport": "udp" if peer.endpoint is not None else None,
+                    "kind": "gtun" if peer.data.is_gtun else "wireguard",
+                    "rx_bytes": peer.rx_bytes,
+                    "tx_bytes": peer.tx_bytes,
+                    "rx_packets": peer.rx_packets,
+                    "tx_packets": peer.tx_packets,
+                    "last_handshake": (
+                        peer.last_handshake + wall if peer.last_handshake is not None else None
+                    ),
+                    "drops": dict(peer.data.drops),
+                }
+            )
+        drops = {k: v for k, v in {**relay.wg.drops, **relay.drops}.items()}
+        return {
+            "role": "relay",
+            "device": self.cfg.device,
+            "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
+            "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
+            "public_key": encode_key(self.cfg.public_key),
+            "uptime": time.time() - self.started,
+            "peers": sorted(peers, key=lambda p: p["name"]),
+            "drops": drops,
+        }
+
+
+def _fmt_endpoint(endpoint: Any) -> str | None:
+    if endpoint is None:
+        return None
+    host, port = endpoint[0], endpoint[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def run_server(path: Path) -> None:
+    """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
+    cfg = load_server_config(path)
+    check_privileges(cfg.path)
+    if cfg.mode == "tap":
+        raise ConfigError(
+            'mode "tap" is not implemented yet; use "tun"', file=cfg.path, key="server.mode"
+        )
+    server = Server(cfg)
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:
+        raise RuntimeFailure(f"relay failed: {exc}") from exc

@@ -1,0 +1,246 @@
+"""The TUN/TAP device edge: one packet (or Ethernet frame) per read and write.
+
+Everything above this module sees a `PacketDevice`: a non-blocking file descriptor
+that an event loop can watch (`loop.add_reader(dev.fileno(), ...)`), `read()` that
+returns one packet or None when there is nothing to read, and `write()` that reports
+a packet the kernel would not take as False so the caller can count a drop.
+`FakeTun` implements the same interface over a socketpair for tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from typing import Protocol
+
+from gtun.errors import RuntimeFailure
+
+# From <linux/if_tun.h> and <linux/if.h>.
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+TUN_PATH = "/dev/net/tun"
+
+# Tuning knob: the largest packet read in one call (the largest IP packet).
+MAX_PACKET = 65535
+
+# A write failing with one of these concerns that one packet only (the device is down,
+# the packet is malformed or too big, buffers are full): the caller drops it.
+_PACKET_ERRNOS = frozenset(
+    {
+        errno.EAGAIN,
+        errno.EINVAL,
+        errno.EIO,
+        errno.EMSGSIZE,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.EFAULT,
+        errno.EPIPE,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+    }
+)
+
+
+class PacketDevice(Protocol):
+    """A packet device: a TUN (IP packets) or TAP (Ethernet frames), or a fake."""
+
+    @property
+    def name(self) -> str: ...
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> bytes | None:
+        """One packet, or None when none is waiting.  Raises RuntimeFailure."""
+        ...
+
+    def write(self, packet: bytes) -> bool:
+        """Hand one packet to the kernel; False if it was dropped."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _check_name(name: str) -> None:
+    # The kernel's dev_valid_name(), checked here so the user gets a clear line.
+    # An empty name or one with "%d" lets the kernel pick (e.g. "tun%d" -> "tun0").
+    problem = None
+    if len(name.encode()) >= IFNAMSIZ:
+        problem = f"longer than {IFNAMSIZ - 1} characters"
+    elif name in (".", ".."):
+        problem = "reserved name"
+    elif any(c in "/:" or c.isspace() or not c.isprintable() for c in name):
+        problem = "contains '/', ':', whitespace or a control character"
+    if problem:
+        raise RuntimeFailure(f"invalid device name {name!r}: {problem}")
+
+
+class TunDevice:
+    """An open TUN or TAP device (non-blocking, without packet information header)."""
+
+    def __init__(self, fd: int, name: str, tap: bool) -> None:
+        self._fd = fd
+        self._name = name
+        self.tap = tap
+
+    @property
+    def name(self) -> str:
+        """The device name the kernel gave (a "%d" in the requested name is filled in)."""
+        return self._name
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> bytes | None:
+        """One packet, or None when none is waiting.
+
+        Raises RuntimeFailure if the device itself fails (closed, gone).
+        """
+        try:
+            return os.read(self._fd, MAX_PACKET)
+        except BlockingIOError:
+            return None
+        except InterruptedError:
+            return None
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read from {self._name}: {exc.strerror}") from exc
+
+    def write(self, packet: bytes) -> bool:
+        """Give one packet to the kernel.  False (a drop) if it would block or refuses it.
+
+        Raises RuntimeFailure only if the device itself fails (closed).
+        """
+        try:
+            os.write(self._fd, packet)
+        except OSError as exc:
+            if exc.errno in _PACKET_ERRNOS:
+                return False
+            raise RuntimeFailure(f"cannot write to {self._name}: {exc.strerror}") from exc
+        return True
+
+    def close(self) -> None:
+        """Close the device; a non-persistent device disappears.  Idempotent."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "TAP" if self.tap else "TUN"
+        return f"<TunDevice {kind} {self._name} fd={self._fd}>"
+
+
+def open_tun(name: str, *, tap: bool = False) -> TunDevice:
+    """Create (or attach to) TUN device `name` (a TAP device if `tap`) and open it.
+
+    Raises RuntimeFailure with one line saying what is wrong: no /dev/net/tun, not
+    permitted, device busy, invalid name.
+    """
+    kind = "TAP" if tap else "TUN"
+    _check_name(name)
+    try:
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise RuntimeFailure(f"{TUN_PATH} is missing: load the tun module (modprobe tun)") from exc
+    except PermissionError as exc:
+        raise RuntimeFailure(f"opening {kind} device {name} needs root (CAP_NET_ADMIN)") from exc
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot open {TUN_PATH}: {exc.strerror}") from exc
+    try:
+        flags = (IFF_TAP if tap else IFF_TUN) | IFF_NO_PI
+        ifr = struct.pack("16sH22x", name.encode(), flags)
+        try:
+            ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            raise _ioctl_error(exc, kind, name) from exc
+        actual = ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+        os.set_blocking(fd, False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return TunDevice(fd, actual, tap)
+
+
+def _ioctl_error(exc: OSError, kind: str, name: str) -> RuntimeFailure:
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return RuntimeFailure(f"opening {kind} device {name} needs root (CAP_NET_ADMIN)")
+    if exc.errno == errno.EBUSY:
+        return RuntimeFailure(f"{kind} device {name} is busy: another program has it open")
+    if exc.errno == errno.EINVAL:
+        return RuntimeFailure(
+            f"cannot create {kind} device {name!r}: invalid name, "
+            "or a device of another kind has that name"
+        )
+    if exc.errno == errno.EEXIST:
+        return RuntimeFailure(
+            f"cannot create {kind} device {name}: a device of another kind has that name"
+        )
+    return RuntimeFailure(f"cannot create {kind} device {name}: {exc.strerror}")
+
+
+class FakeTun:
+    """An in-memory stand-in for a TUN device, for tests.
+
+    Built on a SOCK_SEQPACKET socketpair: it has a real file descriptor that an event
+    loop can watch, and keeps packet boundaries.  The test holds the other end: what it
+    sends arrives as if from the kernel, and it receives what gtun wrote.
+    """
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self._name = name
+        sock.setblocking(False)
+
+    @classmethod
+    def create(cls, name: str = "fake0") -> tuple[FakeTun, socket.socket]:
+        """A fake device and the test's end of it (blocking, SOCK_SEQPACKET)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(ours, name), theirs
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> bytes | None:
+        """One packet, or None when none is waiting.
+
+        Raises RuntimeFailure when the test closed its end.
+        """
+        try:
+            data = self._sock.recv(MAX_PACKET)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot read from {self._name}: {exc.strerror}") from exc
+        if not data:
+            raise RuntimeFailure(f"cannot read from {self._name}: the other end is closed")
+        return data
+
+    def write(self, packet: bytes) -> bool:
+        try:
+            self._sock.send(packet)
+        except OSError as exc:
+            if exc.errno in _PACKET_ERRNOS:
+                return False
+            raise RuntimeFailure(f"cannot write to {self._name}: {exc.strerror}") from exc
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        return f"<FakeTun {self._name}>"
