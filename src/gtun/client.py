@@ -28,7 +28,7 @@ from gtun.clientcore import (
 )
 from gtun.config import ClientConfig, load_client_config
 from gtun.control import ControlServer
-from gtun.edge import Driver
+from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.keys import encode_key
 from gtun.netconf import LinkConfig
@@ -302,7 +302,7 @@ class Client:
                     ),
                 }
             ],
-            "drops": {**core.wg.drops, **core.drops},
+            "drops": merge_counts(core.wg.drops, core.drops),
         }
 
 

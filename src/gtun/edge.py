@@ -22,6 +22,15 @@ TUN_BATCH = 64  # packets read from the TUN per wake-up, so UDP input is not sta
 UDP_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in asyncio's UDP transport at most
 
 
+def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
+    """Sum drop counters that share reasons (the core's and the edge's)."""
+    total: dict[str, int] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 class Core(Protocol):
     drops: dict[str, int]
 

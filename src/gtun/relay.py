@@ -272,8 +272,8 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         prefix = int(payload["prefix"])
         if not 0 < prefix <= 32:
             raise ValueError(f"bad prefix {prefix}")
-        routes = tuple(ipaddress.ip_network(r) for r in payload.get("routes", []))
-        dns = tuple(ipaddress.ip_address(d) for d in payload.get("dns", []))
+        routes = tuple(ipaddress.ip_network(_text(r)) for r in payload.get("routes", []))
+        dns = tuple(ipaddress.ip_address(_text(d)) for d in payload.get("dns", []))
         mtu = int(payload["mtu"])
         if not 576 <= mtu <= 9000:
             raise ValueError(f"bad mtu {mtu}")
@@ -283,6 +283,12 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"incomplete configuration: {exc}") from exc
     return PushedConfig(name, address, prefix, gateway, routes, mtu, dns, mode)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from gtun.config import ServerConfig, load_server_config
 from gtun.control import ControlServer
-from gtun.edge import Driver
+from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.firewall import Forwarding, Nat
 from gtun.keys import decode_key, encode_key
@@ -318,7 +318,7 @@ class Server:
                     "drops": dict(peer.data.drops),
                 }
             )
-        drops = {k: v for k, v in {**relay.wg.drops, **relay.drops}.items()}
+        drops = merge_counts(relay.wg.drops, relay.drops)
         return {
             "role": "relay",
             "device": self.cfg.device,

@@ -1,0 +1,232 @@
+"""Tier 1: the relay and client cores wired through an in-memory link (no I/O).
+
+One relay, two gtun clients and one stock WireGuard peer (a bare `WireGuard` device,
+as wireguard-go would be): configuration push, forwarding client to client in user
+space, packets into the relay's TUN, cryptokey routing drops, mode mismatch, reload.
+"""
+
+from __future__ import annotations
+
+import secrets
+from ipaddress import IPv4Address, IPv4Network, ip_network
+
+import pytest
+
+from gtun import tunnelmsg as tm
+from gtun.clientcore import ClientCore, ConfigReceived, Connected, Refused
+from gtun.packet import build_icmp_echo, build_udp4, parse_addresses
+from gtun.relay import PeerSpec, Relay, RelaySettings, parse_pushed_config
+from gtun.wg import PacketReceived, WireGuard
+
+
+class Net:
+    """Relay at "R", nodes at their names; datagrams delivered until quiet."""
+
+    def __init__(self, mode: str = "tun") -> None:
+        self.now = 1000.0
+        self.relay_key = secrets.token_bytes(32)
+        self.relay = Relay(
+            self.relay_key,
+            RelaySettings(
+                network=IPv4Network("10.66.0.0/24"),
+                relay_address=IPv4Address("10.66.0.1"),
+                mtu=1420,
+                routes=(ip_network("192.168.77.0/24"),),
+                dns=(IPv4Address("10.66.0.1"),),
+                mode=mode,
+            ),
+        )
+        self.clients: dict[str, ClientCore] = {}
+        self.stock_key = secrets.token_bytes(32)
+        self.stock = WireGuard(self.stock_key)
+        self.stock_peer = self.stock.add_peer(self.relay.wg.public_key, endpoint="R")
+        specs = [
+            PeerSpec("c1", b"", IPv4Address("10.66.0.2"), (ip_network("192.168.88.0/24"),)),
+            PeerSpec("c2", b"", IPv4Address("10.66.0.3")),
+        ]
+        for spec in specs:
+            key = secrets.token_bytes(32)
+            client = ClientCore(key, self.relay.wg.public_key, "R", mode="tun")
+            spec.public_key = client.wg.public_key
+            self.clients[spec.name] = client
+        specs.append(PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9")))
+        self.specs = specs
+        self.relay.set_peers(specs)
+        self.tun_in: list[bytes] = []  # what the relay wrote into its TUN
+        self.stock_got: list[bytes] = []
+        self.events: dict[str, list[object]] = {name: [] for name in self.clients}
+
+    def pump(self) -> None:
+        for _ in range(50):
+            moved = False
+            for name, client in self.clients.items():
+                for data, _ in client.datagrams_to_send():
+                    self.relay.receive_datagram(data, name, self.now)
+                    moved = True
+                while (ev := client.next_event()) is not None:
+                    self.events[name].append(ev)
+            for data, _ in self.stock.datagrams_to_send():
+                self.relay.receive_datagram(data, "S", self.now)
+                moved = True
+            while (ev := self.stock.next_event()) is not None:
+                if isinstance(ev, PacketReceived):
+                    self.stock_got.append(ev.data)
+            for data, addr in self.relay.datagrams_to_send():
+                if addr == "S":
+                    self.stock.receive_datagram(data, "R", self.now)
+                else:
+                    self.clients[addr].receive_datagram(data, "R", self.now)
+                moved = True
+            self.tun_in.extend(self.relay.tun_writes())
+            while self.relay.next_event() is not None:
+                pass
+            if not moved:
+                return
+        raise AssertionError("link did not settle")
+
+    def connect_all(self) -> None:
+        for client in self.clients.values():
+            client.start(self.now)
+        self.pump()
+
+
+def test_clients_get_their_config_pushed() -> None:
+    net = Net()
+    net.connect_all()
+    c1 = net.clients["c1"]
+    assert c1.connected and c1.config is not None
+    assert c1.config.address == IPv4Address("10.66.0.2")
+    assert c1.config.prefix == 24
+    assert c1.config.gateway == IPv4Address("10.66.0.1")
+    assert c1.config.mtu == 1420
+    assert c1.config.dns == (IPv4Address("10.66.0.1"),)
+    # Pushed routes: the relay's routes, and the subnets behind the other peers.
+    assert ip_network("192.168.77.0/24") in c1.config.routes
+    assert ip_network("192.168.88.0/24") not in c1.config.routes
+    c2 = net.clients["c2"]
+    assert c2.config is not None and ip_network("192.168.88.0/24") in c2.config.routes
+    assert any(isinstance(e, Connected) for e in net.events["c1"])
+    assert any(isinstance(e, ConfigReceived) for e in net.events["c1"])
+
+
+def test_client_to_client_goes_directly_and_to_tun_otherwise() -> None:
+    net = Net()
+    net.connect_all()
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 7, 1, b"hello")
+    net.clients["c1"].tun_packet(ping, net.now)
+    net.pump()
+    assert net.clients["c2"].tun_writes() == [ping]  # padding trimmed, unchanged
+    assert net.tun_in == []
+    to_lan = build_udp4("10.66.0.2", "192.168.77.10", 1000, 53, b"q")
+    net.clients["c1"].tun_packet(to_lan, net.now)
+    net.pump()
+    assert net.tun_in == [to_lan]
+    # From the relay's TUN to a peer's subnet (longest prefix) and to nobody.
+    to_subnet = build_udp4("192.168.77.10", "192.168.88.5", 53, 1000, b"a")
+    net.relay.tun_packet(to_subnet, net.now)
+    net.pump()
+    assert net.clients["c1"].tun_writes() == [to_subnet]
+    net.relay.tun_packet(build_udp4("10.66.0.1", "10.66.0.200", 1, 2, b"x"), net.now)
+    assert net.relay.drops["no_route"] == 1
+
+
+def test_spoofed_source_is_dropped_and_counted() -> None:
+    net = Net()
+    net.connect_all()
+    spoof = build_icmp_echo("10.66.0.3", "10.66.0.9", 1, 1, b"spoof")  # c1 claims c2
+    net.clients["c1"].tun_packet(spoof, net.now)
+    net.pump()
+    assert net.relay.drops["spoofed"] == 1
+    c1_peer = net.relay.peer_by_name("c1")
+    assert c1_peer is not None and c1_peer.data.drops == {"spoofed": 1}
+    assert net.stock_got == []
+    # From c1's own subnet is fine.
+    ok = build_udp4("192.168.88.7", "10.66.0.3", 1, 2, b"lan")
+    net.clients["c1"].tun_packet(ok, net.now)
+    net.pump()
+    assert net.clients["c2"].tun_writes() == [ok]
+    # A peer sending to its own address is a loop, not forwarded.
+    net.clients["c1"].tun_packet(build_udp4("10.66.0.2", "10.66.0.2", 1, 2, b"me"), net.now)
+    net.pump()
+    assert net.relay.drops["loop"] == 1
+
+
+def test_stock_peer_gets_only_ip_packets() -> None:
+    net = Net()
+    net.connect_all()
+    net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 1, b"p"), 0)
+    net.pump()
+    assert len(net.tun_in) == 1  # the stock peer's ping reached the relay's TUN
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.9", 3, 3, b"to-stock")
+    net.clients["c1"].tun_packet(ping, net.now)
+    net.pump()
+    assert [parse_addresses(p) for p in net.stock_got] == [parse_addresses(ping)]
+    # No gtun message ever reached the stock peer (first byte 0 would be one).
+    assert all(p[0] >> 4 in (4, 6) for p in net.stock_got)
+    stock = net.relay.peer_by_name("stock")
+    assert stock is not None and not stock.data.is_gtun
+
+
+def test_mode_mismatch_is_refused() -> None:
+    net = Net(mode="tap")
+    net.connect_all()
+    refused = [e for e in net.events["c1"] if isinstance(e, Refused)]
+    assert refused and "tap" in refused[0].reason
+    assert net.clients["c1"].config is None
+
+
+def test_malformed_tunnel_messages_are_counted() -> None:
+    net = Net()
+    net.connect_all()
+    c1 = net.clients["c1"]
+    for junk in (b"\x00", b"\x00gt\x01\x63\x00\x01x", b"\x00gt\x01\x01\xff\xffxx", b"\x00zz"):
+        c1.wg.send(c1.server, junk, net.now)
+    net.pump()
+    peer = net.relay.peer_by_name("c1")
+    assert peer is not None and peer.data.drops.get("malformed") == 4
+
+
+def test_reload_keeps_sessions_of_unchanged_peers() -> None:
+    net = Net()
+    net.connect_all()
+    c2_peer = net.relay.peer_by_name("c2")
+    assert c2_peer is not None and c2_peer.current is not None
+    session = c2_peer.current
+    added, removed = net.relay.set_peers([s for s in net.specs if s.name != "c1"])
+    assert removed == ["c1"] and added == []
+    assert net.relay.peer_by_name("c2") is c2_peer and c2_peer.current is session
+    # c1 is gone: its packets no longer authenticate at the relay.
+    net.clients["c1"].tun_packet(build_udp4("10.66.0.2", "10.66.0.3", 1, 2, b"x"), net.now)
+    net.pump()
+    assert net.clients["c2"].tun_writes() == []
+
+
+def test_tunnel_message_codec() -> None:
+    raw = tm.push_message(tm.CONFIG, {"a": 1})
+    assert tm.pull_message(raw + bytes(7)) == tm.TunnelMessage(tm.CONFIG, {"a": 1})
+    for bad in (
+        b"",
+        b"\x00gt",
+        raw[:-1],
+        b"\x00gt\x01\x02\x00\x02[]",
+        b"\x00gt\x01\x02\x00\x02\xff\xfe",
+    ):
+        with pytest.raises(tm.TunnelMessageError):
+            tm.pull_message(bad)
+    with pytest.raises(ValueError):
+        tm.push_message(tm.CONFIG, {"x": "y" * 9000})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"address": "10.0.0.1", "prefix": 40, "mtu": 1400, "gateway": "10.0.0.1"},
+        {"address": "nope", "prefix": 24, "mtu": 1400, "gateway": "10.0.0.1"},
+        {"address": "10.0.0.2", "prefix": 24, "mtu": 10, "gateway": "10.0.0.1"},
+        {"address": "10.0.0.2", "prefix": 24, "mtu": 1400, "gateway": "10.0.0.1", "routes": [1]},
+    ],
+)
+def test_bad_pushed_config_is_rejected(payload: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        parse_pushed_config(payload)
