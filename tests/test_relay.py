@@ -230,3 +230,20 @@ def test_tunnel_message_codec() -> None:
 def test_bad_pushed_config_is_rejected(payload: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         parse_pushed_config(payload)
+
+
+def test_link_scoped_traffic_is_not_routed() -> None:
+    net = Net()
+    net.connect_all()
+    c1 = net.clients["c1"]
+    received = net.relay.wg.peers[c1.wg.public_key].rx_packets
+    # An IPv6 router solicitation from a link-local source, as the kernel sends.
+    rs = bytes([0x60, 0, 0, 0, 0, 8, 58, 255]) + bytes.fromhex("fe80" + "00" * 13 + "01")
+    rs += bytes.fromhex("ff02" + "00" * 13 + "02") + bytes(8)
+    c1.tun_packet(rs, net.now)
+    c1.tun_packet(build_udp4("10.66.0.2", "224.0.0.251", 5353, 5353, b"mdns"), net.now)
+    net.pump()
+    assert c1.drops["link_scoped"] == 2
+    assert net.relay.wg.peers[c1.wg.public_key].rx_packets == received
+    net.relay.tun_packet(rs, net.now)
+    assert net.relay.drops["link_scoped"] == 1 and net.relay.drops["no_route"] == 0

@@ -308,8 +308,8 @@ class Client:
 
 def run_client(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
+    check_privileges(path)
     cfg = load_client_config(path)
-    check_privileges(cfg.path)
     if cfg.transport == "tcp":
         raise ConfigError(
             'transport "tcp" is not implemented yet; use "udp"',

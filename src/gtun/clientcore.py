@@ -20,7 +20,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from gtun import tunnelmsg as tm
-from gtun.packet import packet_length, parse_addresses
+from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.relay import PushedConfig, parse_pushed_config
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PacketReceived, WireGuard
 from gtun.wg.events import Event
@@ -30,7 +30,7 @@ PING_INTERVAL = 10.0
 FIRST_BACKOFF = 2.0
 MAX_BACKOFF = 60.0
 
-CLIENT_DROP_REASONS = ("not_configured", "not_ip", "malformed", "queue_full")
+CLIENT_DROP_REASONS = ("not_configured", "not_ip", "link_scoped", "malformed", "queue_full")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,13 @@ class ClientCore:
     def tun_packet(self, packet: bytes, now: float) -> None:
         if self.config is None:
             self.drops["not_configured"] += 1
+            return
+        addrs = parse_addresses(packet)
+        if addrs is None:
+            self.drops["not_ip"] += 1
+            return
+        if is_link_scoped(*addrs):
+            self.drops["link_scoped"] += 1
             return
         self.wg.send(self.server, packet, now)
         self._drain(now)

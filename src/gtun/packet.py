@@ -67,6 +67,15 @@ def parse_addresses(packet: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+def is_link_scoped(src: bytes, dst: bytes) -> bool:
+    """True for traffic that must not cross a layer-3 tunnel: IPv6 link-local sources
+    (router solicitations, MLD reports the kernel sends on any new device), multicast
+    and limited broadcast destinations.  `src`, `dst` as parse_addresses returns them."""
+    if len(dst) == 16:
+        return dst[0] == 0xFF or (src[0] == 0xFE and src[1] & 0xC0 == 0x80)
+    return dst[0] & 0xF0 == 0xE0 or dst == b"\xff\xff\xff\xff"
+
+
 def packet_length(packet: bytes) -> int | None:
     """The length the IP header claims for the packet (IPv4 total length, IPv6 40 +
     payload length), or None if the packet is malformed as parse_addresses judges it.

@@ -32,7 +32,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from gtun import tunnelmsg as tm
-from gtun.packet import packet_length, parse_addresses
+from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
 from gtun.wg import HandshakeCompleted, PacketReceived, Peer, PeerUnknown, WireGuard
 from gtun.wg.events import Event, HandshakeTimedOut
@@ -44,6 +44,7 @@ RELAY_DROP_REASONS = (
     "no_route",  # from the TUN, to an address no peer owns
     "loop",  # a peer sent a packet addressed to itself
     "not_ip",  # plaintext that is neither IP nor a gtun message
+    "link_scoped",  # link-local source or multicast/broadcast destination: never routed
     "malformed",  # gtun message that does not parse
     "queue_full",  # the edge could not queue the datagram or TUN write
 )
@@ -171,6 +172,9 @@ class Relay:
         if addrs is None:
             self.drops["not_ip"] += 1
             return
+        if is_link_scoped(*addrs):
+            self.drops["link_scoped"] += 1
+            return
         peer = self.table.lookup(addrs[1])
         if peer is None:
             self.drops["no_route"] += 1
@@ -209,6 +213,9 @@ class Relay:
         if length is not None and length < len(plaintext):
             plaintext = plaintext[:length]  # WireGuard's zero padding
         src, dst = addrs
+        if is_link_scoped(src, dst):
+            self._count(peer, "link_scoped")
+            return
         if self.table.lookup(src) is not peer:
             self._count(peer, "spoofed")
             return

@@ -340,8 +340,8 @@ def _fmt_endpoint(endpoint: Any) -> str | None:
 
 def run_server(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
+    check_privileges(path)
     cfg = load_server_config(path)
-    check_privileges(cfg.path)
     if cfg.mode == "tap":
         raise ConfigError(
             'mode "tap" is not implemented yet; use "tun"', file=cfg.path, key="server.mode"
