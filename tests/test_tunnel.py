@@ -201,3 +201,20 @@ def test_client_exit_removes_its_configuration(net: GtunNet) -> None:
     assert "gtun0" not in c2.ns.run(["ip", "-o", "link"]).stdout
     assert f"{LAN_NET}.0/24" not in c2.ns.run(["ip", "route"]).stdout
     assert not c2.socket.exists()
+
+
+def test_unreachable_relay_is_reported_and_retried(lab: Lab, tmp_path: Path) -> None:
+    gnet = GtunNet(lab, tmp_path, clients=1, underlay=UNDERLAY + 1, lan=False)
+    c1 = gnet.clients[0]
+    gnet.start_client(c1)
+    deadline = time.monotonic() + 30
+    while "does not answer" not in c1.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, gnet.log_tail(c1)
+        assert c1.proc is not None and c1.proc.poll() is None, gnet.log_tail(c1)
+        time.sleep(0.2)
+    st = gnet.status(c1)
+    assert st is not None and not st["connected"] and st["address"] is None
+    # The client keeps trying: once the relay is up, it joins without a restart.
+    gnet.start_relay()
+    assert gnet.wait_configured(c1, timeout=30) == "10.66.0.2"
+    gnet.ping(c1.ns, "10.66.0.1")

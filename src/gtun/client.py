@@ -40,7 +40,7 @@ from gtun.wg.events import Event
 log = logging.getLogger("gtun")
 
 RESOLVE_RETRY = 5.0
-SLOW_HANDSHAKE_NOTICE = 3  # attempts before saying the relay does not answer
+SLOW_HANDSHAKE_NOTICE = 1  # retransmissions before saying the relay does not answer
 
 
 class Client:

@@ -358,6 +358,9 @@ class WireGuard:
             peer.previous = peer.current
             peer.current = kp
             peer.next = None
+            # Timers: handshake complete, whichever side started it.
+            peer.t_retransmit = None
+            peer.handshake_attempts = 0
             if peer.staged:
                 self._flush_staged(peer, now)
         peer.rx_bytes += len(data)
@@ -548,6 +551,7 @@ class WireGuard:
         peer.tx_bytes += len(datagram)
         if n:
             peer.tx_packets += 1
+        peer.t_send_keepalive = None  # any authenticated packet sent
         self._persistent_traversal(peer, now)
 
     def _send_keepalive(self, peer: Peer, now: float) -> None:
@@ -569,6 +573,7 @@ class WireGuard:
             return
         self._datagrams.append((datagram, peer.endpoint))
         peer.tx_bytes += len(datagram)
+        peer.t_send_keepalive = None  # any authenticated packet sent
         self._persistent_traversal(peer, now)
 
     def _initiate(self, peer: Peer, now: float, *, retry: bool = False) -> None:
