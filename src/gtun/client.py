@@ -84,7 +84,7 @@ class Client:
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
-            await loop.create_datagram_endpoint(lambda: driver, family=family)
+            driver.attach_udp(socket.socket(family, socket.SOCK_DGRAM))
             # The TUN exists from the start so its name is taken, but it is configured
             # only once the relay has pushed an address.
             self.tun = open_tun(cfg.device)

@@ -2,14 +2,15 @@
 
 After every call into the core the edge does the same three things (as aioquic's
 protocol.transmit()): drain events, transmit (datagrams and TUN writes), re-arm the
-timer.  Sends never block: a datagram that does not fit the transport's bounded buffer,
-or a TUN write the kernel refuses, is dropped and counted ("queue_full").
+timer.  Sends never block: a datagram that does not fit the socket's bounded send buffer, or
+a TUN write the kernel refuses, is dropped and counted ("queue_full").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -19,7 +20,8 @@ from gtun.wg.events import Event
 log = logging.getLogger("gtun")
 
 TUN_BATCH = 64  # packets read from the TUN per wake-up, so UDP input is not starved
-UDP_BUFFER_LIMIT = 4 * 1024 * 1024  # bytes queued in asyncio's UDP transport at most
+UDP_BATCH = 64  # datagrams read per wake-up, likewise
+UDP_MAX = 65535
 
 
 def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
@@ -43,7 +45,32 @@ class Core(Protocol):
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]: ...
 
 
-class Driver(asyncio.DatagramProtocol):
+SOCKET_BUFFER = 4 << 20
+
+
+def set_buffers(sock: socket.socket) -> None:
+    """Large socket buffers absorb bursts.  The *FORCE options (root) go past the
+    namespace's rmem_max/wmem_max without changing those sysctls."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class Driver:
+    """Runs a core on the event loop.  The UDP socket is read directly (up to UDP_BATCH
+    datagrams per wake-up) rather than through an asyncio transport, which would cost a
+    loop iteration and a callback per datagram; sends go straight to the socket, whose
+    kernel buffer is the bound: when it is full the datagram is dropped and counted."""
+
     def __init__(
         self,
         core: Core,
@@ -55,21 +82,38 @@ class Driver(asyncio.DatagramProtocol):
         self.loop = loop
         self.on_event = on_event
         self.on_udp_error = on_udp_error
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
         self.tun: PacketDevice | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
-    # --- asyncio.DatagramProtocol ---------------------------------------------------
+    # --- UDP ---------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def attach_udp(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        set_buffers(sock)
+        self.sock = sock
+        self.loop.add_reader(sock.fileno(), self._udp_readable)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.core.receive_datagram(data, addr, self.loop.time())
+    def _udp_readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        now = self.loop.time()
+        core = self.core
+        recv = sock.recvfrom
+        for _ in range(UDP_BATCH):
+            try:
+                data, addr = recv(UDP_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                self._udp_error(exc)
+                continue
+            core.receive_datagram(data, addr, now)
         self.after()
 
-    def error_received(self, exc: Exception) -> None:
+    def _udp_error(self, exc: Exception) -> None:
         if self.on_udp_error is not None:
             self.on_udp_error(exc)
 
@@ -111,13 +155,18 @@ class Driver(asyncio.DatagramProtocol):
                     core.drops["queue_full"] += 1
         datagrams = core.datagrams_to_send()
         if datagrams:
-            transport = self.transport
-            buffered = getattr(transport, "get_write_buffer_size", None)
+            sock = self.sock
             for data, addr in datagrams:
-                if transport is None or (buffered is not None and buffered() > UDP_BUFFER_LIMIT):
+                if sock is None:
                     core.drops["queue_full"] += 1
                     continue
-                transport.sendto(data, addr)
+                try:
+                    sock.sendto(data, addr)
+                except (BlockingIOError, InterruptedError):
+                    core.drops["queue_full"] += 1  # the socket's send buffer is full
+                except OSError as exc:
+                    core.drops["queue_full"] += 1
+                    self._udp_error(exc)
         self._rearm()
 
     def _rearm(self) -> None:
@@ -145,5 +194,7 @@ class Driver(asyncio.DatagramProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.detach_tun()
-        if self.transport is not None:
-            self.transport.close()
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None

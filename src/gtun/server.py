@@ -107,10 +107,6 @@ def bind_udp(cfg: ServerConfig) -> socket.socket:
             file=cfg.path,
             key="server.listen",
         ) from exc
-    sock.setblocking(False)
-    for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, size)
     return sock
 
 
@@ -156,7 +152,7 @@ class Server:
             self.relay = relay
             driver = Driver(relay, loop, self.on_event)
             self.driver = driver
-            await loop.create_datagram_endpoint(lambda: driver, sock=sock)
+            driver.attach_udp(sock)
             self._cleanup.append(("UDP socket", driver.close, False))
 
             tun = open_tun(cfg.device, tap=cfg.mode == "tap")
