@@ -218,3 +218,43 @@ def test_unreachable_relay_is_reported_and_retried(lab: Lab, tmp_path: Path) -> 
     gnet.start_relay()
     assert gnet.wait_configured(c1, timeout=30) == "10.66.0.2"
     gnet.ping(c1.ns, "10.66.0.1")
+
+
+def test_sighup_rereads_peers_without_dropping_others(lab: Lab, tmp_path: Path) -> None:
+    gnet = GtunNet(lab, tmp_path, clients=2, underlay=UNDERLAY + 2, lan=False)
+    c1, c2 = gnet.clients
+    full_config = gnet.relay.config.read_text()
+    # Start with c2 (the last [[peers]] entry) missing from the relay's peers.
+    head, found, _ = full_config.partition('[[peers]]\nname = "c2"')
+    assert found
+    gnet.relay.config.write_text(head)
+    gnet.start_relay()
+    gnet.start_client(c1)
+    gnet.wait_configured(c1)
+    before = gnet.status(gnet.relay)
+    assert before is not None and [p["name"] for p in before["peers"]] == ["c1"]
+    handshake = before["peers"][0]["last_handshake"]
+
+    gnet.relay.config.write_text(full_config)
+    assert gnet.relay.proc is not None
+    gnet.relay.proc.send_signal(1)  # SIGHUP
+    gnet.wait_status(
+        gnet.relay, lambda s: len(s["peers"]) == 2, 10, "the relay to pick up c2 after SIGHUP"
+    )
+    gnet.start_client(c2)
+    gnet.wait_configured(c2)
+    gnet.ping(c2.ns, c1.extra["address"])
+    gnet.ping(c1.ns, c2.extra["address"])
+    after = gnet.status(gnet.relay)
+    assert after is not None
+    c1_after = next(p for p in after["peers"] if p["name"] == "c1")
+    assert c1_after["last_handshake"] == handshake  # c1's session was kept
+
+    # A broken config on SIGHUP keeps the running peers and says why in the log.
+    gnet.relay.config.write_text(full_config + "\nthis is not toml\n")
+    gnet.relay.proc.send_signal(1)
+    deadline = time.monotonic() + 10
+    while "reload failed" not in gnet.relay.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, gnet.log_tail(gnet.relay)
+        time.sleep(0.2)
+    gnet.ping(c1.ns, c2.extra["address"])
