@@ -273,7 +273,7 @@ class Client:
             return {"error": f"unknown command {request.get('command')!r}"}
         core = self.core
         assert core is not None and self.driver is not None
-        wall = time.time() - self.driver.loop.time()
+        wall = core.wg.wall_offset  # fixed at start, so reported times do not jitter
         peer = core.server
         config = self.applied
         return {

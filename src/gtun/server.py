@@ -290,8 +290,7 @@ class Server:
     def status(self) -> dict[str, Any]:
         relay = self.relay
         assert relay is not None and self.driver is not None
-        loop_now = self.driver.loop.time()
-        wall = time.time() - loop_now
+        wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
         peers = []
         for peer in relay.wg.peers.values():
             spec = peer.data.spec
