@@ -69,6 +69,7 @@ from gtun.wg.events import (
     PacketReceived,
     PeerUnknown,
 )
+from gtun.wg.replay import ReplayWindow
 
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _pack_q = struct.Struct("<Q").pack
@@ -118,8 +119,6 @@ class Keypair:
         created: float,
         initiator: bool,
     ) -> None:
-        from gtun.wg.replay import ReplayWindow
-
         self.peer = peer
         # The AEAD objects are built once per session, never per packet.
         self.send = ChaCha20Poly1305(keys.send)

@@ -16,7 +16,9 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeCompleted(Event):
-    """A new session with `peer` is usable; `initiator` tells which side started it."""
+    """A handshake with `peer` completed.  As initiator the session is usable at once;
+    as responder (initiator=False) it becomes usable for sending when the initiator's
+    first transport message confirms it (packets sent before are staged)."""
 
     peer: Peer
     initiator: bool
