@@ -247,3 +247,13 @@ def test_link_scoped_traffic_is_not_routed() -> None:
     assert net.relay.wg.peers[c1.wg.public_key].rx_packets == received
     net.relay.tun_packet(rs, net.now)
     assert net.relay.drops["link_scoped"] == 1 and net.relay.drops["no_route"] == 0
+
+
+def test_oversized_configuration_is_refused_not_raised() -> None:
+    net = Net()
+    net.relay.settings.routes = tuple(
+        ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(1000)
+    )
+    net.connect_all()
+    refused = [e for e in net.events["c1"] if isinstance(e, Refused)]
+    assert refused and "too large" in refused[0].reason

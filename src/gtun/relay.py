@@ -248,7 +248,11 @@ class Relay:
                 self.wg.send(peer, tm.push_message(tm.REFUSED, {"reason": reason}), now)
                 return
             state.is_gtun = True
-            self.wg.send(peer, tm.push_message(tm.CONFIG, self.config_for(peer)), now)
+            try:
+                answer = tm.push_message(tm.CONFIG, self.config_for(peer))
+            except ValueError as exc:  # hundreds of routes: more than a message holds
+                answer = tm.push_message(tm.REFUSED, {"reason": f"configuration: {exc}"})
+            self.wg.send(peer, answer, now)
             self._events.append(PeerJoined(peer))
         elif msg.type == tm.PING:
             state.is_gtun = True
