@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,12 +193,9 @@ def test_listen_port_in_use(tmp_path: Path) -> None:
             ],
             log_path=tmp_path / "holder.log",
         )
-        for _ in range(100):
-            if "bound" in (tmp_path / "holder.log").read_text():
-                break
-            holder.poll()
-            import time
-
+        deadline = time.monotonic() + 10
+        while "bound" not in (tmp_path / "holder.log").read_text():
+            assert holder.poll() is None and time.monotonic() < deadline, "holder did not bind"
             time.sleep(0.05)
         result = ns.run([*GTUN, "server", "-c", str(cfg)], check=False, env=python_env())
     assert result.returncode == 2, result.stderr

@@ -20,8 +20,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from gtun import tunnelmsg as tm
-from gtun.packet import is_link_scoped, packet_length, parse_addresses
-from gtun.relay import PushedConfig, parse_pushed_config
+from gtun.packet import packet_length, parse_addresses
+from gtun.relay import PushedConfig, parse_pushed_config, tunnel_addresses
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PacketReceived, WireGuard
 from gtun.wg.events import Event
 
@@ -126,12 +126,7 @@ class ClientCore:
         if self.config is None:
             self.drops["not_configured"] += 1
             return
-        addrs = parse_addresses(packet)
-        if addrs is None:
-            self.drops["not_ip"] += 1
-            return
-        if is_link_scoped(*addrs):
-            self.drops["link_scoped"] += 1
+        if tunnel_addresses(packet, self.drops) is None:
             return
         self.wg.send(self.server, packet, now)
         self._drain(now)

@@ -168,12 +168,8 @@ class Relay:
         self._drain_core(now)
 
     def tun_packet(self, packet: bytes, now: float) -> None:
-        addrs = parse_addresses(packet)
+        addrs = tunnel_addresses(packet, self.drops)
         if addrs is None:
-            self.drops["not_ip"] += 1
-            return
-        if is_link_scoped(*addrs):
-            self.drops["link_scoped"] += 1
             return
         peer = self.table.lookup(addrs[1])
         if peer is None:
@@ -274,6 +270,20 @@ class Relay:
             "dns": [str(d) for d in s.dns],
             "mode": s.mode,
         }
+
+
+def tunnel_addresses(packet: bytes, drops: dict[str, int]) -> tuple[bytes, bytes] | None:
+    """(source, destination) of a packet read from a TUN that may enter the tunnel, or
+    None after counting it in `drops` as "not_ip" or "link_scoped".  Shared by the
+    relay's and the client's TUN paths."""
+    addrs = parse_addresses(packet)
+    if addrs is None:
+        drops["not_ip"] += 1
+        return None
+    if is_link_scoped(*addrs):
+        drops["link_scoped"] += 1
+        return None
+    return addrs
 
 
 def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
