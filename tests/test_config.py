@@ -424,6 +424,7 @@ def test_full_client_config(tmp_path: Path) -> None:
         control_socket = "run/c.sock"
         default_route = true
         metrics_listen = "127.0.0.1:9623"
+        mode = "tap"
         """,
         server_key=BOB,
     )
@@ -439,6 +440,7 @@ def test_full_client_config(tmp_path: Path) -> None:
         control_socket=tmp_path / "run" / "c.sock",
         default_route=True,
         metrics_listen=("127.0.0.1", 9623),
+        mode="tap",
     )
     assert cfg.public_key == keys.public_key(private)
 
@@ -453,12 +455,14 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
     assert cfg.control_socket == Path("/run/gtun/client.sock")
     assert cfg.default_route is False
     assert cfg.metrics_listen is None
+    assert cfg.mode is None  # follows the relay
 
 
 @pytest.mark.parametrize(
     ("body", "key", "fragment"),
     [
         ('transport = "quic"\n', "client.transport", "is not one of"),
+        ('mode = "tan"\n', "client.mode", "is not one of"),
         ("default_route = 1\n", "client.default_route", "expected a boolean"),
         ("mtu = 1400\n", "client.mtu", "unknown key"),
         ('[server]\nnetwork = "10.0.0.0/8"\n', "server", "unknown key"),

@@ -70,6 +70,7 @@ _CLIENT_KEYS = (
     "control_socket",
     "default_route",
     "metrics_listen",
+    "mode",
 )
 
 IFNAMSIZ = 16  # Linux <net/if.h>, including the terminating NUL
@@ -138,6 +139,7 @@ class ClientConfig:
     control_socket: Path
     default_route: bool
     metrics_listen: tuple[str, int] | None
+    mode: str | None = None  # None: follow the relay's mode
 
     @property
     def public_key(self) -> bytes:
@@ -577,6 +579,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     control_socket = c.path("control_socket", DEFAULT_CLIENT_SOCKET)
     default_route = c.get_bool("default_route", False)
     metrics_listen = c.host_port("metrics_listen", require_ip=True)
+    mode = c.choice("mode", MODES, "") if c.optional_str("mode") is not None else None
 
     return ClientConfig(
         path=path,
@@ -589,4 +592,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         control_socket=control_socket,
         default_route=default_route,
         metrics_listen=metrics_listen,
+        mode=mode,
     )

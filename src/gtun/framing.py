@@ -1,0 +1,55 @@
+"""WireGuard messages over a TCP stream: each message prefixed by its length.
+
+    length(2, big-endian)   message(length)
+
+The message is exactly what would have been one UDP datagram (a handshake initiation,
+response, cookie reply or transport data message), so the WireGuard core is the same over
+both transports.  This is the framing of Mullvad's udp-over-tcp.  A frame shorter than
+MIN_FRAME (no room for a WireGuard message type) or longer than MAX_FRAME is a protocol
+error of the remote end: the connection that sent it is closed, nothing else.
+
+Readers must read exactly (`readexactly`): TCP delivers a byte stream, so one read is
+never one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+LENGTH = struct.Struct(">H")
+HEADER_SIZE = LENGTH.size
+MIN_FRAME = 4  # a WireGuard message type is 4 bytes (whitepaper section 5.4)
+# Tuning knob: the largest transport message for the largest MTU gtun accepts (9000),
+# plus its header (16), padding (up to 15) and tag (16), rounded up.
+MAX_FRAME = 9088
+
+
+class FrameError(ValueError):
+    """The remote end sent a frame of an impossible size."""
+
+
+def push_frame(message: bytes) -> bytes:
+    """One frame for `message`.  Raises ValueError (a local error) when it does not fit."""
+    if not MIN_FRAME <= len(message) <= MAX_FRAME:
+        raise ValueError(f"message of {len(message)} bytes cannot be framed")
+    return LENGTH.pack(len(message)) + message
+
+
+def check_length(length: int) -> None:
+    """Raises FrameError for a length no valid frame has."""
+    if length < MIN_FRAME:
+        raise FrameError(f"frame of {length} bytes is too short")
+    if length > MAX_FRAME:
+        raise FrameError(f"frame of {length} bytes is over the limit of {MAX_FRAME}")
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next message from `reader`.
+
+    Raises FrameError for a bad length, asyncio.IncompleteReadError when the stream ends
+    (cleanly between frames: `partial` is empty; mid-frame: a truncated frame)."""
+    header = await reader.readexactly(HEADER_SIZE)
+    (length,) = LENGTH.unpack(header)
+    check_length(length)
+    return await reader.readexactly(length)
