@@ -333,6 +333,30 @@ def test_endpoint_times_out_a_silent_client(monkeypatch: pytest.MonkeyPatch) -> 
     _serve(check)
 
 
+def test_endpoint_bounds_its_connections() -> None:
+    async def check(server: MetricsServer) -> None:
+        port = server.address[1]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+        await asyncio.sleep(0.1)
+        try:
+            # One more than MAX_CONNECTIONS: closed at once, unanswered (a reset, as
+            # the request was not read).
+            try:
+                answer = await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n", timeout=2)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""
+        finally:
+            for _, writer in silent:
+                writer.close()
+                await writer.wait_closed()
+        await asyncio.sleep(0.1)
+        assert _split(await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == 200
+
+    assert metrics.MAX_CONNECTIONS == 16
+    _serve(check)
+
+
 def test_endpoint_port_in_use_is_a_config_error() -> None:
     async def main() -> None:
         holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
