@@ -105,12 +105,12 @@ class GtunCollector:
 
         rx_bytes = CounterMetricFamily(
             "gtun_peer_rx_bytes",
-            "Bytes of WireGuard messages received from the peer (UDP payload).",
+            "Bytes of WireGuard transport messages (data, keepalives) received from the peer.",
             labels=PEER_LABELS,
         )
         tx_bytes = CounterMetricFamily(
             "gtun_peer_tx_bytes",
-            "Bytes of WireGuard messages sent to the peer (UDP payload).",
+            "Bytes of WireGuard messages (transport and handshake) sent to the peer.",
             labels=PEER_LABELS,
         )
         rx_packets = CounterMetricFamily(
