@@ -205,7 +205,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _counts(drops: dict[str, int] | None) -> str:
-    """ "reason n, ..." of the non-zero counters, or "none"."""
+    """The non-zero counters as "reason n, ...", or "none"."""
     nonzero = sorted((k, v) for k, v in (drops or {}).items() if v)
     return ", ".join(f"{k} {v}" for k, v in nonzero) or "none"
 
