@@ -200,7 +200,19 @@ def status(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
-    drops = {k: v for k, v in answer.get("drops", {}).items() if v}
-    if drops:
-        print("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    print_drops(answer)
     return 0
+
+
+def _counts(drops: dict[str, int] | None) -> str:
+    """The non-zero counters as "reason n, ...", or "none"."""
+    nonzero = sorted((k, v) for k, v in (drops or {}).items() if v)
+    return ", ".join(f"{k} {v}" for k, v in nonzero) or "none"
+
+
+def print_drops(answer: dict[str, Any]) -> None:
+    """The drop counters: the total by reason, then each peer's (kept by the relay)."""
+    print(f"  drops: {_counts(answer.get('drops'))}")
+    for peer in answer["peers"]:
+        if any((peer.get("drops") or {}).values()):
+            print(f"  drops from {peer['name']}: {_counts(peer['drops'])}")

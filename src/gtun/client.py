@@ -31,6 +31,7 @@ from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.keys import encode_key
+from gtun.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
@@ -59,6 +60,7 @@ class Client:
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics: MetricsServer | None = None
 
     async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
         """pyroute2's synchronous API runs its own asyncio loop: call it in a thread."""
@@ -85,6 +87,13 @@ class Client:
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
             driver.attach_udp(socket.socket(family, socket.SOCK_DGRAM))
+            if cfg.metrics_listen is not None:
+                self.metrics = await serve_metrics(
+                    ClientCollector(core, loop.time),
+                    cfg.metrics_listen,
+                    config_file=cfg.path,
+                    key="client.metrics_listen",
+                )
             # The TUN exists from the start so its name is taken, but it is configured
             # only once the relay has pushed an address.
             self.tun = open_tun(cfg.device)
@@ -98,8 +107,6 @@ class Client:
                 cfg.server[1],
                 encode_key(cfg.public_key),
             )
-            if cfg.metrics_listen is not None:
-                log.warning("metrics_listen is not implemented yet; ignored")
             core.start(loop.time())
             driver.poke()
             watch = asyncio.create_task(self.watch_handshakes())
@@ -107,6 +114,8 @@ class Client:
             watch.cancel()
             log.info("stopping")
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             if control is not None:
                 await control.close()
             async with self._config_lock:

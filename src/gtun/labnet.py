@@ -25,6 +25,8 @@ from gtun.keys import encode_key, generate_private_key, public_key
 from gtun.lab import Lab, Namespace
 
 PORT = 9621
+METRICS_PORT = 9622  # the relay's metrics_listen (127.0.0.1) when GtunNet(metrics=True)
+CLIENT_METRICS_PORT = 9623  # each client's, on its own namespace's loopback
 LAN_NET = "192.168.77"
 
 
@@ -64,12 +66,14 @@ class GtunNet:
         nat: bool = True,
         extra_peers: str = "",
         debug: bool = False,
+        metrics: bool = False,
     ) -> None:
         self.lab = lab
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network = network
         self.debug = debug
+        self.metrics = metrics
         r = lab.add_ns("relay")
         self.relay = Node(
             r,
@@ -116,7 +120,10 @@ class GtunNet:
             f"routes = {routes}\n"
             f"nat = {'true' if nat else 'false'}\n"
             f'state_dir = "{self.dir / "state"}"\n'
-            f'control_socket = "{r.socket}"\n' + peers + extra_peers
+            f'control_socket = "{r.socket}"\n'
+            + (f'metrics_listen = "127.0.0.1:{METRICS_PORT}"\n' if self.metrics else "")
+            + peers
+            + extra_peers
         )
         for c in self.clients:
             write_key(self.dir / f"{c.name}.key", c.key)
@@ -127,6 +134,7 @@ class GtunNet:
                 f'private_key_file = "{c.name}.key"\n'
                 'device = "gtun0"\n'
                 f'control_socket = "{c.socket}"\n'
+                + (f'metrics_listen = "127.0.0.1:{CLIENT_METRICS_PORT}"\n' if self.metrics else "")
             )
 
     # --- processes ---------------------------------------------------------------------

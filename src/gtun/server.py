@@ -24,6 +24,7 @@ from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.firewall import Forwarding, Nat
 from gtun.keys import decode_key, encode_key
+from gtun.metrics import RelayCollector, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
 from gtun.relay import PeerJoined, PeerSpec, Relay, RelaySettings
@@ -154,6 +155,14 @@ class Server:
             self.driver = driver
             driver.attach_udp(sock)
             self._cleanup.append(("UDP socket", driver.close, False))
+            if cfg.metrics_listen is not None:
+                metrics = await serve_metrics(
+                    RelayCollector(relay, loop.time),
+                    cfg.metrics_listen,
+                    config_file=cfg.path,
+                    key="server.metrics_listen",
+                )
+                self._cleanup.append(("metrics endpoint", metrics.close, False))
 
             tun = open_tun(cfg.device, tap=cfg.mode == "tap")
             self._cleanup.append((f"device {cfg.device}", tun.close, False))
@@ -196,8 +205,8 @@ class Server:
             )
             for spec in specs:
                 log.info("peer %s: %s", spec.name, spec.address)
-            if cfg.network6 is not None or cfg.metrics_listen is not None:
-                log.warning("network6 and metrics_listen are not implemented yet; ignored")
+            if cfg.network6 is not None:
+                log.warning("network6 is not implemented yet; ignored")
             driver.poke()
             await self.stop.wait()
             log.info("stopping")

@@ -179,6 +179,7 @@ class Peer:
         self.last_initiation_sent: float | None = None
         self.handshake_attempts = 0
         self.last_handshake: float | None = None  # device clock (monotonic)
+        self.handshakes = 0  # sessions established with this peer
         self.last_received: float | None = None
 
         # Timer deadlines (device clock) or None.
@@ -655,6 +656,7 @@ class WireGuard:
 
     def _session_derived(self, peer: Peer, now: float) -> None:
         peer.last_handshake = now
+        peer.handshakes += 1
         self.handshakes_completed += 1
         self._arm(peer, "t_zero_keys", now + 3 * REJECT_AFTER_TIME)
 
