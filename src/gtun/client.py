@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from gtun.config import ClientConfig, load_client_config
 from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.ipv6 import enable_ipv6
 from gtun.keys import encode_key
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
@@ -206,17 +207,23 @@ class Client:
         self.link = link
         link.set_mtu(config.mtu)
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
+        ipv6 = config.address6 is not None
+        if ipv6:
+            enable_ipv6(self.tun.name)
+            link.add_address(IPv6Interface(f"{config.address6}/{config.prefix6}"))
         link.set_up()
         for route in config.routes:
-            if route.version == 4:
+            # An IPv6 route is of no use to a client without an IPv6 address.
+            if route.version == 4 or ipv6:
                 link.add_route(route)
         self.applied = config
         self.apply_dns(config)
         log.info(
-            "configured %s: %s/%d, mtu %d, routes %s%s",
+            "configured %s: %s/%d%s, mtu %d, routes %s%s",
             self.tun.name,
             config.address,
             config.prefix,
+            f", {config.address6}/{config.prefix6}" if ipv6 else "",
             config.mtu,
             ", ".join(str(r) for r in config.routes) or "none",
             f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
@@ -280,6 +287,11 @@ class Client:
             "role": "client",
             "device": self.cfg.device,
             "address": f"{config.address}/{config.prefix}" if config else None,
+            "address6": (
+                f"{config.address6}/{config.prefix6}"
+                if config and config.address6 is not None
+                else None
+            ),
             "routes": [str(r) for r in config.routes] if config else [],
             "dns": [str(d) for d in config.dns] if config else [],
             "mtu": config.mtu if config else None,
@@ -291,6 +303,9 @@ class Client:
                     "name": "relay",
                     "public_key": encode_key(peer.public_key),
                     "address": str(config.gateway) if config else None,
+                    "address6": (
+                        str(config.gateway6) if config and config.gateway6 is not None else None
+                    ),
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": "udp",
                     "rx_bytes": peer.rx_bytes,
