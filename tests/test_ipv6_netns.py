@@ -11,17 +11,20 @@ module over (add "tcp" once the TCP transport is in).
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import LAN_NET, GtunNet, Node
+from gtun.labnet import LAN_NET, PORT, GtunNet, Node
 
 pytestmark = pytest.mark.netns
 
@@ -201,6 +204,70 @@ def test_status_shows_ipv6_addresses(net: GtunNet) -> None:
         check=True,
     ).stdout
     assert f"{net.clients[0].extra['address6']}/64" in client_table.splitlines()[0]
+
+
+STOCK_SOCKETS = Path("/var/run/wireguard")
+
+
+def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Path) -> None:
+    """wireguard-go, configured from `gtun peer add` as wg-quick would, talks IPv6."""
+    for tool in ("wireguard-go", "wg"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"this test needs {tool} (apt install wireguard-go wireguard-tools)")
+    ns = net.lab.add_ns("wg")
+    net.lab.veth(
+        net.relay.ns, "rwg", f"10.{UNDERLAY}.200.1/24", ns, "up0", f"10.{UNDERLAY}.200.2/24"
+    )
+    conf = subprocess.run(
+        [sys.executable, "-m", "gtun", "peer", "add", "stock", "-c", str(net.relay.config)]
+        + ["--endpoint", f"10.{UNDERLAY}.200.1:{PORT}"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=python_env(),
+        check=True,
+    ).stdout
+    fields: dict[str, list[str]] = {}
+    setconf = []
+    for line in conf.splitlines():
+        key, sep, value = (part.strip() for part in line.partition("="))
+        if sep and key in ("Address", "DNS", "MTU", "AllowedIPs"):
+            fields[key] = [v.strip() for v in value.split(",")]
+        if not (sep and key in ("Address", "DNS", "MTU")):
+            setconf.append(line)
+    addresses = fields["Address"]
+    assert len(addresses) == 2 and addresses[1].startswith("fd66:237::"), conf
+    assert NETWORK6 in fields["AllowedIPs"] and LAN6 in fields["AllowedIPs"], conf
+    stock6 = addresses[1].split("/")[0]
+
+    ifname = f"gt6{secrets.token_hex(2)}"
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+    ns.spawn(["wireguard-go", "-f", ifname], log_path=tmp_path / "wireguard-go.log", env=env)
+    sock = STOCK_SOCKETS / f"{ifname}.sock"
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, (tmp_path / "wireguard-go.log").read_text()
+            time.sleep(0.05)
+        path = tmp_path / "stock.conf"
+        path.write_text("\n".join(setconf) + "\n")
+        path.chmod(0o600)
+        ns.run(["wg", "setconf", ifname, str(path)])
+        for address in addresses:
+            ns.run(["ip", "addr", "add", address, "dev", ifname])
+        ns.run(["ip", "link", "set", ifname, "mtu", fields["MTU"][0], "up"])
+        for allowed in fields["AllowedIPs"]:
+            ns.run(["ip", "route", "replace", allowed, "dev", ifname])
+
+        st = relay_status(net)
+        stock = next(p for p in st["peers"] if p["name"] == "stock")
+        assert stock["address6"] == stock6
+        c1 = net.clients[0]
+        ping6(net, ns, RELAY6, count=2)
+        ping6(net, ns, c1.extra["address6"], count=2)
+        ping6(net, c1.ns, stock6, count=2)
+    finally:
+        sock.unlink(missing_ok=True)
 
 
 def test_client_exit_removes_ipv6_configuration(net: GtunNet) -> None:
