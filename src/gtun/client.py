@@ -55,6 +55,7 @@ class Client:
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
         self.dns_applied = False
+        self.ipv6 = False  # the applied configuration's IPv6 address is on the device
         self.exit_error: GtunError | None = None
         self._told_attempts = 0
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -209,7 +210,13 @@ class Client:
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
         ipv6 = config.address6 is not None
         if ipv6:
-            enable_ipv6(self.tun.name)
+            try:
+                enable_ipv6(self.tun.name)
+            except RuntimeFailure as exc:
+                # A host without IPv6 still gets the IPv4 tunnel.
+                log.warning("%s; going on with IPv4 only", exc)
+                ipv6 = False
+        if ipv6:
             link.add_address(IPv6Interface(f"{config.address6}/{config.prefix6}"))
         link.set_up()
         for route in config.routes:
@@ -217,6 +224,7 @@ class Client:
             if route.version == 4 or ipv6:
                 link.add_route(route)
         self.applied = config
+        self.ipv6 = ipv6
         self.apply_dns(config)
         log.info(
             "configured %s: %s/%d%s, mtu %d, routes %s%s",
@@ -272,6 +280,7 @@ class Client:
                     )
             self.dns_applied = False
         self.applied = None
+        self.ipv6 = False
 
     # --- control ---------------------------------------------------------------------
 
@@ -289,7 +298,7 @@ class Client:
             "address": f"{config.address}/{config.prefix}" if config else None,
             "address6": (
                 f"{config.address6}/{config.prefix6}"
-                if config and config.address6 is not None
+                if config and config.address6 is not None and self.ipv6
                 else None
             ),
             "routes": [str(r) for r in config.routes] if config else [],
@@ -303,9 +312,7 @@ class Client:
                     "name": "relay",
                     "public_key": encode_key(peer.public_key),
                     "address": str(config.gateway) if config else None,
-                    "address6": (
-                        str(config.gateway6) if config and config.gateway6 is not None else None
-                    ),
+                    "address6": str(config.gateway6) if config and self.ipv6 else None,
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": "udp",
                     "rx_bytes": peer.rx_bytes,
