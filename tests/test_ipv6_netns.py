@@ -33,6 +33,8 @@ NETWORK6 = "fd66:237::/64"
 RELAY6 = "fd66:237::1"
 LAN6 = "fd77:237::/64"
 LAN_HOST6 = "fd77:237::10"
+SUBNET6 = "fd88:237::/64"  # an IPv6 LAN behind c1 (one address on its loopback)
+SUBNET_HOST6 = "fd88:237::1"
 TRANSPORTS = ["udp"]
 
 
@@ -58,6 +60,11 @@ def net(
         assert routes in text
         cfg.write_text(text.replace(routes, f'routes = ["{LAN_NET}.0/24", "{LAN6}"]\n'))
         set_keys(cfg, "server", {"network6": f'"{NETWORK6}"'})
+        text = cfg.read_text()
+        rep = 'name = "c1"\n'
+        assert text.count(rep) == 1
+        cfg.write_text(text.replace(rep, f'{rep}subnets = ["{SUBNET6}"]\n'))
+        gnet.clients[0].ns.run(["ip", "-6", "addr", "add", f"{SUBNET_HOST6}/128", "dev", "lo"])
         for c in gnet.clients:
             set_keys(c.config, "client", {"transport": f'"{transport}"'})
         # The LAN behind the relay speaks IPv6 too; it has no route back to network6,
@@ -107,6 +114,16 @@ def test_clients_ping_each_other_and_the_relay_over_ipv6(net: GtunNet) -> None:
     ping6(net, c2.ns, c1.extra["address6"])
     ping6(net, c1.ns, RELAY6)
     ping6(net, c2.ns, RELAY6)
+
+
+def test_ipv6_subnet_behind_a_client(net: GtunNet) -> None:
+    c1, c2 = net.clients
+    # The relay routes the subnet into its TUN, and pushes it to the other client.
+    assert SUBNET6 in net.relay.ns.run(["ip", "-6", "route", "show", "dev", "gtun0"]).stdout
+    st = net.status(c2)
+    assert st is not None and SUBNET6 in st["routes"]
+    ping6(net, c2.ns, SUBNET_HOST6)  # client to the LAN behind another client
+    ping6(net, net.relay.ns, SUBNET_HOST6)  # the relay's host, by its kernel route
 
 
 def test_ipv6_lan_behind_the_relay_through_nat(net: GtunNet) -> None:
