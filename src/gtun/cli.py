@@ -176,7 +176,8 @@ def status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{answer['role']} {answer['device']} {answer.get('address') or '(no address yet)'}"
-        f"  public key {answer['public_key']}"
+        + (f" {answer['address6']}" if answer.get("address6") else "")
+        + f"  public key {answer['public_key']}"
     )
     if answer["role"] == "client":
         state = "connected" if answer.get("connected") else "not connected"
@@ -188,7 +189,7 @@ def status(args: argparse.Namespace) -> int:
         rows.append(
             (
                 peer["name"],
-                peer.get("address") or "-",
+                ", ".join(a for a in (peer.get("address"), peer.get("address6")) if a) or "-",
                 peer.get("endpoint") or "-",
                 peer.get("transport") or "-",
                 _bytes(peer["rx_bytes"]),

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from gtun.config import ClientConfig, load_client_config
 from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.ipv6 import enable_ipv6
 from gtun.keys import encode_key
 from gtun.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.netconf import LinkConfig
@@ -55,6 +56,7 @@ class Client:
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
         self.dns_applied = False
+        self.ipv6 = False  # the applied configuration's IPv6 address is on the device
         self.exit_error: GtunError | None = None
         self._told_attempts = 0
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -215,17 +217,30 @@ class Client:
         self.link = link
         link.set_mtu(config.mtu)
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
+        ipv6 = config.address6 is not None
+        if ipv6:
+            try:
+                enable_ipv6(self.tun.name)
+            except RuntimeFailure as exc:
+                # A host without IPv6 still gets the IPv4 tunnel.
+                log.warning("%s; going on with IPv4 only", exc)
+                ipv6 = False
+        if ipv6:
+            link.add_address(IPv6Interface(f"{config.address6}/{config.prefix6}"))
         link.set_up()
         for route in config.routes:
-            if route.version == 4:
+            # An IPv6 route is of no use to a client without an IPv6 address.
+            if route.version == 4 or ipv6:
                 link.add_route(route)
         self.applied = config
+        self.ipv6 = ipv6
         self.apply_dns(config)
         log.info(
-            "configured %s: %s/%d, mtu %d, routes %s%s",
+            "configured %s: %s/%d%s, mtu %d, routes %s%s",
             self.tun.name,
             config.address,
             config.prefix,
+            f", {config.address6}/{config.prefix6}" if ipv6 else "",
             config.mtu,
             ", ".join(str(r) for r in config.routes) or "none",
             f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
@@ -274,6 +289,7 @@ class Client:
                     )
             self.dns_applied = False
         self.applied = None
+        self.ipv6 = False
 
     # --- control ---------------------------------------------------------------------
 
@@ -289,6 +305,11 @@ class Client:
             "role": "client",
             "device": self.cfg.device,
             "address": f"{config.address}/{config.prefix}" if config else None,
+            "address6": (
+                f"{config.address6}/{config.prefix6}"
+                if config and config.address6 is not None and self.ipv6
+                else None
+            ),
             "routes": [str(r) for r in config.routes] if config else [],
             "dns": [str(d) for d in config.dns] if config else [],
             "mtu": config.mtu if config else None,
@@ -300,6 +321,7 @@ class Client:
                     "name": "relay",
                     "public_key": encode_key(peer.public_key),
                     "address": str(config.gateway) if config else None,
+                    "address6": str(config.gateway6) if config and self.ipv6 else None,
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": "udp",
                     "rx_bytes": peer.rx_bytes,

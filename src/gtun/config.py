@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gtun.errors import ConfigError
+from gtun.ipv6 import fits
 from gtun.keys import decode_key, public_key, read_private_key_file
 
 __all__ = [
@@ -118,6 +119,11 @@ class ServerConfig:
     def relay_address(self) -> IPv4Address:
         """The relay's own address inside `network`: its first host."""
         return self.network.network_address + 1
+
+    @property
+    def relay_address6(self) -> IPv6Address | None:
+        """The relay's own IPv6 address: the first host of `network6`, if set."""
+        return None if self.network6 is None else self.network6.network_address + 1
 
     @property
     def public_key(self) -> bytes:
@@ -459,6 +465,13 @@ def load_server_config(path: str | Path) -> ServerConfig:
                 "network6",
                 f"{parsed6} is too small; the prefix must be /{MAX_PREFIX_V6} or shorter",
             )
+        if not fits(network, parsed6):
+            # Each peer's IPv6 address has the host number of its IPv4 one (ipv6.py).
+            raise s.error(
+                "network6",
+                f"{parsed6} has fewer addresses than network {network}; "
+                f"use a prefix of /{128 - (32 - network.prefixlen)} or shorter",
+            )
         network6 = parsed6
 
     metrics_listen = s.host_port("metrics_listen", require_ip=True)
@@ -466,7 +479,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     control_socket = s.path("control_socket", DEFAULT_SERVER_SOCKET)
     endpoint = s.host_port("endpoint", require_ip=False)
 
-    peers = _load_peers(doc, network, public_key(private))
+    peers = _load_peers(doc, network, public_key(private), network6=network6)
 
     return ServerConfig(
         path=path,
@@ -489,7 +502,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
     )
 
 
-def _load_peers(doc: _Table, network: IPv4Network, own_key: bytes) -> tuple[PeerConfig, ...]:
+def _load_peers(
+    doc: _Table, network: IPv4Network, own_key: bytes, *, network6: IPv6Network | None = None
+) -> tuple[PeerConfig, ...]:
     entries = doc.data.get("peers", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(
@@ -545,6 +560,10 @@ def _load_peers(doc: _Table, network: IPv4Network, own_key: bytes) -> tuple[Peer
             subnet = _parse_network(item, p.failer("subnets"))
             if subnet.overlaps(network):
                 raise p.error("subnets", f"subnet {subnet} overlaps the virtual network {network}")
+            if network6 is not None and subnet.overlaps(network6):
+                raise p.error(
+                    "subnets", f"subnet {subnet} overlaps the virtual network6 {network6}"
+                )
             if subnet in subnets_seen:
                 raise p.error(
                     "subnets", f"subnet {subnet} is also routed to peers[{subnets_seen[subnet]}]"

@@ -69,7 +69,8 @@ def add_peer(
     finally:
         store.close()
     spec = next(s for s in specs if s.name == name)
-    allowed = [str(cfg.network)] + [str(r) for r in cfg.routes]
+    allowed = [str(cfg.network)] + ([str(cfg.network6)] if cfg.network6 else [])
+    allowed += [str(r) for r in cfg.routes]
     allowed += [str(n) for s in specs if s.name != name for n in s.subnets]
     host, port = dial
     host_text = f"[{host}]" if ":" in host else host
@@ -77,7 +78,8 @@ def add_peer(
         f"# gtun peer {name}, added {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "[Interface]",
         f"PrivateKey = {encode_key(private)}",
-        f"Address = {spec.address}/{cfg.network.prefixlen}",
+        f"Address = {spec.address}/{cfg.network.prefixlen}"
+        + (f", {spec.address6}/{cfg.network6.prefixlen}" if cfg.network6 and spec.address6 else ""),
     ]
     if cfg.dns:
         lines.append(f"DNS = {', '.join(str(d) for d in cfg.dns)}")

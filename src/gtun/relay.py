@@ -92,6 +92,11 @@ class RelaySettings:
     routes: tuple[Network, ...] = ()
     dns: tuple[IPv4Address | IPv6Address, ...] = ()
     mode: str = "tun"
+    network6: IPv6Network | None = None  # IPv6 inside the tunnel; the relay is its ::1
+
+    @property
+    def relay_address6(self) -> IPv6Address | None:
+        return None if self.network6 is None else self.network6.network_address + 1
 
 
 class Relay:
@@ -259,6 +264,15 @@ class Relay:
     def config_for(self, peer: Peer) -> dict[str, Any]:
         s = self.settings
         spec: PeerSpec = peer.data.spec
+        ipv6: dict[str, Any] = {}
+        if s.network6 is not None and spec.address6 is not None:
+            # Absent keys mean "no IPv6": older clients ignore these, newer ones
+            # talking to an older relay find none.
+            ipv6 = {
+                "address6": str(spec.address6),
+                "prefix6": s.network6.prefixlen,
+                "gateway6": str(s.relay_address6),
+            }
         return {
             "name": spec.name,
             "address": str(spec.address),
@@ -269,6 +283,7 @@ class Relay:
             "mtu": s.mtu,
             "dns": [str(d) for d in s.dns],
             "mode": s.mode,
+            **ipv6,
         }
 
 
@@ -301,9 +316,20 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         gateway = IPv4Address(payload["gateway"])
         name = str(payload.get("name", ""))
         mode = str(payload.get("mode", "tun"))
+        address6: IPv6Address | None = None
+        prefix6: int | None = None
+        gateway6: IPv6Address | None = None
+        if "address6" in payload:
+            address6 = IPv6Address(_text(payload["address6"]))
+            prefix6 = int(payload["prefix6"])
+            if not 0 < prefix6 <= 128:
+                raise ValueError(f"bad prefix6 {prefix6}")
+            gateway6 = IPv6Address(_text(payload["gateway6"]))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"incomplete configuration: {exc}") from exc
-    return PushedConfig(name, address, prefix, gateway, routes, mtu, dns, mode)
+    return PushedConfig(
+        name, address, prefix, gateway, routes, mtu, dns, mode, address6, prefix6, gateway6
+    )
 
 
 def _text(value: object) -> str:
@@ -322,3 +348,7 @@ class PushedConfig:
     mtu: int
     dns: tuple[IPv4Address | IPv6Address, ...]
     mode: str
+    # IPv6 inside the tunnel: all three or none (the relay has no network6).
+    address6: IPv6Address | None = None
+    prefix6: int | None = None
+    gateway6: IPv6Address | None = None

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv4Interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.firewall import Forwarding, Nat
+from gtun.ipv6 import address6_for, enable_ipv6
 from gtun.keys import decode_key, encode_key
 from gtun.metrics import RelayCollector, serve_metrics
 from gtun.netconf import LinkConfig
@@ -82,7 +83,11 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
             address = pool.assign(encode_key(key), fixed=fixed, name=name)
         except ConfigError as exc:
             raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
-        specs.append(PeerSpec(name, key, address, subnets))
+        # IPv6 twin of the (stable) IPv4 lease: same host number in network6 (ipv6.py).
+        address6 = (
+            None if cfg.network6 is None else address6_for(cfg.network, cfg.network6, address)
+        )
+        specs.append(PeerSpec(name, key, address, subnets, address6))
     return specs
 
 
@@ -147,6 +152,7 @@ class Server:
                 routes=cfg.routes,
                 dns=cfg.dns,
                 mode=cfg.mode,
+                network6=cfg.network6,
             )
             relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
             relay.set_peers(specs)
@@ -173,6 +179,12 @@ class Server:
             await self.nl(
                 link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
             )
+            if cfg.network6 is not None:
+                enable_ipv6(tun.name)
+                await self.nl(
+                    link.add_address,
+                    IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}"),
+                )
             await self.nl(link.set_up)
             await self.nl(self.sync_subnet_routes, specs)
             driver.attach_tun(tun)
@@ -181,7 +193,7 @@ class Server:
             forwarding.enable(ipv6=cfg.network6 is not None)
             self._cleanup.append(("IP forwarding", forwarding.restore, False))
             if cfg.nat:
-                nat = Nat(tun.name, [cfg.network])
+                nat = Nat(tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])])
                 nat.apply()
                 self._cleanup.append(("NAT rules", nat.remove, False))
 
@@ -203,10 +215,12 @@ class Server:
                 len(specs),
                 encode_key(cfg.public_key),
             )
-            for spec in specs:
-                log.info("peer %s: %s", spec.name, spec.address)
             if cfg.network6 is not None:
-                log.warning("network6 is not implemented yet; ignored")
+                log.info(
+                    "IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen
+                )
+            for spec in specs:
+                log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
             driver.poke()
             await self.stop.wait()
             log.info("stopping")
@@ -237,9 +251,11 @@ class Server:
 
     def sync_subnet_routes(self, specs: list[PeerSpec]) -> None:
         """Kernel routes into the TUN for the LANs behind peers (so the relay's own
-        host and its LAN reach them)."""
+        host and its LAN reach them), IPv6 ones too."""
         assert self.link is not None
-        wanted = {net for s in specs for net in s.subnets if net.version == 4}
+        wanted = {net for s in specs for net in s.subnets}
+        if any(net.version == 6 for net in wanted):
+            enable_ipv6(self.link.ifname)  # a no-op when already on
         for net in self.subnet_routes - wanted:
             self.link.remove_route(net)
         for net in wanted - self.subnet_routes:
@@ -308,6 +324,7 @@ class Server:
                     "name": spec.name,
                     "public_key": encode_key(peer.public_key),
                     "address": str(spec.address),
+                    "address6": str(spec.address6) if spec.address6 is not None else None,
                     "subnets": [str(s) for s in spec.subnets],
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": "udp" if peer.endpoint is not None else None,
@@ -327,12 +344,21 @@ class Server:
             "role": "relay",
             "device": self.cfg.device,
             "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
+            "address6": (
+                f"{self.cfg.relay_address6}/{self.cfg.network6.prefixlen}"
+                if self.cfg.network6 is not None
+                else None
+            ),
             "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
             "public_key": encode_key(self.cfg.public_key),
             "uptime": time.time() - self.started,
             "peers": sorted(peers, key=lambda p: p["name"]),
             "drops": drops,
         }
+
+
+def _v6(spec: PeerSpec) -> str:
+    return f", {spec.address6}" if spec.address6 is not None else ""
 
 
 def _fmt_endpoint(endpoint: Any) -> str | None:
