@@ -263,3 +263,32 @@ def test_next_start_recovers_after_sigkill(exitnet: ExitNet) -> None:
     assert ask_peer(x) == RELAY_INET
     assert kill(x, signal.SIGTERM) == 0
     assert_restored(x)
+
+
+_FAILING_APPLY = """
+import sys
+from ipaddress import IPv4Address
+from pathlib import Path
+from gtun.errors import RuntimeFailure
+from gtun.exitroute import FullTunnel
+state, resolv = Path(sys.argv[1]), Path(sys.argv[2])
+tunnel = FullTunnel("nosuchdev0", 51820, state, Path("/etc/gtun/c9.toml"), resolv=resolv)
+try:
+    tunnel.apply([IPv4Address("10.66.0.9")], [IPv4Address("198.51.100.53")], ipv6=False)
+except RuntimeFailure as exc:
+    print(exc)
+print("state file left" if state.exists() else "no state file")
+"""
+
+
+def test_failed_apply_undoes_what_it_did(exitnet: ExitNet, tmp_path: Path) -> None:
+    # The sysctl and the nftables table are changed before the routes fail (no such
+    # device); all of it must be taken back.
+    x = exitnet
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.1\n")
+    out = x.client.ns.python(_FAILING_APPLY, str(tmp_path / "exit-c9.json"), str(resolv))
+    assert "nosuchdev0: the device does not exist" in out.stdout, out.stdout + out.stderr
+    assert "no state file" in out.stdout
+    assert resolv.read_text() == "nameserver 192.0.2.1\n"
+    assert_restored(x)

@@ -762,6 +762,8 @@ class FullTunnel:
                 "relay's answers",
                 exc,
             )
+            state.nft_table = None  # nothing to remove later (nft may not even exist)
+            save_state(self.state_path, state)
         ipr = _open_ipr()
         try:
             index = _link_index(ipr, self.device)
@@ -810,3 +812,4 @@ class FullTunnel:
                 f"retries what {self.state_path} lists"
             )
         _remove_state(self.state_path)
+        log.info("full tunnel removed: routing rules, table %d and DNS restored", state.table)
