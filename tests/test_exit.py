@@ -17,6 +17,7 @@ be untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -125,6 +126,7 @@ def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
 
         resolv_dir = Path("/etc/netns") / client.ns.name
         original = f"# gtun exit test {client.ns.name}\nnameserver 192.0.2.53\nsearch lab.test\n"
+        made_netns_dir = not resolv_dir.parent.exists()
         resolv_dir.mkdir(parents=True)
         try:
             (resolv_dir / "resolv.conf").write_text(original)
@@ -149,6 +151,9 @@ def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
         finally:
             lab.cleanup()
             shutil.rmtree(resolv_dir, ignore_errors=True)
+            if made_netns_dir:
+                with contextlib.suppress(OSError):  # not empty: another lab uses it
+                    resolv_dir.parent.rmdir()
     assert _host_resolv() == host_resolv, "the host's /etc/resolv.conf changed"
 
 
