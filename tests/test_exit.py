@@ -63,6 +63,13 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
 """
 
 
+_RESOLV_IS_MOUNT = """
+from pathlib import Path
+from gtun.dnsconf import dns_method, is_mount_point
+assert is_mount_point(Path("/etc/resolv.conf")) and dns_method() == "file"
+"""
+
+
 @dataclass
 class ExitNet:
     net: GtunNet
@@ -134,6 +141,9 @@ def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
             seen = client.ns.run(["stat", "-L", "-c", "%i", "/etc/resolv.conf"]).stdout.strip()
             assert seen == str(os.stat(resolv_dir / "resolv.conf").st_ino)
             assert client.ns.run(["cat", "/etc/resolv.conf"]).stdout == original
+            # So the client rewrites that file even where resolvconf is installed (whose
+            # files are the host's).
+            client.ns.python(_RESOLV_IS_MOUNT)
 
             net.start_relay()
             echo = [sys.executable, "-c", _ECHO_PEER, str(ECHO_PORT)]

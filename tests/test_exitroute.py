@@ -1,5 +1,6 @@
 """The full-tunnel exit's pieces without a network: the plan of rules and routes, the
-state file, the nftables script, and the in-place rewrite and restore of resolv.conf.
+state file, the nftables script (exitroute.py), and the in-place rewrite and restore of
+resolv.conf (dnsconf.py).
 (Routing itself is tested in namespaces, tests/test_exit.py.)"""
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from gtun import exitroute
+from gtun import dnsconf, exitroute
+from gtun.dnsconf import (
+    DnsChange,
+    apply_dns,
+    is_mount_point,
+    plan_dns,
+    restore_dns,
+    write_in_place,
+)
 from gtun.errors import RuntimeFailure
 from gtun.exitroute import (
-    DnsChange,
     ExitState,
     Route,
     Rule,
-    is_mount_point,
     load_state,
     plan,
-    plan_dns,
     recover,
-    restore_dns,
     save_state,
-    write_in_place,
 )
 
 DNS = [IPv4Address("10.66.0.1"), IPv6Address("fd66::1")]
@@ -159,7 +163,7 @@ def test_write_in_place_keeps_the_file(tmp_path: Path) -> None:
 
 
 def _no_resolvconf(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exitroute.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dnsconf.shutil, "which", lambda name: None)
 
 
 def test_dns_file_applied_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,7 +175,7 @@ def test_dns_file_applied_and_restored(tmp_path: Path, monkeypatch: pytest.Monke
     assert change is not None and change.method == "file"
     assert change.original == "nameserver 192.0.2.1\n"
     assert resolv.read_text() == "nameserver 192.0.2.1\n"  # planning changes nothing
-    exitroute.apply_dns(change, DNS)
+    apply_dns(change, DNS)
     text = resolv.read_text()
     assert "nameserver 10.66.0.1\nnameserver fd66::1\n" in text and "192.0.2.1" not in text
     assert restore_dns(change) == f"restored {resolv}"
@@ -187,7 +191,7 @@ def test_dns_changed_by_someone_else_is_left_alone(
     resolv.write_text("nameserver 192.0.2.1\n")
     change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
     assert change is not None
-    exitroute.apply_dns(change, DNS)
+    apply_dns(change, DNS)
     resolv.write_text("nameserver 203.0.113.9\n")  # say, a DHCP client
     assert "left as changed" in restore_dns(change)
     assert resolv.read_text() == "nameserver 203.0.113.9\n"
@@ -200,7 +204,7 @@ def test_dns_file_that_did_not_exist_is_removed_again(
     resolv = tmp_path / "resolv.conf"
     change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
     assert change is not None and change.original is None
-    exitroute.apply_dns(change, DNS)
+    apply_dns(change, DNS)
     assert resolv.exists()
     restore_dns(change)
     assert not resolv.exists()
@@ -209,12 +213,12 @@ def test_dns_file_that_did_not_exist_is_removed_again(
 def test_resolvconf_preferred_unless_resolv_conf_is_a_mount(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exitroute.shutil, "which", lambda name: "/sbin/resolvconf")
+    monkeypatch.setattr(dnsconf.shutil, "which", lambda name: "/sbin/resolvconf")
     resolv = tmp_path / "resolv.conf"
     change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
     assert change == DnsChange("resolvconf", interface="tun.gtun0")
-    monkeypatch.setattr(exitroute, "is_mount_point", lambda path: path == resolv)
-    assert exitroute.dns_method(resolv) == "file"
+    monkeypatch.setattr(dnsconf, "is_mount_point", lambda path: path == resolv)
+    assert dnsconf.dns_method(resolv) == "file"
 
 
 def test_is_mount_point_reads_mountinfo(tmp_path: Path) -> None:
@@ -239,7 +243,7 @@ def test_recover_restores_dns_and_removes_the_state(
     resolv.write_text("nameserver 192.0.2.1\n")
     change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
     assert change is not None
-    exitroute.apply_dns(change, DNS)
+    apply_dns(change, DNS)
     path = tmp_path / "exit-alice.json"
     bare = _state(rules=[], routes=[], src_valid_mark_old=None, nft_table=None, dns=change)
     save_state(path, bare)
