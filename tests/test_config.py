@@ -425,6 +425,7 @@ def test_full_client_config(tmp_path: Path) -> None:
         default_route = true
         metrics_listen = "127.0.0.1:9623"
         mode = "tap"
+        state_dir = "state"
         """,
         server_key=BOB,
     )
@@ -441,6 +442,7 @@ def test_full_client_config(tmp_path: Path) -> None:
         default_route=True,
         metrics_listen=("127.0.0.1", 9623),
         mode="tap",
+        state_dir=tmp_path / "state",
     )
     assert cfg.public_key == keys.public_key(private)
 
@@ -456,6 +458,12 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
     assert cfg.default_route is False
     assert cfg.metrics_listen is None
     assert cfg.mode is None  # follows the relay
+    assert cfg.state_dir == Path("/var/lib/gtun")
+
+
+def test_client_state_dir_absolute(tmp_path: Path) -> None:
+    path = _client(tmp_path, 'state_dir = "/srv/gtun-state"\n')
+    assert load_client_config(path).state_dir == Path("/srv/gtun-state")
 
 
 @pytest.mark.parametrize(
@@ -464,6 +472,8 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
         ('transport = "quic"\n', "client.transport", "is not one of"),
         ('mode = "tan"\n', "client.mode", "is not one of"),
         ("default_route = 1\n", "client.default_route", "expected a boolean"),
+        ('state_dir = ""\n', "client.state_dir", "empty"),
+        ("state_dir = 5\n", "client.state_dir", "expected a string"),
         ("mtu = 1400\n", "client.mtu", "unknown key"),
         ('[server]\nnetwork = "10.0.0.0/8"\n', "server", "unknown key"),
     ],

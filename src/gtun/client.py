@@ -18,6 +18,7 @@ from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
 
+from gtun import dnsconf, exitroute
 from gtun.clientcore import (
     ClientCore,
     ConfigReceived,
@@ -57,6 +58,8 @@ class Client:
         self.applied: PushedConfig | None = None
         self.dns_applied = False
         self.ipv6 = False  # the applied configuration's IPv6 address is on the device
+        # default_route: made at start (its mark must be on the relay's socket).
+        self.full_tunnel: exitroute.FullTunnel | None = None
         self.exit_error: GtunError | None = None
         self._told_attempts = 0
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -79,6 +82,7 @@ class Client:
             if endpoint is None:
                 return
             family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+            await self.nl(self.prepare_full_tunnel)
             core = ClientCore(
                 cfg.private_key,
                 cfg.server_public_key,
@@ -88,7 +92,9 @@ class Client:
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
-            driver.attach_udp(socket.socket(family, socket.SOCK_DGRAM))
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.mark_socket(udp)
+            driver.attach_udp(udp)
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
                     ClientCollector(core, loop.time),
@@ -129,6 +135,21 @@ class Client:
                 self.tun.close()
         if self.exit_error is not None:
             raise self.exit_error
+
+    def prepare_full_tunnel(self) -> None:
+        """Undo what a run that did not exit cleanly left (whatever default_route is
+        now), then, in full-tunnel mode, pick the routing table and mark."""
+        cfg = self.cfg
+        path = exitroute.state_file(cfg.state_dir, cfg.path)
+        exitroute.recover(path)
+        if cfg.default_route:
+            self.full_tunnel = exitroute.FullTunnel.prepare(cfg.device, path, cfg.path)
+
+    def mark_socket(self, sock: socket.socket) -> None:
+        """In full-tunnel mode, mark a socket that talks to the relay so that it goes
+        around the tunnel.  Every socket to the relay must pass through here."""
+        if self.full_tunnel is not None:
+            exitroute.mark_socket(sock, self.full_tunnel.fwmark)
 
     async def resolve(self) -> tuple[str, int] | None:
         host, port = self.cfg.server
@@ -234,7 +255,23 @@ class Client:
                 link.add_route(route)
         self.applied = config
         self.ipv6 = ipv6
-        self.apply_dns(config)
+        if self.full_tunnel is not None:
+            # The relay's IPv6 push (when there is one) routes IPv6 into the tunnel too;
+            # otherwise the full tunnel makes IPv6 unreachable rather than leak it.
+            address6 = config.address6 if ipv6 else None
+            self.full_tunnel.apply(
+                [config.address] + ([address6] if address6 is not None else []),
+                config.dns,
+                ipv6=address6 is not None,
+            )
+            log.info(
+                "full tunnel: all traffic through the relay (routing table %d, fwmark %#x)%s",
+                self.full_tunnel.table,
+                self.full_tunnel.fwmark,
+                f", DNS {', '.join(str(d) for d in config.dns)}" if config.dns else "",
+            )
+        else:
+            self.apply_dns(config)
         log.info(
             "configured %s: %s/%d%s, mtu %d, routes %s%s",
             self.tun.name,
@@ -251,7 +288,9 @@ class Client:
         if not config.dns:
             return
         resolvconf = shutil.which("resolvconf")
-        if resolvconf is None:
+        if resolvconf is None or dnsconf.dns_method() != "resolvconf":
+            # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
+            # containers) whose resolvconf state would be the host's.
             log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
             return
         text = "".join(f"nameserver {d}\n" for d in config.dns)
@@ -270,6 +309,11 @@ class Client:
             log.warning("could not apply DNS servers with resolvconf: %s", exc)
 
     def unconfigure(self) -> None:
+        if self.full_tunnel is not None:
+            try:
+                self.full_tunnel.undo()
+            except GtunError as exc:
+                log.error("while undoing the full tunnel: %s", exc)
         if self.link is not None:
             try:
                 self.link.undo()
@@ -313,6 +357,7 @@ class Client:
             "routes": [str(r) for r in config.routes] if config else [],
             "dns": [str(d) for d in config.dns] if config else [],
             "mtu": config.mtu if config else None,
+            "full_tunnel": self.full_tunnel is not None and self.full_tunnel.active,
             "connected": core.connected,
             "public_key": encode_key(self.cfg.public_key),
             "uptime": time.time() - self.started,
@@ -346,12 +391,6 @@ def run_client(path: Path) -> None:
             'transport "tcp" is not implemented yet; use "udp"',
             file=cfg.path,
             key="client.transport",
-        )
-    if cfg.default_route:
-        raise ConfigError(
-            "default_route = true (full tunnel) is not implemented yet",
-            file=cfg.path,
-            key="client.default_route",
         )
     if cfg.transport == "auto":
         logging.getLogger("gtun").warning('transport "auto": only UDP is implemented so far')

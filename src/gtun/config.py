@@ -72,6 +72,7 @@ _CLIENT_KEYS = (
     "default_route",
     "metrics_listen",
     "mode",
+    "state_dir",
 )
 
 IFNAMSIZ = 16  # Linux <net/if.h>, including the terminating NUL
@@ -146,6 +147,8 @@ class ClientConfig:
     default_route: bool
     metrics_listen: tuple[str, int] | None
     mode: str | None = None  # None: follow the relay's mode
+    # Where a full-tunnel client records what it changed, to undo it after a crash.
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
 
     @property
     def public_key(self) -> bytes:
@@ -599,6 +602,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     default_route = c.get_bool("default_route", False)
     metrics_listen = c.host_port("metrics_listen", require_ip=True)
     mode = c.choice("mode", MODES, "") if c.optional_str("mode") is not None else None
+    state_dir = c.path("state_dir", DEFAULT_STATE_DIR)
 
     return ClientConfig(
         path=path,
@@ -612,4 +616,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         default_route=default_route,
         metrics_listen=metrics_listen,
         mode=mode,
+        state_dir=state_dir,
     )

@@ -134,6 +134,7 @@ class GtunNet:
                 f'private_key_file = "{c.name}.key"\n'
                 'device = "gtun0"\n'
                 f'control_socket = "{c.socket}"\n'
+                f'state_dir = "{self.dir / c.name}"\n'
                 + (f'metrics_listen = "127.0.0.1:{CLIENT_METRICS_PORT}"\n' if self.metrics else "")
             )
 
