@@ -126,8 +126,13 @@ def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
             relay.config.read_text().replace("[server]\n", f'[server]\ndns = ["{PUSHED_DNS}"]\n')
         )
         state_dir = workdir / "c1-state"
+        text = "".join(
+            line
+            for line in client.config.read_text().splitlines(keepends=True)
+            if not line.startswith("state_dir")
+        )
         client.config.write_text(
-            client.config.read_text().replace(f"{GATEWAY}:{PORT}", f"{ENDPOINT}:{PORT}")
+            text.replace(f"{GATEWAY}:{PORT}", f"{ENDPOINT}:{PORT}")
             + f'default_route = true\nstate_dir = "{state_dir}"\n'
         )
 
