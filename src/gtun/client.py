@@ -79,6 +79,7 @@ class Client:
                 cfg.private_key,
                 cfg.server_public_key,
                 endpoint,
+                mode=cfg.mode,
                 wall_offset=time.time() - loop.time(),
             )
             self.core = core
@@ -86,9 +87,10 @@ class Client:
             self.driver = driver
             driver.attach_udp(socket.socket(family, socket.SOCK_DGRAM))
             # The TUN exists from the start so its name is taken, but it is configured
-            # only once the relay has pushed an address.
-            self.tun = open_tun(cfg.device)
-            driver.attach_tun(self.tun)
+            # only once the relay has pushed an address.  A client that follows the
+            # relay's mode (no `mode` key) opens its device when it learns the mode.
+            if cfg.mode is not None:
+                self.open_device(cfg.mode)
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             log.info(
@@ -187,11 +189,36 @@ class Client:
 
     # --- device configuration ----------------------------------------------------------
 
+    def open_device(self, mode: str) -> None:
+        """Open the device (TUN or TAP) and attach it to the driver.  Raises
+        RuntimeFailure."""
+        assert self.driver is not None
+        self.tun = open_tun(self.cfg.device, tap=mode == "tap")
+        self.driver.attach_tun(self.tun)
+        if mode == "tap":
+            log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)
+
+    async def ensure_device(self, mode: str) -> None:
+        """Have a device of the relay's mode: open it the first time, and replace it if
+        the relay came back in the other mode."""
+        tun = self.tun
+        if tun is not None and getattr(tun, "tap", False) == (mode == "tap"):
+            return
+        if tun is not None:
+            log.warning("the relay now runs in %s mode; replacing device %s", mode, tun.name)
+            await self.nl(self.unconfigure)
+            assert self.driver is not None
+            self.driver.detach_tun()
+            tun.close()
+            self.tun = None
+        self.open_device(mode)
+
     async def apply_config(self, config: PushedConfig) -> None:
         async with self._config_lock:
             if self.stop.is_set() or config == self.applied:
                 return
             try:
+                await self.ensure_device(config.mode)
                 await self.nl(self.configure, config)
             except GtunError as exc:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
@@ -207,9 +234,10 @@ class Client:
         link.set_mtu(config.mtu)
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
         link.set_up()
+        gateway = config.gateway if config.mode == "tap" else None  # via a neighbour
         for route in config.routes:
             if route.version == 4:
-                link.add_route(route)
+                link.add_route(route, gateway=gateway)
         self.applied = config
         self.apply_dns(config)
         log.info(
@@ -279,6 +307,7 @@ class Client:
         return {
             "role": "client",
             "device": self.cfg.device,
+            "mode": core.device_mode,
             "address": f"{config.address}/{config.prefix}" if config else None,
             "routes": [str(r) for r in config.routes] if config else [],
             "dns": [str(d) for d in config.dns] if config else [],

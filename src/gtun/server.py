@@ -26,7 +26,7 @@ from gtun.firewall import Forwarding, Nat
 from gtun.keys import decode_key, encode_key
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
-from gtun.relay import PeerJoined, PeerSpec, Relay, RelaySettings
+from gtun.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.tun import open_tun
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.wg.events import Event
@@ -234,8 +234,15 @@ class Server:
         for net in self.subnet_routes - wanted:
             self.link.remove_route(net)
         for net in wanted - self.subnet_routes:
-            self.link.add_route(net)
+            self.link.add_route(net, gateway=self.subnet_gateway(specs, net))
         self.subnet_routes = wanted
+
+    def subnet_gateway(self, specs: list[PeerSpec], net: Any) -> IPv4Address | None:
+        """In TAP mode a LAN behind a peer is reached through the peer's address on the
+        link (the kernel resolves it by ARP); in TUN mode the device is the way."""
+        if self.cfg.mode != "tap":
+            return None
+        return next((s.address for s in specs if net in s.subnets), None)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions."""
@@ -270,6 +277,15 @@ class Server:
         elif isinstance(event, PeerJoined):
             spec = event.peer.data.spec
             log.info("client %s joined from %s as %s", spec.name, event.peer.endpoint, spec.address)
+        elif isinstance(event, PeerRefused):
+            spec = event.peer.data.spec
+            log.warning(
+                "refused client %s (%s) from %s: %s",
+                spec.name,
+                spec.address,
+                _fmt_endpoint(event.peer.endpoint),
+                event.reason,
+            )
         elif isinstance(event, PeerUnknown):
             log.warning(
                 "handshake from unknown key %s at %s: not a peer of this relay",
@@ -317,6 +333,7 @@ class Server:
         return {
             "role": "relay",
             "device": self.cfg.device,
+            "mode": self.cfg.mode,
             "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
             "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
             "public_key": encode_key(self.cfg.public_key),
@@ -337,10 +354,6 @@ def run_server(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
     check_privileges(path)
     cfg = load_server_config(path)
-    if cfg.mode == "tap":
-        raise ConfigError(
-            'mode "tap" is not implemented yet; use "tun"', file=cfg.path, key="server.mode"
-        )
     server = Server(cfg)
     try:
         asyncio.run(server.run())
