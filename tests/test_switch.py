@@ -185,3 +185,11 @@ def test_frame_plaintexts_are_neither_ip_nor_tunnel_messages() -> None:
     assert parse_addresses(wrapped) is None
     with pytest.raises(tm.TunnelMessageError):
         tm.pull_message(wrapped)
+
+
+def test_mac_for_key_is_stable_local_and_unicast() -> None:
+    a, b = l2frame.mac_for_key(bytes(32)), l2frame.mac_for_key(b"\x01" * 32)
+    assert a == l2frame.mac_for_key(bytes(32)) and a != b
+    for mac in (a, b):
+        first = int(mac[:2], 16)
+        assert len(mac) == 17 and first & 0x02 and not first & 0x01

@@ -31,6 +31,7 @@ from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.keys import encode_key
+from gtun.l2frame import mac_for_key
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
@@ -232,6 +233,8 @@ class Client:
         link = LinkConfig(self.tun.name)
         self.link = link
         link.set_mtu(config.mtu)
+        if config.mode == "tap":
+            link.set_mac(mac_for_key(self.cfg.public_key))
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
         link.set_up()
         gateway = config.gateway if config.mode == "tap" else None  # via a neighbour

@@ -19,6 +19,7 @@ preamble or frame check sequence, exactly as a TAP device reads and writes it.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 MAGIC = b"\x00gt\x02"
@@ -83,3 +84,13 @@ def pull_frame(plaintext: bytes, max_frame: int = MAX_FRAME) -> bytes:
 
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
+
+
+def mac_for_key(public_key: bytes) -> str:
+    """A stable link-layer address for a node's TAP device, derived from its public key:
+    a locally administered unicast address (IEEE 802 section 8.2), so a restarted node
+    keeps its address and its neighbours' ARP caches (and the relay's MAC table) stay
+    right."""
+    digest = bytearray(hashlib.blake2s(b"gtun tap mac" + public_key, digest_size=6).digest())
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return format_mac(bytes(digest))

@@ -139,6 +139,20 @@ class LinkConfig:
     def _set_mtu_by_name(self, ipr: IPRoute, mtu: int) -> None:
         ipr.link("set", index=self._index(f"restore mtu {mtu} on {self.ifname}"), mtu=mtu)
 
+    def set_mac(self, mac: str) -> None:
+        """Set the link-layer address ("02:…", a TAP device's)."""
+        what = f"set address {mac} on {self.ifname}"
+        index, link = self._link(what)
+        old = link.get("address")
+        if old == mac:
+            return
+        self._do(what, lambda ipr: ipr.link("set", index=index, address=mac))
+        if old is not None:
+            desc = f"restore address {old} on {self.ifname}"
+            self._undo.append(
+                (desc, lambda ipr: ipr.link("set", index=self._index(desc), address=old))
+            )
+
     def set_up(self) -> None:
         what = f"bring {self.ifname} up"
         index, link = self._link(what)

@@ -24,6 +24,7 @@ from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.firewall import Forwarding, Nat
 from gtun.keys import decode_key, encode_key
+from gtun.l2frame import mac_for_key
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
 from gtun.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
@@ -161,6 +162,8 @@ class Server:
             self.link = link
             self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
             await self.nl(link.set_mtu, cfg.mtu)
+            if cfg.mode == "tap":
+                await self.nl(link.set_mac, mac_for_key(cfg.public_key))
             await self.nl(
                 link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
             )

@@ -1,0 +1,221 @@
+"""Tier 3: TAP mode (layer 2) with real gtun processes in network namespaces.
+
+A relay with `mode = "tap"` and a LAN behind it; client c1 follows the relay's mode, c2
+asks for "tap", c3 asks for "tun" (and is refused).  ARP between clients, IPv6
+neighbour discovery, a broadcast ping reaching both clients, a stolen MAC dropped and
+counted, routes through the relay's address, and `gtun peer add` refused.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gtun.keys import public_key
+from gtun.l2frame import mac_for_key
+from gtun.lab import Lab, Namespace, python_env
+from gtun.labnet import LAN_NET, GtunNet, Node
+
+pytestmark = pytest.mark.netns
+
+UNDERLAY = 234  # 10.234.x.x inside this module's namespaces
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
+    with Lab(f"gtp{secrets.token_hex(2)}") as lab:
+        gnet = GtunNet(
+            lab, tmp_path_factory.mktemp("tap"), clients=3, underlay=UNDERLAY, mode="tap"
+        )
+        c1, c2, c3 = gnet.clients
+        with c2.config.open("a") as f:
+            f.write('mode = "tap"\n')
+        with c3.config.open("a") as f:
+            f.write('mode = "tun"\n')
+        gnet.start_relay()
+        for c in (c1, c2):
+            gnet.start_client(c)
+        for c in (c1, c2):
+            gnet.wait_configured(c)
+        yield gnet
+
+
+def link(ns: Namespace, ifname: str = "gtun0") -> dict[str, Any]:
+    return dict(json.loads(ns.run(["ip", "-d", "-j", "link", "show", ifname]).stdout)[0])
+
+
+def peer_drops(net: GtunNet, name: str) -> dict[str, int]:
+    st = net.status(net.relay)
+    assert st is not None, net.log_tail(net.relay)
+    return dict(next(p for p in st["peers"] if p["name"] == name)["drops"])
+
+
+def test_tap_clients_resolve_each_other_by_arp_and_ping(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    for c in (c1, c2):
+        info = link(c.ns)
+        assert info["linkinfo"]["info_data"]["type"] == "tap"
+        assert info["link_type"] == "ether" and info["mtu"] == 1420
+        st = net.status(c)
+        assert st is not None and st["mode"] == "tap"
+    net.ping(c1.ns, c2.extra["address"])
+    net.ping(c2.ns, c1.extra["address"])
+    for me, other in ((c1, c2), (c2, c1)):
+        neigh = json.loads(me.ns.run(["ip", "-j", "neigh", "show", "dev", "gtun0"]).stdout)
+        learned = {n["dst"]: n.get("lladdr") for n in neigh}
+        assert learned.get(other.extra["address"]) == link(other.ns)["address"], neigh
+    relay_st = net.status(net.relay)
+    assert relay_st is not None and relay_st["mode"] == "tap"
+    assert {p["name"]: p["kind"] for p in relay_st["peers"]}["c1"] == "gtun"
+
+
+def test_pushed_routes_go_through_the_relay_address(net: GtunNet) -> None:
+    c1 = net.clients[0]
+    routes = c1.ns.run(["ip", "route"]).stdout
+    assert f"{LAN_NET}.0/24 via 10.66.0.1 dev gtun0" in routes, routes
+    net.ping(c1.ns, "10.66.0.1")
+    net.ping(c1.ns, f"{LAN_NET}.10")  # routed by the relay's kernel, NAT on
+
+
+def ready_link_local(ns: Namespace) -> list[str]:
+    addr = json.loads(ns.run(["ip", "-6", "-j", "addr", "show", "dev", "gtun0"]).stdout)
+    return [
+        a["local"]
+        for a in addr[0]["addr_info"]
+        if a.get("scope") == "link" and not a.get("tentative")
+    ]
+
+
+def test_ipv6_neighbour_discovery_works(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    deadline = time.monotonic() + 10
+    while not (link_local := ready_link_local(c2.ns)):  # after duplicate address detection
+        assert time.monotonic() < deadline, c2.ns.run(["ip", "-6", "addr"]).stdout
+        time.sleep(0.2)
+    deadline = time.monotonic() + 15
+    while True:
+        out = c1.ns.run(
+            ["ping", "-6", "-n", "-c", "2", "-i", "0.2", "-W", "2", f"{link_local[0]}%gtun0"],
+            check=False,
+        )
+        if out.returncode == 0:
+            break
+        assert time.monotonic() < deadline, out.stdout + out.stderr
+        time.sleep(0.5)
+    neigh = json.loads(c1.ns.run(["ip", "-6", "-j", "neigh", "show", "dev", "gtun0"]).stdout)
+    assert any(n["dst"] == link_local[0] and n.get("lladdr") for n in neigh), neigh
+
+
+def test_broadcast_ping_reaches_both_clients(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    for c in (c1, c2):
+        c.ns.sysctl("net.ipv4.icmp_echo_ignore_broadcasts", 0)
+    out = net.relay.ns.run(
+        ["ping", "-n", "-b", "-c", "3", "-i", "0.3", "-W", "2", "-I", "gtun0", "10.66.0.255"],
+        check=False,
+        timeout=30,
+    )
+    text = out.stdout + out.stderr
+    for c in (c1, c2):
+        assert f"from {c.extra['address']}:" in text, text
+
+
+_INJECT = """
+import socket, sys
+dst, src, count = bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("gtun0", 0))
+for i in range(count):
+    s.send(dst + src + b"\\x88\\xb5" + bytes([i]) * 46)  # local experimental EtherType
+"""
+
+
+def mac_hex(node: Node) -> str:
+    return str(link(node.ns)["address"]).replace(":", "")
+
+
+def test_frame_with_another_peers_mac_is_dropped_and_counted(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    net.ping(c1.ns, "10.66.0.1", count=1)  # c1's MAC is live in the relay's table
+    before = peer_drops(net, "c2")
+    stolen = mac_hex(c1)
+    c2.ns.python(_INJECT, "ffffffffffff", stolen, "5")
+    c2.ns.python(_INJECT, "ffffffffffff", "ffffffffffff", "2")  # a broadcast source
+    deadline = time.monotonic() + 10
+    while True:
+        after = peer_drops(net, "c2")
+        if after.get("mac_stolen", 0) >= before.get("mac_stolen", 0) + 5:
+            break
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.2)
+    assert after.get("mac_stolen", 0) == before.get("mac_stolen", 0) + 5
+    assert after.get("bad_mac", 0) == before.get("bad_mac", 0) + 2
+    assert peer_drops(net, "c1").get("mac_stolen", 0) == 0
+    st = net.status(net.relay)
+    assert st is not None and st["drops"]["mac_stolen"] >= 5
+    # c1 keeps its address and c2 its own: traffic between them is unaffected.
+    net.ping(c2.ns, c1.extra["address"])
+    net.ping(c1.ns, c2.extra["address"])
+
+
+def test_restarted_client_keeps_its_mac_and_neighbours_reach_it(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    key_mac = mac_for_key(public_key(c1.key))
+    assert link(c1.ns)["address"] == key_mac
+    assert link(net.relay.ns)["address"] == mac_for_key(public_key(net.relay.key))
+    assert net.stop(c1) == 0
+    assert "gtun0" not in c1.ns.run(["ip", "-o", "link"]).stdout
+    net.start_client(c1)
+    net.wait_configured(c1)
+    assert link(c1.ns)["address"] == key_mac
+    # c2's ARP entry for c1 is still right, and the relay's table still has c1's MAC
+    # on c1's port: no stolen-MAC drop for its own address.
+    net.ping(c2.ns, c1.extra["address"], count=2)
+    assert peer_drops(net, "c1").get("mac_stolen", 0) == 0
+
+
+def test_tun_client_against_tap_relay_is_refused_clearly(net: GtunNet) -> None:
+    c3 = net.clients[2]
+    net.start_client(c3)
+    assert c3.proc is not None
+    try:
+        rc = c3.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the tun client was not refused:\n" + net.log_tail(c3)) from None
+    c3.proc = None
+    log = c3.log.read_text(errors="replace")
+    assert rc == 1, log
+    line = "the relay refused this client: this relay runs in tap mode; the client asked for tun"
+    assert line in log and "Traceback" not in log
+    deadline = time.monotonic() + 5
+    while "refused client c3" not in net.relay.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, net.log_tail(net.relay)
+        time.sleep(0.1)
+    relay_line = next(
+        ln for ln in net.relay.log.read_text().splitlines() if "refused client c3" in ln
+    )
+    assert "this relay runs in tap mode; the client asked for tun" in relay_line
+    assert "gtun0" not in c3.ns.run(["ip", "-o", "link"]).stdout  # nothing left behind
+
+
+def test_peer_add_on_a_tap_relay_is_refused(net: GtunNet) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gtun", "peer", "add", "bob", "-c", str(net.relay.config)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=python_env(),
+        check=False,
+    )
+    assert out.returncode == 2, out
+    assert "tap mode" in out.stderr and "stock WireGuard peers" in out.stderr
+    assert out.stdout == ""
+    st = net.status(net.relay)
+    assert st is not None and "bob" not in {p["name"] for p in st["peers"]}
