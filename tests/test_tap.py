@@ -1,9 +1,10 @@
 """Tier 3: TAP mode (layer 2) with real gtun processes in network namespaces.
 
 A relay with `mode = "tap"` and a LAN behind it; client c1 follows the relay's mode, c2
-asks for "tap", c3 asks for "tun" (and is refused).  ARP between clients, IPv6
-neighbour discovery, a broadcast ping reaching both clients, a stolen MAC dropped and
-counted, routes through the relay's address, and `gtun peer add` refused.
+asks for "tap" (and has a subnet behind it), c3 asks for "tun" (and is refused).  ARP
+between clients, IPv6 neighbour discovery, a broadcast ping reaching both clients, a
+stolen MAC dropped and counted, routes through the relay's and a peer's address, stable
+MACs across a client restart, and `gtun peer add` refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gtun.labnet import LAN_NET, GtunNet, Node
 pytestmark = pytest.mark.netns
 
 UNDERLAY = 234  # 10.234.x.x inside this module's namespaces
+SUBNET = "192.168.99"  # behind c2
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,14 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
         c1, c2, c3 = gnet.clients
         with c2.config.open("a") as f:
             f.write('mode = "tap"\n')
+        # A LAN behind c2 (one address on its loopback), reached through c2's address.
+        server = gnet.relay.config.read_text()
+        entry = f'name = "c2"\npublic_key = "{c2.public}"\n'
+        assert entry in server
+        gnet.relay.config.write_text(
+            server.replace(entry, entry + f'subnets = ["{SUBNET}.0/24"]\n')
+        )
+        c2.ns.run(["ip", "addr", "add", f"{SUBNET}.1/32", "dev", "lo"])
         with c3.config.open("a") as f:
             f.write('mode = "tun"\n')
         gnet.start_relay()
@@ -91,6 +101,15 @@ def ready_link_local(ns: Namespace) -> list[str]:
         for a in addr[0]["addr_info"]
         if a.get("scope") == "link" and not a.get("tentative")
     ]
+
+
+def test_subnet_behind_a_peer_is_routed_through_its_address(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    relay_routes = net.relay.ns.run(["ip", "route"]).stdout
+    assert f"{SUBNET}.0/24 via {c2.extra['address']} dev gtun0" in relay_routes, relay_routes
+    assert f"{SUBNET}.0/24 via 10.66.0.1 dev gtun0" in c1.ns.run(["ip", "route"]).stdout
+    net.ping(c1.ns, f"{SUBNET}.1")
+    net.ping(net.relay.ns, f"{SUBNET}.1")
 
 
 def test_ipv6_neighbour_discovery_works(net: GtunNet) -> None:
