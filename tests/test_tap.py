@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +239,38 @@ def test_peer_add_on_a_tap_relay_is_refused(net: GtunNet) -> None:
     assert out.stdout == ""
     st = net.status(net.relay)
     assert st is not None and "bob" not in {p["name"] for p in st["peers"]}
+
+
+@pytest.fixture
+def lab_prefix() -> str:
+    return "gtp"
+
+
+def test_following_client_switches_device_when_the_relay_changes_mode(
+    lab: Lab, tmp_path: Path
+) -> None:
+    gnet = GtunNet(lab, tmp_path, clients=1, underlay=UNDERLAY + 1, lan=False, mode="tap")
+    c1 = gnet.clients[0]
+    gnet.start_relay()
+    gnet.start_client(c1)
+    address = gnet.wait_configured(c1)
+    assert link(c1.ns)["linkinfo"]["info_data"]["type"] == "tap"
+    gnet.ping(c1.ns, "10.66.0.1", count=1)
+    assert gnet.stop(gnet.relay) == 0
+    config = gnet.relay.config.read_text()
+    gnet.relay.config.write_text(config.replace('mode = "tap"', 'mode = "tun"'))
+    gnet.start_relay()
+    gnet.wait_status(c1, lambda s: s.get("mode") == "tun", 60, "c1 to follow to tun")
+    deadline = time.monotonic() + 10
+    while True:  # the device is replaced and configured just after the CONFIG arrives
+        st = gnet.status(c1)
+        links = c1.ns.run(["ip", "-d", "-j", "link"]).stdout
+        if st and st["address"] and '"type":"tun"' in links.replace(" ", ""):
+            break
+        assert time.monotonic() < deadline, gnet.log_tail(c1)
+        time.sleep(0.2)
+    assert st["address"].split("/")[0] == address
+    info = link(c1.ns)
+    assert info["linkinfo"]["info_data"]["type"] == "tun" and info["mtu"] == 1420
+    gnet.ping(c1.ns, "10.66.0.1", count=1)
+    assert "replacing device gtun0" in c1.log.read_text()
