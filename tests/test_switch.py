@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
+
 import pytest
 
 from gtun import l2frame
 from gtun.l2frame import L2FrameError, max_frame_for, pull_frame, push_frame
+from gtun.packet import build_icmp_echo
 from gtun.switch import Decision, Switch
 
 A = bytes.fromhex("020000000001")
@@ -193,3 +196,35 @@ def test_mac_for_key_is_stable_local_and_unicast() -> None:
     for mac in (a, b):
         first = int(mac[:2], 16)
         assert len(mac) == 17 and first & 0x02 and not first & 0x01
+
+
+def arp_frame(src: bytes, sender: str, target: str, *, tags: int = 0) -> bytes:
+    body = bytes.fromhex("0001080006040001") + src + IPv4Address(sender).packed
+    body += bytes(6) + IPv4Address(target).packed
+    tag = b"\x81\x00\x00\x07" * tags
+    return BROADCAST + src + tag + ARP + body
+
+
+def test_ipv4_sender_of_ip_and_arp_frames() -> None:
+    ip = build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"x")
+    assert l2frame.ipv4_sender(B + A + b"\x08\x00" + ip) == IPv4Address("10.66.0.2").packed
+    request = arp_frame(A, "10.66.0.2", "10.66.0.1")
+    assert l2frame.ipv4_sender(request) == IPv4Address("10.66.0.2").packed
+    probe = arp_frame(A, "0.0.0.0", "10.66.0.2")
+    assert l2frame.ipv4_sender(probe) == l2frame.UNSPECIFIED_IPV4
+    # Seen through VLAN tags, but not through too many of them.
+    assert l2frame.ipv4_sender(arp_frame(A, "10.66.0.9", "10.66.0.1", tags=2)) == (
+        IPv4Address("10.66.0.9").packed
+    )
+    assert l2frame.ipv4_sender(arp_frame(A, "10.66.0.9", "10.66.0.1", tags=3)) == b""
+    # Too short to say: b"", never an exception.
+    assert l2frame.ipv4_sender(B + A + b"\x08\x00" + ip[:19]) == b""
+    assert l2frame.ipv4_sender(B + A + b"\x08\x00" + b"\x60" + ip[1:]) == b""
+    assert l2frame.ipv4_sender(request[:27]) == b""
+    assert l2frame.ipv4_sender(request[:30]) == b""
+    # Other protocols say nothing about IPv4.
+    assert l2frame.ipv4_sender(eth(B, A, ethertype=b"\x86\xdd")) is None
+    assert l2frame.ipv4_sender(eth(B, A, b"\x00\x01\x86\xdd\x06\x10" + bytes(40))) is None
+    assert l2frame.ipv4_sender(B + A) is None
+    for n in range(len(request)):
+        l2frame.ipv4_sender(request[:n])  # no exception at any length

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from gtun.labnet import LAN_NET, GtunNet, Node
 
 pytestmark = pytest.mark.netns
 
+BROADCAST = b"\xff" * 6
 UNDERLAY = 234  # 10.234.x.x inside this module's namespaces
 SUBNET = "192.168.99"  # behind c2
 
@@ -149,32 +151,47 @@ def test_broadcast_ping_reaches_both_clients(net: GtunNet) -> None:
 
 _INJECT = """
 import socket, sys
-dst, src, count = bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+frame, count = bytes.fromhex(sys.argv[1]), int(sys.argv[2])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("gtun0", 0))
 for i in range(count):
-    s.send(dst + src + b"\\x88\\xb5" + bytes([i]) * 46)  # local experimental EtherType
+    s.send(frame)
 """
 
 
-def mac_hex(node: Node) -> str:
-    return str(link(node.ns)["address"]).replace(":", "")
+def inject(node: Node, frame: bytes, count: int) -> None:
+    """Send raw frames out of the node's TAP device, as its kernel would."""
+    node.ns.python(_INJECT, frame.hex(), str(count))
+
+
+def arp_reply(src: bytes, sender: str, dst: bytes, target: str) -> bytes:
+    body = bytes.fromhex("0001080006040002") + src + IPv4Address(sender).packed
+    body += dst + IPv4Address(target).packed
+    return dst + src + b"\x08\x06" + body
+
+
+def mac(node: Node) -> bytes:
+    return bytes.fromhex(str(link(node.ns)["address"]).replace(":", ""))
+
+
+def wait_drops(net: GtunNet, name: str, reason: str, at_least: int) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        drops = peer_drops(net, name)
+        if drops.get(reason, 0) >= at_least:
+            return drops
+        assert time.monotonic() < deadline, (reason, at_least, drops)
+        time.sleep(0.2)
 
 
 def test_frame_with_another_peers_mac_is_dropped_and_counted(net: GtunNet) -> None:
     c1, c2 = net.clients[:2]
     net.ping(c1.ns, "10.66.0.1", count=1)  # c1's MAC is live in the relay's table
     before = peer_drops(net, "c2")
-    stolen = mac_hex(c1)
-    c2.ns.python(_INJECT, "ffffffffffff", stolen, "5")
-    c2.ns.python(_INJECT, "ffffffffffff", "ffffffffffff", "2")  # a broadcast source
-    deadline = time.monotonic() + 10
-    while True:
-        after = peer_drops(net, "c2")
-        if after.get("mac_stolen", 0) >= before.get("mac_stolen", 0) + 5:
-            break
-        assert time.monotonic() < deadline, (before, after)
-        time.sleep(0.2)
+    payload = b"\x88\xb5" + bytes(46)  # the local experimental EtherType
+    inject(c2, BROADCAST + mac(c1) + payload, 5)  # c2 uses c1's MAC
+    inject(c2, BROADCAST + BROADCAST + payload, 2)  # a broadcast source
+    after = wait_drops(net, "c2", "mac_stolen", before.get("mac_stolen", 0) + 5)
     assert after.get("mac_stolen", 0) == before.get("mac_stolen", 0) + 5
     assert after.get("bad_mac", 0) == before.get("bad_mac", 0) + 2
     assert peer_drops(net, "c1").get("mac_stolen", 0) == 0
@@ -183,6 +200,19 @@ def test_frame_with_another_peers_mac_is_dropped_and_counted(net: GtunNet) -> No
     # c1 keeps its address and c2 its own: traffic between them is unaffected.
     net.ping(c2.ns, c1.extra["address"])
     net.ping(c1.ns, c2.extra["address"])
+
+
+def test_arp_claiming_another_address_is_dropped_and_counted(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    net.ping(c1.ns, "10.66.0.1", count=1)
+    relay_mac = link(net.relay.ns)["address"]
+    before = peer_drops(net, "c2").get("spoofed", 0)
+    # c2 tells c1, from its own MAC, that it is the relay.
+    inject(c2, arp_reply(mac(c2), "10.66.0.1", mac(c1), c1.extra["address"]), 3)
+    wait_drops(net, "c2", "spoofed", before + 3)
+    neigh = json.loads(c1.ns.run(["ip", "-j", "neigh", "show", "dev", "gtun0"]).stdout)
+    assert {n["dst"]: n.get("lladdr") for n in neigh}.get("10.66.0.1") == relay_mac, neigh
+    net.ping(c1.ns, "10.66.0.1", count=1)
 
 
 def test_restarted_client_keeps_its_mac_and_neighbours_reach_it(net: GtunNet) -> None:

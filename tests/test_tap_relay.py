@@ -246,3 +246,36 @@ def test_tun_relay_treats_frames_as_malformed() -> None:
     for data, _ in client.datagrams_to_send():
         relay.receive_datagram(data, "C", 0.0)
     assert relay.drops["malformed"] == 1 and relay.tun_writes() == []
+
+
+def arp(src: bytes, sender: str, target: str, *, vlan: bool = False) -> bytes:
+    body = bytes.fromhex("0001080006040002") + src + IPv4Address(sender).packed
+    body += bytes(6) + IPv4Address(target).packed
+    return BROADCAST + src + (b"\x81\x00\x00\x05" if vlan else b"") + b"\x08\x06" + body
+
+
+def test_peer_speaks_only_for_its_own_ipv4_addresses() -> None:
+    net = Net()
+    net.connect("c1", "c2")
+    c1 = net.clients["c1"]
+    ok = [
+        arp(MAC1, "10.66.0.2", "10.66.0.1"),  # its own address
+        arp(MAC1, "0.0.0.0", "10.66.0.2"),  # an address probe (RFC 5227)
+        MAC2 + MAC1 + b"\x08\x00" + build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"hi"),
+    ]
+    spoofs = [
+        arp(MAC1, "10.66.0.1", "10.66.0.3"),  # "I am the relay"
+        arp(MAC1, "10.66.0.3", "10.66.0.3"),  # "I am c2"
+        arp(MAC1, "10.66.0.1", "10.66.0.3", vlan=True),  # the same behind a VLAN tag
+        MAC2 + MAC1 + b"\x08\x00" + build_icmp_echo("10.66.0.50", "10.66.0.3", 1, 1, b"x"),
+    ]
+    for frame in ok + spoofs + [MAC2 + MAC1 + b"\x08\x00" + b"\x45" + bytes(10)]:
+        c1.tun_packet(frame, net.now)
+    net.pump()
+    assert net.got["c2"] == ok
+    assert net.peer("c1").data.drops == {"spoofed": 4, "malformed": 1}
+    # The relay's own TAP is not held to this (it may route for anyone).
+    relay_arp = arp(MAC_RELAY, "192.168.77.1", "10.66.0.2")
+    net.relay.tun_packet(relay_arp, net.now)
+    net.pump()
+    assert net.got["c2"][-1] == relay_arp

@@ -31,6 +31,14 @@ ETH_ADDR_LEN = 6
 ETH_HEADER_LEN = 14  # destination, source, EtherType
 VLAN_TAG_LEN = 4  # an 802.1Q tag between source and EtherType
 
+# EtherTypes (IEEE registry): IPv4 (RFC 894), ARP (RFC 826), and the VLAN tags of
+# 802.1Q, 802.1ad and the older QinQ.
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+VLAN_ETHERTYPES = frozenset({0x8100, 0x88A8, 0x9100})
+MAX_VLAN_TAGS = 2
+UNSPECIFIED_IPV4 = bytes(4)
+
 # Tuning knob: the largest frame the length field can describe; callers pass a tighter
 # bound (the device MTU plus the Ethernet header and one VLAN tag).
 MAX_FRAME = 0xFFFF
@@ -80,6 +88,41 @@ def pull_frame(plaintext: bytes, max_frame: int = MAX_FRAME) -> bytes:
     if length < ETH_HEADER_LEN:
         raise L2FrameError("runt", f"frame of {length} bytes is shorter than its header")
     return plaintext[HEADER_SIZE : HEADER_SIZE + length]
+
+
+def ipv4_sender(frame: bytes) -> bytes | None:
+    """The IPv4 address a frame speaks for: an IPv4 packet's source address (RFC 791
+    section 3.1) or an ARP packet's sender protocol address (RFC 826), seen through up
+    to MAX_VLAN_TAGS VLAN tags.  None for any other frame; b"" for an IPv4 or ARP frame
+    too short (or too deeply tagged) to say.  Never raises."""
+    offset = 2 * ETH_ADDR_LEN
+    for _ in range(MAX_VLAN_TAGS + 1):
+        if len(frame) < offset + 2:
+            return None
+        ethertype = (frame[offset] << 8) | frame[offset + 1]
+        if ethertype not in VLAN_ETHERTYPES:
+            break
+        offset += VLAN_TAG_LEN
+    else:
+        return b""  # more tags than anyone needs: let nothing hide behind them
+    payload = offset + 2
+    if ethertype == ETHERTYPE_IPV4:
+        if len(frame) < payload + 20 or frame[payload] >> 4 != 4:
+            return b""
+        return frame[payload + 12 : payload + 16]
+    if ethertype == ETHERTYPE_ARP:
+        # htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(hlen) spa(plen) ...
+        if len(frame) < payload + 8:
+            return b""
+        ptype = (frame[payload + 2] << 8) | frame[payload + 3]
+        hlen, plen = frame[payload + 4], frame[payload + 5]
+        if ptype != ETHERTYPE_IPV4 or plen != 4:
+            return None  # not about IPv4: the kernel ignores it for IPv4 too
+        start = payload + 8 + hlen
+        if len(frame) < start + 4:
+            return b""
+        return frame[start : start + 4]
+    return None
 
 
 def format_mac(mac: bytes) -> str:

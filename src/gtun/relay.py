@@ -22,9 +22,11 @@ In TAP mode (settings.mode == "tap") the relay is a learning Ethernet switch ins
 (switch.py): its ports are the gtun peers and its own TAP device, and the plaintexts are
 Ethernet frames behind gtun's frame header (l2frame.py).  A peer becomes a port when it
 asks for its configuration (or sends a frame), and stops being one when it is removed or
-stops answering handshakes.  Anything else a peer sends (an IP packet from a stock
-WireGuard peer, which cannot take part in a layer-2 network) is dropped and counted
-("not_frame").  Frames switched between two peers never enter the kernel.
+stops answering handshakes.  As in TUN mode, a peer speaks only for its own addresses:
+an IPv4 packet's source, or an ARP packet's sender, must be one it owns ("spoofed");
+IPv6 inside frames is not checked.  Anything else a peer sends (an IP packet from a
+stock WireGuard peer, which cannot take part in a layer-2 network) is dropped and
+counted ("not_frame").  Frames switched between two peers never enter the kernel.
 
 The caller drains datagrams (self.wg.datagrams_to_send()), TUN writes
 (self.tun_writes()) and events after each call, as with the core itself.
@@ -273,6 +275,16 @@ class Relay:
             except l2frame.L2FrameError as exc:
                 self._count(peer, exc.reason)
                 return
+            sender = l2frame.ipv4_sender(frame)
+            if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
+                # As in TUN mode, an IPv4 source (or ARP sender) must be the peer's own:
+                # no answering ARP for the relay's or another peer's address.
+                if not sender:
+                    self._count(peer, "malformed")
+                    return
+                if self.table.lookup(sender) is not peer:
+                    self._count(peer, "spoofed")
+                    return
             if not self.switch.has_port(peer):  # only a gtun node sends frames
                 peer.data.is_gtun = True
                 self.switch.add_port(peer)
