@@ -245,11 +245,11 @@ def test_tun_client_against_tap_relay_is_refused_clearly(net: GtunNet) -> None:
     line = "the relay refused this client: this relay runs in tap mode; the client asked for tun"
     assert line in log and "Traceback" not in log
     deadline = time.monotonic() + 5
-    while "refused client c3" not in net.relay.log.read_text(errors="replace"):
+    while "refused peer c3" not in net.relay.log.read_text(errors="replace"):
         assert time.monotonic() < deadline, net.log_tail(net.relay)
         time.sleep(0.1)
     relay_line = next(
-        ln for ln in net.relay.log.read_text().splitlines() if "refused client c3" in ln
+        ln for ln in net.relay.log.read_text().splitlines() if "refused peer c3" in ln
     )
     assert "this relay runs in tap mode; the client asked for tun" in relay_line
     assert "gtun0" not in c3.ns.run(["ip", "-o", "link"]).stdout  # nothing left behind

@@ -167,8 +167,12 @@ def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
     net.connect("c1")
     net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 1, b"p"), 0)
     net.pump()
+    net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 2, b"p"), 0)
+    net.pump()
     stock = net.peer("stock")
-    assert stock.data.drops == {"not_frame": 1} and not stock.data.is_gtun
+    assert stock.data.drops == {"not_frame": 2} and not stock.data.is_gtun
+    said = [e for e in net.relay_events if isinstance(e, PeerRefused) and e.peer is stock]
+    assert len(said) == 1 and "stock WireGuard peers" in said[0].reason  # once only
     assert net.tap_in == []
     net.clients["c1"].tun_packet(eth(BROADCAST, MAC1), net.now)
     net.relay.tun_packet(eth(BROADCAST, MAC_RELAY), net.now)

@@ -128,7 +128,8 @@ class ClientCore:
 
     @property
     def device_mode(self) -> str | None:
-        """ "tun" or "tap": the user's choice, else the relay's; None until known."""
+        """The device's mode, "tun" or "tap": the user's choice, else the relay's (None
+        until the relay has said)."""
         if self.mode is not None:
             return self.mode
         return self.config.mode if self.config is not None else None

@@ -71,6 +71,11 @@ RELAY_DROP_REASONS = (
 # The switch port of the relay's own TAP device (the other ports are Peers).
 LOCAL_PORT = "relay"
 
+STOCK_PEER_IN_TAP_MODE = (
+    "it sent an IP packet: this relay runs in tap mode, and stock WireGuard peers carry "
+    "only IP packets, so they cannot join; use a gtun client"
+)
+
 
 @dataclass
 class PeerSpec:
@@ -108,7 +113,8 @@ class PeerJoined(Event):
 
 @dataclass(frozen=True, slots=True)
 class PeerRefused(Event):
-    """A gtun client was refused (its mode does not match the relay's)."""
+    """A peer was refused: a gtun client whose mode does not match the relay's, or a
+    stock WireGuard peer of a relay in TAP mode (said once, at its first packet)."""
 
     peer: Peer
     reason: str
@@ -293,6 +299,8 @@ class Relay:
             self._tunnel_message(peer, plaintext, now)
         else:
             self._count(peer, "not_frame")
+            if peer.data.drops["not_frame"] == 1:  # say so once, not per packet
+                self._events.append(PeerRefused(peer, STOCK_PEER_IN_TAP_MODE))
 
     def _switch_frame(self, port: Peer | str, frame: bytes, now: float) -> None:
         assert self.switch is not None

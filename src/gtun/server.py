@@ -283,7 +283,7 @@ class Server:
         elif isinstance(event, PeerRefused):
             spec = event.peer.data.spec
             log.warning(
-                "refused client %s (%s) from %s: %s",
+                "refused peer %s (%s) from %s: %s",
                 spec.name,
                 spec.address,
                 _fmt_endpoint(event.peer.endpoint),
