@@ -89,6 +89,20 @@ def test_tap_clients_resolve_each_other_by_arp_and_ping(net: GtunNet) -> None:
     assert {p["name"]: p["kind"] for p in relay_st["peers"]}["c1"] == "gtun"
 
 
+def test_full_size_frames_carry_a_transfer(net: GtunNet) -> None:
+    c1, c2 = net.clients[:2]
+    sent, received, _ = net.transfer(c1.ns, c2.ns, c2.extra["address"], 4 * 1024 * 1024)
+    assert sent and sent == received
+    # Full-MTU pings with DF: 1420-byte packets, 1434-byte frames, no fragmentation.
+    out = c1.ns.run(
+        ["ping", "-n", "-c", "2", "-M", "do", "-s", "1392", "-W", "2", c2.extra["address"]],
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    st = net.status(net.relay)
+    assert st is not None and st["drops"]["oversized"] == 0
+
+
 def test_pushed_routes_go_through_the_relay_address(net: GtunNet) -> None:
     c1 = net.clients[0]
     routes = c1.ns.run(["ip", "route"]).stdout
