@@ -33,6 +33,7 @@ from gtun.edge import Driver, merge_counts
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.ipv6 import enable_ipv6
 from gtun.keys import encode_key
+from gtun.l2frame import mac_for_key
 from gtun.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
@@ -87,6 +88,7 @@ class Client:
                 cfg.private_key,
                 cfg.server_public_key,
                 endpoint,
+                mode=cfg.mode,
                 wall_offset=time.time() - loop.time(),
             )
             self.core = core
@@ -103,9 +105,10 @@ class Client:
                     key="client.metrics_listen",
                 )
             # The TUN exists from the start so its name is taken, but it is configured
-            # only once the relay has pushed an address.
-            self.tun = open_tun(cfg.device)
-            driver.attach_tun(self.tun)
+            # only once the relay has pushed an address.  A client that follows the
+            # relay's mode (no `mode` key) opens its device when it learns the mode.
+            if cfg.mode is not None:
+                self.open_device(cfg.mode)
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             log.info(
@@ -219,11 +222,36 @@ class Client:
 
     # --- device configuration ----------------------------------------------------------
 
+    def open_device(self, mode: str) -> None:
+        """Open the device (TUN or TAP) and attach it to the driver.  Raises
+        RuntimeFailure."""
+        assert self.driver is not None
+        self.tun = open_tun(self.cfg.device, tap=mode == "tap")
+        self.driver.attach_tun(self.tun)
+        if mode == "tap":
+            log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)
+
+    async def ensure_device(self, mode: str) -> None:
+        """Have a device of the relay's mode: open it the first time, and replace it if
+        the relay came back in the other mode."""
+        tun = self.tun
+        if tun is not None and getattr(tun, "tap", False) == (mode == "tap"):
+            return
+        if tun is not None:
+            log.warning("the relay now runs in %s mode; replacing device %s", mode, tun.name)
+            await self.nl(self.unconfigure)
+            assert self.driver is not None
+            self.driver.detach_tun()
+            tun.close()
+            self.tun = None
+        self.open_device(mode)
+
     async def apply_config(self, config: PushedConfig) -> None:
         async with self._config_lock:
             if self.stop.is_set() or config == self.applied:
                 return
             try:
+                await self.ensure_device(config.mode)
                 await self.nl(self.configure, config)
             except GtunError as exc:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
@@ -237,6 +265,8 @@ class Client:
         link = LinkConfig(self.tun.name)
         self.link = link
         link.set_mtu(config.mtu)
+        if config.mode == "tap":
+            link.set_mac(mac_for_key(self.cfg.public_key))
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
         ipv6 = config.address6 is not None
         if ipv6:
@@ -249,10 +279,15 @@ class Client:
         if ipv6:
             link.add_address(IPv6Interface(f"{config.address6}/{config.prefix6}"))
         link.set_up()
+        # On a TAP device routes go via a neighbour (the relay); on a TUN, straight in.
+        gateway = config.gateway if config.mode == "tap" else None
+        gateway6 = config.gateway6 if config.mode == "tap" and ipv6 else None
         for route in config.routes:
             # An IPv6 route is of no use to a client without an IPv6 address.
-            if route.version == 4 or ipv6:
-                link.add_route(route)
+            if route.version == 4:
+                link.add_route(route, gateway=gateway)
+            elif ipv6:
+                link.add_route(route, gateway=gateway6)
         self.applied = config
         self.ipv6 = ipv6
         if self.full_tunnel is not None:
@@ -263,6 +298,7 @@ class Client:
                 [config.address] + ([address6] if address6 is not None else []),
                 config.dns,
                 ipv6=address6 is not None,
+                gateways=[g for g in (gateway, gateway6) if g is not None],
             )
             log.info(
                 "full tunnel: all traffic through the relay (routing table %d, fwmark %#x)%s",
@@ -348,6 +384,7 @@ class Client:
         return {
             "role": "client",
             "device": self.cfg.device,
+            "mode": core.device_mode,
             "address": f"{config.address}/{config.prefix}" if config else None,
             "address6": (
                 f"{config.address6}/{config.prefix6}"

@@ -11,6 +11,11 @@ restarted relay (which has forgotten every session) is noticed and rejoined.  Wh
 relay has not been heard from for `dead_after`, the client reports it DISCONNECTED and
 keeps trying; when WireGuard gives up a round of handshakes (REKEY_ATTEMPT_TIME), the
 next round starts after a backoff that doubles up to MAX_BACKOFF.
+
+The device mode is `mode` ("tun" or "tap") when the user chose one, which the
+configuration request carries (a relay in the other mode refuses); with mode None the
+client follows the relay's mode from the CONFIG.  In TAP mode the device carries
+Ethernet frames, which travel wrapped in gtun's frame header (l2frame.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from gtun import l2frame
 from gtun import tunnelmsg as tm
 from gtun.packet import packet_length, parse_addresses
 from gtun.relay import PushedConfig, parse_pushed_config, tunnel_addresses
@@ -30,7 +36,16 @@ PING_INTERVAL = 10.0
 FIRST_BACKOFF = 2.0
 MAX_BACKOFF = 60.0
 
-CLIENT_DROP_REASONS = ("not_configured", "not_ip", "link_scoped", "malformed", "queue_full")
+CLIENT_DROP_REASONS = (
+    "not_configured",
+    "not_ip",
+    "link_scoped",
+    "malformed",
+    "queue_full",
+    "not_frame",  # TAP mode: an IP packet from the relay, where frames are expected
+    "runt",  # TAP mode: frame shorter than an Ethernet header
+    "oversized",  # TAP mode: frame longer than the MTU allows
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +83,7 @@ class ClientCore:
         server_public_key: bytes,
         endpoint: Hashable | None,
         *,
-        mode: str = "tun",
+        mode: str | None = "tun",
         wall_offset: float = 0.0,
         ping_interval: float = PING_INTERVAL,
     ) -> None:
@@ -111,6 +126,14 @@ class ClientCore:
 
     # --- inputs --------------------------------------------------------------------
 
+    @property
+    def device_mode(self) -> str | None:
+        """The device's mode, "tun" or "tap": the user's choice, else the relay's (None
+        until the relay has said)."""
+        if self.mode is not None:
+            return self.mode
+        return self.config.mode if self.config is not None else None
+
     def set_endpoint(self, endpoint: Hashable) -> None:
         self.server.endpoint = endpoint
 
@@ -125,6 +148,15 @@ class ClientCore:
     def tun_packet(self, packet: bytes, now: float) -> None:
         if self.config is None:
             self.drops["not_configured"] += 1
+            return
+        if self.device_mode == "tap":
+            if len(packet) < l2frame.ETH_HEADER_LEN:
+                self.drops["runt"] += 1
+            elif len(packet) > l2frame.max_frame_for(self.config.mtu):
+                self.drops["oversized"] += 1
+            else:
+                self.wg.send(self.server, l2frame.push_frame(packet), now)
+                self._drain(now)
             return
         if tunnel_addresses(packet, self.drops) is None:
             return
@@ -153,7 +185,8 @@ class ClientCore:
     # --- internals -----------------------------------------------------------------
 
     def _request_config(self, now: float) -> None:
-        self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, {"mode": self.mode}), now)
+        request = {"mode": self.mode} if self.mode is not None else {}
+        self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, request), now)
         self._t_config = now + CONFIG_RETRY
 
     def _drain(self, now: float) -> None:
@@ -177,6 +210,17 @@ class ClientCore:
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
 
     def _from_relay(self, plaintext: bytes, now: float) -> None:
+        if l2frame.is_frame(plaintext):
+            if self.config is None or self.device_mode != "tap":
+                self.drops["malformed"] += 1
+                return
+            try:
+                frame = l2frame.pull_frame(plaintext, l2frame.max_frame_for(self.config.mtu))
+            except l2frame.L2FrameError as exc:
+                self.drops[exc.reason] += 1
+                return
+            self._tun_out.append(frame)
+            return
         if plaintext[0] == 0:
             try:
                 msg = tm.pull_message(plaintext)
@@ -189,6 +233,13 @@ class ClientCore:
                 except ValueError:
                     self.drops["malformed"] += 1
                     return
+                if self.mode is not None and config.mode != self.mode:
+                    # A relay that does not check the requested mode.
+                    reason = (
+                        f"this relay runs in {config.mode} mode; the client asked for {self.mode}"
+                    )
+                    self._events.append(Refused(reason))
+                    return
                 self._config_confirmed = True
                 self._t_config = None
                 changed = config != self.config
@@ -198,6 +249,9 @@ class ClientCore:
                 self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
             elif msg.type != tm.PONG:
                 self.drops["malformed"] += 1
+            return
+        if self.device_mode == "tap":
+            self.drops["not_frame"] += 1
             return
         if parse_addresses(plaintext) is None:
             self.drops["not_ip"] += 1

@@ -150,6 +150,7 @@ class Route:
     family: int
     table: int
     device: str | None  # None: an unreachable route
+    gateway: str | None = None  # a TAP device's routes go via the relay's address
 
     @property
     def dst(self) -> str:
@@ -164,23 +165,37 @@ class Route:
         }
         if index is not None:
             args["oif"] = index
+        if self.gateway is not None and self.device is not None:
+            args["gateway"] = self.gateway
         return args
 
     def __str__(self) -> str:
         how = f"dev {self.device}" if self.device is not None else "unreachable"
+        if self.gateway is not None and self.device is not None:
+            how = f"via {self.gateway} {how}"
         return f"IPv{self.family} default route {how} in table {self.table}"
 
 
-def plan(device: str, table: int, fwmark: int, *, ipv6: bool) -> tuple[list[Rule], list[Route]]:
+def plan(
+    device: str,
+    table: int,
+    fwmark: int,
+    *,
+    ipv6: bool,
+    gateways: Sequence[Address] = (),
+) -> tuple[list[Rule], list[Route]]:
     """The rules and routes of a full tunnel through `device`.
 
     IPv6 is always covered: into the device when the tunnel carries IPv6 (`ipv6`),
-    otherwise unreachable, so that it cannot leave by the local network.
+    otherwise unreachable, so that it cannot leave by the local network.  `gateways`
+    (the relay's tunnel addresses) are next hops on a TAP device, where a route straight
+    into the device would ask the link for every destination's address.
     """
+    via = {a.version: str(a) for a in gateways}
     rules: list[Rule] = []
     routes = [
-        Route(4, table, device),
-        Route(6, table, device if ipv6 else None),
+        Route(4, table, device, via.get(4)),
+        Route(6, table, device, via.get(6)) if ipv6 else Route(6, table, None),
     ]
     for family in (4, 6):
         rules.append(Rule(family, PRIORITY_SUPPRESS, RT_TABLE_MAIN, suppress_prefixlength=0))
@@ -548,12 +563,20 @@ class FullTunnel:
     def active(self) -> bool:
         return self.state is not None
 
-    def apply(self, addresses: Sequence[Address], dns: Sequence[Address], *, ipv6: bool) -> None:
+    def apply(
+        self,
+        addresses: Sequence[Address],
+        dns: Sequence[Address],
+        *,
+        ipv6: bool,
+        gateways: Sequence[Address] = (),
+    ) -> None:
         """Route everything into the device and apply `dns`; `ipv6`: the tunnel carries
-        IPv6.  On failure, whatever was done is undone before the error is raised."""
+        IPv6; `gateways`: next hops on a TAP device.  On failure, whatever was done is
+        undone before the error is raised."""
         if self.state is not None:
             self.undo()
-        rules, routes = plan(self.device, self.table, self.fwmark, ipv6=ipv6)
+        rules, routes = plan(self.device, self.table, self.fwmark, ipv6=ipv6, gateways=gateways)
         if not _ipv6_available():
             log.info("IPv6 is not available here: only IPv4 needs routing")
             rules = [r for r in rules if r.family == 4]

@@ -67,6 +67,7 @@ class GtunNet:
         extra_peers: str = "",
         debug: bool = False,
         metrics: bool = False,
+        mode: str | None = None,
     ) -> None:
         self.lab = lab
         self.dir = workdir
@@ -103,6 +104,11 @@ class GtunNet:
             )
             self.clients.append(node)
         self._write_configs(nat=nat, lan=lan, extra_peers=extra_peers)
+        if mode is not None:  # the relay's "mode" key ("tun" or "tap")
+            text = self.relay.config.read_text()
+            self.relay.config.write_text(
+                text.replace("[server]\n", f'[server]\nmode = "{mode}"\n', 1)
+            )
 
     def _write_configs(self, *, nat: bool, lan: bool, extra_peers: str) -> None:
         r = self.relay

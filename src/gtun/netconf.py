@@ -9,6 +9,7 @@ and the change.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -138,6 +139,20 @@ class LinkConfig:
     def _set_mtu_by_name(self, ipr: IPRoute, mtu: int) -> None:
         ipr.link("set", index=self._index(f"restore mtu {mtu} on {self.ifname}"), mtu=mtu)
 
+    def set_mac(self, mac: str) -> None:
+        """Set the link-layer address ("02:…", a TAP device's)."""
+        what = f"set address {mac} on {self.ifname}"
+        index, link = self._link(what)
+        old = link.get("address")
+        if old == mac:
+            return
+        self._do(what, lambda ipr: ipr.link("set", index=index, address=mac))
+        if old is not None:
+            desc = f"restore address {old} on {self.ifname}"
+            self._undo.append(
+                (desc, lambda ipr: ipr.link("set", index=self._index(desc), address=old))
+            )
+
     def set_up(self) -> None:
         what = f"bring {self.ifname} up"
         index, link = self._link(what)
@@ -192,13 +207,25 @@ class LinkConfig:
             args["scope"] = RT_SCOPE_LINK  # as `ip route add NET dev DEV` does
         return args
 
-    def add_route(self, network: IPv4Network | IPv6Network, *, metric: int | None = None) -> None:
-        """Route `network` via this device (optionally with a metric)."""
+    def add_route(
+        self,
+        network: IPv4Network | IPv6Network,
+        *,
+        metric: int | None = None,
+        gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+    ) -> None:
+        """Route `network` via this device (optionally with a metric, and through a
+        gateway on the device's link, as a TAP device needs: `ip route add NET via GW
+        dev DEV`)."""
         what = f"add route {network} via {self.ifname}"
         index = self._index(what)
         args = self._route_args(network, index)
         if metric is not None:
             args["priority"] = metric
+        if gateway is not None:
+            what = f"add route {network} via {gateway} dev {self.ifname}"
+            args["gateway"] = str(gateway)
+            args.pop("scope", None)  # a gatewayed route has global scope
         added = self._do(what, lambda ipr: ipr.route("add", **args))
         if added:
             self._undo.append((f"remove route {network} via {self.ifname}", self._route_undo(args)))

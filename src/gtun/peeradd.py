@@ -51,6 +51,13 @@ def add_peer(
     """Store a new peer, lease its address, and return (wg-quick text, reload note).
 
     Raises ConfigError (bad name, name or key taken) or RuntimeFailure (state store)."""
+    if cfg.mode == "tap":
+        raise ConfigError(
+            "this relay runs in tap mode (layer 2): stock WireGuard peers carry only IP "
+            "packets and cannot join; connect with a gtun client instead",
+            file=cfg.path,
+            key="server.mode",
+        )
     if not NAME_RE.match(name):
         raise ConfigError(f"peer name {name!r} must match [A-Za-z0-9_.-]{{1,32}}")
     if any(p.name == name for p in cfg.peers):

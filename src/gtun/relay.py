@@ -18,6 +18,16 @@ Plaintexts that start with 0x00 are gtun's own messages (tunnelmsg.py): a gtun c
 asks for its configuration and pings; stock WireGuard peers never send them and so never
 get any.
 
+In TAP mode (settings.mode == "tap") the relay is a learning Ethernet switch instead
+(switch.py): its ports are the gtun peers and its own TAP device, and the plaintexts are
+Ethernet frames behind gtun's frame header (l2frame.py).  A peer becomes a port when it
+asks for its configuration (or sends a frame), and stops being one when it is removed or
+stops answering handshakes.  As in TUN mode, a peer speaks only for its own addresses:
+an IPv4 packet's source, or an ARP packet's sender, must be one it owns ("spoofed");
+IPv6 inside frames is not checked.  Anything else a peer sends (an IP packet from a
+stock WireGuard peer, which cannot take part in a layer-2 network) is dropped and
+counted ("not_frame").  Frames switched between two peers never enter the kernel.
+
 The caller drains datagrams (self.wg.datagrams_to_send()), TUN writes
 (self.tun_writes()) and events after each call, as with the core itself.
 """
@@ -31,9 +41,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from gtun import l2frame
 from gtun import tunnelmsg as tm
 from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
+from gtun.switch import Switch
 from gtun.wg import HandshakeCompleted, PacketReceived, Peer, PeerUnknown, WireGuard
 from gtun.wg.events import Event, HandshakeTimedOut
 
@@ -47,6 +59,21 @@ RELAY_DROP_REASONS = (
     "link_scoped",  # link-local source or multicast/broadcast destination: never routed
     "malformed",  # gtun message that does not parse
     "queue_full",  # the edge could not queue the datagram or TUN write
+    # TAP mode (switch.py has the details)
+    "not_frame",  # TAP mode: a plaintext that is no gtun frame (a stock peer's IP packet)
+    "runt",  # TAP mode: frame shorter than an Ethernet header
+    "oversized",  # TAP mode: frame longer than the MTU allows
+    "bad_mac",  # TAP mode: multicast, broadcast or zero source MAC
+    "mac_stolen",  # TAP mode: source MAC owned (live in the table) by another port
+    "mac_limit",  # TAP mode: the port's or the table's MAC limit reached
+)
+
+# The switch port of the relay's own TAP device (the other ports are Peers).
+LOCAL_PORT = "relay"
+
+STOCK_PEER_IN_TAP_MODE = (
+    "it sent an IP packet: this relay runs in tap mode, and stock WireGuard peers carry "
+    "only IP packets, so they cannot join; use a gtun client"
 )
 
 
@@ -84,6 +111,15 @@ class PeerJoined(Event):
     peer: Peer
 
 
+@dataclass(frozen=True, slots=True)
+class PeerRefused(Event):
+    """A peer was refused: a gtun client whose mode does not match the relay's, or a
+    stock WireGuard peer of a relay in TAP mode (said once, at its first packet)."""
+
+    peer: Peer
+    reason: str
+
+
 @dataclass
 class RelaySettings:
     network: IPv4Network
@@ -109,6 +145,10 @@ class Relay:
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
         self._tun_out: list[bytes] = []
         self._events: deque[Event] = deque()
+        self.switch: Switch[Peer | str] | None = None
+        if settings.mode == "tap":
+            self.switch = Switch(l2frame.max_frame_for(settings.mtu))
+            self.switch.add_port(LOCAL_PORT)
 
     # --- peers ---------------------------------------------------------------------
 
@@ -123,6 +163,8 @@ class Relay:
             if key not in wanted:
                 self.table.remove_value(peer)
                 self.wg.remove_peer(peer)
+                if self.switch is not None:
+                    self.switch.remove_port(peer)
                 removed.append(peer.data.spec.name)
         for key, spec in wanted.items():
             existing = self.wg.peers.get(key)
@@ -173,6 +215,9 @@ class Relay:
         self._drain_core(now)
 
     def tun_packet(self, packet: bytes, now: float) -> None:
+        if self.switch is not None:
+            self._switch_frame(LOCAL_PORT, packet, now)
+            return
         addrs = tunnel_addresses(packet, self.drops)
         if addrs is None:
             return
@@ -200,9 +245,14 @@ class Relay:
             if isinstance(event, PacketReceived):
                 self._from_peer(event.peer, event.data, now)
             elif isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
+                if isinstance(event, HandshakeTimedOut) and self.switch is not None:
+                    self.switch.remove_port(event.peer)  # it asks again when it is back
                 self._events.append(event)
 
     def _from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        if self.switch is not None:
+            self._from_peer_l2(peer, plaintext, now)
+            return
         if plaintext[0] == 0:
             self._tunnel_message(peer, plaintext, now)
             return
@@ -228,6 +278,53 @@ class Relay:
         else:
             self.wg.send(target, plaintext, now)
 
+    def _from_peer_l2(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        if l2frame.is_frame(plaintext):
+            assert self.switch is not None
+            try:
+                frame = l2frame.pull_frame(plaintext, self.switch.max_frame)
+            except l2frame.L2FrameError as exc:
+                self._count(peer, exc.reason)
+                return
+            sender = l2frame.ipv4_sender(frame)
+            if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
+                # As in TUN mode, an IPv4 source (or ARP sender) must be the peer's own:
+                # no answering ARP for the relay's or another peer's address.
+                if not sender:
+                    self._count(peer, "malformed")
+                    return
+                if self.table.lookup(sender) is not peer:
+                    self._count(peer, "spoofed")
+                    return
+            if not self.switch.has_port(peer):  # only a gtun node sends frames
+                peer.data.is_gtun = True
+                self.switch.add_port(peer)
+            self._switch_frame(peer, frame, now)
+        elif plaintext[0] == 0:
+            self._tunnel_message(peer, plaintext, now)
+        else:
+            self._count(peer, "not_frame")
+            if peer.data.drops["not_frame"] == 1:  # say so once, not per packet
+                self._events.append(PeerRefused(peer, STOCK_PEER_IN_TAP_MODE))
+
+    def _switch_frame(self, port: Peer | str, frame: bytes, now: float) -> None:
+        assert self.switch is not None
+        decision = self.switch.receive(port, frame, now)
+        if decision.drop is not None:
+            if isinstance(port, Peer):
+                self._count(port, decision.drop)
+            else:
+                self.drops[decision.drop] += 1
+            return
+        wrapped: bytes | None = None
+        for out in decision.ports:
+            if isinstance(out, Peer):
+                if wrapped is None:
+                    wrapped = l2frame.push_frame(frame)
+                self.wg.send(out, wrapped, now)
+            else:
+                self._tun_out.append(frame)
+
     def _count(self, peer: Peer, reason: str) -> None:
         self.drops[reason] += 1
         per_peer = peer.data.drops
@@ -247,8 +344,11 @@ class Relay:
                     f"this relay runs in {self.settings.mode} mode; the client asked for {mode}"
                 )
                 self.wg.send(peer, tm.push_message(tm.REFUSED, {"reason": reason}), now)
+                self._events.append(PeerRefused(peer, reason))
                 return
             state.is_gtun = True
+            if self.switch is not None:
+                self.switch.add_port(peer)
             try:
                 answer = tm.push_message(tm.CONFIG, self.config_for(peer))
             except ValueError as exc:  # hundreds of routes: more than a message holds
@@ -316,6 +416,8 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         gateway = IPv4Address(payload["gateway"])
         name = str(payload.get("name", ""))
         mode = str(payload.get("mode", "tun"))
+        if mode not in ("tun", "tap"):
+            raise ValueError(f"bad mode {mode!r}")
         address6: IPv6Address | None = None
         prefix6: int | None = None
         gateway6: IPv6Address | None = None

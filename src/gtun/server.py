@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.firewall import Forwarding, Nat
 from gtun.ipv6 import address6_for, enable_ipv6
 from gtun.keys import decode_key, encode_key
+from gtun.l2frame import mac_for_key
 from gtun.metrics import RelayCollector, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
-from gtun.relay import PeerJoined, PeerSpec, Relay, RelaySettings
+from gtun.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.tun import open_tun
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.wg.events import Event
@@ -176,6 +177,8 @@ class Server:
             self.link = link
             self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
             await self.nl(link.set_mtu, cfg.mtu)
+            if cfg.mode == "tap":
+                await self.nl(link.set_mac, mac_for_key(cfg.public_key))
             await self.nl(
                 link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
             )
@@ -259,8 +262,19 @@ class Server:
         for net in self.subnet_routes - wanted:
             self.link.remove_route(net)
         for net in wanted - self.subnet_routes:
-            self.link.add_route(net)
+            self.link.add_route(net, gateway=self.subnet_gateway(specs, net))
         self.subnet_routes = wanted
+
+    def subnet_gateway(self, specs: list[PeerSpec], net: Any) -> IPv4Address | IPv6Address | None:
+        """In TAP mode a LAN behind a peer is reached through the peer's address on the
+        link (the kernel resolves it by ARP or neighbour discovery); in TUN mode the
+        device is the way."""
+        if self.cfg.mode != "tap":
+            return None
+        owner = next((s for s in specs if net in s.subnets), None)
+        if owner is None:
+            return None
+        return owner.address if net.version == 4 else owner.address6
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions."""
@@ -295,6 +309,15 @@ class Server:
         elif isinstance(event, PeerJoined):
             spec = event.peer.data.spec
             log.info("client %s joined from %s as %s", spec.name, event.peer.endpoint, spec.address)
+        elif isinstance(event, PeerRefused):
+            spec = event.peer.data.spec
+            log.warning(
+                "refused peer %s (%s) from %s: %s",
+                spec.name,
+                spec.address,
+                _fmt_endpoint(event.peer.endpoint),
+                event.reason,
+            )
         elif isinstance(event, PeerUnknown):
             log.warning(
                 "handshake from unknown key %s at %s: not a peer of this relay",
@@ -343,6 +366,7 @@ class Server:
         return {
             "role": "relay",
             "device": self.cfg.device,
+            "mode": self.cfg.mode,
             "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
             "address6": (
                 f"{self.cfg.relay_address6}/{self.cfg.network6.prefixlen}"
@@ -372,10 +396,6 @@ def run_server(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
     check_privileges(path)
     cfg = load_server_config(path)
-    if cfg.mode == "tap":
-        raise ConfigError(
-            'mode "tap" is not implemented yet; use "tun"', file=cfg.path, key="server.mode"
-        )
     server = Server(cfg)
     try:
         asyncio.run(server.run())

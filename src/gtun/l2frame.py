@@ -1,0 +1,139 @@
+"""Ethernet frames inside the WireGuard tunnel, between gtun nodes (TAP mode).
+
+A WireGuard transport plaintext is, to a stock peer, one IP packet: its first nibble is
+the IP version, and the packet carries its own length, which is how WireGuard's zero
+padding (to a multiple of 16 bytes) is stripped.  A bare Ethernet frame has neither
+property: its first byte is a destination MAC, which may well read as 0x45 (IPv4) or
+0x00 (gtun's own messages, tunnelmsg.py), and nothing in it says where it ends.  So a
+frame travels behind a small header:
+
+    magic(4) = 00 'g' 't' 02   length(2, big-endian)   Ethernet frame(length)   padding
+
+The first byte 0x00 is no IP version, so a stock peer would drop such a plaintext (and the
+relay never sends one to a stock peer: only gtun nodes are ports of its switch).  The
+magic differs from the tunnel messages' (00 'g' 't' 01) in its last byte.  Bytes after the
+frame are WireGuard's padding and are ignored.  The frame itself is the Ethernet header
+(destination MAC, source MAC, EtherType, IEEE 802.3 section 3.1) and payload, without
+preamble or frame check sequence, exactly as a TAP device reads and writes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+MAGIC = b"\x00gt\x02"
+HEADER = struct.Struct(">4sH")
+HEADER_SIZE = HEADER.size
+
+# From IEEE 802.3 / 802.1Q.
+ETH_ADDR_LEN = 6
+ETH_HEADER_LEN = 14  # destination, source, EtherType
+VLAN_TAG_LEN = 4  # an 802.1Q tag between source and EtherType
+
+# EtherTypes (IEEE registry): IPv4 (RFC 894), ARP (RFC 826), and the VLAN tags of
+# 802.1Q, 802.1ad and the older QinQ.
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+VLAN_ETHERTYPES = frozenset({0x8100, 0x88A8, 0x9100})
+MAX_VLAN_TAGS = 2
+UNSPECIFIED_IPV4 = bytes(4)
+
+# Tuning knob: the largest frame the length field can describe; callers pass a tighter
+# bound (the device MTU plus the Ethernet header and one VLAN tag).
+MAX_FRAME = 0xFFFF
+
+
+def max_frame_for(mtu: int) -> int:
+    """The largest frame a TAP device with this MTU sends (a VLAN tag included)."""
+    return mtu + ETH_HEADER_LEN + VLAN_TAG_LEN
+
+
+class L2FrameError(ValueError):
+    """A peer sent a frame that cannot be carried; `reason` is the drop counter's name
+    ("malformed", "runt" or "oversized")."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_frame(plaintext: bytes) -> bool:
+    return plaintext[:4] == MAGIC
+
+
+def push_frame(frame: bytes) -> bytes:
+    """The plaintext that carries `frame`.  Raises ValueError (the caller's misuse) for a
+    frame shorter than an Ethernet header or longer than MAX_FRAME."""
+    if not ETH_HEADER_LEN <= len(frame) <= MAX_FRAME:
+        raise ValueError(f"an Ethernet frame of {len(frame)} bytes cannot be carried")
+    return HEADER.pack(MAGIC, len(frame)) + frame
+
+
+def pull_frame(plaintext: bytes, max_frame: int = MAX_FRAME) -> bytes:
+    """The Ethernet frame in a plaintext from a peer (padding removed).
+
+    Raises L2FrameError: "malformed" for a truncated header, a wrong magic or a length
+    beyond the plaintext; "runt" for a frame shorter than an Ethernet header;
+    "oversized" for one longer than `max_frame`."""
+    if len(plaintext) < HEADER_SIZE:
+        raise L2FrameError("malformed", "truncated frame header")
+    magic, length = HEADER.unpack_from(plaintext)
+    if magic != MAGIC:
+        raise L2FrameError("malformed", "bad frame magic")
+    if length > max_frame:
+        raise L2FrameError("oversized", f"frame of {length} bytes is over {max_frame}")
+    if HEADER_SIZE + length > len(plaintext):
+        raise L2FrameError("malformed", "frame length beyond the plaintext")
+    if length < ETH_HEADER_LEN:
+        raise L2FrameError("runt", f"frame of {length} bytes is shorter than its header")
+    return plaintext[HEADER_SIZE : HEADER_SIZE + length]
+
+
+def ipv4_sender(frame: bytes) -> bytes | None:
+    """The IPv4 address a frame speaks for: an IPv4 packet's source address (RFC 791
+    section 3.1) or an ARP packet's sender protocol address (RFC 826), seen through up
+    to MAX_VLAN_TAGS VLAN tags.  None for any other frame; b"" for an IPv4 or ARP frame
+    too short (or too deeply tagged) to say.  Never raises."""
+    offset = 2 * ETH_ADDR_LEN
+    for _ in range(MAX_VLAN_TAGS + 1):
+        if len(frame) < offset + 2:
+            return None
+        ethertype = (frame[offset] << 8) | frame[offset + 1]
+        if ethertype not in VLAN_ETHERTYPES:
+            break
+        offset += VLAN_TAG_LEN
+    else:
+        return b""  # more tags than anyone needs: let nothing hide behind them
+    payload = offset + 2
+    if ethertype == ETHERTYPE_IPV4:
+        if len(frame) < payload + 20 or frame[payload] >> 4 != 4:
+            return b""
+        return frame[payload + 12 : payload + 16]
+    if ethertype == ETHERTYPE_ARP:
+        # htype(2) ptype(2) hlen(1) plen(1) oper(2) sha(hlen) spa(plen) ...
+        if len(frame) < payload + 8:
+            return b""
+        ptype = (frame[payload + 2] << 8) | frame[payload + 3]
+        hlen, plen = frame[payload + 4], frame[payload + 5]
+        if ptype != ETHERTYPE_IPV4 or plen != 4:
+            return None  # not about IPv4: the kernel ignores it for IPv4 too
+        start = payload + 8 + hlen
+        if len(frame) < start + 4:
+            return b""
+        return frame[start : start + 4]
+    return None
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def mac_for_key(public_key: bytes) -> str:
+    """A stable link-layer address for a node's TAP device, derived from its public key:
+    a locally administered unicast address (IEEE 802 section 8.2), so a restarted node
+    keeps its address and its neighbours' ARP caches (and the relay's MAC table) stay
+    right."""
+    digest = bytearray(hashlib.blake2s(b"gtun tap mac" + public_key, digest_size=6).digest())
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return format_mac(bytes(digest))

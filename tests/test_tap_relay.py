@@ -1,0 +1,285 @@
+"""Tier 1: the relay in TAP mode with gtun clients and a stock peer, through an
+in-memory link (no I/O): frames switched between clients and the relay's TAP,
+flooding, MAC stealing, mode negotiation, and what stock peers get."""
+
+from __future__ import annotations
+
+import secrets
+from ipaddress import IPv4Address, IPv4Network
+
+from gtun import l2frame
+from gtun.clientcore import ClientCore, Refused
+from gtun.packet import build_icmp_echo
+from gtun.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay, RelaySettings
+from gtun.wg import PacketReceived, WireGuard
+
+MAC1 = bytes.fromhex("02aa00000001")
+MAC2 = bytes.fromhex("02aa00000002")
+MAC_RELAY = bytes.fromhex("02aa000000ff")
+BROADCAST = b"\xff" * 6
+
+
+def eth(dst: bytes, src: bytes, payload: bytes = b"p" * 46) -> bytes:
+    return dst + src + b"\x08\x06" + payload
+
+
+class Net:
+    """Relay at "R" in TAP mode; clients c1 (follows the relay's mode), c2 ("tap"),
+    c3 ("tun"); a stock WireGuard peer at "S"."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.relay = Relay(
+            secrets.token_bytes(32),
+            RelaySettings(
+                network=IPv4Network("10.66.0.0/24"),
+                relay_address=IPv4Address("10.66.0.1"),
+                mtu=1420,
+                mode="tap",
+            ),
+        )
+        relay_pub = self.relay.wg.public_key
+        self.clients = {
+            "c1": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode=None),
+            "c2": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode="tap"),
+            "c3": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode="tun"),
+        }
+        self.stock = WireGuard(secrets.token_bytes(32))
+        self.stock_peer = self.stock.add_peer(relay_pub, endpoint="R")
+        specs = [
+            PeerSpec(name, c.wg.public_key, IPv4Address(f"10.66.0.{i}"))
+            for i, (name, c) in enumerate(self.clients.items(), start=2)
+        ]
+        specs.append(PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9")))
+        self.relay.set_peers(specs)
+        self.tap_in: list[bytes] = []  # what the relay wrote into its TAP
+        self.stock_got: list[bytes] = []
+        self.events: dict[str, list[object]] = {name: [] for name in self.clients}
+        self.relay_events: list[object] = []
+        self.got: dict[str, list[bytes]] = {name: [] for name in self.clients}
+
+    def peer(self, name: str):  # type: ignore[no-untyped-def]
+        peer = self.relay.peer_by_name(name)
+        assert peer is not None
+        return peer
+
+    def pump(self) -> None:
+        for _ in range(50):
+            moved = False
+            for name, client in self.clients.items():
+                for data, _ in client.datagrams_to_send():
+                    self.relay.receive_datagram(data, name, self.now)
+                    moved = True
+                while (ev := client.next_event()) is not None:
+                    self.events[name].append(ev)
+                self.got[name].extend(client.tun_writes())
+            for data, _ in self.stock.datagrams_to_send():
+                self.relay.receive_datagram(data, "S", self.now)
+                moved = True
+            while (ev := self.stock.next_event()) is not None:
+                if isinstance(ev, PacketReceived):
+                    self.stock_got.append(ev.data)
+            for data, addr in self.relay.datagrams_to_send():
+                if addr == "S":
+                    self.stock.receive_datagram(data, "R", self.now)
+                else:
+                    self.clients[addr].receive_datagram(data, "R", self.now)
+                moved = True
+            self.tap_in.extend(self.relay.tun_writes())
+            while (ev := self.relay.next_event()) is not None:
+                self.relay_events.append(ev)
+            if not moved:
+                return
+        raise AssertionError("link did not settle")
+
+    def connect(self, *names: str) -> None:
+        for name in names:
+            self.clients[name].start(self.now)
+        self.pump()
+
+
+def test_clients_follow_or_choose_tap_and_a_tun_client_is_refused() -> None:
+    net = Net()
+    net.connect("c1", "c2", "c3")
+    c1, c2, c3 = net.clients["c1"], net.clients["c2"], net.clients["c3"]
+    assert c1.config is not None and c1.config.mode == "tap" and c1.device_mode == "tap"
+    assert c2.config is not None and c2.device_mode == "tap"
+    assert c3.config is None
+    refused = [e for e in net.events["c3"] if isinstance(e, Refused)]
+    assert refused and refused[0].reason == (
+        "this relay runs in tap mode; the client asked for tun"
+    )
+    on_relay = [e for e in net.relay_events if isinstance(e, PeerRefused)]
+    assert on_relay and on_relay[0].peer is net.peer("c3") and "tun" in on_relay[0].reason
+    sw = net.relay.switch
+    assert sw is not None
+    assert set(sw.ports) == {LOCAL_PORT, net.peer("c1"), net.peer("c2")}
+
+
+def test_frames_are_switched_between_clients_and_the_relay_tap() -> None:
+    net = Net()
+    net.connect("c1", "c2")
+    c1, c2 = net.clients["c1"], net.clients["c2"]
+    # An ARP request from c1 is flooded: to c2 and into the relay's TAP.
+    request = eth(BROADCAST, MAC1)
+    c1.tun_packet(request, net.now)
+    net.pump()
+    assert net.got["c2"] == [request] and net.tap_in == [request]
+    assert net.got["c1"] == []
+    # c2's answer goes to c1 only: MAC1 was learned.
+    reply = eth(MAC1, MAC2)
+    c2.tun_packet(reply, net.now)
+    net.pump()
+    assert net.got["c1"] == [reply] and net.tap_in == [request]
+    # From the relay's TAP to c2 only, and c2 to the relay only.
+    net.relay.tun_packet(eth(BROADCAST, MAC_RELAY), net.now)
+    net.pump()
+    to_c2 = eth(MAC2, MAC_RELAY, b"ip" * 40)
+    net.relay.tun_packet(to_c2, net.now)
+    net.pump()
+    assert net.got["c2"][-1] == to_c2 and len(net.got["c1"]) == 2
+    c2.tun_packet(eth(MAC_RELAY, MAC2), net.now)
+    net.pump()
+    assert net.tap_in[-1] == eth(MAC_RELAY, MAC2) and len(net.got["c1"]) == 2
+
+
+def test_stolen_mac_is_dropped_and_counted_per_peer() -> None:
+    net = Net()
+    net.connect("c1", "c2")
+    c1, c2 = net.clients["c1"], net.clients["c2"]
+    c1.tun_packet(eth(BROADCAST, MAC1), net.now)
+    net.pump()
+    for _ in range(3):
+        c2.tun_packet(eth(BROADCAST, MAC1), net.now)  # c2 claims c1's address
+    c2.tun_packet(eth(BROADCAST, BROADCAST), net.now)  # and a group source
+    net.pump()
+    assert net.peer("c2").data.drops == {"mac_stolen": 3, "bad_mac": 1}
+    assert net.relay.drops["mac_stolen"] == 3 and net.relay.drops["bad_mac"] == 1
+    assert net.got["c1"] == [] and len(net.tap_in) == 1
+    # The relay's own TAP cannot use a peer's address either.
+    net.relay.tun_packet(eth(BROADCAST, MAC1), net.now)
+    net.pump()
+    assert net.relay.drops["mac_stolen"] == 4 and net.got["c2"] == [eth(BROADCAST, MAC1)]
+
+
+def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
+    net = Net()
+    net.connect("c1")
+    net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 1, b"p"), 0)
+    net.pump()
+    net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 2, b"p"), 0)
+    net.pump()
+    stock = net.peer("stock")
+    assert stock.data.drops == {"not_frame": 2} and not stock.data.is_gtun
+    said = [e for e in net.relay_events if isinstance(e, PeerRefused) and e.peer is stock]
+    assert len(said) == 1 and "stock WireGuard peers" in said[0].reason  # once only
+    assert net.tap_in == []
+    net.clients["c1"].tun_packet(eth(BROADCAST, MAC1), net.now)
+    net.relay.tun_packet(eth(BROADCAST, MAC_RELAY), net.now)
+    net.pump()
+    assert net.stock_got == []  # floods reach gtun peers only
+
+
+def test_bad_frames_from_a_peer_are_counted() -> None:
+    net = Net()
+    net.connect("c1")
+    c1 = net.clients["c1"]
+    for junk in (
+        b"\x00gt\x02\x00\x0d" + bytes(13),  # runt
+        b"\x00gt\x02\x06\x00" + bytes(1536),  # oversized for mtu 1420
+        b"\x00gt\x02\x00\x50" + bytes(30),  # truncated
+        build_icmp_echo("10.66.0.2", "10.66.0.1", 1, 1, b"ip"),  # IP, not a frame
+    ):
+        c1.wg.send(c1.server, junk, net.now)
+    net.pump()
+    assert net.peer("c1").data.drops == {
+        "runt": 1,
+        "oversized": 1,
+        "malformed": 1,
+        "not_frame": 1,
+    }
+    assert net.tap_in == []
+    # The client bounds what it reads from its own TAP, too.
+    c1.tun_packet(b"\x02" * 13, net.now)
+    c1.tun_packet(bytes(l2frame.max_frame_for(1420) + 1), net.now)
+    assert c1.drops["runt"] == 1 and c1.drops["oversized"] == 1
+
+
+def test_tap_client_drops_ip_packets_and_unconfigured_frames() -> None:
+    net = Net()
+    c1 = net.clients["c1"]
+    c1.tun_packet(eth(BROADCAST, MAC1), net.now)
+    assert c1.drops["not_configured"] == 1
+    net.connect("c1")
+    peer = net.peer("c1")
+    net.relay.wg.send(peer, build_icmp_echo("10.66.0.1", "10.66.0.2", 1, 1, b"ip"), net.now)
+    net.pump()
+    assert c1.drops["not_frame"] == 1 and net.got["c1"] == []
+
+
+def test_removed_peer_leaves_the_switch() -> None:
+    net = Net()
+    net.connect("c1", "c2")
+    net.clients["c1"].tun_packet(eth(BROADCAST, MAC1), net.now)
+    net.pump()
+    sw = net.relay.switch
+    assert sw is not None and sw.lookup(MAC1, net.now) is net.peer("c1")
+    c1_peer = net.peer("c1")
+    net.relay.set_peers([p.data.spec for p in net.relay.wg.peers.values() if p is not c1_peer])
+    assert not sw.has_port(c1_peer) and sw.lookup(MAC1, net.now) is None
+
+
+def test_tun_relay_treats_frames_as_malformed() -> None:
+    relay = Relay(
+        secrets.token_bytes(32),
+        RelaySettings(
+            network=IPv4Network("10.66.0.0/24"), relay_address=IPv4Address("10.66.0.1"), mtu=1420
+        ),
+    )
+    assert relay.switch is None
+    client = ClientCore(secrets.token_bytes(32), relay.wg.public_key, "R", mode=None)
+    relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.2"))])
+    client.start(0.0)
+    for _ in range(10):
+        for data, _ in client.datagrams_to_send():
+            relay.receive_datagram(data, "C", 0.0)
+        for data, _ in relay.datagrams_to_send():
+            client.receive_datagram(data, "R", 0.0)
+    assert client.config is not None and client.device_mode == "tun"
+    client.wg.send(client.server, l2frame.push_frame(eth(BROADCAST, MAC1)), 0.0)
+    for data, _ in client.datagrams_to_send():
+        relay.receive_datagram(data, "C", 0.0)
+    assert relay.drops["malformed"] == 1 and relay.tun_writes() == []
+
+
+def arp(src: bytes, sender: str, target: str, *, vlan: bool = False) -> bytes:
+    body = bytes.fromhex("0001080006040002") + src + IPv4Address(sender).packed
+    body += bytes(6) + IPv4Address(target).packed
+    return BROADCAST + src + (b"\x81\x00\x00\x05" if vlan else b"") + b"\x08\x06" + body
+
+
+def test_peer_speaks_only_for_its_own_ipv4_addresses() -> None:
+    net = Net()
+    net.connect("c1", "c2")
+    c1 = net.clients["c1"]
+    ok = [
+        arp(MAC1, "10.66.0.2", "10.66.0.1"),  # its own address
+        arp(MAC1, "0.0.0.0", "10.66.0.2"),  # an address probe (RFC 5227)
+        MAC2 + MAC1 + b"\x08\x00" + build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"hi"),
+    ]
+    spoofs = [
+        arp(MAC1, "10.66.0.1", "10.66.0.3"),  # "I am the relay"
+        arp(MAC1, "10.66.0.3", "10.66.0.3"),  # "I am c2"
+        arp(MAC1, "10.66.0.1", "10.66.0.3", vlan=True),  # the same behind a VLAN tag
+        MAC2 + MAC1 + b"\x08\x00" + build_icmp_echo("10.66.0.50", "10.66.0.3", 1, 1, b"x"),
+    ]
+    for frame in ok + spoofs + [MAC2 + MAC1 + b"\x08\x00" + b"\x45" + bytes(10)]:
+        c1.tun_packet(frame, net.now)
+    net.pump()
+    assert net.got["c2"] == ok
+    assert net.peer("c1").data.drops == {"spoofed": 4, "malformed": 1}
+    # The relay's own TAP is not held to this (it may route for anyone).
+    relay_arp = arp(MAC_RELAY, "192.168.77.1", "10.66.0.2")
+    net.relay.tun_packet(relay_arp, net.now)
+    net.pump()
+    assert net.got["c2"][-1] == relay_arp
