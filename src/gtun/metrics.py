@@ -46,7 +46,19 @@ CONNECTED_WITHIN = REJECT_AFTER_TIME
 # Reasons the relay counts per peer (Relay._count); a reason not listed here still
 # appears once a peer has been counted for it.  Listing them gives every peer's series
 # from the start, so rate() sees the first increment.
-PEER_DROP_REASONS = ("spoofed", "loop", "link_scoped", "malformed")
+PEER_DROP_REASONS = (
+    "spoofed",
+    "loop",
+    "link_scoped",
+    "malformed",
+    # TAP mode (the relay's switch)
+    "not_frame",
+    "runt",
+    "oversized",
+    "bad_mac",
+    "mac_stolen",
+    "mac_limit",
+)
 
 PEER_LABELS = ("peer", "public_key")
 
