@@ -48,7 +48,8 @@ PING_WAIT = 1  # ping -W
 CMD_TIMEOUT = 5.0
 STALE_HANDSHAKE = 180.0  # REJECT_AFTER_TIME: a session older than this is dead
 MIN_PROBE = 576  # the smallest packet the MTU probe tries (RFC 791)
-PROBE_STEPS = 8  # packet sizes tried in parallel per round of the MTU probe
+PROBE_STEPS = 12  # packet sizes tried in parallel per round of the MTU probe
+PROBE_ROUNDS = 3  # each round narrows the gap between the best pass and the next fail
 
 IFF_TUN = 0x0001  # <linux/if_tun.h>
 IFF_TAP = 0x0002
@@ -170,7 +171,7 @@ def check_relay_running(cfg: ServerConfig, status: dict[str, Any] | None) -> Res
         )
     return ok(
         "relay",
-        f"running, {len(status.get('peers', []))} peers, public key {status.get('public_key')}",
+        f"running, {len(status.get('peers', []))} peers",
     )
 
 
@@ -247,21 +248,33 @@ def check_path(
         )
         results.append(ok("handshake", "answered over TCP"))
         return results
+    if udp is not None and udp.error not in (None, "refused"):
+        results.append(
+            problem(
+                "relay",
+                f"cannot send UDP to {where}: {udp.error} (a firewall on this machine?)",
+                f"nft list ruleset  (and remove what drops UDP to port {port}), "
+                f'or set transport = "auto" in [client] of {cfg.path}',
+            )
+        )
+        return results
     if status is not None:
         silent = f"the running client has no session with {where}"
         last = _last_handshake(status)
         if last is not None:
             silent += f" (last handshake {time.time() - last:.0f} s ago)"
     else:
-        silent = f"{where} does not answer this client's handshake"
-        probed = "UDP" if udp is not None else ""
-        if tcp is not None:
-            probed += (" and " if probed else "") + "TCP"
-        silent += f" (tried {probed or 'nothing'}"
-        silent += f" for {UDP_HANDSHAKE_WAIT:g}+{TCP_HANDSHAKE_WAIT:g} s)" if tcp else ")"
+        silent = f"{where} does not answer this client's handshake ({_tried(udp, tcp)})"
+    # A TCP reset, an open TCP port or a ping reply: the relay's host is there.
     tcp_open = tcp is not None and tcp.connected
-    if tcp_open or host_pings:
-        seen = "its TCP port is open" if tcp_open else "the host answers ping"
+    tcp_reset = tcp is not None and tcp.error == "refused"
+    if tcp_open or tcp_reset or host_pings:
+        if tcp_open:
+            seen = "its TCP port is open"
+        elif host_pings:
+            seen = "the host answers ping"
+        else:
+            seen = "the host answers on TCP"
         results.append(ok("relay", f"{where} reachable ({seen})"))
         results.append(
             problem(
@@ -275,12 +288,23 @@ def check_path(
     results.append(
         problem(
             "relay",
-            f"{where} unreachable: no answer over UDP, TCP or ping",
+            f"{where} unreachable: no answer ({_tried(udp, tcp)}; ping: none)",
             f"{start}, and open UDP port {port} on its firewall "
             f"(nft add rule inet filter input udp dport {port} accept)",
         )
     )
     return results
+
+
+def _tried(udp: Probe | None, tcp: Probe | None) -> str:
+    parts = []
+    for probe, wait in ((udp, UDP_HANDSHAKE_WAIT), (tcp, TCP_HANDSHAKE_WAIT)):
+        if probe is not None:
+            what = probe.error or f"no answer in {wait:g} s"
+            if probe.error == "refused":
+                what = "connection refused" if probe.transport == "tcp" else "port unreachable"
+            parts.append(f"{probe.transport.upper()}: {what}")
+    return "; ".join(parts) or "the running client's session"
 
 
 def _last_handshake(status: dict[str, Any]) -> float | None:
@@ -623,18 +647,18 @@ def check_peer(key_text: str, status: dict[str, Any] | None, cfg: ServerConfig) 
 # The runs
 
 
-def mtu_search(system: System, dev: str, mtu: int, target: str) -> dict[int, bool]:
-    """Two rounds of parallel DF pings: coarse, then between the best pass and fail."""
+def mtu_search(system: System, mtu: int, target: str) -> dict[int, bool]:
+    """Rounds of parallel DF pings, each between the largest size that passed and the
+    smallest that failed.  Returns size -> passed."""
     passed = system.ping_sizes(target, mtu_probe_sizes(MIN_PROBE, mtu))
-    if passed.get(mtu):
-        return passed
-    good = [s for s, p in passed.items() if p]
-    if not good:
-        return passed
-    low = max(good)
-    failed = [s for s, p in passed.items() if not p and s > low]
-    high = min(failed)
-    if high - low > 1:
+    for _ in range(PROBE_ROUNDS - 1):
+        good = [s for s, p in passed.items() if p]
+        if passed.get(mtu) or not good:
+            break
+        low = max(good)
+        high = min(s for s, p in passed.items() if not p and s > low)
+        if high - low <= 1:
+            break
         inner = [s for s in mtu_probe_sizes(low + 1, high - 1) if s not in passed]
         passed.update(system.ping_sizes(target, inner))
     return passed
@@ -696,7 +720,7 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     )
     if gateway and status.get("connected") and (routes is None or routes.ok):
         mtu = int(status.get("mtu") or link.mtu)
-        passed = mtu_search(system, cfg.device, mtu, gateway)
+        passed = mtu_search(system, mtu, gateway)
         results.append(check_mtu(cfg.device, mtu, gateway, passed))
     return results
 
