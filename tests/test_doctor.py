@@ -358,7 +358,7 @@ def test_forward_chain_unreadable() -> None:
 
 
 def test_nat() -> None:
-    table = {"table": {"family": "inet", "name": "gtun_gtun0"}}
+    table = {"rule": {"family": "inet", "table": "gtun_gtun0", "expr": [{"masquerade": None}]}}
     routes = [ip_network("192.168.77.0/24")]
     p = Path("server.toml")
     assert d.check_nat(True, routes, NET, "gtun0", [table], p).ok
@@ -410,7 +410,8 @@ class FakeSystem:
         return self.facts.get("sysctl", {}).get(key, "1" if "forward" in key else "0")
 
     def nft_ruleset(self) -> list[dict[str, Any]] | str:
-        return self.facts.get("nft", [{"table": {"family": "inet", "name": "gtun_gtun0"}}])
+        masquerade = {"family": "inet", "table": "gtun_gtun0", "expr": [{"masquerade": None}]}
+        return self.facts.get("nft", [{"rule": masquerade}])
 
     def ping_sizes(self, address: str, sizes: Sequence[int]) -> dict[int, bool]:
         return {s: s <= self.facts.get("path_mtu", 9000) for s in sizes}

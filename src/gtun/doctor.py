@@ -180,12 +180,19 @@ def _hostport(cfg: ClientConfig) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _silent_fix(cfg: ClientConfig) -> str:
+def _add_peer_fix(key: str, server_config: str) -> str:
     return (
-        "on the relay, `gtun pubkey < server.key` must print this config's server_public_key; "
-        f"and this client's key ({encode_key(cfg.public_key)}) must be a peer there: "
-        "`gtun peer add NAME -c server.toml` or a [[peers]] entry (then "
-        "`gtun doctor -c server.toml --key KEY` on the relay says which)"
+        f'add [[peers]] name = "NAME" public_key = "{key}" to {server_config} and send the '
+        f"relay SIGHUP (or use the key pair `gtun peer add NAME -c {server_config}` makes)"
+    )
+
+
+def _silent_fix(cfg: ClientConfig) -> str:
+    key = encode_key(cfg.public_key)
+    return (
+        f"on the relay, `gtun pubkey < server.key` must print {encode_key(cfg.server_public_key)}"
+        f" (this config's server_public_key), and `gtun doctor -c server.toml --key {key}` "
+        f"says whether this client is a peer; if not, {_add_peer_fix(key, 'server.toml')}"
     )
 
 
@@ -590,7 +597,10 @@ def check_nat(
         return problem("nat", f"cannot read the nftables ruleset: {ruleset}", "run as root")
     table = table_name(dev)
     ours = any(
-        "table" in o and o["table"].get("name") == table and o["table"].get("family") == "inet"
+        "rule" in o
+        and o["rule"].get("table") == table
+        and o["rule"].get("family") == "inet"
+        and any("masquerade" in e for e in o["rule"].get("expr", []))
         for o in ruleset
     )
     if nat:
@@ -638,8 +648,7 @@ def check_peer(key_text: str, status: dict[str, Any] | None, cfg: ServerConfig) 
     return problem(
         "peer",
         f"{key_text} is not a peer of this relay",
-        f"gtun peer add NAME -c {cfg.path}  (or a [[peers]] entry with this public_key, "
-        "then systemctl reload / kill -HUP the relay)",
+        _add_peer_fix(key_text, str(cfg.path)),
     )
 
 
@@ -679,7 +688,9 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
             tcp = system.handshake(cfg, "tcp")
     host_pings = None
     running_ok = status is not None and status.get("connected")
-    if not running_ok and not (udp and udp.answered) and not (tcp and tcp.answered):
+    answered = (udp and udp.answered) or (tcp and tcp.answered)
+    closed = refused or (udp and udp.error == "refused")
+    if not running_ok and not answered and not closed:
         host_pings = system.ping_host(host)
     results.extend(check_path(cfg, status, refused, udp, tcp, host_pings))
     refused_reason = next((p.refused for p in (udp, tcp) if p and p.refused), None)
@@ -1041,16 +1052,16 @@ class LiveSystem:
             return None
 
     def routes(self) -> list[Route]:
-        out = _cmd(["ip", "-j", "route", "show"])
-        if out is None or out.returncode != 0:
-            return []
         routes = []
-        for r in json.loads(out.stdout or "[]"):
-            dst = r.get("dst")
-            if dst == "default":
-                dst = "0.0.0.0/0"
-            with contextlib.suppress(ValueError, TypeError):
-                routes.append(Route(ipaddress.ip_network(dst), r.get("dev")))
+        for family, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+            out = _cmd(["ip", "-j", family, "route", "show"])
+            if out is None or out.returncode != 0:
+                continue
+            with contextlib.suppress(ValueError):
+                for r in json.loads(out.stdout or "[]"):
+                    dst = default if r.get("dst") == "default" else r.get("dst")
+                    with contextlib.suppress(ValueError, TypeError):
+                        routes.append(Route(ipaddress.ip_network(dst), r.get("dev")))
         return routes
 
     def sysctl(self, key: str) -> str | None:
