@@ -103,6 +103,13 @@ def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["doctor", "-c", str(neither)]) == 2
 
 
+def test_key_option_is_checked(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    client = write_client(tmp_path, keys)
+    assert main(["doctor", "-c", str(client), "--key", "AAAA"]) == 2
+    server = write_server(tmp_path, keys)
+    assert main(["doctor", "-c", str(server), "--key", "not a key"]) == 2
+
+
 def test_config_kind_is_told_by_section(tmp_path: Path, keys: dict[str, bytes]) -> None:
     assert isinstance(d.load_any(write_client(tmp_path, keys)), ClientConfig)
     assert not isinstance(d.load_any(write_server(tmp_path, keys)), ClientConfig)

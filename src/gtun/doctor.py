@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import time
@@ -31,10 +32,10 @@ from typing import Any, Protocol
 
 from gtun import tunnelmsg as tm
 from gtun.config import ClientConfig, ServerConfig, load_client_config, load_server_config
-from gtun.errors import GtunError
+from gtun.errors import ConfigError, GtunError
 from gtun.firewall import table_name
 from gtun.framing import HEADER_SIZE, LENGTH, FrameError, check_length, push_frame
-from gtun.keys import encode_key
+from gtun.keys import decode_key, encode_key
 from gtun.wg import HandshakeCompleted, PacketReceived, WireGuard
 
 Network = IPv4Network | IPv6Network
@@ -799,14 +800,26 @@ def load_any(path: Path) -> ServerConfig | ClientConfig:
 def run(path: Path, *, key: str | None = None, system: System | None = None) -> list[Result]:
     """Raises ConfigError for a bad config (or a bad --key)."""
     cfg = load_any(path)
-    system = system or LiveSystem()
-    if isinstance(cfg, ClientConfig):
-        return diagnose_client(cfg, system)
     if key is not None:
-        from gtun.keys import decode_key
-
+        if isinstance(cfg, ClientConfig):
+            raise ConfigError("--key is for a relay's config (it asks whether a key is a peer)")
         key = encode_key(decode_key(key, file="--key"))
-    return diagnose_relay(cfg, system, key)
+    results: list[Result] = []
+    if system is None:
+        system = LiveSystem()
+        if os.geteuid() != 0:
+            # Control sockets are 0600 and nft needs CAP_NET_ADMIN: the answers below
+            # would blame the wrong thing.
+            results.append(
+                problem(
+                    "root",
+                    "not run as root: the control socket and the firewall cannot be read",
+                    f"sudo gtun doctor -c {path}",
+                )
+            )
+    if isinstance(cfg, ClientConfig):
+        return results + diagnose_client(cfg, system)
+    return results + diagnose_relay(cfg, system, key)
 
 
 # ---------------------------------------------------------------------------
