@@ -5,6 +5,7 @@ the handshake probe against an in-memory relay, and the TCP probe on loopback (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -631,3 +632,42 @@ def test_tcp_probe_refused_port(tmp_path: Path, keys: dict[str, bytes]) -> None:
         assert not got.connected and got.error == "refused"
         udp = asyncio.run(d.probe_udp(cfg, wait=1.0))
         assert not udp.answered and udp.error == "refused"  # ICMP port unreachable
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff" + b"\x00" * 16, b"\x00\x94\x02", b""])
+def test_tcp_probe_survives_a_bad_peer(
+    tmp_path: Path, keys: dict[str, bytes], garbage: bytes
+) -> None:
+    """An oversized frame, a truncated one, or a closed connection: an error, no hang."""
+
+    async def main() -> d.Probe:
+        done = asyncio.Event()
+        handlers: list[asyncio.Task[Any]] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.append(task)
+            writer.write(garbage)
+            await writer.drain()
+            if garbage:
+                await done.wait()  # keep the connection open until the probe gave up
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = load_client_config(write_client(tmp_path, keys, port=port))
+        started = time.monotonic()
+        got = await d.probe_tcp(cfg)
+        assert time.monotonic() - started < d.TCP_HANDSHAKE_WAIT + d.CONFIG_WAIT + 0.5
+        done.set()
+        await asyncio.gather(*handlers)
+        server.close()
+        await server.wait_closed()
+        return got
+
+    got = asyncio.run(main())
+    assert got.connected and not got.answered
+    assert got.error is not None and "closed the connection" in got.error

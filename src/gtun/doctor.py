@@ -878,8 +878,13 @@ class HandshakeProbe:
                     self.refused = str(msg.payload.get("reason", "refused"))
 
 
-async def _pump(probe: HandshakeProbe, recv: Callable[[float], Any], send: Callable[[bytes], Any],
-                wait: float, result: Probe) -> None:  # fmt: skip
+async def _pump(
+    probe: HandshakeProbe,
+    recv: Callable[[float], Any],
+    send: Callable[[bytes], Any],
+    wait: float,
+    result: Probe,
+) -> None:
     """Drive `probe` until done or `wait` seconds; `recv(timeout)` returns bytes or None."""
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -966,15 +971,20 @@ async def probe_tcp(cfg: ClientConfig, wait: float = TCP_HANDSHAKE_WAIT) -> Prob
     probe = HandshakeProbe(cfg.private_key, cfg.server_public_key, cfg.mode)
 
     async def recv(timeout: float) -> bytes | None:
+        # A timeout while waiting for a header consumes nothing (readexactly takes its
+        # bytes only once they are all there); once a header is read, its body must follow.
         try:
             header = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), timeout)
+        except TimeoutError:
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise _Closed(str(exc) or "connection closed") from exc
+        try:
             (length,) = LENGTH.unpack(header)
             check_length(length)
             return await asyncio.wait_for(reader.readexactly(length), CONFIG_WAIT)
-        except TimeoutError:
-            return None
-        except (asyncio.IncompleteReadError, FrameError, ConnectionError) as exc:
-            raise _Closed(str(exc) or "connection closed") from exc
+        except (TimeoutError, asyncio.IncompleteReadError, FrameError, ConnectionError) as exc:
+            raise _Closed(str(exc) or "truncated frame") from exc
 
     async def send(data: bytes) -> None:
         writer.write(push_frame(data))
@@ -995,7 +1005,7 @@ async def probe_tcp(cfg: ClientConfig, wait: float = TCP_HANDSHAKE_WAIT) -> Prob
 
 
 class _Closed(Exception):
-    pass
+    """The relay ended the TCP connection or broke the framing."""
 
 
 # ---------------------------------------------------------------------------
