@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-s", "--socket", type=Path, help="control socket (default: relay's)")
 
+    doc = sub.add_parser("doctor", help="check a relay or a client and say what to fix")
+    doc.add_argument("-c", "--config", required=True, type=Path, help="server.toml or client.toml")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.add_argument("--key", help="(on a relay) say whether this public key is a peer")
+
     d = sub.add_parser("demo", help="build a lab in namespaces and show traffic (root)")
     d.add_argument("--keep-logs", type=Path, help="copy the processes' logs here")
     return p
@@ -112,6 +117,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return peer_add(args)
     if args.command == "status":
         return status(args)
+    if args.command == "doctor":
+        from gtun import doctor
+
+        results = doctor.run(args.config, key=args.key)
+        print(doctor.format_json(results) if args.json else doctor.format_text(results))
+        return doctor.exit_code(results)
     if args.command == "demo":
         from gtun.demo import run_demo
 

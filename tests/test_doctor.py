@@ -1,0 +1,673 @@
+"""`gtun doctor`: output, exit codes, each check's decisions over given facts (tier 1),
+the handshake probe against an in-memory relay, and the TCP probe on loopback (tier 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gtun import doctor as d
+from gtun.cli import main
+from gtun.config import ClientConfig, load_client_config
+from gtun.framing import push_frame, read_frame
+from gtun.keys import encode_key, generate_private_key, public_key
+from gtun.labnet import write_key
+from gtun.relay import PeerSpec, Relay, RelaySettings
+from gtun.wg.constants import TAI64N_WHITENING_NS
+
+NET = IPv4Network("10.66.0.0/24")
+
+
+# --- configs ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keys() -> dict[str, bytes]:
+    return {"relay": generate_private_key(), "client": generate_private_key()}
+
+
+def write_client(tmp_path: Path, keys: dict[str, bytes], port: int = 9621, **extra: str) -> Path:
+    write_key(tmp_path / "client.key", keys["client"])
+    lines = [
+        "[client]",
+        f'server = "127.0.0.1:{port}"',
+        f'server_public_key = "{encode_key(public_key(keys["relay"]))}"',
+        'private_key_file = "client.key"',
+        f'control_socket = "{tmp_path / "client.sock"}"',
+        *(f"{k} = {v}" for k, v in extra.items()),
+    ]
+    path = tmp_path / "client.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_server(tmp_path: Path, keys: dict[str, bytes], nat: bool = True) -> Path:
+    write_key(tmp_path / "server.key", keys["relay"])
+    path = tmp_path / "server.toml"
+    path.write_text(
+        "[server]\n"
+        'private_key_file = "server.key"\n'
+        f'network = "{NET}"\n'
+        'routes = ["192.168.77.0/24"]\n'
+        f"nat = {'true' if nat else 'false'}\n"
+        f'control_socket = "{tmp_path / "server.sock"}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[[peers]]\nname = "alice"\npublic_key = "{encode_key(public_key(keys["client"]))}"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def ccfg(tmp_path: Path, keys: dict[str, bytes]) -> ClientConfig:
+    return load_client_config(write_client(tmp_path, keys))
+
+
+# --- output and exit codes ---------------------------------------------------------------
+
+
+def test_text_and_json_output() -> None:
+    results = [d.ok("device", "gtun0 is up"), d.problem("nat", "missing", "gtun server -c x")]
+    text = d.format_text(results).splitlines()
+    assert text == [
+        "OK    device: gtun0 is up",
+        "PROBLEM nat: missing — fix: gtun server -c x",
+    ]
+    parsed = json.loads(d.format_json(results))
+    assert parsed[1] == {
+        "check": "nat",
+        "ok": False,
+        "detail": "missing",
+        "fix": "gtun server -c x",
+    }
+    assert d.exit_code(results) == 1
+    assert d.exit_code(results[:1]) == 0
+
+
+def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[client]\nserver = 5\n")
+    assert main(["doctor", "-c", str(bad)]) == 2
+    assert "client.server" in capsys.readouterr().err
+    neither = tmp_path / "neither.toml"
+    neither.write_text("[other]\n")
+    assert main(["doctor", "-c", str(neither)]) == 2
+
+
+def test_key_option_is_checked(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    client = write_client(tmp_path, keys)
+    assert main(["doctor", "-c", str(client), "--key", "AAAA"]) == 2
+    server = write_server(tmp_path, keys)
+    assert main(["doctor", "-c", str(server), "--key", "not a key"]) == 2
+
+
+def test_config_kind_is_told_by_section(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    assert isinstance(d.load_any(write_client(tmp_path, keys)), ClientConfig)
+    assert not isinstance(d.load_any(write_server(tmp_path, keys)), ClientConfig)
+
+
+# --- the path: reachability and handshake -----------------------------------------------
+
+
+def probe(transport: str, **kw: Any) -> d.Probe:
+    return d.Probe(transport, **kw)
+
+
+def names(results: list[d.Result]) -> dict[str, d.Result]:
+    return {r.check: r for r in results}
+
+
+def test_path_nothing_listens(ccfg: ClientConfig) -> None:
+    r = names(d.check_path(ccfg, None, False, probe("udp", error="refused"), None, None))
+    assert not r["relay"].ok and "nothing listens on UDP" in r["relay"].detail
+    assert "gtun server -c" in (r["relay"].fix or "")
+    # The running client's session looks alive, but the port is closed now.
+    running = {"connected": True, "peers": []}
+    r = names(d.check_path(ccfg, running, True, None, None, None))
+    assert not r["relay"].ok and "nothing listens" in r["relay"].detail
+
+
+def test_path_udp_blocked_tcp_answers(ccfg: ClientConfig) -> None:
+    udp = probe("udp")
+    tcp = probe("tcp", answered=True, connected=True)
+    r = names(d.check_path(ccfg, None, False, udp, tcp, None))
+    assert not r["relay"].ok and 'transport = "auto"' in (r["relay"].fix or "")
+    assert r["handshake"].ok
+
+
+def test_path_tcp_client_over_tcp_is_fine(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    cfg = load_client_config(write_client(tmp_path, keys, transport='"tcp"'))
+    tcp = probe("tcp", answered=True, connected=True)
+    results = d.check_path(cfg, None, False, None, tcp, None)
+    assert all(r.ok for r in results)
+
+
+def test_path_silent_relay_names_both_key_causes(ccfg: ClientConfig) -> None:
+    udp = probe("udp")
+    tcp = probe("tcp", error="refused")
+    r = names(d.check_path(ccfg, None, False, udp, tcp, True))
+    assert r["relay"].ok
+    h = r["handshake"]
+    assert not h.ok and "wrong server_public_key" in h.detail and "not a peer" in h.detail
+    assert "gtun pubkey < server.key" in (h.fix or "") and "gtun peer add" in (h.fix or "")
+    assert encode_key(ccfg.public_key) in (h.fix or "")
+    # A running client without a session: the same diagnosis, no probe of our own.
+    r = names(d.check_path(ccfg, {"connected": False, "peers": []}, False, None, None, True))
+    assert not r["handshake"].ok and "running client" in r["handshake"].detail
+
+
+def test_path_unreachable(ccfg: ClientConfig) -> None:
+    udp = probe("udp")
+    tcp = probe("tcp", error="timed out")
+    r = names(d.check_path(ccfg, None, False, udp, tcp, False))
+    assert not r["relay"].ok and "unreachable" in r["relay"].detail
+    assert "handshake" not in r
+
+
+def test_path_local_firewall(ccfg: ClientConfig) -> None:
+    udp = probe("udp", error="Operation not permitted")
+    r = names(d.check_path(ccfg, None, False, udp, probe("tcp", error="refused"), None))
+    assert not r["relay"].ok and "Operation not permitted" in r["relay"].detail
+
+
+def test_path_healthy(ccfg: ClientConfig) -> None:
+    answered = probe("udp", answered=True)
+    assert all(r.ok for r in d.check_path(ccfg, None, False, answered, None, None))
+    running = {"connected": True, "peers": []}
+    assert all(r.ok for r in d.check_path(ccfg, running, False, None, None, None))
+
+
+# --- the machine ----------------------------------------------------------------------
+
+
+def link(up: bool = True, addrs: Sequence[str] = (), flags: int | None = 0x1001) -> d.Link:
+    return d.Link("gtun0", up, 1420, tuple(IPv4Interface(a) for a in addrs), flags)
+
+
+def test_mode() -> None:
+    refused = d.check_mode("tap", None, "gtun0", "this relay runs in tun mode", Path("c"), "client")
+    assert refused is not None and not refused.ok and 'mode = "tun"' in (refused.fix or "")
+    wrong = d.check_mode("tap", link(flags=0x1001), "gtun0", None, Path("c"), "client")
+    assert wrong is not None and not wrong.ok and "TUN device" in wrong.detail
+    right = d.check_mode("tap", link(flags=0x1002), "gtun0", None, Path("c"), "client")
+    assert right is not None and right.ok
+    assert d.check_mode(None, link(), "gtun0", None, Path("c"), "client") is None
+
+
+def test_device_and_address() -> None:
+    assert not d.check_device("gtun0", None, "restart").ok
+    down = d.check_device("gtun0", link(up=False), "restart")
+    assert not down.ok and down.fix == "ip link set gtun0 up"
+    assert d.check_device("gtun0", link(), "restart").ok
+    want = IPv4Interface("10.66.0.2/24")
+    missing = d.check_address("gtun0", link(addrs=["10.66.0.9/24"]), want)
+    assert missing is not None and not missing.ok
+    assert missing.fix == "ip addr add 10.66.0.2/24 dev gtun0"
+    present = d.check_address("gtun0", link(addrs=["10.66.0.2/24"]), want)
+    assert present is not None and present.ok
+
+
+def route(net: str, dev: str | None) -> d.Route:
+    return d.Route(ip_network(net), dev)
+
+
+def test_routes() -> None:
+    lan = ip_network("192.168.77.0/24")
+    ours = [route("192.168.77.0/24", "gtun0"), route("10.66.0.0/24", "gtun0")]
+    assert (r := d.check_routes("gtun0", [lan], lambda a: "gtun0", ours)) is not None and r.ok
+    shadowed = d.check_routes(
+        "gtun0", [lan], lambda a: "eth0", [*ours, route("192.168.77.128/25", "eth0")]
+    )
+    assert shadowed is not None and not shadowed.ok
+    assert "shadowed by 192.168.77.128/25 dev eth0" in shadowed.detail
+    assert shadowed.fix == "ip route del 192.168.77.128/25 dev eth0"
+    missing = d.check_routes("gtun0", [lan], lambda a: "eth0", ours[1:])
+    assert missing is not None and missing.fix == "ip route add 192.168.77.0/24 dev gtun0"
+    policy = d.check_routes("gtun0", [lan], lambda a: "eth0", ours)
+    assert policy is not None and not policy.ok and "ip rule" in (policy.fix or "")
+    assert d.check_routes("gtun0", [], lambda a: None, []) is None
+
+
+def test_endpoint_loop() -> None:
+    loop = d.check_endpoint("gtun0", "203.0.113.5", "gtun0")
+    assert loop is not None and not loop.ok
+    assert d.check_endpoint("gtun0", "203.0.113.5", "eth0") is None
+
+
+def test_forwarding_and_rp_filter() -> None:
+    assert not d.check_forwarding("0", "1", "gtun0").ok
+    assert d.check_forwarding("1", "0", "gtun0").fix == "sysctl -w net.ipv4.conf.gtun0.forwarding=1"
+    assert d.check_forwarding("1", "1", "gtun0").ok
+    # The kernel uses the larger of all and the device's value.
+    assert not d.check_rp_filter("1", "0", "gtun0").ok
+    assert not d.check_rp_filter("0", "1", "gtun0").ok
+    assert d.check_rp_filter("1", "2", "gtun0").ok
+    assert d.check_rp_filter("0", None, "gtun0").ok
+
+
+# --- MTU ------------------------------------------------------------------------------
+
+
+class PingOnly:
+    """A System whose path passes packets up to `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rounds: list[list[int]] = []
+
+    def ping_sizes(self, address: str, sizes: Sequence[int]) -> dict[int, bool]:
+        self.rounds.append(list(sizes))
+        return {s: s <= self.limit for s in sizes}
+
+
+@pytest.mark.parametrize("limit", [1136, 1300, 600, 1419])
+def test_mtu_search_finds_the_largest_size(limit: int) -> None:
+    system = PingOnly(limit)
+    passed = d.mtu_search(system, 1420, "10.66.0.1")  # type: ignore[arg-type]
+    assert len(system.rounds) <= d.PROBE_ROUNDS
+    assert all(len(r) <= d.PROBE_STEPS for r in system.rounds)
+    largest = max(s for s, p in passed.items() if p)
+    assert limit - 2 <= largest <= limit
+    r = d.check_mtu("gtun0", 1420, "10.66.0.1", passed)
+    assert not r.ok and f"mtu {largest}" in (r.fix or "")
+
+
+def test_mtu_ok_and_no_reply() -> None:
+    system = PingOnly(1420)
+    passed = d.mtu_search(system, 1420, "10.66.0.1")  # type: ignore[arg-type]
+    assert len(system.rounds) == 1 and d.check_mtu("gtun0", 1420, "x", passed).ok
+    none = d.check_mtu("gtun0", 1420, "10.66.0.1", {1420: False, 576: False})
+    assert not none.ok and none.check == "tunnel"
+
+
+def test_probe_sizes() -> None:
+    sizes = d.mtu_probe_sizes(576, 1420)
+    assert sizes[0] == 1420 and sizes[-1] == 576 and len(sizes) <= d.PROBE_STEPS
+    assert sizes == sorted(sizes, reverse=True)
+    assert d.mtu_probe_sizes(1000, 1000) == [1000]
+
+
+# --- nftables ---------------------------------------------------------------------------
+
+
+def chain(policy: str = "accept", hook: str = "forward") -> dict[str, Any]:
+    c = {"family": "inet", "table": "f", "name": "fw", "hook": hook, "policy": policy}
+    return {"chain": {**c, "type": "filter", "prio": 0}}
+
+
+def rule(*expr: dict[str, Any]) -> dict[str, Any]:
+    return {"rule": {"family": "inet", "table": "f", "chain": "fw", "expr": list(expr)}}
+
+
+def meta(key: str, value: Any) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": value}}
+
+
+ACCEPT: dict[str, Any] = {"accept": None}
+DROP: dict[str, Any] = {"drop": None}
+ESTABLISHED = {
+    "match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}
+}
+
+
+def test_forward_chain_policy_drop() -> None:
+    r = d.check_forward_chain([chain("drop")], "gtun0")
+    assert not r.ok and "from and to gtun0" in r.detail
+    assert 'nft insert rule inet f fw iifname "gtun0" accept' in (r.fix or "")
+
+
+def test_forward_chain_accepting_the_device() -> None:
+    ruleset = [chain("drop"), rule(meta("iifname", "gtun0"), ACCEPT), rule(ESTABLISHED, ACCEPT)]
+    assert d.check_forward_chain(ruleset, "gtun0").ok
+    wildcard = [
+        chain("drop"),
+        rule(meta("iifname", "gtun*"), ACCEPT),
+        rule(meta("oifname", {"set": ["gtun0"]}), ACCEPT),
+    ]
+    assert d.check_forward_chain(wildcard, "gtun0").ok
+    only_in = [chain("drop"), rule(meta("iifname", "gtun0"), ACCEPT)]
+    r = d.check_forward_chain(only_in, "gtun0")
+    assert not r.ok and "to gtun0" in r.detail and "from" not in r.detail
+
+
+def test_forward_chain_drop_rules() -> None:
+    unconditional = [chain(), rule({"counter": {}}, DROP)]
+    assert not d.check_forward_chain(unconditional, "gtun0").ok
+    named = [chain(), rule(meta("iifname", "gtun0"), DROP)]
+    assert not d.check_forward_chain(named, "gtun0").ok
+    # A drop of something else (an address) does not concern the tunnel as a whole.
+    other = {"match": {"op": "==", "left": {"payload": {"field": "saddr"}}, "right": "1.2.3.4"}}
+    assert d.check_forward_chain([chain(), rule(other, DROP)], "gtun0").ok
+    # Accepted before the drop: fine.
+    ordered = [
+        chain(),
+        rule(meta("iifname", "gtun0"), ACCEPT),
+        rule(meta("oifname", "gtun0"), ACCEPT),
+        rule(DROP),
+    ]
+    assert d.check_forward_chain(ordered, "gtun0").ok
+    # Input chains are not the forward path.
+    assert d.check_forward_chain([chain("drop", hook="input")], "gtun0").ok
+
+
+def test_forward_chain_unreadable() -> None:
+    r = d.check_forward_chain("Operation not permitted", "gtun0")
+    assert not r.ok and r.fix == "run as root"
+
+
+def test_nat() -> None:
+    table = {"rule": {"family": "inet", "table": "gtun_gtun0", "expr": [{"masquerade": None}]}}
+    routes = [ip_network("192.168.77.0/24")]
+    p = Path("server.toml")
+    assert d.check_nat(True, routes, NET, "gtun0", [table], p).ok
+    missing = d.check_nat(True, routes, NET, "gtun0", [], p)
+    assert not missing.ok and "gtun server -c server.toml" in (missing.fix or "")
+    off = d.check_nat(False, routes, NET, "gtun0", [], p)
+    assert not off.ok and "nat = true" in (off.fix or "")
+    masq = {"rule": {"expr": [{"masquerade": None}]}}
+    assert d.check_nat(False, routes, NET, "gtun0", [masq], p).ok
+    assert d.check_nat(False, [], NET, "gtun0", [], p).ok
+
+
+def test_peer(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    from gtun.config import load_server_config
+
+    cfg = load_server_config(write_server(tmp_path, keys))
+    alice = encode_key(public_key(keys["client"]))
+    stranger = encode_key(public_key(generate_private_key()))
+    # The relay is not running: its config's peers.
+    assert d.check_peer(alice, None, cfg).ok
+    status = {"peers": [{"name": "bob", "public_key": stranger, "address": "10.66.0.3"}]}
+    r = d.check_peer(stranger, status, cfg)
+    assert r.ok and "bob" in r.detail and "10.66.0.3" in r.detail
+    r = d.check_peer(alice, status, cfg)
+    assert not r.ok and "gtun peer add" in (r.fix or "")
+
+
+# --- whole runs over a fake system ------------------------------------------------------
+
+
+class FakeSystem:
+    def __init__(self, **facts: Any) -> None:
+        self.facts = facts
+        self.handshakes: list[str] = []
+
+    def status(self, path: Path) -> dict[str, Any] | None:
+        return self.facts.get("status")
+
+    def link(self, dev: str) -> d.Link | None:
+        return self.facts.get("link")
+
+    def route_dev(self, address: str) -> str | None:
+        return self.facts.get("route_dev", {}).get(address, "gtun0")
+
+    def routes(self) -> list[d.Route]:
+        return self.facts.get("routes", [])
+
+    def sysctl(self, key: str) -> str | None:
+        return self.facts.get("sysctl", {}).get(key, "1" if "forward" in key else "0")
+
+    def nft_ruleset(self) -> list[dict[str, Any]] | str:
+        masquerade = {"family": "inet", "table": "gtun_gtun0", "expr": [{"masquerade": None}]}
+        return self.facts.get("nft", [{"rule": masquerade}])
+
+    def ping_sizes(self, address: str, sizes: Sequence[int]) -> dict[int, bool]:
+        return {s: s <= self.facts.get("path_mtu", 9000) for s in sizes}
+
+    def ping_host(self, host: str) -> bool:
+        return bool(self.facts.get("pings", True))
+
+    def udp_refused(self, host: str, port: int) -> bool:
+        return bool(self.facts.get("udp_refused", False))
+
+    def handshake(self, cfg: ClientConfig, transport: str) -> d.Probe:
+        self.handshakes.append(transport)
+        return self.facts.get(transport) or d.Probe(transport)
+
+
+RUNNING = {
+    "connected": True,
+    "address": "10.66.0.2/24",
+    "routes": ["192.168.77.0/24"],
+    "mtu": 1420,
+    "peers": [{"name": "relay", "address": "10.66.0.1", "last_handshake": time.time()}],
+}
+
+
+def test_running_client_is_trusted_and_never_probed(ccfg: ClientConfig) -> None:
+    system = FakeSystem(
+        status=RUNNING, link=link(addrs=["10.66.0.2/24"]), route_dev={"127.0.0.1": "lo"}
+    )
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == []
+    assert d.exit_code(results) == 0, d.format_text(results)
+    assert {"client", "relay", "handshake", "device", "address", "routes", "mtu"} <= {
+        r.check for r in results
+    }
+    system = FakeSystem(status={**RUNNING, "connected": False}, link=link(addrs=["10.66.0.2/24"]))
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == []
+    assert not names(results)["handshake"].ok
+
+
+def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:
+    system = FakeSystem(udp=d.Probe("udp", answered=True, config={}))
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == ["udp"]
+    assert not names(results)["client"].ok and names(results)["handshake"].ok
+    system = FakeSystem(tcp=d.Probe("tcp", answered=True, connected=True))
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == ["udp", "tcp"]
+    assert 'transport = "auto"' in (names(results)["relay"].fix or "")
+    refused = FakeSystem(udp=d.Probe("udp", answered=True, refused="this relay runs in tun mode"))
+    results = d.diagnose_client(ccfg, refused)  # type: ignore[arg-type]
+    assert refused.handshakes == ["udp"] and not names(results)["mode"].ok
+
+
+def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    from gtun.config import load_server_config
+
+    cfg = load_server_config(write_server(tmp_path, keys))
+    status = {"peers": [{"name": "alice", "address": "10.66.0.2", "subnets": []}]}
+    healthy = FakeSystem(status=status, link=link(addrs=["10.66.0.1/24"]))
+    results = d.diagnose_relay(cfg, healthy)  # type: ignore[arg-type]
+    assert d.exit_code(results) == 0, d.format_text(results)
+    sick = FakeSystem(
+        status=status,
+        link=link(addrs=["10.66.0.1/24"]),
+        sysctl={"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "1"},
+        nft=[chain("drop")],
+    )
+    r = names(d.diagnose_relay(cfg, sick))  # type: ignore[arg-type]
+    assert not r["forwarding"].ok and not r["rp_filter"].ok
+    assert not r["forward"].ok and not r["nat"].ok
+
+
+# --- the handshake probe, sans-IO, against an in-memory relay -----------------------------
+
+
+def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
+    relay = Relay(keys["relay"], RelaySettings(NET, IPv4Address("10.66.0.1"), 1420, mode=mode))
+    relay.set_peers([PeerSpec("alice", public_key(keys["client"]), IPv4Address("10.66.0.2"))])
+    return relay
+
+
+def run_probe(probe: d.HandshakeProbe, relay: Relay) -> None:
+    now = time.monotonic()
+    probe.start(now)
+    for _ in range(4):
+        for data in probe.datagrams_to_send():
+            relay.receive_datagram(data, "client", now)
+        for data, _addr in relay.datagrams_to_send():
+            probe.receive(data, now)
+
+
+def test_probe_gets_the_config(keys: dict[str, bytes]) -> None:
+    probe = d.HandshakeProbe(keys["client"], public_key(keys["relay"]), None)
+    run_probe(probe, make_relay(keys))
+    assert probe.answered and probe.config is not None and probe.config["address"] == "10.66.0.2"
+
+
+def test_probe_mode_refused(keys: dict[str, bytes]) -> None:
+    probe = d.HandshakeProbe(keys["client"], public_key(keys["relay"]), "tap")
+    run_probe(probe, make_relay(keys))
+    assert probe.answered and probe.refused is not None and "tun mode" in probe.refused
+
+
+def test_probe_wrong_key_or_stranger_is_silent(keys: dict[str, bytes]) -> None:
+    wrong = d.HandshakeProbe(keys["client"], public_key(generate_private_key()), None)
+    run_probe(wrong, make_relay(keys))
+    assert not wrong.answered
+    stranger = d.HandshakeProbe(generate_private_key(), public_key(keys["relay"]), None)
+    run_probe(stranger, make_relay(keys))
+    assert not stranger.answered
+
+
+# --- tier 2: UDP silent, TCP answering, on loopback ---------------------------------------
+
+
+class TcpRelay:
+    """A relay core behind gtun's TCP framing on 127.0.0.1, with a silent UDP socket on
+    the same port (so UDP gets neither an answer nor a port unreachable)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.loop = asyncio.new_event_loop()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        addr = ("tcp", id(writer))
+        try:
+            while True:
+                data = await read_frame(reader)
+                self.relay.receive_datagram(data, addr, time.monotonic())
+                for out, to in self.relay.datagrams_to_send():
+                    if to == addr:
+                        writer.write(push_frame(out))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def __enter__(self) -> TcpRelay:
+        self.thread.start()
+        assert self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def tcp_relay(keys: dict[str, bytes]) -> Iterator[TcpRelay]:
+    with TcpRelay(make_relay(keys)) as server:
+        yield server
+
+
+def test_udp_silent_but_tcp_answers(
+    tmp_path: Path, keys: dict[str, bytes], tcp_relay: TcpRelay
+) -> None:
+    cfg = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port))
+    started = time.monotonic()
+    results = names(d.diagnose_client(cfg, d.LiveSystem()))
+    assert time.monotonic() - started < d.UDP_HANDSHAKE_WAIT + d.TCP_HANDSHAKE_WAIT + 3
+    relay = results["relay"]
+    assert not relay.ok and "TCP does" in relay.detail, results
+    assert 'set transport = "auto" (or "tcp")' in (relay.fix or "")
+    assert results["handshake"].ok
+
+
+def test_tcp_probe_gets_config_and_refusal(
+    tmp_path: Path, keys: dict[str, bytes], tcp_relay: TcpRelay
+) -> None:
+    cfg = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port))
+    got = asyncio.run(d.probe_tcp(cfg))
+    assert got.connected and got.answered and got.config is not None and got.rtt is not None
+    tap = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port, mode='"tap"'))
+    # WireGuard refuses a second initiation within its timestamp granularity (a replay).
+    time.sleep(2 * TAI64N_WHITENING_NS / 1e9)
+    got = asyncio.run(d.probe_tcp(tap))
+    assert got.refused is not None and "tun mode" in got.refused
+
+
+def test_tcp_probe_refused_port(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        cfg = load_client_config(write_client(tmp_path, keys, port=port))
+        got = asyncio.run(d.probe_tcp(cfg))
+        assert not got.connected and got.error == "refused"
+        udp = asyncio.run(d.probe_udp(cfg, wait=1.0))
+        assert not udp.answered and udp.error == "refused"  # ICMP port unreachable
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff" + b"\x00" * 16, b"\x00\x94\x02", b""])
+def test_tcp_probe_survives_a_bad_peer(
+    tmp_path: Path, keys: dict[str, bytes], garbage: bytes
+) -> None:
+    """An oversized frame, a truncated one, or a closed connection: an error, no hang."""
+
+    async def main() -> d.Probe:
+        done = asyncio.Event()
+        handlers: list[asyncio.Task[Any]] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.append(task)
+            writer.write(garbage)
+            await writer.drain()
+            if garbage:
+                await done.wait()  # keep the connection open until the probe gave up
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = load_client_config(write_client(tmp_path, keys, port=port))
+        started = time.monotonic()
+        got = await d.probe_tcp(cfg)
+        assert time.monotonic() - started < d.TCP_HANDSHAKE_WAIT + d.CONFIG_WAIT + 0.5
+        done.set()
+        await asyncio.gather(*handlers)
+        server.close()
+        await server.wait_closed()
+        return got
+
+    got = asyncio.run(main())
+    assert got.connected and not got.answered
+    assert got.error is not None and "closed the connection" in got.error
