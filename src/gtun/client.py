@@ -34,6 +34,7 @@ from gtun.keys import encode_key
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
+from gtun.tcp import TcpDialer, TcpEndpoint
 from gtun.tun import PacketDevice, open_tun
 from gtun.wg.events import Event
 
@@ -41,6 +42,7 @@ log = logging.getLogger("gtun")
 
 RESOLVE_RETRY = 5.0
 SLOW_HANDSHAKE_NOTICE = 1  # retransmissions before saying the relay does not answer
+AUTO_FALLBACK = 5.0  # transport "auto": seconds without a handshake answer over UDP
 
 
 class Client:
@@ -50,6 +52,8 @@ class Client:
         self.stop = asyncio.Event()
         self.core: ClientCore | None = None
         self.driver: Driver | None = None
+        self.dialer: TcpDialer | None = None
+        self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.tun: PacketDevice | None = None
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
@@ -78,13 +82,14 @@ class Client:
             core = ClientCore(
                 cfg.private_key,
                 cfg.server_public_key,
-                endpoint,
+                endpoint if self.transport == "udp" else None,
                 wall_offset=time.time() - loop.time(),
             )
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
-            driver.attach_udp(socket.socket(family, socket.SOCK_DGRAM))
+            if self.transport == "udp":
+                driver.attach_udp(self.open_socket(family, socket.SOCK_DGRAM))
             # The TUN exists from the start so its name is taken, but it is configured
             # only once the relay has pushed an address.
             self.tun = open_tun(cfg.device)
@@ -92,19 +97,26 @@ class Client:
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             log.info(
-                "client %s: connecting to relay %s:%d over UDP (public key %s)",
+                "client %s: connecting to relay %s:%d over %s (public key %s)",
                 cfg.path.name,
                 cfg.server[0],
                 cfg.server[1],
+                "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
                 encode_key(cfg.public_key),
             )
             if cfg.metrics_listen is not None:
                 log.warning("metrics_listen is not implemented yet; ignored")
-            core.start(loop.time())
-            driver.poke()
-            watch = asyncio.create_task(self.watch_handshakes())
+            watchers = [asyncio.create_task(self.watch_handshakes())]
+            if self.transport == "tcp":
+                self.start_tcp(endpoint)
+            else:
+                core.start(loop.time())
+                driver.poke()
+                if cfg.transport == "auto":
+                    watchers.append(asyncio.create_task(self.auto_fallback(endpoint)))
             await self.stop.wait()
-            watch.cancel()
+            for watch in watchers:
+                watch.cancel()
             log.info("stopping")
         finally:
             if control is not None:
@@ -112,12 +124,65 @@ class Client:
             async with self._config_lock:
                 await self.nl(self.unconfigure)
             self._netlink.shutdown(wait=True)
+            if self.dialer is not None:
+                self.dialer.close()
             if self.driver is not None:
                 self.driver.close()
             if self.tun is not None:
                 self.tun.close()
         if self.exit_error is not None:
             raise self.exit_error
+
+    def open_socket(self, family: int, kind: int) -> socket.socket:
+        """Every socket the client sends tunnel traffic on (UDP, and each TCP
+        connection) is made here."""
+        return socket.socket(family, kind)
+
+    # --- TCP ---------------------------------------------------------------------------
+
+    def start_tcp(self, endpoint: tuple[str, int]) -> None:
+        assert self.driver is not None
+        self.transport = "tcp"
+        self.dialer = TcpDialer(
+            self.driver, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
+        )
+        self.dialer.start()
+
+    def on_tcp_connected(self, ep: TcpEndpoint) -> None:
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        now = driver.loop.time()
+        core.set_endpoint(ep)
+        if core.server.has_session:
+            # The relay moves this peer to the new connection on the first authentic
+            # message; the handshake covers a relay that restarted and forgot the session.
+            core.wg.send_keepalive(core.server, now)
+        # A new connection is a new path: handshake on it now, not when WireGuard's
+        # rate limit (one initiation per REKEY_TIMEOUT) next allows.
+        core.server.last_initiation_sent = None
+        core.start(now)
+        driver.poke()
+
+    def on_tcp_lost(self, ep: TcpEndpoint) -> None:
+        core = self.core
+        if core is not None and core.server.endpoint is ep:
+            core.server.endpoint = None
+
+    async def auto_fallback(self, endpoint: tuple[str, int]) -> None:
+        """transport "auto": switch to TCP when UDP brings no handshake answer."""
+        await asyncio.sleep(AUTO_FALLBACK)
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        if core.connected or self.stop.is_set():
+            return
+        log.warning(
+            "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+            *self.cfg.server,
+            AUTO_FALLBACK,
+        )
+        driver.detach_udp()
+        core.server.endpoint = None
+        self.start_tcp(endpoint)
 
     async def resolve(self) -> tuple[str, int] | None:
         host, port = self.cfg.server
@@ -147,10 +212,11 @@ class Client:
                 if attempts == SLOW_HANDSHAKE_NOTICE or attempts % 6 == 0:
                     log.warning(
                         "relay %s:%d does not answer (%d handshake attempts): is it running, "
-                        "is UDP port %d reachable, and is this key (%s) one of its peers? "
+                        "is %s port %d reachable, and is this key (%s) one of its peers? "
                         "still trying",
                         *self.cfg.server,
                         attempts + 1,
+                        self.transport.upper(),
                         self.cfg.server[1],
                         encode_key(self.cfg.public_key),
                     )
@@ -178,6 +244,8 @@ class Client:
             self.stop.set()
         elif isinstance(event, Disconnected):
             log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
+            if self.dialer is not None:
+                self.dialer.reconnect("the relay is silent")
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",
@@ -292,7 +360,7 @@ class Client:
                     "public_key": encode_key(peer.public_key),
                     "address": str(config.gateway) if config else None,
                     "endpoint": _fmt_endpoint(peer.endpoint),
-                    "transport": "udp",
+                    "transport": self.transport,
                     "rx_bytes": peer.rx_bytes,
                     "tx_bytes": peer.tx_bytes,
                     "rx_packets": peer.rx_packets,
@@ -302,7 +370,9 @@ class Client:
                     ),
                 }
             ],
-            "drops": merge_counts(core.wg.drops, core.drops),
+            "drops": merge_counts(
+                core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}
+            ),
         }
 
 
@@ -310,20 +380,12 @@ def run_client(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
     check_privileges(path)
     cfg = load_client_config(path)
-    if cfg.transport == "tcp":
-        raise ConfigError(
-            'transport "tcp" is not implemented yet; use "udp"',
-            file=cfg.path,
-            key="client.transport",
-        )
     if cfg.default_route:
         raise ConfigError(
             "default_route = true (full tunnel) is not implemented yet",
             file=cfg.path,
             key="client.default_route",
         )
-    if cfg.transport == "auto":
-        logging.getLogger("gtun").warning('transport "auto": only UDP is implemented so far')
     client = Client(cfg)
     try:
         asyncio.run(client.run())

@@ -27,6 +27,7 @@ from gtun.keys import decode_key, encode_key
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
 from gtun.relay import PeerJoined, PeerSpec, Relay, RelaySettings
+from gtun.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
 from gtun.tun import open_tun
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.wg.events import Event
@@ -110,12 +111,36 @@ def bind_udp(cfg: ServerConfig) -> socket.socket:
     return sock
 
 
+def bind_tcp(cfg: ServerConfig) -> socket.socket:
+    """The TCP listener on the same host and port as UDP.  Raises ConfigError."""
+    host, port = cfg.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Restarting while old connections sit in TIME_WAIT must not fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on TCP {host}:{port}: {exc.strerror}"
+            + (" (another program uses this port)" if exc.errno == 98 else ""),
+            file=cfg.path,
+            key="server.listen",
+        ) from exc
+    return sock
+
+
 class Server:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.started = time.time()
         self.relay: Relay | None = None
         self.driver: Driver | None = None
+        self.tcp: TcpServer | None = None
         self.link: LinkConfig | None = None
         self.subnet_routes: set[Any] = set()
         self.stop = asyncio.Event()
@@ -139,6 +164,11 @@ class Server:
             self.store = store
             specs = collect_peers(cfg, store)
             sock = bind_udp(cfg)
+            try:
+                tcp_sock = bind_tcp(cfg)
+            except ConfigError:
+                sock.close()
+                raise
             settings = RelaySettings(
                 network=cfg.network,
                 relay_address=cfg.relay_address,
@@ -154,6 +184,10 @@ class Server:
             self.driver = driver
             driver.attach_udp(sock)
             self._cleanup.append(("UDP socket", driver.close, False))
+            tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+            self.tcp = tcp
+            await tcp.start(tcp_sock)
+            self._cleanup.append(("TCP listener", tcp.close, False))
 
             tun = open_tun(cfg.device, tap=cfg.mode == "tap")
             self._cleanup.append((f"device {cfg.device}", tun.close, False))
@@ -184,7 +218,7 @@ class Server:
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
             log.info(
-                "relay %s listening on UDP %s:%d, device %s %s/%d, %d peers, public key %s",
+                "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
                 cfg.path.name,
                 cfg.listen[0],
                 cfg.listen[1],
@@ -301,7 +335,7 @@ class Server:
                     "address": str(spec.address),
                     "subnets": [str(s) for s in spec.subnets],
                     "endpoint": _fmt_endpoint(peer.endpoint),
-                    "transport": "udp" if peer.endpoint is not None else None,
+                    "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
                     "rx_bytes": peer.rx_bytes,
                     "tx_bytes": peer.tx_bytes,
@@ -313,7 +347,7 @@ class Server:
                     "drops": dict(peer.data.drops),
                 }
             )
-        drops = merge_counts(relay.wg.drops, relay.drops)
+        drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
         return {
             "role": "relay",
             "device": self.cfg.device,
@@ -329,6 +363,8 @@ class Server:
 def _fmt_endpoint(endpoint: Any) -> str | None:
     if endpoint is None:
         return None
+    if isinstance(endpoint, TcpEndpoint):
+        return endpoint.address
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
