@@ -7,8 +7,8 @@ like a UDP address: frames read from the connection (framing.py: a 2-byte big-en
 length, then one message) go to `core.receive_datagram(message, endpoint, now)`, and the
 core's roaming makes the connection that last brought an authentic message the peer's
 endpoint.  The edge's Driver hands datagrams addressed to a TcpEndpoint to its `send()`,
-which queues the frame and writes it to the transport on the next loop iteration (so a
-burst becomes one write); it never awaits.
+which writes the frame to the transport (sent at once while the kernel's socket buffer
+has room, else kept in the transport's buffer); it never awaits.
 
 Bounds, all per connection so that one bad connection never touches another:
 - reading: frames are read exactly (`readexactly`); a frame of impossible size, a frame
@@ -62,6 +62,10 @@ FIRST_BACKOFF = 1.0  # a client's pause before reconnecting, doubling ...
 MAX_BACKOFF = 15.0  # ... up to this
 
 TCP_DROP_REASONS = ("tcp_bad_frame", "tcp_timeout", "tcp_stalled", "tcp_refused")
+_WHY = {
+    "tcp_timeout": "no frame within the time allowed",
+    "tcp_stalled": "the other end stopped reading (its data made no progress)",
+}
 
 _SIZES = {
     MESSAGE_INITIATION: INITIATION_SIZE,
@@ -111,9 +115,6 @@ class TcpEndpoint:
         "written",
         "_progress",
         "_stuck_since",
-        "_pending",
-        "_pending_bytes",
-        "_loop",
     )
 
     def __init__(
@@ -126,15 +127,12 @@ class TcpEndpoint:
         self.transport = transport
         self.peername = (str(peername[0]), int(peername[1]))
         self.limits = limits
-        self._loop = loop
         self.opened = self.last_rx = loop.time()
         self.valid = False  # a valid frame has arrived
         self.reason: str | None = None  # why we closed it; None while open
         self.written = 0  # bytes handed to the transport
         self._progress = 0
         self._stuck_since: float | None = None
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
         transport.set_write_buffer_limits(high=limits.write_buffer)
 
     def __repr__(self) -> str:
@@ -151,28 +149,21 @@ class TcpEndpoint:
         return self.reason is not None or self.transport.is_closing()
 
     def send(self, message: bytes) -> bool:
-        """Queue one message; False (nothing queued) when closed or the buffer is full."""
+        """Write one frame; False (nothing written) when closed or the buffer is full.
+
+        The transport sends at once while the kernel takes the bytes (as a UDP send
+        would) and buffers them only when it does not: that buffer is the bound."""
         n = len(message)
         if self.reason is not None or n > MAX_FRAME:
             return False
-        size = self._pending_bytes + self.transport.get_write_buffer_size()
-        if size + n > self.limits.write_buffer:
+        transport = self.transport
+        if transport.get_write_buffer_size() + n > self.limits.write_buffer:
             return False
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(LENGTH.pack(n))
-        self._pending.append(message)
-        self._pending_bytes += n + 2
+        if transport.is_closing():
+            return False
+        self.written += n + 2
+        transport.write(LENGTH.pack(n) + message)
         return True
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        self._pending_bytes = 0
-        if self.closed or not pending:
-            return
-        data = b"".join(pending)
-        self.written += len(data)
-        self.transport.write(data)
 
     def expired(self, now: float) -> str | None:
         """The reason to close this connection now, if its time is up."""
@@ -197,8 +188,6 @@ class TcpEndpoint:
         """Close at once (RST, buffered data discarded).  Idempotent."""
         if self.reason is None:
             self.reason = reason
-        self._pending = []
-        self._pending_bytes = 0
         self.transport.abort()
 
 
@@ -230,7 +219,7 @@ async def pump(reader: asyncio.StreamReader, ep: TcpEndpoint, driver: Driver) ->
             return ep.reason or "tcp_bad_frame", str(exc)
         except asyncio.IncompleteReadError as exc:
             if ep.reason is not None:
-                return ep.reason, "closed by us"
+                return ep.reason, _WHY.get(ep.reason, "closed by us")
             if exc.partial:
                 return "tcp_bad_frame", f"stream ended inside a frame ({len(exc.partial)} bytes)"
             return "closed", "closed by the other end"
@@ -309,13 +298,23 @@ class TcpServer:
         reason, detail = "closed", "relay stopping"
         try:
             reason, detail = await pump(reader, ep, self.driver)
+        except asyncio.CancelledError:
+            # The loop is shutting down.  Ending quietly: asyncio's stream server logs a
+            # connection task that ends cancelled as an error.
+            pass
         finally:
             self.connections.discard(ep)
             ep.close(reason)
             self.on_close(ep)
             if reason in self.counts:
                 self.counts[reason] += 1
-            log.debug("TCP connection from %s closed (%s): %s", ep.address, reason, detail)
+            log.log(
+                logging.INFO if reason == "tcp_stalled" else logging.DEBUG,
+                "TCP connection from %s closed (%s): %s",
+                ep.address,
+                reason,
+                detail,
+            )
 
     def close(self) -> None:
         self._sweeper.stop()
