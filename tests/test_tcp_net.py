@@ -89,6 +89,7 @@ def test_udp_and_tcp_clients_ping_and_transfer(net: GtunNet) -> None:
     assert sent and sent == received
     # Status says which transport each peer uses, on both sides.
     assert relay_peer(net, "c1")["transport"] == "udp"
+    assert relay_status(net)["tcp_connections"] == 2  # c2's and c3's
     tcp_peer = relay_peer(net, "c2")
     assert tcp_peer["transport"] == "tcp"
     assert str(tcp_peer["endpoint"]).startswith(f"10.{UNDERLAY}.2.2:")

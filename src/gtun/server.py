@@ -356,6 +356,7 @@ class Server:
             "public_key": encode_key(self.cfg.public_key),
             "uptime": time.time() - self.started,
             "peers": sorted(peers, key=lambda p: p["name"]),
+            "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
             "drops": drops,
         }
 
