@@ -192,7 +192,7 @@ class TcpEndpoint:
 
 
 def endpoint_transport(endpoint: Hashable | None) -> str | None:
-    """ "tcp" or "udp" for status, None when the peer has no endpoint."""
+    """The transport for status: "tcp" or "udp"; None when the peer has no endpoint."""
     if endpoint is None:
         return None
     return "tcp" if isinstance(endpoint, TcpEndpoint) else "udp"
