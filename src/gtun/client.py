@@ -30,7 +30,7 @@ from gtun.clientcore import (
 from gtun.config import ClientConfig, load_client_config
 from gtun.control import ControlServer
 from gtun.edge import Driver, merge_counts
-from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.errors import GtunError, RuntimeFailure
 from gtun.ipv6 import enable_ipv6
 from gtun.keys import encode_key
 from gtun.l2frame import mac_for_key
@@ -38,6 +38,7 @@ from gtun.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
+from gtun.tcp import TcpDialer, TcpEndpoint
 from gtun.tun import PacketDevice, open_tun
 from gtun.wg.events import Event
 
@@ -45,6 +46,7 @@ log = logging.getLogger("gtun")
 
 RESOLVE_RETRY = 5.0
 SLOW_HANDSHAKE_NOTICE = 1  # retransmissions before saying the relay does not answer
+AUTO_FALLBACK = 5.0  # transport "auto": seconds without a handshake answer over UDP
 
 
 class Client:
@@ -54,6 +56,8 @@ class Client:
         self.stop = asyncio.Event()
         self.core: ClientCore | None = None
         self.driver: Driver | None = None
+        self.dialer: TcpDialer | None = None
+        self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.tun: PacketDevice | None = None
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
@@ -87,16 +91,15 @@ class Client:
             core = ClientCore(
                 cfg.private_key,
                 cfg.server_public_key,
-                endpoint,
+                endpoint if self.transport == "udp" else None,
                 mode=cfg.mode,
                 wall_offset=time.time() - loop.time(),
             )
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
-            udp = socket.socket(family, socket.SOCK_DGRAM)
-            self.mark_socket(udp)
-            driver.attach_udp(udp)
+            if self.transport == "udp":
+                driver.attach_udp(self.open_socket(family, socket.SOCK_DGRAM))
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
                     ClientCollector(core, loop.time),
@@ -112,17 +115,24 @@ class Client:
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             log.info(
-                "client %s: connecting to relay %s:%d over UDP (public key %s)",
+                "client %s: connecting to relay %s:%d over %s (public key %s)",
                 cfg.path.name,
                 cfg.server[0],
                 cfg.server[1],
+                "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
                 encode_key(cfg.public_key),
             )
-            core.start(loop.time())
-            driver.poke()
-            watch = asyncio.create_task(self.watch_handshakes())
+            watchers = [asyncio.create_task(self.watch_handshakes())]
+            if self.transport == "tcp":
+                self.start_tcp(endpoint)
+            else:
+                core.start(loop.time())
+                driver.poke()
+                if cfg.transport == "auto":
+                    watchers.append(asyncio.create_task(self.auto_fallback(endpoint)))
             await self.stop.wait()
-            watch.cancel()
+            for watch in watchers:
+                watch.cancel()
             log.info("stopping")
         finally:
             if self.metrics is not None:
@@ -132,6 +142,8 @@ class Client:
             async with self._config_lock:
                 await self.nl(self.unconfigure)
             self._netlink.shutdown(wait=True)
+            if self.dialer is not None:
+                self.dialer.close()
             if self.driver is not None:
                 self.driver.close()
             if self.tun is not None:
@@ -148,11 +160,64 @@ class Client:
         if cfg.default_route:
             self.full_tunnel = exitroute.FullTunnel.prepare(cfg.device, path, cfg.path)
 
-    def mark_socket(self, sock: socket.socket) -> None:
-        """In full-tunnel mode, mark a socket that talks to the relay so that it goes
-        around the tunnel.  Every socket to the relay must pass through here."""
+    def open_socket(self, family: int, kind: int) -> socket.socket:
+        """Every socket the client sends tunnel traffic on (UDP, and each TCP
+        connection) is made here: in full-tunnel mode it is marked so that it goes
+        around the tunnel."""
+        sock = socket.socket(family, kind)
         if self.full_tunnel is not None:
-            exitroute.mark_socket(sock, self.full_tunnel.fwmark)
+            try:
+                exitroute.mark_socket(sock, self.full_tunnel.fwmark)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    # --- TCP ---------------------------------------------------------------------------
+
+    def start_tcp(self, endpoint: tuple[str, int]) -> None:
+        assert self.driver is not None
+        self.transport = "tcp"
+        self.dialer = TcpDialer(
+            self.driver, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
+        )
+        self.dialer.start()
+
+    def on_tcp_connected(self, ep: TcpEndpoint) -> None:
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        now = driver.loop.time()
+        core.set_endpoint(ep)
+        if core.server.has_session:
+            # The relay moves this peer to the new connection on the first authentic
+            # message; the handshake covers a relay that restarted and forgot the session.
+            core.wg.send_keepalive(core.server, now)
+        # A new connection is a new path: handshake on it now, not when WireGuard's
+        # rate limit (one initiation per REKEY_TIMEOUT) next allows.
+        core.server.last_initiation_sent = None
+        core.start(now)
+        driver.poke()
+
+    def on_tcp_lost(self, ep: TcpEndpoint) -> None:
+        core = self.core
+        if core is not None and core.server.endpoint is ep:
+            core.server.endpoint = None
+
+    async def auto_fallback(self, endpoint: tuple[str, int]) -> None:
+        """transport "auto": switch to TCP when UDP brings no handshake answer."""
+        await asyncio.sleep(AUTO_FALLBACK)
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        if core.connected or self.stop.is_set():
+            return
+        log.warning(
+            "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+            *self.cfg.server,
+            AUTO_FALLBACK,
+        )
+        driver.detach_udp()
+        core.server.endpoint = None
+        self.start_tcp(endpoint)
 
     async def resolve(self) -> tuple[str, int] | None:
         host, port = self.cfg.server
@@ -182,10 +247,11 @@ class Client:
                 if attempts == SLOW_HANDSHAKE_NOTICE or attempts % 6 == 0:
                     log.warning(
                         "relay %s:%d does not answer (%d handshake attempts): is it running, "
-                        "is UDP port %d reachable, and is this key (%s) one of its peers? "
+                        "is %s port %d reachable, and is this key (%s) one of its peers? "
                         "still trying",
                         *self.cfg.server,
                         attempts + 1,
+                        self.transport.upper(),
                         self.cfg.server[1],
                         encode_key(self.cfg.public_key),
                     )
@@ -213,6 +279,8 @@ class Client:
             self.stop.set()
         elif isinstance(event, Disconnected):
             log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
+            if self.dialer is not None:
+                self.dialer.reconnect("the relay is silent")
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",
@@ -405,7 +473,7 @@ class Client:
                     "address": str(config.gateway) if config else None,
                     "address6": str(config.gateway6) if config and self.ipv6 else None,
                     "endpoint": _fmt_endpoint(peer.endpoint),
-                    "transport": "udp",
+                    "transport": self.transport,
                     "rx_bytes": peer.rx_bytes,
                     "tx_bytes": peer.tx_bytes,
                     "rx_packets": peer.rx_packets,
@@ -415,7 +483,9 @@ class Client:
                     ),
                 }
             ],
-            "drops": merge_counts(core.wg.drops, core.drops),
+            "drops": merge_counts(
+                core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}
+            ),
         }
 
 
@@ -423,14 +493,6 @@ def run_client(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
     check_privileges(path)
     cfg = load_client_config(path)
-    if cfg.transport == "tcp":
-        raise ConfigError(
-            'transport "tcp" is not implemented yet; use "udp"',
-            file=cfg.path,
-            key="client.transport",
-        )
-    if cfg.transport == "auto":
-        logging.getLogger("gtun").warning('transport "auto": only UDP is implemented so far')
     client = Client(cfg)
     try:
         asyncio.run(client.run())

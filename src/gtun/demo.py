@@ -37,12 +37,14 @@ def run_demo(keep_logs: Path | None = None) -> int:
             say("Building the lab: namespaces relay, lan (192.168.77.10), c1, c2 ...")
             net = GtunNet(lab, workdir)
             net.start_relay()
-            say(f"  relay up: 10.66.0.1/24 on gtun0, UDP port 9621, LAN {LAN_NET}.0/24, NAT on")
+            say(f"  relay up: 10.66.0.1/24 on gtun0, UDP+TCP port 9621, LAN {LAN_NET}.0/24, NAT on")
+            transports = {"c1": "udp", "c2": "tcp"}  # one of each
             for c in net.clients:
-                net.start_client(c)
+                net.start_client(c, transports.get(c.name, "udp"))
             for c in net.clients:
                 address = net.wait_configured(c)
-                say(f"  {c.name} joined: the relay pushed {address}/24 and its routes")
+                how = transports.get(c.name, "udp").upper()
+                say(f"  {c.name} joined over {how}: the relay pushed {address}/24 and its routes")
             c1, c2 = net.clients
             checks = [
                 ("c1 -> c2 (client to client)", c1.ns, c2.extra["address"]),

@@ -3,7 +3,9 @@
 After every call into the core the edge does the same three things (as aioquic's
 protocol.transmit()): drain events, transmit (datagrams and TUN writes), re-arm the
 timer.  Sends never block: a datagram that does not fit the socket's bounded send buffer, or
-a TUN write the kernel refuses, is dropped and counted ("queue_full").
+a TUN write the kernel refuses, is dropped and counted ("queue_full").  A datagram whose
+address is a TCP connection (gtun.tcp.TcpEndpoint) is handed to that connection, which
+frames it and queues it in its own bounded buffer.
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ class Driver:
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._udp_readable)
 
+    def detach_udp(self) -> None:
+        """Stop using the UDP socket and close it (a client falling back to TCP)."""
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
     def _udp_readable(self) -> None:
         sock = self.sock
         if sock is None:
@@ -125,7 +134,9 @@ class Driver:
 
     def detach_tun(self) -> None:
         if self.tun is not None:
-            self.loop.remove_reader(self.tun.fileno())
+            fd = self.tun.fileno()
+            if fd >= 0:  # a closed device no longer has a descriptor to watch
+                self.loop.remove_reader(fd)
             self.tun = None
 
     def _tun_readable(self) -> None:
@@ -157,6 +168,10 @@ class Driver:
         if datagrams:
             sock = self.sock
             for data, addr in datagrams:
+                if addr.__class__ is not tuple:  # a stream endpoint (gtun.tcp): it frames
+                    if not addr.send(data):  # and queues, or refuses when full or closed
+                        core.drops["queue_full"] += 1
+                    continue
                 if sock is None:
                     core.drops["queue_full"] += 1
                     continue

@@ -157,8 +157,23 @@ class GtunNet:
         self._gtun(self.relay, "server")
         self.wait_status(self.relay, lambda s: True, timeout, "relay to start")
 
-    def start_client(self, node: Node) -> None:
+    def start_client(self, node: Node, transport: str | None = None) -> None:
+        """Start `node`'s client; `transport` ("udp", "tcp", "auto") is written into its
+        config first (None: leave the config as it is, UDP unless set before)."""
+        if transport is not None:
+            self.set_transport(node, transport)
         self._gtun(node, "client")
+
+    def set_transport(self, node: Node, transport: str) -> None:
+        lines = [
+            line
+            for line in node.config.read_text().splitlines()
+            if not line.startswith("transport =")
+        ]
+        at = lines.index("[client]") + 1
+        lines.insert(at, f'transport = "{transport}"')
+        node.config.write_text("\n".join(lines) + "\n")
+        node.extra["transport"] = transport
 
     def stop(self, node: Node, timeout: float = 10.0) -> int | None:
         proc = node.proc

@@ -30,6 +30,7 @@ from gtun.metrics import RelayCollector, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
 from gtun.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
+from gtun.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
 from gtun.tun import open_tun
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.wg.events import Event
@@ -117,12 +118,36 @@ def bind_udp(cfg: ServerConfig) -> socket.socket:
     return sock
 
 
+def bind_tcp(cfg: ServerConfig) -> socket.socket:
+    """The TCP listener on the same host and port as UDP.  Raises ConfigError."""
+    host, port = cfg.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Restarting while old connections sit in TIME_WAIT must not fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on TCP {host}:{port}: {exc.strerror}"
+            + (" (another program uses this port)" if exc.errno == 98 else ""),
+            file=cfg.path,
+            key="server.listen",
+        ) from exc
+    return sock
+
+
 class Server:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.started = time.time()
         self.relay: Relay | None = None
         self.driver: Driver | None = None
+        self.tcp: TcpServer | None = None
         self.link: LinkConfig | None = None
         self.subnet_routes: set[Any] = set()
         self.stop = asyncio.Event()
@@ -146,6 +171,11 @@ class Server:
             self.store = store
             specs = collect_peers(cfg, store)
             sock = bind_udp(cfg)
+            try:
+                tcp_sock = bind_tcp(cfg)
+            except ConfigError:
+                sock.close()
+                raise
             settings = RelaySettings(
                 network=cfg.network,
                 relay_address=cfg.relay_address,
@@ -162,6 +192,10 @@ class Server:
             self.driver = driver
             driver.attach_udp(sock)
             self._cleanup.append(("UDP socket", driver.close, False))
+            tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+            self.tcp = tcp
+            await tcp.start(tcp_sock)
+            self._cleanup.append(("TCP listener", tcp.close, False))
             if cfg.metrics_listen is not None:
                 metrics = await serve_metrics(
                     RelayCollector(relay, loop.time),
@@ -172,7 +206,12 @@ class Server:
                 self._cleanup.append(("metrics endpoint", metrics.close, False))
 
             tun = open_tun(cfg.device, tap=cfg.mode == "tap")
-            self._cleanup.append((f"device {cfg.device}", tun.close, False))
+
+            def close_device() -> None:
+                driver.detach_tun()  # stop watching the descriptor before it is closed
+                tun.close()
+
+            self._cleanup.append((f"device {cfg.device}", close_device, False))
             link = LinkConfig(tun.name)
             self.link = link
             self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
@@ -208,7 +247,7 @@ class Server:
                 loop.add_signal_handler(sig, self.stop.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
             log.info(
-                "relay %s listening on UDP %s:%d, device %s %s/%d, %d peers, public key %s",
+                "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
                 cfg.path.name,
                 cfg.listen[0],
                 cfg.listen[1],
@@ -350,7 +389,7 @@ class Server:
                     "address6": str(spec.address6) if spec.address6 is not None else None,
                     "subnets": [str(s) for s in spec.subnets],
                     "endpoint": _fmt_endpoint(peer.endpoint),
-                    "transport": "udp" if peer.endpoint is not None else None,
+                    "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
                     "rx_bytes": peer.rx_bytes,
                     "tx_bytes": peer.tx_bytes,
@@ -362,7 +401,7 @@ class Server:
                     "drops": dict(peer.data.drops),
                 }
             )
-        drops = merge_counts(relay.wg.drops, relay.drops)
+        drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
         return {
             "role": "relay",
             "device": self.cfg.device,
@@ -377,6 +416,7 @@ class Server:
             "public_key": encode_key(self.cfg.public_key),
             "uptime": time.time() - self.started,
             "peers": sorted(peers, key=lambda p: p["name"]),
+            "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
             "drops": drops,
         }
 
@@ -388,6 +428,8 @@ def _v6(spec: PeerSpec) -> str:
 def _fmt_endpoint(endpoint: Any) -> str | None:
     if endpoint is None:
         return None
+    if isinstance(endpoint, TcpEndpoint):
+        return endpoint.address
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
