@@ -35,7 +35,7 @@ LAN6 = "fd77:237::/64"
 LAN_HOST6 = "fd77:237::10"
 SUBNET6 = "fd88:237::/64"  # an IPv6 LAN behind c1 (one address on its loopback)
 SUBNET_HOST6 = "fd88:237::1"
-TRANSPORTS = ["udp"]
+TRANSPORTS = ["udp", "tcp"]
 
 
 def set_keys(path: Any, section: str, keys: dict[str, str]) -> None:
