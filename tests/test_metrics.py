@@ -31,6 +31,7 @@ from gtun.labnet import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, write_
 from gtun.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
 from gtun.packet import build_icmp_echo
 from gtun.relay import RELAY_DROP_REASONS, PeerSpec, Relay, RelaySettings
+from gtun.tcp import TCP_DROP_REASONS
 from gtun.wg.device import DROP_REASONS
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
@@ -190,6 +191,18 @@ def test_every_drop_reason_is_exported_from_the_start() -> None:
     client = scrape(ClientCollector(link.clients["c1"], link.clock))
     for reason in CLIENT_DROP_REASONS:
         assert value(client, "gtun_drops_total", layer="client", reason=reason) == 0
+
+
+def test_tcp_counters_are_a_layer_of_their_own() -> None:
+    link = Link()
+    counts = dict.fromkeys(TCP_DROP_REASONS, 0)
+    collector = RelayCollector(link.relay, link.clock, lambda: counts)
+    for reason in TCP_DROP_REASONS:
+        assert value(scrape(collector), "gtun_drops_total", layer="tcp", reason=reason) == 0
+    counts["tcp_bad_frame"] += 3
+    assert value(scrape(collector), "gtun_drops_total", layer="tcp", reason="tcp_bad_frame") == 3
+    client = ClientCollector(link.clients["c1"], link.clock, lambda: {"tcp_stalled": 2})
+    assert value(scrape(client), "gtun_drops_total", layer="tcp", reason="tcp_stalled") == 2
 
 
 def test_peers_follow_a_reload() -> None:

@@ -38,7 +38,7 @@ from gtun.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
-from gtun.tcp import TcpDialer, TcpEndpoint
+from gtun.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
 from gtun.tun import PacketDevice, open_tun
 from gtun.wg.events import Event
 
@@ -102,7 +102,7 @@ class Client:
                 driver.attach_udp(self.open_socket(family, socket.SOCK_DGRAM))
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
-                    ClientCollector(core, loop.time),
+                    ClientCollector(core, loop.time, self.tcp_drops),
                     cfg.metrics_listen,
                     config_file=cfg.path,
                     key="client.metrics_listen",
@@ -174,6 +174,12 @@ class Client:
         return sock
 
     # --- TCP ---------------------------------------------------------------------------
+
+    def tcp_drops(self) -> dict[str, int]:
+        """The TCP dialer's counters (zero before there is one)."""
+        if self.dialer is None:
+            return dict.fromkeys(TCP_DROP_REASONS, 0)
+        return dict(self.dialer.counts)
 
     def start_tcp(self, endpoint: tuple[str, int]) -> None:
         assert self.driver is not None

@@ -203,9 +203,15 @@ class GtunCollector:
 class RelayCollector(GtunCollector):
     role = "relay"
 
-    def __init__(self, relay: Relay, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        clock: Callable[[], float],
+        tcp_drops: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         super().__init__(relay.wg, clock)
         self.relay = relay
+        self.tcp_drops = tcp_drops  # the TCP listener's counters (layer "tcp")
 
     def peers(self) -> list[PeerView]:
         return [
@@ -214,21 +220,39 @@ class RelayCollector(GtunCollector):
         ]
 
     def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
-        return [("wireguard", self.relay.wg.drops), ("relay", self.relay.drops)]
+        layers: list[tuple[str, Mapping[str, int]]] = [
+            ("wireguard", self.relay.wg.drops),
+            ("relay", self.relay.drops),
+        ]
+        if self.tcp_drops is not None:
+            layers.append(("tcp", self.tcp_drops()))
+        return layers
 
 
 class ClientCollector(GtunCollector):
     role = "client"
 
-    def __init__(self, core: ClientCore, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        core: ClientCore,
+        clock: Callable[[], float],
+        tcp_drops: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         super().__init__(core.wg, clock)
         self.core = core
+        self.tcp_drops = tcp_drops  # the TCP dialer's counters (layer "tcp")
 
     def peers(self) -> list[PeerView]:
         return [PeerView("relay", self.core.server, None)]
 
     def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
-        return [("wireguard", self.core.wg.drops), ("client", self.core.drops)]
+        layers: list[tuple[str, Mapping[str, int]]] = [
+            ("wireguard", self.core.wg.drops),
+            ("client", self.core.drops),
+        ]
+        if self.tcp_drops is not None:
+            layers.append(("tcp", self.tcp_drops()))
+        return layers
 
     def extra(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(

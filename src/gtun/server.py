@@ -198,7 +198,7 @@ class Server:
             self._cleanup.append(("TCP listener", tcp.close, False))
             if cfg.metrics_listen is not None:
                 metrics = await serve_metrics(
-                    RelayCollector(relay, loop.time),
+                    RelayCollector(relay, loop.time, lambda: tcp.counts),
                     cfg.metrics_listen,
                     config_file=cfg.path,
                     key="server.metrics_listen",
