@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -408,7 +408,9 @@ class FakeSystem:
     def link(self, dev: str) -> d.Link | None:
         return self.facts.get("link")
 
-    def route_dev(self, address: str) -> str | None:
+    def route_dev(self, address: str, mark: int | None = None) -> str | None:
+        if mark is not None:
+            return self.facts.get("route_dev_marked", {}).get(address, "eth0")
         return self.facts.get("route_dev", {}).get(address, "gtun0")
 
     def routes(self) -> list[d.Route]:
@@ -458,6 +460,34 @@ def test_running_client_is_trusted_and_never_probed(ccfg: ClientConfig) -> None:
     results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
     assert system.handshakes == []
     assert not names(results)["handshake"].ok
+
+
+def test_running_client_ipv6_address_checked(ccfg: ClientConfig) -> None:
+    status = {**RUNNING, "address6": "fd66::2/64"}
+    facts: dict[str, Any] = {"route_dev": {"127.0.0.1": "lo"}}
+    have = d.Link("gtun0", True, 1420, (IPv4Interface("10.66.0.2/24"),), 0x1001)
+    results = names(d.diagnose_client(ccfg, FakeSystem(status=status, link=have, **facts)))  # type: ignore[arg-type]
+    assert not results["address6"].ok
+    assert results["address6"].fix == "ip addr add fd66::2/64 dev gtun0"
+    both = d.Link(
+        "gtun0", True, 1420, (IPv4Interface("10.66.0.2/24"), IPv6Interface("fd66::2/64")), 0x1001
+    )
+    results = names(d.diagnose_client(ccfg, FakeSystem(status=status, link=both, **facts)))  # type: ignore[arg-type]
+    assert results["address6"].ok and results["address"].ok
+
+
+def test_full_tunnel_endpoint_is_looked_up_with_the_clients_mark(ccfg: ClientConfig) -> None:
+    # Everything unmarked goes into the tunnel; the client's marked packets do not.
+    facts: dict[str, Any] = {
+        "link": link(addrs=["10.66.0.2/24"]),
+        "route_dev": {"127.0.0.1": "gtun0"},
+        "route_dev_marked": {"127.0.0.1": "lo"},
+    }
+    results = d.diagnose_client(ccfg, FakeSystem(status={**RUNNING, "fwmark": 51820}, **facts))  # type: ignore[arg-type]
+    assert "endpoint" not in names(results), d.format_text(results)
+    # Without the mark (not a full tunnel), the same routes are a loop.
+    results = d.diagnose_client(ccfg, FakeSystem(status=RUNNING, **facts))  # type: ignore[arg-type]
+    assert not names(results)["endpoint"].ok
 
 
 def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:

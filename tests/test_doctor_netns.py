@@ -262,6 +262,29 @@ def test_client_key_not_a_peer(net: GtunNet) -> None:
     assert results["peer"]["ok"] and "c1" in results["peer"]["detail"], results
 
 
+def test_udp_blocked_but_tcp_answers(net: GtunNet) -> None:
+    """The relay's real TCP listener answers the probe UDP cannot get through."""
+    c2 = net.clients[1]
+    net.stop(c2)
+    block = (
+        "table inet gtd_block {\n"
+        "  chain out { type filter hook output priority 0; policy accept;\n"
+        "    udp dport 9621 counter drop\n  }\n}\n"
+    )
+    c2.ns.run(["nft", "-f", "-"], input=block)
+    try:
+        code, results = doctor(c2.ns, c2.config)
+        assert code == 1
+        assert_problem(results, "relay", "TCP", 'transport = "auto"')
+        rules = c2.ns.run(["nft", "-j", "list", "table", "inet", "gtd_block"]).stdout
+        assert '"packets": 0' not in rules, rules  # the probe's UDP was indeed dropped
+    finally:
+        c2.ns.run(["nft", "delete", "table", "inet", "gtd_block"], check=False)
+    # Unblocked, the same probe is answered over UDP.
+    code, results = doctor(c2.ns, c2.config)
+    assert results["relay"]["ok"] and results["handshake"]["ok"], results
+
+
 def test_relay_not_running(net: GtunNet) -> None:
     net.stop(net.relay)
     c1, c2 = net.clients

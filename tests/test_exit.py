@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab, Namespace
+from gtun.lab import Lab, Namespace, python_env
 from gtun.labnet import PORT, GtunNet, Node
 
 pytestmark = pytest.mark.netns
@@ -241,6 +241,16 @@ def test_full_tunnel_exits_through_relay_nat(exitnet: ExitNet) -> None:
         assert relay_status is not None
         endpoints = [p["endpoint"] for p in relay_status["peers"]]
         assert any(str(e).startswith("10.235.1.2:") for e in endpoints), endpoints
+
+        # Doctor looks the endpoint up as the client's marked packets are routed: no loop.
+        out = ns.run(
+            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(x.client.config)],
+            check=False,
+            timeout=30,
+            env=python_env(),
+        )
+        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        assert "endpoint" not in checks and checks["relay"]["ok"], checks
 
         # IPv6 (not pushed by this relay) does not leak: it is unreachable.
         v6 = ns.run(["ip", "-6", "route", "get", "2001:db8::1"], check=False)

@@ -226,6 +226,35 @@ def test_status_shows_ipv6_addresses(net: GtunNet) -> None:
 STOCK_SOCKETS = Path("/var/run/wireguard")
 
 
+def test_doctor_checks_the_ipv6_addresses(net: GtunNet) -> None:
+    for node in (net.relay, net.clients[0]):
+        out = node.ns.run(
+            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(node.config)],
+            check=False,
+            timeout=30,
+            env=python_env(),
+        )
+        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        assert checks["address6"]["ok"], checks
+    # Take c1's IPv6 address away: doctor names it, with the command that puts it back.
+    c1 = net.clients[0]
+    want = f"{c1.extra['address6']}/64"
+    c1.ns.run(["ip", "-6", "addr", "del", want, "dev", "gtun0"])
+    try:
+        out = c1.ns.run(
+            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(c1.config)],
+            check=False,
+            timeout=30,
+            env=python_env(),
+        )
+        assert out.returncode == 1
+        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        assert not checks["address6"]["ok"]
+        assert checks["address6"]["fix"] == f"ip addr add {want} dev gtun0"
+    finally:
+        c1.ns.run(["ip", "-6", "addr", "add", want, "dev", "gtun0", "nodad"], check=False)
+
+
 def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Path) -> None:
     """wireguard-go, configured from `gtun peer add` as wg-quick would, talks IPv6."""
     for tool in ("wireguard-go", "wg"):

@@ -469,6 +469,11 @@ class Client:
             "dns": [str(d) for d in config.dns] if config else [],
             "mtu": config.mtu if config else None,
             "full_tunnel": self.full_tunnel is not None and self.full_tunnel.active,
+            "fwmark": (
+                self.full_tunnel.fwmark
+                if self.full_tunnel is not None and self.full_tunnel.active
+                else None
+            ),
             "connected": core.connected,
             "public_key": encode_key(self.cfg.public_key),
             "uptime": time.time() - self.started,

@@ -26,7 +26,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Interface, IPv4Network, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,7 +106,7 @@ class Link:
     name: str
     up: bool  # administratively up (IFF_UP)
     mtu: int
-    addresses: tuple[IPv4Interface, ...] = ()
+    addresses: tuple[IPv4Interface | IPv6Interface, ...] = ()
     tun_flags: int | None = None  # None: not a TUN/TAP device (or unknown)
 
 
@@ -134,7 +134,7 @@ class System(Protocol):
 
     def status(self, path: Path) -> dict[str, Any] | None: ...
     def link(self, dev: str) -> Link | None: ...
-    def route_dev(self, address: str) -> str | None: ...
+    def route_dev(self, address: str, mark: int | None = None) -> str | None: ...
     def routes(self) -> list[Route]: ...
     def sysctl(self, key: str) -> str | None: ...
     def nft_ruleset(self) -> list[dict[str, Any]] | str: ...
@@ -353,14 +353,19 @@ def check_device(dev: str, link: Link | None, restart: str) -> Result:
     return ok("device", f"{dev} is up, mtu {link.mtu}")
 
 
-def check_address(dev: str, link: Link | None, want: IPv4Interface | None) -> Result | None:
+def check_address(
+    dev: str,
+    link: Link | None,
+    want: IPv4Interface | IPv6Interface | None,
+    check: str = "address",
+) -> Result | None:
     if link is None or want is None:
         return None
     if want in link.addresses:
-        return ok("address", f"{want} on {dev}")
+        return ok(check, f"{want} on {dev}")
     have = ", ".join(str(a) for a in link.addresses) or "none"
     return problem(
-        "address", f"{want} is missing from {dev} (it has {have})", f"ip addr add {want} dev {dev}"
+        check, f"{want} is missing from {dev} (it has {have})", f"ip addr add {want} dev {dev}"
     )
 
 
@@ -702,7 +707,11 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     )  # fmt: skip
     if mode is not None:
         results.append(mode)
-    endpoint = check_endpoint(cfg.device, host, system.route_dev(host))
+    # A full-tunnel client marks its packets to the relay so that they go around the
+    # tunnel: look the endpoint up as those packets are routed.
+    fwmark = status.get("fwmark") if status is not None else None
+    via = system.route_dev(host, fwmark) if isinstance(fwmark, int) else system.route_dev(host)
+    endpoint = check_endpoint(cfg.device, host, via)
     if endpoint is not None:
         results.append(endpoint)
     if status is None:
@@ -713,6 +722,12 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     addr = check_address(cfg.device, link, want)
     if addr is not None:
         results.append(addr)
+    address6 = status.get("address6")
+    addr6 = check_address(
+        cfg.device, link, IPv6Interface(address6) if address6 else None, "address6"
+    )
+    if addr6 is not None:
+        results.append(addr6)
     if link is None or not link.up or want is None:
         return results
     gateway = next((p.get("address") for p in status.get("peers", []) if p.get("address")), None)
@@ -754,6 +769,11 @@ def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) ->
     addr = check_address(dev, link, want)
     if addr is not None:
         results.append(addr)
+    if cfg.network6 is not None and cfg.relay_address6 is not None:
+        want6 = IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}")
+        addr6 = check_address(dev, link, want6, "address6")
+        if addr6 is not None:
+            results.append(addr6)
     if link is not None and link.up and status is not None:
         # Each peer's address and the LANs behind peers must leave by the device.
         wanted: list[Network] = []
@@ -1056,17 +1076,22 @@ class LiveSystem:
         except (ValueError, IndexError):
             return None
         addresses = tuple(
-            IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+            (IPv4Interface if a.get("family") == "inet" else IPv6Interface)(
+                f"{a['local']}/{a['prefixlen']}"
+            )
             for a in info.get("addr_info", [])
-            if a.get("family") == "inet"
+            if a.get("family") in ("inet", "inet6") and a.get("scope") != "link"
         )
         flags: int | None = None
         with contextlib.suppress(OSError, ValueError):
             flags = int((self.sys_class_net / dev / "tun_flags").read_text().strip(), 16)
         return Link(dev, "UP" in info.get("flags", []), int(info.get("mtu", 0)), addresses, flags)
 
-    def route_dev(self, address: str) -> str | None:
-        out = _cmd(["ip", "-j", "route", "get", address])
+    def route_dev(self, address: str, mark: int | None = None) -> str | None:
+        """The device a packet to `address` leaves by (with firewall mark `mark`: as the
+        full-tunnel client's own packets to the relay do)."""
+        marked = ["mark", str(mark)] if mark else []
+        out = _cmd(["ip", "-j", "route", "get", address, *marked])
         if out is None or out.returncode != 0:
             return None
         try:
