@@ -107,12 +107,20 @@ def snapshot(ns: Namespace) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
+# A TUN relay with a UDP client, and a TAP relay (routes via the relay's address) with a
+# TCP client (whose connection must carry the mark).
+SETUPS = [("tun", "udp"), ("tap", "tcp")]
+
+
+@pytest.fixture(scope="module", params=SETUPS, ids=["tun-udp", "tap-tcp"])
+def exitnet(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ExitNet]:
+    mode, transport = request.param
     host_resolv = _host_resolv()
     with Lab(f"gte{secrets.token_hex(2)}") as lab:
         workdir = tmp_path_factory.mktemp("exit")
-        net = GtunNet(lab, workdir, clients=1, underlay=UNDERLAY, lan=False, nat=True)
+        net = GtunNet(lab, workdir, clients=1, underlay=UNDERLAY, lan=False, nat=True, mode=mode)
         relay, client = net.relay, net.clients[0]
         inet = lab.add_ns("inet")
         lab.veth(relay.ns, "rinet", f"{RELAY_INET}/24", inet, "inet0", f"{INET}/24")
@@ -135,6 +143,7 @@ def exitnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExitNet]:
             text.replace(f"{GATEWAY}:{PORT}", f"{ENDPOINT}:{PORT}")
             + f'default_route = true\nstate_dir = "{state_dir}"\n'
         )
+        net.set_transport(client, transport)
 
         resolv_dir = Path("/etc/netns") / client.ns.name
         original = f"# gtun exit test {client.ns.name}\nnameserver 192.0.2.53\nsearch lab.test\n"
