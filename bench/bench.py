@@ -57,7 +57,13 @@ WG_TUNNEL = "10.240.103"  # wireguard-go's tunnel addresses
 WG_PORT = 51820
 WG_RUN_DIR = Path("/var/run/wireguard")  # wireguard-go's UAPI sockets; shared by namespaces
 IPERF_PORT = 5201
-PATHS = ["veth", "wireguard-go", "gtun client->relay", "gtun client->client"]
+PATHS = [
+    "veth",
+    "wireguard-go",
+    "gtun client->relay",
+    "gtun client->relay (TCP)",
+    "gtun client->client",
+]
 
 # Bounds on every wait (seconds).
 LISTEN_TIMEOUT = 10.0
@@ -319,7 +325,8 @@ def wait_tun_up(ns: Namespace, ifname: str) -> None:
 
 
 def setup_gtun(lab: Lab, workdir: Path) -> GtunNet:
-    net = GtunNet(lab, workdir / "gtun", clients=2, underlay=UNDERLAY, lan=False, nat=False)
+    net = GtunNet(lab, workdir / "gtun", clients=3, underlay=UNDERLAY, lan=False, nat=False)
+    net.set_transport(net.clients[2], "tcp")  # c3 measures the TCP transport
     net.start_relay()
     for c in net.clients:
         net.start_client(c)
@@ -568,10 +575,10 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], str | No
             except (RuntimeError, TimeoutError, OSError) as e:
                 # Still report the other paths; say why gtun's are missing.
                 print(f"gtun setup failed: {e}", file=sys.stderr)
-                for name in ("gtun client->relay", "gtun client->client"):
+                for name in PATHS[2:]:
                     results.append(Result(name, error=f"setup: {type(e).__name__}: {e}"))
             if net is not None:
-                c1, c2 = net.clients
+                c1, c2, c3 = net.clients
                 relay_addr = str(next(ipaddress.ip_network(net.network).hosts()))
                 gtun_pids = {
                     f"gtun {n.name}": n.proc.pid
@@ -580,6 +587,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], str | No
                 }
                 paths += [
                     ("gtun client->relay", c1.ns, net.relay.ns, relay_addr, gtun_pids),
+                    ("gtun client->relay (TCP)", c3.ns, net.relay.ns, relay_addr, gtun_pids),
                     ("gtun client->client", c1.ns, c2.ns, c2.extra["address"], gtun_pids),
                 ]
             for name, src, dst, address, pids in paths:
