@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -228,3 +228,28 @@ def test_ipv4_sender_of_ip_and_arp_frames() -> None:
     assert l2frame.ipv4_sender(B + A) is None
     for n in range(len(request)):
         l2frame.ipv4_sender(request[:n])  # no exception at any length
+
+
+def test_ipv6_claims_of_packets_and_neighbor_advertisements() -> None:
+    def frame(src: str, nh: int, icmp: bytes, tags: int = 0) -> bytes:
+        header = b"\x60\x00\x00\x00" + len(icmp).to_bytes(2, "big") + bytes([nh, 64])
+        header += IPv6Address(src).packed + IPv6Address("fe80::2").packed
+        return B + A + b"\x81\x00\x00\x01" * tags + b"\x86\xdd" + header + icmp
+
+    na = bytes([136, 0, 0, 0, 0x60, 0, 0, 0]) + IPv6Address("fd66::7").packed
+    src = IPv6Address("fe80::1").packed
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, na)) == [src, IPv6Address("fd66::7").packed]
+    # A neighbour solicitation (135) or a UDP datagram speaks only for its source.
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, bytes([135]) + na[1:])) == [src]
+    assert l2frame.ipv6_claims(frame("fe80::1", 17, na)) == [src]
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, na, tags=2)) == [src, na[8:]]
+    # Too short or too deeply tagged to say: [b""], never an exception.
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, na, tags=3)) == [b""]
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, na)[:50]) == [b""]
+    assert l2frame.ipv6_claims(frame("fe80::1", 58, na)[:70]) == [b""]
+    # Not IPv6: nothing to say.
+    assert l2frame.ipv6_claims(arp_frame(A, "10.66.0.2", "10.66.0.1")) is None
+    assert l2frame.ipv6_claims(B + A) is None
+    whole = frame("fe80::1", 58, na)
+    for n in range(len(whole)):
+        l2frame.ipv6_claims(whole[:n])  # no exception at any length

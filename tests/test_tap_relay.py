@@ -5,7 +5,7 @@ flooding, MAC stealing, mode negotiation, and what stock peers get."""
 from __future__ import annotations
 
 import secrets
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 from gtun import l2frame
 from gtun.clientcore import ClientCore, Refused
@@ -283,3 +283,56 @@ def test_peer_speaks_only_for_its_own_ipv4_addresses() -> None:
     net.relay.tun_packet(relay_arp, net.now)
     net.pump()
     assert net.got["c2"][-1] == relay_arp
+
+
+def ipv6_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, icmp: bytes) -> bytes:
+    """An Ethernet frame with an IPv6 header (RFC 8200) around an ICMPv6 message."""
+    header = (
+        b"\x60\x00\x00\x00"
+        + len(icmp).to_bytes(2, "big")
+        + bytes([58, 255])  # next header ICMPv6, hop limit
+        + IPv6Address(src).packed
+        + IPv6Address(dst).packed
+    )
+    return dst_mac + src_mac + b"\x86\xdd" + header + icmp
+
+
+def neighbor_advertisement(target: str) -> bytes:
+    # type 136, code, checksum (not checked by the relay), flags (S|O), target (RFC 4861)
+    return bytes([136, 0, 0, 0, 0x60, 0, 0, 0]) + IPv6Address(target).packed
+
+
+def test_peer_speaks_only_for_its_own_ipv6_addresses() -> None:
+    net = Net()
+    net.relay.set_peers(
+        [
+            PeerSpec(
+                name, c.wg.public_key, IPv4Address(f"10.66.0.{i}"), (), IPv6Address(f"fd66::{i}")
+            )
+            for i, (name, c) in enumerate(net.clients.items(), start=2)
+        ]
+    )
+    net.connect("c1", "c2")
+    c1 = net.clients["c1"]
+    echo = bytes([128, 0, 0, 0, 0, 1, 0, 1]) + b"hi"
+    ok = [
+        ipv6_frame(MAC2, MAC1, "fd66::2", "fd66::3", echo),  # its own address
+        ipv6_frame(MAC2, MAC1, "fe80::1", "fd66::3", echo),  # link-local: ND's own
+        ipv6_frame(MAC2, MAC1, "::", "ff02::1:ff00:2", echo),  # DAD from the unspecified
+        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::2")),
+    ]
+    spoofs = [
+        ipv6_frame(MAC2, MAC1, "fd66::3", "fd66::3", echo),  # "I am c2"
+        ipv6_frame(MAC2, MAC1, "fd66::99", "fd66::3", echo),  # nobody's
+        # "fd66::1 (the relay) is at my MAC", from a link-local source.
+        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::1")),
+    ]
+    short = [
+        ipv6_frame(MAC2, MAC1, "fd66::2", "fd66::3", echo)[:40],
+        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::2"))[:70],
+    ]
+    for frame in ok + spoofs + short:
+        c1.tun_packet(frame, net.now)
+    net.pump()
+    assert net.got["c2"] == ok
+    assert net.peer("c1").data.drops == {"spoofed": 3, "malformed": 2}

@@ -35,9 +35,15 @@ VLAN_TAG_LEN = 4  # an 802.1Q tag between source and EtherType
 # 802.1Q, 802.1ad and the older QinQ.
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
+ETHERTYPE_IPV6 = 0x86DD
 VLAN_ETHERTYPES = frozenset({0x8100, 0x88A8, 0x9100})
 MAX_VLAN_TAGS = 2
 UNSPECIFIED_IPV4 = bytes(4)
+
+# IPv6 (RFC 8200 section 3) and neighbour discovery (RFC 4861 section 4.4).
+IPV6_HEADER_LEN = 40
+NEXT_HEADER_ICMPV6 = 58
+ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
 
 # Tuning knob: the largest frame the length field can describe; callers pass a tighter
 # bound (the device MTU plus the Ethernet header and one VLAN tag).
@@ -90,22 +96,57 @@ def pull_frame(plaintext: bytes, max_frame: int = MAX_FRAME) -> bytes:
     return plaintext[HEADER_SIZE : HEADER_SIZE + length]
 
 
-def ipv4_sender(frame: bytes) -> bytes | None:
-    """The IPv4 address a frame speaks for: an IPv4 packet's source address (RFC 791
-    section 3.1) or an ARP packet's sender protocol address (RFC 826), seen through up
-    to MAX_VLAN_TAGS VLAN tags.  None for any other frame; b"" for an IPv4 or ARP frame
-    too short (or too deeply tagged) to say.  Never raises."""
+def _payload(frame: bytes) -> tuple[int, int] | None:
+    """(EtherType, offset of the payload) seen through up to MAX_VLAN_TAGS VLAN tags;
+    None for a frame too short to have an EtherType; (-1, -1) when too deeply tagged."""
     offset = 2 * ETH_ADDR_LEN
     for _ in range(MAX_VLAN_TAGS + 1):
         if len(frame) < offset + 2:
             return None
         ethertype = (frame[offset] << 8) | frame[offset + 1]
         if ethertype not in VLAN_ETHERTYPES:
-            break
+            return ethertype, offset + 2
         offset += VLAN_TAG_LEN
-    else:
-        return b""  # more tags than anyone needs: let nothing hide behind them
-    payload = offset + 2
+    return -1, -1  # more tags than anyone needs: let nothing hide behind them
+
+
+def ipv6_claims(frame: bytes) -> list[bytes] | None:
+    """The IPv6 addresses a frame speaks for: an IPv6 packet's source address and, in a
+    Neighbor Advertisement, its target address (the address whose MAC it announces).
+    None for a frame that is not IPv6; [b""] for one too short (or too deeply tagged) to
+    say.  Never raises."""
+    found = _payload(frame)
+    if found is None:
+        return None
+    ethertype, payload = found
+    if ethertype == -1:
+        return [b""]
+    if ethertype != ETHERTYPE_IPV6:
+        return None
+    if len(frame) < payload + IPV6_HEADER_LEN or frame[payload] >> 4 != 6:
+        return [b""]
+    claims = [frame[payload + 8 : payload + 24]]
+    icmp = payload + IPV6_HEADER_LEN
+    is_icmp = frame[payload + 6] == NEXT_HEADER_ICMPV6 and len(frame) > icmp
+    if is_icmp and frame[icmp] == ICMPV6_NEIGHBOR_ADVERTISEMENT:
+        # type(1) code(1) checksum(2) flags(4) target(16)
+        if len(frame) < icmp + 24:
+            return [b""]
+        claims.append(frame[icmp + 8 : icmp + 24])
+    return claims
+
+
+def ipv4_sender(frame: bytes) -> bytes | None:
+    """The IPv4 address a frame speaks for: an IPv4 packet's source address (RFC 791
+    section 3.1) or an ARP packet's sender protocol address (RFC 826), seen through up
+    to MAX_VLAN_TAGS VLAN tags.  None for any other frame; b"" for an IPv4 or ARP frame
+    too short (or too deeply tagged) to say.  Never raises."""
+    found = _payload(frame)
+    if found is None:
+        return None
+    ethertype, payload = found
+    if ethertype == -1:
+        return b""
     if ethertype == ETHERTYPE_IPV4:
         if len(frame) < payload + 20 or frame[payload] >> 4 != 4:
             return b""

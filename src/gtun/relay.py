@@ -296,6 +296,19 @@ class Relay:
                 if self.table.lookup(sender) is not peer:
                     self._count(peer, "spoofed")
                     return
+            claims = l2frame.ipv6_claims(frame)
+            if claims is not None:
+                # IPv6 likewise, but for the link-local and unspecified addresses that
+                # neighbour discovery itself uses (fe80::/10, ::).
+                if b"" in claims:
+                    self._count(peer, "malformed")
+                    return
+                for claim in claims:
+                    if claim[0] == 0xFE and claim[1] & 0xC0 == 0x80 or claim == bytes(16):
+                        continue
+                    if self.table.lookup(claim) is not peer:
+                        self._count(peer, "spoofed")
+                        return
             if not self.switch.has_port(peer):  # only a gtun node sends frames
                 peer.data.is_gtun = True
                 self.switch.add_port(peer)
