@@ -11,6 +11,8 @@ peers never see them at all.
 
 Types: CONFIG_REQUEST (client -> relay), CONFIG (relay -> client), REFUSED (relay ->
 client, with a reason), PING (client -> relay) and PONG (relay -> client).
+
+The magic 00 'g' 't' 02 is taken too: Ethernet frames in TAP mode (l2frame.py).
 """
 
 from __future__ import annotations
