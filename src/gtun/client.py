@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +59,7 @@ class Client:
         self.tun: PacketDevice | None = None
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
-        self.dns_applied = False
+        self.dns_change: dnsconf.DnsChange | None = None  # split tunnel, via resolvconf
         self.ipv6 = False  # the applied configuration's IPv6 address is on the device
         # default_route: made at start (its mark must be on the relay's socket).
         self.full_tunnel: exitroute.FullTunnel | None = None
@@ -397,25 +395,17 @@ class Client:
         """Hand the pushed DNS servers to resolvconf when there is one (as wg-quick)."""
         if not config.dns:
             return
-        resolvconf = shutil.which("resolvconf")
-        if resolvconf is None or dnsconf.dns_method() != "resolvconf":
+        if dnsconf.dns_method() != "resolvconf":
             # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
             # containers) whose resolvconf state would be the host's.
             log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
             return
-        text = "".join(f"nameserver {d}\n" for d in config.dns)
         assert self.tun is not None
+        change = dnsconf.DnsChange("resolvconf", interface=f"tun.{self.tun.name}")
         try:
-            subprocess.run(
-                [resolvconf, "-a", f"tun.{self.tun.name}", "-m", "0", "-x"],
-                input=text,
-                text=True,
-                check=True,
-                capture_output=True,
-                timeout=10,
-            )
-            self.dns_applied = True
-        except (OSError, subprocess.SubprocessError) as exc:
+            dnsconf.apply_dns(change, config.dns)
+            self.dns_change = change
+        except RuntimeFailure as exc:
             log.warning("could not apply DNS servers with resolvconf: %s", exc)
 
     def unconfigure(self) -> None:
@@ -431,17 +421,12 @@ class Client:
             except GtunError as exc:
                 log.error("while removing the configuration of %s: %s", self.cfg.device, exc)
             self.link = None
-        if self.dns_applied and self.tun is not None:
-            resolvconf = shutil.which("resolvconf")
-            if resolvconf:
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run(
-                        [resolvconf, "-d", f"tun.{self.tun.name}", "-f"],
-                        check=False,
-                        capture_output=True,
-                        timeout=10,
-                    )
-            self.dns_applied = False
+        if self.dns_change is not None:
+            try:
+                dnsconf.restore_dns(self.dns_change)
+            except RuntimeFailure as exc:
+                log.warning("while removing the DNS servers: %s", exc)
+            self.dns_change = None
         self.applied = None
         self.ipv6 = False
 

@@ -57,7 +57,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from gtun.dnsconf import RESOLV_CONF, DnsChange, apply_dns, plan_dns, restore_dns
 from gtun.errors import GtunError, RuntimeFailure
-from gtun.firewall import _nft
+from gtun.firewall import _nft, read_sysctl, write_sysctl
 from gtun.netconf import _code, _open_ipr, _reason
 
 log = logging.getLogger("gtun")
@@ -391,20 +391,6 @@ def _families() -> list[int]:
     return [socket.AF_INET, socket.AF_INET6] if _ipv6_available() else [socket.AF_INET]
 
 
-def _read_sysctl(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _write_sysctl(path: Path, value: str) -> None:
-    try:
-        path.write_text(value + "\n")
-    except OSError as exc:
-        raise RuntimeFailure(f"cannot write {value} to {path}: {exc.strerror or exc}") from exc
-
-
 def _link_index(ipr: IPRoute, device: str) -> int:
     try:
         found = ipr.link_lookup(ifname=device)
@@ -455,8 +441,8 @@ def undo_state(state: ExitState, proc_sys: Path = PROC_SYS) -> tuple[list[str], 
     if state.src_valid_mark_old is not None:
         path = proc_sys / SRC_VALID_MARK
         try:
-            if _read_sysctl(path) == "1":
-                _write_sysctl(path, state.src_valid_mark_old)
+            if read_sysctl(path) == "1":
+                write_sysctl(path, state.src_valid_mark_old)
                 done.append(f"src_valid_mark back to {state.src_valid_mark_old}")
         except RuntimeFailure as exc:
             problems.append(str(exc))
@@ -582,7 +568,7 @@ class FullTunnel:
             rules = [r for r in rules if r.family == 4]
             routes = [r for r in routes if r.family == 4]
         svm_path = self.proc_sys / SRC_VALID_MARK
-        svm_old = _read_sysctl(svm_path)
+        svm_old = read_sysctl(svm_path)
         state = ExitState(
             pid=os.getpid(),
             config=str(self.config_file),
@@ -609,7 +595,7 @@ class FullTunnel:
         self, state: ExitState, addresses: Sequence[Address], dns: Sequence[Address]
     ) -> None:
         if state.src_valid_mark_old is not None:
-            _write_sysctl(self.proc_sys / SRC_VALID_MARK, "1")
+            write_sysctl(self.proc_sys / SRC_VALID_MARK, "1")
         assert state.nft_table is not None
         try:
             _nft(

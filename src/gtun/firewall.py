@@ -34,11 +34,11 @@ class Forwarding:
         """Set forwarding to 1.  Raises RuntimeFailure naming the file."""
         paths = [self.ipv4_path] + ([self.ipv6_path] if ipv6 else [])
         for path in paths:
-            old = _read(path)
+            old = read_sysctl(path)
             if path not in self._saved:
                 self._saved[path] = old
             if old != "1":
-                _write(path, "1")
+                write_sysctl(path, "1")
 
     def restore(self) -> None:
         """Write back the values found by `enable()`.  Idempotent."""
@@ -46,22 +46,24 @@ class Forwarding:
         while self._saved:
             path, old = self._saved.popitem()
             try:
-                if _read(path) != old:
-                    _write(path, old)
+                if read_sysctl(path) != old:
+                    write_sysctl(path, old)
             except RuntimeFailure as exc:
                 first = first or exc
         if first is not None:
             raise first
 
 
-def _read(path: Path) -> str:
+def read_sysctl(path: Path) -> str:
+    """A /proc/sys value, stripped.  Raises RuntimeFailure naming the file."""
     try:
         return path.read_text().strip()
     except OSError as exc:
         raise RuntimeFailure(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _write(path: Path, value: str) -> None:
+def write_sysctl(path: Path, value: str) -> None:
+    """Write a /proc/sys value.  Raises RuntimeFailure naming the file."""
     try:
         path.write_text(value + "\n")
     except OSError as exc:

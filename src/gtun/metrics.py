@@ -90,16 +90,27 @@ class GtunCollector:
 
     role = ""
 
-    def __init__(self, wg: WireGuard, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        wg: WireGuard,
+        clock: Callable[[], float],
+        drops: Mapping[str, int],
+        tcp_drops: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self.wg = wg
         self.clock = clock
+        self.drops = drops  # the role's own counters (layer `role`)
+        self.tcp_drops = tcp_drops  # the TCP listener's or dialer's (layer "tcp")
 
     def peers(self) -> list[PeerView]:
         raise NotImplementedError
 
     def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
         """(layer, drops by reason) of each layer that counts drops."""
-        raise NotImplementedError
+        layers = [("wireguard", self.wg.drops), (self.role, self.drops)]
+        if self.tcp_drops is not None:
+            layers.append(("tcp", self.tcp_drops()))
+        return layers
 
     def extra(self) -> Iterator[Metric]:
         return iter(())
@@ -209,24 +220,14 @@ class RelayCollector(GtunCollector):
         clock: Callable[[], float],
         tcp_drops: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
-        super().__init__(relay.wg, clock)
+        super().__init__(relay.wg, clock, relay.drops, tcp_drops)
         self.relay = relay
-        self.tcp_drops = tcp_drops  # the TCP listener's counters (layer "tcp")
 
     def peers(self) -> list[PeerView]:
         return [
             PeerView(peer.data.spec.name, peer, peer.data.drops)
             for peer in self.relay.wg.peers.values()
         ]
-
-    def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
-        layers: list[tuple[str, Mapping[str, int]]] = [
-            ("wireguard", self.relay.wg.drops),
-            ("relay", self.relay.drops),
-        ]
-        if self.tcp_drops is not None:
-            layers.append(("tcp", self.tcp_drops()))
-        return layers
 
 
 class ClientCollector(GtunCollector):
@@ -238,21 +239,11 @@ class ClientCollector(GtunCollector):
         clock: Callable[[], float],
         tcp_drops: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
-        super().__init__(core.wg, clock)
+        super().__init__(core.wg, clock, core.drops, tcp_drops)
         self.core = core
-        self.tcp_drops = tcp_drops  # the TCP dialer's counters (layer "tcp")
 
     def peers(self) -> list[PeerView]:
         return [PeerView("relay", self.core.server, None)]
-
-    def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
-        layers: list[tuple[str, Mapping[str, int]]] = [
-            ("wireguard", self.core.wg.drops),
-            ("client", self.core.drops),
-        ]
-        if self.tcp_drops is not None:
-            layers.append(("tcp", self.tcp_drops()))
-        return layers
 
     def extra(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(

@@ -125,32 +125,24 @@ class LinkConfig:
     # -- changes --
 
     def set_mtu(self, mtu: int) -> None:
-        what = f"set mtu {mtu} on {self.ifname}"
-        index, link = self._link(what)
-        old = link.get("mtu")
-        if old == mtu:
-            return
-        self._do(what, lambda ipr: ipr.link("set", index=index, mtu=mtu))
-        if old is not None:
-            self._undo.append(
-                (f"restore mtu {old} on {self.ifname}", lambda ipr: self._set_mtu_by_name(ipr, old))
-            )
-
-    def _set_mtu_by_name(self, ipr: IPRoute, mtu: int) -> None:
-        ipr.link("set", index=self._index(f"restore mtu {mtu} on {self.ifname}"), mtu=mtu)
+        self._set_link("mtu", mtu)
 
     def set_mac(self, mac: str) -> None:
         """Set the link-layer address ("02:…", a TAP device's)."""
-        what = f"set address {mac} on {self.ifname}"
+        self._set_link("address", mac)
+
+    def _set_link(self, attr: str, value: object) -> None:
+        """Set one link attribute, remembering the old value to restore on undo."""
+        what = f"set {attr} {value} on {self.ifname}"
         index, link = self._link(what)
-        old = link.get("address")
-        if old == mac:
+        old = link.get(attr)
+        if old == value:
             return
-        self._do(what, lambda ipr: ipr.link("set", index=index, address=mac))
+        self._do(what, lambda ipr: ipr.link("set", index=index, **{attr: value}))
         if old is not None:
-            desc = f"restore address {old} on {self.ifname}"
+            desc = f"restore {attr} {old} on {self.ifname}"
             self._undo.append(
-                (desc, lambda ipr: ipr.link("set", index=self._index(desc), address=old))
+                (desc, lambda ipr: ipr.link("set", index=self._index(desc), **{attr: old}))
             )
 
     def set_up(self) -> None:

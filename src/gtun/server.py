@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -93,52 +94,39 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
     return specs
 
 
-def bind_udp(cfg: ServerConfig) -> socket.socket:
+def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
+    """A socket of `kind` bound to the listen address.  Raises ConfigError."""
     host, port = cfg.listen
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    name = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    sock = socket.socket(family, kind)
     try:
+        if kind == socket.SOCK_STREAM:
+            # Restarting while old connections sit in TIME_WAIT must not fail.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
     except OSError as exc:
         sock.close()
-        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
-            raise ConfigError(
-                f"cannot listen on UDP {host}:{port}: {exc.strerror}"
-                + (" (another program uses this port)" if exc.errno == 98 else ""),
-                file=cfg.path,
-                key="server.listen",
-            ) from exc
         raise ConfigError(
-            f"cannot listen on UDP {host}:{port}: {exc.strerror}",
+            f"cannot listen on {name} {host}:{port}: {exc.strerror}"
+            + (" (another program uses this port)" if exc.errno == errno.EADDRINUSE else ""),
             file=cfg.path,
             key="server.listen",
         ) from exc
     return sock
+
+
+def bind_udp(cfg: ServerConfig) -> socket.socket:
+    return _bind(cfg, socket.SOCK_DGRAM)
 
 
 def bind_tcp(cfg: ServerConfig) -> socket.socket:
     """The TCP listener on the same host and port as UDP.  Raises ConfigError."""
-    host, port = cfg.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # Restarting while old connections sit in TIME_WAIT must not fail.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on TCP {host}:{port}: {exc.strerror}"
-            + (" (another program uses this port)" if exc.errno == 98 else ""),
-            file=cfg.path,
-            key="server.listen",
-        ) from exc
-    return sock
+    return _bind(cfg, socket.SOCK_STREAM)
 
 
 class Server:
