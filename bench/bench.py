@@ -327,11 +327,7 @@ def wait_tun_up(ns: Namespace, ifname: str) -> None:
 def setup_gtun(lab: Lab, workdir: Path) -> GtunNet:
     net = GtunNet(lab, workdir / "gtun", clients=3, underlay=UNDERLAY, lan=False, nat=False)
     net.set_transport(net.clients[2], "tcp")  # c3 measures the TCP transport
-    net.start_relay()
-    for c in net.clients:
-        net.start_client(c)
-    for c in net.clients:
-        net.wait_configured(c, timeout=CONFIGURE_TIMEOUT)
+    net.start_all(timeout=CONFIGURE_TIMEOUT)
     return net
 
 

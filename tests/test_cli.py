@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -184,19 +183,7 @@ def test_listen_port_in_use(tmp_path: Path) -> None:
     cfg = server_toml(tmp_path, listen="127.0.0.1:9621")
     with Lab("gtc" + os.urandom(2).hex()) as lab:
         ns = lab.add_ns("a")
-        holder = ns.spawn(
-            [
-                sys.executable,
-                "-c",
-                "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
-                "s.bind(('127.0.0.1', 9621)); print('bound', flush=True); time.sleep(60)",
-            ],
-            log_path=tmp_path / "holder.log",
-        )
-        deadline = time.monotonic() + 10
-        while "bound" not in (tmp_path / "holder.log").read_text():
-            assert holder.poll() is None and time.monotonic() < deadline, "holder did not bind"
-            time.sleep(0.05)
+        ns.hold_port("udp", 9621, tmp_path / "holder.log")
         result = ns.run([*GTUN, "server", "-c", str(cfg)], check=False, env=python_env())
     assert result.returncode == 2, result.stderr
     line = one_line_error(result)

@@ -8,9 +8,7 @@ test_doctor.py until the relay's TCP listener lands.)
 
 from __future__ import annotations
 
-import json
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +18,8 @@ import pytest
 
 from gtun.firewall import Nat
 from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import LAN_NET, PORT, GtunNet, Node, write_key
+from gtun.lab import Lab, Namespace
+from gtun.labnet import LAN_NET, PORT, GtunNet, Node, doctor_results, write_key
 
 pytestmark = pytest.mark.netns
 
@@ -32,28 +30,17 @@ UNDERLAY = 238  # 10.238.x.x inside this module's namespaces
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
     with Lab(f"gtd{secrets.token_hex(2)}") as lab:
         gnet = GtunNet(lab, tmp_path_factory.mktemp("doctor"), underlay=UNDERLAY)
-        gnet.start_relay()
-        for c in gnet.clients:
-            gnet.start_client(c)
-        for c in gnet.clients:
-            gnet.wait_configured(c)
+        gnet.start_all()
         yield gnet
 
 
 def doctor(ns: Namespace, config: Path, *extra: str) -> tuple[int, dict[str, dict[str, Any]]]:
     """Run `gtun doctor --json` in `ns`: (exit code, results by check name)."""
     started = time.monotonic()
-    out = ns.run(
-        [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(config), *extra],
-        check=False,
-        timeout=30,
-        env=python_env(),
-    )
+    code, results = doctor_results(ns, config, *extra)
     # The run is bounded: a few seconds even when every probe waits its full time.
-    assert time.monotonic() - started < 15, out.stdout
-    assert out.returncode in (0, 1), out.stderr
-    results = json.loads(out.stdout)
-    return out.returncode, {r["check"]: r for r in results}
+    assert time.monotonic() - started < 15, results
+    return code, results
 
 
 def assert_problem(results: dict[str, dict[str, Any]], check: str, *words: str) -> None:

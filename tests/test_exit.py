@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import PORT, GtunNet, Node
+from gtun.lab import Lab, Namespace
+from gtun.labnet import PORT, GtunNet, Node, doctor_results
 
 pytestmark = pytest.mark.netns
 
@@ -252,13 +252,7 @@ def test_full_tunnel_exits_through_relay_nat(exitnet: ExitNet) -> None:
         assert any(str(e).startswith("10.235.1.2:") for e in endpoints), endpoints
 
         # Doctor looks the endpoint up as the client's marked packets are routed: no loop.
-        out = ns.run(
-            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(x.client.config)],
-            check=False,
-            timeout=30,
-            env=python_env(),
-        )
-        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        _, checks = doctor_results(ns, x.client.config)
         assert "endpoint" not in checks and checks["relay"]["ok"], checks
 
         # IPv6 (not pushed by this relay) does not leak: it is unreachable.

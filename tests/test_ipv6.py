@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from corelink import CoreLink
 from gtun import cli, keys
 from gtun.clientcore import ClientCore
 from gtun.config import load_server_config
@@ -43,53 +44,32 @@ def build_udp6(src: str, dst: str, payload: bytes = b"x") -> bytes:
     return header + IPv6Address(src).packed + IPv6Address(dst).packed + udp
 
 
-class Net6:
+class Net6(CoreLink):
     """A relay with network6 and two gtun clients, wired through memory."""
 
     def __init__(self, network6: IPv6Network | None = NET6) -> None:
-        self.now = 1000.0
-        self.relay = Relay(
-            secrets.token_bytes(32),
-            RelaySettings(
-                network=NET4,
-                relay_address=IPv4Address("10.66.0.1"),
-                mtu=1420,
-                routes=(ip_network("192.168.77.0/24"), LAN6),
-                network6=network6,
+        super().__init__(
+            Relay(
+                secrets.token_bytes(32),
+                RelaySettings(
+                    network=NET4,
+                    relay_address=IPv4Address("10.66.0.1"),
+                    mtu=1420,
+                    routes=(ip_network("192.168.77.0/24"), LAN6),
+                    network6=network6,
+                ),
             ),
+            now=1000.0,
         )
-        self.clients: dict[str, ClientCore] = {}
         specs = []
         for name, host, subnets in (("c1", 2, (SUBNET6,)), ("c2", 3, ())):
             client = ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, name)
-            self.clients[name] = client
+            self.add_client(name, client)
             address = NET4.network_address + host
             v6 = address6_for(NET4, network6, address) if network6 else None
             specs.append(PeerSpec(name, client.wg.public_key, address, subnets, v6))
         self.relay.set_peers(specs)
-        self.tun_in: list[bytes] = []
-        for client in self.clients.values():
-            client.start(self.now)
-        self.pump()
-
-    def pump(self) -> None:
-        for _ in range(50):
-            moved = False
-            for name, client in self.clients.items():
-                for data, _ in client.datagrams_to_send():
-                    self.relay.receive_datagram(data, name, self.now)
-                    moved = True
-                while client.next_event() is not None:
-                    pass
-            for data, addr in self.relay.datagrams_to_send():
-                self.clients[addr].receive_datagram(data, "R", self.now)
-                moved = True
-            self.tun_in.extend(self.relay.tun_writes())
-            while self.relay.next_event() is not None:
-                pass
-            if not moved:
-                return
-        raise AssertionError("link did not settle")
+        self.start()
 
 
 # --- the relay core -----------------------------------------------------------------
@@ -158,13 +138,13 @@ def test_ipv6_routed_peer_to_peer_and_to_tun() -> None:
     packet = build_udp6("fd66:237::2", "fd66:237::3", b"hello v6")
     c1.tun_packet(packet, net.now)
     net.pump()
-    assert c2.tun_writes() == [packet]  # padding trimmed, unchanged
+    assert net.take("c2") == [packet]  # padding trimmed, unchanged
     assert net.tun_in == []
     # From c1's own IPv6 subnet is allowed too.
     from_lan = build_udp6("fd88:237::7", "fd66:237::3")
     c1.tun_packet(from_lan, net.now)
     net.pump()
-    assert c2.tun_writes() == [from_lan]
+    assert net.take("c2") == [from_lan]
     # To the relay's own IPv6 address and to a pushed IPv6 route: into the TUN.
     for dst in ("fd66:237::1", "fd77:237::10"):
         c2.tun_packet(build_udp6("fd66:237::3", dst), net.now)
@@ -179,26 +159,26 @@ def test_ipv6_routed_peer_to_peer_and_to_tun() -> None:
     to_subnet = build_udp6("fd77:237::10", "fd88:237::5")
     net.relay.tun_packet(to_subnet, net.now)
     net.pump()
-    assert c2.tun_writes() == [reply]
-    assert c1.tun_writes() == [to_subnet]
+    assert net.take("c2") == [reply]
+    assert net.take("c1") == [to_subnet]
     net.relay.tun_packet(build_udp6("fd66:237::1", "fd66:237::99"), net.now)
     assert net.relay.drops["no_route"] == 1
 
 
 def test_spoofed_ipv6_source_is_dropped_and_counted() -> None:
     net = Net6()
-    c1, c2 = net.clients["c1"], net.clients["c2"]
+    c1 = net.clients["c1"]
     for src in ("fd66:237::3", "fd66:237::99", "fd77:237::1", "2001:db8::1"):
         c1.tun_packet(build_udp6(src, "fd66:237::3", b"spoof"), net.now)
     net.pump()
     assert net.relay.drops["spoofed"] == 4
     peer = net.relay.peer_by_name("c1")
     assert peer is not None and peer.data.drops == {"spoofed": 4}
-    assert c2.tun_writes() == [] and net.tun_in == []
+    assert net.take("c2") == [] and net.tun_in == []
     # Its own address still goes through.
     c1.tun_packet(build_udp6("fd66:237::2", "fd66:237::3"), net.now)
     net.pump()
-    assert len(c2.tun_writes()) == 1
+    assert len(net.take("c2")) == 1
 
 
 def test_without_network6_ipv6_sources_are_spoofs() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import LAN_NET, PORT, GtunNet, Node
+from gtun.labnet import LAN_NET, PORT, GtunNet, Node, doctor_results, run_gtun
 
 pytestmark = pytest.mark.netns
 
@@ -76,11 +76,8 @@ def net(
         ):
             ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
             ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
-        gnet.start_relay()
+        gnet.start_all()
         for c in gnet.clients:
-            gnet.start_client(c)
-        for c in gnet.clients:
-            gnet.wait_configured(c)
             st = gnet.status(c)
             assert st is not None and st["address6"], st
             c.extra["address6"] = st["address6"].split("/")[0]
@@ -193,66 +190,42 @@ def test_spoofed_ipv6_source_is_dropped_and_counted(net: GtunNet) -> None:
 
 
 def test_status_shows_ipv6_addresses(net: GtunNet) -> None:
-    def gtun_status(*args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "gtun", "status", *args, "-s", str(net.relay.socket)],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            env=python_env(),
-            check=True,
-        ).stdout
+    def gtun_status(node: Node, *args: str) -> str:
+        out = run_gtun(node.ns, "status", *args, "-s", str(node.socket))
+        assert out.returncode == 0, out.stderr
+        return out.stdout
 
-    st = json.loads(gtun_status("--json"))
+    st = json.loads(gtun_status(net.relay, "--json"))
     assert st["address6"] == f"{RELAY6}/64"
     peers = {p["name"]: p for p in st["peers"]}
     for c in net.clients:
         assert peers[c.name]["address6"] == c.extra["address6"]
-    table = gtun_status()
+    table = gtun_status(net.relay)
     assert f"{RELAY6}/64" in table.splitlines()[0]
     for c in net.clients:
         assert f"{c.extra['address']}, {c.extra['address6']}" in table
-    client_table = subprocess.run(
-        [sys.executable, "-m", "gtun", "status", "-s", str(net.clients[0].socket)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=True,
-    ).stdout
+    client_table = gtun_status(net.clients[0])
     assert f"{net.clients[0].extra['address6']}/64" in client_table.splitlines()[0]
-
-
-STOCK_SOCKETS = Path("/var/run/wireguard")
 
 
 def test_doctor_checks_the_ipv6_addresses(net: GtunNet) -> None:
     for node in (net.relay, net.clients[0]):
-        out = node.ns.run(
-            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(node.config)],
-            check=False,
-            timeout=30,
-            env=python_env(),
-        )
-        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        _, checks = doctor_results(node.ns, node.config)
         assert checks["address6"]["ok"], checks
     # Take c1's IPv6 address away: doctor names it, with the command that puts it back.
     c1 = net.clients[0]
     want = f"{c1.extra['address6']}/64"
     c1.ns.run(["ip", "-6", "addr", "del", want, "dev", "gtun0"])
     try:
-        out = c1.ns.run(
-            [sys.executable, "-m", "gtun", "doctor", "--json", "-c", str(c1.config)],
-            check=False,
-            timeout=30,
-            env=python_env(),
-        )
-        assert out.returncode == 1
-        checks = {r["check"]: r for r in json.loads(out.stdout)}
+        code, checks = doctor_results(c1.ns, c1.config)
+        assert code == 1
         assert not checks["address6"]["ok"]
         assert checks["address6"]["fix"] == f"ip addr add {want} dev gtun0"
     finally:
         c1.ns.run(["ip", "-6", "addr", "add", want, "dev", "gtun0", "nodad"], check=False)
+
+
+STOCK_SOCKETS = Path("/var/run/wireguard")
 
 
 def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Path) -> None:

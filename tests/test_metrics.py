@@ -11,7 +11,6 @@ import json
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
@@ -22,12 +21,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gtun
+from corelink import CoreLink
 from gtun import metrics
 from gtun.clientcore import CLIENT_DROP_REASONS, ClientCore
 from gtun.errors import ConfigError
 from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, write_key
+from gtun.lab import Lab, Namespace
+from gtun.labnet import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
 from gtun.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
 from gtun.packet import build_icmp_echo
 from gtun.relay import RELAY_DROP_REASONS, PeerSpec, Relay, RelaySettings
@@ -57,55 +57,29 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 # --- tier 1: the collector over real cores ----------------------------------------------
 
 
-class Link:
+class Link(CoreLink):
     """A relay at "R" and gtun clients at their names, datagrams delivered until quiet."""
 
     def __init__(self) -> None:
-        self.now = 500.0
-        self.relay = Relay(
-            secrets.token_bytes(32),
-            RelaySettings(
-                network=IPv4Network("10.66.0.0/24"),
-                relay_address=IPv4Address("10.66.0.1"),
-                mtu=1420,
+        super().__init__(
+            Relay(
+                secrets.token_bytes(32),
+                RelaySettings(
+                    network=IPv4Network("10.66.0.0/24"),
+                    relay_address=IPv4Address("10.66.0.1"),
+                    mtu=1420,
+                ),
+                wall_offset=1_700_000_000.0,
             ),
-            wall_offset=1_700_000_000.0,
+            now=500.0,
         )
-        self.clients: dict[str, ClientCore] = {}
         specs = []
         for i, name in enumerate(("c1", "c2"), start=2):
-            client = ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, "R")
-            self.clients[name] = client
+            client = self.add_client(
+                name, ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, "R")
+            )
             specs.append(PeerSpec(name, client.wg.public_key, IPv4Address(f"10.66.0.{i}")))
         self.relay.set_peers(specs)
-
-    def clock(self) -> float:
-        return self.now
-
-    def pump(self) -> None:
-        for _ in range(50):
-            moved = False
-            for name, client in self.clients.items():
-                for data, _ in client.datagrams_to_send():
-                    self.relay.receive_datagram(data, name, self.now)
-                    moved = True
-                while client.next_event() is not None:
-                    pass
-                client.tun_writes()
-            for data, addr in self.relay.datagrams_to_send():
-                self.clients[addr].receive_datagram(data, "R", self.now)
-                moved = True
-            while self.relay.next_event() is not None:
-                pass
-            self.relay.tun_writes()
-            if not moved:
-                return
-        raise AssertionError("link did not settle")
-
-    def connect(self) -> None:
-        for client in self.clients.values():
-            client.start(self.now)
-        self.pump()
 
     def key(self, name: str) -> str:
         return encode_key(self.clients[name].wg.public_key)
@@ -135,7 +109,7 @@ def test_relay_metrics_follow_the_cores_counters() -> None:
     )
     assert info == 1
 
-    link.connect()
+    link.start()
     link.now += 1
     ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 7, 1, b"hello")
     for _ in range(3):
@@ -224,7 +198,7 @@ def test_client_metrics() -> None:
     before = scrape(collector)
     assert value(before, "gtun_connected") == 0 and value(before, "gtun_configured") == 0
     assert value(before, "gtun_peers") == 1 and value(before, "gtun_peers_connected") == 0
-    link.connect()
+    link.start()
     client.tun_packet(b"\x45junk", link.now)  # not an IP packet it can send
     after = scrape(collector)
     assert value(after, "gtun_connected") == 1 and value(after, "gtun_configured") == 1
@@ -400,8 +374,6 @@ def test_endpoint_port_in_use_is_a_config_error() -> None:
 
 # --- tier 3: real processes in namespaces -----------------------------------------------
 
-GTUN = [sys.executable, "-m", "gtun"]
-
 
 def _one_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
@@ -431,20 +403,11 @@ def test_gtun_exits_2_when_the_metrics_port_is_taken(tmp_path: Path) -> None:
         f'metrics_listen = "127.0.0.1:{METRICS_PORT}"\n'
         f'control_socket = "{tmp_path / "client.sock"}"\n'
     )
-    holder_code = (
-        "import socket,time; s=socket.socket(); "
-        f"s.bind(('127.0.0.1', {METRICS_PORT})); s.listen(); print('bound', flush=True); "
-        "time.sleep(60)"
-    )
     with Lab(f"gtm{secrets.token_hex(2)}") as lab:
         ns = lab.add_ns("a")
-        holder = ns.spawn([sys.executable, "-c", holder_code], log_path=tmp_path / "holder.log")
-        deadline = time.monotonic() + 10
-        while "bound" not in (tmp_path / "holder.log").read_text():
-            assert holder.poll() is None and time.monotonic() < deadline, "holder did not bind"
-            time.sleep(0.05)
-        server = ns.run([*GTUN, "server", "-c", str(server_toml)], check=False, env=python_env())
-        client = ns.run([*GTUN, "client", "-c", str(client_toml)], check=False, env=python_env())
+        ns.hold_port("tcp", METRICS_PORT, tmp_path / "holder.log")
+        server = run_gtun(ns, "server", "-c", str(server_toml))
+        client = run_gtun(ns, "client", "-c", str(client_toml))
         links = ns.run(["ip", "-o", "link"]).stdout
     assert server.returncode == 2, server.stderr
     line = _one_line(server)
@@ -462,11 +425,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
         gnet = GtunNet(
             lab, tmp_path_factory.mktemp("metrics"), underlay=UNDERLAY, lan=False, metrics=True
         )
-        gnet.start_relay()
-        for c in gnet.clients:
-            gnet.start_client(c)
-        for c in gnet.clients:
-            gnet.wait_configured(c)
+        gnet.start_all()
         yield gnet
 
 
@@ -578,28 +537,17 @@ def test_counters_move_with_traffic_and_drops(net: GtunNet) -> None:
     assert spoofed(dropped, "c2") == spoofed(before, "c2")
 
     # `gtun status` shows the same counters, in total and per peer.
-    status = subprocess.run(
-        [*GTUN, "status", "-s", str(net.relay.socket)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=True,
-    ).stdout
+    def gtun_status(*args: str) -> str:
+        out = run_gtun(net.relay.ns, "status", *args, "-s", str(net.relay.socket))
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    status = gtun_status()
     total = int(spoofed(dropped))
     assert f"spoofed {total}" in status.split("drops:", 1)[1].splitlines()[0], status
     assert f"drops from c1: spoofed {int(spoofed(dropped, 'c1'))}" in status, status
     assert "drops from c2" not in status, status
-    st = json.loads(
-        subprocess.run(
-            [*GTUN, "status", "--json", "-s", str(net.relay.socket)],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            env=python_env(),
-            check=True,
-        ).stdout
-    )
+    st = json.loads(gtun_status("--json"))
     assert st["drops"]["spoofed"] == total
     assert st["drops"]["mac1"] == wg(dropped, "mac1")
     assert next(p for p in st["peers"] if p["name"] == "c1")["drops"]["spoofed"] == total

@@ -12,31 +12,33 @@ from ipaddress import IPv4Address, IPv4Network, ip_network
 
 import pytest
 
+from corelink import CoreLink
 from gtun import tunnelmsg as tm
 from gtun.clientcore import ClientCore, ConfigReceived, Connected, Refused
 from gtun.packet import build_icmp_echo, build_udp4, parse_addresses
 from gtun.relay import PeerSpec, Relay, RelaySettings, parse_pushed_config
-from gtun.wg import PacketReceived, WireGuard
+from gtun.wg import WireGuard
 
 
-class Net:
-    """Relay at "R", nodes at their names; datagrams delivered until quiet."""
+class Net(CoreLink):
+    """Relay at "R", two gtun clients at their names, a stock peer at "S"."""
 
     def __init__(self, mode: str = "tun") -> None:
-        self.now = 1000.0
         self.relay_key = secrets.token_bytes(32)
-        self.relay = Relay(
-            self.relay_key,
-            RelaySettings(
-                network=IPv4Network("10.66.0.0/24"),
-                relay_address=IPv4Address("10.66.0.1"),
-                mtu=1420,
-                routes=(ip_network("192.168.77.0/24"),),
-                dns=(IPv4Address("10.66.0.1"),),
-                mode=mode,
+        super().__init__(
+            Relay(
+                self.relay_key,
+                RelaySettings(
+                    network=IPv4Network("10.66.0.0/24"),
+                    relay_address=IPv4Address("10.66.0.1"),
+                    mtu=1420,
+                    routes=(ip_network("192.168.77.0/24"),),
+                    dns=(IPv4Address("10.66.0.1"),),
+                    mode=mode,
+                ),
             ),
+            now=1000.0,
         )
-        self.clients: dict[str, ClientCore] = {}
         self.stock_key = secrets.token_bytes(32)
         self.stock = WireGuard(self.stock_key)
         self.stock_peer = self.stock.add_peer(self.relay.wg.public_key, endpoint="R")
@@ -48,51 +50,15 @@ class Net:
             key = secrets.token_bytes(32)
             client = ClientCore(key, self.relay.wg.public_key, "R", mode="tun")
             spec.public_key = client.wg.public_key
-            self.clients[spec.name] = client
+            self.add_client(spec.name, client)
         specs.append(PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9")))
         self.specs = specs
         self.relay.set_peers(specs)
-        self.tun_in: list[bytes] = []  # what the relay wrote into its TUN
-        self.stock_got: list[bytes] = []
-        self.events: dict[str, list[object]] = {name: [] for name in self.clients}
-
-    def pump(self) -> None:
-        for _ in range(50):
-            moved = False
-            for name, client in self.clients.items():
-                for data, _ in client.datagrams_to_send():
-                    self.relay.receive_datagram(data, name, self.now)
-                    moved = True
-                while (ev := client.next_event()) is not None:
-                    self.events[name].append(ev)
-            for data, _ in self.stock.datagrams_to_send():
-                self.relay.receive_datagram(data, "S", self.now)
-                moved = True
-            while (ev := self.stock.next_event()) is not None:
-                if isinstance(ev, PacketReceived):
-                    self.stock_got.append(ev.data)
-            for data, addr in self.relay.datagrams_to_send():
-                if addr == "S":
-                    self.stock.receive_datagram(data, "R", self.now)
-                else:
-                    self.clients[addr].receive_datagram(data, "R", self.now)
-                moved = True
-            self.tun_in.extend(self.relay.tun_writes())
-            while self.relay.next_event() is not None:
-                pass
-            if not moved:
-                return
-        raise AssertionError("link did not settle")
-
-    def connect_all(self) -> None:
-        for client in self.clients.values():
-            client.start(self.now)
-        self.pump()
 
 
 def test_clients_get_their_config_pushed() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     c1 = net.clients["c1"]
     assert c1.connected and c1.config is not None
     assert c1.config.address == IPv4Address("10.66.0.2")
@@ -111,11 +77,11 @@ def test_clients_get_their_config_pushed() -> None:
 
 def test_client_to_client_goes_directly_and_to_tun_otherwise() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 7, 1, b"hello")
     net.clients["c1"].tun_packet(ping, net.now)
     net.pump()
-    assert net.clients["c2"].tun_writes() == [ping]  # padding trimmed, unchanged
+    assert net.take("c2") == [ping]  # padding trimmed, unchanged
     assert net.tun_in == []
     to_lan = build_udp4("10.66.0.2", "192.168.77.10", 1000, 53, b"q")
     net.clients["c1"].tun_packet(to_lan, net.now)
@@ -125,14 +91,14 @@ def test_client_to_client_goes_directly_and_to_tun_otherwise() -> None:
     to_subnet = build_udp4("192.168.77.10", "192.168.88.5", 53, 1000, b"a")
     net.relay.tun_packet(to_subnet, net.now)
     net.pump()
-    assert net.clients["c1"].tun_writes() == [to_subnet]
+    assert net.take("c1") == [to_subnet]
     net.relay.tun_packet(build_udp4("10.66.0.1", "10.66.0.200", 1, 2, b"x"), net.now)
     assert net.relay.drops["no_route"] == 1
 
 
 def test_spoofed_source_is_dropped_and_counted() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     spoof = build_icmp_echo("10.66.0.3", "10.66.0.9", 1, 1, b"spoof")  # c1 claims c2
     net.clients["c1"].tun_packet(spoof, net.now)
     net.pump()
@@ -144,7 +110,7 @@ def test_spoofed_source_is_dropped_and_counted() -> None:
     ok = build_udp4("192.168.88.7", "10.66.0.3", 1, 2, b"lan")
     net.clients["c1"].tun_packet(ok, net.now)
     net.pump()
-    assert net.clients["c2"].tun_writes() == [ok]
+    assert net.take("c2") == [ok]
     # A peer sending to its own address is a loop, not forwarded.
     net.clients["c1"].tun_packet(build_udp4("10.66.0.2", "10.66.0.2", 1, 2, b"me"), net.now)
     net.pump()
@@ -153,7 +119,7 @@ def test_spoofed_source_is_dropped_and_counted() -> None:
 
 def test_stock_peer_gets_only_ip_packets() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 1, b"p"), 0)
     net.pump()
     assert len(net.tun_in) == 1  # the stock peer's ping reached the relay's TUN
@@ -169,7 +135,7 @@ def test_stock_peer_gets_only_ip_packets() -> None:
 
 def test_mode_mismatch_is_refused() -> None:
     net = Net(mode="tap")
-    net.connect_all()
+    net.start()
     refused = [e for e in net.events["c1"] if isinstance(e, Refused)]
     assert refused and "tap" in refused[0].reason
     assert net.clients["c1"].config is None
@@ -177,7 +143,7 @@ def test_mode_mismatch_is_refused() -> None:
 
 def test_malformed_tunnel_messages_are_counted() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     c1 = net.clients["c1"]
     for junk in (b"\x00", b"\x00gt\x01\x63\x00\x01x", b"\x00gt\x01\x01\xff\xffxx", b"\x00zz"):
         c1.wg.send(c1.server, junk, net.now)
@@ -188,7 +154,7 @@ def test_malformed_tunnel_messages_are_counted() -> None:
 
 def test_reload_keeps_sessions_of_unchanged_peers() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     c2_peer = net.relay.peer_by_name("c2")
     assert c2_peer is not None and c2_peer.current is not None
     session = c2_peer.current
@@ -198,7 +164,7 @@ def test_reload_keeps_sessions_of_unchanged_peers() -> None:
     # c1 is gone: its packets no longer authenticate at the relay.
     net.clients["c1"].tun_packet(build_udp4("10.66.0.2", "10.66.0.3", 1, 2, b"x"), net.now)
     net.pump()
-    assert net.clients["c2"].tun_writes() == []
+    assert net.take("c2") == []
 
 
 def test_tunnel_message_codec() -> None:
@@ -234,7 +200,7 @@ def test_bad_pushed_config_is_rejected(payload: dict[str, object]) -> None:
 
 def test_link_scoped_traffic_is_not_routed() -> None:
     net = Net()
-    net.connect_all()
+    net.start()
     c1 = net.clients["c1"]
     received = net.relay.wg.peers[c1.wg.public_key].rx_packets
     # An IPv6 router solicitation from a link-local source, as the kernel sends.
@@ -254,6 +220,6 @@ def test_oversized_configuration_is_refused_not_raised() -> None:
     net.relay.settings.routes = tuple(
         ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(1000)
     )
-    net.connect_all()
+    net.start()
     refused = [e for e in net.events["c1"] if isinstance(e, Refused)]
     assert refused and "too large" in refused[0].reason

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -23,8 +22,8 @@ import pytest
 
 from gtun.keys import public_key
 from gtun.l2frame import mac_for_key
-from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import LAN_NET, GtunNet, Node
+from gtun.lab import Lab, Namespace
+from gtun.labnet import LAN_NET, GtunNet, Node, run_gtun
 
 pytestmark = pytest.mark.netns
 
@@ -52,11 +51,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
         c2.ns.run(["ip", "addr", "add", f"{SUBNET}.1/32", "dev", "lo"])
         with c3.config.open("a") as f:
             f.write('mode = "tun"\n')
-        gnet.start_relay()
-        for c in (c1, c2):
-            gnet.start_client(c)
-        for c in (c1, c2):
-            gnet.wait_configured(c)
+        gnet.start_all([c1, c2])
         yield gnet
 
 
@@ -270,14 +265,7 @@ def test_tun_client_against_tap_relay_is_refused_clearly(net: GtunNet) -> None:
 
 
 def test_peer_add_on_a_tap_relay_is_refused(net: GtunNet) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "gtun", "peer", "add", "bob", "-c", str(net.relay.config)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=False,
-    )
+    out = run_gtun(net.relay.ns, "peer", "add", "bob", "-c", str(net.relay.config))
     assert out.returncode == 2, out
     assert "tap mode" in out.stderr and "stock WireGuard peers" in out.stderr
     assert out.stdout == ""

@@ -7,11 +7,12 @@ from __future__ import annotations
 import secrets
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
+from corelink import CoreLink
 from gtun import l2frame
 from gtun.clientcore import ClientCore, Refused
 from gtun.packet import build_icmp_echo
 from gtun.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay, RelaySettings
-from gtun.wg import PacketReceived, WireGuard
+from gtun.wg import WireGuard
 
 MAC1 = bytes.fromhex("02aa00000001")
 MAC2 = bytes.fromhex("02aa00000002")
@@ -23,27 +24,26 @@ def eth(dst: bytes, src: bytes, payload: bytes = b"p" * 46) -> bytes:
     return dst + src + b"\x08\x06" + payload
 
 
-class Net:
+class Net(CoreLink):
     """Relay at "R" in TAP mode; clients c1 (follows the relay's mode), c2 ("tap"),
     c3 ("tun"); a stock WireGuard peer at "S"."""
 
     def __init__(self) -> None:
-        self.now = 1000.0
-        self.relay = Relay(
-            secrets.token_bytes(32),
-            RelaySettings(
-                network=IPv4Network("10.66.0.0/24"),
-                relay_address=IPv4Address("10.66.0.1"),
-                mtu=1420,
-                mode="tap",
+        super().__init__(
+            Relay(
+                secrets.token_bytes(32),
+                RelaySettings(
+                    network=IPv4Network("10.66.0.0/24"),
+                    relay_address=IPv4Address("10.66.0.1"),
+                    mtu=1420,
+                    mode="tap",
+                ),
             ),
+            now=1000.0,
         )
         relay_pub = self.relay.wg.public_key
-        self.clients = {
-            "c1": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode=None),
-            "c2": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode="tap"),
-            "c3": ClientCore(secrets.token_bytes(32), relay_pub, "R", mode="tun"),
-        }
+        for name, mode in (("c1", None), ("c2", "tap"), ("c3", "tun")):
+            self.add_client(name, ClientCore(secrets.token_bytes(32), relay_pub, "R", mode=mode))
         self.stock = WireGuard(secrets.token_bytes(32))
         self.stock_peer = self.stock.add_peer(relay_pub, endpoint="R")
         specs = [
@@ -52,55 +52,16 @@ class Net:
         ]
         specs.append(PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9")))
         self.relay.set_peers(specs)
-        self.tap_in: list[bytes] = []  # what the relay wrote into its TAP
-        self.stock_got: list[bytes] = []
-        self.events: dict[str, list[object]] = {name: [] for name in self.clients}
-        self.relay_events: list[object] = []
-        self.got: dict[str, list[bytes]] = {name: [] for name in self.clients}
 
     def peer(self, name: str):  # type: ignore[no-untyped-def]
         peer = self.relay.peer_by_name(name)
         assert peer is not None
         return peer
 
-    def pump(self) -> None:
-        for _ in range(50):
-            moved = False
-            for name, client in self.clients.items():
-                for data, _ in client.datagrams_to_send():
-                    self.relay.receive_datagram(data, name, self.now)
-                    moved = True
-                while (ev := client.next_event()) is not None:
-                    self.events[name].append(ev)
-                self.got[name].extend(client.tun_writes())
-            for data, _ in self.stock.datagrams_to_send():
-                self.relay.receive_datagram(data, "S", self.now)
-                moved = True
-            while (ev := self.stock.next_event()) is not None:
-                if isinstance(ev, PacketReceived):
-                    self.stock_got.append(ev.data)
-            for data, addr in self.relay.datagrams_to_send():
-                if addr == "S":
-                    self.stock.receive_datagram(data, "R", self.now)
-                else:
-                    self.clients[addr].receive_datagram(data, "R", self.now)
-                moved = True
-            self.tap_in.extend(self.relay.tun_writes())
-            while (ev := self.relay.next_event()) is not None:
-                self.relay_events.append(ev)
-            if not moved:
-                return
-        raise AssertionError("link did not settle")
-
-    def connect(self, *names: str) -> None:
-        for name in names:
-            self.clients[name].start(self.now)
-        self.pump()
-
 
 def test_clients_follow_or_choose_tap_and_a_tun_client_is_refused() -> None:
     net = Net()
-    net.connect("c1", "c2", "c3")
+    net.start("c1", "c2", "c3")
     c1, c2, c3 = net.clients["c1"], net.clients["c2"], net.clients["c3"]
     assert c1.config is not None and c1.config.mode == "tap" and c1.device_mode == "tap"
     assert c2.config is not None and c2.device_mode == "tap"
@@ -118,19 +79,19 @@ def test_clients_follow_or_choose_tap_and_a_tun_client_is_refused() -> None:
 
 def test_frames_are_switched_between_clients_and_the_relay_tap() -> None:
     net = Net()
-    net.connect("c1", "c2")
+    net.start("c1", "c2")
     c1, c2 = net.clients["c1"], net.clients["c2"]
     # An ARP request from c1 is flooded: to c2 and into the relay's TAP.
     request = eth(BROADCAST, MAC1)
     c1.tun_packet(request, net.now)
     net.pump()
-    assert net.got["c2"] == [request] and net.tap_in == [request]
+    assert net.got["c2"] == [request] and net.tun_in == [request]
     assert net.got["c1"] == []
     # c2's answer goes to c1 only: MAC1 was learned.
     reply = eth(MAC1, MAC2)
     c2.tun_packet(reply, net.now)
     net.pump()
-    assert net.got["c1"] == [reply] and net.tap_in == [request]
+    assert net.got["c1"] == [reply] and net.tun_in == [request]
     # From the relay's TAP to c2 only, and c2 to the relay only.
     net.relay.tun_packet(eth(BROADCAST, MAC_RELAY), net.now)
     net.pump()
@@ -140,12 +101,12 @@ def test_frames_are_switched_between_clients_and_the_relay_tap() -> None:
     assert net.got["c2"][-1] == to_c2 and len(net.got["c1"]) == 2
     c2.tun_packet(eth(MAC_RELAY, MAC2), net.now)
     net.pump()
-    assert net.tap_in[-1] == eth(MAC_RELAY, MAC2) and len(net.got["c1"]) == 2
+    assert net.tun_in[-1] == eth(MAC_RELAY, MAC2) and len(net.got["c1"]) == 2
 
 
 def test_stolen_mac_is_dropped_and_counted_per_peer() -> None:
     net = Net()
-    net.connect("c1", "c2")
+    net.start("c1", "c2")
     c1, c2 = net.clients["c1"], net.clients["c2"]
     c1.tun_packet(eth(BROADCAST, MAC1), net.now)
     net.pump()
@@ -155,7 +116,7 @@ def test_stolen_mac_is_dropped_and_counted_per_peer() -> None:
     net.pump()
     assert net.peer("c2").data.drops == {"mac_stolen": 3, "bad_mac": 1}
     assert net.relay.drops["mac_stolen"] == 3 and net.relay.drops["bad_mac"] == 1
-    assert net.got["c1"] == [] and len(net.tap_in) == 1
+    assert net.got["c1"] == [] and len(net.tun_in) == 1
     # The relay's own TAP cannot use a peer's address either.
     net.relay.tun_packet(eth(BROADCAST, MAC1), net.now)
     net.pump()
@@ -164,7 +125,7 @@ def test_stolen_mac_is_dropped_and_counted_per_peer() -> None:
 
 def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
     net = Net()
-    net.connect("c1")
+    net.start("c1")
     net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 1, b"p"), 0)
     net.pump()
     net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 1, 2, b"p"), 0)
@@ -173,7 +134,7 @@ def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
     assert stock.data.drops == {"not_frame": 2} and not stock.data.is_gtun
     said = [e for e in net.relay_events if isinstance(e, PeerRefused) and e.peer is stock]
     assert len(said) == 1 and "stock WireGuard peers" in said[0].reason  # once only
-    assert net.tap_in == []
+    assert net.tun_in == []
     net.clients["c1"].tun_packet(eth(BROADCAST, MAC1), net.now)
     net.relay.tun_packet(eth(BROADCAST, MAC_RELAY), net.now)
     net.pump()
@@ -182,7 +143,7 @@ def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
 
 def test_bad_frames_from_a_peer_are_counted() -> None:
     net = Net()
-    net.connect("c1")
+    net.start("c1")
     c1 = net.clients["c1"]
     for junk in (
         b"\x00gt\x02\x00\x0d" + bytes(13),  # runt
@@ -198,7 +159,7 @@ def test_bad_frames_from_a_peer_are_counted() -> None:
         "malformed": 1,
         "not_frame": 1,
     }
-    assert net.tap_in == []
+    assert net.tun_in == []
     # The client bounds what it reads from its own TAP, too.
     c1.tun_packet(b"\x02" * 13, net.now)
     c1.tun_packet(bytes(l2frame.max_frame_for(1420) + 1), net.now)
@@ -210,7 +171,7 @@ def test_tap_client_drops_ip_packets_and_unconfigured_frames() -> None:
     c1 = net.clients["c1"]
     c1.tun_packet(eth(BROADCAST, MAC1), net.now)
     assert c1.drops["not_configured"] == 1
-    net.connect("c1")
+    net.start("c1")
     peer = net.peer("c1")
     net.relay.wg.send(peer, build_icmp_echo("10.66.0.1", "10.66.0.2", 1, 1, b"ip"), net.now)
     net.pump()
@@ -219,7 +180,7 @@ def test_tap_client_drops_ip_packets_and_unconfigured_frames() -> None:
 
 def test_removed_peer_leaves_the_switch() -> None:
     net = Net()
-    net.connect("c1", "c2")
+    net.start("c1", "c2")
     net.clients["c1"].tun_packet(eth(BROADCAST, MAC1), net.now)
     net.pump()
     sw = net.relay.switch
@@ -260,7 +221,7 @@ def arp(src: bytes, sender: str, target: str, *, vlan: bool = False) -> bytes:
 
 def test_peer_speaks_only_for_its_own_ipv4_addresses() -> None:
     net = Net()
-    net.connect("c1", "c2")
+    net.start("c1", "c2")
     c1 = net.clients["c1"]
     ok = [
         arp(MAC1, "10.66.0.2", "10.66.0.1"),  # its own address
@@ -312,7 +273,7 @@ def test_peer_speaks_only_for_its_own_ipv6_addresses() -> None:
             for i, (name, c) in enumerate(net.clients.items(), start=2)
         ]
     )
-    net.connect("c1", "c2")
+    net.start("c1", "c2")
     c1 = net.clients["c1"]
     echo = bytes([128, 0, 0, 0, 0, 1, 0, 1]) + b"hi"
     ok = [

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from gtun.keys import encode_key, generate_private_key
-from gtun.lab import Lab, python_env
-from gtun.labnet import LAN_NET, PORT, GtunNet
+from gtun.lab import Lab
+from gtun.labnet import LAN_NET, PORT, GtunNet, run_gtun
 
 pytestmark = pytest.mark.netns
 
@@ -299,22 +299,8 @@ def test_tcp_port_in_use_is_a_clear_config_error(lab: Lab, tmp_path: Path) -> No
         f'control_socket = "{tmp_path / "server.sock"}"\n'
     )
     ns = lab.add_ns("a")
-    holder = ns.spawn(
-        [
-            sys.executable,
-            "-c",
-            "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 9621)); s.listen();"
-            "print('bound', flush=True); time.sleep(60)",
-        ],
-        log_path=tmp_path / "holder.log",
-    )
-    deadline = time.monotonic() + 10
-    while "bound" not in (tmp_path / "holder.log").read_text():
-        assert holder.poll() is None and time.monotonic() < deadline, "holder did not bind"
-        time.sleep(0.05)
-    result = ns.run(
-        [sys.executable, "-m", "gtun", "server", "-c", str(cfg)], check=False, env=python_env()
-    )
+    ns.hold_port("tcp", 9621, tmp_path / "holder.log")
+    result = run_gtun(ns, "server", "-c", str(cfg))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

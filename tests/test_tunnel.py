@@ -29,11 +29,7 @@ UNDERLAY = 232  # 10.232.x.x inside this module's namespaces
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
     with Lab(f"gtt{secrets.token_hex(2)}") as lab:
         gnet = GtunNet(lab, tmp_path_factory.mktemp("tunnel"), underlay=UNDERLAY)
-        gnet.start_relay()
-        for c in gnet.clients:
-            gnet.start_client(c)
-        for c in gnet.clients:
-            gnet.wait_configured(c)
+        gnet.start_all()
         yield gnet
 
 

@@ -22,9 +22,10 @@ from typing import Any
 from gtun.control import query
 from gtun.errors import GtunError
 from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace
+from gtun.lab import Lab, Namespace, python_env
 
 PORT = 9621
+GTUN = (sys.executable, "-m", "gtun")  # the command, run from this checkout
 METRICS_PORT = 9622  # the relay's metrics_listen (127.0.0.1) when GtunNet(metrics=True)
 CLIENT_METRICS_PORT = 9623  # each client's, on its own namespace's loopback
 LAN_NET = "192.168.77"
@@ -51,6 +52,23 @@ def write_key(path: Path, key: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(encode_key(key) + "\n")
+
+
+def run_gtun(ns: Namespace, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a `gtun` command (status, doctor, ...) from this checkout in namespace `ns`;
+    its exit code is the caller's to check."""
+    return ns.run([*GTUN, *args], check=False, timeout=timeout, env=python_env())
+
+
+def doctor_results(
+    ns: Namespace, config: Path, *extra: str
+) -> tuple[int, dict[str, dict[str, Any]]]:
+    """`gtun doctor --json` in `ns`: (exit code, results by check name).  Raises
+    RuntimeError when doctor itself failed (an exit code other than 0 or 1)."""
+    out = run_gtun(ns, "doctor", "--json", "-c", str(config), *extra)
+    if out.returncode not in (0, 1):
+        raise RuntimeError(f"gtun doctor exited with {out.returncode}: {out.stderr.strip()}")
+    return out.returncode, {r["check"]: r for r in json.loads(out.stdout)}
 
 
 class GtunNet:
@@ -147,7 +165,7 @@ class GtunNet:
     # --- processes ---------------------------------------------------------------------
 
     def _gtun(self, node: Node, role: str) -> None:
-        cmd = [sys.executable, "-m", "gtun"]
+        cmd = list(GTUN)
         if self.debug:
             cmd.append("--debug")
         cmd += [role, "-c", str(node.config)]
@@ -156,6 +174,16 @@ class GtunNet:
     def start_relay(self, timeout: float = 10.0) -> None:
         self._gtun(self.relay, "server")
         self.wait_status(self.relay, lambda s: True, timeout, "relay to start")
+
+    def start_all(self, clients: list[Node] | None = None, timeout: float = 20.0) -> None:
+        """Start the relay, then `clients` (default: all), and wait until each client is
+        configured."""
+        clients = self.clients if clients is None else clients
+        self.start_relay()
+        for c in clients:
+            self.start_client(c)
+        for c in clients:
+            self.wait_configured(c, timeout=timeout)
 
     def start_client(self, node: Node, transport: str | None = None) -> None:
         """Start `node`'s client; `transport` ("udp", "tcp", "auto") is written into its
