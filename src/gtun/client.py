@@ -333,7 +333,8 @@ class Client:
         assert self.tun is not None
         if self.applied is not None:
             log.info("the relay changed this client's configuration; reapplying")
-            self.unconfigure()
+        if self.link is not None:
+            self.unconfigure()  # also what an interrupted earlier configure left
         link = LinkConfig(self.tun.name)
         self.link = link
         link.set_mtu(config.mtu)
@@ -360,8 +361,6 @@ class Client:
                 link.add_route(route, gateway=gateway)
             elif ipv6:
                 link.add_route(route, gateway=gateway6)
-        self.applied = config
-        self.ipv6 = ipv6
         if self.full_tunnel is not None:
             # The relay's IPv6 push (when there is one) routes IPv6 into the tunnel too;
             # otherwise the full tunnel makes IPv6 unreachable rather than leak it.
@@ -380,6 +379,10 @@ class Client:
             )
         else:
             self.apply_dns(config)
+        # Last: status (read by another thread) reports the address only once all of the
+        # configuration is in place, and `ipv6` before `applied` for the same reason.
+        self.ipv6 = ipv6
+        self.applied = config
         log.info(
             "configured %s: %s/%d%s, mtu %d, routes %s%s",
             self.tun.name,

@@ -540,6 +540,7 @@ class FullTunnel:
         self.proc_sys = proc_sys
         self.resolv = resolv
         self.state: ExitState | None = None
+        self._complete = False  # every rule, route and DNS change is in place
 
     @classmethod
     def prepare(cls, device: str, state_path: Path, config_file: Path) -> FullTunnel:
@@ -547,7 +548,9 @@ class FullTunnel:
 
     @property
     def active(self) -> bool:
-        return self.state is not None
+        """True once `apply` has finished (status is read from another thread while it
+        runs: a half-applied tunnel is not reported as up)."""
+        return self.state is not None and self._complete
 
     def apply(
         self,
@@ -586,6 +589,7 @@ class FullTunnel:
         self.state = state
         try:
             self._apply(state, addresses, dns)
+            self._complete = True
         except GtunError:
             with contextlib.suppress(GtunError):
                 self.undo()
@@ -652,6 +656,7 @@ class FullTunnel:
         if state is None:
             return
         self.state = None
+        self._complete = False
         _, problems = undo_state(state, self.proc_sys)
         if problems:
             raise RuntimeFailure(
