@@ -325,3 +325,39 @@ def test_failed_apply_undoes_what_it_did(exitnet: ExitNet, tmp_path: Path) -> No
     assert "no state file" in out.stdout
     assert resolv.read_text() == "nameserver 192.0.2.1\n"
     assert_restored(x)
+
+
+NEW_DNS = "198.51.100.54"
+
+
+def test_relay_config_change_reapplies_the_full_tunnel(exitnet: ExitNet) -> None:
+    # The relay comes back with other DNS servers: the client takes its configuration
+    # down and up again, and the full tunnel with it (rules, DNS, the state file).
+    x = exitnet
+    relay = x.net.relay
+    original = relay.config.read_text()
+    start_full_tunnel(x)
+    try:
+        x.net.stop(relay)
+        relay.config.write_text(original.replace(PUSHED_DNS, NEW_DNS))
+        x.net.start_relay()
+        x.net.wait_status(
+            x.client,
+            lambda s: s.get("dns") == [NEW_DNS] and bool(s.get("full_tunnel")),
+            45.0,
+            "the client to apply the relay's new configuration",
+        )
+        ns = x.client.ns
+        seen = ns.run(["cat", "/etc/resolv.conf"]).stdout
+        assert f"nameserver {NEW_DNS}" in seen and PUSHED_DNS not in seen, seen
+        assert "192.0.2.53" not in seen
+        state = json.loads(x.state_file.read_text())
+        assert f"dev gtun0 table {state['table']}" in ns.run(["ip", "route", "get", INET]).stdout
+        assert ns.run(["ip", "-4", "rule"]).stdout.count("suppress_prefixlength 0") == 1
+        assert ask_peer(x) == RELAY_INET
+    finally:
+        x.net.stop(x.client)
+        x.net.stop(relay)
+        relay.config.write_text(original)
+        x.net.start_relay()
+    assert_restored(x)
