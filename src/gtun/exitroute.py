@@ -539,8 +539,7 @@ class FullTunnel:
         self.config_file = config_file
         self.proc_sys = proc_sys
         self.resolv = resolv
-        self.state: ExitState | None = None
-        self._complete = False  # every rule, route and DNS change is in place
+        self.state: ExitState | None = None  # set once all of it is in place
 
     @classmethod
     def prepare(cls, device: str, state_path: Path, config_file: Path) -> FullTunnel:
@@ -550,7 +549,7 @@ class FullTunnel:
     def active(self) -> bool:
         """True once `apply` has finished (status is read from another thread while it
         runs: a half-applied tunnel is not reported as up)."""
-        return self.state is not None and self._complete
+        return self.state is not None
 
     def apply(
         self,
@@ -586,14 +585,13 @@ class FullTunnel:
         )
         # On disk before anything changes: a crash from here on is recoverable.
         save_state(self.state_path, state)
-        self.state = state
         try:
             self._apply(state, addresses, dns)
-            self._complete = True
         except GtunError:
             with contextlib.suppress(GtunError):
-                self.undo()
+                self._undo(state)
             raise
+        self.state = state
 
     def _apply(
         self, state: ExitState, addresses: Sequence[Address], dns: Sequence[Address]
@@ -656,7 +654,9 @@ class FullTunnel:
         if state is None:
             return
         self.state = None
-        self._complete = False
+        self._undo(state)
+
+    def _undo(self, state: ExitState) -> None:
         _, problems = undo_state(state, self.proc_sys)
         if problems:
             raise RuntimeFailure(
