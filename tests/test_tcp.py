@@ -28,9 +28,9 @@ from gtun.tcp import (
     TcpServer,
     endpoint_transport,
     forget_endpoint,
-    is_wireguard_message,
 )
 from gtun.wg.events import Event
+from gtun.wg.messages import is_wireguard_message
 
 LIMITS = TcpLimits(first_frame=0.4, idle=0.8, stall=0.4, write_buffer=32 * 1024, max_connections=4)
 BOUND = 5.0  # seconds any wait in these tests may take

@@ -36,17 +36,7 @@ from typing import Any
 
 from gtun.edge import Driver
 from gtun.framing import LENGTH, MAX_FRAME, FrameError, read_frame
-from gtun.wg.constants import (
-    COOKIE_REPLY_SIZE,
-    INITIATION_SIZE,
-    MESSAGE_COOKIE_REPLY,
-    MESSAGE_INITIATION,
-    MESSAGE_RESPONSE,
-    MESSAGE_TRANSPORT,
-    RESPONSE_SIZE,
-    TRANSPORT_MIN_SIZE,
-)
-from gtun.wg.messages import message_type
+from gtun.wg.messages import is_wireguard_message
 
 log = logging.getLogger("gtun")
 
@@ -67,12 +57,6 @@ _WHY = {
     "tcp_stalled": "the other end stopped reading (its data made no progress)",
 }
 
-_SIZES = {
-    MESSAGE_INITIATION: INITIATION_SIZE,
-    MESSAGE_RESPONSE: RESPONSE_SIZE,
-    MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE,
-}
-
 
 @dataclass(frozen=True)
 class TcpLimits:
@@ -90,15 +74,6 @@ class TcpLimits:
         """How often the timeouts are checked: a fraction of the shortest."""
         shortest = min(t for t in (self.first_frame, self.idle, self.stall) if t is not None)
         return min(1.0, shortest / 4)
-
-
-def is_wireguard_message(message: bytes) -> bool:
-    """Whether `message` has a WireGuard type and a size that type can have (whitepaper
-    5.4): what a frame must carry.  Anything else means the stream is not WireGuard."""
-    kind = message_type(message)
-    if kind == MESSAGE_TRANSPORT:
-        return len(message) >= TRANSPORT_MIN_SIZE
-    return kind != 0 and len(message) == _SIZES[kind]
 
 
 class TcpEndpoint:

@@ -89,6 +89,22 @@ def message_type(data: bytes) -> int:
     return first if MESSAGE_INITIATION <= first <= MESSAGE_TRANSPORT else 0
 
 
+_HANDSHAKE_SIZES = {
+    MESSAGE_INITIATION: INITIATION_SIZE,
+    MESSAGE_RESPONSE: RESPONSE_SIZE,
+    MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE,
+}
+
+
+def is_wireguard_message(data: bytes) -> bool:
+    """Whether `data` has a WireGuard type and a size that type can have (whitepaper
+    5.4), without looking further: what a stream transport must carry."""
+    kind = message_type(data)
+    if kind == MESSAGE_TRANSPORT:
+        return len(data) >= TRANSPORT_MIN_SIZE
+    return kind != 0 and len(data) == _HANDSHAKE_SIZES[kind]
+
+
 def _check(data: bytes, kind: int, size: int, name: str) -> None:
     if len(data) != size:
         raise MessageError(f"{name}: {len(data)} bytes, expected {size}")
