@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from gtun.errors import RuntimeFailure
+from gtun.tools import run_tool
 
 log = logging.getLogger("gtun")
 
@@ -115,20 +115,7 @@ def write_in_place(path: Path, text: str) -> None:
 
 
 def _resolvconf(args: list[str], stdin: str | None, what: str) -> None:
-    exe = shutil.which("resolvconf")
-    if exe is None:
-        raise RuntimeFailure(f"{what}: resolvconf is not installed any more")
-    try:
-        result = subprocess.run(
-            [exe, *args],
-            input=stdin,
-            text=True,
-            capture_output=True,
-            timeout=RESOLVCONF_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeFailure(f"{what}: {exc}") from exc
+    result = run_tool(["resolvconf", *args], what, stdin=stdin, timeout=RESOLVCONF_TIMEOUT)
     if result.returncode != 0:
         message = result.stderr.strip().replace("\n", " ") or f"exit {result.returncode}"
         raise RuntimeFailure(f"{what}: resolvconf: {message}")

@@ -13,6 +13,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from gtun.errors import ConfigError, RuntimeFailure
+from gtun.tools import run_tool
 
 NFT = "nft"
 NFT_TIMEOUT = 10.0  # seconds
@@ -133,21 +134,9 @@ class Nat:
 
 
 def _run_nft(args: list[str], stdin: str | None, what: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [NFT, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=NFT_TIMEOUT,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise RuntimeFailure(f"{what}: nft is not installed (apt install nftables)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeFailure(f"{what}: nft did not answer in {NFT_TIMEOUT:g} s") from exc
-    except OSError as exc:
-        raise RuntimeFailure(f"{what}: cannot run nft: {exc.strerror or exc}") from exc
+    return run_tool(
+        [NFT, *args], what, stdin=stdin, timeout=NFT_TIMEOUT, install="apt install nftables"
+    )
 
 
 def _nft(args: list[str], stdin: str | None, what: str) -> None:
