@@ -5,12 +5,23 @@ records what every side handed out."""
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
 from gtun.clientcore import ClientCore
-from gtun.relay import Relay
+from gtun.relay import Relay, RelaySettings
 from gtun.wg import PacketReceived, WireGuard
 
 RELAY = "R"
 STOCK = "S"
+NETWORK = IPv4Network("10.66.0.0/24")
+
+
+def relay_settings(**overrides: Any) -> RelaySettings:
+    """The tier-1 relay: 10.66.0.0/24, itself at .1, MTU 1420, plus `overrides`."""
+    return RelaySettings(
+        network=NETWORK, relay_address=IPv4Address("10.66.0.1"), mtu=1420, **overrides
+    )
 
 
 class CoreLink:

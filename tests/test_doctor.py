@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
+from corelink import relay_settings
 from gtun import doctor as d
 from gtun.cli import main
 from gtun.config import ClientConfig, load_client_config
 from gtun.framing import push_frame, read_frame
 from gtun.keys import encode_key, generate_private_key, public_key
 from gtun.labnet import write_key
-from gtun.relay import PeerSpec, Relay, RelaySettings
+from gtun.relay import PeerSpec, Relay
 from gtun.wg.constants import TAI64N_WHITENING_NS
 
 NET = IPv4Network("10.66.0.0/24")
@@ -527,7 +528,7 @@ def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
 
 
 def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
-    relay = Relay(keys["relay"], RelaySettings(NET, IPv4Address("10.66.0.1"), 1420, mode=mode))
+    relay = Relay(keys["relay"], relay_settings(mode=mode))
     relay.set_peers([PeerSpec("alice", public_key(keys["client"]), IPv4Address("10.66.0.2"))])
     return relay
 

@@ -166,6 +166,17 @@ def _no_resolvconf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dnsconf.shutil, "which", lambda name: None)
 
 
+def _file_dns_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, DnsChange]:
+    """DNS applied by rewriting a resolv.conf that held "nameserver 192.0.2.1"."""
+    _no_resolvconf(monkeypatch)
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.1\n")
+    change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
+    assert change is not None
+    apply_dns(change, DNS)
+    return resolv, change
+
+
 def test_dns_file_applied_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _no_resolvconf(monkeypatch)
     resolv = tmp_path / "resolv.conf"
@@ -186,12 +197,7 @@ def test_dns_file_applied_and_restored(tmp_path: Path, monkeypatch: pytest.Monke
 def test_dns_changed_by_someone_else_is_left_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _no_resolvconf(monkeypatch)
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 192.0.2.1\n")
-    change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
-    assert change is not None
-    apply_dns(change, DNS)
+    resolv, change = _file_dns_applied(tmp_path, monkeypatch)
     resolv.write_text("nameserver 203.0.113.9\n")  # say, a DHCP client
     assert "left as changed" in restore_dns(change)
     assert resolv.read_text() == "nameserver 203.0.113.9\n"
@@ -238,12 +244,7 @@ def test_recover_restores_dns_and_removes_the_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A state with nothing but a DNS change: recovery needs no netlink for it.
-    _no_resolvconf(monkeypatch)
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 192.0.2.1\n")
-    change = plan_dns(DNS, "gtun0", "alice.toml", resolv)
-    assert change is not None
-    apply_dns(change, DNS)
+    resolv, change = _file_dns_applied(tmp_path, monkeypatch)
     path = tmp_path / "exit-alice.json"
     bare = _state(rules=[], routes=[], src_valid_mark_old=None, nft_table=None, dns=change)
     save_state(path, bare)

@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from typing import Any
 import pytest
 
 from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace, list_namespaces, python_env
-from gtun.labnet import PORT, GtunNet
+from gtun.lab import Lab, Namespace, list_namespaces
+from gtun.labnet import PORT, GtunNet, gtun_stdout
 
 WG_RUN = Path("/var/run/wireguard")
 WG_QUICK_ONLY = {"address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown",
@@ -170,13 +169,9 @@ def stock(lab: Lab, tmp_path: Path) -> Iterator[StockPeers]:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def gtun_cli(ns: Namespace, *args: str) -> str:
-    return ns.run([sys.executable, "-m", "gtun", *args], env=python_env()).stdout
-
-
 def relay_status(net: GtunNet) -> dict[str, Any]:
     """`gtun status --json` of the relay, through the command line as a user runs it."""
-    return json.loads(gtun_cli(net.relay.ns, "status", "--json", "-s", str(net.relay.socket)))
+    return json.loads(gtun_stdout(net.relay.ns, "status", "--json", "-s", str(net.relay.socket)))
 
 
 def context(net: GtunNet | None, *peers: StockPeer) -> str:
@@ -227,7 +222,7 @@ def ping(
 
 def peer_add(net: GtunNet, name: str, endpoint: str) -> str:
     """`gtun peer add` against the running relay; the printed wg-quick configuration."""
-    text = gtun_cli(
+    text = gtun_stdout(
         net.relay.ns, "peer", "add", name, "-c", str(net.relay.config), "--endpoint", endpoint
     )
     assert "[Interface]" in text and "[Peer]" in text, text

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from corelink import CoreLink
+from corelink import CoreLink, relay_settings
 from gtun import cli, keys
 from gtun.clientcore import ClientCore
 from gtun.config import load_server_config
@@ -28,7 +28,7 @@ from gtun.ipv6 import address6_for, enable_ipv6
 from gtun.packet import parse_addresses
 from gtun.peeradd import add_peer
 from gtun.pool import StateStore, StoredPeer
-from gtun.relay import PeerSpec, Relay, RelaySettings, parse_pushed_config
+from gtun.relay import PeerSpec, Relay, parse_pushed_config
 from gtun.server import collect_peers
 
 NET4 = IPv4Network("10.66.0.0/24")
@@ -51,10 +51,7 @@ class Net6(CoreLink):
         super().__init__(
             Relay(
                 secrets.token_bytes(32),
-                RelaySettings(
-                    network=NET4,
-                    relay_address=IPv4Address("10.66.0.1"),
-                    mtu=1420,
+                relay_settings(
                     routes=(ip_network("192.168.77.0/24"), LAN6),
                     network6=network6,
                 ),

@@ -14,8 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from gtun.lab import Lab, Namespace, python_env
-from gtun.labnet import LAN_NET, PORT, GtunNet, Node, doctor_results, run_gtun
+from gtun.lab import Lab, Namespace
+from gtun.labnet import LAN_NET, PORT, GtunNet, Node, doctor_results, gtun_stdout, run_gtun
 
 pytestmark = pytest.mark.netns
 
@@ -237,15 +235,11 @@ def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Pa
     net.lab.veth(
         net.relay.ns, "rwg", f"10.{UNDERLAY}.200.1/24", ns, "up0", f"10.{UNDERLAY}.200.2/24"
     )
-    conf = subprocess.run(
-        [sys.executable, "-m", "gtun", "peer", "add", "stock", "-c", str(net.relay.config)]
-        + ["--endpoint", f"10.{UNDERLAY}.200.1:{PORT}"],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=True,
-    ).stdout
+    conf = gtun_stdout(
+        net.relay.ns,
+        *("peer", "add", "stock", "-c", str(net.relay.config)),
+        *("--endpoint", f"10.{UNDERLAY}.200.1:{PORT}"),
+    )
     fields: dict[str, list[str]] = {}
     setconf = []
     for line in conf.splitlines():

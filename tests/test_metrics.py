@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gtun
-from corelink import CoreLink
+from corelink import CoreLink, relay_settings
 from gtun import metrics
 from gtun.clientcore import CLIENT_DROP_REASONS, ClientCore
 from gtun.errors import ConfigError
@@ -30,7 +30,7 @@ from gtun.lab import Lab, Namespace
 from gtun.labnet import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
 from gtun.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
 from gtun.packet import build_icmp_echo
-from gtun.relay import RELAY_DROP_REASONS, PeerSpec, Relay, RelaySettings
+from gtun.relay import RELAY_DROP_REASONS, PeerSpec, Relay
 from gtun.tcp import TCP_DROP_REASONS
 from gtun.wg.device import DROP_REASONS
 
@@ -64,11 +64,7 @@ class Link(CoreLink):
         super().__init__(
             Relay(
                 secrets.token_bytes(32),
-                RelaySettings(
-                    network=IPv4Network("10.66.0.0/24"),
-                    relay_address=IPv4Address("10.66.0.1"),
-                    mtu=1420,
-                ),
+                relay_settings(),
                 wall_offset=1_700_000_000.0,
             ),
             now=500.0,

@@ -8,15 +8,15 @@ space, packets into the relay's TUN, cryptokey routing drops, mode mismatch, rel
 from __future__ import annotations
 
 import secrets
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, ip_network
 
 import pytest
 
-from corelink import CoreLink
+from corelink import CoreLink, relay_settings
 from gtun import tunnelmsg as tm
 from gtun.clientcore import ClientCore, ConfigReceived, Connected, Refused
 from gtun.packet import build_icmp_echo, build_udp4, parse_addresses
-from gtun.relay import PeerSpec, Relay, RelaySettings, parse_pushed_config
+from gtun.relay import PeerSpec, Relay, parse_pushed_config
 from gtun.wg import WireGuard
 
 
@@ -28,10 +28,7 @@ class Net(CoreLink):
         super().__init__(
             Relay(
                 self.relay_key,
-                RelaySettings(
-                    network=IPv4Network("10.66.0.0/24"),
-                    relay_address=IPv4Address("10.66.0.1"),
-                    mtu=1420,
+                relay_settings(
                     routes=(ip_network("192.168.77.0/24"),),
                     dns=(IPv4Address("10.66.0.1"),),
                     mode=mode,

@@ -5,13 +5,13 @@ flooding, MAC stealing, mode negotiation, and what stock peers get."""
 from __future__ import annotations
 
 import secrets
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 
-from corelink import CoreLink
+from corelink import CoreLink, relay_settings
 from gtun import l2frame
 from gtun.clientcore import ClientCore, Refused
 from gtun.packet import build_icmp_echo
-from gtun.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay, RelaySettings
+from gtun.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay
 from gtun.wg import WireGuard
 
 MAC1 = bytes.fromhex("02aa00000001")
@@ -32,12 +32,7 @@ class Net(CoreLink):
         super().__init__(
             Relay(
                 secrets.token_bytes(32),
-                RelaySettings(
-                    network=IPv4Network("10.66.0.0/24"),
-                    relay_address=IPv4Address("10.66.0.1"),
-                    mtu=1420,
-                    mode="tap",
-                ),
+                relay_settings(mode="tap"),
             ),
             now=1000.0,
         )
@@ -193,9 +188,7 @@ def test_removed_peer_leaves_the_switch() -> None:
 def test_tun_relay_treats_frames_as_malformed() -> None:
     relay = Relay(
         secrets.token_bytes(32),
-        RelaySettings(
-            network=IPv4Network("10.66.0.0/24"), relay_address=IPv4Address("10.66.0.1"), mtu=1420
-        ),
+        relay_settings(),
     )
     assert relay.switch is None
     client = ClientCore(secrets.token_bytes(32), relay.wg.public_key, "R", mode=None)

@@ -12,15 +12,16 @@ import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Hashable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
 
+from corelink import relay_settings
 from gtun.clientcore import ClientCore, ConfigReceived, Connected
 from gtun.edge import Driver
 from gtun.framing import MAX_FRAME, push_frame
-from gtun.relay import PeerSpec, Relay, RelaySettings
+from gtun.relay import PeerSpec, Relay
 from gtun.tcp import (
     TcpDialer,
     TcpEndpoint,
@@ -467,11 +468,7 @@ def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
         relay_key, client_key = secrets.token_bytes(32), secrets.token_bytes(32)
         relay = Relay(
             relay_key,
-            RelaySettings(
-                network=IPv4Network("10.66.0.0/24"),
-                relay_address=IPv4Address("10.66.0.1"),
-                mtu=1420,
-            ),
+            relay_settings(),
         )
         client = ClientCore(client_key, relay.wg.public_key, None)
         relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.5"))])

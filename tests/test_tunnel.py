@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab, python_env
-from gtun.labnet import LAN_NET, PORT, GtunNet
+from gtun.lab import Lab
+from gtun.labnet import LAN_NET, PORT, GtunNet, gtun_stdout
 
 pytestmark = pytest.mark.netns
 
@@ -74,29 +73,14 @@ def test_transfer_checksum_matches(net: GtunNet) -> None:
 
 
 def test_status_lists_peers(net: GtunNet) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "gtun", "status", "--json", "-s", str(net.relay.socket)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=True,
-    )
-    st = json.loads(out.stdout)
+    st = json.loads(gtun_stdout(net.relay.ns, "status", "--json", "-s", str(net.relay.socket)))
     peers = {p["name"]: p for p in st["peers"]}
     assert set(peers) == {"c1", "c2"}
     for p in peers.values():
         assert p["rx_bytes"] > 0 and p["tx_bytes"] > 0
         assert p["last_handshake"] is not None and p["endpoint"].startswith(f"10.{UNDERLAY}.")
         assert p["transport"] == "udp" and p["kind"] == "gtun"
-    table = subprocess.run(
-        [sys.executable, "-m", "gtun", "status", "-s", str(net.relay.socket)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env=python_env(),
-        check=True,
-    ).stdout
+    table = gtun_stdout(net.relay.ns, "status", "-s", str(net.relay.socket))
     assert "c1" in table and "HANDSHAKE" in table and "PUBLIC KEY" in table
 
 

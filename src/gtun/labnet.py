@@ -60,6 +60,17 @@ def run_gtun(ns: Namespace, *args: str, timeout: float = 30) -> subprocess.Compl
     return ns.run([*GTUN, *args], check=False, timeout=timeout, env=python_env())
 
 
+def gtun_stdout(ns: Namespace, *args: str, timeout: float = 30) -> str:
+    """What a `gtun` command prints in `ns`; raises RuntimeError, with its stderr, when
+    it fails."""
+    out = run_gtun(ns, *args, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"gtun {' '.join(args)} exited with {out.returncode}: {out.stderr.strip()}"
+        )
+    return out.stdout
+
+
 def doctor_results(
     ns: Namespace, config: Path, *extra: str
 ) -> tuple[int, dict[str, dict[str, Any]]]:
