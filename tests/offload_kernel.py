@@ -2,13 +2,14 @@
 tests/test_offload_netns.py (as root):  python3 tests/offload_kernel.py
 
 Two TUN devices: `gtoofl` with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6), address
-10.244.7.1/24, and `gtoplain` without offloads, 10.244.8.1/24; forwarding on.
+10.244.7.1/24 and fd00:244:7::1/64, and `gtoplain` without offloads, 10.244.8.1/24 and
+fd00:244:8::1/64; forwarding on (IPv4 and IPv6).
 
 1. coalesce(): segments from 10.244.7.2 to 10.244.8.2 are coalesced and written to
    gtoofl as one super-packet.  The kernel forwards it out of gtoplain, where it must cut
    it in software and finish every TCP checksum from the pseudo-header sum we left in
    the field: what gtoplain gives back must be the original segments (TTL - 1).
-   split() pieces go the same way.
+   split() pieces go the same way, and IPv6 super-packets too.
 2. segment(): a local TCP socket sends 256 KB to 10.244.7.2, a peer this script plays
    on gtoofl; the kernel hands over TSO super-packets, which segment() must turn into
    segments scapy finds valid, carrying the bytes sent.
@@ -27,6 +28,7 @@ import subprocess
 import time
 
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from gtun import offload
@@ -37,6 +39,7 @@ TUNSETOFFLOAD = 0x400454D0
 IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 PEER, LOCAL, FAR = "10.244.7.2", "10.244.7.1", "10.244.8.2"
+PEER6, FAR6 = "fd00:244:7::2", "fd00:244:8::2"
 
 
 def open_tun(name: str, vnet: bool) -> int:
@@ -52,8 +55,8 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, timeout=10)
 
 
-def read_tcp(fd: int, vnet: bool, deadline: float) -> tuple[VnetHdr, bytes]:
-    """The next IPv4 TCP packet the device gives (others are skipped)."""
+def read_tcp(fd: int, vnet: bool, deadline: float, v6: bool = False) -> tuple[VnetHdr, bytes]:
+    """The next IPv4 (or IPv6) TCP packet the device gives (others are skipped)."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -63,33 +66,38 @@ def read_tcp(fd: int, vnet: bool, deadline: float) -> tuple[VnetHdr, bytes]:
         data = os.read(fd, 70000)
         h = offload.pull_vnet_hdr(data) if vnet else PLAIN
         pkt = data[offload.VNET_HDR_LEN :] if vnet else data
-        if pkt and pkt[0] >> 4 == 4 and pkt[9] == 6:
+        if not v6 and len(pkt) >= 20 and pkt[0] >> 4 == 4 and pkt[9] == 6:
+            return h, pkt
+        if v6 and len(pkt) >= 40 and pkt[0] >> 4 == 6 and pkt[6] == 6:
             return h, pkt
 
 
 def assert_valid(raw: bytes) -> IP:
-    """scapy recomputes both checksums and finds the same bytes."""
-    pkt = IP(raw)
+    """scapy recomputes the checksums and finds the same bytes."""
+    cls = IPv6 if raw[0] >> 4 == 6 else IP
+    pkt = cls(raw)
     fresh = pkt.copy()
-    del fresh.chksum
+    if cls is IP:
+        del fresh.chksum
     del fresh[TCP].chksum
-    assert bytes(IP(bytes(fresh))) == raw, f"bad checksum in {pkt.summary()}"
+    assert bytes(cls(bytes(fresh))) == raw, f"bad checksum in {pkt.summary()}"
     return pkt
 
 
-def segments(n: int, mss: int, seq: int, ident: int) -> list[bytes]:
+def segments(n: int, mss: int, seq: int, ident: int, v6: bool = False) -> list[bytes]:
     out = []
     for i in range(n):
         payload = bytes((i + j) & 0xFF for j in range(mss))
-        pkt = IP(src=PEER, dst=FAR, id=ident + i, flags="DF", ttl=64) / TCP(
-            sport=40000, dport=5555, seq=seq + i * mss, ack=1, flags="A", window=1000
-        )
+        l3 = IPv6(src=PEER6, dst=FAR6) if v6 else IP(src=PEER, dst=FAR, id=ident + i, flags="DF")
+        pkt = l3 / TCP(sport=40000, dport=5555, seq=seq + i * mss, ack=1, flags="A", window=1000)
         out.append(bytes(pkt / Raw(payload)))
     return out
 
 
 def forwarded(raw: bytes) -> bytes:
     """`raw` as the kernel forwards it: TTL - 1, IPv4 checksum recomputed."""
+    if raw[0] >> 4 == 6:
+        return raw[:7] + bytes([raw[7] - 1]) + raw[8:]
     pkt = IP(raw)
     pkt.ttl -= 1
     del pkt.chksum
@@ -102,7 +110,8 @@ def check_kernel_segments(
     for h, raw in pieces:
         os.write(off, offload.push_vnet_hdr(h) + raw)
     deadline = time.monotonic() + 10
-    got = [read_tcp(plain, False, deadline)[1] for _ in want]
+    v6 = want[0][0] >> 4 == 6
+    got = [read_tcp(plain, False, deadline, v6)[1] for _ in want]
     for g in got:
         assert_valid(g)
     assert got == [forwarded(w) for w in want], "the kernel cut something else"
@@ -119,6 +128,11 @@ def gro_forward(off: int, plain: int) -> int:
     pieces = offload.split(h, whole, 9000)
     assert len(pieces) == 7
     check_kernel_segments(off, plain, pieces, want)
+    want = segments(30, 1300, 12345, 0, v6=True)
+    co = offload.coalesce(want)
+    assert len(co) == 1 and co[0][0].gso_type == offload.GSO_TCPV6, [h for h, _ in co]
+    check_kernel_segments(off, plain, co, want)
+    check_kernel_segments(off, plain, offload.split(*co[0], 4000), want)
     return len(co[0][1])
 
 
@@ -174,10 +188,13 @@ def main() -> None:
     plain = open_tun("gtoplain", False)
     ip("addr", "add", f"{LOCAL}/24", "dev", "gtoofl")
     ip("addr", "add", "10.244.8.1/24", "dev", "gtoplain")
+    ip("addr", "add", "fd00:244:7::1/64", "dev", "gtoofl")
+    ip("addr", "add", "fd00:244:8::1/64", "dev", "gtoplain")
     ip("link", "set", "gtoofl", "up")
     ip("link", "set", "gtoplain", "up")
-    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:  # this namespace only
-        f.write("1")
+    for knob in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+        with open(f"/proc/sys/net/{knob}", "w") as f:  # this namespace only
+            f.write("1")
     size = gro_forward(off, plain)
     supers, segs = tso_read(off)
     assert supers > 0, "the kernel sent no super-packet"
