@@ -312,36 +312,58 @@ class _Template(NamedTuple):
 
 
 def _template(packet: bytes, l3: int, hl: int) -> _Template:
+    frm = int.from_bytes
     t = l3
     if l3 == 40:
         c1, c2, c3 = packet[0:4], b"", packet[6:44]
-        addr_sum = sum16(packet[8:40]) + IPPROTO_TCP
+        addr_sum = frm(packet[8:40], "big") % 0xFFFF + IPPROTO_TCP
         ip_base = 0
         ident = 0
     else:
         c1, c2, c3 = packet[0:2], packet[6:10], packet[12 : l3 + 4]
-        addr_sum = sum16(packet[12:20]) + IPPROTO_TCP
-        ip_base = sum16(c1) + sum16(c2) + sum16(packet[12:l3])
+        addr_sum = frm(packet[12:20], "big") % 0xFFFF + IPPROTO_TCP
+        ip_base = (frm(c1, "big") + frm(c2, "big") + frm(packet[12:l3], "big")) % 0xFFFF
         ident = (packet[4] << 8) | packet[5]
-    th = bytearray(packet[t:hl])
-    th[4:8] = b"\0\0\0\0"
-    th[13] = 0
-    th[16:18] = b"\0\0"
+    c4 = packet[t + 8 : t + 13]
+    c5 = packet[t + 14 : t + 16]
+    c6 = packet[t + 18 : hl]
+    # The TCP header's words but the sequence number, flags and checksum (all even-aligned).
+    tcp_sum = frm(packet[t : t + 4], "big") + frm(packet[t + 8 : t + 12], "big")
+    tcp_sum += (packet[t + 12] << 8) + frm(c5, "big") + frm(c6, "big")
     return _Template(
         _header_struct(l3, hl - l3).pack,
         c1,
         c2,
         c3,
-        packet[t + 8 : t + 13],
-        packet[t + 14 : t + 16],
-        packet[t + 18 : hl],
+        c4,
+        c5,
+        c6,
         ip_base,
         addr_sum,
-        addr_sum + sum16(th),
-        int.from_bytes(packet[t + 4 : t + 8], "big"),
+        (addr_sum + tcp_sum) % 0xFFFF,
+        frm(packet[t + 4 : t + 8], "big"),
         ident,
         packet[t + 13],
     )
+
+
+_FOLDS: dict[int, tuple[int, int, int, int, int, int]] = {}
+
+
+def _folds(g: int) -> tuple[int, int, int, int, int, int]:
+    """Shifts (multiples of 16 bits, so the value modulo 0xFFFF stays) and masks that
+    fold a payload of `g` bytes in three halvings: then one small % beats one % on the
+    whole payload by half."""
+    f = _FOLDS.get(g)
+    if f is None:
+        k1 = ((g * 4 + 15) >> 4) << 4
+        k2 = ((k1 // 2 + 15) >> 4) << 4
+        k3 = ((k2 // 2 + 15) >> 4) << 4
+        f = (k1, (1 << k1) - 1, k2, (1 << k2) - 1, k3, (1 << k3) - 1)
+        if len(_FOLDS) >= 64:  # a bound, for hostile gso_sizes
+            _FOLDS.clear()
+        _FOLDS[g] = f
+    return f
 
 
 def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
@@ -359,12 +381,7 @@ def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
     f_mid = f_first & ~TCP_CWR
     f_last = f0 & ~TCP_CWR
     # Two folds sized for gso_size, then one small %, beat one % on the whole payload.
-    # Three folds sized for gso_size (shifts by multiples of 16 bits keep the value
-    # modulo 0xFFFF), then one small %, beat one % on the whole payload by half.
-    k1 = ((g * 4 + 15) >> 4) << 4
-    k2 = ((k1 // 2 + 15) >> 4) << 4
-    k3 = ((k2 // 2 + 15) >> 4) << 4
-    m1, m2, m3 = (1 << k1) - 1, (1 << k2) - 1, (1 << k3) - 1
+    k1, m1, k2, m2, k3, m3 = _folds(g)
     full_base = tcp_base + doff + g  # the TCP length of a full segment included
     out: list[bytes] = []
     append = out.append
