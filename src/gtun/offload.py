@@ -2,11 +2,12 @@
 
 A TUN opened with IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
 prefixes every packet read or written with a `struct virtio_net_hdr` (virtio spec 1.2
-section 5.1.6, <linux/virtio_net.h>; the 10-byte form without num_buffers, fields in
-little-endian as TUNSETVNETLE/a little-endian host gives them).  Reads may then be TCP
-"super-packets" of up to 64 KB with the checksum left for someone else to finish
-(CHECKSUM_PARTIAL: the TCP checksum field holds the folded pseudo-header sum, not
-complemented), and writes may be such super-packets too.
+section 5.1.6, <linux/virtio_net.h>; the 10-byte form without num_buffers, fields
+little-endian: the host order on x86 and ARM, which legacy virtio uses; a big-endian host
+would need TUNSETVNETLE).  Reads may then be TCP "super-packets" of up to 64 KB with
+the checksum left for someone else to finish (CHECKSUM_PARTIAL: the TCP checksum field
+holds the folded pseudo-header sum, not complemented), and writes may be such
+super-packets too.
 
 - `segment()` turns what a read gave into packets a stock peer accepts (its kernel
   verifies every checksum): the software TSO of the kernel's tcp_gso_segment().
