@@ -12,7 +12,8 @@ fd00:244:8::1/64; forwarding on (IPv4 and IPv6).
    split() pieces go the same way, and IPv6 super-packets too.
 2. segment(): a local TCP socket sends 256 KB to 10.244.7.2, a peer this script plays
    on gtoofl; the kernel hands over TSO super-packets, which segment() must turn into
-   segments scapy finds valid, carrying the bytes sent.
+   segments scapy finds valid, carrying the bytes sent.  Then the peer answers with one
+   coalesced super-packet, which the local socket must receive whole.
 
 Prints one line of figures; raises (exit 1) on any mismatch.
 """
@@ -179,6 +180,28 @@ def tso_read(off: int) -> tuple[int, int]:
         )  # fmt: skip
         os.write(off, offload.push_vnet_hdr(PLAIN) + bytes(ack))
     assert bytes(received) == data, "the bytes differ"
+    # And back: segments to the local socket, coalesced, delivered as one super-packet.
+    mss, count = 1380, 30
+    back = os.urandom(mss * count)
+    ack = (base + len(received)) & 0xFFFFFFFF
+    batch = [
+        bytes(
+            IP(src=PEER, dst=LOCAL, id=i, flags="DF")
+            / TCP(sport=listen_port, dport=syn[TCP].sport, seq=isn + 1 + i * mss, ack=ack,
+                  flags="PA" if i == count - 1 else "A", window=65535)
+            / Raw(back[i * mss : (i + 1) * mss])
+        )
+        for i in range(count)
+    ]  # fmt: skip
+    ((h, raw),) = offload.coalesce(batch)
+    assert h.gso_type == offload.GSO_TCPV4
+    os.write(off, offload.push_vnet_hdr(h) + raw)
+    got = bytearray()
+    while (
+        len(got) < len(back) and select.select([s], [], [], max(0, deadline - time.monotonic()))[0]
+    ):
+        got += s.recv(1 << 20)
+    assert bytes(got) == back, f"the local socket got {len(got)} of {len(back)} bytes"
     s.close()
     return supers, segs
 
