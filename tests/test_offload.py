@@ -590,9 +590,33 @@ def _batch(draw: st.DrawFn) -> list[bytes]:
 def test_fuzz_coalesce(batch: list[bytes]) -> None:
     got = coalesce(batch)
     assert all(len(p) <= 65535 for _, p in got)
-    # Every byte of every input packet is accounted for: as many payload bytes come out
-    # as went in, and a GSO super-packet segments without error.
-    assert len(got) <= len(batch)
+    # Each input packet comes out once: alone, or as one segment of a super-packet.
+    count = 0
     for h, p in got:
-        if h.gso_type:
-            assert segment(h, p)
+        count += len(segment(h, p)) if h.gso_type else 1
+    assert count == len(batch)
+
+
+_FLOWS = [
+    expected_segments(payload_of(1000 * 7 + 5, 1), 1000, sport=1111, flags="PA"),
+    expected_segments(payload_of(999 * 5, 2), 999, sport=2222, v6=True),
+    [bytes(IP(src=SRC4, dst=DST4) / UDP(dport=53) / Raw(b"q" * n)) for n in range(1, 5)],
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 2]), max_size=20), st.booleans())
+def test_fuzz_coalesce_interleaved_round_trip(order: list[int], pad: bool) -> None:
+    """Any interleaving of flows, padded or not: segment() of the output gives back each
+    flow's packets, in order, byte for byte."""
+    cursor = [0, 0, 0]
+    batch, origin = [], {}
+    for flow in order:
+        if cursor[flow] < len(_FLOWS[flow]):
+            pkt = _FLOWS[flow][cursor[flow]]
+            cursor[flow] += 1
+            origin[pkt] = flow
+            batch.append(pkt + bytes(-len(pkt) % 16) if pad else pkt)
+    out = [s for h, p in coalesce(batch) for s in (segment(h, p) if h.gso_type else [p])]
+    for flow in range(3):
+        assert [p for p in out if origin[p] == flow] == _FLOWS[flow][: cursor[flow]]
