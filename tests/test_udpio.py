@@ -8,6 +8,7 @@ import json
 import logging
 import select
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from gtun.lab import Lab
-from gtun.udpio import MAX_GSO_SEGMENTS, UdpBatch
+from gtun.udpio import MAX_GSO_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBatch
 
 LINUX = sys.platform.startswith("linux")
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
@@ -38,12 +39,15 @@ class SpySocket(socket.socket):
         self.gso_calls: list[int] = []
         self.refuse: int | None = None
 
-    def sendmsg(self, buffers: Any, *args: Any) -> int:  # type: ignore[override]
+    def sendmsg(self, buffers: Any, ancdata: Any = (), *args: Any) -> int:  # type: ignore[override]
         buffers = list(buffers)
         if self.refuse is not None:
             raise OSError(self.refuse, "refused by the test")
-        self.gso_calls.append(len(buffers))
-        return super().sendmsg(buffers, *args)
+        [(level, kind, data)] = ancdata
+        assert (level, kind) == (SOL_UDP, UDP_SEGMENT)
+        segment = struct.unpack("=H", data)[0]
+        self.gso_calls.append(-(-sum(len(b) for b in buffers) // segment))
+        return super().sendmsg(buffers, ancdata, *args)
 
 
 @pytest.fixture
@@ -211,6 +215,24 @@ def test_the_kernel_refusing_gso_for_real_is_survived(sockets) -> None:
     assert not sender.gso
     got = collect(plain_reader(rx), rx, len(datagrams))
     assert [d for d, _ in got] == [d for d, _ in datagrams]
+
+
+def test_a_bad_address_is_not_blamed_on_gso(sockets) -> None:
+    # Port 0 gets EINVAL from the kernel with or without GSO: the group is dropped and
+    # reported, GSO stays on, and the rest of the batch still goes as a train.
+    tx, rx = sockets(socket.AF_INET, "127.0.0.1", spy=True), sockets(socket.AF_INET, "127.0.0.1")
+    sender = UdpBatch(tx)
+    if not sender.gso:
+        pytest.skip("no UDP GSO on this kernel")
+    errors: list[OSError] = []
+    sender.on_error = errors.append
+    good = train(rx.getsockname(), count=6)
+    assert sender.send(train(("127.0.0.1", 0), count=4) + good) == 5
+    assert sender.gso
+    assert [e.errno for e in errors] == [errno.EINVAL] * 5
+    assert sender.stats["send_errors"] == 5 and sender.stats["gso_sends"] == 1
+    got = collect(plain_reader(rx), rx, len(good))
+    assert [d for d, _ in got] == [d for d, _ in good]
 
 
 def test_a_full_send_buffer_drops_whole_groups_and_counts_them(sockets) -> None:

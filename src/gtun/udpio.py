@@ -12,8 +12,11 @@ arrives coalesced when the sender used GSO and the packet was never split on the
 `UdpBatch` wraps a non-blocking socket it does not own.  `send()` groups consecutive
 same-address, same-size datagrams; `recv()` returns datagrams, never coalesced trains.
 When the kernel refuses GSO for this socket's route (EIO: the egress device cannot
-checksum or segment; EINVAL/ENOPROTOOPT/EOPNOTSUPP otherwise), GSO is switched off for good
-and the group is sent again one datagram at a time, so nothing is lost to the probe.
+checksum or segment; EINVAL/ENOPROTOOPT/EOPNOTSUPP otherwise), the group is sent again one
+datagram at a time, so nothing is lost to the refusal, and if that works GSO is switched
+off for good (if it fails too, the address was at fault, not GSO).  EMSGSIZE (a segment
+larger than the path MTU, which GSO cannot fragment) sends that group and later groups of
+that size or more one by one, letting the kernel fragment as a plain sendto would.
 """
 
 from __future__ import annotations
@@ -275,7 +278,8 @@ class UdpBatch:
             if cmsg is None:
                 cmsg = cmsgs[size] = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
             try:
-                sendmsg([d for d, _ in datagrams[i:j]], cmsg, 0, addr)
+                # One joined buffer: measured a little faster than an iovec per datagram.
+                sendmsg([b"".join([d for d, _ in datagrams[i:j]])], cmsg, 0, addr)
                 gso_sends += 1
             except (BlockingIOError, InterruptedError):
                 dropped += j - i
@@ -287,9 +291,14 @@ class UdpBatch:
                     self._gso_size_limit = min(self._gso_size_limit, size)
                     dropped += self._send_plain(datagrams, i, j)
                 elif exc.errno in _GSO_REFUSED:
-                    self._gso_refused(exc)
-                    dropped += self._send_plain(datagrams, i, n)
-                    break
+                    # EINVAL also means a bad address (port 0): blame GSO only when the
+                    # same datagrams then go through one by one.
+                    lost = self._send_plain(datagrams, i, j)
+                    dropped += lost
+                    if lost < j - i:
+                        self._gso_refused(exc)
+                        dropped += self._send_plain(datagrams, j, n)
+                        break
                 else:
                     dropped += j - i
                     self._send_error(exc)
