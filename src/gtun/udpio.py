@@ -7,12 +7,14 @@ cost of a send is paid once per group.  With UDP_GRO (Linux 5.0) set on a socket
 hands that socket whole trains of same-size datagrams from one sender in one read, with a
 UDP_GRO control message saying the segment size; we cut them apart again here.  A train
 arrives coalesced when the sender used GSO and the packet was never split on the way
-(loopback, veth) or when the receiving device's GRO merged it (veth with GRO on, NICs).
+(loopback, veth: no ethtool setting needed) or when a receiving NIC's GRO merged a burst.
+Plain sends over a veth stay single even with `rx-gro` on: each is polled on its own.
 
 `UdpBatch` wraps a non-blocking socket it does not own.  `send()` groups consecutive
 same-address, same-size datagrams; `recv()` returns datagrams, never coalesced trains.
-When the kernel refuses GSO for this socket's route (EIO: the egress device cannot
-checksum or segment; EINVAL/ENOPROTOOPT/EOPNOTSUPP otherwise), the group is sent again one
+When the kernel refuses GSO for this socket's route (EIO: an IPsec route, or before
+Linux 6.11 an egress device without checksum offload; EINVAL/ENOPROTOOPT/EOPNOTSUPP
+otherwise), the group is sent again one
 datagram at a time, so nothing is lost to the refusal, and if that works GSO is switched
 off for good (if it fails too, the address was at fault, not GSO).  EMSGSIZE (a segment
 larger than the path MTU, which GSO cannot fragment) sends that group and later groups of
@@ -83,6 +85,9 @@ class UdpBatch:
     `gso`/`gro` say whether UDP_SEGMENT sends and UDP_GRO reads are in use; pass
     `gso=False` or `gro=False` to keep them off.  Neither method raises for socket errors:
     they are counted in `stats` and handed to `on_error` if set.
+
+    With `gro` on, every read of the socket must go through `recv()`: a plain recvfrom
+    would return a coalesced train as one long datagram.
     """
 
     def __init__(self, sock: socket.socket, *, gso: bool = True, gro: bool = True) -> None:
@@ -98,7 +103,7 @@ class UdpBatch:
             "send_dropped": 0,  # datagrams not sent: buffer full or an error
             "send_errors": 0,  # OSErrors other than "buffer full" on send
             "recv_errors": 0,  # OSErrors on receive (ICMP errors reported on the socket)
-            "truncated": 0,  # datagrams lost to a read larger than the buffer
+            "truncated": 0,  # GRO reads longer than the buffer (their tail is lost)
         }
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
