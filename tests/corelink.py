@@ -35,6 +35,8 @@ class CoreLink:
         self.tun_in: list[bytes] = []  # what the relay wrote to its device
         self.relay_events: list[object] = []
         self.stock_got: list[bytes] = []  # the stock peer's decrypted packets
+        # The address a client sees the relay's datagrams come from ("R" unless set).
+        self.relay_addr: dict[str, object] = {}
 
     def add_client(self, name: str, client: ClientCore) -> ClientCore:
         self.clients[name] = client
@@ -72,7 +74,8 @@ class CoreLink:
                     assert self.stock is not None
                     self.stock.receive_datagram(data, RELAY, self.now)
                 else:
-                    self.clients[addr].receive_datagram(data, RELAY, self.now)
+                    source = self.relay_addr.get(addr, RELAY)
+                    self.clients[addr].receive_datagram(data, source, self.now)
                 moved = True
             self.tun_in.extend(self.relay.tun_writes())
             while (ev := self.relay.next_event()) is not None:

@@ -33,7 +33,7 @@ def test_round_trip_across_split_reads() -> None:
     assert asyncio.run(main()) == messages
 
 
-@pytest.mark.parametrize("length", [0, MIN_FRAME - 1, MAX_FRAME + 1, 0xFFFF])
+@pytest.mark.parametrize("length", [0, 1, MIN_FRAME - 1])
 def test_impossible_lengths_are_remote_errors(length: int) -> None:
     data = length.to_bytes(2, "big") + b"\x00" * 16
     with pytest.raises(FrameError):
@@ -49,7 +49,7 @@ def test_truncated_frame_and_clean_end() -> None:
     assert clean.value.partial == b""
 
 
-@pytest.mark.parametrize("size", [0, MIN_FRAME - 1, MAX_FRAME + 1])
+@pytest.mark.parametrize("size", [0, MIN_FRAME - 1, MAX_FRAME + 1, 0x10000])
 def test_push_refuses_what_cannot_be_framed(size: int) -> None:
     with pytest.raises(ValueError):
         push_frame(b"x" * size)

@@ -134,7 +134,7 @@ def ended(s, bound):
     return True
 
 cases = {
-    "oversized": (struct.pack(">H", 0xFFFF) + bytes(200), False),
+    "max_length": (struct.pack(">H", 0xFFFF) + b"\\x09" + bytes(0xFFFE), False),
     "too_short": (struct.pack(">H", 2) + bytes(2), False),
     "not_wireguard": (struct.pack(">H", 40) + b"\\x09" + bytes(39), False),
     "truncated": (struct.pack(">H", 148) + b"\\x01\\0\\0\\0" + bytes(46), True),
@@ -167,7 +167,7 @@ def test_bad_frames_close_only_their_connection(net: GtunNet) -> None:
     out = c1.ns.python(_BAD_FRAMES, c1.underlay, str(PORT), timeout=60)
     result = json.loads(out.stdout)
     assert result == {
-        "oversized": True,
+        "max_length": True,
         "too_short": True,
         "not_wireguard": True,
         "truncated": True,

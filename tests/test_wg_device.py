@@ -346,6 +346,23 @@ def test_data_both_ways(size: int) -> None:
     assert [e.peer for e in p.b.of(PacketReceived)] == [p.pb]
 
 
+def test_send_many_is_send_for_each_packet() -> None:
+    """A batch (the segments of a super-packet) arrives as sending each would: in order,
+    padded, counted, with the same timers armed; without a session it is staged."""
+    p = make_pair()
+    batch = [bytes([i + 1]) * (1000 + i) for i in range(20)]
+    p.a.wg.send_many(p.pa, batch[:5], p.clock.now)  # no session yet: staged, handshake
+    assert len(p.pa.staged) == 5
+    p.link.pump()
+    p.a.wg.send_many(p.pa, batch[5:], p.clock.now)
+    p.link.pump()
+    assert p.b.received() == [padded(pkt) for pkt in batch]
+    assert p.pa.tx_packets == 20 and p.pb.rx_packets == 20
+    assert p.pa.t_new_handshake is not None  # "data sent" armed the handshake timer
+    counters = [struct.unpack_from("<Q", s.data, 8)[0] for s in transport_of(p.link.sent(p.a))]
+    assert counters == sorted(set(counters))  # one nonce each, increasing
+
+
 def test_mtu_caps_padding() -> None:
     clock = Clock()
     a = Node("a", WireGuard(_key(), mtu=1420, rng=random.Random(1)), ("10.0.0.1", 1))

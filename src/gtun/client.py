@@ -37,7 +37,7 @@ from gtun.netconf import LinkConfig
 from gtun.relay import PushedConfig
 from gtun.server import _fmt_endpoint, check_privileges
 from gtun.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
-from gtun.tun import PacketDevice, open_tun
+from gtun.tun import PacketDevice, log_offloads, open_tun
 from gtun.wg.events import Event
 
 log = logging.getLogger("gtun")
@@ -298,7 +298,8 @@ class Client:
         """Open the device (TUN or TAP) and attach it to the driver.  Raises
         RuntimeFailure."""
         assert self.driver is not None
-        self.tun = open_tun(self.cfg.device, tap=mode == "tap")
+        self.tun = open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
+        log_offloads(self.tun, self.cfg.offload)
         self.driver.attach_tun(self.tun)
         if mode == "tap":
             log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)
@@ -485,6 +486,7 @@ class Client:
             "drops": merge_counts(
                 core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}
             ),
+            "datapath": self.driver.datapath() if self.driver is not None else None,
         }
 
 

@@ -24,8 +24,9 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from gtun import l2frame
+from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
+from gtun.offload import OffloadError, VnetHdr
 from gtun.packet import packet_length, parse_addresses
 from gtun.relay import PushedConfig, parse_pushed_config, tunnel_addresses
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PacketReceived, WireGuard
@@ -45,7 +46,16 @@ CLIENT_DROP_REASONS = (
     "not_frame",  # TAP mode: an IP packet from the relay, where frames are expected
     "runt",  # TAP mode: frame shorter than an Ethernet header
     "oversized",  # TAP mode: frame longer than the MTU allows
+    "bad_bulk",  # a bulk frame (bulk.py) whose header does not describe its packet
+    "bad_gso",  # a super-packet from the TUN that cannot be cut into packets
 )
+
+
+@dataclass
+class RelayPeer:
+    """`Peer.data` of the relay, as bulk.send_super() reads it."""
+
+    bulk: bool = False  # the relay takes bulk frames (its configuration said so)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +98,8 @@ class ClientCore:
         ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
-        self.server = self.wg.add_peer(server_public_key, endpoint=endpoint)
+        self.relay = RelayPeer()
+        self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
         self.mode = mode
         self.ping_interval = ping_interval
         self.dead_after = 2 * ping_interval + 5.0
@@ -96,7 +107,7 @@ class ClientCore:
         self.connected = False
         self.drops: dict[str, int] = dict.fromkeys(CLIENT_DROP_REASONS, 0)
         self._events: deque[Event] = deque()
-        self._tun_out: list[bytes] = []
+        self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
         self._t_config: float | None = None
         self._t_ping: float | None = None
         self._t_retry: float | None = None
@@ -108,7 +119,8 @@ class ClientCore:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def tun_writes(self) -> list[bytes]:
+    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
+        """Packets for the TUN: plain ones, and (header, super-packet) pairs."""
         out = self._tun_out
         self._tun_out = []
         return out
@@ -163,6 +175,20 @@ class ClientCore:
         self.wg.send(self.server, packet, now)
         self._drain(now)
 
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        """A TCP super-packet (or a packet whose checksum is ours to finish) from an
+        offloading TUN (never a TAP device)."""
+        if self.config is None:
+            self.drops["not_configured"] += 1
+            return
+        if tunnel_addresses(packet, self.drops) is None:
+            return
+        try:
+            bulk.send_super(self.wg, self.server, hdr, packet, now)
+        except OffloadError:
+            self.drops["bad_gso"] += 1
+        self._drain(now)
+
     def handle_timer(self, now: float) -> None:
         self.wg.handle_timer(now)
         if self._t_config is not None and self._t_config <= now:
@@ -185,7 +211,9 @@ class ClientCore:
     # --- internals -----------------------------------------------------------------
 
     def _request_config(self, now: float) -> None:
-        request = {"mode": self.mode} if self.mode is not None else {}
+        request: dict[str, object] = {"bulk": True}  # this client takes bulk frames
+        if self.mode is not None:
+            request["mode"] = self.mode
         self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, request), now)
         self._t_config = now + CONFIG_RETRY
 
@@ -222,6 +250,9 @@ class ClientCore:
             self._tun_out.append(frame)
             return
         if plaintext[0] == 0:
+            if bulk.is_bulk(plaintext):
+                self._bulk_from_relay(plaintext)
+                return
             try:
                 msg = tm.pull_message(plaintext)
             except tm.TunnelMessageError:
@@ -244,6 +275,7 @@ class ClientCore:
                 self._t_config = None
                 changed = config != self.config
                 self.config = config
+                self.relay.bulk = config.bulk
                 self._events.append(ConfigReceived(config, changed))
             elif msg.type == tm.REFUSED:
                 self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
@@ -260,3 +292,12 @@ class ClientCore:
         if length is not None and length < len(plaintext):
             plaintext = plaintext[:length]
         self._tun_out.append(plaintext)
+
+    def _bulk_from_relay(self, plaintext: bytes) -> None:
+        if self.config is None or self.device_mode == "tap":
+            self.drops["malformed"] += 1
+            return
+        try:
+            self._tun_out.append(bulk.pull_bulk(plaintext))
+        except (bulk.BulkError, OffloadError):
+            self.drops["bad_bulk"] += 1

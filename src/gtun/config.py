@@ -60,6 +60,7 @@ _SERVER_KEYS = (
     "state_dir",
     "control_socket",
     "endpoint",
+    "offload",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets")
 _CLIENT_KEYS = (
@@ -73,6 +74,7 @@ _CLIENT_KEYS = (
     "metrics_listen",
     "mode",
     "state_dir",
+    "offload",
 )
 
 IFNAMSIZ = 16  # Linux <net/if.h>, including the terminating NUL
@@ -115,6 +117,7 @@ class ServerConfig:
     control_socket: Path
     endpoint: tuple[str, int] | None
     peers: tuple[PeerConfig, ...]
+    offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -149,6 +152,7 @@ class ClientConfig:
     mode: str | None = None  # None: follow the relay's mode
     # Where a full-tunnel client records what it changed, to undo it after a crash.
     state_dir: Path = Path(DEFAULT_STATE_DIR)
+    offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
 
     @property
     def public_key(self) -> bytes:
@@ -481,6 +485,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     state_dir = s.path("state_dir", DEFAULT_STATE_DIR)
     control_socket = s.path("control_socket", DEFAULT_SERVER_SOCKET)
     endpoint = s.host_port("endpoint", require_ip=False)
+    offload = s.get_bool("offload", True)
 
     peers = _load_peers(doc, network, public_key(private), network6=network6)
 
@@ -502,6 +507,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         control_socket=control_socket,
         endpoint=endpoint,
         peers=peers,
+        offload=offload,
     )
 
 
@@ -603,6 +609,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     metrics_listen = c.host_port("metrics_listen", require_ip=True)
     mode = c.choice("mode", MODES, "") if c.optional_str("mode") is not None else None
     state_dir = c.path("state_dir", DEFAULT_STATE_DIR)
+    offload = c.get_bool("offload", True)
 
     return ClientConfig(
         path=path,
@@ -617,4 +624,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         metrics_listen=metrics_listen,
         mode=mode,
         state_dir=state_dir,
+        offload=offload,
     )

@@ -6,6 +6,15 @@ timer.  Sends never block: a datagram that does not fit the socket's bounded sen
 a TUN write the kernel refuses, is dropped and counted ("queue_full").  A datagram whose
 address is a TCP connection (gtun.tcp.TcpEndpoint) is handed to that connection, which
 frames it and queues it in its own bounded buffer.
+
+Batches.  Work arrives in batches and leaves in batches, so that the per-call cost of
+the kernel is paid per batch rather than per packet:
+- the TUN (offloading, tun.py) yields TCP super-packets of up to 64 KB, which the core
+  cuts into packets or carries whole (bulk.py);
+- the UDP socket (udpio.py) sends runs of equal-sized datagrams to one address in one
+  call (UDP GSO) and reads many datagrams per call (UDP GRO);
+- the packets the core decrypts in one wake-up are coalesced (offload.coalesce) into
+  TCP super-packets, one TUN write each.
 """
 
 from __future__ import annotations
@@ -16,14 +25,17 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gtun.offload import F_NEEDS_CSUM, GSO_NONE, OffloadError, VnetHdr, coalesce
 from gtun.tun import PacketDevice
+from gtun.udpio import UdpBatch
 from gtun.wg.events import Event
 
 log = logging.getLogger("gtun")
 
-TUN_BATCH = 64  # packets read from the TUN per wake-up, so UDP input is not starved
-UDP_BATCH = 64  # datagrams read per wake-up, likewise
-UDP_MAX = 65535
+# Tuning knobs: how much one wake-up reads, so neither input starves the other.
+TUN_BATCH = 64  # reads from the TUN (packets or super-packets) ...
+TUN_BATCH_BYTES = 256 * 1024  # ... up to this many bytes
+UDP_BATCH = 256  # datagrams read from the UDP socket
 
 
 def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
@@ -40,10 +52,11 @@ class Core(Protocol):
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
     def tun_packet(self, packet: bytes, now: float) -> None: ...
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None: ...
     def handle_timer(self, now: float) -> None: ...
     def get_timer(self) -> float | None: ...
     def next_event(self) -> Event | None: ...
-    def tun_writes(self) -> list[bytes]: ...
+    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]: ...
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]: ...
 
 
@@ -85,9 +98,12 @@ class Driver:
         self.on_event = on_event
         self.on_udp_error = on_udp_error
         self.sock: socket.socket | None = None
+        self.udp: UdpBatch | None = None
         self.tun: PacketDevice | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # Batching at work (status): super-packets read from and written to the TUN.
+        self.counts = {"tun_super_reads": 0, "tun_super_writes": 0}
 
     # --- UDP ---------------------------------------------------------------------------
 
@@ -95,6 +111,8 @@ class Driver:
         sock.setblocking(False)
         set_buffers(sock)
         self.sock = sock
+        self.udp = UdpBatch(sock)
+        self.udp.on_error = self._udp_error
         self.loop.add_reader(sock.fileno(), self._udp_readable)
 
     def detach_udp(self) -> None:
@@ -103,23 +121,16 @@ class Driver:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
+            self.udp = None
 
     def _udp_readable(self) -> None:
-        sock = self.sock
-        if sock is None:
+        udp = self.udp
+        if udp is None:
             return
         now = self.loop.time()
-        core = self.core
-        recv = sock.recvfrom
-        for _ in range(UDP_BATCH):
-            try:
-                data, addr = recv(UDP_MAX)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                self._udp_error(exc)
-                continue
-            core.receive_datagram(data, addr, now)
+        receive = self.core.receive_datagram
+        for data, addr in udp.recv(UDP_BATCH):
+            receive(data, addr, now)
         self.after()
 
     def _udp_error(self, exc: Exception) -> None:
@@ -145,11 +156,27 @@ class Driver:
             return
         now = self.loop.time()
         core = self.core
+        budget = TUN_BATCH_BYTES
         for _ in range(TUN_BATCH):
-            packet = tun.read()
-            if packet is None:
+            try:
+                got = tun.read_super()
+            except OffloadError:  # a header no kernel writes: count, go on
+                core.drops["bad_gso"] += 1
+                continue
+            if got is None:
                 break
-            core.tun_packet(packet, now)
+            hdr, packet = got
+            if hdr.gso_type == GSO_NONE:
+                if hdr.flags & F_NEEDS_CSUM:
+                    core.tun_super(hdr, packet, now)
+                else:
+                    core.tun_packet(packet, now)
+            else:
+                self.counts["tun_super_reads"] += 1
+                core.tun_super(hdr, packet, now)
+            budget -= len(packet)
+            if budget <= 0:
+                break
         self.after()
 
     # --- after every call: events, transmit, timer --------------------------------------
@@ -161,28 +188,37 @@ class Driver:
         writes = core.tun_writes()
         if writes:
             tun = self.tun
-            for packet in writes:
-                if tun is None or not tun.write(packet):
-                    core.drops["queue_full"] += 1
+            if tun is None:
+                core.drops["queue_full"] += len(writes)
+            else:
+                core.drops["queue_full"] += write_tun(tun, writes, self.counts)
         datagrams = core.datagrams_to_send()
         if datagrams:
-            sock = self.sock
-            for data, addr in datagrams:
-                if addr.__class__ is not tuple:  # a stream endpoint (gtun.tcp): it frames
-                    if not addr.send(data):  # and queues, or refuses when full or closed
-                        core.drops["queue_full"] += 1
-                    continue
-                if sock is None:
-                    core.drops["queue_full"] += 1
-                    continue
-                try:
-                    sock.sendto(data, addr)
-                except (BlockingIOError, InterruptedError):
-                    core.drops["queue_full"] += 1  # the socket's send buffer is full
-                except OSError as exc:
-                    core.drops["queue_full"] += 1
-                    self._udp_error(exc)
+            udp: list[tuple[bytes, Any]] = []
+            for item in datagrams:
+                addr = item[1]
+                if addr.__class__ is tuple:
+                    udp.append(item)
+                elif not addr.send(item[0]):  # a stream endpoint (gtun.tcp): it frames
+                    core.drops["queue_full"] += 1  # and queues, or refuses when full/closed
+            if udp:
+                if self.udp is None:
+                    core.drops["queue_full"] += len(udp)
+                else:
+                    core.drops["queue_full"] += self.udp.send(udp)
         self._rearm()
+
+    def datapath(self) -> dict[str, Any]:
+        """What the data path batches with (for status): offloads granted, and counts."""
+        tun, udp = self.tun, self.udp
+        return {
+            "tun_offload": bool(getattr(tun, "vnet", False)),
+            "tun_offload_error": getattr(tun, "offload_error", "") or None,
+            "udp_gso": udp.gso if udp is not None else None,
+            "udp_gro": udp.gro if udp is not None else None,
+            **self.counts,
+            **({f"udp_{k}": v for k, v in udp.stats.items()} if udp is not None else {}),
+        }
 
     def _rearm(self) -> None:
         deadline = self.core.get_timer()
@@ -209,7 +245,44 @@ class Driver:
         if self._timer is not None:
             self._timer.cancel()
         self.detach_tun()
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        self.detach_udp()
+
+
+def write_tun(
+    tun: PacketDevice, writes: list[bytes | tuple[VnetHdr, bytes]], counts: dict[str, int]
+) -> int:
+    """Write the core's TUN output in order; the number of packets dropped.  On an
+    offloading device runs of plain packets are coalesced into super-packets first
+    (counted in counts["tun_super_writes"], with the super-packets that came whole)."""
+    dropped = 0
+    if not getattr(tun, "vnet", False):
+        for item in writes:
+            if item.__class__ is tuple:
+                dropped += tun.write_super(*item)
+            elif not tun.write(item):  # type: ignore[arg-type]
+                dropped += 1
+        return dropped
+    run: list[bytes] = []
+    for item in writes:
+        if item.__class__ is tuple:
+            if run:
+                dropped += _write_coalesced(tun, run, counts)
+                run = []
+            counts["tun_super_writes"] += 1
+            dropped += tun.write_super(*item)
+        else:
+            run.append(item)  # type: ignore[arg-type]
+    if run:
+        dropped += _write_coalesced(tun, run, counts)
+    return dropped
+
+
+def _write_coalesced(tun: PacketDevice, packets: list[bytes], counts: dict[str, int]) -> int:
+    if len(packets) == 1:
+        return 0 if tun.write(packets[0]) else 1
+    dropped = 0
+    for hdr, packet in coalesce(packets):
+        if hdr.gso_type != GSO_NONE:
+            counts["tun_super_writes"] += 1
+        dropped += tun.write_super(hdr, packet)
+    return dropped

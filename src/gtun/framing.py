@@ -5,8 +5,10 @@
 The message is exactly what would have been one UDP datagram (a handshake initiation,
 response, cookie reply or transport data message), so the WireGuard core is the same over
 both transports.  This is the framing of Mullvad's udp-over-tcp.  A frame shorter than
-MIN_FRAME (no room for a WireGuard message type) or longer than MAX_FRAME is a protocol
-error of the remote end: the connection that sent it is closed, nothing else.
+MIN_FRAME (no room for a WireGuard message type) is a protocol error of the remote end:
+the connection that sent it is closed, nothing else.  The 2-byte length allows frames up
+to 65535 bytes: transport messages between gtun nodes carry whole TCP super-packets
+there (bulk.py); everyone else's are MTU-sized.
 
 Readers must read exactly (`readexactly`): TCP delivers a byte stream, so one read is
 never one frame.
@@ -20,9 +22,8 @@ import struct
 LENGTH = struct.Struct(">H")
 HEADER_SIZE = LENGTH.size
 MIN_FRAME = 4  # a WireGuard message type is 4 bytes (whitepaper section 5.4)
-# Tuning knob: the largest transport message for the largest MTU gtun accepts (9000),
-# plus its header (16), padding (up to 15) and tag (16), rounded up.
-MAX_FRAME = 9088
+# The largest frame the length field can say: bulk frames (bulk.py) fill it.
+MAX_FRAME = 0xFFFF
 
 
 class FrameError(ValueError):
@@ -40,8 +41,6 @@ def check_length(length: int) -> None:
     """Raises FrameError for a length no valid frame has."""
     if length < MIN_FRAME:
         raise FrameError(f"frame of {length} bytes is too short")
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length} bytes is over the limit of {MAX_FRAME}")
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:

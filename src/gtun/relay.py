@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from gtun import l2frame
+from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
+from gtun.offload import OffloadError, VnetHdr
 from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
@@ -59,6 +60,8 @@ RELAY_DROP_REASONS = (
     "link_scoped",  # link-local source or multicast/broadcast destination: never routed
     "malformed",  # gtun message that does not parse
     "queue_full",  # the edge could not queue the datagram or TUN write
+    "bad_bulk",  # a bulk frame (bulk.py) whose header does not describe its packet
+    "bad_gso",  # a super-packet from the TUN that cannot be cut into packets
     # TAP mode (switch.py has the details)
     "not_frame",  # TAP mode: a plaintext that is no gtun frame (a stock peer's IP packet)
     "runt",  # TAP mode: frame shorter than an Ethernet header
@@ -101,6 +104,7 @@ class PeerState:
 
     spec: PeerSpec
     is_gtun: bool = False  # asked for its configuration: a gtun client
+    bulk: bool = False  # takes bulk frames (bulk.py) over a stream endpoint
     drops: dict[str, int] = field(default_factory=dict)
 
 
@@ -143,7 +147,7 @@ class Relay:
         self.wg = WireGuard(private_key, wall_offset=wall_offset, mtu=settings.mtu)
         self.table: RouteTable[Peer] = RouteTable()
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
-        self._tun_out: list[bytes] = []
+        self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
         self._events: deque[Event] = deque()
         self.switch: Switch[Peer | str] | None = None
         if settings.mode == "tap":
@@ -199,7 +203,8 @@ class Relay:
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
         return self.wg.datagrams_to_send()
 
-    def tun_writes(self) -> list[bytes]:
+    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
+        """Packets for the TUN: plain ones, and (header, super-packet) pairs."""
         out = self._tun_out
         self._tun_out = []
         return out
@@ -226,6 +231,24 @@ class Relay:
             self.drops["no_route"] += 1
             return
         self.wg.send(peer, packet, now)
+
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        """A TCP super-packet (or a packet whose checksum is ours to finish) from an
+        offloading TUN: every segment has the same addresses, so it is routed once."""
+        addrs = tunnel_addresses(packet, self.drops)
+        if addrs is None:
+            return
+        peer = self.table.lookup(addrs[1])
+        if peer is None:
+            self.drops["no_route"] += 1
+            return
+        self._send_super(peer, hdr, packet, now)
+
+    def _send_super(self, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        try:
+            bulk.send_super(self.wg, peer, hdr, packet, now)
+        except OffloadError:
+            self.drops["bad_gso"] += 1
 
     def handle_timer(self, now: float) -> None:
         self.wg.handle_timer(now)
@@ -254,7 +277,10 @@ class Relay:
             self._from_peer_l2(peer, plaintext, now)
             return
         if plaintext[0] == 0:
-            self._tunnel_message(peer, plaintext, now)
+            if bulk.is_bulk(plaintext):
+                self._bulk_from_peer(peer, plaintext, now)
+            else:
+                self._tunnel_message(peer, plaintext, now)
             return
         addrs = parse_addresses(plaintext)
         if addrs is None:
@@ -277,6 +303,34 @@ class Relay:
             self._count(peer, "loop")
         else:
             self.wg.send(target, plaintext, now)
+
+    def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        """A super-packet from a gtun peer: checked and routed as a packet is, then
+        written to the TUN whole, or sent on to another peer (whole, or cut into packets
+        when that peer does not take bulk frames)."""
+        try:
+            hdr, packet = bulk.pull_bulk(plaintext)
+        except (bulk.BulkError, OffloadError):
+            self._count(peer, "bad_bulk")
+            return
+        addrs = parse_addresses(packet)
+        if addrs is None:
+            self._count(peer, "bad_bulk")
+            return
+        src, dst = addrs
+        if is_link_scoped(src, dst):
+            self._count(peer, "link_scoped")
+            return
+        if self.table.lookup(src) is not peer:
+            self._count(peer, "spoofed")
+            return
+        target = self.table.lookup(dst)
+        if target is None:
+            self._tun_out.append((hdr, packet))
+        elif target is peer:
+            self._count(peer, "loop")
+        else:
+            self._send_super(target, hdr, packet, now)
 
     def _from_peer_l2(self, peer: Peer, plaintext: bytes, now: float) -> None:
         if l2frame.is_frame(plaintext):
@@ -360,6 +414,7 @@ class Relay:
                 self._events.append(PeerRefused(peer, reason))
                 return
             state.is_gtun = True
+            state.bulk = self.switch is None and msg.payload.get("bulk") is True
             if self.switch is not None:
                 self.switch.add_port(peer)
             try:
@@ -396,6 +451,7 @@ class Relay:
             "mtu": s.mtu,
             "dns": [str(d) for d in s.dns],
             "mode": s.mode,
+            "bulk": s.mode == "tun",  # takes bulk frames (bulk.py); none in TAP mode
             **ipv6,
         }
 
@@ -431,6 +487,7 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         mode = str(payload.get("mode", "tun"))
         if mode not in ("tun", "tap"):
             raise ValueError(f"bad mode {mode!r}")
+        takes_bulk = payload.get("bulk") is True
         address6: IPv6Address | None = None
         prefix6: int | None = None
         gateway6: IPv6Address | None = None
@@ -443,7 +500,18 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"incomplete configuration: {exc}") from exc
     return PushedConfig(
-        name, address, prefix, gateway, routes, mtu, dns, mode, address6, prefix6, gateway6
+        name,
+        address,
+        prefix,
+        gateway,
+        routes,
+        mtu,
+        dns,
+        mode,
+        address6,
+        prefix6,
+        gateway6,
+        takes_bulk,
     )
 
 
@@ -467,3 +535,4 @@ class PushedConfig:
     address6: IPv6Address | None = None
     prefix6: int | None = None
     gateway6: IPv6Address | None = None
+    bulk: bool = False  # the relay takes bulk frames (bulk.py) over TCP

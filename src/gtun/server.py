@@ -32,7 +32,7 @@ from gtun.netconf import LinkConfig
 from gtun.pool import AddressPool, StateStore
 from gtun.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
-from gtun.tun import open_tun
+from gtun.tun import log_offloads, open_tun
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.wg.events import Event
 
@@ -193,7 +193,8 @@ class Server:
                 )
                 self._cleanup.append(("metrics endpoint", metrics.close, False))
 
-            tun = open_tun(cfg.device, tap=cfg.mode == "tap")
+            tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
+            log_offloads(tun, cfg.offload)
 
             def close_device() -> None:
                 driver.detach_tun()  # stop watching the descriptor before it is closed
@@ -406,6 +407,7 @@ class Server:
             "peers": sorted(peers, key=lambda p: p["name"]),
             "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
             "drops": drops,
+            "datapath": self.driver.datapath() if self.driver is not None else None,
         }
 
 

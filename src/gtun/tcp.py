@@ -79,6 +79,8 @@ class TcpLimits:
 class TcpEndpoint:
     """One TCP connection, as a WireGuard endpoint (hashable by identity)."""
 
+    stream = True  # frames may be as large as MAX_FRAME: bulk frames go here (bulk.py)
+
     __slots__ = (
         "transport",
         "peername",

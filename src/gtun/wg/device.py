@@ -76,6 +76,7 @@ _pack_q = struct.Struct("<Q").pack
 _unpack_header = struct.Struct("<I I Q").unpack_from
 _pack_header = struct.Struct("<I I Q").pack
 _TRANSPORT_TYPE = MESSAGE_TRANSPORT
+_PAD = PADDING_MULTIPLE - 1  # a power of two
 
 # Reasons a datagram is dropped; the keys of WireGuard.drops.
 DROP_REASONS = (
@@ -519,6 +520,56 @@ class WireGuard:
                 now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter(),
             )
         peer.t_send_keepalive = None
+        if kp.initiator and (
+            kp.send_counter > REKEY_AFTER_MESSAGES or now - kp.created > REKEY_AFTER_TIME
+        ):
+            self._initiate(peer, now)
+
+    def send_many(self, peer: Peer, packets: list[bytes], now: float) -> None:
+        """send() for each of `packets` (the segments of one super-packet), with the
+        session checks and timers done once for the batch rather than per packet."""
+        kp = peer.current
+        if (
+            kp is None
+            or peer.endpoint is None
+            or now - kp.created >= REJECT_AFTER_TIME
+            or kp.send_counter + len(packets) >= REJECT_AFTER_MESSAGES
+        ):
+            for packet in packets:
+                self.send(peer, packet, now)
+            return
+        endpoint = peer.endpoint
+        encrypt = kp.send.encrypt
+        append = self._datagrams.append
+        mtu = self.mtu
+        counter = kp.send_counter
+        remote = kp.remote_index
+        sent = 0
+        for packet in packets:
+            n = len(packet)
+            padded = (n + _PAD) & ~_PAD
+            if mtu and padded > mtu:
+                padded = max(mtu, n)
+            if padded != n:
+                packet = packet + bytes(padded - n)
+            datagram = _pack_header(_TRANSPORT_TYPE, remote, counter) + encrypt(
+                _NONCE_PREFIX + _pack_q(counter), packet, None
+            )
+            counter += 1
+            sent += len(datagram)
+            append((datagram, endpoint))
+        kp.send_counter = counter
+        peer.tx_bytes += sent
+        peer.tx_packets += len(packets)
+        peer.t_send_keepalive = None  # any authenticated packet sent
+        self._persistent_traversal(peer, now)
+        # Timers: data sent.
+        if peer.t_new_handshake is None:
+            self._arm(
+                peer,
+                "t_new_handshake",
+                now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter(),
+            )
         if kp.initiator and (
             kp.send_counter > REKEY_AFTER_MESSAGES or now - kp.created > REKEY_AFTER_TIME
         ):

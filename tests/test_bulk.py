@@ -1,0 +1,284 @@
+"""Tier 1: TCP super-packets through the relay and client cores (no I/O).
+
+A super-packet read from an offloading TUN travels whole (one bulk frame) between gtun
+nodes over a stream (TCP) endpoint, and as the MTU-sized packets it stands for
+everywhere else: over UDP, and to a stock WireGuard peer.  The packets are checked
+against scapy's own dissection (lengths, sequence numbers, checksums).
+"""
+
+from __future__ import annotations
+
+import secrets
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from corelink import CoreLink, relay_settings
+from gtun import bulk
+from gtun.clientcore import ClientCore
+from gtun.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VnetHdr,
+    segment,
+)
+from gtun.relay import PeerSpec, Relay
+from gtun.wg import WireGuard
+
+MSS = 1380
+
+
+class Stream(str):
+    """A stream (TCP) endpoint's name: bulk frames may go there."""
+
+    stream = True
+
+
+def super_packet(
+    src: str, dst: str, size: int, *, seq: int = 1000, v6: bool = False
+) -> tuple[VnetHdr, bytes]:
+    """A TCP super-packet as an offloading TUN hands it over: header + one packet
+    carrying `size` payload bytes (checksum field left as the kernel leaves it)."""
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst, id=77, flags="DF")
+    raw = bytes(ip / TCP(sport=40000, dport=5201, seq=seq, ack=1, flags="PA") / payload)
+    ip_len = 40 if v6 else 20
+    hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, ip_len + 20, MSS, ip_len, 16)
+    return hdr, raw
+
+
+def check_segments(packets: list[bytes], src: str, dst: str, size: int, seq: int = 1000) -> None:
+    """`packets` are the segments of super_packet(...): in order, valid checksums, the
+    whole payload exactly once."""
+    payload = b""
+    for i, padded in enumerate(packets):
+        v6 = padded[0] >> 4 == 6
+        length = 40 + int.from_bytes(padded[4:6]) if v6 else int.from_bytes(padded[2:4])
+        raw = padded[:length]  # a stock peer's plaintext keeps WireGuard's padding
+        pkt = IPv6(raw) if raw[0] >> 4 == 6 else IP(raw)
+        tcp = pkt[TCP]
+        assert pkt.src == src and pkt.dst == dst
+        assert tcp.seq == seq + len(payload)
+        data = bytes(tcp.payload)
+        assert len(data) == (MSS if i < len(packets) - 1 else size - MSS * i)
+        payload += data
+        rebuilt = pkt.__class__(raw)
+        del rebuilt[TCP].chksum
+        if isinstance(rebuilt, IP):
+            del rebuilt[IP].chksum
+            assert IP(bytes(rebuilt))[IP].chksum == pkt[IP].chksum
+        assert pkt.__class__(bytes(rebuilt))[TCP].chksum == tcp.chksum
+    assert payload == bytes((i * 7 + 3) & 0xFF for i in range(size))
+
+
+class Net(CoreLink):
+    """Relay "R"; clients c1 (10.66.0.2) and c2 (10.66.0.3) whose endpoints are streams
+    or datagram addresses; a stock peer (10.66.0.9)."""
+
+    def __init__(self, *, c1_stream: bool = True, c2_stream: bool = True) -> None:
+        super().__init__(Relay(secrets.token_bytes(32), relay_settings()), now=1000.0)
+        self.stock = WireGuard(secrets.token_bytes(32))
+        self.stock.add_peer(self.relay.wg.public_key, endpoint="R")
+        specs = [PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9"))]
+        for name, address, stream in (
+            ("c1", "10.66.0.2", c1_stream),
+            ("c2", "10.66.0.3", c2_stream),
+        ):
+            relay_endpoint = Stream("R") if stream else "R"
+            client = ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, relay_endpoint)
+            self.add_client(Stream(name) if stream else name, client)
+            self.relay_addr[name] = relay_endpoint
+            specs.append(PeerSpec(name, client.wg.public_key, IPv4Address(address)))
+        self.relay.set_peers(specs)
+
+    def client(self, name: str) -> ClientCore:
+        return self.clients[name]
+
+
+def test_bulk_is_negotiated_by_gtun_nodes() -> None:
+    net = Net()
+    net.start()
+    c1 = net.client("c1")
+    assert c1.config is not None and c1.config.bulk and c1.relay.bulk
+    assert all(p.data.bulk for p in net.relay.wg.peers.values() if p.data.spec.name != "stock")
+
+
+def test_super_packet_crosses_whole_between_gtun_nodes_over_tcp() -> None:
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 40 * MSS + 17)
+    before = net.relay.wg.peers[net.client("c2").wg.public_key].tx_packets
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    got = net.take("c2")
+    assert len(got) == 1 and isinstance(got[0], tuple)
+    got_hdr, got_packet = got[0]
+    assert got_packet == packet and got_hdr == hdr
+    # One transport message relay -> c2, not 41.
+    assert net.relay.wg.peers[net.client("c2").wg.public_key].tx_packets == before + 1
+
+
+def test_super_packet_to_the_relay_is_one_tun_write() -> None:
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 30 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert net.tun_in == [(hdr, packet)]
+
+
+def test_super_packet_is_cut_into_valid_packets_for_a_udp_peer() -> None:
+    net = Net(c2_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 12 * MSS + 5)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    got = net.take("c2")
+    assert all(isinstance(p, bytes) for p in got) and len(got) == 13
+    check_segments(got, "10.66.0.2", "10.66.0.3", 12 * MSS + 5)  # type: ignore[arg-type]
+
+
+def test_udp_client_sends_packets_not_bulk() -> None:
+    net = Net(c1_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 5 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert len(net.tun_in) == 5 and all(isinstance(p, bytes) for p in net.tun_in)
+    check_segments(net.tun_in, "10.66.0.2", "10.66.0.1", 5 * MSS)  # type: ignore[arg-type]
+
+
+def test_stock_peer_gets_valid_packets_from_a_relay_super_packet() -> None:
+    net = Net()
+    net.start()
+    net.stock.send_keepalive(next(iter(net.stock.peers.values())), net.now)
+    net.pump()
+    hdr, packet = super_packet("10.66.0.1", "10.66.0.9", 8 * MSS + 100)
+    net.relay.tun_super(hdr, packet, net.now)
+    net.pump()
+    check_segments(net.stock_got, "10.66.0.1", "10.66.0.9", 8 * MSS + 100)
+
+
+def test_ipv6_super_packet_segments() -> None:
+    hdr, packet = super_packet("fd00::2", "fd00::1", 9 * MSS + 1, v6=True)
+    check_segments(segment(hdr, packet), "fd00::2", "fd00::1", 9 * MSS + 1)
+
+
+def test_spoofed_super_packet_is_counted() -> None:
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.3", "10.66.0.1", 4 * MSS)  # c1 claims c2's address
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert net.tun_in == [] and net.relay.drops["spoofed"] == 1
+
+
+def test_old_client_without_bulk_gets_packets() -> None:
+    """A client whose configuration request does not offer bulk frames (an older gtun)
+    never gets one, even over TCP."""
+    net = Net()
+    net.start()
+    peer = net.relay.wg.peers[net.client("c2").wg.public_key]
+    peer.data.bulk = False
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 6 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    got = net.take("c2")
+    assert len(got) == 6
+    check_segments(got, "10.66.0.2", "10.66.0.3", 6 * MSS)  # type: ignore[arg-type]
+
+
+def test_tap_relay_does_not_offer_bulk() -> None:
+    relay = Relay(secrets.token_bytes(32), relay_settings(mode="tap"))
+    net = CoreLink(relay, now=1000.0)
+    client = ClientCore(secrets.token_bytes(32), relay.wg.public_key, Stream("R"), mode=None)
+    net.add_client(Stream("c1"), client)
+    net.relay_addr["c1"] = Stream("R")
+    relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.2"))])
+    net.start()
+    assert client.config is not None and client.config.mode == "tap"
+    assert not client.config.bulk and not client.relay.bulk
+
+
+# --- the bulk frame codec: a peer's header is checked before it reaches the kernel -------
+
+
+def frame(hdr: VnetHdr, packet: bytes, padding: int = 0) -> bytes:
+    return bulk.MAGIC + bulk.push_vnet_hdr(hdr) + packet + bytes(padding)
+
+
+def test_pull_bulk_round_trip_trims_padding_and_fixes_hdr_len() -> None:
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    got_hdr, got = bulk.pull_bulk(frame(hdr._replace(hdr_len=7), packet, padding=11))
+    assert got == packet and got_hdr == hdr
+    assert bulk.pull_bulk(bulk.push_bulk(hdr, packet)) == (hdr, packet)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"gso_type": GSO_TCPV6},  # IPv4 packet called IPv6
+        {"gso_type": 3},  # UDP fragmentation offload
+        {"csum_offset": 6},
+        {"csum_start": 24},
+        {"flags": 0},  # GSO without the checksum to finish
+        {"flags": 0x80},
+        {"gso_size": 0},
+    ],
+)
+def test_pull_bulk_refuses_impossible_headers(change: dict[str, int]) -> None:
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    with pytest.raises(bulk.BulkError):
+        bulk.pull_bulk(frame(hdr._replace(**change), packet))
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [
+        bulk.MAGIC + bytes(12),
+        bulk.MAGIC + bytes(10) + b"\x45" + bytes(30),  # IPv4 total length 0
+        bulk.MAGIC + bytes(10) + b"\x60" + bytes(30),  # IPv6 shorter than its header
+        bulk.MAGIC + bytes(10) + b"\x15" + bytes(40),  # not IP
+    ],
+)
+def test_pull_bulk_refuses_garbage(plaintext: bytes) -> None:
+    with pytest.raises(bulk.BulkError):
+        bulk.pull_bulk(plaintext)
+
+
+def test_pull_bulk_refuses_data_after_the_packet() -> None:
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    with pytest.raises(bulk.BulkError):
+        bulk.pull_bulk(frame(hdr, packet) + b"\x01")
+
+
+def test_bad_bulk_from_a_peer_is_counted_not_forwarded() -> None:
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 3 * MSS)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, frame(hdr._replace(csum_offset=2), packet), net.now)
+    net.pump()
+    assert net.tun_in == [] and net.relay.drops["bad_bulk"] == 1
+
+
+def test_plain_non_gso_packet_with_checksum_to_finish() -> None:
+    """A packet the kernel left its checksum to us (NEEDS_CSUM, no GSO) goes out with
+    the checksum finished."""
+    net = Net(c1_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 600)
+    # As the kernel leaves it: the pseudo-header sum (not complemented) in the field.
+    pseudo = packet[12:20] + bytes([0, 6]) + (len(packet) - 20).to_bytes(2)
+    partial = sum(int.from_bytes(pseudo[i : i + 2]) for i in range(0, 12, 2))
+    while partial > 0xFFFF:
+        partial = (partial & 0xFFFF) + (partial >> 16)
+    packet = packet[:36] + partial.to_bytes(2) + packet[38:]
+    net.client("c1").tun_super(hdr._replace(gso_type=GSO_NONE, gso_size=0), packet, net.now)
+    net.pump()
+    assert len(net.tun_in) == 1 and isinstance(net.tun_in[0], bytes)
+    check_segments(net.tun_in, "10.66.0.2", "10.66.0.1", 600)  # type: ignore[arg-type]
