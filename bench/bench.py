@@ -862,7 +862,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "gtun": getattr(gtun, "__version__", "unknown"),
         "wireguard_go": first_line(["wireguard-go", "--version"]),
-        "openvpn": first_line(["openvpn", "--version"]),
+        # Its first line goes on with build flags: "OpenVPN 2.6.14 x86_64-pc-linux-gnu [SSL ...".
+        "openvpn": " ".join(first_line(["openvpn", "--version"]).split()[:2]),
         "tinc": first_line(["tincd", "--version"]),
         "openssl": first_line(["openssl", "version"]),
         "iperf3": first_line(["iperf3", "--version"]),
