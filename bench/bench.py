@@ -576,8 +576,11 @@ def setup_openvpn(
     server = lab.add_ns(f"{tag}s")
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
-    cert = lambda name: ["--ca", str(pki / "ca.crt"), "--cert", str(pki / f"{name}.crt"),  # noqa: E731
-                         "--key", str(pki / f"{name}.key")]  # fmt: skip
+
+    def cert(name: str) -> list[str]:
+        return ["--ca", str(pki / "ca.crt"), "--cert", str(pki / f"{name}.crt"),
+                "--key", str(pki / f"{name}.key")]  # fmt: skip
+
     # fmt: off
     cmd = ["openvpn", *OVPN_COMMON, "--server", f"{tunnel}.0", "255.255.255.0",
            "--topology", "subnet", "--port", str(OVPN_PORT), "--dh", "none",
@@ -662,11 +665,12 @@ def setup_tinc(lab: Lab, workdir: Path) -> Setup:
         )
         # fmt: on
     for name, ns, _ in nodes:
-        wait_for(
-            lambda ns=ns: (check_alive(procs, logs), _has_addr(ns, "gtbtinc0"))[1],
-            START_TIMEOUT,
-            f"tinc {name}: gtbtinc0 not addressed",
-        )
+
+        def addressed(ns: Namespace = ns) -> bool:
+            check_alive(procs, logs)
+            return _has_addr(ns, "gtbtinc0")
+
+        wait_for(addressed, START_TIMEOUT, f"tinc {name}: gtbtinc0 not addressed")
     return Setup(a, b, f"{TINC_TUNNEL}.2", {n: p.pid for n, p in procs.items()})
 
 
