@@ -35,7 +35,10 @@ Paths (`--paths` takes these keys, comma-separated):
   wireguard-go      wireguard-go <-> wireguard-go over a veth
   openvpn           OpenVPN 2.6 over UDP, AES-256-GCM, TLS with throwaway certificates
                     made with openssl at bench time, DCO off; client -> server
-  tinc              tinc 1.0, router mode, default cipher; node -> node
+                    (`--server ... --topology subnet --dh none --data-ciphers AES-256-GCM
+                    --disable-dco`; clients `--client --remote-cert-tls server`)
+  tinc              tinc 1.0, router mode, its default cipher (1.0: Blowfish-CBC with
+                    HMAC-SHA1), keys from `tincd -K`; node -> node
   gtun-udp          a gtun client to the relay's own tunnel address, over UDP
   gtun-tcp          the same over gtun's TCP transport
   gtun-c2c          a gtun client through the relay to another gtun client (UDP)
@@ -45,7 +48,9 @@ Paths (`--paths` takes these keys, comma-separated):
 
 `--verify-gb SIZE` measures nothing: it pushes SIZE random bytes over TCP through each
 gtun path (UDP and TCP client -> relay, client -> client) over IPv4 and IPv6 inside the
-tunnel, compares SHA-256 at both ends and prints a pass/fail table with durations.
+tunnel, compares SHA-256 at both ends and prints a pass/fail table with durations (which
+include making the random bytes and hashing them in Python at both ends).  The relay gets
+`network6 = "fd24:240::/64"` for it; otherwise gtun runs with its own config defaults.
 
 This is a script that prints figures, not a test: nothing here asserts a speed.
 """
@@ -655,16 +660,15 @@ def setup_tinc(lab: Lab, workdir: Path) -> Setup:
         (workdir / f"tinc-{name}" / "hosts" / other).write_text(host)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
-    for name, ns, _ in nodes:
+    # b first, up (tinc-up has run) before a connects to it: a refused first connection
+    # would make a wait for its retry.
+    for name, ns, _ in reversed(nodes):
         conf = workdir / f"tinc-{name}"
         logs[f"tincd {name}"] = workdir / f"tinc-{name}.log"
-        # fmt: off
         procs[f"tincd {name}"] = ns.spawn(
             ["tincd", "-c", str(conf), "-D", "-d", "1", f"--pidfile={conf / 'tinc.pid'}"],
             log_path=logs[f"tincd {name}"],
         )
-        # fmt: on
-    for name, ns, _ in nodes:
 
         def addressed(ns: Namespace = ns) -> bool:
             check_alive(procs, logs)
