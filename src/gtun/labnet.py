@@ -97,11 +97,13 @@ class GtunNet:
         debug: bool = False,
         metrics: bool = False,
         mode: str | None = None,
+        network6: str | None = None,
     ) -> None:
         self.lab = lab
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network = network
+        self.network6 = network6  # the relay's "network6" (IPv6 inside the tunnel), if set
         self.debug = debug
         self.metrics = metrics
         r = lab.add_ns("relay")
@@ -151,7 +153,8 @@ class GtunNet:
             f'listen = "0.0.0.0:{PORT}"\n'
             'private_key_file = "server.key"\n'
             f'network = "{self.network}"\n'
-            'device = "gtun0"\n'
+            + (f'network6 = "{self.network6}"\n' if self.network6 else "")
+            + 'device = "gtun0"\n'
             f"routes = {routes}\n"
             f"nat = {'true' if nat else 'false'}\n"
             f'state_dir = "{self.dir / "state"}"\n'
@@ -256,6 +259,8 @@ class GtunNet:
         )
         address = str(st["address"]).split("/")[0]
         node.extra["address"] = address
+        if st.get("address6"):
+            node.extra["address6"] = str(st["address6"]).split("/")[0]
         return address
 
     def log_tail(self, node: Node, lines: int = 30) -> str:
@@ -280,11 +285,19 @@ class GtunNet:
         raise RuntimeError(f"ping {address} from {ns.name} failed:\n{out.stdout}{out.stderr}")
 
     def transfer(
-        self, src: Namespace, dst: Namespace, address: str, size: int, port: int = 5201
+        self,
+        src: Namespace,
+        dst: Namespace,
+        address: str,
+        size: int,
+        port: int = 5201,
+        timeout: float = 120,
     ) -> tuple[str, str, float]:
-        """Send `size` random bytes over TCP; (sent sha256, received sha256, seconds)."""
+        """Send `size` random bytes over TCP to `address` (IPv4 or IPv6) within `timeout`
+        seconds; (sent sha256, received sha256, seconds)."""
+        bind = "::" if ":" in address else "0.0.0.0"
         receiver = dst.spawn(
-            [sys.executable, "-c", _RECEIVER, str(port)], log_path=self.dir / "receiver.out"
+            [sys.executable, "-c", _RECEIVER, str(port), bind], log_path=self.dir / "receiver.out"
         )
         try:
             deadline = time.monotonic() + 10
@@ -295,7 +308,7 @@ class GtunNet:
                 time.sleep(0.1)
             started = time.monotonic()
             sent = src.run(
-                [sys.executable, "-c", _SENDER, address, str(port), str(size)], timeout=120
+                [sys.executable, "-c", _SENDER, address, str(port), str(size)], timeout=timeout
             ).stdout.strip()
             receiver.wait(60)
             elapsed = time.monotonic() - started
@@ -310,8 +323,10 @@ class GtunNet:
 
 _RECEIVER = """
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1); s.settimeout(60)
+bind = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
+s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((bind, int(sys.argv[1]))); s.listen(1); s.settimeout(60)
 c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256()
 while True:
     b = c.recv(1 << 16)

@@ -1,0 +1,83 @@
+"""The benchmark's own logic, without namespaces: sizes, path selection, and the table's
+ratios to the fastest peer and its failure rows."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gtun_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gtun_bench"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sizes(bench: ModuleType) -> None:
+    assert bench.parse_size("64M") == 64 << 20
+    assert bench.parse_size("1G") == 1 << 30
+    assert bench.parse_size("1gib") == 1 << 30
+    assert bench.parse_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_size("1T")
+
+
+def test_paths_keep_table_order_and_reject_unknown(bench: ModuleType) -> None:
+    chosen = bench.parse_paths("openvpn, veth,gtun-c2c")
+    assert [p.key for p in chosen] == ["veth", "openvpn", "gtun-c2c"]
+    with pytest.raises(argparse.ArgumentTypeError, match="nope"):
+        bench.parse_paths("veth,nope")
+
+
+def result(bench: ModuleType, key: str, mbit1: float | None, mbit4: float | None) -> Any:
+    spec = bench.BY_KEY[key]
+    r = bench.Result(spec.key, spec.label, spec.group)
+    for metric, values in (("mbit1", mbit1), ("mbit4", mbit4)):
+        if values is not None:
+            for v in (values * 0.5, values, values * 3):  # median: the middle one
+                r.add(metric, v)
+    return r
+
+
+def test_ratios_are_to_the_fastest_peer_of_the_same_kind(bench: ModuleType) -> None:
+    results = [
+        result(bench, "wireguard-go", 1000, 1200),
+        result(bench, "openvpn", 1200, 1100),
+        result(bench, "tinc", 800, 1000),
+        result(bench, "gtun-udp", 3600, 4400),
+        result(bench, "openvpn-c2c", 300, 400),
+        result(bench, "wireguard-go-hub", 500, 200),
+        result(bench, "gtun-c2c", 1000, 1000),
+    ]
+    table = {row[0]: row for row in bench.rows(results)}
+    gtun = table[bench.BY_KEY["gtun-udp"].label]
+    # One stream: against OpenVPN's 1200; four: against wireguard-go's 1200.
+    assert gtun[1:5] == ["3600", "3.00", "4400", "3.67"]
+    c2c = table[bench.BY_KEY["gtun-c2c"].label]
+    # Client to client: against the hub (500) for one stream, OpenVPN (400) for four.
+    assert c2c[1:5] == ["1000", "2.00", "1000", "2.50"]
+
+
+def test_a_failed_path_says_why_and_the_others_keep_their_figures(bench: ModuleType) -> None:
+    failed = result(bench, "tinc", None, None)
+    failed.setup_error = "RuntimeError: tincd exited with 1"
+    results = [result(bench, "openvpn", 1000, 1000), failed]
+    body = bench.rows(results)
+    assert body[1][1] == "failed: setup: RuntimeError: tincd exited with 1"
+    assert body[0][1:3] == ["1000", "1.00"]
+    text = bench.text_table(results)
+    assert "failed: setup: RuntimeError: tincd exited with 1" in text
+    stats = results[0].as_json()["figures"]["mbit1"]
+    assert (stats["min"], stats["median"], stats["max"]) == (500, 1000, 3000)
