@@ -71,6 +71,9 @@ RELAY_DROP_REASONS = (
     "mac_limit",  # TAP mode: the port's or the table's MAC limit reached
 )
 
+FLOW_CACHE_SIZE = 4096  # tuning knob: routing verdicts kept (relay._route)
+_UNKNOWN = object()
+
 # The switch port of the relay's own TAP device (the other ports are Peers).
 LOCAL_PORT = "relay"
 
@@ -148,6 +151,10 @@ class Relay:
         self.table: RouteTable[Peer] = RouteTable()
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
         self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
+        # Routing verdicts of the flows seen, by (sending peer, source, destination):
+        # the next packet of a flow skips the checks and lookups.  Cleared whenever the
+        # peers (and so the table) change, and when full.
+        self._flows: dict[tuple[Peer, bytes, bytes], Peer | str | None] = {}
         self._events: deque[Event] = deque()
         self.switch: Switch[Peer | str] | None = None
         if settings.mode == "tap":
@@ -161,6 +168,7 @@ class Relay:
 
         Returns (added names, removed names)."""
         wanted = {s.public_key: s for s in specs}
+        self._flows.clear()
         added: list[str] = []
         removed: list[str] = []
         for key, peer in list(self.wg.peers.items()):
@@ -289,20 +297,33 @@ class Relay:
         length = packet_length(plaintext)
         if length is not None and length < len(plaintext):
             plaintext = plaintext[:length]  # WireGuard's zero padding
-        src, dst = addrs
-        if is_link_scoped(src, dst):
-            self._count(peer, "link_scoped")
-            return
-        if self.table.lookup(src) is not peer:
-            self._count(peer, "spoofed")
-            return
-        target = self.table.lookup(dst)
+        target = self._route(peer, *addrs)
         if target is None:
             self._tun_out.append(plaintext)
-        elif target is peer:
-            self._count(peer, "loop")
+        elif target.__class__ is str:
+            self._count(peer, target)
         else:
-            self.wg.send(target, plaintext, now)
+            self.wg.send(target, plaintext, now)  # type: ignore[arg-type]
+
+    def _route(self, peer: Peer, src: bytes, dst: bytes) -> Peer | str | None:
+        """Where a packet from `peer` goes: another peer, None for the TUN, or the
+        reason to drop it (a key of self.drops)."""
+        key = (peer, src, dst)
+        flows = self._flows
+        verdict = flows.get(key, _UNKNOWN)
+        if verdict is _UNKNOWN:
+            if is_link_scoped(src, dst):
+                verdict = "link_scoped"
+            elif self.table.lookup(src) is not peer:
+                verdict = "spoofed"
+            else:
+                verdict = self.table.lookup(dst)
+                if verdict is peer:
+                    verdict = "loop"
+            if len(flows) >= FLOW_CACHE_SIZE:
+                flows.clear()
+            flows[key] = verdict
+        return verdict  # type: ignore[return-value]
 
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """A super-packet from a gtun peer: checked and routed as a packet is, then
@@ -317,20 +338,13 @@ class Relay:
         if addrs is None:
             self._count(peer, "bad_bulk")
             return
-        src, dst = addrs
-        if is_link_scoped(src, dst):
-            self._count(peer, "link_scoped")
-            return
-        if self.table.lookup(src) is not peer:
-            self._count(peer, "spoofed")
-            return
-        target = self.table.lookup(dst)
+        target = self._route(peer, *addrs)
         if target is None:
             self._tun_out.append((hdr, packet))
-        elif target is peer:
-            self._count(peer, "loop")
+        elif target.__class__ is str:
+            self._count(peer, target)
         else:
-            self._send_super(target, hdr, packet, now)
+            self._send_super(target, hdr, packet, now)  # type: ignore[arg-type]
 
     def _from_peer_l2(self, peer: Peer, plaintext: bytes, now: float) -> None:
         if l2frame.is_frame(plaintext):

@@ -11,36 +11,39 @@ from gtun.wg.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
 
 
 class ReplayWindow:
-    __slots__ = ("_top", "_bits", "_mask")
+    __slots__ = ("_top", "_bits", "_mask", "size")
 
     def __init__(self, size: int = REPLAY_WINDOW_SIZE) -> None:
         self._top = -1
         self._bits = 0
         self._mask = (1 << size) - 1
-
-    @property
-    def size(self) -> int:
-        return self._mask.bit_length()
+        self.size = size
 
     def would_accept(self, counter: int) -> bool:
         """True when `counter` is fresh; does not record it (check before decrypting)."""
-        if counter >= REJECT_AFTER_MESSAGES:
-            return False
         if counter > self._top:
-            return True
+            return counter < REJECT_AFTER_MESSAGES
         back = self._top - counter
-        if back > self._mask.bit_length() - 1:
-            return False
-        return not (self._bits >> back) & 1
+        return back < self.size and not (self._bits >> back) & 1
 
     def accept(self, counter: int) -> bool:
         """Record `counter` (after the packet authenticated); False if it is a replay."""
-        if not self.would_accept(counter):
-            return False
-        if counter > self._top:
-            shift = min(counter - self._top, self._mask.bit_length())  # bound the big int
-            self._bits = ((self._bits << shift) | 1) & self._mask
+        top = self._top
+        if counter > top:  # the common case: the next counter
+            if counter >= REJECT_AFTER_MESSAGES:
+                return False
+            shift = counter - top
+            if shift >= self.size:
+                self._bits = 1
+            else:
+                self._bits = ((self._bits << shift) | 1) & self._mask
             self._top = counter
-        else:
-            self._bits |= 1 << (self._top - counter)
+            return True
+        back = top - counter
+        if back >= self.size:
+            return False
+        bit = 1 << back
+        if self._bits & bit:
+            return False
+        self._bits |= bit
         return True
