@@ -46,6 +46,8 @@ MAX_GSO_SEGMENTS = 64
 MAX_GSO_BYTES = 65000
 # One receive buffer: a GRO train is at most 64 KiB of payload; twice that never truncates.
 RECV_BUFFER = 1 << 17
+# Without GRO: the largest UDP payload (65527 bytes over IPv6) fits.
+PLAIN_RECV = 1 << 16
 # Room for the UDP_GRO cmsg and a few others someone may enable on the socket (PKTINFO).
 ANCILLARY_BUFFER = 256
 
@@ -154,7 +156,7 @@ class UdpBatch:
         append = out.append
         for _ in range(limit - len(out)):
             try:
-                append(recv(RECV_BUFFER))
+                append(recv(PLAIN_RECV))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
