@@ -63,7 +63,7 @@ WG_RUN = Path("/var/run/wireguard")
 
 MiB = 1 << 20
 SIZE = 16 * MiB  # per stream on each path
-PARALLEL_SIZE = 8 * MiB  # per stream when several run at once
+PARALLEL_SIZE = 8 * MiB  # per stream when several run at once, and TCP client <-> stock
 STOCK_SIZE = 16 * MiB  # per stream with the stock peer
 FAMILIES = ["ipv4", "ipv6"]
 
@@ -318,7 +318,7 @@ def test_pings_across_the_mtu(net: GtunNet, family: str) -> None:
         # Prime path MTU discovery first: a reply bigger than the tunnel MTU, sent by a
         # host beyond the relay (the LAN host's link has MTU 1500), is refused with ICMP
         # "too big" (IPv6 routers never fragment) and lost, as on any router.
-        ping_sizes(src.ns, dst, [fits + 30, frag_sizes[-1]], df=False, count=1, wait=0.5)
+        ping_sizes(src.ns, dst, [fits + 30, frag_sizes[-1]], df=False, count=1, deadline=1)
         for df, sizes in ((True, df_sizes), (False, frag_sizes)):
             got = ping_sizes(src.ns, dst, sizes, df=df)
             missing = [s for s, line in got.items() if not line]
@@ -327,7 +327,7 @@ def test_pings_across_the_mtu(net: GtunNet, family: str) -> None:
     print(f"pings {family}: {time.monotonic() - started:.2f} s")
     assert not bad, f"no (or wrong) replies for ICMP payload sizes {bad}\n{context(net)}"
     # Past the MTU with DF set, the sender itself refuses: the tunnel never sees it.
-    over = ping_sizes(c1.ns, relay_address(family), [fits + 1], df=True, count=1)
+    over = ping_sizes(c1.ns, relay_address(family), [fits + 1], df=True, count=1, deadline=1)
     assert over[fits + 1] == ""
 
 
@@ -368,15 +368,19 @@ def test_udp_datagrams_echo_unchanged(net: GtunNet, family: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_wireguard_go_transfers(net: GtunNet, family: str) -> None:
     stock: Stock = net.relay.extra["stock"]
-    c1 = net.clients[0]
+    c1, _, c3 = net.clients
     relay, to_c1 = relay_address(family), client_address(c1, family)
     both_ways(net, stock.ns, relay, STOCK_SIZE, f"wireguard-go <-> relay, {family}")
     both_ways(net, stock.ns, to_c1, STOCK_SIZE, f"wireguard-go <-> c1 (udp), {family}")
+    # From a TCP client: whatever the relay gets over TCP (bulk frames between gtun nodes)
+    # must reach the stock peer as packets it accepts.
+    to_stock = stock.address[family]
+    both_ways(net, c3.ns, to_stock, PARALLEL_SIZE, f"c3 (tcp) <-> wireguard-go, {family}")
     # The relay saw the stock peer as a stock peer, with no drops of its own.
     st = net.status(net.relay)
     assert st is not None
     peer = next(p for p in st["peers"] if p["name"] == "stock")
-    assert peer["kind"] == "wireguard" and peer["rx_bytes"] > 2 * STOCK_SIZE, peer
+    assert peer["kind"] == "wireguard" and peer["rx_bytes"] > 2 * STOCK_SIZE + PARALLEL_SIZE, peer
     assert not any(peer["drops"].values()), peer
 
 

@@ -415,36 +415,43 @@ def udp_echo(
 ) -> tuple[dict[int, int], int]:
     """Send a random datagram of each size in `sizes` from `ns` to an XferServer and check
     the echo byte for byte: ({size: attempts it took, 0 where no exact echo came in
-    `tries` attempts of a second each}, datagrams that came back matching nothing sent)."""
-    out = ns.python(_UDP_ECHO_CLIENT, address, str(port), json.dumps(sizes), str(tries), timeout=30)
+    `tries` attempts of half a second each}, datagrams that came back matching nothing sent)."""
+    bound = 10 + len(sizes) * tries * 0.5  # the waits for echoes, and some slack
+    out = ns.python(
+        _UDP_ECHO_CLIENT, address, str(port), json.dumps(sizes), str(tries), timeout=bound
+    )
     answer = json.loads(out.stdout)
     return {int(k): v for k, v in answer["attempts"].items()}, int(answer["wrong"])
 
 
 def ping_sizes(
-    ns: Namespace, address: str, sizes: list[int], *, df: bool, count: int = 2, wait: float = 2
+    ns: Namespace, address: str, sizes: list[int], *, df: bool, count: int = 2, deadline: int = 3
 ) -> dict[int, str]:
     """Ping `address` from `ns` with each ICMP payload size (one ping process per size, all
     at once), with DF set (`-M do`) or letting the sender fragment (`-M dont`); {size:
-    ping's summary line}, "" for a size without every reply, or with a reply whose data
-    ping found wrong."""
+    ping's summary line}, "" unless exactly `count` echoes were sent and each answered
+    within `deadline` seconds, with data ping found right.
+
+    `-w` rather than `-W`: once one reply has come, ping waits only two round trips for
+    the rest, so `-W` reads a slow reply as a lost one.  Under `-w` ping sends another
+    echo for each one lost, which the "sent" count then shows."""
     family = "-6" if ":" in address else "-4"
     procs = {}
     for size in sizes:
         cmd = [*ns.exec_prefix(), "ping", family, "-n", "-c", str(count), "-i", "0.05"]
-        cmd += ["-W", f"{wait:g}", "-M", "do" if df else "dont", "-s", str(size), address]
+        cmd += ["-w", str(deadline), "-M", "do" if df else "dont", "-s", str(size), address]
         procs[size] = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     result: dict[int, str] = {}
     for size, proc in procs.items():
         try:
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=deadline + 30)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
         summary = next((ln for ln in out.splitlines() if "received" in ln), "")
-        good = proc.returncode == 0 and f"{count} received" in summary
+        good = summary.startswith(f"{count} packets transmitted, {count} received")
         result[size] = summary if good and "wrong data" not in out else ""
     return result
 
@@ -559,7 +566,7 @@ _UDP_ECHO_CLIENT = r"""
 import json, os, socket, sys
 address, port, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
 family = socket.AF_INET6 if ":" in address else socket.AF_INET
-u = socket.socket(family, socket.SOCK_DGRAM); u.connect((address, port)); u.settimeout(1.0)
+u = socket.socket(family, socket.SOCK_DGRAM); u.connect((address, port)); u.settimeout(0.5)
 attempts, sent, wrong = {}, set(), 0
 for size in json.loads(sys.argv[3]):
     attempts[size] = 0
