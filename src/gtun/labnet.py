@@ -401,9 +401,14 @@ def start_xfer_server(
     return proc
 
 
-def run_xfers(ns: Namespace, jobs: list[XferJob], *, timeout: float = 120) -> list[XferResult]:
+def run_xfers(
+    ns: Namespace, jobs: list[XferJob], *, timeout: float | None = None
+) -> list[XferResult]:
     """Run `jobs` from `ns` against XferServers, all at once (one thread each); results in
-    the order of `jobs`.  A job that fails has `ok` False and says why in `error`."""
+    the order of `jobs`.  A job that fails has `ok` False and says why in `error`.  The
+    default `timeout` allows 60 s plus 2 s per 10 MB moved."""
+    if timeout is None:
+        timeout = 60 + sum(j.size for j in jobs) / 5e6
     spec = json.dumps([[j.address, j.port, j.direction, j.size] for j in jobs])
     out = ns.python(_XFER_CLIENT, spec, timeout=timeout)
     rows = json.loads(out.stdout)
