@@ -114,9 +114,9 @@ class Stock:
         self.address = {"ipv4": address4, "ipv6": address6}
 
 
-def start_stock_peer(net: GtunNet, workdir: Path) -> Stock:
-    """wireguard-go in its own namespace, configured from `gtun peer add` the way
-    wg-quick would apply it (as in test_interop)."""
+def start_stock_peer(net: GtunNet, workdir: Path, ifname: str) -> Stock:
+    """wireguard-go (interface `ifname`) in its own namespace, configured from `gtun peer
+    add` the way wg-quick would apply it (as in test_interop)."""
     for tool in ("wireguard-go", "wg"):
         if shutil.which(tool) is None:
             pytest.fail(f"this test needs {tool} (apt install wireguard-go wireguard-tools)")
@@ -138,7 +138,6 @@ def start_stock_peer(net: GtunNet, workdir: Path) -> Stock:
             setconf.append(line)
     addresses = fields["Address"]
     assert len(addresses) == 2 and addresses[1].startswith("fd66:242::"), conf
-    ifname = f"gtx{secrets.token_hex(2)}"
     log = workdir / "wireguard-go.log"
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
     proc = ns.spawn(["wireguard-go", "-f", ifname], log_path=log, env=env)
@@ -162,38 +161,49 @@ def start_stock_peer(net: GtunNet, workdir: Path) -> Stock:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
     workdir = tmp_path_factory.mktemp("datapath")
+    stock_ifname = f"gtx{secrets.token_hex(2)}"
     with Lab(f"gtx{secrets.token_hex(2)}") as lab:
-        gnet = GtunNet(lab, workdir, clients=3, underlay=UNDERLAY, network=NETWORK)
-        cfg = gnet.relay.config
-        routes = f'routes = ["{LAN_NET}.0/24"]\n'
-        assert routes in cfg.read_text()
-        cfg.write_text(cfg.read_text().replace(routes, f'routes = ["{LAN_NET}.0/24", "{LAN6}"]\n'))
-        set_keys(cfg, "server", {"network6": f'"{NETWORK6}"'})
-        c1, c2, c3 = gnet.clients
-        for c, transport in ((c1, "udp"), (c2, "udp"), (c3, "tcp")):
-            gnet.set_transport(c, transport)
-        # The LAN host has no route back to the virtual networks: its replies find the
-        # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
-        assert gnet.lan is not None
-        lan6 = ((gnet.relay.ns, "rlan", "fd77:242::1"), (gnet.lan, "lan0", LAN_HOST6))
-        for ns, dev, addr in lan6:
-            ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
-            ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
-        gnet.start_all()
-        for c in gnet.clients:
-            st = gnet.status(c)
-            assert st is not None and st["address6"], st
-            c.extra["ipv4"] = c.extra["address"]
-            c.extra["ipv6"] = st["address6"].split("/")[0]
-        stock = start_stock_peer(gnet, workdir)
-        gnet.relay.extra["stock"] = stock
-        for ns in (gnet.relay.ns, gnet.lan, stock.ns, *(c.ns for c in gnet.clients)):
-            start_xfer_server(ns, workdir / f"xfer-{ns.name}.log")
         try:
-            yield gnet
+            yield build_net(lab, workdir, stock_ifname)
         finally:
             lab.cleanup()
-            (WG_RUN / f"{stock.ifname}.sock").unlink(missing_ok=True)
+            (WG_RUN / f"{stock_ifname}.sock").unlink(missing_ok=True)
+
+
+def build_net(lab: Lab, workdir: Path, stock_ifname: str) -> GtunNet:
+    """The module's lab, running, with an XferServer in every namespace."""
+    gnet = GtunNet(lab, workdir, clients=3, underlay=UNDERLAY, network=NETWORK)
+    cfg = gnet.relay.config
+    routes = f'routes = ["{LAN_NET}.0/24"]\n'
+    assert routes in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace(routes, f'routes = ["{LAN_NET}.0/24", "{LAN6}"]\n'))
+    set_keys(cfg, "server", {"network6": f'"{NETWORK6}"'})
+    c1, c2, c3 = gnet.clients
+    for c, transport in ((c1, "udp"), (c2, "udp"), (c3, "tcp")):
+        gnet.set_transport(c, transport)
+    # The LAN host has no route back to the virtual networks: its replies find the
+    # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
+    assert gnet.lan is not None
+    lan6 = ((gnet.relay.ns, "rlan", "fd77:242::1"), (gnet.lan, "lan0", LAN_HOST6))
+    for ns, dev, addr in lan6:
+        ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
+        ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
+    gnet.start_all()
+    for c in gnet.clients:
+        st = gnet.status(c)
+        assert st is not None and st["address6"], st
+        c.extra["ipv4"] = c.extra["address"]
+        c.extra["ipv6"] = st["address6"].split("/")[0]
+    # Each client on the transport its paths are named for.
+    relay_st = gnet.status(gnet.relay)
+    assert relay_st is not None
+    transports = {p["name"]: p["transport"] for p in relay_st["peers"]}
+    assert transports == {"c1": "udp", "c2": "udp", "c3": "tcp"}, transports
+    stock = start_stock_peer(gnet, workdir, stock_ifname)
+    gnet.relay.extra["stock"] = stock
+    for ns in (gnet.relay.ns, gnet.lan, stock.ns, *(c.ns for c in gnet.clients)):
+        start_xfer_server(ns, workdir / f"xfer-{ns.name}.log")
+    return gnet
 
 
 # --- helpers -------------------------------------------------------------------------
