@@ -348,3 +348,258 @@ s.shutdown(socket.SHUT_WR); s.recv(1); s.close(); print(h.hexdigest())
 def dump_status(node: Node) -> str:
     st = query(node.socket, {"command": "status"})
     return json.dumps(st, indent=2)
+
+
+# --- checked transfers over long-lived agents ------------------------------------------
+#
+# GtunNet.transfer starts two processes per transfer.  A suite that moves many streams
+# (both directions, IPv4 and IPv6, several paths, streams in parallel) instead starts one
+# XferServer per namespace and runs each namespace's batch of jobs from one process.
+# The server listens on "::" (IPv4 through mapped addresses) for TCP jobs and echoes UDP
+# datagrams on the same port.
+#
+#   up:   the client sends b"U" + size (8 bytes BE) + `size` random bytes and half-closes;
+#         the server answers with the byte count (8 bytes BE) and the SHA-256 of what came.
+#   down: the client sends b"D" + size; the server sends `size` random bytes, then the
+#         SHA-256 of what it sent, and closes.  A stream that carried a byte too many or
+#         too few hashes wrong or ends early, and either way the job fails.
+
+XFER_PORT = 5301
+
+
+@dataclass(frozen=True)
+class XferJob:
+    """One TCP stream: `direction` "up" (client to server) or "down" (server to client)."""
+
+    address: str
+    direction: str
+    size: int
+    port: int = XFER_PORT
+
+
+@dataclass(frozen=True)
+class XferResult:
+    job: XferJob
+    sent: str  # SHA-256 of what the sending end sent
+    received: str  # SHA-256 of what the receiving end received
+    nbytes: int  # bytes the receiving end received
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.nbytes == self.job.size and self.sent == self.received
+
+    def __str__(self) -> str:
+        j = self.job
+        state = "ok" if self.ok else f"FAILED ({self.error or 'checksum or length mismatch'})"
+        return (
+            f"{j.direction} {j.size} B with {j.address}: {state}, got {self.nbytes} B, "
+            f"sent {self.sent[:16]} received {self.received[:16]}, {self.seconds:.2f} s"
+        )
+
+
+def start_xfer_server(
+    ns: Namespace, log_path: Path, port: int = XFER_PORT, timeout: float = 10
+) -> subprocess.Popen[bytes]:
+    """Start the transfer and UDP-echo server in `ns`; returned once it listens.
+    Raises RuntimeError when it does not within `timeout`."""
+    proc = ns.spawn([sys.executable, "-c", _XFER_SERVER, str(port)], log_path=log_path)
+    deadline = time.monotonic() + timeout
+    while "ready" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"in {ns.name}: the transfer server did not start:\n"
+                + log_path.read_text(errors="replace")
+            )
+        time.sleep(0.05)
+    return proc
+
+
+def run_xfers(
+    ns: Namespace, jobs: list[XferJob], *, timeout: float | None = None
+) -> list[XferResult]:
+    """Run `jobs` from `ns` against XferServers, all at once (one thread each); results in
+    the order of `jobs`.  A job that fails has `ok` False and says why in `error`.  The
+    default `timeout` allows 60 s plus 2 s per 10 MB moved."""
+    if timeout is None:
+        timeout = 60 + sum(j.size for j in jobs) / 5e6
+    spec = json.dumps([[j.address, j.port, j.direction, j.size] for j in jobs])
+    out = ns.python(_XFER_CLIENT, spec, timeout=timeout)
+    rows = json.loads(out.stdout)
+    return [XferResult(job, *row) for job, row in zip(jobs, rows, strict=True)]
+
+
+def udp_echo(
+    ns: Namespace, address: str, sizes: list[int], *, port: int = XFER_PORT, tries: int = 3
+) -> tuple[dict[int, int], int]:
+    """Send a random datagram of each size in `sizes` from `ns` to an XferServer and check
+    the echo byte for byte: ({size: attempts it took, 0 where no exact echo came in
+    `tries` attempts of half a second each}, datagrams that came back matching nothing sent)."""
+    bound = 10 + len(sizes) * tries * 0.5  # the waits for echoes, and some slack
+    out = ns.python(
+        _UDP_ECHO_CLIENT, address, str(port), json.dumps(sizes), str(tries), timeout=bound
+    )
+    answer = json.loads(out.stdout)
+    return {int(k): v for k, v in answer["attempts"].items()}, int(answer["wrong"])
+
+
+def ping_sizes(
+    ns: Namespace, address: str, sizes: list[int], *, df: bool, count: int = 2, deadline: int = 3
+) -> dict[int, str]:
+    """Ping `address` from `ns` with each ICMP payload size (one ping process per size, all
+    at once), with DF set (`-M do`) or letting the sender fragment (`-M dont`); {size:
+    ping's summary line}, "" unless exactly `count` echoes were sent and each answered
+    within `deadline` seconds, with data ping found right.
+
+    `-w` rather than `-W`: once one reply has come, ping waits only two round trips for
+    the rest, so `-W` reads a slow reply as a lost one.  Under `-w` ping sends another
+    echo for each one lost, which the "sent" count then shows."""
+    family = "-6" if ":" in address else "-4"
+    procs = {}
+    for size in sizes:
+        cmd = [*ns.exec_prefix(), "ping", family, "-n", "-c", str(count), "-i", "0.05"]
+        cmd += ["-w", str(deadline), "-M", "do" if df else "dont", "-s", str(size), address]
+        procs[size] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    result: dict[int, str] = {}
+    for size, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=deadline + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        summary = next((ln for ln in out.splitlines() if "received" in ln), "")
+        good = summary.startswith(f"{count} packets transmitted, {count} received")
+        result[size] = summary if good and "wrong data" not in out else ""
+    return result
+
+
+_XFER_SERVER = r"""
+import hashlib, os, socket, struct, sys, threading
+port = int(sys.argv[1])
+
+def exact(c, n):
+    buf = b""
+    while len(buf) < n:
+        b = c.recv(n - len(buf))
+        if not b:
+            raise OSError(f"stream ended after {len(buf)} of {n} header bytes")
+        buf += b
+    return buf
+
+def serve(c):
+    try:
+        c.settimeout(60)
+        head = exact(c, 9)
+        mode, size = head[:1], struct.unpack("!Q", head[1:])[0]
+        h, n = hashlib.sha256(), 0
+        if mode == b"U":
+            while b := c.recv(1 << 18):
+                h.update(b); n += len(b)
+            c.sendall(struct.pack("!Q", n) + h.digest())
+        elif mode == b"D":
+            while n < size:
+                b = os.urandom(min(size - n, 1 << 16)); h.update(b); c.sendall(b); n += len(b)
+            c.sendall(h.digest())
+        print(mode.decode(), size, n, h.hexdigest(), flush=True)
+    except OSError as e:
+        print("error", e, flush=True)
+    finally:
+        c.close()
+
+def echo(u):
+    while True:
+        data, addr = u.recvfrom(65535)
+        u.sendto(data, addr)
+
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("::", port)); s.listen(64)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); u.bind(("::", port))
+threading.Thread(target=echo, args=(u,), daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+_XFER_CLIENT = r"""
+import hashlib, json, os, socket, struct, sys, threading, time
+jobs = json.loads(sys.argv[1])
+results = [None] * len(jobs)
+
+def exact(c, n):
+    buf = b""
+    while len(buf) < n:
+        b = c.recv(n - len(buf))
+        if not b:
+            break
+        buf += b
+    return buf
+
+def run(i, address, port, direction, size):
+    h, n, sent, received, error = hashlib.sha256(), 0, "", "", None
+    started = time.monotonic()
+    try:
+        c = socket.create_connection((address, port), timeout=30)
+        c.settimeout(60)
+        if direction == "up":
+            c.sendall(b"U" + struct.pack("!Q", size))
+            left = size
+            while left:
+                b = os.urandom(min(left, 1 << 16)); h.update(b); c.sendall(b); left -= len(b)
+            c.shutdown(socket.SHUT_WR)
+            answer = exact(c, 40)
+            sent = h.hexdigest()
+            if len(answer) != 40:
+                error = f"no answer from the server ({len(answer)} bytes)"
+            else:
+                n, received = struct.unpack("!Q", answer[:8])[0], answer[8:].hex()
+        else:
+            c.sendall(b"D" + struct.pack("!Q", size))
+            while n < size:
+                b = c.recv(min(size - n, 1 << 18))
+                if not b:
+                    break
+                h.update(b); n += len(b)
+            received = h.hexdigest()
+            digest = exact(c, 32)
+            sent = digest.hex()
+            if len(digest) != 32:
+                error = f"stream ended after {n} of {size} bytes"
+            elif c.recv(1):
+                error = "bytes after the end of the stream"
+        c.close()
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    results[i] = [sent, received, n, time.monotonic() - started, error]
+
+threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(results))
+"""
+
+_UDP_ECHO_CLIENT = r"""
+import json, os, socket, sys
+address, port, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+u = socket.socket(family, socket.SOCK_DGRAM); u.connect((address, port)); u.settimeout(0.5)
+attempts, sent, wrong = {}, set(), 0
+for size in json.loads(sys.argv[3]):
+    attempts[size] = 0
+    for attempt in range(1, tries + 1):
+        data = os.urandom(size)
+        sent.add(data)
+        u.send(data)
+        try:
+            while (got := u.recv(65535)) != data:
+                wrong += got not in sent  # else a late echo of an earlier attempt
+        except TimeoutError:
+            continue
+        attempts[size] = attempt
+        break
+print(json.dumps({"attempts": attempts, "wrong": wrong}))
+"""
