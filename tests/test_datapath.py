@@ -1,10 +1,12 @@
 """Tier 3: the data path as a whole moves every byte, unchanged (issue 4's CI tests).
 
 One lab for the module: a relay with `network6`, NAT and a LAN host behind it (IPv4 and
-IPv6), three gtun clients -- c1 and c2 over UDP, c3 over TCP -- and a stock wireguard-go
-peer configured from `gtun peer add`.  Every namespace runs a gtun.labnet XferServer;
-each TCP stream carries random bytes and is checked end to end with SHA-256 and its
-length, in both directions, over IPv4 and IPv6 inside the tunnel:
+IPv6), three gtun clients -- c1 and c2 over UDP, c3 over TCP; c2 runs with
+`offload = false`, so every path to and from it takes the fallback of a device without
+offloads -- and a stock wireguard-go peer configured from `gtun peer add`.  Every
+namespace runs a gtun.labnet XferServer; each TCP stream carries random bytes and is
+checked end to end with SHA-256 and its length, in both directions, over IPv4 and IPv6
+inside the tunnel:
 
     client -> relay over UDP (c1) and over TCP (c3)
     client -> client through the relay, UDP <-> UDP (c1, c2) and UDP <-> TCP (c1, c3)
@@ -86,6 +88,8 @@ INTEGRITY_DROPS = (
     "expired",
     "no_endpoint",
     "staged_overflow",
+    "bad_bulk",
+    "bad_gso",
     "spoofed",
     "no_route",
     "loop",
@@ -181,6 +185,7 @@ def build_net(lab: Lab, workdir: Path, stock_ifname: str) -> GtunNet:
     c1, c2, c3 = gnet.clients
     for c, transport in ((c1, "udp"), (c2, "udp"), (c3, "tcp")):
         gnet.set_transport(c, transport)
+    set_keys(c2.config, "client", {"offload": "false"})
     # The LAN host has no route back to the virtual networks: its replies find the
     # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
     assert gnet.lan is not None
@@ -396,6 +401,29 @@ def test_stock_wireguard_go_transfers(net: GtunNet, family: str) -> None:
     peer = next(p for p in st["peers"] if p["name"] == "stock")
     assert peer["kind"] == "wireguard" and peer["rx_bytes"] > 2 * STOCK_SIZE + PARALLEL_SIZE, peer
     assert not any(peer["drops"].values()), peer
+
+
+# --- the batching was really at work ---------------------------------------------------
+
+
+def test_offloads_and_batches_were_used(net: GtunNet) -> None:
+    """The transfers above went through the fast path where it was granted: TCP
+    super-packets read from the TUNs and written to them, UDP GSO sends and GRO reads,
+    bulk frames over TCP (the TCP client writes super-packets that came whole); and
+    through the fallback on c2 (offload = false), which read and wrote none."""
+    dp = {}
+    for node in (net.relay, *net.clients):
+        st = net.status(node)
+        assert st is not None and st["datapath"] is not None, st
+        dp[node.name] = st["datapath"]
+    relay, c1, c2, c3 = dp["relay"], dp["c1"], dp["c2"], dp["c3"]
+    for d in (relay, c1, c3):
+        assert d["tun_offload"] and d["tun_super_reads"] > 0 and d["tun_super_writes"] > 0, dp
+    assert not c2["tun_offload"] and c2["tun_offload_error"] is None, dp
+    assert c2["tun_super_reads"] == c2["tun_super_writes"] == 0, dp
+    for d in (relay, c1, c2):
+        assert d["udp_gso"] and d["udp_gso_sends"] > 0 and d["udp_gro_reads"] > 0, dp
+    assert c3["udp_gso"] is None, dp  # the TCP client has no UDP socket
 
 
 # --- last: nothing was dropped that should not be ------------------------------------

@@ -132,6 +132,8 @@ class Driver:
         for data, addr in udp.recv(UDP_BATCH):
             receive(data, addr, now)
         self.after()
+        if udp.pending:  # a GRO train left datagrams over: the socket will not say so
+            self.loop.call_soon(self._udp_readable)
 
     def _udp_error(self, exc: Exception) -> None:
         if self.on_udp_error is not None:
