@@ -24,6 +24,7 @@ from gtun.offload import (
     GSO_TCPV4,
     GSO_TCPV6,
     VnetHdr,
+    finish_tcp_checksum,
     segment,
 )
 from gtun.relay import PeerSpec, Relay
@@ -161,6 +162,60 @@ def test_stock_peer_gets_valid_packets_from_a_relay_super_packet() -> None:
     net.relay.tun_super(hdr, packet, net.now)
     net.pump()
     check_segments(net.stock_got, "10.66.0.1", "10.66.0.9", 8 * MSS + 100)
+
+
+def test_partial_checksums_between_gtun_nodes_only() -> None:
+    """With the relay's TUN completing checksums, gtun clients over UDP leave TCP
+    checksums partial (the pseudo-header sum) both ways; the relay completes them for
+    a peer that does not take them (a stock peer, or a client that did not offer)."""
+    net = Net(c1_stream=False, c2_stream=False)
+    net.relay.tun_offload = True
+    net.client("c1").accept_partial = True
+    net.client("c2").accept_partial = False
+    net.start()
+    c1, c2 = net.client("c1"), net.client("c2")
+    assert c1.relay.partial and c1.config is not None and c1.config.partial
+    assert not c2.relay.partial
+    # c1 -> relay: partial segments, which finish into exactly the full ones.
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 4 * MSS)
+    c1.tun_super(hdr, packet, net.now)
+    net.pump()
+    full = segment(hdr, packet)
+    assert net.tun_in != full and [finish_tcp_checksum(p) for p in net.tun_in] == full  # type: ignore[arg-type]
+    # c1 -> c2 (which did not offer): the relay completes them; c2 gets valid packets.
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 5 * MSS + 9)
+    c1.tun_super(hdr, packet, net.now)
+    net.pump()
+    check_segments(net.take("c2"), "10.66.0.2", "10.66.0.3", 5 * MSS + 9)  # type: ignore[arg-type]
+    # c1 -> stock peer: likewise.
+    net.stock.send_keepalive(next(iter(net.stock.peers.values())), net.now)
+    net.pump()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.9", 3 * MSS)
+    c1.tun_super(hdr, packet, net.now)
+    net.pump()
+    check_segments(net.stock_got, "10.66.0.2", "10.66.0.9", 3 * MSS)
+    # relay -> c1: partial; relay -> c2: full.
+    for name, address in (("c1", "10.66.0.2"), ("c2", "10.66.0.3")):
+        hdr, packet = super_packet("10.66.0.1", address, 2 * MSS)
+        net.relay.tun_super(hdr, packet, net.now)
+        net.pump()
+        got = net.take(name)
+        if name == "c1":
+            assert got != segment(hdr, packet)
+            assert [finish_tcp_checksum(p) for p in got] == segment(hdr, packet)  # type: ignore[arg-type]
+        else:
+            assert got == segment(hdr, packet)
+
+
+def test_no_partial_checksums_without_the_relays_offloads() -> None:
+    net = Net(c1_stream=False)
+    net.client("c1").accept_partial = True  # relay.tun_offload stays False
+    net.start()
+    assert not net.client("c1").relay.partial
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 2 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert net.tun_in == segment(hdr, packet)
 
 
 def test_ipv6_super_packet_segments() -> None:

@@ -12,11 +12,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 
 from gtun.edge import write_tun
 from gtun.lab import Lab
-from gtun.offload import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, PLAIN, VnetHdr, segment
+from gtun.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    GSO_TCPV4,
+    PLAIN,
+    VnetHdr,
+    finish_tcp_checksum,
+    segment,
+    to_partial,
+)
 from gtun.tun import FakeTun
 
 MSS = 1380
@@ -68,8 +77,31 @@ def test_decrypted_segments_are_coalesced_for_an_offloading_device() -> None:
     assert coalesced_hdr.gso_type == GSO_TCPV4 and coalesced_hdr.gso_size == MSS
     assert segment(coalesced_hdr, coalesced) == segments  # nothing lost or changed
     assert dev.written[1] == arrived
-    assert dev.written[2] == (PLAIN, other)
+    # A lone TCP packet goes as NEEDS_CSUM with the pseudo-header sum: the kernel
+    # completes the checksum a gtun peer may have left partial.
+    assert dev.written[2] == to_partial(other)
+    assert dev.written[2][0].flags == F_NEEDS_CSUM and dev.written[2][0].csum_start == 20
+    assert finish_tcp_checksum(dev.written[2][1]) == other
     assert counts["tun_super_writes"] == 2
+
+
+def test_non_tcp_is_written_plain_and_partial_checksums_finished_without_offloads() -> None:
+    udp = bytes(IP(src="10.243.0.2", dst="10.243.0.1") / UDP(sport=1, dport=2) / b"data")
+    dev = VnetRecorder()
+    write_tun(dev, [udp], {"tun_super_writes": 0})  # type: ignore[arg-type]
+    assert dev.written == [(PLAIN, udp)]
+    # Without offloads (finish=True) partial TCP checksums are completed before writing.
+    hdr, whole = tcp_super(3 * MSS)
+    partial = segment(hdr, whole, partial=True)
+    assert partial != segment(hdr, whole)
+    plain, kernel = FakeTun.create()
+    try:
+        write_tun(plain, [*partial, udp], {"tun_super_writes": 0}, finish=True)
+        got = [kernel.recv(65535) for _ in range(4)]
+    finally:
+        plain.close()
+        kernel.close()
+    assert got == [*segment(hdr, whole), udp]
 
 
 def test_super_packets_are_cut_for_a_device_without_offloads() -> None:

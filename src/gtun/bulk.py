@@ -128,4 +128,4 @@ def send_super(wg: WireGuard, peer: Peer, hdr: VnetHdr, packet: bytes, now: floa
             for piece_hdr, piece in split(hdr, packet, MAX_PACKET):
                 wg.send(peer, push_bulk(piece_hdr, piece), now)
     else:
-        wg.send_many(peer, segment(hdr, packet), now)
+        wg.send_many(peer, segment(hdr, packet, partial=getattr(peer.data, "partial", False)), now)

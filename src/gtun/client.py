@@ -93,6 +93,9 @@ class Client:
                 mode=cfg.mode,
                 wall_offset=time.time() - loop.time(),
             )
+            # The device completes TCP checksums (offloads), or the edge does when the
+            # kernel refuses them: either way the relay may leave them partial.
+            core.accept_partial = cfg.offload
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
@@ -300,6 +303,7 @@ class Client:
         assert self.driver is not None
         self.tun = open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
         log_offloads(self.tun, self.cfg.offload)
+        self.driver.finish_checksums = mode == "tun" and self.cfg.offload and not self.tun.vnet
         self.driver.attach_tun(self.tun)
         if mode == "tap":
             log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)

@@ -56,6 +56,7 @@ class RelayPeer:
     """`Peer.data` of the relay, as bulk.send_super() reads it."""
 
     bulk: bool = False  # the relay takes bulk frames (its configuration said so)
+    partial: bool = False  # partial TCP checksums both ways (its configuration said so)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,9 @@ class ClientCore:
     ) -> None:
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
         self.relay = RelayPeer()
+        # Whether this client completes TCP checksums the relay leaves partial (its
+        # device does, or the edge finishes them): the edge sets it before start().
+        self.accept_partial = False
         self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
         self.mode = mode
         self.ping_interval = ping_interval
@@ -212,6 +216,8 @@ class ClientCore:
 
     def _request_config(self, now: float) -> None:
         request: dict[str, object] = {"bulk": True}  # this client takes bulk frames
+        if self.accept_partial:  # and completes TCP checksums the relay leaves partial
+            request["csum"] = "partial"
         if self.mode is not None:
             request["mode"] = self.mode
         self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, request), now)
@@ -276,6 +282,7 @@ class ClientCore:
                 changed = config != self.config
                 self.config = config
                 self.relay.bulk = config.bulk
+                self.relay.partial = config.partial and self.accept_partial
                 self._events.append(ConfigReceived(config, changed))
             elif msg.type == tm.REFUSED:
                 self._events.append(Refused(str(msg.payload.get("reason", "refused"))))

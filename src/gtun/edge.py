@@ -25,7 +25,15 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gtun.offload import F_NEEDS_CSUM, GSO_NONE, OffloadError, VnetHdr, coalesce
+from gtun.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    OffloadError,
+    VnetHdr,
+    coalesce,
+    finish_tcp_checksum,
+    to_partial,
+)
 from gtun.tun import PacketDevice
 from gtun.udpio import UdpBatch
 from gtun.wg.events import Event
@@ -102,6 +110,9 @@ class Driver:
         self.tun: PacketDevice | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # A device without offloads, where peers may leave TCP checksums partial: the
+        # edge completes them before writing (tun.py, offload.py).
+        self.finish_checksums = False
         # Batching at work (status): super-packets read from and written to the TUN.
         self.counts = {"tun_super_reads": 0, "tun_super_writes": 0}
 
@@ -193,7 +204,9 @@ class Driver:
             if tun is None:
                 core.drops["queue_full"] += len(writes)
             else:
-                core.drops["queue_full"] += write_tun(tun, writes, self.counts)
+                core.drops["queue_full"] += write_tun(
+                    tun, writes, self.counts, finish=self.finish_checksums
+                )
         datagrams = core.datagrams_to_send()
         if datagrams:
             udp: list[tuple[bytes, Any]] = []
@@ -251,17 +264,25 @@ class Driver:
 
 
 def write_tun(
-    tun: PacketDevice, writes: list[bytes | tuple[VnetHdr, bytes]], counts: dict[str, int]
+    tun: PacketDevice,
+    writes: list[bytes | tuple[VnetHdr, bytes]],
+    counts: dict[str, int],
+    *,
+    finish: bool = False,
 ) -> int:
-    """Write the core's TUN output in order; the number of packets dropped.  On an
-    offloading device runs of plain packets are coalesced into super-packets first
-    (counted in counts["tun_super_writes"], with the super-packets that came whole)."""
+    """Write the core's TUN output in order; the number of packets dropped.
+
+    On an offloading device runs of plain packets are coalesced into super-packets
+    first (counted in counts["tun_super_writes"], with the super-packets that came
+    whole), and every TCP packet goes as F_NEEDS_CSUM: the kernel completes its
+    checksum, which a gtun peer may have left partial.  On a device without offloads
+    `finish` completes TCP checksums here instead."""
     dropped = 0
     if not getattr(tun, "vnet", False):
         for item in writes:
             if item.__class__ is tuple:
                 dropped += tun.write_super(*item)
-            elif not tun.write(item):  # type: ignore[arg-type]
+            elif not tun.write(finish_tcp_checksum(item) if finish else item):  # type: ignore[arg-type]
                 dropped += 1
         return dropped
     run: list[bytes] = []
@@ -281,10 +302,12 @@ def write_tun(
 
 def _write_coalesced(tun: PacketDevice, packets: list[bytes], counts: dict[str, int]) -> int:
     if len(packets) == 1:
-        return 0 if tun.write(packets[0]) else 1
+        return tun.write_super(*to_partial(packets[0]))
     dropped = 0
     for hdr, packet in coalesce(packets):
         if hdr.gso_type != GSO_NONE:
             counts["tun_super_writes"] += 1
+        elif not hdr.flags:
+            hdr, packet = to_partial(packet)
         dropped += tun.write_super(hdr, packet)
     return dropped

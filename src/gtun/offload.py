@@ -195,8 +195,13 @@ def _fold(partial: int) -> int:
 # --- segmentation ------------------------------------------------------------------
 
 
-def segment(h: VnetHdr, packet: bytes) -> list[bytes]:
+def segment(h: VnetHdr, packet: bytes, *, partial: bool = False) -> list[bytes]:
     """The wire packets for `packet`, what follows header `h` in a TUN read.
+
+    With `partial`, the TCP segments of a GSO packet carry in their checksum field only
+    the pseudo-header sum (as CHECKSUM_PARTIAL packets do), not the full checksum: for
+    a receiver that hands every TCP packet to its kernel as F_NEEDS_CSUM (a gtun node,
+    see to_partial()), which saves summing the payload.  Never for a stock peer.
 
     GSO_NONE: the packet itself, its checksum finished first if `h` has F_NEEDS_CSUM
     (whatever the layer 4: the field holds the pseudo-header sum, as in the kernel's
@@ -224,7 +229,7 @@ def segment(h: VnetHdr, packet: bytes) -> list[bytes]:
     pay = n - hl
     if hl + min(g, pay) > MAX_IP_PACKET:
         raise OffloadError("bad_gso", f"a segment of {hl + min(g, pay)} bytes")
-    return _segment_tcp(packet, l3, hl, g)
+    return _segment_tcp(packet, l3, hl, g, partial)
 
 
 def _finish_checksum(packet: bytes, start: int, offset: int) -> bytes:
@@ -367,7 +372,7 @@ def _folds(g: int) -> tuple[int, int, int, int, int, int]:
     return f
 
 
-def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
+def _segment_tcp(packet: bytes, l3: int, hl: int, g: int, partial: bool = False) -> list[bytes]:
     n = len(packet)
     tp = _template(packet, l3, hl)
     pack = tp.pack
@@ -384,6 +389,7 @@ def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
     # Two folds sized for gso_size, then one small %, beat one % on the whole payload.
     k1, m1, k2, m2, k3, m3 = _folds(g)
     full_base = tcp_base + doff + g  # the TCP length of a full segment included
+    addr_sum = tp.addr_sum
     out: list[bytes] = []
     append = out.append
     v6 = l3 == 40
@@ -392,10 +398,15 @@ def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
     while off < n:
         end = off + g
         pay = packet[off:end]
-        x = int.from_bytes(pay, "big")
-        x = (x >> k1) + (x & m1)
-        x = (x >> k2) + (x & m2)
-        r = ((x >> k3) + (x & m3)) % 0xFFFF
+        if partial:
+            plen = g if end < n else n - off
+            tcs = (addr_sum + doff + plen) % 0xFFFF or 0xFFFF
+            r = 0
+        else:
+            x = int.from_bytes(pay, "big")
+            x = (x >> k1) + (x & m1)
+            x = (x >> k2) + (x & m2)
+            r = ((x >> k3) + (x & m3)) % 0xFFFF
         if end >= n:
             end = n
             fl = f_last if off > hl else f0  # a single segment keeps every flag
@@ -409,7 +420,8 @@ def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
                 r <<= 8
             r += full_base
         tlen = doff + plen
-        tcs = -(r + (seq >> 16) + (seq & 0xFFFF) + fl) % 0xFFFF
+        if not partial:
+            tcs = -(r + (seq >> 16) + (seq & 0xFFFF) + fl) % 0xFFFF
         if v6:
             hdr = pack(c1, tlen, c3, seq, c4, fl, c5, tcs, c6)
         else:
@@ -423,6 +435,60 @@ def _segment_tcp(packet: bytes, l3: int, hl: int, g: int) -> list[bytes]:
         off = end
         fl = f_mid
     return out
+
+
+# --- partial checksums between gtun nodes ------------------------------------------
+
+
+def tcp_header_at(packet: bytes) -> int:
+    """Where the TCP header of a plain TCP packet starts (IPv4, not a fragment, or IPv6
+    without extension headers), or 0 for anything else."""
+    n = len(packet)
+    if n < 40:
+        return 0
+    v = packet[0] >> 4
+    if v == 4:
+        l3 = (packet[0] & 0x0F) << 2
+        if packet[9] != IPPROTO_TCP or l3 < 20 or ((packet[6] << 8) | packet[7]) & 0x3FFF:
+            return 0
+        if (packet[2] << 8) | packet[3] != n or n < l3 + 20:
+            return 0
+        return l3
+    if v == 6 and n >= 60 and packet[6] == IPPROTO_TCP and 40 + ((packet[4] << 8) | packet[5]) == n:
+        return 40
+    return 0
+
+
+def _pseudo_sum(packet: bytes, l3: int) -> int:
+    """The pseudo-header sum of a TCP packet, folded, not complemented."""
+    addrs = packet[12:20] if l3 != 40 else packet[8:40]
+    return (
+        int.from_bytes(addrs, "big") % 0xFFFF + IPPROTO_TCP + len(packet) - l3
+    ) % 0xFFFF or 0xFFFF
+
+
+def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
+    """A plain packet for an offloading TUN: a TCP packet (whatever its checksum field
+    holds) as F_NEEDS_CSUM with the pseudo-header sum in the field, so the kernel
+    completes or trusts the checksum; anything else unchanged, as (PLAIN, packet)."""
+    l3 = tcp_header_at(packet)
+    if not l3:
+        return PLAIN, packet
+    at = l3 + TCP_CSUM_OFFSET
+    field = _H16.pack(_pseudo_sum(packet, l3))
+    hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, l3, TCP_CSUM_OFFSET)
+    return hdr, b"".join((packet[:at], field, packet[at + 2 :]))
+
+
+def finish_tcp_checksum(packet: bytes) -> bytes:
+    """A TCP packet with its checksum computed from scratch (for a receiver that checks
+    it: a stock peer, or a TUN without offloads); anything else unchanged."""
+    l3 = tcp_header_at(packet)
+    if not l3:
+        return packet
+    at = l3 + TCP_CSUM_OFFSET
+    partial = _H16.pack(_pseudo_sum(packet, l3))
+    return _finish_checksum(b"".join((packet[:at], partial, packet[at + 2 :])), l3, TCP_CSUM_OFFSET)
 
 
 # --- splitting ---------------------------------------------------------------------

@@ -43,7 +43,7 @@ from typing import Any
 
 from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
-from gtun.offload import OffloadError, VnetHdr
+from gtun.offload import OffloadError, VnetHdr, finish_tcp_checksum
 from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
@@ -108,6 +108,7 @@ class PeerState:
     spec: PeerSpec
     is_gtun: bool = False  # asked for its configuration: a gtun client
     bulk: bool = False  # takes bulk frames (bulk.py) over a stream endpoint
+    partial: bool = False  # completes TCP checksums itself: sends and takes them partial
     drops: dict[str, int] = field(default_factory=dict)
 
 
@@ -155,8 +156,16 @@ class Relay:
         # the next packet of a flow skips the checks and lookups.  Cleared whenever the
         # peers (and so the table) change, and when full.
         self._flows: dict[tuple[Peer, bytes, bytes], Peer | str | None] = {}
+        # Packets from one peer to another, gathered per target while a batch of
+        # datagrams is read and encrypted together (send_many) when the edge collects
+        # the datagrams to send.
+        self._forward: dict[Peer, list[bytes]] = {}
+        self._forward_now = 0.0
         self._events: deque[Event] = deque()
         self.switch: Switch[Peer | str] | None = None
+        # The relay's TUN completes TCP checksums (offloads granted, tun.py): then gtun
+        # clients may send TCP segments with only the pseudo-header sum (offload.py).
+        self.tun_offload = False
         if settings.mode == "tap":
             self.switch = Switch(l2frame.max_frame_for(settings.mtu))
             self.switch.add_port(LOCAL_PORT)
@@ -209,6 +218,10 @@ class Relay:
     # --- outputs -------------------------------------------------------------------
 
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        if self._forward:
+            forward, self._forward = self._forward, {}
+            for peer, packets in forward.items():
+                self.wg.send_many(peer, packets, self._forward_now)
         return self.wg.datagrams_to_send()
 
     def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
@@ -303,7 +316,14 @@ class Relay:
         elif target.__class__ is str:
             self._count(peer, target)
         else:
-            self.wg.send(target, plaintext, now)  # type: ignore[arg-type]
+            if peer.data.partial and not target.data.partial:  # type: ignore[union-attr]
+                plaintext = finish_tcp_checksum(plaintext)  # e.g. to a stock peer
+            batch = self._forward.get(target)  # type: ignore[arg-type]
+            if batch is None:
+                self._forward[target] = [plaintext]  # type: ignore[index]
+                self._forward_now = now
+            else:
+                batch.append(plaintext)
 
     def _route(self, peer: Peer, src: bytes, dst: bytes) -> Peer | str | None:
         """Where a packet from `peer` goes: another peer, None for the TUN, or the
@@ -429,6 +449,9 @@ class Relay:
                 return
             state.is_gtun = True
             state.bulk = self.switch is None and msg.payload.get("bulk") is True
+            state.partial = (
+                self.switch is None and self.tun_offload and msg.payload.get("csum") == "partial"
+            )
             if self.switch is not None:
                 self.switch.add_port(peer)
             try:
@@ -466,6 +489,8 @@ class Relay:
             "dns": [str(d) for d in s.dns],
             "mode": s.mode,
             "bulk": s.mode == "tun",  # takes bulk frames (bulk.py); none in TAP mode
+            # Takes (and sends) TCP segments whose checksum the receiver completes.
+            "csum": "partial" if peer.data.partial else "full",
             **ipv6,
         }
 
@@ -502,6 +527,7 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         if mode not in ("tun", "tap"):
             raise ValueError(f"bad mode {mode!r}")
         takes_bulk = payload.get("bulk") is True
+        partial = payload.get("csum") == "partial"
         address6: IPv6Address | None = None
         prefix6: int | None = None
         gateway6: IPv6Address | None = None
@@ -526,6 +552,7 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         prefix6,
         gateway6,
         takes_bulk,
+        partial,
     )
 
 
@@ -550,3 +577,4 @@ class PushedConfig:
     prefix6: int | None = None
     gateway6: IPv6Address | None = None
     bulk: bool = False  # the relay takes bulk frames (bulk.py) over TCP
+    partial: bool = False  # the relay takes TCP segments with partial checksums

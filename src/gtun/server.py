@@ -195,6 +195,7 @@ class Server:
 
             tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
             log_offloads(tun, cfg.offload)
+            relay.tun_offload = tun.vnet
 
             def close_device() -> None:
                 driver.detach_tun()  # stop watching the descriptor before it is closed
