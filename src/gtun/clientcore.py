@@ -29,7 +29,7 @@ from gtun import tunnelmsg as tm
 from gtun.offload import OffloadError, VnetHdr
 from gtun.packet import packet_length, parse_addresses
 from gtun.relay import PushedConfig, parse_pushed_config, tunnel_addresses
-from gtun.wg import HandshakeCompleted, HandshakeTimedOut, PacketReceived, WireGuard
+from gtun.wg import HandshakeCompleted, HandshakeTimedOut, WireGuard
 from gtun.wg.events import Event
 
 CONFIG_RETRY = 2.0
@@ -99,6 +99,7 @@ class ClientCore:
         ping_interval: float = PING_INTERVAL,
     ) -> None:
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
+        self.wg.on_packet = self._on_packet  # the data fast lane
         self.relay = RelayPeer()
         # Whether this client completes TCP checksums the relay leaves partial (its
         # device does, or the edge finishes them): the edge sets it before start().
@@ -225,9 +226,8 @@ class ClientCore:
 
     def _drain(self, now: float) -> None:
         while (event := self.wg.next_event()) is not None:
-            if isinstance(event, PacketReceived):
-                self._from_relay(event.data, now)
-            elif isinstance(event, HandshakeCompleted):
+            # Data never comes as an event: the fast lane (on_packet) delivers it.
+            if isinstance(event, HandshakeCompleted):
                 self._backoff = FIRST_BACKOFF
                 self._t_retry = None
                 if not self.connected:
@@ -242,6 +242,9 @@ class ClientCore:
                 self._t_retry = now + self._backoff
                 self._events.append(GaveUpRound(self._backoff))
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _on_packet(self, peer: object, plaintext: bytes, now: float) -> None:
+        self._from_relay(plaintext, now)
 
     def _from_relay(self, plaintext: bytes, now: float) -> None:
         if l2frame.is_frame(plaintext):
@@ -282,6 +285,9 @@ class ClientCore:
                 changed = config != self.config
                 self.config = config
                 self.relay.bulk = config.bulk
+                # Pad no further than the MTU, as WireGuard does: the relay then gets
+                # packets it need not trim.
+                self.wg.mtu = config.mtu
                 self.relay.partial = config.partial and self.accept_partial
                 self._events.append(ConfigReceived(config, changed))
             elif msg.type == tm.REFUSED:

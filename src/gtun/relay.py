@@ -47,7 +47,7 @@ from gtun.offload import OffloadError, VnetHdr, finish_tcp_checksum
 from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
-from gtun.wg import HandshakeCompleted, PacketReceived, Peer, PeerUnknown, WireGuard
+from gtun.wg import HandshakeCompleted, Peer, PeerUnknown, WireGuard
 from gtun.wg.events import Event, HandshakeTimedOut
 
 Network = IPv4Network | IPv6Network
@@ -149,6 +149,7 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.wg = WireGuard(private_key, wall_offset=wall_offset, mtu=settings.mtu)
+        self.wg.on_packet = self._from_peer  # the data fast lane
         self.table: RouteTable[Peer] = RouteTable()
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
         self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
@@ -286,9 +287,8 @@ class Relay:
             event = wg.next_event()
             if event is None:
                 return
-            if isinstance(event, PacketReceived):
-                self._from_peer(event.peer, event.data, now)
-            elif isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
+            # Data never comes as an event: the fast lane (on_packet) delivers it.
+            if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut) and self.switch is not None:
                     self.switch.remove_port(event.peer)  # it asks again when it is back
                 self._events.append(event)

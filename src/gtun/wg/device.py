@@ -28,7 +28,7 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -71,9 +71,8 @@ from gtun.wg.events import (
 )
 from gtun.wg.replay import ReplayWindow
 
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_pack_q = struct.Struct("<Q").pack
-_unpack_header = struct.Struct("<I I Q").unpack_from
+_pack_nonce = struct.Struct("<4xQ").pack  # 32 zero bits, then the counter (paper 5.4.6)
+_unpack_transport = struct.Struct("<4xIQ").unpack_from  # receiver index, counter
 _pack_header = struct.Struct("<I I Q").pack
 _TRANSPORT_TYPE = MESSAGE_TRANSPORT
 _PAD = PADDING_MULTIPLE - 1  # a power of two
@@ -245,6 +244,11 @@ class WireGuard:
         self._deadline: float | None = None
         self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.handshakes_completed = 0
+        # The fast lane for data: when set, each decrypted payload is handed to
+        # on_packet(peer, payload, now) as it is received instead of becoming a
+        # PacketReceived event (saves an object and a queue trip per packet).  The
+        # callback may call send().
+        self.on_packet: Callable[[Peer, bytes, float], None] | None = None
         # Under-load detection: handshake messages counted per one-second window.
         self.force_under_load = False
         self._load_window = 0.0
@@ -326,28 +330,28 @@ class WireGuard:
             self.drops["handshake"] += 1
 
     def _receive_transport(self, data: bytes, addr: Hashable, now: float) -> None:
+        # The per-packet hot path: locals and inline checks.
         if data[1] or data[2] or data[3]:
             self.drops["malformed"] += 1
             return
-        _, receiver, counter = _unpack_header(data)
+        receiver, counter = _unpack_transport(data)
         kp = self._keypairs.get(receiver)
         if kp is None:
             self.drops["unknown_index"] += 1
             return
-        if not kp.replay.would_accept(counter):
+        replay = kp.replay
+        if not replay.would_accept(counter):
             self.drops["replay"] += 1
             return
         if now - kp.created >= REJECT_AFTER_TIME:
             self.drops["expired"] += 1
             return
         try:
-            plaintext = kp.receive.decrypt(
-                _NONCE_PREFIX + _pack_q(counter), data[TRANSPORT_HEADER_SIZE:], None
-            )
+            plaintext = kp.receive.decrypt(_pack_nonce(counter), data[TRANSPORT_HEADER_SIZE:], None)
         except InvalidTag:
             self.drops["decrypt"] += 1
             return
-        if not kp.replay.accept(counter):
+        if not replay.accept(counter):
             self.drops["replay"] += 1
             return
         peer = kp.peer
@@ -368,12 +372,8 @@ class WireGuard:
         peer.last_received = now
         # Timers: any authenticated packet received.
         peer.t_new_handshake = None
-        self._persistent_traversal(peer, now)
-        if plaintext:
-            peer.rx_packets += 1
-            if peer.t_send_keepalive is None:
-                self._arm(peer, "t_send_keepalive", now + KEEPALIVE_TIMEOUT)
-            self._events.append(PacketReceived(peer, plaintext))
+        if peer.persistent_keepalive > 0:
+            self._persistent_traversal(peer, now)
         # Keep the key fresh (paper 6.2): an initiator whose session nears expiry rekeys.
         if (
             kp is peer.current
@@ -382,6 +382,15 @@ class WireGuard:
             and peer.handshake is None
         ):
             self._initiate(peer, now)
+        if plaintext:
+            peer.rx_packets += 1
+            if peer.t_send_keepalive is None:
+                self._arm(peer, "t_send_keepalive", now + KEEPALIVE_TIMEOUT)
+            on_packet = self.on_packet
+            if on_packet is None:
+                self._events.append(PacketReceived(peer, plaintext))
+            else:
+                on_packet(peer, plaintext, now)
 
     def _under_load(self, now: float) -> bool:
         if now - self._load_window >= 1.0:
@@ -553,7 +562,7 @@ class WireGuard:
             if padded != n:
                 packet = packet + bytes(padded - n)
             datagram = _pack_header(_TRANSPORT_TYPE, remote, counter) + encrypt(
-                _NONCE_PREFIX + _pack_q(counter), packet, None
+                _pack_nonce(counter), packet, None
             )
             counter += 1
             sent += len(datagram)
@@ -596,7 +605,7 @@ class WireGuard:
         counter = kp.send_counter
         kp.send_counter = counter + 1
         datagram = _pack_header(_TRANSPORT_TYPE, kp.remote_index, counter) + kp.send.encrypt(
-            _NONCE_PREFIX + _pack_q(counter), packet, None
+            _pack_nonce(counter), packet, None
         )
         self._datagrams.append((datagram, peer.endpoint))
         peer.tx_bytes += len(datagram)
