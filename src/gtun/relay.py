@@ -39,12 +39,12 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any
+from typing import Any, cast
 
 from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
 from gtun.offload import OffloadError, VnetHdr, finish_tcp_checksum
-from gtun.packet import is_link_scoped, packet_length, parse_addresses
+from gtun.packet import is_link_scoped, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
 from gtun.wg import HandshakeCompleted, Peer, PeerUnknown, WireGuard
@@ -73,6 +73,7 @@ RELAY_DROP_REASONS = (
 
 FLOW_CACHE_SIZE = 4096  # tuning knob: routing verdicts kept (relay._route)
 _UNKNOWN = object()
+_Verdict = Peer | str | None  # where a packet goes: a peer, the TUN (None), or a drop
 
 # The switch port of the relay's own TAP device (the other ports are Peers).
 LOCAL_PORT = "relay"
@@ -153,10 +154,10 @@ class Relay:
         self.table: RouteTable[Peer] = RouteTable()
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
         self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
-        # Routing verdicts of the flows seen, by (sending peer, source, destination):
+        # Routing verdicts of the flows seen, by (sending peer, source + destination):
         # the next packet of a flow skips the checks and lookups.  Cleared whenever the
         # peers (and so the table) change, and when full.
-        self._flows: dict[tuple[Peer, bytes, bytes], Peer | str | None] = {}
+        self._flows: dict[tuple[Peer, bytes], _Verdict] = {}
         # Packets from one peer to another, gathered per target while a batch of
         # datagrams is read and encrypted together (send_many) when the edge collects
         # the datagrams to send.
@@ -303,35 +304,53 @@ class Relay:
             else:
                 self._tunnel_message(peer, plaintext, now)
             return
-        addrs = parse_addresses(plaintext)
-        if addrs is None:
+        # parse_addresses() and packet_length(), inlined: this runs for every packet.
+        n = len(plaintext)
+        version = plaintext[0] >> 4
+        if version == 4 and n >= 20:
+            length = (plaintext[2] << 8) | plaintext[3]
+            if not 20 <= (plaintext[0] & 0x0F) * 4 <= length <= n:
+                self.drops["not_ip"] += 1
+                return
+            pair = plaintext[12:20]
+        elif version == 6 and n >= 40:
+            length = 40 + ((plaintext[4] << 8) | plaintext[5])
+            if length > n:
+                self.drops["not_ip"] += 1
+                return
+            pair = plaintext[8:40]
+        else:
             self.drops["not_ip"] += 1
             return
-        length = packet_length(plaintext)
-        if length is not None and length < len(plaintext):
+        if length < n:
             plaintext = plaintext[:length]  # WireGuard's zero padding
-        target = self._route(peer, *addrs)
+        cached = self._flows.get((peer, pair), _UNKNOWN)
+        target = self._route(peer, pair) if cached is _UNKNOWN else cast(_Verdict, cached)
         if target is None:
             self._tun_out.append(plaintext)
         elif target.__class__ is str:
             self._count(peer, target)
         else:
-            if peer.data.partial and not target.data.partial:  # type: ignore[union-attr]
+            assert isinstance(target, Peer)
+            if peer.data.partial and not target.data.partial:
                 plaintext = finish_tcp_checksum(plaintext)  # e.g. to a stock peer
-            batch = self._forward.get(target)  # type: ignore[arg-type]
+            batch = self._forward.get(target)
             if batch is None:
-                self._forward[target] = [plaintext]  # type: ignore[index]
+                self._forward[target] = [plaintext]
                 self._forward_now = now
             else:
                 batch.append(plaintext)
 
-    def _route(self, peer: Peer, src: bytes, dst: bytes) -> Peer | str | None:
-        """Where a packet from `peer` goes: another peer, None for the TUN, or the
-        reason to drop it (a key of self.drops)."""
-        key = (peer, src, dst)
+    def _route(self, peer: Peer, pair: bytes) -> _Verdict:
+        """Where a packet from `peer` with source and destination `pair` (the two
+        addresses, as they follow each other in the IP header) goes: another peer, None
+        for the TUN, or the reason to drop it (a key of self.drops).  Cached per flow."""
+        key = (peer, pair)
         flows = self._flows
         verdict = flows.get(key, _UNKNOWN)
         if verdict is _UNKNOWN:
+            half = len(pair) // 2
+            src, dst = pair[:half], pair[half:]
             if is_link_scoped(src, dst):
                 verdict = "link_scoped"
             elif self.table.lookup(src) is not peer:
@@ -343,7 +362,7 @@ class Relay:
             if len(flows) >= FLOW_CACHE_SIZE:
                 flows.clear()
             flows[key] = verdict
-        return verdict  # type: ignore[return-value]
+        return cast(_Verdict, verdict)
 
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """A super-packet from a gtun peer: checked and routed as a packet is, then
@@ -358,7 +377,7 @@ class Relay:
         if addrs is None:
             self._count(peer, "bad_bulk")
             return
-        target = self._route(peer, *addrs)
+        target = self._route(peer, addrs[0] + addrs[1])
         if target is None:
             self._tun_out.append((hdr, packet))
         elif target.__class__ is str:
