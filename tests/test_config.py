@@ -140,6 +140,8 @@ def test_server_defaults(tmp_path: Path) -> None:
     assert cfg.control_socket == Path("/run/gtun/server.sock")
     assert cfg.endpoint is None
     assert cfg.peers == ()
+    assert cfg.offload is True
+    assert load_server_config(_server(tmp_path, "offload = false\n")).offload is False
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
@@ -252,6 +254,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
         ("mtu = 100\n", "server.mtu", "100 is not in 576..9000"),
         ("mtu = 9001\n", "server.mtu", "not in 576..9000"),
         ('nat = "yes"\n', "server.nat", "expected a boolean"),
+        ('offload = "on"\n', "server.offload", "expected a boolean"),
         ('routes = "10.0.0.0/8"\n', "server.routes", "expected an array of strings"),
         ("routes = [1]\n", "server.routes", "item 0 is an integer"),
         ('routes = ["10.1.2.3/8"]\n', "server.routes", "host bits set; did you mean 10.0.0.0/8"),
@@ -459,6 +462,8 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
     assert cfg.metrics_listen is None
     assert cfg.mode is None  # follows the relay
     assert cfg.state_dir == Path("/var/lib/gtun")
+    assert cfg.offload is True
+    assert load_client_config(_client(tmp_path, "offload = false\n")).offload is False
 
 
 def test_client_state_dir_absolute(tmp_path: Path) -> None:
@@ -472,6 +477,7 @@ def test_client_state_dir_absolute(tmp_path: Path) -> None:
         ('transport = "quic"\n', "client.transport", "is not one of"),
         ('mode = "tan"\n', "client.mode", "is not one of"),
         ("default_route = 1\n", "client.default_route", "expected a boolean"),
+        ("offload = 0\n", "client.offload", "expected a boolean"),
         ('state_dir = ""\n', "client.state_dir", "empty"),
         ("state_dir = 5\n", "client.state_dir", "expected a string"),
         ("mtu = 1400\n", "client.mtu", "unknown key"),

@@ -363,6 +363,28 @@ def test_send_many_is_send_for_each_packet() -> None:
     assert counters == sorted(set(counters))  # one nonce each, increasing
 
 
+def test_on_packet_fast_lane_replaces_the_event() -> None:
+    """With on_packet set, each payload goes to it (peer, padded payload, now), in
+    order, and no PacketReceived event is made; the callback may send at once."""
+    p = make_pair()
+    p.handshake()
+    got: list[tuple[Peer, bytes, float]] = []
+
+    def on_packet(peer: Peer, payload: bytes, now: float) -> None:
+        got.append((peer, payload, now))
+        p.b.wg.send(peer, b"echo:" + payload[:1], now)
+
+    p.b.wg.on_packet = on_packet
+    for i in range(3):
+        p.a.wg.send(p.pa, bytes([i + 1]) * 20, p.clock.now)
+    p.link.pump()
+    assert [(peer, data) for peer, data, _ in got] == [
+        (p.pb, padded(bytes([i + 1]) * 20)) for i in range(3)
+    ]
+    assert p.b.of(PacketReceived) == []
+    assert p.a.received() == [padded(b"echo:" + bytes([i + 1])) for i in range(3)]
+
+
 def test_mtu_caps_padding() -> None:
     clock = Clock()
     a = Node("a", WireGuard(_key(), mtu=1420, rng=random.Random(1)), ("10.0.0.1", 1))
