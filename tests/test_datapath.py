@@ -46,9 +46,11 @@ from gtun.labnet import (
     Node,
     XferJob,
     XferResult,
+    apply_wg_quick,
     gtun_stdout,
     ping_sizes,
     run_xfers,
+    split_wg_quick,
     start_xfer_server,
     udp_echo,
 )
@@ -132,15 +134,7 @@ def start_stock_peer(net: GtunNet, workdir: Path, ifname: str) -> Stock:
         *("peer", "add", "stock", "-c", str(net.relay.config)),
         *("--endpoint", f"{relay_ip}:{PORT}"),
     )
-    fields: dict[str, list[str]] = {}
-    setconf = []
-    for line in conf.splitlines():
-        key, sep, value = (part.strip() for part in line.partition("="))
-        if sep and key in ("Address", "DNS", "MTU", "AllowedIPs"):
-            fields[key] = [v.strip() for v in value.split(",")]
-        if not (sep and key in ("Address", "DNS", "MTU")):
-            setconf.append(line)
-    addresses = fields["Address"]
+    addresses = split_wg_quick(conf)[1]["address"]
     assert len(addresses) == 2 and addresses[1].startswith("fd66:242::"), conf
     log = workdir / "wireguard-go.log"
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
@@ -150,15 +144,7 @@ def start_stock_peer(net: GtunNet, workdir: Path, ifname: str) -> Stock:
     while not sock.exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    path = workdir / "stock.conf"
-    path.write_text("\n".join(setconf) + "\n")
-    path.chmod(0o600)
-    ns.run(["wg", "setconf", ifname, str(path)])
-    for address in addresses:
-        ns.run(["ip", "addr", "add", address, "dev", ifname, *(["nodad"] * (":" in address))])
-    ns.run(["ip", "link", "set", ifname, "mtu", fields["MTU"][0], "up"])
-    for allowed in fields["AllowedIPs"]:
-        ns.run(["ip", "route", "replace", allowed, "dev", ifname])
+    apply_wg_quick(ns, ifname, conf, workdir / "stock.conf")
     return Stock(ns, ifname, addresses[0].split("/")[0], addresses[1].split("/")[0])
 
 

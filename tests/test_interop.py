@@ -33,11 +33,9 @@ import pytest
 
 from gtun.keys import encode_key, generate_private_key, public_key
 from gtun.lab import Lab, Namespace, list_namespaces
-from gtun.labnet import PORT, GtunNet, gtun_stdout
+from gtun.labnet import PORT, GtunNet, apply_wg_quick, gtun_stdout, split_wg_quick
 
 WG_RUN = Path("/var/run/wireguard")
-WG_QUICK_ONLY = {"address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown",
-                 "saveconfig"}  # fmt: skip
 RELAY_TUNNEL_ADDRESS = "10.66.0.1"
 STOCK_LISTEN_PORT = 51820
 
@@ -107,48 +105,9 @@ class StockPeers:
     def configure(self, peer: StockPeer, wg_quick: str) -> None:
         """Apply a wg-quick configuration the way wg-quick does: `wg setconf` with the
         wg-quick-only keys stripped, then address, MTU, link up and AllowedIPs routes."""
-        setconf, iface, allowed = split_wg_quick(wg_quick)
-        path = self.dir / f"{peer.ifname}.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(setconf)
-        ns, ifname = peer.ns, peer.ifname
-        ns.run(["wg", "setconf", ifname, str(path)])
-        for address in iface.get("address", []):
-            ns.run(["ip", "addr", "add", address, "dev", ifname])
-        for mtu in iface.get("mtu", []):
-            ns.run(["ip", "link", "set", ifname, "mtu", mtu])
-        ns.run(["ip", "link", "set", ifname, "up"])
-        for net in allowed:
-            # `replace`: the Address's own prefix route may already cover it.
-            ns.run(["ip", "route", "replace", net, "dev", ifname])
-        peer.allowed = allowed
-
-
-def split_wg_quick(text: str) -> tuple[str, dict[str, list[str]], list[str]]:
-    """(what `wg setconf` takes, wg-quick-only [Interface] keys, all AllowedIPs)."""
-    out: list[str] = []
-    iface: dict[str, list[str]] = {}
-    allowed: list[str] = []
-    section = ""
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("["):
-            section = line.lower()
-            out.append(line)
-            continue
-        key, _, value = (part.strip() for part in line.partition("="))
-        lkey = key.lower()
-        values = [v.strip() for v in value.split(",") if v.strip()]
-        if section == "[interface]" and lkey in WG_QUICK_ONLY:
-            iface.setdefault(lkey, []).extend(values)
-            continue
-        if section == "[peer]" and lkey == "allowedips":
-            allowed.extend(values)
-        out.append(f"{key} = {value}")
-    return "\n".join(out) + "\n", iface, allowed
+        peer.allowed = apply_wg_quick(
+            peer.ns, peer.ifname, wg_quick, self.dir / f"{peer.ifname}.conf"
+        )
 
 
 @pytest.fixture

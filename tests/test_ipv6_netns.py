@@ -22,7 +22,17 @@ from typing import Any
 import pytest
 
 from gtun.lab import Lab, Namespace
-from gtun.labnet import LAN_NET, PORT, GtunNet, Node, doctor_results, gtun_stdout, run_gtun
+from gtun.labnet import (
+    LAN_NET,
+    PORT,
+    GtunNet,
+    Node,
+    apply_wg_quick,
+    doctor_results,
+    gtun_stdout,
+    run_gtun,
+    split_wg_quick,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -240,17 +250,10 @@ def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Pa
         *("peer", "add", "stock", "-c", str(net.relay.config)),
         *("--endpoint", f"10.{UNDERLAY}.200.1:{PORT}"),
     )
-    fields: dict[str, list[str]] = {}
-    setconf = []
-    for line in conf.splitlines():
-        key, sep, value = (part.strip() for part in line.partition("="))
-        if sep and key in ("Address", "DNS", "MTU", "AllowedIPs"):
-            fields[key] = [v.strip() for v in value.split(",")]
-        if not (sep and key in ("Address", "DNS", "MTU")):
-            setconf.append(line)
-    addresses = fields["Address"]
+    _, iface, allowed = split_wg_quick(conf)
+    addresses = iface["address"]
     assert len(addresses) == 2 and addresses[1].startswith("fd66:237::"), conf
-    assert NETWORK6 in fields["AllowedIPs"] and LAN6 in fields["AllowedIPs"], conf
+    assert NETWORK6 in allowed and LAN6 in allowed, conf
     stock6 = addresses[1].split("/")[0]
 
     ifname = f"gt6{secrets.token_hex(2)}"
@@ -262,15 +265,7 @@ def test_stock_wireguard_peer_gets_ipv6_from_peer_add(net: GtunNet, tmp_path: Pa
         while not sock.exists():
             assert time.monotonic() < deadline, (tmp_path / "wireguard-go.log").read_text()
             time.sleep(0.05)
-        path = tmp_path / "stock.conf"
-        path.write_text("\n".join(setconf) + "\n")
-        path.chmod(0o600)
-        ns.run(["wg", "setconf", ifname, str(path)])
-        for address in addresses:
-            ns.run(["ip", "addr", "add", address, "dev", ifname])
-        ns.run(["ip", "link", "set", ifname, "mtu", fields["MTU"][0], "up"])
-        for allowed in fields["AllowedIPs"]:
-            ns.run(["ip", "route", "replace", allowed, "dev", ifname])
+        apply_wg_quick(ns, ifname, conf, tmp_path / "stock.conf")
 
         st = relay_status(net)
         stock = next(p for p in st["peers"] if p["name"] == "stock")

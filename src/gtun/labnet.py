@@ -603,3 +603,57 @@ for size in json.loads(sys.argv[3]):
         break
 print(json.dumps({"attempts": attempts, "wrong": wrong}))
 """
+
+
+# --- stock WireGuard peers (wireguard-go) ---------------------------------------------
+
+# [Interface] keys of wg-quick that `wg setconf` does not take.
+WG_QUICK_ONLY = {"address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown",
+                 "saveconfig"}  # fmt: skip
+
+
+def split_wg_quick(text: str) -> tuple[str, dict[str, list[str]], list[str]]:
+    """(what `wg setconf` takes, wg-quick-only [Interface] keys, all AllowedIPs)."""
+    out: list[str] = []
+    iface: dict[str, list[str]] = {}
+    allowed: list[str] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            section = line.lower()
+            out.append(line)
+            continue
+        key, _, value = (part.strip() for part in line.partition("="))
+        lkey = key.lower()
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if section == "[interface]" and lkey in WG_QUICK_ONLY:
+            iface.setdefault(lkey, []).extend(values)
+            continue
+        if section == "[peer]" and lkey == "allowedips":
+            allowed.extend(values)
+        out.append(f"{key} = {value}")
+    return "\n".join(out) + "\n", iface, allowed
+
+
+def apply_wg_quick(ns: Namespace, ifname: str, wg_quick: str, conf_path: Path) -> list[str]:
+    """Apply a wg-quick configuration (as `gtun peer add` prints it) to WireGuard
+    interface `ifname` in `ns` the way wg-quick does: `wg setconf` with the wg-quick-only
+    keys stripped, then its addresses, MTU, link up and a route per AllowedIPs.  Returns
+    the AllowedIPs."""
+    setconf, iface, allowed = split_wg_quick(wg_quick)
+    fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(setconf)
+    ns.run(["wg", "setconf", ifname, str(conf_path)])
+    for address in iface.get("address", []):
+        ns.run(["ip", "addr", "add", address, "dev", ifname, *(["nodad"] * (":" in address))])
+    for mtu in iface.get("mtu", []):
+        ns.run(["ip", "link", "set", ifname, "mtu", mtu])
+    ns.run(["ip", "link", "set", ifname, "up"])
+    for net in allowed:
+        # `replace`: the Address's own prefix route may already cover it.
+        ns.run(["ip", "route", "replace", net, "dev", ifname])
+    return allowed

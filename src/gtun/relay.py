@@ -246,26 +246,26 @@ class Relay:
         if self.switch is not None:
             self._switch_frame(LOCAL_PORT, packet, now)
             return
-        addrs = tunnel_addresses(packet, self.drops)
-        if addrs is None:
-            return
-        peer = self.table.lookup(addrs[1])
-        if peer is None:
-            self.drops["no_route"] += 1
-            return
-        self.wg.send(peer, packet, now)
+        peer = self._tun_target(packet)
+        if peer is not None:
+            self.wg.send(peer, packet, now)
 
     def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
         """A TCP super-packet (or a packet whose checksum is ours to finish) from an
         offloading TUN: every segment has the same addresses, so it is routed once."""
+        peer = self._tun_target(packet)
+        if peer is not None:
+            self._send_super(peer, hdr, packet, now)
+
+    def _tun_target(self, packet: bytes) -> Peer | None:
+        """The peer a packet from the TUN goes to, or None after counting the drop."""
         addrs = tunnel_addresses(packet, self.drops)
         if addrs is None:
-            return
+            return None
         peer = self.table.lookup(addrs[1])
         if peer is None:
             self.drops["no_route"] += 1
-            return
-        self._send_super(peer, hdr, packet, now)
+        return peer
 
     def _send_super(self, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
         try:

@@ -241,7 +241,6 @@ class UdpBatch:
 
     def _send_gso(self, datagrams: Sequence[tuple[bytes, Any]]) -> int:
         sock = self.sock
-        sendto = sock.sendto
         sendmsg = sock.sendmsg
         cmsgs = self._cmsgs
         n = len(datagrams)
@@ -271,14 +270,7 @@ class UdpBatch:
                     if length < size:
                         break
             if j - i == 1:
-                try:
-                    sendto(data, addr)
-                except (BlockingIOError, InterruptedError):
-                    dropped += 1
-                except OSError as exc:
-                    dropped += 1
-                    if exc.errno != errno.ENOBUFS:
-                        self._send_error(exc)
+                dropped += self._send_plain(datagrams, i, j)
                 i = j
                 continue
             cmsg = cmsgs.get(size)
