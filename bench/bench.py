@@ -725,21 +725,30 @@ def gtun_setups(net: GtunNet) -> dict[str, Setup]:
 # --- profiling ------------------------------------------------------------------------------
 
 
-def profile_relay(
-    net: GtunNet,
+# The profiles --profile writes: (file name, which gtun node, which path).
+PROFILES = (
+    ("relay-client-to-client.txt", "relay", "client-to-client"),
+    ("relay-client-to-relay-udp.txt", "relay", "client-to-relay (UDP)"),
+    ("client-client-to-relay-udp.txt", "client", "client-to-relay (UDP)"),
+)
+
+
+def profile_node(
+    pid: int,
+    who: str,
+    path: str,
     src: Namespace,
     dst: Namespace,
     address: str,
     args: argparse.Namespace,
     workdir: Path,
 ) -> str:
-    """Run py-spy on the relay during one more client-to-client iperf3; its summary.
+    """Run py-spy on gtun process `pid` (the `who` of `path`) during one more iperf3
+    from `src` to `address`; its summary.
 
-    A separate run, so that sampling (which pauses the relay) leaves the table alone.
+    A separate run, so that sampling (which pauses the process) leaves the table alone.
     """
-    assert net.relay.proc is not None
-    pid = net.relay.proc.pid  # `ip netns exec` execs the command: this is python itself
-    raw = workdir / "relay.raw"
+    raw = workdir / f"{who}.raw"
     duration = max(1, args.seconds - 1)
     rate = 100
     spies: list[subprocess.Popen[str]] = []
@@ -755,7 +764,7 @@ def profile_relay(
 
     mbit: float | None = None
     error = ""
-    meter = CpuMeter({"relay": pid})
+    meter = CpuMeter({who: pid})
 
     def started() -> None:
         meter.start()
@@ -779,11 +788,18 @@ def profile_relay(
                 spy.wait(5)
     if spies[0].returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed ({spies[0].returncode}): {err.strip()}")
-    return summarize_raw(raw, duration, rate, mbit, meter.threads.get("relay", {}))
+    return summarize_raw(raw, duration, rate, mbit, meter.threads.get(who, {}), who, path)
 
 
 def summarize_raw(
-    raw: Path, duration: int, rate: int, mbit: float | None, cpu: dict[str, float], top: int = 10
+    raw: Path,
+    duration: int,
+    rate: int,
+    mbit: float | None,
+    cpu: dict[str, float],
+    who: str = "relay",
+    path: str = "client-to-client",
+    top: int = 10,
 ) -> str:
     """Top functions by own and by total samples from py-spy's collapsed stacks.
 
@@ -812,7 +828,7 @@ def summarize_raw(
             total[f] += count
             trunk.setdefault(thread, Counter())[f] += count
     if samples == 0:
-        return "py-spy recorded no non-idle samples of the relay\n"
+        return f"py-spy recorded no non-idle samples of the {who}\n"
     # Frames under which (nearly) all of a thread's samples sit say nothing: main(), the loop.
     boring = {f for t, c in trunk.items() for f, n in c.items() if n >= 0.98 * per_thread[t]}
 
@@ -822,13 +838,13 @@ def summarize_raw(
 
     throughput = "failed" if mbit is None else f"{mbit:.0f} Mbit/s"
     lines = [
-        "py-spy record --format raw --function --threads on the gtun relay during a",
-        f"client-to-client iperf3 run ({throughput} while sampled; py-spy pauses the",
-        "relay at each sample).",
+        f"py-spy record --format raw --function --threads on the gtun {who} during a",
+        f"{path} iperf3 run ({throughput} while sampled; py-spy pauses the",
+        f"{who} at each sample).",
         f"{samples} non-idle samples in {duration} s at {rate} Hz; per thread "
         "(100% = always runnable):",
         *(f"  {100 * n / (duration * rate):5.1f}%  {t}" for t, n in per_thread.most_common()),
-        "CPU actually used by each relay thread during the iperf3 run, from /proc",
+        f"CPU actually used by each {who} thread during the iperf3 run, from /proc",
         "(100% = one CPU):",
         *(f"  {pct:5.1f}%  {t}" for t, pct in sorted(cpu.items(), key=lambda kv: -kv[1])),
         "py-spy counts a thread as busy when the kernel has it runnable, also while it",
@@ -1009,7 +1025,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=Path, metavar="DIR",
         help="after the measurements, run py-spy on the relay during one more "
-        "client-to-client iperf3 and write a summary to DIR/relay-client-to-client.txt",
+        "client-to-client iperf3 and on the relay and the client during one more UDP "
+        "client-to-relay iperf3; summaries in DIR/*.txt",
     )  # fmt: skip
     p.add_argument(
         "--verify-gb", type=parse_size, metavar="SIZE",
@@ -1032,10 +1049,10 @@ def _terminate(signum: int, frame: Any) -> None:
 SETUP_ERRORS = (RuntimeError, TimeoutError, OSError, ValueError, subprocess.TimeoutExpired)
 
 
-def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], str | None]:
+def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], dict[str, str]]:
     specs: list[PathSpec] = args.paths
     results = {s.key: Result(s.key, s.label, s.group) for s in specs}
-    profile: str | None = None
+    profile: dict[str, str] = {}
     wg = WireGuardGo(workdir)
     try:
         with Lab(PREFIX) as lab:
@@ -1087,12 +1104,23 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], str | No
                     for err in results[spec.key].errors[before:]:
                         print(f"  {spec.label}: {err}", file=sys.stderr)
             if args.profile is not None and net is not None:
-                print("profiling the relay (client->client) ...", file=sys.stderr)
                 c1, c2 = net.clients[0], net.clients[1]
-                try:
-                    profile = profile_relay(net, c1.ns, c2.ns, c2.extra["address"], args, workdir)
-                except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                    print(f"  profile failed: {e}", file=sys.stderr)
+                relay_address = net.network.split("/")[0].rsplit(".", 1)[0] + ".1"
+                for name, who, path in PROFILES:
+                    print(f"profiling the {who} ({path}) ...", file=sys.stderr)
+                    node = net.relay if who == "relay" else c1
+                    dst, address = (
+                        (c2.ns, c2.extra["address"])
+                        if path == "client-to-client"
+                        else (net.relay.ns, relay_address)
+                    )
+                    assert node.proc is not None  # `ip netns exec` execs: this is python
+                    try:
+                        profile[name] = profile_node(
+                            node.proc.pid, who, path, c1.ns, dst, address, args, workdir
+                        )
+                    except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                        print(f"  profile failed: {e}", file=sys.stderr)
             if net is not None:
                 for node in (net.relay, *net.clients):
                     if node.proc is not None and node.proc.poll() is not None:
@@ -1271,13 +1299,14 @@ def main(argv: list[str] | None = None) -> int:
             print(md, end="")
         else:
             Path(args.markdown).write_text(md)
-    if profile is not None and args.profile is not None:
+    if profile and args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-        out = args.profile / "relay-client-to-client.txt"
-        out.write_text(profile)
-        print()
-        print(f"profile summary ({out}):")
-        print(profile, end="")
+        for name, text in profile.items():
+            out = args.profile / name
+            out.write_text(text)
+            print()
+            print(f"profile summary ({out}):")
+            print(text, end="")
     return 1 if any(r.failed() or r.errors for r in results) else 0
 
 
