@@ -283,6 +283,7 @@ def test_pull_bulk_round_trip_trims_padding_and_fixes_hdr_len() -> None:
         {"flags": 0},  # GSO without the checksum to finish
         {"flags": 0x80},
         {"gso_size": 0},
+        {"gso_size": 87},  # below Linux's smallest MSS
     ],
 )
 def test_pull_bulk_refuses_impossible_headers(change: dict[str, int]) -> None:

@@ -39,7 +39,7 @@ HEADER_LEN = len(MAGIC) + VNET_HDR_LEN
 # The largest IP packet in one bulk frame: a TCP frame holds 65535 bytes, less the
 # transport message's header (16) and tag (16), WireGuard's padding (up to 15) and ours.
 MAX_PACKET = 65535 - 32 - 15 - HEADER_LEN
-_MIN_GSO_SIZE = 8  # smaller segments are no real flow's; refuse them
+_MIN_GSO_SIZE = 88  # Linux's TCP_MIN_MSS: smaller segments are no real flow's; refused
 
 _TCP = 6
 
