@@ -50,6 +50,7 @@ from gtun.labnet import (
     gtun_stdout,
     ping_sizes,
     run_xfers,
+    set_config_keys,
     split_wg_quick,
     start_xfer_server,
     udp_echo,
@@ -102,14 +103,6 @@ INTEGRITY_DROPS = (
     "tcp_stalled",
     "tcp_timeout",
 )
-
-
-def set_keys(path: Path, section: str, keys: dict[str, str]) -> None:
-    """Add `keys` (TOML values, already quoted) at the top of `[section]`."""
-    text = path.read_text()
-    head = f"[{section}]\n"
-    assert head in text
-    path.write_text(text.replace(head, head + "".join(f"{k} = {v}\n" for k, v in keys.items())))
 
 
 class Stock:
@@ -167,11 +160,11 @@ def build_net(lab: Lab, workdir: Path, stock_ifname: str) -> GtunNet:
     routes = f'routes = ["{LAN_NET}.0/24"]\n'
     assert routes in cfg.read_text()
     cfg.write_text(cfg.read_text().replace(routes, f'routes = ["{LAN_NET}.0/24", "{LAN6}"]\n'))
-    set_keys(cfg, "server", {"network6": f'"{NETWORK6}"'})
+    set_config_keys(cfg, "server", {"network6": f'"{NETWORK6}"'})
     c1, c2, c3 = gnet.clients
     for c, transport in ((c1, "udp"), (c2, "udp"), (c3, "tcp")):
         gnet.set_transport(c, transport)
-    set_keys(c2.config, "client", {"offload": "false"})
+    set_config_keys(c2.config, "client", {"offload": "false"})
     # The LAN host has no route back to the virtual networks: its replies find the
     # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
     assert gnet.lan is not None
@@ -396,7 +389,7 @@ def test_offloads_and_batches_were_used(net: GtunNet) -> None:
     """The transfers above went through the fast path where it was granted: TCP
     super-packets read from the TUNs and written to them, UDP GSO sends and GRO reads,
     bulk frames over TCP (the TCP client writes super-packets that came whole); and
-    through the fallback on c2 (offload = false), which read and wrote none."""
+    through the fallback on c2 (offload = false), which used none of them."""
     dp = {}
     for node in (net.relay, *net.clients):
         st = net.status(node)
@@ -407,8 +400,11 @@ def test_offloads_and_batches_were_used(net: GtunNet) -> None:
         assert d["tun_offload"] and d["tun_super_reads"] > 0 and d["tun_super_writes"] > 0, dp
     assert not c2["tun_offload"] and c2["tun_offload_error"] is None, dp
     assert c2["tun_super_reads"] == c2["tun_super_writes"] == 0, dp
-    for d in (relay, c1, c2):
+    for d in (relay, c1):
         assert d["udp_gso"] and d["udp_gso_sends"] > 0 and d["udp_gro_reads"] > 0, dp
+    # offload = false: one datagram per system call as well.
+    assert c2["udp_gso"] is False and c2["udp_gro"] is False, dp
+    assert c2["udp_gso_sends"] == c2["udp_gro_reads"] == 0, dp
     assert c3["udp_gso"] is None, dp  # the TCP client has no UDP socket
 
 

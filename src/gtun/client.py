@@ -100,7 +100,8 @@ class Client:
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
             if self.transport == "udp":
-                driver.attach_udp(self.open_socket(family, socket.SOCK_DGRAM))
+                sock = self.open_socket(family, socket.SOCK_DGRAM)
+                driver.attach_udp(sock, batching=cfg.offload)
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
                     ClientCollector(core, loop.time, self.tcp_drops),

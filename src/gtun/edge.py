@@ -118,11 +118,12 @@ class Driver:
 
     # --- UDP ---------------------------------------------------------------------------
 
-    def attach_udp(self, sock: socket.socket) -> None:
+    def attach_udp(self, sock: socket.socket, *, batching: bool = True) -> None:
+        """Read and send on `sock`; with `batching`, through UDP GSO and GRO."""
         sock.setblocking(False)
         set_buffers(sock)
         self.sock = sock
-        self.udp = UdpBatch(sock)
+        self.udp = UdpBatch(sock, gso=batching, gro=batching)
         self.udp.on_error = self._udp_error
         self.loop.add_reader(sock.fileno(), self._udp_readable)
 

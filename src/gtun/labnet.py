@@ -54,6 +54,15 @@ def write_key(path: Path, key: bytes) -> None:
         f.write(encode_key(key) + "\n")
 
 
+def set_config_keys(path: Path, section: str, keys: dict[str, str]) -> None:
+    """Add `keys` (TOML values, already quoted) at the top of `[section]` of a config."""
+    text = path.read_text()
+    head = f"[{section}]\n"
+    if head not in text:
+        raise ValueError(f"{path} has no [{section}]")
+    path.write_text(text.replace(head, head + "".join(f"{k} = {v}\n" for k, v in keys.items())))
+
+
 def run_gtun(ns: Namespace, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a `gtun` command (status, doctor, ...) from this checkout in namespace `ns`;
     its exit code is the caller's to check."""

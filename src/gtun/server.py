@@ -178,7 +178,7 @@ class Server:
             self.relay = relay
             driver = Driver(relay, loop, self.on_event)
             self.driver = driver
-            driver.attach_udp(sock)
+            driver.attach_udp(sock, batching=cfg.offload)
             self._cleanup.append(("UDP socket", driver.close, False))
             tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
             self.tcp = tcp
