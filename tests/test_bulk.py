@@ -123,6 +123,21 @@ def test_super_packet_crosses_whole_between_gtun_nodes_over_tcp() -> None:
     assert net.relay.wg.peers[net.client("c2").wg.public_key].tx_packets == before + 1
 
 
+def test_udp_segments_to_a_tcp_client_travel_as_one_bulk_frame() -> None:
+    """c1 over UDP sends segments; the relay coalesces them for c2 over TCP, which gets
+    one super-packet standing for exactly those segments."""
+    net = Net(c1_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 20 * MSS + 11)
+    before = net.relay.wg.peers[net.client("c2").wg.public_key].tx_packets
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    got = net.take("c2")
+    assert len(got) == 1 and isinstance(got[0], tuple)
+    assert segment(*got[0]) == segment(hdr, packet)
+    assert net.relay.wg.peers[net.client("c2").wg.public_key].tx_packets == before + 1
+
+
 def test_super_packet_to_the_relay_is_one_tun_write() -> None:
     net = Net()
     net.start()

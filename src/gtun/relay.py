@@ -43,7 +43,7 @@ from typing import Any, cast
 
 from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
-from gtun.offload import OffloadError, VnetHdr, finish_tcp_checksum
+from gtun.offload import GSO_NONE, OffloadError, VnetHdr, coalesce, finish_tcp_checksum
 from gtun.packet import is_link_scoped, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
@@ -222,8 +222,18 @@ class Relay:
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
         if self._forward:
             forward, self._forward = self._forward, {}
+            now = self._forward_now
             for peer, packets in forward.items():
-                self.wg.send_many(peer, packets, self._forward_now)
+                if len(packets) > 1 and peer.data.bulk and getattr(peer.endpoint, "stream", False):
+                    # To a gtun node over TCP: the segments of a flow travel as one bulk
+                    # frame (coalesced here as a TUN write would be).
+                    for hdr, packet in coalesce(packets):
+                        if hdr.gso_type == GSO_NONE:
+                            self.wg.send(peer, packet, now)
+                        else:
+                            self.wg.send(peer, bulk.push_bulk(hdr, packet), now)
+                else:
+                    self.wg.send_many(peer, packets, now)
         return self.wg.datagrams_to_send()
 
     def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
