@@ -508,70 +508,26 @@ class WireGuard:
 
     def send(self, peer: Peer, packet: bytes, now: float) -> None:
         """Encrypt `packet` for `peer`, or stage it and start a handshake."""
-        kp = peer.current
-        if (
-            kp is None
-            or now - kp.created >= REJECT_AFTER_TIME
-            or kp.send_counter >= REJECT_AFTER_MESSAGES
-        ):
-            if len(peer.staged) >= MAX_STAGED_PACKETS:
-                peer.staged.popleft()
-                self.drops["staged_overflow"] += 1
-            peer.staged.append(packet)
-            self._initiate(peer, now)
-            return
-        self._encrypt(peer, kp, packet, now)
-        # Timers: data sent.
-        if peer.t_new_handshake is None:
-            self._arm(
-                peer,
-                "t_new_handshake",
-                now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter(),
-            )
-        peer.t_send_keepalive = None
-        if kp.initiator and (
-            kp.send_counter > REKEY_AFTER_MESSAGES or now - kp.created > REKEY_AFTER_TIME
-        ):
-            self._initiate(peer, now)
+        self.send_many(peer, [packet], now)
 
     def send_many(self, peer: Peer, packets: list[bytes], now: float) -> None:
-        """send() for each of `packets` (the segments of one super-packet), with the
-        session checks and timers done once for the batch rather than per packet."""
+        """send() for each of `packets` (say the segments of one super-packet), with the
+        session checks and timers done once for the batch."""
         kp = peer.current
         if (
             kp is None
-            or peer.endpoint is None
             or now - kp.created >= REJECT_AFTER_TIME
-            or kp.send_counter + len(packets) >= REJECT_AFTER_MESSAGES
+            or kp.send_counter + len(packets) > REJECT_AFTER_MESSAGES
         ):
+            staged = peer.staged
             for packet in packets:
-                self.send(peer, packet, now)
+                if len(staged) >= MAX_STAGED_PACKETS:
+                    staged.popleft()
+                    self.drops["staged_overflow"] += 1
+                staged.append(packet)
+            self._initiate(peer, now)
             return
-        endpoint = peer.endpoint
-        encrypt = kp.send.encrypt
-        append = self._datagrams.append
-        mtu = self.mtu
-        counter = kp.send_counter
-        remote = kp.remote_index
-        sent = 0
-        for packet in packets:
-            n = len(packet)
-            padded = (n + _PAD) & ~_PAD
-            if mtu and padded > mtu:
-                padded = max(mtu, n)
-            if padded != n:
-                packet = packet + bytes(padded - n)
-            datagram = _pack_header(_TRANSPORT_TYPE, remote, counter) + encrypt(
-                _pack_nonce(counter), packet, None
-            )
-            counter += 1
-            sent += len(datagram)
-            append((datagram, endpoint))
-        kp.send_counter = counter
-        peer.tx_bytes += sent
-        peer.tx_packets += len(packets)
-        peer.t_send_keepalive = None  # any authenticated packet sent
-        self._persistent_traversal(peer, now)
+        self._encrypt(peer, kp, packets, now)
         # Timers: data sent.
         if peer.t_new_handshake is None:
             self._arm(
@@ -592,25 +548,37 @@ class WireGuard:
         """Start a handshake now unless one was sent less than REKEY_TIMEOUT ago."""
         self._initiate(peer, now)
 
-    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> None:
-        if peer.endpoint is None:
-            self.drops["no_endpoint"] += 1
+    def _encrypt(self, peer: Peer, kp: Keypair, packets: list[bytes], now: float) -> None:
+        """Transport messages for `packets` (an empty one is a keepalive), in order."""
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.drops["no_endpoint"] += len(packets)
             return
-        n = len(packet)
-        padded = (n + PADDING_MULTIPLE - 1) // PADDING_MULTIPLE * PADDING_MULTIPLE
-        if self.mtu and padded > self.mtu:
-            padded = max(self.mtu, n)
-        if padded != n:
-            packet = packet + bytes(padded - n)
+        encrypt = kp.send.encrypt
+        append = self._datagrams.append
+        mtu = self.mtu
         counter = kp.send_counter
-        kp.send_counter = counter + 1
-        datagram = _pack_header(_TRANSPORT_TYPE, kp.remote_index, counter) + kp.send.encrypt(
-            _pack_nonce(counter), packet, None
-        )
-        self._datagrams.append((datagram, peer.endpoint))
-        peer.tx_bytes += len(datagram)
-        if n:
-            peer.tx_packets += 1
+        remote = kp.remote_index
+        sent = 0
+        data_packets = 0
+        for packet in packets:
+            n = len(packet)
+            if n:
+                data_packets += 1
+            padded = (n + _PAD) & ~_PAD
+            if mtu and padded > mtu:
+                padded = max(mtu, n)
+            if padded != n:
+                packet = packet + bytes(padded - n)
+            datagram = _pack_header(_TRANSPORT_TYPE, remote, counter) + encrypt(
+                _pack_nonce(counter), packet, None
+            )
+            counter += 1
+            sent += len(datagram)
+            append((datagram, endpoint))
+        kp.send_counter = counter
+        peer.tx_bytes += sent
+        peer.tx_packets += data_packets
         peer.t_send_keepalive = None  # any authenticated packet sent
         self._persistent_traversal(peer, now)
 
@@ -619,13 +587,12 @@ class WireGuard:
         if kp is None or now - kp.created >= REJECT_AFTER_TIME:
             self._initiate(peer, now)
             return
-        self._encrypt(peer, kp, b"", now)
+        self._encrypt(peer, kp, [b""], now)
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         staged = peer.staged
         peer.staged = deque()
-        for packet in staged:
-            self.send(peer, packet, now)
+        self.send_many(peer, list(staged), now)
 
     def _send_raw(self, peer: Peer, datagram: bytes, now: float) -> None:
         if peer.endpoint is None:
