@@ -114,14 +114,19 @@ def _checked_header(hdr: VnetHdr, version: int, ip_len: int, proto: int, packet:
     return hdr._replace(hdr_len=ip_len + tcp_len)
 
 
+def takes_bulk(peer: Peer) -> bool:
+    """Bulk frames may go to `peer`: it said it takes them (its `data.bulk`) and its
+    endpoint is a stream (`stream` is true: tcp.py)."""
+    return bool(getattr(peer.endpoint, "stream", False) and getattr(peer.data, "bulk", False))
+
+
 def send_super(wg: WireGuard, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
-    """Send a super-packet to `peer`: as bulk frames when the peer takes them (its
-    `data.bulk` is true) and its endpoint is a stream (`stream` is true: tcp.py),
+    """Send a super-packet to `peer`: as bulk frames when it takes them (takes_bulk),
     else as the MTU-sized packets it stands for, each its own transport message, valid
     for any WireGuard peer.  Raises OffloadError for a super-packet that cannot be cut."""
     if hdr.gso_type == GSO_NONE and not hdr.flags:
         wg.send(peer, packet, now)
-    elif getattr(peer.endpoint, "stream", False) and getattr(peer.data, "bulk", False):
+    elif takes_bulk(peer):
         if len(packet) <= MAX_PACKET:
             wg.send(peer, push_bulk(hdr, packet), now)
         else:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
 from gtun.offload import OffloadError, VnetHdr
+from gtun.packet import packet_length
 from gtun.relay import PushedConfig, parse_pushed_config, tunnel_addresses
 from gtun.wg import HandshakeCompleted, HandshakeTimedOut, WireGuard
 from gtun.wg.events import Event
@@ -246,23 +247,17 @@ class ClientCore:
         self._from_relay(plaintext, now)
 
     def _from_relay(self, plaintext: bytes, now: float) -> None:
-        # An IP packet first: the per-packet path (lengths read inline, padding trimmed).
+        # An IP packet first: the per-packet path (padding trimmed).
         version = plaintext[0] >> 4
         if version == 4 or version == 6:
             if self.device_mode == "tap":
                 self.drops["not_frame"] += 1
                 return
-            n = len(plaintext)
-            if version == 4:
-                length = (plaintext[2] << 8) | plaintext[3] if n >= 20 else 0
-                ok = 20 <= (plaintext[0] & 0x0F) * 4 <= length <= n
-            else:
-                length = 40 + ((plaintext[4] << 8) | plaintext[5]) if n >= 40 else n + 1
-                ok = length <= n
-            if not ok:
+            length = packet_length(plaintext)
+            if length is None:
                 self.drops["not_ip"] += 1
             else:
-                self._tun_out.append(plaintext if length == n else plaintext[:length])
+                self._tun_out.append(plaintext if length == len(plaintext) else plaintext[:length])
             return
         if l2frame.is_frame(plaintext):
             if self.config is None or self.device_mode != "tap":

@@ -48,23 +48,11 @@ def parse_addresses(packet: bytes) -> tuple[bytes, bytes] | None:
     Returns None, never raises, for anything else: empty, truncated, another version,
     a header length below the minimum, or a length field beyond the buffer.
     """
-    n = len(packet)
-    if not n:
+    if packet_length(packet) is None:
         return None
-    version = packet[0] >> 4
-    if version == 4:
-        if n < IPV4_HEADER_MIN:
-            return None
-        header_len = (packet[0] & 0x0F) * 4
-        total = (packet[2] << 8) | packet[3]
-        if header_len < IPV4_HEADER_MIN or total < header_len or total > n:
-            return None
+    if packet[0] >> 4 == 4:
         return bytes(packet[12:16]), bytes(packet[16:20])
-    if version == 6:
-        if n < IPV6_HEADER_LEN or IPV6_HEADER_LEN + ((packet[4] << 8) | packet[5]) > n:
-            return None
-        return bytes(packet[8:24]), bytes(packet[24:40])
-    return None
+    return bytes(packet[8:24]), bytes(packet[24:40])
 
 
 def is_link_scoped(src: bytes, dst: bytes) -> bool:

@@ -44,7 +44,7 @@ from typing import Any, cast
 from gtun import bulk, l2frame
 from gtun import tunnelmsg as tm
 from gtun.offload import GSO_NONE, OffloadError, VnetHdr, coalesce, finish_tcp_checksum
-from gtun.packet import is_link_scoped, parse_addresses
+from gtun.packet import is_link_scoped, packet_length, parse_addresses
 from gtun.routing import RouteTable
 from gtun.switch import Switch
 from gtun.wg import HandshakeCompleted, Peer, PeerUnknown, WireGuard
@@ -224,7 +224,7 @@ class Relay:
             forward, self._forward = self._forward, {}
             now = self._forward_now
             for peer, packets in forward.items():
-                if len(packets) > 1 and peer.data.bulk and getattr(peer.endpoint, "stream", False):
+                if len(packets) > 1 and bulk.takes_bulk(peer):
                     # To a gtun node over TCP: the segments of a flow travel as one bulk
                     # frame (coalesced here as a TUN write would be).
                     for hdr, packet in coalesce(packets):
@@ -314,28 +314,15 @@ class Relay:
             else:
                 self._tunnel_message(peer, plaintext, now)
             return
-        # parse_addresses() and packet_length(), inlined: this runs for every packet.
-        n = len(plaintext)
-        version = plaintext[0] >> 4
-        if version == 4 and n >= 20:
-            length = (plaintext[2] << 8) | plaintext[3]
-            if not 20 <= (plaintext[0] & 0x0F) * 4 <= length <= n:
-                self.drops["not_ip"] += 1
-                return
-            pair = plaintext[12:20]
-        elif version == 6 and n >= 40:
-            length = 40 + ((plaintext[4] << 8) | plaintext[5])
-            if length > n:
-                self.drops["not_ip"] += 1
-                return
-            pair = plaintext[8:40]
-        else:
+        length = packet_length(plaintext)
+        if length is None:
             self.drops["not_ip"] += 1
             return
-        if length < n:
+        if length < len(plaintext):
             plaintext = plaintext[:length]  # WireGuard's zero padding
-        cached = self._flows.get((peer, pair), _UNKNOWN)
-        target = self._route(peer, pair) if cached is _UNKNOWN else cast(_Verdict, cached)
+        # Source and destination, as they follow each other in the header: the flow key.
+        pair = plaintext[12:20] if plaintext[0] >> 4 == 4 else plaintext[8:40]
+        target = self._route(peer, pair)
         if target is None:
             self._tun_out.append(plaintext)
         elif target.__class__ is str:
@@ -358,7 +345,7 @@ class Relay:
         key = (peer, pair)
         flows = self._flows
         verdict = flows.get(key, _UNKNOWN)
-        if verdict is _UNKNOWN:
+        if verdict is _UNKNOWN:  # a new flow
             half = len(pair) // 2
             src, dst = pair[:half], pair[half:]
             if is_link_scoped(src, dst):
