@@ -105,7 +105,6 @@ class Driver:
         self.loop = loop
         self.on_event = on_event
         self.on_udp_error = on_udp_error
-        self.sock: socket.socket | None = None
         self.udp: UdpBatch | None = None
         self.tun: PacketDevice | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -122,17 +121,16 @@ class Driver:
         """Read and send on `sock`; with `batching`, through UDP GSO and GRO."""
         sock.setblocking(False)
         set_buffers(sock)
-        self.sock = sock
         self.udp = UdpBatch(sock, gso=batching, gro=batching)
         self.udp.on_error = self._udp_error
         self.loop.add_reader(sock.fileno(), self._udp_readable)
 
     def detach_udp(self) -> None:
         """Stop using the UDP socket and close it (a client falling back to TCP)."""
-        if self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        if self.udp is not None:
+            sock = self.udp.sock
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
             self.udp = None
 
     def _udp_readable(self) -> None:

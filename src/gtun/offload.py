@@ -459,12 +459,11 @@ def tcp_header_at(packet: bytes) -> int:
     return 0
 
 
-def _pseudo_sum(packet: bytes, l3: int) -> int:
-    """The pseudo-header sum of a TCP packet, folded, not complemented."""
-    addrs = packet[12:20] if l3 != 40 else packet[8:40]
-    return (
-        int.from_bytes(addrs, "big") % 0xFFFF + IPPROTO_TCP + len(packet) - l3
-    ) % 0xFFFF or 0xFFFF
+def _pseudo_sum(header: bytes | bytearray, l3: int, tcp_len: int) -> int:
+    """The TCP pseudo-header sum of an IP header `l3` bytes long for `tcp_len` bytes of
+    TCP, folded, not complemented: what a CHECKSUM_PARTIAL packet's field holds."""
+    addrs = header[8:40] if l3 == 40 else header[12:20]
+    return _fold(sum16(addrs) + IPPROTO_TCP + tcp_len)
 
 
 def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
@@ -475,7 +474,7 @@ def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
     if not l3:
         return PLAIN, packet
     at = l3 + TCP_CSUM_OFFSET
-    field = _H16.pack(_pseudo_sum(packet, l3))
+    field = _H16.pack(_pseudo_sum(packet, l3, len(packet) - l3))
     hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, l3, TCP_CSUM_OFFSET)
     return hdr, b"".join((packet[:at], field, packet[at + 2 :]))
 
@@ -483,12 +482,10 @@ def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
 def finish_tcp_checksum(packet: bytes) -> bytes:
     """A TCP packet with its checksum computed from scratch (for a receiver that checks
     it: a stock peer, or a TUN without offloads); anything else unchanged."""
-    l3 = tcp_header_at(packet)
-    if not l3:
+    hdr, partial = to_partial(packet)
+    if not hdr.flags:
         return packet
-    at = l3 + TCP_CSUM_OFFSET
-    partial = _H16.pack(_pseudo_sum(packet, l3))
-    return _finish_checksum(b"".join((packet[:at], partial, packet[at + 2 :])), l3, TCP_CSUM_OFFSET)
+    return _finish_checksum(partial, hdr.csum_start, hdr.csum_offset)
 
 
 # --- splitting ---------------------------------------------------------------------
@@ -587,15 +584,13 @@ class _Run:
         header[l3 + 13] |= self.psh
         if l3 == 40:
             header[4:6] = _H16.pack(total - 40)
-            addr_sum = sum16(header[8:40])
             gso_type = GSO_TCPV6
         else:
             header[2:4] = _H16.pack(total)
             header[10:12] = b"\0\0"
             header[10:12] = _H16.pack(checksum(header[:20]))
-            addr_sum = sum16(header[12:20])
             gso_type = GSO_TCPV4
-        header[l3 + 16 : l3 + 18] = _H16.pack(_fold(addr_sum + IPPROTO_TCP + total - l3))
+        header[l3 + 16 : l3 + 18] = _H16.pack(_pseudo_sum(header, l3, total - l3))
         self.parts[0] = header
         h = VnetHdr(F_NEEDS_CSUM, gso_type, hl, self.g, l3, TCP_CSUM_OFFSET)
         return h, b"".join(self.parts)

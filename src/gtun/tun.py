@@ -183,15 +183,7 @@ class TunDevice:
 
         Raises RuntimeFailure only if the device itself fails (closed).
         """
-        if self.vnet:
-            return self._writev([_PLAIN_HDR, packet])
-        try:
-            os.write(self._fd, packet)
-        except OSError as exc:
-            if exc.errno in _PACKET_ERRNOS:
-                return False
-            raise RuntimeFailure(f"cannot write to {self._name}: {exc.strerror}") from exc
-        return True
+        return self._writev([_PLAIN_HDR, packet] if self.vnet else [packet])
 
     def write_super(self, hdr: VnetHdr, packet: bytes) -> int:
         if self.vnet:
