@@ -167,11 +167,7 @@ def build_net(lab: Lab, workdir: Path, stock_ifname: str) -> GtunNet:
     set_config_keys(c2.config, "client", {"offload": "false"})
     # The LAN host has no route back to the virtual networks: its replies find the
     # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
-    assert gnet.lan is not None
-    lan6 = ((gnet.relay.ns, "rlan", "fd77:242::1"), (gnet.lan, "lan0", LAN_HOST6))
-    for ns, dev, addr in lan6:
-        ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
-        ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
+    gnet.add_lan6("fd77:242::1", LAN_HOST6)
     gnet.start_all()
     for c in gnet.clients:
         st = gnet.status(c)

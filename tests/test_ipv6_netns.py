@@ -77,13 +77,7 @@ def net(
             set_keys(c.config, "client", {"transport": f'"{transport}"'})
         # The LAN behind the relay speaks IPv6 too; it has no route back to network6,
         # so only the relay's NAT (masquerade) lets its replies find the clients.
-        assert gnet.lan is not None
-        for ns, dev, addr in (
-            (gnet.relay.ns, "rlan", "fd77:237::1"),
-            (gnet.lan, "lan0", LAN_HOST6),
-        ):
-            ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
-            ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
+        gnet.add_lan6("fd77:237::1", LAN_HOST6)
         gnet.start_all()
         for c in gnet.clients:
             st = gnet.status(c)
