@@ -82,8 +82,8 @@ if importlib.util.find_spec("gtun") is None:  # running from a source tree
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import gtun  # noqa: E402
-from gtun.lab import Lab, Namespace, list_namespaces  # noqa: E402
-from gtun.labnet import GtunNet  # noqa: E402
+from gtun.lab.net import GtunNet  # noqa: E402
+from gtun.lab.netns import Lab, Namespace, list_namespaces  # noqa: E402
 
 PREFIX = "gtb"
 UNDERLAY = 240  # 10.240.0.0/16; GtunNet puts client i's underlay on 10.240.<i>.0/24

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Microbenchmark of gtun.offload: segment(), split() and coalesce() on 64 KB TCP
+"""Microbenchmark of gtun.core.offload: segment(), split() and coalesce() on 64 KB TCP
 super-packets, checksum() on common sizes.  Pure Python, no root, no network:
 
     python3 bench/offload_micro.py [--repeat 5]
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gtun import offload  # noqa: E402
-from gtun.offload import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr  # noqa: E402
+from gtun.core.offload import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr  # noqa: E402
 
 
 def _super(v6: bool, mss: int, payload_len: int) -> tuple[VnetHdr, bytes]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Datagrams per second through gtun.udpio on loopback: send() with and without UDP GSO,
+"""Datagrams per second through gtun.io.udp on loopback: send() with and without UDP GSO,
 recv() with and without UDP GRO.
 
     python3 bench/udpio_bench.py [--seconds 0.5] [--trials 5] [--size 1456] [--batch 44]
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from gtun.udpio import UdpBatch  # noqa: E402
+from gtun.io.udp import UdpBatch  # noqa: E402
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; needs root, else SO_RCVBUF (capped) is used
 RCVBUF = 1 << 25

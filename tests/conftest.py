@@ -4,7 +4,7 @@ Namespace tests (tier 3): mark them `@pytest.mark.netns` or use the `lab` fixtur
 (which marks them).  They are skipped with the reason when this is not root (or has no
 /dev/net/tun, `ip` or namespaces), except under CI (env CI set), where they fail.
 
-`lab` gives a fresh `gtun.lab.Lab` per test whose namespaces are called
+`lab` gives a fresh `gtun.lab.netns.Lab` per test whose namespaces are called
 `<lab_prefix><4 random hex><name>`, always cleaned up.  Override `lab_prefix` in your
 test module to use your own prefix:
 
@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from gtun.lab import Lab, list_namespaces  # noqa: E402
+from gtun.lab.netns import Lab, list_namespaces  # noqa: E402
 
 # Prefixes of every lab made in this session, checked for leftovers at the end.
 _LAB_PREFIXES: set[str] = set()

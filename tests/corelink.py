@@ -8,9 +8,9 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from gtun.clientcore import ClientCore
-from gtun.relay import Relay, RelaySettings
-from gtun.wg import PacketReceived, WireGuard
+from gtun.core.client import ClientCore
+from gtun.core.relay import Relay, RelaySettings
+from gtun.core.wg import PacketReceived, WireGuard
 
 RELAY = "R"
 STOCK = "S"

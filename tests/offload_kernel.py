@@ -1,4 +1,4 @@
-"""gtun.offload against the Linux kernel's own TSO/GRO, run inside a fresh namespace by
+"""gtun.core.offload against the Linux kernel's own TSO/GRO, run inside a fresh namespace by
 tests/test_offload_netns.py (as root):  python3 tests/offload_kernel.py
 
 Two TUN devices: `gtoofl` with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6), address
@@ -32,8 +32,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from gtun import offload
-from gtun.offload import PLAIN, VnetHdr
+from gtun.core import offload
+from gtun.core.offload import PLAIN, VnetHdr
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0

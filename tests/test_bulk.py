@@ -16,9 +16,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from corelink import CoreLink, relay_settings
-from gtun import bulk
-from gtun.clientcore import ClientCore
-from gtun.offload import (
+from gtun.core import bulk
+from gtun.core.client import ClientCore
+from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_NONE,
     GSO_TCPV4,
@@ -27,8 +27,8 @@ from gtun.offload import (
     finish_tcp_checksum,
     segment,
 )
-from gtun.relay import PeerSpec, Relay
-from gtun.wg import WireGuard
+from gtun.core.relay import PeerSpec, Relay
+from gtun.core.wg import WireGuard
 
 MSS = 1380
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, python_env
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.lab.netns import Lab, python_env
 
 GTUN = [sys.executable, "-m", "gtun"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun import config, keys
-from gtun.config import (
+from gtun.app import config, keys
+from gtun.app.config import (
     ClientConfig,
     ServerConfig,
     load_client_config,

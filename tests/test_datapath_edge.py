@@ -14,9 +14,7 @@ import json
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from gtun.edge import write_tun
-from gtun.lab import Lab
-from gtun.offload import (
+from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_NONE,
     GSO_TCPV4,
@@ -26,7 +24,9 @@ from gtun.offload import (
     segment,
     to_partial,
 )
-from gtun.tun import FakeTun
+from gtun.io.driver import write_tun
+from gtun.io.tun import FakeTun
+from gtun.lab.netns import Lab
 
 MSS = 1380
 
@@ -123,9 +123,9 @@ def test_super_packets_are_cut_for_a_device_without_offloads() -> None:
 
 REFUSE_SCRIPT = """
 import errno, fcntl, json, os, select, time
-import gtun.tun as tun_mod
+import gtun.io.tun as tun_mod
 from ipaddress import ip_interface
-from gtun.netconf import LinkConfig
+from gtun.system.netlink import LinkConfig
 
 real_ioctl = fcntl.ioctl
 def refusing_ioctl(fd, request, arg=0, *rest):
@@ -168,8 +168,8 @@ def test_refused_offloads_fall_back_to_a_plain_device(lab: Lab) -> None:
 GRANTED_SCRIPT = """
 import json, select, socket, time
 from ipaddress import ip_interface
-from gtun.netconf import LinkConfig
-from gtun.tun import open_tun
+from gtun.system.netlink import LinkConfig
+from gtun.io.tun import open_tun
 
 dev = open_tun("gtvon0", offload=True)
 link = LinkConfig(dev.name)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gtun.lab import list_namespaces, python_env
+from gtun.lab.netns import list_namespaces, python_env
 
 pytestmark = pytest.mark.netns
 

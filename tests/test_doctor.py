@@ -19,13 +19,13 @@ import pytest
 
 from corelink import relay_settings
 from gtun import doctor as d
+from gtun.app.config import ClientConfig, load_client_config
+from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.cli import main
-from gtun.config import ClientConfig, load_client_config
-from gtun.framing import push_frame, read_frame
-from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.labnet import write_key
-from gtun.relay import PeerSpec, Relay
-from gtun.wg.constants import TAI64N_WHITENING_NS
+from gtun.core.relay import PeerSpec, Relay
+from gtun.core.wg.constants import TAI64N_WHITENING_NS
+from gtun.io.framing import push_frame, read_frame
+from gtun.lab.net import write_key
 
 NET = IPv4Network("10.66.0.0/24")
 
@@ -381,7 +381,7 @@ def test_nat() -> None:
 
 
 def test_peer(tmp_path: Path, keys: dict[str, bytes]) -> None:
-    from gtun.config import load_server_config
+    from gtun.app.config import load_server_config
 
     cfg = load_server_config(write_server(tmp_path, keys))
     alice = encode_key(public_key(keys["client"]))
@@ -506,7 +506,7 @@ def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:
 
 
 def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
-    from gtun.config import load_server_config
+    from gtun.app.config import load_server_config
 
     cfg = load_server_config(write_server(tmp_path, keys))
     status = {"peers": [{"name": "alice", "address": "10.66.0.2", "subnets": []}]}

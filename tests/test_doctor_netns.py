@@ -16,10 +16,8 @@ from typing import Any
 
 import pytest
 
-from gtun.firewall import Nat
-from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace
-from gtun.labnet import (
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.lab.net import (
     LAN_NET,
     PORT,
     GtunNet,
@@ -28,6 +26,8 @@ from gtun.labnet import (
     set_config_keys,
     write_key,
 )
+from gtun.lab.netns import Lab, Namespace
+from gtun.system.nft import Nat
 
 pytestmark = pytest.mark.netns
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab, Namespace
-from gtun.labnet import PORT, GtunNet, Node, doctor_results
+from gtun.lab.net import PORT, GtunNet, Node, doctor_results
+from gtun.lab.netns import Lab, Namespace
 
 pytestmark = pytest.mark.netns
 
@@ -65,7 +65,7 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
 
 _RESOLV_IS_MOUNT = """
 from pathlib import Path
-from gtun.dnsconf import dns_method, is_mount_point
+from gtun.system.dns import dns_method, is_mount_point
 assert is_mount_point(Path("/etc/resolv.conf")) and dns_method() == "file"
 """
 
@@ -303,7 +303,7 @@ import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 from gtun.errors import RuntimeFailure
-from gtun.exitroute import FullTunnel
+from gtun.system.fulltunnel import FullTunnel
 state, resolv = Path(sys.argv[1]), Path(sys.argv[2])
 tunnel = FullTunnel("nosuchdev0", 51820, state, Path("/etc/gtun/c9.toml"), resolv=resolv)
 try:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gtun import dnsconf, exitroute
-from gtun.dnsconf import (
+from gtun.errors import RuntimeFailure
+from gtun.system import dns as dnsconf
+from gtun.system import fulltunnel as exitroute
+from gtun.system.dns import (
     DnsChange,
     apply_dns,
     is_mount_point,
@@ -23,8 +25,7 @@ from gtun.dnsconf import (
     restore_dns,
     write_in_place,
 )
-from gtun.errors import RuntimeFailure
-from gtun.exitroute import (
+from gtun.system.fulltunnel import (
     ExitState,
     Route,
     Rule,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gtun.errors import ConfigError, RuntimeFailure
-from gtun.firewall import Forwarding, Nat, table_name
-from gtun.lab import Lab, Namespace
+from gtun.lab.netns import Lab, Namespace
+from gtun.system.nft import Forwarding, Nat, table_name
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_nat_ruleset_and_names() -> None:
 
 
 def test_nft_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gtun.firewall.NFT", "/nonexistent/nft")
+    monkeypatch.setattr("gtun.system.nft.NFT", "/nonexistent/nft")
     nat = Nat("gtun0", [ip_network("10.66.0.0/24")])
     with pytest.raises(RuntimeFailure, match="nft is not installed"):
         nat.active()
@@ -69,7 +69,7 @@ def test_nft_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 NAT_SCRIPT = """
 import sys
 from ipaddress import ip_network
-from gtun.firewall import Nat
+from gtun.system.nft import Nat
 nat = Nat(sys.argv[2], [ip_network(n) for n in sys.argv[3:]])
 getattr(nat, sys.argv[1])()
 print("active" if nat.active() else "inactive")
@@ -107,7 +107,7 @@ def test_nat_table_apply_replace_remove(lab: Lab) -> None:
 
 FORWARDING_SCRIPT = """
 from pathlib import Path
-from gtun.firewall import Forwarding
+from gtun.system.nft import Forwarding
 v4 = Path("/proc/sys/net/ipv4/ip_forward")
 v6 = Path("/proc/sys/net/ipv6/conf/all/forwarding")
 def show():

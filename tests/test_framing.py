@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gtun.framing import MAX_FRAME, MIN_FRAME, FrameError, push_frame, read_frame
+from gtun.io.framing import MAX_FRAME, MIN_FRAME, FrameError, push_frame, read_frame
 
 
 def _read(data: bytes) -> bytes:

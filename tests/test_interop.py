@@ -5,7 +5,7 @@ with `wg setconf`, exactly as a user would with the configuration `gtun peer add
 (wg-quick's own keys -- Address, DNS, MTU -- applied with `ip`, as wg-quick does).
 
     test_stock_peer_initiates_to_relay     wireguard-go dials the relay; ping 10.66.0.1
-    test_gtun_core_initiates_to_wireguard_go  gtun.wg.WireGuard over a real UDP socket
+    test_gtun_core_initiates_to_wireguard_go  gtun.core.wg.WireGuard over a real UDP socket
                                            initiates to wireguard-go; ICMP echo through it
     test_stock_peer_and_client_via_relay   stock peer <-> gtun client through the relay,
                                            then the relay initiates toward the stock peer
@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace, list_namespaces
-from gtun.labnet import PORT, GtunNet, apply_wg_quick, gtun_stdout, split_wg_quick
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.lab.net import PORT, GtunNet, apply_wg_quick, gtun_stdout, split_wg_quick
+from gtun.lab.netns import Lab, Namespace, list_namespaces
 
 WG_RUN = Path("/var/run/wireguard")
 RELAY_TUNNEL_ADDRESS = "10.66.0.1"
@@ -258,9 +258,9 @@ def test_stock_peer_initiates_to_relay(lab: Lab, stock: StockPeers, tmp_path: Pa
 
 _DRIVER = r"""
 import json, os, socket, struct, sys, time
-from gtun.keys import decode_key
-from gtun.packet import build_icmp_echo, ipv4_checksum
-from gtun.wg import HandshakeCompleted, PacketReceived, WireGuard
+from gtun.app.keys import decode_key
+from gtun.core.packet import build_icmp_echo, ipv4_checksum
+from gtun.core.wg import HandshakeCompleted, PacketReceived, WireGuard
 
 private = decode_key(sys.stdin.readline())
 their_key = decode_key(sys.argv[1])

@@ -19,17 +19,18 @@ from typing import Any
 import pytest
 
 from corelink import CoreLink, relay_settings
-from gtun import cli, keys
-from gtun.clientcore import ClientCore
-from gtun.config import load_server_config
+from gtun import cli
+from gtun.app import keys
+from gtun.app.config import load_server_config
+from gtun.app.peers import add_peer
+from gtun.app.server import collect_peers
+from gtun.app.store import StateStore, StoredPeer
+from gtun.core.client import ClientCore
+from gtun.core.packet import parse_addresses
+from gtun.core.relay import PeerSpec, Relay, parse_pushed_config
 from gtun.errors import ConfigError, RuntimeFailure
-from gtun.firewall import Nat
-from gtun.ipv6 import address6_for, enable_ipv6
-from gtun.packet import parse_addresses
-from gtun.peeradd import add_peer
-from gtun.pool import StateStore, StoredPeer
-from gtun.relay import PeerSpec, Relay, parse_pushed_config
-from gtun.server import collect_peers
+from gtun.system.ipv6 import address6_for, enable_ipv6
+from gtun.system.nft import Nat
 
 NET4 = IPv4Network("10.66.0.0/24")
 NET6 = IPv6Network("fd66:237::/64")
@@ -346,7 +347,7 @@ def test_status_text_shows_ipv6(
         ],
         "drops": {},
     }
-    monkeypatch.setattr("gtun.control.query", lambda path, request: answer)
+    monkeypatch.setattr("gtun.app.control.query", lambda path, request: answer)
     args = argparse.Namespace(socket=Path("/nonexistent.sock"), json=False)
     assert cli.status(args) == 0
     out = capsys.readouterr().out

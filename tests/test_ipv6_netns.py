@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from gtun.lab import Lab, Namespace
-from gtun.labnet import (
+from gtun.lab.net import (
     LAN_NET,
     PORT,
     GtunNet,
@@ -33,6 +32,7 @@ from gtun.labnet import (
     run_gtun,
     split_wg_quick,
 )
+from gtun.lab.netns import Lab, Namespace
 
 pytestmark = pytest.mark.netns
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gtun import keys
+from gtun.app import keys
 from gtun.errors import ConfigError
 
 # RFC 7748 section 6.1: Alice's X25519 key pair.

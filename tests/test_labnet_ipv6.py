@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab
-from gtun.labnet import GtunNet
+from gtun.lab.net import GtunNet
+from gtun.lab.netns import Lab
 
 SIZE = 2 * 1024 * 1024
 

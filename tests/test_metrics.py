@@ -22,17 +22,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gtun
 from corelink import CoreLink, relay_settings
-from gtun import metrics
-from gtun.clientcore import CLIENT_DROP_REASONS, ClientCore
+from gtun.app import metrics
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.app.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
+from gtun.core.client import CLIENT_DROP_REASONS, ClientCore
+from gtun.core.packet import build_icmp_echo
+from gtun.core.relay import RELAY_DROP_REASONS, PeerSpec, Relay
+from gtun.core.wg.device import DROP_REASONS
 from gtun.errors import ConfigError
-from gtun.keys import encode_key, generate_private_key, public_key
-from gtun.lab import Lab, Namespace
-from gtun.labnet import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
-from gtun.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
-from gtun.packet import build_icmp_echo
-from gtun.relay import RELAY_DROP_REASONS, PeerSpec, Relay
-from gtun.tcp import TCP_DROP_REASONS
-from gtun.wg.device import DROP_REASONS
+from gtun.io.tcp import TCP_DROP_REASONS
+from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
+from gtun.lab.netns import Lab, Namespace
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
 
@@ -448,7 +448,7 @@ def wait_for(ns: Namespace, port: int, cond: object, what: str, timeout: float =
 
 _SPOOF = """
 import socket, sys
-from gtun.packet import build_icmp_echo
+from gtun.core.packet import build_icmp_echo
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.setsockopt(socket.SOL_IP, socket.IP_HDRINCL, 1)
 for i in range(5):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gtun.lab import Lab, Namespace
+from gtun.lab.netns import Lab, Namespace
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _state(ns: Namespace, dev: str) -> dict[str, Any]:
 CONFIGURE = """
 import os, sys, time
 from ipaddress import ip_interface, ip_network
-from gtun.netconf import LinkConfig, link_exists, link_index
+from gtun.system.netlink import LinkConfig, link_exists, link_index
 
 dev = sys.argv[1]
 assert link_exists(dev) and link_index(dev) and not link_exists("gtanothere")
@@ -101,7 +101,7 @@ def test_configure_and_undo(lab: Lab, tmp_path: Path) -> None:
 FAILURES = """
 from ipaddress import ip_interface, ip_network
 from gtun.errors import RuntimeFailure
-from gtun.netconf import LinkConfig
+from gtun.system.netlink import LinkConfig
 
 def attempt(what, action):
     try:
@@ -135,7 +135,7 @@ def test_failures_name_the_device(lab: Lab) -> None:
 UNDO_GONE = """
 import subprocess
 from ipaddress import ip_interface, ip_network
-from gtun.netconf import LinkConfig, link_exists
+from gtun.system.netlink import LinkConfig, link_exists
 
 link = LinkConfig("gtav0")
 link.set_mtu(1400)

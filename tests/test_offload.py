@@ -1,4 +1,4 @@
-"""gtun.offload against packets scapy builds and checks independently (tier 1, pure)."""
+"""gtun.core.offload against packets scapy builds and checks independently (tier 1, pure)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.packet import Packet, Raw
 from scapy.utils import checksum as scapy_checksum
 
-from gtun import offload
-from gtun.offload import (
+from gtun.core import offload
+from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_ECN,
     GSO_NONE,

@@ -1,4 +1,4 @@
-"""gtun.offload against the kernel's own TSO and GSO, on TUN devices in a namespace.
+"""gtun.core.offload against the kernel's own TSO and GSO, on TUN devices in a namespace.
 
 The pure tests compare with scapy; this one lets Linux judge: it must accept what
 coalesce() and split() write (cutting them into the very segments they came from, with
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab, python_env
+from gtun.lab.netns import Lab, python_env
 
 SCRIPT = Path(__file__).resolve().parent / "offload_kernel.py"
 

@@ -6,8 +6,8 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from gtun import packet
-from gtun.packet import (
+from gtun.core import packet
+from gtun.core.packet import (
     build_icmp_echo,
     build_ipv4,
     build_udp4,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gtun.app.store import SCHEMA_VERSION, AddressPool, StateStore, StoredPeer
 from gtun.errors import ConfigError, RuntimeFailure
-from gtun.pool import SCHEMA_VERSION, AddressPool, StateStore, StoredPeer
 
 NET = IPv4Network("10.66.0.0/24")
 SMALL = IPv4Network("10.66.0.0/29")  # hosts .1-.6; .1 is the relay's
@@ -141,7 +141,7 @@ def test_failed_transaction_rolls_back(store: StateStore) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from gtun.pool import StateStore
+from gtun.app.store import StateStore
 store = StateStore(Path(sys.argv[1]))
 for i in range(50):
     store.set_lease(f"{sys.argv[2]}{i}", f"10.{sys.argv[3]}.0.{i}", "")

@@ -13,11 +13,11 @@ from ipaddress import IPv4Address, ip_network
 import pytest
 
 from corelink import CoreLink, relay_settings
-from gtun import tunnelmsg as tm
-from gtun.clientcore import ClientCore, ConfigReceived, Connected, Refused
-from gtun.packet import build_icmp_echo, build_udp4, parse_addresses
-from gtun.relay import PeerSpec, Relay, parse_pushed_config
-from gtun.wg import WireGuard
+from gtun.core import tunnel as tm
+from gtun.core.client import ClientCore, ConfigReceived, Connected, Refused
+from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
+from gtun.core.relay import PeerSpec, Relay, parse_pushed_config
+from gtun.core.wg import WireGuard
 
 
 class Net(CoreLink):

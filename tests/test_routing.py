@@ -12,7 +12,7 @@ from ipaddress import (
 
 import pytest
 
-from gtun.routing import RouteTable
+from gtun.core.routing import RouteTable
 
 Network = IPv4Network | IPv6Network
 

@@ -6,10 +6,10 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from gtun import l2frame
-from gtun.l2frame import L2FrameError, max_frame_for, pull_frame, push_frame
-from gtun.packet import build_icmp_echo
-from gtun.switch import Decision, Switch
+from gtun.core import l2frame
+from gtun.core.l2frame import L2FrameError, max_frame_for, pull_frame, push_frame
+from gtun.core.packet import build_icmp_echo
+from gtun.core.switch import Decision, Switch
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")
@@ -179,8 +179,8 @@ def test_push_frame_refuses_what_cannot_be_carried() -> None:
 
 
 def test_frame_plaintexts_are_neither_ip_nor_tunnel_messages() -> None:
-    from gtun import tunnelmsg as tm
-    from gtun.packet import parse_addresses
+    from gtun.core import tunnel as tm
+    from gtun.core.packet import parse_addresses
 
     # A frame whose first byte reads as IPv4 still travels unmistakably.
     frame = bytes.fromhex("45000054") + A[:2] + A + b"\x08\x00" + bytes(40)

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from gtun.keys import public_key
-from gtun.l2frame import mac_for_key
-from gtun.lab import Lab, Namespace
-from gtun.labnet import LAN_NET, GtunNet, Node, run_gtun
+from gtun.app.keys import public_key
+from gtun.core.l2frame import mac_for_key
+from gtun.lab.net import LAN_NET, GtunNet, Node, run_gtun
+from gtun.lab.netns import Lab, Namespace
 
 pytestmark = pytest.mark.netns
 

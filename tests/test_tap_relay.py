@@ -8,11 +8,11 @@ import secrets
 from ipaddress import IPv4Address, IPv6Address
 
 from corelink import CoreLink, relay_settings
-from gtun import l2frame
-from gtun.clientcore import ClientCore, Refused
-from gtun.packet import build_icmp_echo
-from gtun.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay
-from gtun.wg import WireGuard
+from gtun.core import l2frame
+from gtun.core.client import ClientCore, Refused
+from gtun.core.packet import build_icmp_echo
+from gtun.core.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay
+from gtun.core.wg import WireGuard
 
 MAC1 = bytes.fromhex("02aa00000001")
 MAC2 = bytes.fromhex("02aa00000002")

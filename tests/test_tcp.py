@@ -1,4 +1,4 @@
-"""Tier 2: the TCP edge on loopback (gtun.tcp), with short test-only timeouts.
+"""Tier 2: the TCP edge on loopback (gtun.io.tcp), with short test-only timeouts.
 
 A fake core records what the relay's TCP listener delivers and sends back what a test
 queues; raw sockets play misbehaving peers.  The last tests run the real relay and
@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 
 from corelink import relay_settings
-from gtun.clientcore import ClientCore, ConfigReceived, Connected
-from gtun.edge import Driver
-from gtun.framing import MAX_FRAME, push_frame
-from gtun.relay import PeerSpec, Relay
-from gtun.tcp import (
+from gtun.core.client import ClientCore, ConfigReceived, Connected
+from gtun.core.relay import PeerSpec, Relay
+from gtun.core.wg.events import Event
+from gtun.core.wg.messages import is_wireguard_message
+from gtun.io.driver import Driver
+from gtun.io.framing import MAX_FRAME, push_frame
+from gtun.io.tcp import (
     TcpDialer,
     TcpEndpoint,
     TcpLimits,
@@ -30,8 +32,6 @@ from gtun.tcp import (
     endpoint_transport,
     forget_endpoint,
 )
-from gtun.wg.events import Event
-from gtun.wg.messages import is_wireguard_message
 
 LIMITS = TcpLimits(first_frame=0.4, idle=0.8, stall=0.4, write_buffer=32 * 1024, max_connections=4)
 BOUND = 5.0  # seconds any wait in these tests may take

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gtun.keys import encode_key, generate_private_key
-from gtun.lab import Lab
-from gtun.labnet import LAN_NET, PORT, GtunNet, run_gtun
+from gtun.app.keys import encode_key, generate_private_key
+from gtun.lab.net import LAN_NET, PORT, GtunNet, run_gtun
+from gtun.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
 

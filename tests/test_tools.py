@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gtun.errors import RuntimeFailure
-from gtun.tools import run_tool
+from gtun.system.tools import run_tool
 
 
 def test_output_and_exit_code_are_the_callers() -> None:

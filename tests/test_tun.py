@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gtun.errors import RuntimeFailure
-from gtun.lab import Lab
-from gtun.tun import FakeTun, open_tun
+from gtun.io.tun import FakeTun, open_tun
+from gtun.lab.netns import Lab
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -104,7 +104,7 @@ def test_invalid_name_is_a_runtime_failure() -> None:
 
 
 def test_missing_tun_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gtun.tun.TUN_PATH", "/nonexistent/net/tun")
+    monkeypatch.setattr("gtun.io.tun.TUN_PATH", "/nonexistent/net/tun")
     with pytest.raises(RuntimeFailure, match=r"is missing: load the tun module \(modprobe tun\)"):
         open_tun("gtun0")
 
@@ -172,8 +172,8 @@ import json, select, sys, time
 from ipaddress import ip_interface
 sys.path.insert(0, {tests!r})
 from test_tun import icmp_echo_reply
-from gtun.netconf import LinkConfig
-from gtun.tun import open_tun
+from gtun.system.netlink import LinkConfig
+from gtun.io.tun import open_tun
 
 name, addr, ready, tap = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "tap"
 tun = open_tun(name, tap=tap)
@@ -253,7 +253,7 @@ def test_tap_reads_an_ethernet_frame(lab: Lab, tmp_path: Path) -> None:
 OPEN_SCRIPT = """
 import sys
 from gtun.errors import RuntimeFailure
-from gtun.tun import open_tun
+from gtun.io.tun import open_tun
 results, held = [], []
 for name, tap in (("gtax%d%d", False), ("gtabusy", False), ("gtabusy", False), ("gtabusy", True)):
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab import Lab
-from gtun.labnet import LAN_NET, PORT, GtunNet, gtun_stdout
+from gtun.lab.net import LAN_NET, PORT, GtunNet, gtun_stdout
+from gtun.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -87,7 +87,7 @@ def test_status_lists_peers(net: GtunNet) -> None:
 _SPOOF = """
 import socket, struct, sys
 sys.path.insert(0, sys.argv[3])
-from gtun.packet import build_icmp_echo
+from gtun.core.packet import build_icmp_echo
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.setsockopt(socket.SOL_IP, socket.IP_HDRINCL, 1)
 for i in range(5):

@@ -1,4 +1,4 @@
-"""Batched UDP I/O (gtun.udpio): GSO sends and GRO reads on loopback, their fallbacks,
+"""Batched UDP I/O (gtun.io.udp): GSO sends and GRO reads on loopback, their fallbacks,
 and a GSO/GRO transfer over a real veth between two namespaces."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from gtun.lab import Lab
-from gtun.udpio import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBatch
+from gtun.io.udp import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, SOL_UDP, UDP_SEGMENT, UdpBatch
+from gtun.lab.netns import Lab
 
 LINUX = sys.platform.startswith("linux")
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
@@ -226,7 +226,7 @@ def test_a_gso_refusal_resends_the_batch_and_turns_gso_off(sockets, caplog, refu
         pytest.skip("no UDP GSO on this kernel")
     tx.refuse = refusal
     first, second = train(rx.getsockname(), count=5), train(rx.getsockname(), count=7)
-    with caplog.at_level(logging.WARNING, logger="gtun.udpio"):
+    with caplog.at_level(logging.WARNING, logger="gtun.io.udp"):
         assert sender.send(first) == 0
         assert not sender.gso
         assert sender.send(second) == 0
@@ -347,7 +347,7 @@ def test_icmp_port_unreachable_reaches_on_error_and_recv_goes_on(sockets, gro, c
 
 RECEIVER = r"""
 import json, select, socket, sys, time
-from gtun.udpio import UdpBatch
+from gtun.io.udp import UdpBatch
 count, size = int(sys.argv[1]), int(sys.argv[2])
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 23)  # SO_RCVBUFFORCE: no drops to a full queue
@@ -371,7 +371,7 @@ print(json.dumps({"received": len(got), "bad": bad[:5], "gro": batch.gro,
 SENDER = r"""
 import json, sys, time
 import socket
-from gtun.udpio import UdpBatch
+from gtun.io.udp import UdpBatch
 count, size = int(sys.argv[1]), int(sys.argv[2])
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setblocking(False)

@@ -1,4 +1,4 @@
-"""The cryptographic functions of gtun.wg.crypto against published vectors and
+"""The cryptographic functions of gtun.core.wg.crypto against published vectors and
 independent constructions (WireGuard paper 5.4, RFC 2104, RFC 8439,
 draft-irtf-cfrg-xchacha-03)."""
 
@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from gtun.wg import crypto
-from gtun.wg.constants import CONSTRUCTION, IDENTIFIER, TAI64N_WHITENING_NS
-from gtun.wg.crypto import CryptoError
+from gtun.core.wg import crypto
+from gtun.core.wg.constants import CONSTRUCTION, IDENTIFIER, TAI64N_WHITENING_NS
+from gtun.core.wg.crypto import CryptoError
 
 # --- the initial chaining key and hash (paper 5.4.2) ---------------------------------
 

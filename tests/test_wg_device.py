@@ -29,7 +29,7 @@ with warnings.catch_warnings():
     except ImportError:
         pass
 
-from gtun.wg import (
+from gtun.core.wg import (
     Event,
     HandshakeCompleted,
     HandshakeTimedOut,
@@ -38,8 +38,8 @@ from gtun.wg import (
     PeerUnknown,
     WireGuard,
 )
-from gtun.wg import messages as m
-from gtun.wg.constants import (
+from gtun.core.wg import messages as m
+from gtun.core.wg.constants import (
     COOKIE_REPLY_SIZE,
     HANDSHAKE_INITIATION_RATE,
     INITIATION_SIZE,
@@ -62,8 +62,8 @@ from gtun.wg.constants import (
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
     UNDER_LOAD_HOLD,
 )
-from gtun.wg.crypto import hash_, mac
-from gtun.wg.device import overhead
+from gtun.core.wg.crypto import hash_, mac
+from gtun.core.wg.device import overhead
 
 START = 1000.0  # the fake monotonic clock starts here
 WALL_OFFSET = 1_700_000_000.0  # monotonic -> Unix time, for the TAI64N timestamps

@@ -23,8 +23,8 @@ with warnings.catch_warnings():
     except ImportError:
         pass
 
-from gtun.wg import messages as m
-from gtun.wg.constants import (
+from gtun.core.wg import messages as m
+from gtun.core.wg.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
     MESSAGE_COOKIE_REPLY,
@@ -34,7 +34,7 @@ from gtun.wg.constants import (
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
 )
-from gtun.wg.messages import MessageError
+from gtun.core.wg.messages import MessageError
 
 
 def _initiation() -> m.Initiation:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from gtun.wg.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
-from gtun.wg.replay import ReplayWindow
+from gtun.core.wg.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
+from gtun.core.wg.replay import ReplayWindow
 
 
 class SetModel:

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from gtun import keys
+    from gtun.app import keys
 
     if args.command == "genkey":
         print(keys.encode_key(keys.generate_private_key()))
@@ -102,13 +102,13 @@ def dispatch(args: argparse.Namespace) -> int:
         print(keys.encode_key(keys.public_key(private)))
         return 0
     if args.command == "server":
-        from gtun.server import run_server
+        from gtun.app.server import run_server
 
         setup_logging(args.debug, "server")
         run_server(args.config)
         return 0
     if args.command == "client":
-        from gtun.client import run_client
+        from gtun.app.client import run_client
 
         setup_logging(args.debug, "client")
         run_client(args.config)
@@ -124,15 +124,15 @@ def dispatch(args: argparse.Namespace) -> int:
         print(doctor.format_json(results) if args.json else doctor.format_text(results))
         return doctor.exit_code(results)
     if args.command == "demo":
-        from gtun.demo import run_demo
+        from gtun.lab.demo import run_demo
 
         return run_demo(keep_logs=args.keep_logs)
     raise ConfigError(f"unknown command {args.command}")
 
 
 def peer_add(args: argparse.Namespace) -> int:
-    from gtun.config import load_server_config, parse_host_port
-    from gtun.peeradd import add_peer
+    from gtun.app.config import load_server_config, parse_host_port
+    from gtun.app.peers import add_peer
 
     cfg = load_server_config(args.config)
     endpoint = None
@@ -174,7 +174,7 @@ def _bytes(n: int) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    from gtun.control import query
+    from gtun.app.control import query
 
     path = args.socket
     if path is None:

@@ -1,0 +1,507 @@
+"""`gtun client`: a client's edge.  Wires the sans-IO ClientCore to a UDP socket and a
+TUN device, configures the device from what the relay pushed, and undoes it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Interface, IPv6Interface
+from pathlib import Path
+from typing import Any
+
+from gtun.app.config import ClientConfig, load_client_config
+from gtun.app.control import ControlServer
+from gtun.app.keys import encode_key
+from gtun.app.metrics import ClientCollector, MetricsServer, serve_metrics
+from gtun.app.server import _fmt_endpoint, check_privileges
+from gtun.core.client import (
+    ClientCore,
+    ConfigReceived,
+    Connected,
+    Disconnected,
+    GaveUpRound,
+    Refused,
+)
+from gtun.core.l2frame import mac_for_key
+from gtun.core.relay import PushedConfig
+from gtun.core.wg.events import Event
+from gtun.errors import GtunError, RuntimeFailure
+from gtun.io.driver import Driver, merge_counts
+from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
+from gtun.io.tun import PacketDevice, log_offloads, open_tun
+from gtun.system import dns as dnsconf
+from gtun.system import fulltunnel as exitroute
+from gtun.system.ipv6 import enable_ipv6
+from gtun.system.netlink import LinkConfig
+
+log = logging.getLogger("gtun")
+
+RESOLVE_RETRY = 5.0
+SLOW_HANDSHAKE_NOTICE = 1  # retransmissions before saying the relay does not answer
+AUTO_FALLBACK = 5.0  # transport "auto": seconds without a handshake answer over UDP
+
+
+class Client:
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.stop = asyncio.Event()
+        self.core: ClientCore | None = None
+        self.driver: Driver | None = None
+        self.dialer: TcpDialer | None = None
+        self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
+        self.tun: PacketDevice | None = None
+        self.link: LinkConfig | None = None
+        self.applied: PushedConfig | None = None
+        self.dns_change: dnsconf.DnsChange | None = None  # split tunnel, via resolvconf
+        self.ipv6 = False  # the applied configuration's IPv6 address is on the device
+        # default_route: made at start (its mark must be on the relay's socket).
+        self.full_tunnel: exitroute.FullTunnel | None = None
+        self.exit_error: GtunError | None = None
+        self._told_attempts = 0
+        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self._config_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics: MetricsServer | None = None
+
+    async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """pyroute2's synchronous API runs its own asyncio loop: call it in a thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        control: ControlServer | None = None
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop.set)
+            endpoint = await self.resolve()
+            if endpoint is None:
+                return
+            family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+            await self.nl(self.prepare_full_tunnel)
+            core = ClientCore(
+                cfg.private_key,
+                cfg.server_public_key,
+                endpoint if self.transport == "udp" else None,
+                mode=cfg.mode,
+                wall_offset=time.time() - loop.time(),
+            )
+            # The device completes TCP checksums (offloads), or the edge does when the
+            # kernel refuses them: either way the relay may leave them partial.
+            core.accept_partial = cfg.offload
+            self.core = core
+            driver = Driver(core, loop, self.on_event, self.on_udp_error)
+            self.driver = driver
+            if self.transport == "udp":
+                sock = self.open_socket(family, socket.SOCK_DGRAM)
+                driver.attach_udp(sock, batching=cfg.offload)
+            if cfg.metrics_listen is not None:
+                self.metrics = await serve_metrics(
+                    ClientCollector(core, loop.time, self.tcp_drops),
+                    cfg.metrics_listen,
+                    config_file=cfg.path,
+                    key="client.metrics_listen",
+                )
+            # The TUN exists from the start so its name is taken, but it is configured
+            # only once the relay has pushed an address.  A client that follows the
+            # relay's mode (no `mode` key) opens its device when it learns the mode.
+            if cfg.mode is not None:
+                self.open_device(cfg.mode)
+            control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
+            await control.start()
+            log.info(
+                "client %s: connecting to relay %s:%d over %s (public key %s)",
+                cfg.path.name,
+                cfg.server[0],
+                cfg.server[1],
+                "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
+                encode_key(cfg.public_key),
+            )
+            watchers = [asyncio.create_task(self.watch_handshakes())]
+            if self.transport == "tcp":
+                self.start_tcp(endpoint)
+            else:
+                core.start(loop.time())
+                driver.poke()
+                if cfg.transport == "auto":
+                    watchers.append(asyncio.create_task(self.auto_fallback(endpoint)))
+            await self.stop.wait()
+            for watch in watchers:
+                watch.cancel()
+            log.info("stopping")
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if control is not None:
+                await control.close()
+            async with self._config_lock:
+                await self.nl(self.unconfigure)
+            self._netlink.shutdown(wait=True)
+            if self.dialer is not None:
+                self.dialer.close()
+            if self.driver is not None:
+                self.driver.close()
+            if self.tun is not None:
+                self.tun.close()
+        if self.exit_error is not None:
+            raise self.exit_error
+
+    def prepare_full_tunnel(self) -> None:
+        """Undo what a run that did not exit cleanly left (whatever default_route is
+        now), then, in full-tunnel mode, pick the routing table and mark."""
+        cfg = self.cfg
+        path = exitroute.state_file(cfg.state_dir, cfg.path)
+        exitroute.recover(path)
+        if cfg.default_route:
+            self.full_tunnel = exitroute.FullTunnel.prepare(cfg.device, path, cfg.path)
+
+    def open_socket(self, family: int, kind: int) -> socket.socket:
+        """Every socket the client sends tunnel traffic on (UDP, and each TCP
+        connection) is made here: in full-tunnel mode it is marked so that it goes
+        around the tunnel."""
+        sock = socket.socket(family, kind)
+        if self.full_tunnel is not None:
+            try:
+                exitroute.mark_socket(sock, self.full_tunnel.fwmark)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    # --- TCP ---------------------------------------------------------------------------
+
+    def tcp_drops(self) -> dict[str, int]:
+        """The TCP dialer's counters (zero before there is one)."""
+        if self.dialer is None:
+            return dict.fromkeys(TCP_DROP_REASONS, 0)
+        return dict(self.dialer.counts)
+
+    def start_tcp(self, endpoint: tuple[str, int]) -> None:
+        assert self.driver is not None
+        self.transport = "tcp"
+        self.dialer = TcpDialer(
+            self.driver, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
+        )
+        self.dialer.start()
+
+    def on_tcp_connected(self, ep: TcpEndpoint) -> None:
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        now = driver.loop.time()
+        core.set_endpoint(ep)
+        if core.server.has_session:
+            # The relay moves this peer to the new connection on the first authentic
+            # message; the handshake covers a relay that restarted and forgot the session.
+            core.wg.send_keepalive(core.server, now)
+        # A new connection is a new path: handshake on it now, not when WireGuard's
+        # rate limit (one initiation per REKEY_TIMEOUT) next allows.
+        core.server.last_initiation_sent = None
+        core.start(now)
+        driver.poke()
+
+    def on_tcp_lost(self, ep: TcpEndpoint) -> None:
+        core = self.core
+        if core is not None and core.server.endpoint is ep:
+            core.server.endpoint = None
+
+    async def auto_fallback(self, endpoint: tuple[str, int]) -> None:
+        """transport "auto": switch to TCP when UDP brings no handshake answer."""
+        await asyncio.sleep(AUTO_FALLBACK)
+        core, driver = self.core, self.driver
+        assert core is not None and driver is not None
+        if core.connected or self.stop.is_set():
+            return
+        log.warning(
+            "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+            *self.cfg.server,
+            AUTO_FALLBACK,
+        )
+        driver.detach_udp()
+        core.server.endpoint = None
+        self.start_tcp(endpoint)
+
+    async def resolve(self) -> tuple[str, int] | None:
+        host, port = self.cfg.server
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+                return (str(infos[0][4][0]), port)
+            except OSError as exc:
+                log.warning(
+                    "cannot resolve relay %s: %s; retrying in %ds", host, exc, RESOLVE_RETRY
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), RESOLVE_RETRY)
+        return None
+
+    async def watch_handshakes(self) -> None:
+        """Say so when the relay does not answer, once a while, while retrying."""
+        while True:
+            await asyncio.sleep(1.0)
+            core = self.core
+            if core is None or core.connected:
+                self._told_attempts = 0
+                continue
+            attempts = core.server.handshake_attempts
+            if attempts >= SLOW_HANDSHAKE_NOTICE and attempts != self._told_attempts:
+                if attempts == SLOW_HANDSHAKE_NOTICE or attempts % 6 == 0:
+                    log.warning(
+                        "relay %s:%d does not answer (%d handshake attempts): is it running, "
+                        "is %s port %d reachable, and is this key (%s) one of its peers? "
+                        "still trying",
+                        *self.cfg.server,
+                        attempts + 1,
+                        self.transport.upper(),
+                        self.cfg.server[1],
+                        encode_key(self.cfg.public_key),
+                    )
+                self._told_attempts = attempts
+
+    # --- events ----------------------------------------------------------------------
+
+    def on_udp_error(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionRefusedError):
+            log.debug("relay %s:%d refused (nothing listens on that UDP port)", *self.cfg.server)
+        else:
+            log.debug("UDP error: %s", exc)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Connected):
+            log.info("handshake with relay %s:%d complete", *self.cfg.server)
+        elif isinstance(event, ConfigReceived):
+            if event.changed or self.applied is None:
+                task = asyncio.ensure_future(self.apply_config(event.config))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif isinstance(event, Refused):
+            self.exit_error = RuntimeFailure(f"the relay refused this client: {event.reason}")
+            log.error("the relay refused this client: %s", event.reason)
+            self.stop.set()
+        elif isinstance(event, Disconnected):
+            log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
+            if self.dialer is not None:
+                self.dialer.reconnect("the relay is silent")
+        elif isinstance(event, GaveUpRound):
+            log.warning(
+                "relay %s:%d did not answer for 90s; next attempt in %.0fs",
+                *self.cfg.server,
+                event.retry_in,
+            )
+
+    # --- device configuration ----------------------------------------------------------
+
+    def open_device(self, mode: str) -> None:
+        """Open the device (TUN or TAP) and attach it to the driver.  Raises
+        RuntimeFailure."""
+        assert self.driver is not None
+        self.tun = open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
+        log_offloads(self.tun, self.cfg.offload)
+        self.driver.finish_checksums = mode == "tun" and self.cfg.offload and not self.tun.vnet
+        self.driver.attach_tun(self.tun)
+        if mode == "tap":
+            log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)
+
+    async def ensure_device(self, mode: str) -> None:
+        """Have a device of the relay's mode: open it the first time, and replace it if
+        the relay came back in the other mode."""
+        tun = self.tun
+        if tun is not None and getattr(tun, "tap", False) == (mode == "tap"):
+            return
+        if tun is not None:
+            log.warning("the relay now runs in %s mode; replacing device %s", mode, tun.name)
+            await self.nl(self.unconfigure)
+            assert self.driver is not None
+            self.driver.detach_tun()
+            tun.close()
+            self.tun = None
+        self.open_device(mode)
+
+    async def apply_config(self, config: PushedConfig) -> None:
+        async with self._config_lock:
+            if self.stop.is_set() or config == self.applied:
+                return
+            try:
+                await self.ensure_device(config.mode)
+                await self.nl(self.configure, config)
+            except GtunError as exc:
+                self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
+                self.stop.set()
+
+    def configure(self, config: PushedConfig) -> None:
+        assert self.tun is not None
+        if self.applied is not None:
+            log.info("the relay changed this client's configuration; reapplying")
+        if self.link is not None:
+            self.unconfigure()  # also what an interrupted earlier configure left
+        link = LinkConfig(self.tun.name)
+        self.link = link
+        link.set_mtu(config.mtu)
+        if config.mode == "tap":
+            link.set_mac(mac_for_key(self.cfg.public_key))
+        link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
+        ipv6 = config.address6 is not None
+        if ipv6:
+            try:
+                enable_ipv6(self.tun.name)
+            except RuntimeFailure as exc:
+                # A host without IPv6 still gets the IPv4 tunnel.
+                log.warning("%s; going on with IPv4 only", exc)
+                ipv6 = False
+        if ipv6:
+            link.add_address(IPv6Interface(f"{config.address6}/{config.prefix6}"))
+        link.set_up()
+        # On a TAP device routes go via a neighbour (the relay); on a TUN, straight in.
+        gateway = config.gateway if config.mode == "tap" else None
+        gateway6 = config.gateway6 if config.mode == "tap" and ipv6 else None
+        for route in config.routes:
+            # An IPv6 route is of no use to a client without an IPv6 address.
+            if route.version == 4:
+                link.add_route(route, gateway=gateway)
+            elif ipv6:
+                link.add_route(route, gateway=gateway6)
+        if self.full_tunnel is not None:
+            # The relay's IPv6 push (when there is one) routes IPv6 into the tunnel too;
+            # otherwise the full tunnel makes IPv6 unreachable rather than leak it.
+            address6 = config.address6 if ipv6 else None
+            self.full_tunnel.apply(
+                [config.address] + ([address6] if address6 is not None else []),
+                config.dns,
+                ipv6=address6 is not None,
+                gateways=[g for g in (gateway, gateway6) if g is not None],
+            )
+            log.info(
+                "full tunnel: all traffic through the relay (routing table %d, fwmark %#x)%s",
+                self.full_tunnel.table,
+                self.full_tunnel.fwmark,
+                f", DNS {', '.join(str(d) for d in config.dns)}" if config.dns else "",
+            )
+        else:
+            self.apply_dns(config)
+        # Last: status (read by another thread) reports the address only once all of the
+        # configuration is in place, and `ipv6` before `applied` for the same reason.
+        self.ipv6 = ipv6
+        self.applied = config
+        log.info(
+            "configured %s: %s/%d%s, mtu %d, routes %s%s",
+            self.tun.name,
+            config.address,
+            config.prefix,
+            f", {config.address6}/{config.prefix6}" if ipv6 else "",
+            config.mtu,
+            ", ".join(str(r) for r in config.routes) or "none",
+            f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
+        )
+
+    def apply_dns(self, config: PushedConfig) -> None:
+        """Hand the pushed DNS servers to resolvconf when there is one (as wg-quick)."""
+        if not config.dns:
+            return
+        if dnsconf.dns_method() != "resolvconf":
+            # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
+            # containers) whose resolvconf state would be the host's.
+            log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
+            return
+        assert self.tun is not None
+        change = dnsconf.DnsChange("resolvconf", interface=f"tun.{self.tun.name}")
+        try:
+            dnsconf.apply_dns(change, config.dns)
+            self.dns_change = change
+        except RuntimeFailure as exc:
+            log.warning("could not apply DNS servers with resolvconf: %s", exc)
+
+    def unconfigure(self) -> None:
+        if self.full_tunnel is not None:
+            try:
+                self.full_tunnel.undo()
+            except GtunError as exc:
+                log.error("while undoing the full tunnel: %s", exc)
+        if self.link is not None:
+            try:
+                self.link.undo()
+                self.link.close()
+            except GtunError as exc:
+                log.error("while removing the configuration of %s: %s", self.cfg.device, exc)
+            self.link = None
+        if self.dns_change is not None:
+            try:
+                dnsconf.restore_dns(self.dns_change)
+            except RuntimeFailure as exc:
+                log.warning("while removing the DNS servers: %s", exc)
+            self.dns_change = None
+        self.applied = None
+        self.ipv6 = False
+
+    # --- control ---------------------------------------------------------------------
+
+    def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("command") != "status":
+            return {"error": f"unknown command {request.get('command')!r}"}
+        core = self.core
+        assert core is not None
+        wall = core.wg.wall_offset  # fixed at start, so reported times do not jitter
+        peer = core.server
+        config = self.applied
+        return {
+            "role": "client",
+            "device": self.cfg.device,
+            "mode": core.device_mode,
+            "address": f"{config.address}/{config.prefix}" if config else None,
+            "address6": (
+                f"{config.address6}/{config.prefix6}"
+                if config and config.address6 is not None and self.ipv6
+                else None
+            ),
+            "routes": [str(r) for r in config.routes] if config else [],
+            "dns": [str(d) for d in config.dns] if config else [],
+            "mtu": config.mtu if config else None,
+            "full_tunnel": self.full_tunnel is not None and self.full_tunnel.active,
+            "fwmark": (
+                self.full_tunnel.fwmark
+                if self.full_tunnel is not None and self.full_tunnel.active
+                else None
+            ),
+            "connected": core.connected,
+            "public_key": encode_key(self.cfg.public_key),
+            "uptime": time.time() - self.started,
+            "peers": [
+                {
+                    "name": "relay",
+                    "public_key": encode_key(peer.public_key),
+                    "address": str(config.gateway) if config else None,
+                    "address6": str(config.gateway6) if config and self.ipv6 else None,
+                    "endpoint": _fmt_endpoint(peer.endpoint),
+                    "transport": self.transport,
+                    "rx_bytes": peer.rx_bytes,
+                    "tx_bytes": peer.tx_bytes,
+                    "rx_packets": peer.rx_packets,
+                    "tx_packets": peer.tx_packets,
+                    "last_handshake": (
+                        peer.last_handshake + wall if peer.last_handshake is not None else None
+                    ),
+                }
+            ],
+            "drops": merge_counts(
+                core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}
+            ),
+            "datapath": self.driver.datapath() if self.driver is not None else None,
+        }
+
+
+def run_client(path: Path) -> None:
+    """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
+    check_privileges(path)
+    cfg = load_client_config(path)
+    client = Client(cfg)
+    try:
+        asyncio.run(client.run())
+    except OSError as exc:
+        raise RuntimeFailure(f"client failed: {exc}") from exc

@@ -1,0 +1,112 @@
+"""`gtun peer add`: a stock WireGuard peer for a relay, as a wg-quick configuration."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+from gtun.app.config import ServerConfig
+from gtun.app.control import query
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.app.server import collect_peers, open_state
+from gtun.app.store import StateStore, StoredPeer
+from gtun.errors import ConfigError, GtunError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def guess_endpoint(cfg: ServerConfig, override: tuple[str, int] | None) -> tuple[str, int]:
+    """The address stock peers should dial: --endpoint, the config's `endpoint`, the
+    listen address when it is a specific one, else the address of the interface that
+    holds this host's default route (asked of the kernel; no packet is sent)."""
+    if override is not None:
+        return override
+    if cfg.endpoint is not None:
+        return cfg.endpoint
+    host, port = cfg.listen
+    if host not in ("0.0.0.0", "::", ""):
+        return host, port
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects a route, sends nothing
+        guessed = str(s.getsockname()[0])
+    except OSError:
+        guessed = ""
+    finally:
+        s.close()
+    if not guessed or guessed.startswith("127."):
+        raise ConfigError(
+            "cannot tell which address peers should dial: pass --endpoint HOST:PORT "
+            "or set endpoint in [server]",
+            file=cfg.path,
+            key="server.endpoint",
+        )
+    return guessed, port
+
+
+def add_peer(
+    cfg: ServerConfig, name: str, endpoint: tuple[str, int] | None
+) -> tuple[str, str | None]:
+    """Store a new peer, lease its address, and return (wg-quick text, reload note).
+
+    Raises ConfigError (bad name, name or key taken) or RuntimeFailure (state store)."""
+    if cfg.mode == "tap":
+        raise ConfigError(
+            "this relay runs in tap mode (layer 2): stock WireGuard peers carry only IP "
+            "packets and cannot join; connect with a gtun client instead",
+            file=cfg.path,
+            key="server.mode",
+        )
+    if not NAME_RE.match(name):
+        raise ConfigError(f"peer name {name!r} must match [A-Za-z0-9_.-]{{1,32}}")
+    if any(p.name == name for p in cfg.peers):
+        raise ConfigError(f"a peer named {name} is already in the config", file=cfg.path)
+    dial = guess_endpoint(cfg, endpoint)
+    private = generate_private_key()
+    pub = encode_key(public_key(private))
+    store: StateStore = open_state(cfg)
+    try:
+        if any(p.name == name for p in store.peers()):
+            raise ConfigError(
+                f"a peer named {name} was already added (in {store.path})", file=cfg.path
+            )
+        store.add_peer(StoredPeer(name=name, public_key=pub))
+        specs = collect_peers(cfg, store)
+    finally:
+        store.close()
+    spec = next(s for s in specs if s.name == name)
+    allowed = [str(cfg.network)] + ([str(cfg.network6)] if cfg.network6 else [])
+    allowed += [str(r) for r in cfg.routes]
+    allowed += [str(n) for s in specs if s.name != name for n in s.subnets]
+    host, port = dial
+    host_text = f"[{host}]" if ":" in host else host
+    lines = [
+        f"# gtun peer {name}, added {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        "[Interface]",
+        f"PrivateKey = {encode_key(private)}",
+        f"Address = {spec.address}/{cfg.network.prefixlen}"
+        + (f", {spec.address6}/{cfg.network6.prefixlen}" if cfg.network6 and spec.address6 else ""),
+    ]
+    if cfg.dns:
+        lines.append(f"DNS = {', '.join(str(d) for d in cfg.dns)}")
+    lines.append(f"MTU = {cfg.mtu}")
+    lines += [
+        "",
+        "[Peer]",
+        f"PublicKey = {encode_key(cfg.public_key)}",
+        f"Endpoint = {host_text}:{port}",
+        f"AllowedIPs = {', '.join(dict.fromkeys(allowed))}",
+        "PersistentKeepalive = 25",
+        "",
+    ]
+    note: str | None
+    try:
+        answer = query(cfg.control_socket, {"command": "reload"}, timeout=5.0)
+        if answer.get("ok"):
+            note = "the running relay picked the peer up"
+        else:
+            note = f"the running relay could not reload: {answer.get('error')}"
+    except GtunError:
+        note = "the relay is not running; it will pick the peer up when it starts"
+    return "\n".join(lines), note

@@ -1,0 +1,436 @@
+"""`gtun server`: the relay's edge.  Wires the sans-IO Relay to a UDP socket, a TUN
+device, netlink, nftables, the state store and the control socket; undoes all of its
+network changes on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
+from pathlib import Path
+from typing import Any
+
+from gtun.app.config import ServerConfig, load_server_config
+from gtun.app.control import ControlServer
+from gtun.app.keys import decode_key, encode_key
+from gtun.app.metrics import RelayCollector, serve_metrics
+from gtun.app.store import AddressPool, StateStore
+from gtun.core.l2frame import mac_for_key
+from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
+from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
+from gtun.core.wg.events import Event
+from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.io.driver import Driver, merge_counts
+from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
+from gtun.io.tun import log_offloads, open_tun
+from gtun.system.ipv6 import address6_for, enable_ipv6
+from gtun.system.netlink import LinkConfig
+from gtun.system.nft import Forwarding, Nat
+
+log = logging.getLogger("gtun")
+
+STATE_FILE = "gtun.sqlite"
+
+
+def check_privileges(config_file: Path) -> None:
+    """Exit-2 problems of the machine, found before anything is changed."""
+    if os.geteuid() != 0:
+        raise ConfigError("gtun must run as root to create and configure its network device")
+    if not os.path.exists("/dev/net/tun"):
+        raise ConfigError("/dev/net/tun is missing: load the tun module (modprobe tun)")
+
+
+def open_state(cfg: ServerConfig) -> StateStore:
+    return StateStore(cfg.state_dir / STATE_FILE)
+
+
+def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
+    """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
+    with their addresses (fixed ones first, so leases move out of their way).
+
+    Raises ConfigError for a stored peer that clashes with the config."""
+    pool = AddressPool(cfg.network, store)
+    entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
+        (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
+    ]
+    names = {p.name for p in cfg.peers}
+    keys = {p.public_key for p in cfg.peers}
+    for sp in store.peers():
+        key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
+        if sp.name in names or key in keys:
+            log.warning(
+                "peer %s from %s clashes with %s (same name or key); using the config's",
+                sp.name,
+                store.path,
+                cfg.path,
+            )
+            continue
+        names.add(sp.name)
+        keys.add(key)
+        fixed = IPv4Address(sp.address) if sp.address else None
+        subnets = tuple(ip_network(s) for s in sp.subnets)
+        entries.append((sp.name, key, fixed, subnets))
+    specs = []
+    ordered = sorted(entries, key=lambda e: (e[2] is None, e[0]))
+    for name, key, fixed, subnets in ordered:
+        try:
+            address = pool.assign(encode_key(key), fixed=fixed, name=name)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
+        # IPv6 twin of the (stable) IPv4 lease: same host number in network6 (ipv6.py).
+        address6 = (
+            None if cfg.network6 is None else address6_for(cfg.network, cfg.network6, address)
+        )
+        specs.append(PeerSpec(name, key, address, subnets, address6))
+    return specs
+
+
+def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
+    """A socket of `kind` bound to the listen address.  Raises ConfigError."""
+    host, port = cfg.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    name = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            # Restarting while old connections sit in TIME_WAIT must not fail.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {name} {host}:{port}: {exc.strerror}"
+            + (" (another program uses this port)" if exc.errno == errno.EADDRINUSE else ""),
+            file=cfg.path,
+            key="server.listen",
+        ) from exc
+    return sock
+
+
+def bind_udp(cfg: ServerConfig) -> socket.socket:
+    return _bind(cfg, socket.SOCK_DGRAM)
+
+
+def bind_tcp(cfg: ServerConfig) -> socket.socket:
+    """The TCP listener on the same host and port as UDP.  Raises ConfigError."""
+    return _bind(cfg, socket.SOCK_STREAM)
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.relay: Relay | None = None
+        self.driver: Driver | None = None
+        self.tcp: TcpServer | None = None
+        self.link: LinkConfig | None = None
+        self.subnet_routes: set[Any] = set()
+        self.stop = asyncio.Event()
+        # (what, undo, runs in the netlink thread)
+        self._cleanup: list[tuple[str, Callable[[], object], bool]] = []
+        # pyroute2's synchronous API runs its own asyncio loop, so every netlink call
+        # goes to this one worker thread, never to the event loop's thread.
+        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+
+    async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
+
+    # --- life cycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        try:
+            store = open_state(cfg)
+            self._cleanup.append(("state store", store.close, False))
+            self.store = store
+            specs = collect_peers(cfg, store)
+            sock = bind_udp(cfg)
+            try:
+                tcp_sock = bind_tcp(cfg)
+            except ConfigError:
+                sock.close()
+                raise
+            settings = RelaySettings(
+                network=cfg.network,
+                relay_address=cfg.relay_address,
+                mtu=cfg.mtu,
+                routes=cfg.routes,
+                dns=cfg.dns,
+                mode=cfg.mode,
+                network6=cfg.network6,
+            )
+            relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
+            relay.set_peers(specs)
+            self.relay = relay
+            driver = Driver(relay, loop, self.on_event)
+            self.driver = driver
+            driver.attach_udp(sock, batching=cfg.offload)
+            self._cleanup.append(("UDP socket", driver.close, False))
+            tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+            self.tcp = tcp
+            await tcp.start(tcp_sock)
+            self._cleanup.append(("TCP listener", tcp.close, False))
+            if cfg.metrics_listen is not None:
+                metrics = await serve_metrics(
+                    RelayCollector(relay, loop.time, lambda: tcp.counts),
+                    cfg.metrics_listen,
+                    config_file=cfg.path,
+                    key="server.metrics_listen",
+                )
+                self._cleanup.append(("metrics endpoint", metrics.close, False))
+
+            tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
+            log_offloads(tun, cfg.offload)
+            relay.tun_offload = tun.vnet
+
+            def close_device() -> None:
+                driver.detach_tun()  # stop watching the descriptor before it is closed
+                tun.close()
+
+            self._cleanup.append((f"device {cfg.device}", close_device, False))
+            link = LinkConfig(tun.name)
+            self.link = link
+            self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
+            await self.nl(link.set_mtu, cfg.mtu)
+            if cfg.mode == "tap":
+                await self.nl(link.set_mac, mac_for_key(cfg.public_key))
+            await self.nl(
+                link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
+            )
+            if cfg.network6 is not None:
+                enable_ipv6(tun.name)
+                await self.nl(
+                    link.add_address,
+                    IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}"),
+                )
+            await self.nl(link.set_up)
+            await self.nl(self.sync_subnet_routes, specs)
+            driver.attach_tun(tun)
+
+            forwarding = Forwarding()
+            forwarding.enable(ipv6=cfg.network6 is not None)
+            self._cleanup.append(("IP forwarding", forwarding.restore, False))
+            if cfg.nat:
+                nat = Nat(tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])])
+                nat.apply()
+                self._cleanup.append(("NAT rules", nat.remove, False))
+
+            control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
+            await control.start()
+            self._control = control
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            log.info(
+                "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
+                cfg.path.name,
+                cfg.listen[0],
+                cfg.listen[1],
+                tun.name,
+                cfg.relay_address,
+                cfg.network.prefixlen,
+                len(specs),
+                encode_key(cfg.public_key),
+            )
+            if cfg.network6 is not None:
+                log.info(
+                    "IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen
+                )
+            for spec in specs:
+                log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
+            driver.poke()
+            await self.stop.wait()
+            log.info("stopping")
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        if getattr(self, "_control", None) is not None:
+            await self._control.close()
+        for what, undo, in_netlink in reversed(self._cleanup):
+            try:
+                if in_netlink:
+                    await self.nl(undo)
+                else:
+                    undo()
+            except GtunError as exc:
+                log.error("while removing %s: %s", what, exc)
+            except Exception as exc:  # cleanup must go on whatever one step does
+                log.error("while removing %s: %s", what, exc, exc_info=log.isEnabledFor(10))
+        self._cleanup.clear()
+        self._netlink.shutdown(wait=True)
+
+    # --- peers -----------------------------------------------------------------------
+
+    def sync_subnet_routes(self, specs: list[PeerSpec]) -> None:
+        """Kernel routes into the TUN for the LANs behind peers (so the relay's own
+        host and its LAN reach them), IPv6 ones too."""
+        assert self.link is not None
+        wanted = {net for s in specs for net in s.subnets}
+        if any(net.version == 6 for net in wanted):
+            enable_ipv6(self.link.ifname)  # a no-op when already on
+        for net in self.subnet_routes - wanted:
+            self.link.remove_route(net)
+        for net in wanted - self.subnet_routes:
+            self.link.add_route(net, gateway=self.subnet_gateway(specs, net))
+        self.subnet_routes = wanted
+
+    def subnet_gateway(self, specs: list[PeerSpec], net: Any) -> IPv4Address | IPv6Address | None:
+        """In TAP mode a LAN behind a peer is reached through the peer's address on the
+        link (the kernel resolves it by ARP or neighbour discovery); in TUN mode the
+        device is the way."""
+        if self.cfg.mode != "tap":
+            return None
+        owner = next((s for s in specs if net in s.subnets), None)
+        if owner is None:
+            return None
+        return owner.address if net.version == 4 else owner.address6
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions."""
+        assert self.relay is not None
+        try:
+            cfg = load_server_config(self.cfg.path)
+            specs = collect_peers(cfg, self.store)
+            added, removed = self.relay.set_peers(specs)
+            await self.nl(self.sync_subnet_routes, specs)
+        except GtunError as exc:
+            log.error("reload failed, keeping the current peers: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        log.info(
+            "reloaded %s: %d peers (added %s, removed %s)",
+            self.cfg.path.name,
+            len(specs),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+        if self.driver is not None:
+            self.driver.poke()
+        return {"ok": True, "added": added, "removed": removed}
+
+    # --- events and control ---------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, HandshakeCompleted):
+            spec = event.peer.data.spec
+            log.debug(
+                "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
+            )
+        elif isinstance(event, PeerJoined):
+            spec = event.peer.data.spec
+            log.info("client %s joined from %s as %s", spec.name, event.peer.endpoint, spec.address)
+        elif isinstance(event, PeerRefused):
+            spec = event.peer.data.spec
+            log.warning(
+                "refused peer %s (%s) from %s: %s",
+                spec.name,
+                spec.address,
+                _fmt_endpoint(event.peer.endpoint),
+                event.reason,
+            )
+        elif isinstance(event, PeerUnknown):
+            log.warning(
+                "handshake from unknown key %s at %s: not a peer of this relay",
+                encode_key(event.public_key),
+                event.addr,
+            )
+        elif isinstance(event, HandshakeTimedOut):
+            log.debug("peer %s stopped answering", event.peer.data.spec.name)
+
+    async def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "status":
+            return self.status()
+        if command == "reload":
+            return await self.reload()
+        return {"error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        relay = self.relay
+        assert relay is not None
+        wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
+        peers = []
+        for peer in relay.wg.peers.values():
+            spec = peer.data.spec
+            peers.append(
+                {
+                    "name": spec.name,
+                    "public_key": encode_key(peer.public_key),
+                    "address": str(spec.address),
+                    "address6": str(spec.address6) if spec.address6 is not None else None,
+                    "subnets": [str(s) for s in spec.subnets],
+                    "endpoint": _fmt_endpoint(peer.endpoint),
+                    "transport": endpoint_transport(peer.endpoint),
+                    "kind": "gtun" if peer.data.is_gtun else "wireguard",
+                    "rx_bytes": peer.rx_bytes,
+                    "tx_bytes": peer.tx_bytes,
+                    "rx_packets": peer.rx_packets,
+                    "tx_packets": peer.tx_packets,
+                    "last_handshake": (
+                        peer.last_handshake + wall if peer.last_handshake is not None else None
+                    ),
+                    "drops": dict(peer.data.drops),
+                }
+            )
+        drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
+        return {
+            "role": "relay",
+            "device": self.cfg.device,
+            "mode": self.cfg.mode,
+            "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
+            "address6": (
+                f"{self.cfg.relay_address6}/{self.cfg.network6.prefixlen}"
+                if self.cfg.network6 is not None
+                else None
+            ),
+            "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
+            "public_key": encode_key(self.cfg.public_key),
+            "uptime": time.time() - self.started,
+            "peers": sorted(peers, key=lambda p: p["name"]),
+            "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
+            "drops": drops,
+            "datapath": self.driver.datapath() if self.driver is not None else None,
+        }
+
+
+def _v6(spec: PeerSpec) -> str:
+    return f", {spec.address6}" if spec.address6 is not None else ""
+
+
+def _fmt_endpoint(endpoint: Any) -> str | None:
+    if endpoint is None:
+        return None
+    if isinstance(endpoint, TcpEndpoint):
+        return endpoint.address
+    host, port = endpoint[0], endpoint[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def run_server(path: Path) -> None:
+    """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
+    check_privileges(path)
+    cfg = load_server_config(path)
+    server = Server(cfg)
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:
+        raise RuntimeFailure(f"relay failed: {exc}") from exc

@@ -1,0 +1,47 @@
+"""Events the core hands to its edge, drained with WireGuard.next_event()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gtun.core.wg.device import Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted(Event):
+    """A handshake with `peer` completed.  As initiator the session is usable at once;
+    as responder (initiator=False) it becomes usable for sending when the initiator's
+    first transport message confirms it (packets sent before are staged)."""
+
+    peer: Peer
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeTimedOut(Event):
+    """No handshake answer from `peer` for REKEY_ATTEMPT_TIME; staged packets dropped."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class PacketReceived(Event):
+    """A decrypted, authenticated, non-empty payload from `peer` (zero padding kept)."""
+
+    peer: Peer
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUnknown(Event):
+    """A well-formed initiation from a key we do not know (after mac1 was valid)."""
+
+    public_key: bytes
+    addr: Any

@@ -1,0 +1,312 @@
+"""The asyncio edge shared by the relay and the client: UDP socket, TUN device, timer.
+
+After every call into the core the edge does the same three things (as aioquic's
+protocol.transmit()): drain events, transmit (datagrams and TUN writes), re-arm the
+timer.  Sends never block: a datagram that does not fit the socket's bounded send buffer, or
+a TUN write the kernel refuses, is dropped and counted ("queue_full").  A datagram whose
+address is a TCP connection (gtun.io.tcp.TcpEndpoint) is handed to that connection, which
+frames it and queues it in its own bounded buffer.
+
+Batches.  Work arrives in batches and leaves in batches, so that the per-call cost of
+the kernel is paid per batch rather than per packet:
+- the TUN (offloading, tun.py) yields TCP super-packets of up to 64 KB, which the core
+  cuts into packets or carries whole (bulk.py);
+- the UDP socket (udpio.py) sends runs of equal-sized datagrams to one address in one
+  call (UDP GSO) and reads many datagrams per call (UDP GRO);
+- the packets the core decrypts in one wake-up are coalesced (offload.coalesce) into
+  TCP super-packets, one TUN write each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gtun.core.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    OffloadError,
+    VnetHdr,
+    coalesce,
+    finish_tcp_checksum,
+    to_partial,
+)
+from gtun.core.wg.events import Event
+from gtun.io.tun import PacketDevice
+from gtun.io.udp import UdpBatch
+
+log = logging.getLogger("gtun")
+
+# Tuning knobs: how much one wake-up reads, so neither input starves the other.
+TUN_BATCH = 64  # reads from the TUN (packets or super-packets) ...
+TUN_BATCH_BYTES = 256 * 1024  # ... up to this many bytes
+UDP_BATCH = 256  # datagrams read from the UDP socket
+
+
+def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
+    """Sum drop counters that share reasons (the core's and the edge's)."""
+    total: dict[str, int] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+class Core(Protocol):
+    drops: dict[str, int]
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+    def tun_packet(self, packet: bytes, now: float) -> None: ...
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def get_timer(self) -> float | None: ...
+    def next_event(self) -> Event | None: ...
+    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]: ...
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]: ...
+
+
+SOCKET_BUFFER = 4 << 20
+
+
+def set_buffers(sock: socket.socket) -> None:
+    """Large socket buffers absorb bursts.  The *FORCE options (root) go past the
+    namespace's rmem_max/wmem_max without changing those sysctls."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class Driver:
+    """Runs a core on the event loop.  The UDP socket is read directly (up to UDP_BATCH
+    datagrams per wake-up) rather than through an asyncio transport, which would cost a
+    loop iteration and a callback per datagram; sends go straight to the socket, whose
+    kernel buffer is the bound: when it is full the datagram is dropped and counted."""
+
+    def __init__(
+        self,
+        core: Core,
+        loop: asyncio.AbstractEventLoop,
+        on_event: Callable[[Event], None],
+        on_udp_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.loop = loop
+        self.on_event = on_event
+        self.on_udp_error = on_udp_error
+        self.udp: UdpBatch | None = None
+        self.tun: PacketDevice | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        # A device without offloads, where peers may leave TCP checksums partial: the
+        # edge completes them before writing (tun.py, offload.py).
+        self.finish_checksums = False
+        # Batching at work (status): super-packets read from and written to the TUN.
+        self.counts = {"tun_super_reads": 0, "tun_super_writes": 0}
+
+    # --- UDP ---------------------------------------------------------------------------
+
+    def attach_udp(self, sock: socket.socket, *, batching: bool = True) -> None:
+        """Read and send on `sock`; with `batching`, through UDP GSO and GRO."""
+        sock.setblocking(False)
+        set_buffers(sock)
+        self.udp = UdpBatch(sock, gso=batching, gro=batching)
+        self.udp.on_error = self._udp_error
+        self.loop.add_reader(sock.fileno(), self._udp_readable)
+
+    def detach_udp(self) -> None:
+        """Stop using the UDP socket and close it (a client falling back to TCP)."""
+        if self.udp is not None:
+            sock = self.udp.sock
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            self.udp = None
+
+    def _udp_readable(self) -> None:
+        udp = self.udp
+        if udp is None:
+            return
+        now = self.loop.time()
+        receive = self.core.receive_datagram
+        for data, addr in udp.recv(UDP_BATCH):
+            receive(data, addr, now)
+        self.after()
+        if udp.pending:  # a GRO train left datagrams over: the socket will not say so
+            self.loop.call_soon(self._udp_readable)
+
+    def _udp_error(self, exc: Exception) -> None:
+        if self.on_udp_error is not None:
+            self.on_udp_error(exc)
+
+    # --- TUN ---------------------------------------------------------------------------
+
+    def attach_tun(self, tun: PacketDevice) -> None:
+        self.tun = tun
+        self.loop.add_reader(tun.fileno(), self._tun_readable)
+
+    def detach_tun(self) -> None:
+        if self.tun is not None:
+            fd = self.tun.fileno()
+            if fd >= 0:  # a closed device no longer has a descriptor to watch
+                self.loop.remove_reader(fd)
+            self.tun = None
+
+    def _tun_readable(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        now = self.loop.time()
+        core = self.core
+        budget = TUN_BATCH_BYTES
+        for _ in range(TUN_BATCH):
+            try:
+                got = tun.read_super()
+            except OffloadError:  # a header no kernel writes: count, go on
+                core.drops["bad_gso"] += 1
+                continue
+            if got is None:
+                break
+            hdr, packet = got
+            if hdr.gso_type == GSO_NONE:
+                if hdr.flags & F_NEEDS_CSUM:
+                    core.tun_super(hdr, packet, now)
+                else:
+                    core.tun_packet(packet, now)
+            else:
+                self.counts["tun_super_reads"] += 1
+                core.tun_super(hdr, packet, now)
+            budget -= len(packet)
+            if budget <= 0:
+                break
+        self.after()
+
+    # --- after every call: events, transmit, timer --------------------------------------
+
+    def after(self) -> None:
+        core = self.core
+        while (event := core.next_event()) is not None:
+            self.on_event(event)
+        writes = core.tun_writes()
+        if writes:
+            tun = self.tun
+            if tun is None:
+                core.drops["queue_full"] += len(writes)
+            else:
+                core.drops["queue_full"] += write_tun(
+                    tun, writes, self.counts, finish=self.finish_checksums
+                )
+        datagrams = core.datagrams_to_send()
+        if datagrams:
+            udp: list[tuple[bytes, Any]] = []
+            for item in datagrams:
+                addr = item[1]
+                if addr.__class__ is tuple:
+                    udp.append(item)
+                elif not addr.send(item[0]):  # a stream endpoint (gtun.io.tcp): it frames
+                    core.drops["queue_full"] += 1  # and queues, or refuses when full/closed
+            if udp:
+                if self.udp is None:
+                    core.drops["queue_full"] += len(udp)
+                else:
+                    core.drops["queue_full"] += self.udp.send(udp)
+        self._rearm()
+
+    def datapath(self) -> dict[str, Any]:
+        """What the data path batches with (for status): offloads granted, and counts."""
+        tun, udp = self.tun, self.udp
+        return {
+            "tun_offload": bool(getattr(tun, "vnet", False)),
+            "tun_offload_error": getattr(tun, "offload_error", "") or None,
+            "udp_gso": udp.gso if udp is not None else None,
+            "udp_gro": udp.gro if udp is not None else None,
+            **self.counts,
+            **({f"udp_{k}": v for k, v in udp.stats.items()} if udp is not None else {}),
+        }
+
+    def _rearm(self) -> None:
+        deadline = self.core.get_timer()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self.loop.time())
+        self.after()
+
+    def poke(self) -> None:
+        """Run the core's timers now (after the edge changed something in the core)."""
+        self.after()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.detach_tun()
+        self.detach_udp()
+
+
+def write_tun(
+    tun: PacketDevice,
+    writes: list[bytes | tuple[VnetHdr, bytes]],
+    counts: dict[str, int],
+    *,
+    finish: bool = False,
+) -> int:
+    """Write the core's TUN output in order; the number of packets dropped.
+
+    On an offloading device runs of plain packets are coalesced into super-packets
+    first (counted in counts["tun_super_writes"], with the super-packets that came
+    whole), and every TCP packet goes as F_NEEDS_CSUM: the kernel completes its
+    checksum, which a gtun peer may have left partial.  On a device without offloads
+    `finish` completes TCP checksums here instead."""
+    dropped = 0
+    if not getattr(tun, "vnet", False):
+        for item in writes:
+            if item.__class__ is tuple:
+                dropped += tun.write_super(*item)
+            elif not tun.write(finish_tcp_checksum(item) if finish else item):  # type: ignore[arg-type]
+                dropped += 1
+        return dropped
+    run: list[bytes] = []
+    for item in writes:
+        if item.__class__ is tuple:
+            if run:
+                dropped += _write_coalesced(tun, run, counts)
+                run = []
+            counts["tun_super_writes"] += 1
+            dropped += tun.write_super(*item)
+        else:
+            run.append(item)  # type: ignore[arg-type]
+    if run:
+        dropped += _write_coalesced(tun, run, counts)
+    return dropped
+
+
+def _write_coalesced(tun: PacketDevice, packets: list[bytes], counts: dict[str, int]) -> int:
+    if len(packets) == 1:
+        return tun.write_super(*to_partial(packets[0]))
+    dropped = 0
+    for hdr, packet in coalesce(packets):
+        if hdr.gso_type != GSO_NONE:
+            counts["tun_super_writes"] += 1
+        elif not hdr.flags:
+            hdr, packet = to_partial(packet)
+        dropped += tun.write_super(hdr, packet)
+    return dropped
