@@ -9,6 +9,7 @@ against scapy's own dissection (lengths, sequence numbers, checksums).
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
@@ -80,8 +81,18 @@ class Net(CoreLink):
     """Relay "R"; clients c1 (10.66.0.2) and c2 (10.66.0.3) whose endpoints are streams
     or datagram addresses; a stock peer (10.66.0.9)."""
 
-    def __init__(self, *, c1_stream: bool = True, c2_stream: bool = True) -> None:
-        super().__init__(Relay(secrets.token_bytes(32), relay_settings()), now=1000.0)
+    def __init__(
+        self,
+        *,
+        c1_stream: bool = True,
+        c2_stream: bool = True,
+        partial_ok: bool = False,
+        accept_partial: tuple[str, ...] = (),
+    ) -> None:
+        """`partial_ok`: the relay's TUN completes checksums; `accept_partial`: the
+        clients that do too."""
+        relay = Relay(secrets.token_bytes(32), relay_settings(partial_ok=partial_ok))
+        super().__init__(relay, now=1000.0)
         self.stock = WireGuard(secrets.token_bytes(32))
         self.stock.add_peer(self.relay.wg.public_key, endpoint="R")
         specs = [PeerSpec("stock", self.stock.public_key, IPv4Address("10.66.0.9"))]
@@ -90,7 +101,12 @@ class Net(CoreLink):
             ("c2", "10.66.0.3", c2_stream),
         ):
             relay_endpoint = Stream("R") if stream else "R"
-            client = ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, relay_endpoint)
+            client = ClientCore(
+                secrets.token_bytes(32),
+                self.relay.wg.public_key,
+                relay_endpoint,
+                accept_partial=name in accept_partial,
+            )
             self.add_client(Stream(name) if stream else name, client)
             self.relay_addr[name] = relay_endpoint
             specs.append(PeerSpec(name, client.wg.public_key, IPv4Address(address)))
@@ -104,8 +120,8 @@ def test_bulk_is_negotiated_by_gtun_nodes() -> None:
     net = Net()
     net.start()
     c1 = net.client("c1")
-    assert c1.config is not None and c1.config.bulk and c1.relay.bulk
-    assert all(p.data.bulk for p in net.relay.wg.peers.values() if p.data.spec.name != "stock")
+    assert c1.config is not None and c1.config.bulk and c1.relay.caps.bulk
+    assert all(p.data.caps.bulk for p in net.relay.wg.peers.values() if p.data.spec.name != "stock")
 
 
 def test_super_packet_crosses_whole_between_gtun_nodes_over_tcp() -> None:
@@ -183,14 +199,11 @@ def test_partial_checksums_between_gtun_nodes_only() -> None:
     """With the relay's TUN completing checksums, gtun clients over UDP leave TCP
     checksums partial (the pseudo-header sum) both ways; the relay completes them for
     a peer that does not take them (a stock peer, or a client that did not offer)."""
-    net = Net(c1_stream=False, c2_stream=False)
-    net.relay.tun_offload = True
-    net.client("c1").accept_partial = True
-    net.client("c2").accept_partial = False
+    net = Net(c1_stream=False, c2_stream=False, partial_ok=True, accept_partial=("c1",))
     net.start()
     c1, c2 = net.client("c1"), net.client("c2")
-    assert c1.relay.partial and c1.config is not None and c1.config.partial
-    assert not c2.relay.partial
+    assert c1.relay.caps.partial and c1.config is not None and c1.config.partial
+    assert not c2.relay.caps.partial
     # c1 -> relay: partial segments, which finish into exactly the full ones.
     hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 4 * MSS)
     c1.tun_super(hdr, packet, net.now)
@@ -223,10 +236,9 @@ def test_partial_checksums_between_gtun_nodes_only() -> None:
 
 
 def test_no_partial_checksums_without_the_relays_offloads() -> None:
-    net = Net(c1_stream=False)
-    net.client("c1").accept_partial = True  # relay.tun_offload stays False
+    net = Net(c1_stream=False, accept_partial=("c1",))  # the relay's partial_ok stays False
     net.start()
-    assert not net.client("c1").relay.partial
+    assert not net.client("c1").relay.caps.partial
     hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 2 * MSS)
     net.client("c1").tun_super(hdr, packet, net.now)
     net.pump()
@@ -253,7 +265,7 @@ def test_old_client_without_bulk_gets_packets() -> None:
     net = Net()
     net.start()
     peer = net.relay.wg.peers[net.client("c2").wg.public_key]
-    peer.data.bulk = False
+    peer.data.caps = replace(peer.data.caps, bulk=False)
     hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 6 * MSS)
     net.client("c1").tun_super(hdr, packet, net.now)
     net.pump()
@@ -271,7 +283,7 @@ def test_tap_relay_does_not_offer_bulk() -> None:
     relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.2"))])
     net.start()
     assert client.config is not None and client.config.mode == "tap"
-    assert not client.config.bulk and not client.relay.bulk
+    assert not client.config.bulk and not client.relay.caps.bulk
 
 
 # --- the bulk frame codec: a peer's header is checked before it reaches the kernel -------

@@ -25,9 +25,11 @@ from gtun.app.config import load_server_config
 from gtun.app.peers import add_peer
 from gtun.app.server import collect_peers
 from gtun.app.store import StateStore, StoredPeer
+from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore
 from gtun.core.packet import parse_addresses
-from gtun.core.relay import PeerSpec, Relay, parse_pushed_config
+from gtun.core.relay import PeerSpec, Relay
+from gtun.core.tunnel import parse_pushed_config
 from gtun.errors import ConfigError, RuntimeFailure
 from gtun.system.ipv6 import address6_for, enable_ipv6
 from gtun.system.nft import Nat
@@ -91,7 +93,7 @@ def test_config_push_round_trip_and_compatibility() -> None:
     net = Net6()
     peer = net.relay.peer_by_name("c1")
     assert peer is not None
-    payload = net.relay.config_for(peer)
+    payload = tm.pull_message(tm.push_config(net.relay.config_for(peer))).payload
     assert payload["address6"] == "fd66:237::2" and payload["prefix6"] == 64
     assert payload["gateway6"] == "fd66:237::1"
     config = parse_pushed_config(payload)
@@ -108,7 +110,8 @@ def test_config_push_round_trip_and_compatibility() -> None:
     # A relay without network6 sends none.
     plain = Net6(network6=None)
     p1 = plain.relay.peer_by_name("c1")
-    assert p1 is not None and "address6" not in plain.relay.config_for(p1)
+    assert p1 is not None and plain.relay.config_for(p1).address6 is None
+    assert "address6" not in tm.pull_message(tm.push_config(plain.relay.config_for(p1))).payload
     assert plain.clients["c1"].config is not None
     assert plain.clients["c1"].config.address6 is None
 

@@ -16,7 +16,8 @@ from corelink import CoreLink, relay_settings
 from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore, ConfigReceived, Connected, Refused
 from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
-from gtun.core.relay import PeerSpec, Relay, parse_pushed_config
+from gtun.core.relay import PeerSpec, Relay
+from gtun.core.tunnel import parse_pushed_config
 from gtun.core.wg import WireGuard
 
 

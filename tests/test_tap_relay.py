@@ -11,7 +11,8 @@ from corelink import CoreLink, relay_settings
 from gtun.core import l2frame
 from gtun.core.client import ClientCore, Refused
 from gtun.core.packet import build_icmp_echo
-from gtun.core.relay import LOCAL_PORT, PeerRefused, PeerSpec, Relay
+from gtun.core.forward import LOCAL_PORT
+from gtun.core.relay import PeerRefused, PeerSpec, Relay
 from gtun.core.wg import WireGuard
 
 MAC1 = bytes.fromhex("02aa00000001")

@@ -26,11 +26,13 @@ from gtun.core.client import (
     ConfigReceived,
     Connected,
     Disconnected,
+    Fallback,
     GaveUpRound,
+    NoAnswer,
     Refused,
 )
 from gtun.core.l2frame import mac_for_key
-from gtun.core.relay import PushedConfig
+from gtun.core.tunnel import PushedConfig
 from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
 from gtun.io.driver import Driver, merge_counts
@@ -44,8 +46,7 @@ from gtun.system.netlink import LinkConfig
 log = logging.getLogger("gtun")
 
 RESOLVE_RETRY = 5.0
-SLOW_HANDSHAKE_NOTICE = 1  # retransmissions before saying the relay does not answer
-AUTO_FALLBACK = 5.0  # transport "auto": seconds without a handshake answer over UDP
+NOTICE_EVERY = 6  # handshake attempts between two "does not answer" warnings
 
 
 class Client:
@@ -57,6 +58,7 @@ class Client:
         self.driver: Driver | None = None
         self.dialer: TcpDialer | None = None
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
+        self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
         self.tun: PacketDevice | None = None
         self.link: LinkConfig | None = None
         self.applied: PushedConfig | None = None
@@ -65,7 +67,6 @@ class Client:
         # default_route: made at start (its mark must be on the relay's socket).
         self.full_tunnel: exitroute.FullTunnel | None = None
         self.exit_error: GtunError | None = None
-        self._told_attempts = 0
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,10 +94,11 @@ class Client:
                 endpoint if self.transport == "udp" else None,
                 mode=cfg.mode,
                 wall_offset=time.time() - loop.time(),
+                # The device completes TCP checksums (offloads), or the edge does when
+                # the kernel refuses them: either way the relay may leave them partial.
+                accept_partial=cfg.offload,
+                transport=cfg.transport,
             )
-            # The device completes TCP checksums (offloads), or the edge does when the
-            # kernel refuses them: either way the relay may leave them partial.
-            core.accept_partial = cfg.offload
             self.core = core
             driver = Driver(core, loop, self.on_event, self.on_udp_error)
             self.driver = driver
@@ -125,17 +127,13 @@ class Client:
                 "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
                 encode_key(cfg.public_key),
             )
-            watchers = [asyncio.create_task(self.watch_handshakes())]
+            self.endpoint = endpoint
             if self.transport == "tcp":
                 self.start_tcp(endpoint)
             else:
                 core.start(loop.time())
                 driver.poke()
-                if cfg.transport == "auto":
-                    watchers.append(asyncio.create_task(self.auto_fallback(endpoint)))
             await self.stop.wait()
-            for watch in watchers:
-                watch.cancel()
             log.info("stopping")
         finally:
             if self.metrics is not None:
@@ -195,38 +193,12 @@ class Client:
     def on_tcp_connected(self, ep: TcpEndpoint) -> None:
         core, driver = self.core, self.driver
         assert core is not None and driver is not None
-        now = driver.loop.time()
-        core.set_endpoint(ep)
-        if core.server.has_session:
-            # The relay moves this peer to the new connection on the first authentic
-            # message; the handshake covers a relay that restarted and forgot the session.
-            core.wg.send_keepalive(core.server, now)
-        # A new connection is a new path: handshake on it now, not when WireGuard's
-        # rate limit (one initiation per REKEY_TIMEOUT) next allows.
-        core.server.last_initiation_sent = None
-        core.start(now)
+        core.new_path(ep, driver.loop.time())
         driver.poke()
 
     def on_tcp_lost(self, ep: TcpEndpoint) -> None:
-        core = self.core
-        if core is not None and core.server.endpoint is ep:
-            core.server.endpoint = None
-
-    async def auto_fallback(self, endpoint: tuple[str, int]) -> None:
-        """transport "auto": switch to TCP when UDP brings no handshake answer."""
-        await asyncio.sleep(AUTO_FALLBACK)
-        core, driver = self.core, self.driver
-        assert core is not None and driver is not None
-        if core.connected or self.stop.is_set():
-            return
-        log.warning(
-            "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
-            *self.cfg.server,
-            AUTO_FALLBACK,
-        )
-        driver.detach_udp()
-        core.server.endpoint = None
-        self.start_tcp(endpoint)
+        if self.core is not None:
+            self.core.path_lost(ep)
 
     async def resolve(self) -> tuple[str, int] | None:
         host, port = self.cfg.server
@@ -242,29 +214,6 @@ class Client:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), RESOLVE_RETRY)
         return None
-
-    async def watch_handshakes(self) -> None:
-        """Say so when the relay does not answer, once a while, while retrying."""
-        while True:
-            await asyncio.sleep(1.0)
-            core = self.core
-            if core is None or core.connected:
-                self._told_attempts = 0
-                continue
-            attempts = core.server.handshake_attempts
-            if attempts >= SLOW_HANDSHAKE_NOTICE and attempts != self._told_attempts:
-                if attempts == SLOW_HANDSHAKE_NOTICE or attempts % 6 == 0:
-                    log.warning(
-                        "relay %s:%d does not answer (%d handshake attempts): is it running, "
-                        "is %s port %d reachable, and is this key (%s) one of its peers? "
-                        "still trying",
-                        *self.cfg.server,
-                        attempts + 1,
-                        self.transport.upper(),
-                        self.cfg.server[1],
-                        encode_key(self.cfg.public_key),
-                    )
-                self._told_attempts = attempts
 
     # --- events ----------------------------------------------------------------------
 
@@ -290,6 +239,27 @@ class Client:
             log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
             if self.dialer is not None:
                 self.dialer.reconnect("the relay is silent")
+        elif isinstance(event, NoAnswer):
+            if event.attempts == 1 or event.attempts % NOTICE_EVERY == 0:
+                log.warning(
+                    "relay %s:%d does not answer (%d handshake attempts): is it running, "
+                    "is %s port %d reachable, and is this key (%s) one of its peers? "
+                    "still trying",
+                    *self.cfg.server,
+                    event.attempts + 1,
+                    self.transport.upper(),
+                    self.cfg.server[1],
+                    encode_key(self.cfg.public_key),
+                )
+        elif isinstance(event, Fallback):
+            log.warning(
+                "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+                *self.cfg.server,
+                event.after,
+            )
+            assert self.driver is not None and self.endpoint is not None
+            self.driver.detach_udp()
+            self.start_tcp(self.endpoint)
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from gtun import __version__
 from gtun.app.keys import encode_key
+from gtun.core.drops import PEER_DROP_REASONS
 from gtun.core.wg.constants import REJECT_AFTER_TIME
 from gtun.errors import ConfigError
 
@@ -43,22 +44,9 @@ log = logging.getLogger("gtun")
 # REJECT_AFTER_TIME (WireGuard whitepaper 6.1) no session from it can still carry data.
 CONNECTED_WITHIN = REJECT_AFTER_TIME
 
-# Reasons the relay counts per peer (Relay._count); a reason not listed here still
-# appears once a peer has been counted for it.  Listing them gives every peer's series
-# from the start, so rate() sees the first increment.
-PEER_DROP_REASONS = (
-    "spoofed",
-    "loop",
-    "link_scoped",
-    "malformed",
-    # TAP mode (the relay's switch)
-    "not_frame",
-    "runt",
-    "oversized",
-    "bad_mac",
-    "mac_stolen",
-    "mac_limit",
-)
+# The relay's per-peer counters (core/drops.py); a reason not listed there still appears
+# once a peer has been counted for it.  Listing them gives every peer's series from the
+# start, so rate() sees the first increment.
 
 PEER_LABELS = ("peer", "public_key")
 

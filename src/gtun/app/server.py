@@ -164,6 +164,15 @@ class Server:
             except ConfigError:
                 sock.close()
                 raise
+            # The device first: whether it completes TCP checksums (offloads granted) is
+            # part of what the relay offers its clients.
+            try:
+                tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
+            except GtunError:
+                sock.close()
+                tcp_sock.close()
+                raise
+            self._cleanup.append((f"device {cfg.device}", tun.close, False))
             settings = RelaySettings(
                 network=cfg.network,
                 relay_address=cfg.relay_address,
@@ -172,6 +181,7 @@ class Server:
                 dns=cfg.dns,
                 mode=cfg.mode,
                 network6=cfg.network6,
+                partial_ok=tun.vnet,
             )
             relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
             relay.set_peers(specs)
@@ -193,15 +203,9 @@ class Server:
                 )
                 self._cleanup.append(("metrics endpoint", metrics.close, False))
 
-            tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
-            log_offloads(tun, cfg.offload)
-            relay.tun_offload = tun.vnet
-
-            def close_device() -> None:
-                driver.detach_tun()  # stop watching the descriptor before it is closed
-                tun.close()
-
-            self._cleanup.append((f"device {cfg.device}", close_device, False))
+            log_offloads(tun, cfg.offload)  # once nothing can fail for want of a port
+            # Stop watching the descriptor before the device is closed.
+            self._cleanup.append((f"reading {cfg.device}", driver.detach_tun, False))
             link = LinkConfig(tun.name)
             self.link = link
             self._cleanup.append((f"configuration of {tun.name}", link.undo, True))

@@ -19,6 +19,7 @@ protocol error, counted as "bad_bulk".
 
 from __future__ import annotations
 
+from gtun.core.errors import LocalProtocolError, RemoteProtocolError
 from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_ECN,
@@ -32,9 +33,10 @@ from gtun.core.offload import (
     segment,
     split,
 )
+from gtun.core.tunnel import BULK_MAGIC
 from gtun.core.wg import Peer, WireGuard
 
-MAGIC = b"\x00gt\x03"
+MAGIC = BULK_MAGIC
 HEADER_LEN = len(MAGIC) + VNET_HDR_LEN
 # The largest IP packet in one bulk frame: a TCP frame holds 65535 bytes, less the
 # transport message's header (16) and tag (16), WireGuard's padding (up to 15) and ours.
@@ -44,7 +46,7 @@ _MIN_GSO_SIZE = 88  # Linux's TCP_MIN_MSS: smaller segments are no real flow's; 
 _TCP = 6
 
 
-class BulkError(ValueError):
+class BulkError(RemoteProtocolError):
     """A peer sent a bulk frame whose header or packet is impossible."""
 
 
@@ -53,10 +55,10 @@ def is_bulk(plaintext: bytes) -> bool:
 
 
 def push_bulk(hdr: VnetHdr, packet: bytes) -> bytes:
-    """The plaintext of a bulk frame.  Raises ValueError (the caller's misuse) when the
+    """The plaintext of a bulk frame.  Raises LocalProtocolError (the caller's misuse) when the
     packet is larger than MAX_PACKET: split it first (offload.split)."""
     if len(packet) > MAX_PACKET:
-        raise ValueError(f"packet of {len(packet)} bytes does not fit a bulk frame")
+        raise LocalProtocolError(f"packet of {len(packet)} bytes does not fit a bulk frame")
     return MAGIC + push_vnet_hdr(hdr) + packet
 
 
@@ -115,9 +117,9 @@ def _checked_header(hdr: VnetHdr, version: int, ip_len: int, proto: int, packet:
 
 
 def takes_bulk(peer: Peer) -> bool:
-    """Bulk frames may go to `peer`: it said it takes them (its `data.bulk`) and its
-    endpoint is a stream (`stream` is true: tcp.py)."""
-    return bool(getattr(peer.endpoint, "stream", False) and getattr(peer.data, "bulk", False))
+    """Bulk frames may go to `peer`: it negotiated them (its `data.caps`, tunnel.Caps)
+    and its endpoint is a stream (`stream` is true: the TCP transport's endpoints)."""
+    return peer.data.caps.bulk and getattr(peer.endpoint, "stream", False)
 
 
 def send_super(wg: WireGuard, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
@@ -133,4 +135,4 @@ def send_super(wg: WireGuard, peer: Peer, hdr: VnetHdr, packet: bytes, now: floa
             for piece_hdr, piece in split(hdr, packet, MAX_PACKET):
                 wg.send(peer, push_bulk(piece_hdr, piece), now)
     else:
-        wg.send_many(peer, segment(hdr, packet, partial=getattr(peer.data, "partial", False)), now)
+        wg.send_many(peer, segment(hdr, packet, partial=peer.data.caps.partial), now)

@@ -1,16 +1,37 @@
-"""A gtun client, sans-IO: one WireGuard peer (the relay) plus gtun's config push.
+"""A gtun client, sans-IO: one WireGuard peer (the relay) plus gtun's configuration push,
+and every decision about staying connected (fallback to TCP, backoff, silence, new
+paths) as timers and events, so that the daemon only does I/O.
 
 Theory of operation
 -------------------
-DISCONNECTED --handshake completes--> CONNECTED (asks for its configuration, repeating
-the request every CONFIG_RETRY until a CONFIG arrives) --CONFIG--> the edge configures
-the device.  While connected the client sends a PING every `ping_interval`; the relay
-answers with a PONG.  Because a PING is data, WireGuard's own timer starts a new
-handshake when no answer came for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a
-restarted relay (which has forgotten every session) is noticed and rejoined.  When the
-relay has not been heard from for `dead_after`, the client reports it DISCONNECTED and
-keeps trying; when WireGuard gives up a round of handshakes (REKEY_ATTEMPT_TIME), the
-next round starts after a backoff that doubles up to MAX_BACKOFF.
+The client is in one of three states; `connected` and `config` tell which.  Each row is
+one transition: what causes it, and what the core does and says (the events the daemon
+acts on).
+
+    state         cause                                    effect (events)
+    -----------   --------------------------------------   --------------------------------
+    CONNECTING    start() / new_path()                     handshake initiation
+    CONNECTING    an initiation unanswered                 WireGuard retransmits; NoAnswer
+                                                           (attempts), for the daemon to say
+    CONNECTING    transport "auto": FALLBACK_AFTER with    Fallback (the daemon switches to
+                  no handshake over UDP                    TCP and calls new_path())
+    CONNECTING    WireGuard gives up a round               GaveUpRound(retry_in): the next
+                  (REKEY_ATTEMPT_TIME)                     round after a backoff doubling
+                                                           from FIRST_BACKOFF to MAX_BACKOFF
+    CONNECTING    handshake completes                      -> CONNECTED: Connected; asks for
+                                                           its configuration
+    CONNECTED     no CONFIG yet                            asks again every CONFIG_RETRY
+    CONNECTED     CONFIG                                   ConfigReceived(config, changed)
+    CONNECTED     REFUSED, or a CONFIG of the other mode   Refused(reason)
+    CONNECTED     every ping_interval                      PING (the relay answers PONG)
+    CONNECTED     relay silent for dead_after              -> CONNECTING: Disconnected
+                                                           (the daemon drops a TCP
+                                                           connection, to be made again)
+
+A PING is data, so WireGuard's own timer starts a new handshake when no answer came for
+KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a restarted relay (which has forgotten
+every session) is noticed and rejoined.  Every new session asks for the configuration
+again: the relay may have restarted or changed.
 
 The device mode is `mode` ("tun" or "tap") when the user chose one, which the
 configuration request carries (a relay in the other mode refuses); with mode None the
@@ -26,37 +47,29 @@ from dataclasses import dataclass
 
 from gtun.core import bulk, l2frame
 from gtun.core import tunnel as tm
+from gtun.core.drops import CLIENT_DROP_REASONS
 from gtun.core.offload import OffloadError, VnetHdr
-from gtun.core.packet import packet_length
-from gtun.core.relay import PushedConfig, parse_pushed_config, tunnel_addresses
+from gtun.core.packet import packet_length, tunnel_addresses
+from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, WireGuard
 from gtun.core.wg.events import Event
 
-CONFIG_RETRY = 2.0
+# Tuning knobs.
+CONFIG_RETRY = 2.0  # seconds between configuration requests until a CONFIG comes
 PING_INTERVAL = 10.0
-FIRST_BACKOFF = 2.0
-MAX_BACKOFF = 60.0
+FIRST_BACKOFF = 2.0  # after a round of handshakes went unanswered ...
+MAX_BACKOFF = 60.0  # ... doubling up to this
+FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
 
-CLIENT_DROP_REASONS = (
-    "not_configured",
-    "not_ip",
-    "link_scoped",
-    "malformed",
-    "queue_full",
-    "not_frame",  # TAP mode: an IP packet from the relay, where frames are expected
-    "runt",  # TAP mode: frame shorter than an Ethernet header
-    "oversized",  # TAP mode: frame longer than the MTU allows
-    "bad_bulk",  # a bulk frame (bulk.py) whose header does not describe its packet
-    "bad_gso",  # a super-packet from the TUN that cannot be cut into packets
-)
+TRANSPORTS = ("udp", "tcp", "auto")
 
 
 @dataclass
 class RelayPeer:
-    """`Peer.data` of the relay, as bulk.send_super() reads it."""
+    """`Peer.data` of the relay: what it and this client both do (its configuration
+    said, ANDed with this client's own abilities)."""
 
-    bulk: bool = False  # the relay takes bulk frames (its configuration said so)
-    partial: bool = False  # partial TCP checksums both ways (its configuration said so)
+    caps: Caps = NO_CAPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +100,20 @@ class GaveUpRound(Event):
     retry_in: float
 
 
+@dataclass(frozen=True, slots=True)
+class NoAnswer(Event):
+    """The relay has not answered `attempts` handshake initiations (so far)."""
+
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback(Event):
+    """Transport "auto": UDP brought no handshake in `after` seconds; use TCP."""
+
+    after: float
+
+
 class ClientCore:
     def __init__(
         self,
@@ -97,15 +124,21 @@ class ClientCore:
         mode: str | None = "tun",
         wall_offset: float = 0.0,
         ping_interval: float = PING_INTERVAL,
+        accept_partial: bool = False,
+        transport: str = "udp",
     ) -> None:
+        """`accept_partial`: this client completes TCP checksums the relay leaves partial
+        (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
+        "auto" (UDP, and Fallback when it brings no handshake)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
         self.wg.on_packet = self._on_packet  # the data fast lane
         self.relay = RelayPeer()
-        # Whether this client completes TCP checksums the relay leaves partial (its
-        # device does, or the edge finishes them): the edge sets it before start().
-        self.accept_partial = False
+        self.accept_partial = accept_partial
         self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
         self.mode = mode
+        self.transport = transport
         self.ping_interval = ping_interval
         self.dead_after = 2 * ping_interval + 5.0
         self.config: PushedConfig | None = None
@@ -116,8 +149,10 @@ class ClientCore:
         self._t_config: float | None = None
         self._t_ping: float | None = None
         self._t_retry: float | None = None
+        self._t_fallback: float | None = None
         self._backoff = FIRST_BACKOFF
         self._config_confirmed = False
+        self._attempts_told = 0
 
     # --- outputs -------------------------------------------------------------------
 
@@ -136,7 +171,13 @@ class ClientCore:
     def get_timer(self) -> float | None:
         times = [
             t
-            for t in (self.wg.get_timer(), self._t_config, self._t_ping, self._t_retry)
+            for t in (
+                self.wg.get_timer(),
+                self._t_config,
+                self._t_ping,
+                self._t_retry,
+                self._t_fallback,
+            )
             if t is not None
         ]
         return min(times) if times else None
@@ -151,12 +192,32 @@ class ClientCore:
             return self.mode
         return self.config.mode if self.config is not None else None
 
-    def set_endpoint(self, endpoint: Hashable) -> None:
+    def set_endpoint(self, endpoint: Hashable | None) -> None:
         self.server.endpoint = endpoint
 
     def start(self, now: float) -> None:
+        if self.transport == "auto" and self.server.endpoint is not None:
+            self._t_fallback = now + FALLBACK_AFTER
         self.wg.initiate_handshake(self.server, now)
         self._drain(now)
+
+    def new_path(self, endpoint: Hashable, now: float) -> None:
+        """The daemon made a new path to the relay (a TCP connection): use it, and
+        handshake on it now, not when WireGuard's rate limit (one initiation per
+        REKEY_TIMEOUT) next allows."""
+        self.server.endpoint = endpoint
+        if self.server.has_session:
+            # The relay moves this peer to the new path on the first authentic message;
+            # the handshake covers a relay that restarted and forgot the session.
+            self.wg.send_keepalive(self.server, now)
+        self.server.last_initiation_sent = None
+        self.wg.initiate_handshake(self.server, now)
+        self._drain(now)
+
+    def path_lost(self, endpoint: Hashable) -> None:
+        """The daemon's path `endpoint` is gone (a closed TCP connection)."""
+        if self.server.endpoint is endpoint:
+            self.server.endpoint = None
 
     def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
         self.wg.receive_datagram(data, addr, now)
@@ -211,17 +272,19 @@ class ClientCore:
         if self._t_retry is not None and self._t_retry <= now:
             self._t_retry = None
             self.wg.initiate_handshake(self.server, now)
+        if self._t_fallback is not None and self._t_fallback <= now:
+            self._t_fallback = None
+            if not self.connected:
+                self.transport = "tcp"
+                self.server.endpoint = None
+                self._events.append(Fallback(FALLBACK_AFTER))
         self._drain(now)
 
     # --- internals -----------------------------------------------------------------
 
     def _request_config(self, now: float) -> None:
-        request: dict[str, object] = {"bulk": True}  # this client takes bulk frames
-        if self.accept_partial:  # and completes TCP checksums the relay leaves partial
-            request["csum"] = "partial"
-        if self.mode is not None:
-            request["mode"] = self.mode
-        self.wg.send(self.server, tm.push_message(tm.CONFIG_REQUEST, request), now)
+        request = tm.ConfigRequest(mode=self.mode, bulk=True, partial=self.accept_partial)
+        self.wg.send(self.server, tm.push_config_request(request), now)
         self._t_config = now + CONFIG_RETRY
 
     def _drain(self, now: float) -> None:
@@ -230,6 +293,8 @@ class ClientCore:
             if isinstance(event, HandshakeCompleted):
                 self._backoff = FIRST_BACKOFF
                 self._t_retry = None
+                self._t_fallback = None
+                self._attempts_told = 0
                 if not self.connected:
                     self.connected = True
                     self._events.append(Connected())
@@ -242,11 +307,13 @@ class ClientCore:
                 self._t_retry = now + self._backoff
                 self._events.append(GaveUpRound(self._backoff))
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+        if not self.connected:
+            attempts = self.server.handshake_attempts
+            if attempts > 0 and attempts != self._attempts_told:
+                self._attempts_told = attempts
+                self._events.append(NoAnswer(attempts))
 
     def _on_packet(self, peer: object, plaintext: bytes, now: float) -> None:
-        self._from_relay(plaintext, now)
-
-    def _from_relay(self, plaintext: bytes, now: float) -> None:
         # An IP packet first: the per-packet path (padding trimmed).
         version = plaintext[0] >> 4
         if version == 4 or version == 6:
@@ -259,58 +326,55 @@ class ClientCore:
             else:
                 self._tun_out.append(plaintext if length == len(plaintext) else plaintext[:length])
             return
-        if l2frame.is_frame(plaintext):
-            if self.config is None or self.device_mode != "tap":
-                self.drops["malformed"] += 1
-                return
-            try:
-                frame = l2frame.pull_frame(plaintext, l2frame.max_frame_for(self.config.mtu))
-            except l2frame.L2FrameError as exc:
-                self.drops[exc.reason] += 1
-                return
-            self._tun_out.append(frame)
-            return
-        if plaintext[0] == 0:
-            if bulk.is_bulk(plaintext):
-                self._bulk_from_relay(plaintext)
-                return
-            try:
-                msg = tm.pull_message(plaintext)
-            except tm.TunnelMessageError:
-                self.drops["malformed"] += 1
-                return
-            if msg.type == tm.CONFIG:
-                try:
-                    config = parse_pushed_config(msg.payload)
-                except ValueError:
-                    self.drops["malformed"] += 1
-                    return
-                if self.mode is not None and config.mode != self.mode:
-                    # A relay that does not check the requested mode.
-                    reason = (
-                        f"this relay runs in {config.mode} mode; the client asked for {self.mode}"
-                    )
-                    self._events.append(Refused(reason))
-                    return
-                self._config_confirmed = True
-                self._t_config = None
-                changed = config != self.config
-                self.config = config
-                self.relay.bulk = config.bulk
-                # Pad no further than the MTU, as WireGuard does: the relay then gets
-                # packets it need not trim.
-                self.wg.mtu = config.mtu
-                self.relay.partial = config.partial and self.accept_partial
-                self._events.append(ConfigReceived(config, changed))
-            elif msg.type == tm.REFUSED:
-                self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
-            elif msg.type != tm.PONG:
-                self.drops["malformed"] += 1
-            return
-        if self.device_mode == "tap":
+        kind = tm.classify(plaintext)
+        if kind == tm.FRAME:
+            self._frame_from_relay(plaintext)
+        elif kind == tm.BULK:
+            self._bulk_from_relay(plaintext)
+        elif plaintext[0] == 0:
+            self._message_from_relay(plaintext)
+        elif self.device_mode == "tap":
             self.drops["not_frame"] += 1
+        else:
+            self.drops["not_ip"] += 1  # neither IP nor a gtun message
+
+    def _frame_from_relay(self, plaintext: bytes) -> None:
+        if self.config is None or self.device_mode != "tap":
+            self.drops["malformed"] += 1
             return
-        self.drops["not_ip"] += 1  # neither IP nor a gtun message
+        try:
+            frame = l2frame.pull_frame(plaintext, l2frame.max_frame_for(self.config.mtu))
+        except l2frame.L2FrameError as exc:
+            self.drops[exc.reason] += 1
+            return
+        self._tun_out.append(frame)
+
+    def _message_from_relay(self, plaintext: bytes) -> None:
+        try:
+            msg = tm.pull_message(plaintext)
+            config = tm.parse_pushed_config(msg.payload) if msg.type == tm.CONFIG else None
+        except tm.TunnelMessageError:
+            self.drops["malformed"] += 1
+            return
+        if config is not None:
+            if self.mode is not None and config.mode != self.mode:
+                # A relay that does not check the requested mode.
+                reason = f"this relay runs in {config.mode} mode; the client asked for {self.mode}"
+                self._events.append(Refused(reason))
+                return
+            self._config_confirmed = True
+            self._t_config = None
+            changed = config != self.config
+            self.config = config
+            # Pad no further than the MTU, as WireGuard does: the relay then gets packets
+            # it need not trim.
+            self.wg.mtu = config.mtu
+            self.relay.caps = Caps(bulk=config.bulk, partial=config.partial and self.accept_partial)
+            self._events.append(ConfigReceived(config, changed))
+        elif msg.type == tm.REFUSED:
+            self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
+        elif msg.type != tm.PONG:
+            self.drops["malformed"] += 1
 
     def _bulk_from_relay(self, plaintext: bytes) -> None:
         if self.config is None or self.device_mode == "tap":

@@ -22,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import struct
 
-MAGIC = b"\x00gt\x02"
+from gtun.core.errors import LocalProtocolError, RemoteProtocolError
+from gtun.core.tunnel import FRAME_MAGIC
+
+MAGIC = FRAME_MAGIC
 HEADER = struct.Struct(">4sH")
 HEADER_SIZE = HEADER.size
 
@@ -55,7 +58,7 @@ def max_frame_for(mtu: int) -> int:
     return mtu + ETH_HEADER_LEN + VLAN_TAG_LEN
 
 
-class L2FrameError(ValueError):
+class L2FrameError(RemoteProtocolError):
     """A peer sent a frame that cannot be carried; `reason` is the drop counter's name
     ("malformed", "runt" or "oversized")."""
 
@@ -69,10 +72,10 @@ def is_frame(plaintext: bytes) -> bool:
 
 
 def push_frame(frame: bytes) -> bytes:
-    """The plaintext that carries `frame`.  Raises ValueError (the caller's misuse) for a
+    """The plaintext that carries `frame`.  Raises LocalProtocolError (the caller's misuse) for a
     frame shorter than an Ethernet header or longer than MAX_FRAME."""
     if not ETH_HEADER_LEN <= len(frame) <= MAX_FRAME:
-        raise ValueError(f"an Ethernet frame of {len(frame)} bytes cannot be carried")
+        raise LocalProtocolError(f"an Ethernet frame of {len(frame)} bytes cannot be carried")
     return HEADER.pack(MAGIC, len(frame)) + frame
 
 

@@ -29,6 +29,8 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from gtun.core.errors import RemoteProtocolError
+
 __all__ = [
     "F_DATA_VALID",
     "F_NEEDS_CSUM",
@@ -92,7 +94,7 @@ _V6TCP = struct.Struct("!IHBB36sIIBBHHH")
 _H16 = struct.Struct("!H")
 
 
-class OffloadError(ValueError):
+class OffloadError(RemoteProtocolError):
     """A header or packet no correct sender produces.  `.reason` is a drop-counter key:
     "bad_vnet_hdr", "bad_gso" or "too_big"."""
 

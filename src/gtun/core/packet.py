@@ -150,3 +150,17 @@ def build_udp4(src: Address4, dst: Address4, sport: int, dport: int, payload: by
     checksum = ipv4_checksum(pseudo + datagram) or 0xFFFF
     datagram = datagram[:6] + struct.pack("!H", checksum) + datagram[8:]
     return build_ipv4(src_b, dst_b, IPPROTO_UDP, datagram)
+
+
+def tunnel_addresses(packet: bytes, drops: dict[str, int]) -> tuple[bytes, bytes] | None:
+    """(source, destination) of a packet read from a TUN that may enter the tunnel, or
+    None after counting it in `drops` as "not_ip" or "link_scoped".  Shared by the
+    relay's and the client's TUN paths."""
+    addrs = parse_addresses(packet)
+    if addrs is None:
+        drops["not_ip"] += 1
+        return None
+    if is_link_scoped(*addrs):
+        drops["link_scoped"] += 1
+        return None
+    return addrs

@@ -40,7 +40,6 @@ DEFAULT_AGING = 300.0  # IEEE 802.1D's recommended ageing time
 DEFAULT_MAX_ENTRIES = 8192
 DEFAULT_MAX_PER_PORT = 1024
 
-SWITCH_DROP_REASONS = ("runt", "oversized", "bad_mac", "mac_stolen", "mac_limit", "loop")
 
 _ZERO_MAC = bytes(ETH_ADDR_LEN)
 

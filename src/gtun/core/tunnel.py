@@ -1,28 +1,52 @@
-"""gtun's own messages inside the WireGuard tunnel (configuration push and liveness).
+"""gtun's in-tunnel protocol: what a WireGuard transport plaintext is, gtun's own messages
+(configuration push and liveness), and the capabilities two gtun nodes negotiate.
 
-They travel as the plaintext of ordinary transport data messages, so they are encrypted
-and authenticated like any packet.  Their first byte is 0x00: an IP packet's first nibble
-is its version (4 or 6), so no IP packet can be mistaken for one, and a stock WireGuard
-peer, which drops any plaintext that is not IPv4 or IPv6, would ignore one.  The relay
-never sends one unprompted: only a peer that asked (a gtun client) gets answers, so stock
-peers never see them at all.
+One module for the relay, the client and the doctor alike.
+
+Plaintexts.  A stock WireGuard peer carries IP packets: the first nibble of a plaintext
+is the IP version (4 or 6).  gtun's own plaintexts start with 0x00, which no IP packet
+does, followed by 'g' 't' and a kind byte:
+
+    00 'g' 't' 01   a gtun message (below)
+    00 'g' 't' 02   an Ethernet frame, TAP mode (l2frame.py)
+    00 'g' 't' 03   a bulk frame, a whole TCP super-packet (bulk.py)
+
+A stock peer drops any plaintext that is not IPv4 or IPv6, and the relay never sends one
+of these unprompted: only a peer that asked (a gtun client) gets answers.
+
+Messages.
 
     magic(4) = 00 'g' 't' 01   type(1)   length(2, big-endian)   JSON payload(length)
 
 Types: CONFIG_REQUEST (client -> relay), CONFIG (relay -> client), REFUSED (relay ->
-client, with a reason), PING (client -> relay) and PONG (relay -> client).
+client, with a reason), PING (client -> relay) and PONG (relay -> client).  The payloads
+of CONFIG_REQUEST and CONFIG are typed here (ConfigRequest, PushedConfig) with their JSON
+keys; absent keys mean the older behaviour, so old and new nodes interoperate.
 
-The magic 00 'g' 't' 02 is taken too: Ethernet frames in TAP mode (l2frame.py).
+Capabilities.  What a gtun peer and the relay both do beyond plain WireGuard is decided
+once, when the relay answers a configuration request, and kept per peer as one value
+(Caps): bulk frames over a stream endpoint, and TCP segments whose checksum the receiver
+completes (partial checksums).  A stock peer has NO_CAPS.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import struct
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-MAGIC = b"\x00gt\x01"
+from gtun.core.errors import LocalProtocolError, RemoteProtocolError
+
+Network = IPv4Network | IPv6Network
+
+# The magics of gtun's plaintexts (first byte 0x00: no IP version).
+MAGIC = b"\x00gt\x01"  # a gtun message
+FRAME_MAGIC = b"\x00gt\x02"  # an Ethernet frame (l2frame.py)
+BULK_MAGIC = b"\x00gt\x03"  # a bulk frame (bulk.py)
+
 HEADER = struct.Struct(">4sBH")
 MAX_PAYLOAD = 8000  # bound on a decoded message; a config with many routes fits
 
@@ -33,8 +57,29 @@ PING = 4
 PONG = 5
 TYPES = {CONFIG_REQUEST, CONFIG, REFUSED, PING, PONG}
 
+# What a plaintext is (classify()).
+IPV4 = 4
+IPV6 = 6
+MESSAGE = 1
+FRAME = 2
+BULK = 3
+OTHER = 0
+_KINDS = {MAGIC: MESSAGE, FRAME_MAGIC: FRAME, BULK_MAGIC: BULK}
 
-class TunnelMessageError(ValueError):
+
+def classify(plaintext: bytes) -> int:
+    """IPV4, IPV6, MESSAGE, FRAME, BULK or OTHER, from the first bytes alone (the parsers
+    check the rest).  The per-packet paths test the IP version inline and call this only
+    for plaintexts that start with 0x00."""
+    if not plaintext:
+        return OTHER
+    version = plaintext[0] >> 4
+    if version == 4 or version == 6:
+        return version
+    return _KINDS.get(plaintext[:4], OTHER)
+
+
+class TunnelMessageError(RemoteProtocolError):
     """A peer sent a malformed gtun message."""
 
 
@@ -49,10 +94,10 @@ def is_tunnel_message(plaintext: bytes) -> bool:
 
 
 def push_message(msg_type: int, payload: dict[str, Any] | None = None) -> bytes:
-    """Raises ValueError when the payload is too large (caller's misuse)."""
+    """Raises LocalProtocolError when the payload is too large (caller's misuse)."""
     body = json.dumps(payload or {}, separators=(",", ":")).encode()
     if len(body) > MAX_PAYLOAD:
-        raise ValueError(f"tunnel message payload of {len(body)} bytes is too large")
+        raise LocalProtocolError(f"tunnel message payload of {len(body)} bytes is too large")
     return HEADER.pack(MAGIC, msg_type, len(body)) + body
 
 
@@ -76,3 +121,172 @@ def pull_message(plaintext: bytes) -> TunnelMessage:
     if not isinstance(payload, dict):
         raise TunnelMessageError("payload is not an object")
     return TunnelMessage(msg_type, payload)
+
+
+# --- capabilities ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """What a peer and this node both do beyond plain WireGuard, negotiated once."""
+
+    bulk: bool = False  # takes bulk frames (bulk.py) when its endpoint is a stream
+    partial: bool = False  # sends and takes TCP segments with partial checksums
+
+
+NO_CAPS = Caps()
+
+
+# --- the configuration request (client -> relay) ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRequest:
+    """`mode` None: the client follows the relay's mode.  `bulk`: it takes bulk frames;
+    `partial`: it completes TCP checksums the relay leaves partial."""
+
+    mode: str | None = None
+    bulk: bool = False
+    partial: bool = False
+
+
+def push_config_request(request: ConfigRequest) -> bytes:
+    payload: dict[str, Any] = {"bulk": request.bulk}
+    if request.partial:
+        payload["csum"] = "partial"
+    if request.mode is not None:
+        payload["mode"] = request.mode
+    return push_message(CONFIG_REQUEST, payload)
+
+
+def parse_config_request(payload: dict[str, Any]) -> ConfigRequest:
+    """Never raises: unknown or ill-typed keys read as "not offered"."""
+    mode = payload.get("mode")
+    return ConfigRequest(
+        mode=mode if isinstance(mode, str) else None,
+        bulk=payload.get("bulk") is True,
+        partial=payload.get("csum") == "partial",
+    )
+
+
+def relay_caps(request: ConfigRequest, *, tap: bool, partial_ok: bool) -> Caps:
+    """What the relay grants a client that asked with `request`: neither in TAP mode
+    (frames are never super-packets), and partial checksums only when the relay's own
+    device completes them (`partial_ok`)."""
+    if tap:
+        return NO_CAPS
+    return Caps(bulk=request.bulk, partial=partial_ok and request.partial)
+
+
+# --- the configuration push (relay -> client) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushedConfig:
+    name: str
+    address: IPv4Address
+    prefix: int
+    gateway: IPv4Address
+    routes: tuple[Network, ...]
+    mtu: int
+    dns: tuple[IPv4Address | IPv6Address, ...]
+    mode: str
+    # IPv6 inside the tunnel: all three or none (the relay has no network6).
+    address6: IPv6Address | None = None
+    prefix6: int | None = None
+    gateway6: IPv6Address | None = None
+    bulk: bool = False  # the relay takes bulk frames (bulk.py) over TCP
+    partial: bool = False  # the relay takes TCP segments with partial checksums
+    network: IPv4Network | None = None  # informational: the virtual network
+
+    @property
+    def caps(self) -> Caps:
+        """The capabilities the relay granted (the client ANDs in its own)."""
+        return Caps(bulk=self.bulk, partial=self.partial)
+
+
+def push_config(config: PushedConfig) -> bytes:
+    """The CONFIG message.  Raises LocalProtocolError when it does not fit a message
+    (hundreds of routes)."""
+    ipv6: dict[str, Any] = {}
+    if config.address6 is not None:
+        # Absent keys mean "no IPv6": older clients ignore these, newer ones talking to
+        # an older relay find none.
+        ipv6 = {
+            "address6": str(config.address6),
+            "prefix6": config.prefix6,
+            "gateway6": str(config.gateway6),
+        }
+    payload = {
+        "name": config.name,
+        "address": str(config.address),
+        "prefix": config.prefix,
+        **({"network": str(config.network)} if config.network is not None else {}),
+        "gateway": str(config.gateway),
+        "routes": [str(r) for r in config.routes],
+        "mtu": config.mtu,
+        "dns": [str(d) for d in config.dns],
+        "mode": config.mode,
+        "bulk": config.bulk,
+        "csum": "partial" if config.partial else "full",
+        **ipv6,
+    }
+    return push_message(CONFIG, payload)
+
+
+def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
+    """Validate a CONFIG payload from the relay.  Raises TunnelMessageError (a
+    RemoteProtocolError, and so a ValueError)."""
+    try:
+        address = IPv4Address(payload["address"])
+        prefix = int(payload["prefix"])
+        if not 0 < prefix <= 32:
+            raise TunnelMessageError(f"bad prefix {prefix}")
+        routes = tuple(ipaddress.ip_network(_text(r)) for r in payload.get("routes", []))
+        dns = tuple(ipaddress.ip_address(_text(d)) for d in payload.get("dns", []))
+        mtu = int(payload["mtu"])
+        if not 576 <= mtu <= 9000:
+            raise TunnelMessageError(f"bad mtu {mtu}")
+        gateway = IPv4Address(payload["gateway"])
+        name = str(payload.get("name", ""))
+        mode = str(payload.get("mode", "tun"))
+        if mode not in ("tun", "tap"):
+            raise TunnelMessageError(f"bad mode {mode!r}")
+        network = IPv4Network(_text(payload["network"])) if "network" in payload else None
+        address6: IPv6Address | None = None
+        prefix6: int | None = None
+        gateway6: IPv6Address | None = None
+        if "address6" in payload:
+            address6 = IPv6Address(_text(payload["address6"]))
+            prefix6 = int(payload["prefix6"])
+            if not 0 < prefix6 <= 128:
+                raise TunnelMessageError(f"bad prefix6 {prefix6}")
+            gateway6 = IPv6Address(_text(payload["gateway6"]))
+    except TunnelMessageError:
+        raise
+    except (KeyError, TypeError) as exc:
+        raise TunnelMessageError(f"incomplete configuration: {exc}") from exc
+    except ValueError as exc:  # ipaddress and int() say what is wrong
+        raise TunnelMessageError(str(exc)) from exc
+    return PushedConfig(
+        name,
+        address,
+        prefix,
+        gateway,
+        routes,
+        mtu,
+        dns,
+        mode,
+        address6,
+        prefix6,
+        gateway6,
+        bulk=payload.get("bulk") is True,
+        partial=payload.get("csum") == "partial",
+        network=network,
+    )
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TunnelMessageError(f"expected a string, got {value!r}")
+    return value

@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from gtun.core.drops import WG_DROP_REASONS
 from gtun.core.wg import messages as m
 from gtun.core.wg import noise
 from gtun.core.wg.constants import (
@@ -77,22 +78,8 @@ _pack_header = struct.Struct("<I I Q").pack
 _TRANSPORT_TYPE = MESSAGE_TRANSPORT
 _PAD = PADDING_MULTIPLE - 1  # a power of two
 
-# Reasons a datagram is dropped; the keys of WireGuard.drops.
-DROP_REASONS = (
-    "malformed",  # wrong size, type or reserved bytes
-    "mac1",  # mac1 does not verify: not for us, or garbage
-    "cookie",  # under load and no valid mac2: answered with a cookie reply
-    "unknown_peer",  # a valid initiation from a key we do not know
-    "handshake",  # a handshake message that does not authenticate
-    "replayed_handshake",  # an initiation whose timestamp is not newer
-    "handshake_flood",  # initiations from one peer faster than the allowed rate
-    "unknown_index",  # transport or response for an index we do not have
-    "decrypt",  # transport message that does not authenticate
-    "replay",  # transport counter seen before or too old
-    "expired",  # transport message under a keypair past REJECT_AFTER_TIME
-    "no_endpoint",  # we have something to send but do not know where the peer is
-    "staged_overflow",  # per-peer queue while handshaking was full; oldest dropped
-)
+# Reasons a datagram is dropped, the keys of WireGuard.drops: core/drops.py.
+DROP_REASONS = WG_DROP_REASONS
 
 
 class Keypair:

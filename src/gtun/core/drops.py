@@ -1,0 +1,130 @@
+"""Every reason gtun drops something, in one registry: its name (the key of the drop
+counters in `gtun status` and the metrics), what it means, and which counters count it.
+
+The counters: "wireguard" (the WireGuard core, WireGuard.drops), "relay" (Relay.drops),
+"client" (ClientCore.drops), "switch" (the TAP-mode switch's verdicts, counted by the
+relay), "tcp" (the TCP transport's connections) and "peer" (the relay's per-peer
+counters, whose series the metrics endpoint lists from the start).  A name may be
+counted by several: status and metrics add them up (merge_counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    name: str
+    meaning: str
+    counters: tuple[str, ...]
+
+
+REASONS: tuple[Reason, ...] = (
+    # The WireGuard core (wg/device.py).
+    Reason(
+        "malformed",
+        "wrong size, type or reserved bytes; a gtun message that does not parse",
+        ("wireguard", "relay", "client", "peer"),
+    ),
+    Reason("mac1", "mac1 does not verify: not for us, or garbage", ("wireguard",)),
+    Reason("cookie", "under load and no valid mac2: answered with a cookie reply", ("wireguard",)),
+    Reason("unknown_peer", "a valid initiation from a key we do not know", ("wireguard",)),
+    Reason("handshake", "a handshake message that does not authenticate", ("wireguard",)),
+    Reason("replayed_handshake", "an initiation whose timestamp is not newer", ("wireguard",)),
+    Reason(
+        "handshake_flood", "initiations from one peer faster than the allowed rate", ("wireguard",)
+    ),
+    Reason("unknown_index", "transport or response for an index we do not have", ("wireguard",)),
+    Reason("decrypt", "transport message that does not authenticate", ("wireguard",)),
+    Reason("replay", "transport counter seen before or too old", ("wireguard",)),
+    Reason("expired", "transport message under a keypair past REJECT_AFTER_TIME", ("wireguard",)),
+    Reason("no_endpoint", "something to send, but the peer's endpoint is unknown", ("wireguard",)),
+    Reason(
+        "staged_overflow",
+        "per-peer queue while handshaking was full; oldest dropped",
+        ("wireguard",),
+    ),
+    # Forwarding (relay.py, forward.py) and the client (client.py).
+    Reason(
+        "not_configured", "a packet from the TUN before the relay sent a configuration", ("client",)
+    ),
+    Reason("spoofed", "inner source not owned by the sending peer", ("relay", "peer")),
+    Reason("no_route", "from the TUN, to an address no peer owns", ("relay",)),
+    Reason("loop", "a packet or frame addressed back to its sender", ("relay", "peer", "switch")),
+    Reason("not_ip", "plaintext that is neither IP nor a gtun message", ("relay", "client")),
+    Reason(
+        "link_scoped",
+        "link-local source or multicast/broadcast destination: never routed",
+        ("relay", "client", "peer"),
+    ),
+    Reason("queue_full", "the edge could not queue the datagram or TUN write", ("relay", "client")),
+    Reason(
+        "bad_bulk",
+        "a bulk frame (bulk.py) whose header does not describe its packet",
+        ("relay", "client"),
+    ),
+    Reason(
+        "bad_gso",
+        "a super-packet from the TUN that cannot be cut into packets",
+        ("relay", "client"),
+    ),
+    # TAP mode (switch.py, l2frame.py).
+    Reason(
+        "not_frame",
+        "TAP mode: a plaintext that is no gtun frame (a stock peer's IP packet)",
+        ("relay", "client", "peer"),
+    ),
+    Reason(
+        "runt",
+        "TAP mode: frame shorter than an Ethernet header",
+        ("relay", "client", "peer", "switch"),
+    ),
+    Reason(
+        "oversized",
+        "TAP mode: frame longer than the MTU allows",
+        ("relay", "client", "peer", "switch"),
+    ),
+    Reason(
+        "bad_mac", "TAP mode: multicast, broadcast or zero source MAC", ("relay", "peer", "switch")
+    ),
+    Reason(
+        "mac_stolen",
+        "TAP mode: source MAC owned (live in the table) by another port",
+        ("relay", "peer", "switch"),
+    ),
+    Reason(
+        "mac_limit",
+        "TAP mode: the port's or the table's MAC limit reached",
+        ("relay", "peer", "switch"),
+    ),
+    # The TCP transport (io/tcp.py): connections closed, not datagrams.
+    Reason("tcp_bad_frame", "a frame of impossible size, cut off, or not WireGuard", ("tcp",)),
+    Reason("tcp_timeout", "no valid frame within the time allowed", ("tcp",)),
+    Reason("tcp_stalled", "the other end stopped reading", ("tcp",)),
+    Reason("tcp_refused", "the connection limit was reached", ("tcp",)),
+)
+
+MEANING = {r.name: r.meaning for r in REASONS}
+
+
+def reasons(counter: str) -> tuple[str, ...]:
+    """The names a counter counts, in registry order."""
+    return tuple(r.name for r in REASONS if counter in r.counters)
+
+
+WG_DROP_REASONS = reasons("wireguard")
+RELAY_DROP_REASONS = reasons("relay")
+CLIENT_DROP_REASONS = reasons("client")
+SWITCH_DROP_REASONS = reasons("switch")
+TCP_DROP_REASONS = reasons("tcp")
+PEER_DROP_REASONS = reasons("peer")
+
+
+def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
+    """Sum drop counters that share reasons (a core's and its edge's)."""
+    total: dict[str, int] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            total[key] = total.get(key, 0) + value
+    return total

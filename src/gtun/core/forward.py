@@ -1,0 +1,350 @@
+"""The relay's forwarding, sans-IO: an IP router (TUN mode) or an Ethernet switch (TAP
+mode), two implementations of one Forwarder chosen when the relay is built.
+
+Theory of operation
+-------------------
+Every peer owns its virtual addresses (a /32 and a /128) and the subnets behind it;
+together they form the route table, a longest-prefix match from an inner address to a
+peer.  In both modes a peer speaks only for its own addresses: anything it sends from an
+address it does not own is a spoof, dropped and counted ("spoofed").
+
+IpForwarder (TUN).  A packet decrypted from peer P must have an inner source that P owns;
+its destination is then looked up: another peer Q gets it directly (encrypted to Q,
+never through the kernel); anything else (the relay's own address, the pushed routes,
+the internet) is written into the relay's TUN, where the kernel routes it and NAT
+applies.  A packet read from the TUN goes to the peer owning its destination, or is
+dropped ("no_route").  Verdicts are cached per flow (sending peer, address pair) and the
+cache is cleared whenever the peers change.  Packets from one peer to another are
+gathered per target during a batch and leave together (send_many; bulk frames to a gtun
+node over TCP).
+
+EthernetForwarder (TAP).  The relay is a learning switch (switch.py) whose ports are the
+gtun peers and its own TAP device; plaintexts are Ethernet frames behind gtun's frame
+header (l2frame.py).  A peer becomes a port when it asks for its configuration (or sends
+a frame), and stops being one when it is removed or stops answering handshakes.  An
+IPv4 packet's source or an ARP packet's sender must be an address the peer owns; so must
+IPv6 sources and neighbour-discovery targets, but for the link-local and unspecified
+addresses neighbour discovery itself uses.  An IP packet from a stock WireGuard peer,
+which cannot take part in a layer-2 network, is dropped ("not_frame") and reported once.
+Frames switched between two peers never enter the kernel.
+
+Both hand gtun messages (the 00 'g' 't' 01 plaintexts, tunnel.py) back to the relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from gtun.core import bulk, l2frame
+from gtun.core import tunnel as tm
+from gtun.core.offload import GSO_NONE, OffloadError, VnetHdr, coalesce, finish_tcp_checksum
+from gtun.core.packet import is_link_scoped, packet_length, parse_addresses, tunnel_addresses
+from gtun.core.routing import RouteTable
+from gtun.core.switch import Switch
+from gtun.core.wg import Peer, WireGuard
+
+# Tuning knob: routing verdicts kept (IpForwarder._route).
+FLOW_CACHE_SIZE = 4096
+
+# The switch port of the relay's own TAP device (the other ports are Peers).
+LOCAL_PORT = "relay"
+
+STOCK_PEER_IN_TAP_MODE = (
+    "it sent an IP packet: this relay runs in tap mode, and stock WireGuard peers carry "
+    "only IP packets, so they cannot join; use a gtun client"
+)
+
+_UNKNOWN = object()
+_Verdict = Peer | str | None  # where a packet goes: a peer, the TUN (None), or a drop
+
+TunWrite = bytes | tuple[VnetHdr, bytes]
+# count(peer, reason): a drop charged to a peer (and to the relay's total).
+CountFn = Callable[[Peer, str], None]
+# on_message(peer, plaintext, now): a gtun message for the relay.
+MessageFn = Callable[[Peer, bytes, float], None]
+# refuse(peer, reason): a peer that cannot take part, said once.
+RefuseFn = Callable[[Peer, str], None]
+
+
+class Forwarder:
+    """What both modes share: the route table, the TUN output and the relay's hooks.
+
+    The relay calls `from_peer` (as the WireGuard core's data fast lane), `tun_packet`,
+    `tun_super`, `peer_added`/`peer_removed`/`peers_changed`, `joined` when a gtun peer
+    asked for its configuration, `gone` when a peer stopped answering, and `flush` before
+    the datagrams are collected."""
+
+    tap = False
+
+    def __init__(
+        self,
+        wg: WireGuard,
+        drops: dict[str, int],
+        count: CountFn,
+        on_message: MessageFn,
+        refuse: RefuseFn,
+    ) -> None:
+        self.wg = wg
+        self.drops = drops
+        self.count = count
+        self.on_message = on_message
+        self.refuse = refuse
+        self.table: RouteTable[Peer] = RouteTable()
+        self.tun_out: list[TunWrite] = []
+
+    def peers_changed(self) -> None:
+        """The table was rebuilt: anything derived from it is stale."""
+
+    def peer_removed(self, peer: Peer) -> None:
+        self.table.remove_value(peer)
+
+    def joined(self, peer: Peer) -> None:
+        """A gtun peer asked for its configuration."""
+
+    def gone(self, peer: Peer) -> None:
+        """A peer stopped answering handshakes."""
+
+    def flush(self) -> None:
+        """Send what was gathered during a batch."""
+
+    def from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def tun_packet(self, packet: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        raise NotImplementedError
+
+
+class IpForwarder(Forwarder):
+    """TUN mode: a router between the peers and the relay's TUN."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Routing verdicts of the flows seen, by (sending peer, source + destination):
+        # the next packet of a flow skips the checks and lookups.
+        self._flows: dict[tuple[Peer, bytes], _Verdict] = {}
+        # Packets from one peer to another, gathered per target while a batch of
+        # datagrams is read, and encrypted together (send_many) at flush().
+        self._forward: dict[Peer, list[bytes]] = {}
+        self._forward_now = 0.0
+
+    def peers_changed(self) -> None:
+        self._flows.clear()
+
+    def flush(self) -> None:
+        if not self._forward:
+            return
+        forward, self._forward = self._forward, {}
+        now = self._forward_now
+        wg = self.wg
+        for peer, packets in forward.items():
+            if len(packets) > 1 and bulk.takes_bulk(peer):
+                # To a gtun node over TCP: the segments of a flow travel as one bulk
+                # frame (coalesced here as a TUN write would be).
+                for hdr, packet in coalesce(packets):
+                    if hdr.gso_type == GSO_NONE:
+                        wg.send(peer, packet, now)
+                    else:
+                        wg.send(peer, bulk.push_bulk(hdr, packet), now)
+            else:
+                wg.send_many(peer, packets, now)
+
+    def tun_packet(self, packet: bytes, now: float) -> None:
+        peer = self._tun_target(packet)
+        if peer is not None:
+            self.wg.send(peer, packet, now)
+
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        """A TCP super-packet (or a packet whose checksum is ours to finish) from an
+        offloading TUN: every segment has the same addresses, so it is routed once."""
+        peer = self._tun_target(packet)
+        if peer is not None:
+            self._send_super(peer, hdr, packet, now)
+
+    def _tun_target(self, packet: bytes) -> Peer | None:
+        """The peer a packet from the TUN goes to, or None after counting the drop."""
+        addrs = tunnel_addresses(packet, self.drops)
+        if addrs is None:
+            return None
+        peer = self.table.lookup(addrs[1])
+        if peer is None:
+            self.drops["no_route"] += 1
+        return peer
+
+    def _send_super(self, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        try:
+            bulk.send_super(self.wg, peer, hdr, packet, now)
+        except OffloadError:
+            self.drops["bad_gso"] += 1
+
+    def from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        if plaintext[0] == 0:
+            if tm.classify(plaintext) == tm.BULK:
+                self._bulk_from_peer(peer, plaintext, now)
+            else:
+                self.on_message(peer, plaintext, now)
+            return
+        length = packet_length(plaintext)
+        if length is None:
+            self.drops["not_ip"] += 1
+            return
+        if length < len(plaintext):
+            plaintext = plaintext[:length]  # WireGuard's zero padding
+        # Source and destination, as they follow each other in the header: the flow key.
+        pair = plaintext[12:20] if plaintext[0] >> 4 == 4 else plaintext[8:40]
+        target = self._route(peer, pair)
+        if target is None:
+            self.tun_out.append(plaintext)
+        elif target.__class__ is str:
+            self.count(peer, target)
+        else:
+            assert isinstance(target, Peer)
+            if peer.data.caps.partial and not target.data.caps.partial:
+                plaintext = finish_tcp_checksum(plaintext)  # e.g. to a stock peer
+            batch = self._forward.get(target)
+            if batch is None:
+                self._forward[target] = [plaintext]
+                self._forward_now = now
+            else:
+                batch.append(plaintext)
+
+    def _route(self, peer: Peer, pair: bytes) -> _Verdict:
+        """Where a packet from `peer` with source and destination `pair` (the two
+        addresses, as they follow each other in the IP header) goes: another peer, None
+        for the TUN, or the reason to drop it (a drop counter).  Cached per flow."""
+        key = (peer, pair)
+        flows = self._flows
+        verdict = flows.get(key, _UNKNOWN)
+        if verdict is _UNKNOWN:  # a new flow
+            half = len(pair) // 2
+            src, dst = pair[:half], pair[half:]
+            if is_link_scoped(src, dst):
+                verdict = "link_scoped"
+            elif self.table.lookup(src) is not peer:
+                verdict = "spoofed"
+            else:
+                verdict = self.table.lookup(dst)
+                if verdict is peer:
+                    verdict = "loop"
+            if len(flows) >= FLOW_CACHE_SIZE:
+                flows.clear()
+            flows[key] = verdict
+        return cast(_Verdict, verdict)
+
+    def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        """A super-packet from a gtun peer: checked and routed as a packet is, then
+        written to the TUN whole, or sent on to another peer (whole, or cut into packets
+        when that peer does not take bulk frames)."""
+        try:
+            hdr, packet = bulk.pull_bulk(plaintext)
+        except (bulk.BulkError, OffloadError):
+            self.count(peer, "bad_bulk")
+            return
+        addrs = parse_addresses(packet)
+        if addrs is None:
+            self.count(peer, "bad_bulk")
+            return
+        target = self._route(peer, addrs[0] + addrs[1])
+        if target is None:
+            self.tun_out.append((hdr, packet))
+        elif target.__class__ is str:
+            self.count(peer, target)
+        else:
+            self._send_super(target, hdr, packet, now)  # type: ignore[arg-type]
+
+
+class EthernetForwarder(Forwarder):
+    """TAP mode: a learning switch between the gtun peers and the relay's TAP device."""
+
+    tap = True
+
+    def __init__(self, *args: Any, mtu: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.switch: Switch[Peer | str] = Switch(l2frame.max_frame_for(mtu))
+        self.switch.add_port(LOCAL_PORT)
+
+    def peer_removed(self, peer: Peer) -> None:
+        super().peer_removed(peer)
+        self.switch.remove_port(peer)
+
+    def joined(self, peer: Peer) -> None:
+        self.switch.add_port(peer)
+
+    def gone(self, peer: Peer) -> None:
+        self.switch.remove_port(peer)  # it asks again when it is back
+
+    def tun_packet(self, packet: bytes, now: float) -> None:
+        self._switch_frame(LOCAL_PORT, packet, now)
+
+    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+        # A TAP device is opened without offloads: anything else is a kernel's bug.
+        self.drops["bad_gso"] += 1
+
+    def from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        kind = tm.classify(plaintext)
+        if kind == tm.FRAME:
+            self._frame_from_peer(peer, plaintext, now)
+        elif plaintext[0] == 0:
+            self.on_message(peer, plaintext, now)
+        else:
+            self.count(peer, "not_frame")
+            if peer.data.drops["not_frame"] == 1:  # say so once, not per packet
+                self.refuse(peer, STOCK_PEER_IN_TAP_MODE)
+
+    def _frame_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        switch = self.switch
+        try:
+            frame = l2frame.pull_frame(plaintext, switch.max_frame)
+        except l2frame.L2FrameError as exc:
+            self.count(peer, exc.reason)
+            return
+        reason = self._spoofed(peer, frame)
+        if reason is not None:
+            self.count(peer, reason)
+            return
+        if not switch.has_port(peer):  # only a gtun node sends frames
+            peer.data.is_gtun = True
+            switch.add_port(peer)
+        self._switch_frame(peer, frame, now)
+
+    def _spoofed(self, peer: Peer, frame: bytes) -> str | None:
+        """ "spoofed" when the frame speaks for an address `peer` does not own,
+        "malformed" when its claims cannot be read, else None."""
+        sender = l2frame.ipv4_sender(frame)
+        if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
+            # No answering ARP for the relay's or another peer's address.
+            if not sender:
+                return "malformed"
+            if self.table.lookup(sender) is not peer:
+                return "spoofed"
+        claims = l2frame.ipv6_claims(frame)
+        if claims is not None:
+            if b"" in claims:
+                return "malformed"
+            for claim in claims:
+                # Neighbour discovery itself uses fe80::/10 and ::.
+                if claim[0] == 0xFE and claim[1] & 0xC0 == 0x80 or claim == bytes(16):
+                    continue
+                if self.table.lookup(claim) is not peer:
+                    return "spoofed"
+        return None
+
+    def _switch_frame(self, port: Peer | str, frame: bytes, now: float) -> None:
+        decision = self.switch.receive(port, frame, now)
+        if decision.drop is not None:
+            if isinstance(port, Peer):
+                self.count(port, decision.drop)
+            else:
+                self.drops[decision.drop] += 1
+            return
+        wrapped: bytes | None = None
+        for out in decision.ports:
+            if isinstance(out, Peer):
+                if wrapped is None:
+                    wrapped = l2frame.push_frame(frame)
+                self.wg.send(out, wrapped, now)
+            else:
+                self.tun_out.append(frame)
