@@ -7,7 +7,6 @@ import secrets
 from ipaddress import IPv4Address
 
 from corelink import CoreLink, relay_settings
-
 from gtun.core.client import (
     FALLBACK_AFTER,
     FIRST_BACKOFF,
