@@ -21,6 +21,7 @@ from corelink import relay_settings
 from gtun.app.config import ClientConfig, load_client_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.cli import main
+from gtun.core.client import ClientCore
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.constants import TAI64N_WHITENING_NS
 from gtun.doctor import checks as d
@@ -495,7 +496,7 @@ def test_full_tunnel_endpoint_is_looked_up_with_the_clients_mark(ccfg: ClientCon
 
 
 def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:
-    system = FakeSystem(udp=d.Probe("udp", answered=True, config={}))
+    system = FakeSystem(udp=d.Probe("udp", answered=True))
     results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
     assert system.handshakes == ["udp"]
     assert not names(results)["client"].ok and names(results)["handshake"].ok
@@ -527,7 +528,7 @@ def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
     assert not r["forward"].ok and not r["nat"].ok
 
 
-# --- the handshake probe, sans-IO, against an in-memory relay -----------------------------
+# --- the handshake probe's reading of the client core, against an in-memory relay -------
 
 
 def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
@@ -536,35 +537,42 @@ def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
     return relay
 
 
-def run_probe(probe: hs.HandshakeProbe, relay: Relay) -> None:
+def run_probe(
+    private_key: bytes, server_key: bytes, mode: str | None, relay: Relay
+) -> tuple[d.Probe, bool]:
+    """A client core wired to `relay`: what the probe noted, and whether it is over."""
+    core = ClientCore(private_key, server_key, hs.RELAY, mode=mode)
+    result = d.Probe("udp")
     now = time.monotonic()
-    probe.start(now)
+    core.start(now)
+    over = hs.take_events(core, result, 0.0)
     for _ in range(4):
-        for data in probe.datagrams_to_send():
+        for data, _addr in core.datagrams_to_send():
             relay.receive_datagram(data, "client", now)
         for data, _addr in relay.datagrams_to_send():
-            probe.receive(data, now)
+            core.receive_datagram(data, hs.RELAY, now)
+        over = hs.take_events(core, result, 0.01) or over
+    return result, over
 
 
 def test_probe_gets_the_config(keys: dict[str, bytes]) -> None:
-    probe = hs.HandshakeProbe(keys["client"], public_key(keys["relay"]), None)
-    run_probe(probe, make_relay(keys))
-    assert probe.answered and probe.config is not None and probe.config["address"] == "10.66.0.2"
+    got, over = run_probe(keys["client"], public_key(keys["relay"]), None, make_relay(keys))
+    assert over and got.answered and got.rtt == 0.01 and got.refused is None
+    assert got.config is not None and got.config.address == IPv4Address("10.66.0.2")
 
 
 def test_probe_mode_refused(keys: dict[str, bytes]) -> None:
-    probe = hs.HandshakeProbe(keys["client"], public_key(keys["relay"]), "tap")
-    run_probe(probe, make_relay(keys))
-    assert probe.answered and probe.refused is not None and "tun mode" in probe.refused
+    got, over = run_probe(keys["client"], public_key(keys["relay"]), "tap", make_relay(keys))
+    assert over and got.answered and got.config is None
+    assert got.refused is not None and "tun mode" in got.refused
 
 
 def test_probe_wrong_key_or_stranger_is_silent(keys: dict[str, bytes]) -> None:
-    wrong = hs.HandshakeProbe(keys["client"], public_key(generate_private_key()), None)
-    run_probe(wrong, make_relay(keys))
-    assert not wrong.answered
-    stranger = hs.HandshakeProbe(generate_private_key(), public_key(keys["relay"]), None)
-    run_probe(stranger, make_relay(keys))
-    assert not stranger.answered
+    relay_key, other_key = public_key(keys["relay"]), public_key(generate_private_key())
+    wrong, over = run_probe(keys["client"], other_key, None, make_relay(keys))
+    assert not over and not wrong.answered and wrong.rtt is None
+    stranger, over = run_probe(generate_private_key(), relay_key, None, make_relay(keys))
+    assert not over and not stranger.answered
 
 
 # --- tier 2: UDP silent, TCP answering, on loopback ---------------------------------------

@@ -10,7 +10,7 @@ run in parallel).
 On a client, a running client is asked first (control socket) and trusted: doctor never
 starts a handshake with the client's key while a client runs, since a second session with
 the same key would take the running client's endpoint at the relay.  Only when no client
-runs does it probe with its own WireGuard core, over UDP and then TCP.
+runs does it probe with a client core of its own, over UDP and then TCP.
 """
 
 from __future__ import annotations

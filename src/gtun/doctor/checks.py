@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from gtun.app.config import ClientConfig, ServerConfig
 from gtun.app.keys import encode_key
+from gtun.core.relay import PushedConfig
 from gtun.system.nft import table_name
 
 Network = IPv4Network | IPv6Network
@@ -101,7 +102,7 @@ class Probe:
     answered: bool = False
     error: str | None = None  # why it could not even talk: "refused", "timed out", ...
     connected: bool = False  # TCP only: the connection was accepted
-    config: dict[str, Any] | None = None
+    config: PushedConfig | None = None  # the relay's CONFIG, as the client core read it
     refused: str | None = None  # the relay's REFUSED reason
     rtt: float | None = None
 

@@ -1,8 +1,11 @@
 """The handshake probe of `gtun doctor`: does the relay answer this client's handshake,
 over UDP and over TCP, and what does it say to the configuration request?
 
-Bounded: UDP_HANDSHAKE_WAIT and TCP_HANDSHAKE_WAIT for the handshake, CONFIG_WAIT more
-for the relay's CONFIG or REFUSED once it answered.
+The probe drives the client's own core (core/client.py) for one handshake and one
+configuration request, so it asks exactly what a client would ask: a silent relay, a
+refusal and a mode mismatch read as the client reads them.  Bounded: UDP_HANDSHAKE_WAIT
+and TCP_HANDSHAKE_WAIT for the handshake, CONFIG_WAIT more for the relay's CONFIG or
+REFUSED once it answered.
 """
 
 from __future__ import annotations
@@ -11,107 +14,77 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from gtun.app.config import ClientConfig
-from gtun.core import tunnel as tm
-from gtun.core.wg import HandshakeCompleted, PacketReceived, WireGuard
+from gtun.core.client import ClientCore, ConfigReceived, Connected, GaveUpRound, Refused
 from gtun.doctor.checks import TCP_HANDSHAKE_WAIT, UDP_HANDSHAKE_WAIT, Probe
 from gtun.io.framing import HEADER_SIZE, LENGTH, FrameError, check_length, push_frame
 
 CONFIG_WAIT = 1.5  # after the handshake, for the relay's CONFIG or REFUSED, in seconds
+RELAY = "relay"  # the core's one endpoint: the socket knows where it goes
 
 
-class HandshakeProbe:
-    """A WireGuard initiator that asks the relay for its configuration once.
-
-    After start() and each receive()/handle_timer(), send datagrams_to_send().  Done when
-    `done` (a CONFIG or REFUSED arrived); `answered` once the handshake completed."""
-
-    RELAY = "relay"  # the one endpoint: the edge knows where it goes
-
-    def __init__(self, private_key: bytes, server_key: bytes, mode: str | None) -> None:
-        self.wg = WireGuard(private_key, wall_offset=time.time() - time.monotonic())
-        self.peer = self.wg.add_peer(server_key, endpoint=self.RELAY)
-        self.mode = mode
-        self.answered = False
-        self.config: dict[str, Any] | None = None
-        self.refused: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.config is not None or self.refused is not None
-
-    def start(self, now: float) -> None:
-        self.wg.initiate_handshake(self.peer, now)
-        self._drain(now)
-
-    def receive(self, data: bytes, now: float) -> None:
-        self.wg.receive_datagram(data, self.RELAY, now)
-        self._drain(now)
-
-    def handle_timer(self, now: float) -> None:
-        self.wg.handle_timer(now)
-        self._drain(now)
-
-    def datagrams_to_send(self) -> list[bytes]:
-        return [d for d, _ in self.wg.datagrams_to_send()]
-
-    def _drain(self, now: float) -> None:
-        while (event := self.wg.next_event()) is not None:
-            if isinstance(event, HandshakeCompleted) and not self.answered:
-                self.answered = True
-                payload = {"mode": self.mode} if self.mode else {}
-                self.wg.send(self.peer, tm.push_message(tm.CONFIG_REQUEST, payload), now)
-            elif isinstance(event, PacketReceived) and tm.is_tunnel_message(event.data):
-                try:
-                    msg = tm.pull_message(event.data)
-                except tm.TunnelMessageError:
-                    continue
-                if msg.type == tm.CONFIG:
-                    self.config = msg.payload
-                elif msg.type == tm.REFUSED:
-                    self.refused = str(msg.payload.get("reason", "refused"))
+def take_events(core: ClientCore, result: Probe, elapsed: float) -> bool:
+    """Note the core's events in `result` (`elapsed`: seconds since the probe started,
+    the round trip when the handshake has just completed).  True once the probe is over:
+    the relay sent its CONFIG or refused, or the core gave up a round of handshakes."""
+    over = False
+    while (event := core.next_event()) is not None:
+        if isinstance(event, Connected):
+            result.answered = True
+            result.rtt = elapsed
+        elif isinstance(event, ConfigReceived):
+            result.config = event.config
+            over = True
+        elif isinstance(event, Refused):
+            result.refused = event.reason
+            over = True
+        elif isinstance(event, GaveUpRound):
+            over = True
+    return over
 
 
 async def _pump(
-    probe: HandshakeProbe,
-    recv: Callable[[float], Any],
-    send: Callable[[bytes], Any],
+    core: ClientCore,
+    recv: Callable[[float], Awaitable[bytes | None]],
+    send: Callable[[bytes], Awaitable[None]],
     wait: float,
     result: Probe,
 ) -> None:
-    """Drive `probe` until done or `wait` seconds; `recv(timeout)` returns bytes or None."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    """Drive `core` until the probe is over or `wait` seconds (CONFIG_WAIT more once the
+    relay answered); `recv(timeout)` returns bytes, or None when nothing came."""
+    started = time.monotonic()
     deadline = started + wait
-    probe.start(time.monotonic())
-    for d in probe.datagrams_to_send():
-        await send(d)
-    while not probe.done:
-        now = loop.time()
-        limit = deadline + (CONFIG_WAIT if probe.answered else 0)
-        if now >= limit:
-            break
-        timer = probe.wg.get_timer()
-        mono = time.monotonic()
+    core.start(started)
+    over = take_events(core, result, 0.0)
+    while True:
+        for datagram, _ in core.datagrams_to_send():
+            await send(datagram)
+        now = time.monotonic()
+        limit = deadline + (CONFIG_WAIT if result.answered else 0)
+        if over or now >= limit:
+            return
         timeout = limit - now
+        timer = core.get_timer()
         if timer is not None:
-            timeout = max(0.0, min(timeout, timer - mono))
+            timeout = max(0.0, min(timeout, timer - now))
         data = await recv(timeout)
         if data is not None:
-            was = probe.answered
-            probe.receive(data, time.monotonic())
-            if probe.answered and not was:
-                result.rtt = loop.time() - started
+            core.receive_datagram(data, RELAY, time.monotonic())
         else:
-            probe.handle_timer(time.monotonic())
-        for d in probe.datagrams_to_send():
-            await send(d)
-    result.answered = probe.answered
-    result.config = probe.config
-    result.refused = probe.refused
+            core.handle_timer(time.monotonic())
+        over = take_events(core, result, time.monotonic() - started)
+
+
+def _client_core(cfg: ClientConfig) -> ClientCore:
+    return ClientCore(
+        cfg.private_key,
+        cfg.server_public_key,
+        RELAY,
+        mode=cfg.mode,
+        wall_offset=time.time() - time.monotonic(),
+    )
 
 
 async def probe_udp(cfg: ClientConfig, wait: float = UDP_HANDSHAKE_WAIT) -> Probe:
@@ -125,7 +98,7 @@ async def probe_udp(cfg: ClientConfig, wait: float = UDP_HANDSHAKE_WAIT) -> Prob
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setblocking(False)
-    probe = HandshakeProbe(cfg.private_key, cfg.server_public_key, cfg.mode)
+    core = _client_core(cfg)
 
     async def recv(timeout: float) -> bytes | None:
         try:
@@ -138,7 +111,7 @@ async def probe_udp(cfg: ClientConfig, wait: float = UDP_HANDSHAKE_WAIT) -> Prob
 
     try:
         await loop.sock_connect(sock, addr)
-        await _pump(probe, recv, send, wait, result)
+        await _pump(core, recv, send, wait, result)
     except ConnectionRefusedError:
         result.error = "refused"
     except OSError as exc:
@@ -165,11 +138,13 @@ async def probe_tcp(cfg: ClientConfig, wait: float = TCP_HANDSHAKE_WAIT) -> Prob
         result.error = exc.strerror or str(exc)
         return result
     result.connected = True
-    probe = HandshakeProbe(cfg.private_key, cfg.server_public_key, cfg.mode)
+    core = _client_core(cfg)
 
     async def recv(timeout: float) -> bytes | None:
-        # A timeout while waiting for a header consumes nothing (readexactly takes its
-        # bytes only once they are all there); once a header is read, its body must follow.
+        # Not framing.read_frame: a timeout there could cancel it after the header was
+        # consumed.  A timeout while waiting for a header consumes nothing (readexactly
+        # takes its bytes only once they are all there); once a header is read, its body
+        # must follow.
         try:
             header = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), timeout)
         except TimeoutError:
@@ -188,9 +163,8 @@ async def probe_tcp(cfg: ClientConfig, wait: float = TCP_HANDSHAKE_WAIT) -> Prob
         await writer.drain()
 
     try:
-        await _pump(probe, recv, send, max(0.1, deadline - loop.time()), result)
+        await _pump(core, recv, send, max(0.1, deadline - loop.time()), result)
     except _Closed as exc:
-        result.answered = probe.answered
         result.error = f"the relay closed the connection ({exc})"
     except OSError as exc:
         result.error = exc.strerror or str(exc)
