@@ -18,12 +18,16 @@ from typing import Any
 import pytest
 
 from corelink import relay_settings
-from gtun import doctor as d
 from gtun.app.config import ClientConfig, load_client_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.cli import main
+from gtun.core.client import ClientCore
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.constants import TAI64N_WHITENING_NS
+from gtun.doctor import checks as d
+from gtun.doctor import handshake as hs
+from gtun.doctor import load_any
+from gtun.doctor.probes import LiveSystem
 from gtun.io.framing import push_frame, read_frame
 from gtun.lab.net import write_key
 
@@ -113,8 +117,8 @@ def test_key_option_is_checked(tmp_path: Path, keys: dict[str, bytes]) -> None:
 
 
 def test_config_kind_is_told_by_section(tmp_path: Path, keys: dict[str, bytes]) -> None:
-    assert isinstance(d.load_any(write_client(tmp_path, keys)), ClientConfig)
-    assert not isinstance(d.load_any(write_server(tmp_path, keys)), ClientConfig)
+    assert isinstance(load_any(write_client(tmp_path, keys)), ClientConfig)
+    assert not isinstance(load_any(write_server(tmp_path, keys)), ClientConfig)
 
 
 # --- the path: reachability and handshake -----------------------------------------------
@@ -492,7 +496,7 @@ def test_full_tunnel_endpoint_is_looked_up_with_the_clients_mark(ccfg: ClientCon
 
 
 def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:
-    system = FakeSystem(udp=d.Probe("udp", answered=True, config={}))
+    system = FakeSystem(udp=d.Probe("udp", answered=True))
     results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
     assert system.handshakes == ["udp"]
     assert not names(results)["client"].ok and names(results)["handshake"].ok
@@ -524,7 +528,7 @@ def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
     assert not r["forward"].ok and not r["nat"].ok
 
 
-# --- the handshake probe, sans-IO, against an in-memory relay -----------------------------
+# --- the handshake probe's reading of the client core, against an in-memory relay -------
 
 
 def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
@@ -533,35 +537,42 @@ def make_relay(keys: dict[str, bytes], mode: str = "tun") -> Relay:
     return relay
 
 
-def run_probe(probe: d.HandshakeProbe, relay: Relay) -> None:
+def run_probe(
+    private_key: bytes, server_key: bytes, mode: str | None, relay: Relay
+) -> tuple[d.Probe, bool]:
+    """A client core wired to `relay`: what the probe noted, and whether it is over."""
+    core = ClientCore(private_key, server_key, hs.RELAY, mode=mode)
+    result = d.Probe("udp")
     now = time.monotonic()
-    probe.start(now)
+    core.start(now)
+    over = hs.take_events(core, result, 0.0)
     for _ in range(4):
-        for data in probe.datagrams_to_send():
+        for data, _addr in core.datagrams_to_send():
             relay.receive_datagram(data, "client", now)
         for data, _addr in relay.datagrams_to_send():
-            probe.receive(data, now)
+            core.receive_datagram(data, hs.RELAY, now)
+        over = hs.take_events(core, result, 0.01) or over
+    return result, over
 
 
 def test_probe_gets_the_config(keys: dict[str, bytes]) -> None:
-    probe = d.HandshakeProbe(keys["client"], public_key(keys["relay"]), None)
-    run_probe(probe, make_relay(keys))
-    assert probe.answered and probe.config is not None and probe.config["address"] == "10.66.0.2"
+    got, over = run_probe(keys["client"], public_key(keys["relay"]), None, make_relay(keys))
+    assert over and got.answered and got.rtt == 0.01 and got.refused is None
+    assert got.config is not None and got.config.address == IPv4Address("10.66.0.2")
 
 
 def test_probe_mode_refused(keys: dict[str, bytes]) -> None:
-    probe = d.HandshakeProbe(keys["client"], public_key(keys["relay"]), "tap")
-    run_probe(probe, make_relay(keys))
-    assert probe.answered and probe.refused is not None and "tun mode" in probe.refused
+    got, over = run_probe(keys["client"], public_key(keys["relay"]), "tap", make_relay(keys))
+    assert over and got.answered and got.config is None
+    assert got.refused is not None and "tun mode" in got.refused
 
 
 def test_probe_wrong_key_or_stranger_is_silent(keys: dict[str, bytes]) -> None:
-    wrong = d.HandshakeProbe(keys["client"], public_key(generate_private_key()), None)
-    run_probe(wrong, make_relay(keys))
-    assert not wrong.answered
-    stranger = d.HandshakeProbe(generate_private_key(), public_key(keys["relay"]), None)
-    run_probe(stranger, make_relay(keys))
-    assert not stranger.answered
+    relay_key, other_key = public_key(keys["relay"]), public_key(generate_private_key())
+    wrong, over = run_probe(keys["client"], other_key, None, make_relay(keys))
+    assert not over and not wrong.answered and wrong.rtt is None
+    stranger, over = run_probe(generate_private_key(), relay_key, None, make_relay(keys))
+    assert not over and not stranger.answered
 
 
 # --- tier 2: UDP silent, TCP answering, on loopback ---------------------------------------
@@ -633,7 +644,7 @@ def test_udp_silent_but_tcp_answers(
 ) -> None:
     cfg = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port))
     started = time.monotonic()
-    results = names(d.diagnose_client(cfg, d.LiveSystem()))
+    results = names(d.diagnose_client(cfg, LiveSystem()))
     assert time.monotonic() - started < d.UDP_HANDSHAKE_WAIT + d.TCP_HANDSHAKE_WAIT + 3
     relay = results["relay"]
     assert not relay.ok and "TCP does" in relay.detail, results
@@ -645,12 +656,12 @@ def test_tcp_probe_gets_config_and_refusal(
     tmp_path: Path, keys: dict[str, bytes], tcp_relay: TcpRelay
 ) -> None:
     cfg = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port))
-    got = asyncio.run(d.probe_tcp(cfg))
+    got = asyncio.run(hs.probe_tcp(cfg))
     assert got.connected and got.answered and got.config is not None and got.rtt is not None
     tap = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port, mode='"tap"'))
     # WireGuard refuses a second initiation within its timestamp granularity (a replay).
     time.sleep(2 * TAI64N_WHITENING_NS / 1e9)
-    got = asyncio.run(d.probe_tcp(tap))
+    got = asyncio.run(hs.probe_tcp(tap))
     assert got.refused is not None and "tun mode" in got.refused
 
 
@@ -659,9 +670,9 @@ def test_tcp_probe_refused_port(tmp_path: Path, keys: dict[str, bytes]) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         cfg = load_client_config(write_client(tmp_path, keys, port=port))
-        got = asyncio.run(d.probe_tcp(cfg))
+        got = asyncio.run(hs.probe_tcp(cfg))
         assert not got.connected and got.error == "refused"
-        udp = asyncio.run(d.probe_udp(cfg, wait=1.0))
+        udp = asyncio.run(hs.probe_udp(cfg, wait=1.0))
         assert not udp.answered and udp.error == "refused"  # ICMP port unreachable
 
 
@@ -691,8 +702,8 @@ def test_tcp_probe_survives_a_bad_peer(
         port = server.sockets[0].getsockname()[1]
         cfg = load_client_config(write_client(tmp_path, keys, port=port))
         started = time.monotonic()
-        got = await d.probe_tcp(cfg)
-        assert time.monotonic() - started < d.TCP_HANDSHAKE_WAIT + d.CONFIG_WAIT + 0.5
+        got = await hs.probe_tcp(cfg)
+        assert time.monotonic() - started < d.TCP_HANDSHAKE_WAIT + hs.CONFIG_WAIT + 0.5
         done.set()
         await asyncio.gather(*handlers)
         server.close()

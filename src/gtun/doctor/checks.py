@@ -1,0 +1,783 @@
+"""The checks of `gtun doctor`, pure: facts in, `Result`s out, and nothing else.
+
+Each check is a small function from facts to a `Result` (OK, or a problem with its fix),
+so the tests give each check its facts directly.  `diagnose_client` and `diagnose_relay`
+ask a `System` for the facts (the real one is probes.LiveSystem) and run the checks that
+apply; nothing here touches the machine itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from pathlib import Path
+from typing import Any, Protocol
+
+from gtun.app.config import ClientConfig, ServerConfig
+from gtun.app.keys import encode_key
+from gtun.core.relay import PushedConfig
+from gtun.system.nft import table_name
+
+Network = IPv4Network | IPv6Network
+
+# Tuning knobs: the bounds of the handshake probes (handshake.py), in seconds, which
+# the checks name when nothing answered.
+UDP_HANDSHAKE_WAIT = 3.0
+TCP_HANDSHAKE_WAIT = 2.0
+MIN_PROBE = 576  # the smallest packet the MTU probe tries (RFC 791)
+PROBE_STEPS = 12  # packet sizes tried in parallel per round of the MTU probe
+PROBE_ROUNDS = 3  # each round narrows the gap between the best pass and the next fail
+
+IFF_TUN = 0x0001  # <linux/if_tun.h>
+IFF_TAP = 0x0002
+
+# ---------------------------------------------------------------------------
+# Results and their output
+
+
+@dataclass(frozen=True)
+class Result:
+    check: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+def ok(check: str, detail: str) -> Result:
+    return Result(check, True, detail)
+
+
+def problem(check: str, detail: str, fix: str) -> Result:
+    return Result(check, False, detail, fix)
+
+
+def format_text(results: Sequence[Result]) -> str:
+    lines = []
+    for r in results:
+        if r.ok:
+            lines.append(f"OK    {r.check}: {r.detail}")
+        else:
+            lines.append(f"PROBLEM {r.check}: {r.detail} — fix: {r.fix}")
+    return "\n".join(lines)
+
+
+def format_json(results: Sequence[Result]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2, ensure_ascii=False)
+
+
+def exit_code(results: Sequence[Result]) -> int:
+    return 0 if all(r.ok for r in results) else 1
+
+
+# ---------------------------------------------------------------------------
+# Facts
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network device as `ip -j addr show` and /sys describe it."""
+
+    name: str
+    up: bool  # administratively up (IFF_UP)
+    mtu: int
+    addresses: tuple[IPv4Interface | IPv6Interface, ...] = ()
+    tun_flags: int | None = None  # None: not a TUN/TAP device (or unknown)
+
+
+@dataclass(frozen=True)
+class Route:
+    network: Network
+    dev: str | None
+
+
+@dataclass
+class Probe:
+    """What a handshake probe (handshake.py) learned from the relay."""
+
+    transport: str
+    answered: bool = False
+    error: str | None = None  # why it could not even talk: "refused", "timed out", ...
+    connected: bool = False  # TCP only: the connection was accepted
+    config: PushedConfig | None = None  # the relay's CONFIG, as the client core read it
+    refused: str | None = None  # the relay's REFUSED reason
+    rtt: float | None = None
+
+
+class System(Protocol):
+    """The facts doctor gathers; the real one is probes.LiveSystem, tests inject their own."""
+
+    def status(self, path: Path) -> dict[str, Any] | None: ...
+    def link(self, dev: str) -> Link | None: ...
+    def route_dev(self, address: str, mark: int | None = None) -> str | None: ...
+    def routes(self) -> list[Route]: ...
+    def sysctl(self, key: str) -> str | None: ...
+    def nft_ruleset(self) -> list[dict[str, Any]] | str: ...
+    def ping_sizes(self, address: str, sizes: Sequence[int]) -> dict[int, bool]: ...
+    def ping_host(self, host: str) -> bool: ...
+    def udp_refused(self, host: str, port: int) -> bool: ...
+    def handshake(self, cfg: ClientConfig, transport: str) -> Probe: ...
+
+
+# ---------------------------------------------------------------------------
+# Checks (pure)
+
+
+def _fix_server(path: Path) -> str:
+    return f"gtun server -c {path}"
+
+
+def check_client_running(cfg: ClientConfig, status: dict[str, Any] | None) -> Result:
+    if status is None:
+        return problem(
+            "client",
+            f"no client runs with this config (nothing answers on {cfg.control_socket})",
+            f"gtun client -c {cfg.path}",
+        )
+    state = "connected" if status.get("connected") else "not connected"
+    return ok("client", f"running, {state}, address {status.get('address') or 'none yet'}")
+
+
+def check_relay_running(cfg: ServerConfig, status: dict[str, Any] | None) -> Result:
+    if status is None:
+        return problem(
+            "relay",
+            f"the relay is not running (nothing answers on {cfg.control_socket})",
+            _fix_server(cfg.path),
+        )
+    return ok(
+        "relay",
+        f"running, {len(status.get('peers', []))} peers",
+    )
+
+
+def _hostport(cfg: ClientConfig) -> str:
+    host, port = cfg.server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _add_peer_fix(key: str, server_config: str) -> str:
+    return (
+        f'add [[peers]] name = "NAME" public_key = "{key}" to {server_config} and send the '
+        f"relay SIGHUP (or use the key pair `gtun peer add NAME -c {server_config}` makes)"
+    )
+
+
+def _silent_fix(cfg: ClientConfig) -> str:
+    key = encode_key(cfg.public_key)
+    return (
+        f"on the relay, `gtun pubkey < server.key` must print {encode_key(cfg.server_public_key)}"
+        f" (this config's server_public_key), and `gtun doctor -c server.toml --key {key}` "
+        f"says whether this client is a peer; if not, {_add_peer_fix(key, 'server.toml')}"
+    )
+
+
+def check_path(
+    cfg: ClientConfig,
+    status: dict[str, Any] | None,
+    udp_refused: bool,
+    udp: Probe | None,
+    tcp: Probe | None,
+    host_pings: bool | None,
+) -> list[Result]:
+    """The relay's reachability and the handshake.
+
+    `status` is the running client's (None: none runs, so `udp`/`tcp` are our own probes);
+    `udp_refused`: an ICMP port unreachable came back from the relay's UDP port."""
+    where = _hostport(cfg)
+    port = cfg.server[1]
+    start = f'on the relay: {_fix_server(Path("server.toml"))} (listen = "0.0.0.0:{port}")'
+    results: list[Result] = []
+    tcp_works = tcp is not None and tcp.answered
+    running_ok = status is not None and bool(status.get("connected"))
+    udp_ok = udp is not None and udp.answered
+    if udp_refused or (udp is not None and udp.error == "refused"):
+        if tcp_works:
+            results.append(
+                problem(
+                    "relay",
+                    f"nothing listens on UDP {where} (ICMP port unreachable) but TCP answers",
+                    f'set transport = "tcp" (or "auto") in [client] of {cfg.path}',
+                )
+            )
+        else:
+            results.append(
+                problem(
+                    "relay",
+                    f"nothing listens on UDP {where} (ICMP port unreachable): "
+                    "the relay is not running there",
+                    start,
+                )
+            )
+        return results
+    if tcp_works and cfg.transport == "tcp":
+        results.append(ok("relay", f"{where} reachable over TCP"))
+        results.append(ok("handshake", "answered over TCP"))
+        return results
+    if running_ok or udp_ok:
+        how = "the running client has a session" if running_ok else "answers the handshake"
+        if udp_ok and udp is not None and udp.rtt is not None:
+            how += f" over UDP in {udp.rtt * 1000:.0f} ms"
+        results.append(ok("relay", f"{where} reachable"))
+        results.append(ok("handshake", how))
+        return results
+    if tcp_works:
+        results.append(
+            problem(
+                "relay",
+                f"UDP to {where} gets no answer but TCP does (UDP is blocked on the way)",
+                f'set transport = "auto" (or "tcp") in [client] of {cfg.path}',
+            )
+        )
+        results.append(ok("handshake", "answered over TCP"))
+        return results
+    if udp is not None and udp.error not in (None, "refused"):
+        results.append(
+            problem(
+                "relay",
+                f"cannot send UDP to {where}: {udp.error} (a firewall on this machine?)",
+                f"nft list ruleset  (and remove what drops UDP to port {port}), "
+                f'or set transport = "auto" in [client] of {cfg.path}',
+            )
+        )
+        return results
+    if status is not None:
+        silent = f"the running client has no session with {where}"
+        last = _last_handshake(status)
+        if last is not None:
+            silent += f" (last handshake {time.time() - last:.0f} s ago)"
+    else:
+        silent = f"{where} does not answer this client's handshake ({_tried(udp, tcp)})"
+    # A TCP reset, an open TCP port or a ping reply: the relay's host is there.
+    tcp_open = tcp is not None and tcp.connected
+    tcp_reset = tcp is not None and tcp.error == "refused"
+    if tcp_open or tcp_reset or host_pings:
+        if tcp_open:
+            seen = "its TCP port is open"
+        elif host_pings:
+            seen = "the host answers ping"
+        else:
+            seen = "the host answers on TCP"
+        results.append(ok("relay", f"{where} reachable ({seen})"))
+        results.append(
+            problem(
+                "handshake",
+                f"{silent}: wrong server_public_key, this client's key is not a peer, "
+                f"or UDP port {port} is filtered",
+                _silent_fix(cfg),
+            )
+        )
+        return results
+    results.append(
+        problem(
+            "relay",
+            f"{where} unreachable: no answer ({_tried(udp, tcp)}; ping: none)",
+            f"{start}, and open UDP port {port} on its firewall "
+            f"(nft add rule inet filter input udp dport {port} accept)",
+        )
+    )
+    return results
+
+
+def _tried(udp: Probe | None, tcp: Probe | None) -> str:
+    parts = []
+    for probe, wait in ((udp, UDP_HANDSHAKE_WAIT), (tcp, TCP_HANDSHAKE_WAIT)):
+        if probe is not None:
+            what = probe.error or f"no answer in {wait:g} s"
+            if probe.error == "refused":
+                what = "connection refused" if probe.transport == "tcp" else "port unreachable"
+            parts.append(f"{probe.transport.upper()}: {what}")
+    return "; ".join(parts) or "the running client's session"
+
+
+def _last_handshake(status: dict[str, Any]) -> float | None:
+    for peer in status.get("peers", []):
+        if peer.get("last_handshake") is not None:
+            return float(peer["last_handshake"])
+    return None
+
+
+def check_mode(
+    want: str | None, link: Link | None, dev: str, refused: str | None, path: Path, section: str
+) -> Result | None:
+    """TUN/TAP: the relay's REFUSED answer, or an existing device of the other type."""
+    if refused is not None:
+        other = "tap" if want == "tun" else "tun"
+        return problem(
+            "mode",
+            f"the relay refused this client: {refused}",
+            f'set mode = "{other}" (or remove mode) in [{section}] of {path}',
+        )
+    if link is None or link.tun_flags is None or want is None:
+        return None
+    actual = "tap" if link.tun_flags & IFF_TAP else "tun"
+    if actual != want:
+        return problem(
+            "mode",
+            f'{dev} is a {actual.upper()} device but the config says mode = "{want}"',
+            f"stop what owns {dev}, then `ip link del {dev}`, and restart gtun",
+        )
+    return ok("mode", f"{dev} is a {actual.upper()} device as configured")
+
+
+def check_device(dev: str, link: Link | None, restart: str) -> Result:
+    if link is None:
+        return problem("device", f"{dev} does not exist", restart)
+    if not link.up:
+        return problem("device", f"{dev} is down", f"ip link set {dev} up")
+    return ok("device", f"{dev} is up, mtu {link.mtu}")
+
+
+def check_address(
+    dev: str,
+    link: Link | None,
+    want: IPv4Interface | IPv6Interface | None,
+    check: str = "address",
+) -> Result | None:
+    if link is None or want is None:
+        return None
+    if want in link.addresses:
+        return ok(check, f"{want} on {dev}")
+    have = ", ".join(str(a) for a in link.addresses) or "none"
+    return problem(
+        check, f"{want} is missing from {dev} (it has {have})", f"ip addr add {want} dev {dev}"
+    )
+
+
+def _probe_host(net: Network) -> str:
+    return str(net.network_address if net.prefixlen == net.max_prefixlen else net[1])
+
+
+def check_routes(
+    dev: str, wanted: Iterable[Network], route_dev: Callable[[str], str | None], table: list[Route]
+) -> Result | None:
+    """Each network must leave by `dev`: missing, or shadowed by a more specific route."""
+    wanted = list(wanted)
+    if not wanted:
+        return None
+    problems: list[tuple[str, str]] = []
+    for net in wanted:
+        via = route_dev(_probe_host(net))
+        shadow = [
+            r
+            for r in table
+            if r.dev != dev
+            and r.network.version == net.version
+            and r.network.prefixlen > net.prefixlen
+            and r.network.subnet_of(net)  # type: ignore[arg-type]
+        ]
+        ours = any(r.network == net and r.dev == dev for r in table)
+        if shadow:
+            s = shadow[0]
+            other = f"{s.network} dev {s.dev}" if s.dev else f"{s.network} (no device)"
+            undo = f"ip route del {s.network}" + (f" dev {s.dev}" if s.dev else "")
+            problems.append((f"{net} is shadowed by {other}", undo))
+        elif via == dev:
+            continue
+        elif not ours:
+            problems.append((f"{net} has no route through {dev}", f"ip route add {net} dev {dev}"))
+        else:
+            problems.append(
+                (
+                    f"{net} leaves by {via or 'no device'}, not {dev} (a policy rule or a more "
+                    "specific route wins)",
+                    f"ip route get {_probe_host(net)}; ip rule list",
+                )
+            )
+    if not problems:
+        return ok("routes", f"{', '.join(str(n) for n in wanted)} leave by {dev}")
+    fixes = dict.fromkeys(p[1] for p in problems)
+    return problem("routes", "; ".join(p[0] for p in problems), "; ".join(fixes))
+
+
+def check_endpoint(dev: str, host: str, via: str | None) -> Result | None:
+    """The relay's own endpoint must not be routed into the tunnel (a loop)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if via == dev:
+        return problem(
+            "endpoint",
+            f"the relay's endpoint {host} is routed into {dev}: the tunnel would carry itself",
+            f"ip route add {host} via <your gateway>  (a more specific route outside {dev})",
+        )
+    return None
+
+
+def mtu_probe_sizes(low: int, high: int, steps: int = PROBE_STEPS) -> list[int]:
+    """Packet sizes from `high` down to `low` (both included), evenly spaced."""
+    if high <= low:
+        return [high]
+    step = max(1, (high - low) // (steps - 1))
+    sizes = list(range(high, low, -step))[: steps - 1] + [low]
+    return sorted(set(sizes), reverse=True)
+
+
+def check_mtu(dev: str, mtu: int, target: str, passed: dict[int, bool]) -> Result:
+    """`passed`: packet size (IP total length, DF set) -> a reply came back."""
+    good = [s for s, p in passed.items() if p]
+    if passed.get(mtu):
+        return ok("mtu", f"{mtu}-byte packets with DF reach {target} and back")
+    if not good:
+        return problem(
+            "tunnel",
+            f"{target} (the relay's tunnel address) answers no ping through {dev}, "
+            f"not even {min(passed) if passed else MIN_PROBE}-byte packets",
+            "run `gtun doctor -c server.toml` on the relay",
+        )
+    largest = max(good)
+    return problem(
+        "mtu",
+        f"black hole: {mtu}-byte packets to {target} vanish; the largest that passes is "
+        f"{largest} bytes",
+        f"ip link set {dev} mtu {largest} (now); mtu = {largest} in the relay's [server] "
+        "(lasting; it is pushed to the clients)",
+    )
+
+
+def check_forwarding(ip_forward: str | None, dev_forwarding: str | None, dev: str) -> Result:
+    if ip_forward != "1":
+        return problem(
+            "forwarding",
+            f"IPv4 forwarding is off (net.ipv4.ip_forward = {ip_forward})",
+            "sysctl -w net.ipv4.ip_forward=1",
+        )
+    if dev_forwarding is not None and dev_forwarding != "1":
+        return problem(
+            "forwarding",
+            f"forwarding is off on {dev} (net.ipv4.conf.{dev}.forwarding = {dev_forwarding})",
+            f"sysctl -w net.ipv4.conf.{dev}.forwarding=1",
+        )
+    return ok("forwarding", "IPv4 forwarding is on")
+
+
+def check_rp_filter(all_value: str | None, dev_value: str | None, dev: str) -> Result:
+    # The kernel uses the larger of conf.all and conf.<dev> (Documentation/networking/
+    # ip-sysctl.rst); 1 is strict, 2 loose.
+    values = [int(v) for v in (all_value, dev_value) if v is not None and v.isdigit()]
+    effective = max(values, default=0)
+    if effective == 1:
+        where = [
+            f"net.ipv4.conf.{name}.rp_filter = 1"
+            for name, v in (("all", all_value), (dev, dev_value))
+            if v == "1"
+        ]
+        return problem(
+            "rp_filter",
+            f"strict reverse-path filtering ({', '.join(where)}) drops tunnel packets whose "
+            f"source is not routed back through {dev} (peers' LANs, full-tunnel traffic)",
+            f"sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{dev}.rp_filter=2",
+        )
+    return ok("rp_filter", f"reverse-path filter {('off', 'strict', 'loose')[effective]}")
+
+
+_VERDICTS = ("accept", "drop", "reject")
+
+
+def _rule_facts(expr: list[dict[str, Any]]) -> tuple[str | None, dict[str, Any], bool, bool]:
+    """(verdict, interface matches {iifname/oifname: value}, other matches?, established?)"""
+    verdict = None
+    ifaces: dict[str, Any] = {}
+    other = False
+    established = False
+    for e in expr:
+        for v in _VERDICTS:
+            if v in e:
+                verdict = v
+        match = e.get("match")
+        if match is None:
+            continue
+        left = match.get("left", {})
+        key = left.get("meta", {}).get("key") if isinstance(left, dict) else None
+        if key in ("iifname", "oifname", "iif", "oif") and match.get("op") in ("==", "in"):
+            ifaces[key.replace("name", "")] = match.get("right")
+        elif isinstance(left, dict) and left.get("ct", {}).get("key") == "state":
+            right = match.get("right")
+            states = right if isinstance(right, list) else [right]
+            established = "established" in states
+            other = True
+        else:
+            other = True
+    return verdict, ifaces, other, established
+
+
+def _names(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, dict) and "set" in value:
+        return [str(v) for v in value["set"]]
+    return [str(value)]
+
+
+def _matches_dev(value: Any, dev: str) -> bool:
+    for name in _names(value):
+        if name == dev or (name.endswith("*") and dev.startswith(name[:-1])):
+            return True
+    return False
+
+
+def forward_verdict(
+    chain: dict[str, Any], rules: list[dict[str, Any]], dev: str, direction: str
+) -> str:
+    """What a forward base chain does to traffic entering ("iif") or leaving ("oif") by
+    `dev`: "accept" or "drop".  Rules matching other things (addresses, ports) are taken
+    not to concern the tunnel; a drop rule with no match at all, or one naming `dev`, does.
+    """
+    for rule in rules:
+        verdict, ifaces, other, established = _rule_facts(rule.get("expr", []))
+        if verdict is None:
+            continue
+        mine = direction in ifaces and _matches_dev(ifaces[direction], dev)
+        if verdict == "accept":
+            if mine or (direction == "oif" and established and not ifaces):
+                return "accept"
+        elif mine or (not ifaces and not other):
+            return "drop"
+    return "drop" if chain.get("policy") == "drop" else "accept"
+
+
+def check_forward_chain(ruleset: list[dict[str, Any]] | str, dev: str) -> Result:
+    if isinstance(ruleset, str):
+        return problem("forward", f"cannot read the nftables ruleset: {ruleset}", "run as root")
+    chains = [o["chain"] for o in ruleset if "chain" in o and o["chain"].get("hook") == "forward"]
+    bad = []
+    for chain in chains:
+        rules = [
+            o["rule"]
+            for o in ruleset
+            if "rule" in o
+            and o["rule"].get("family") == chain.get("family")
+            and o["rule"].get("table") == chain.get("table")
+            and o["rule"].get("chain") == chain.get("name")
+        ]
+        for direction in ("iif", "oif"):
+            if forward_verdict(chain, rules, dev, direction) == "drop":
+                bad.append((chain, direction))
+    if not bad:
+        return ok("forward", f"no forward chain drops traffic through {dev}")
+    fixes = []
+    for chain, direction in bad:
+        ref = f"{chain['family']} {chain['table']} {chain['name']}"
+        fixes.append(f'nft insert rule {ref} {direction}name "{dev}" accept')
+    names = sorted({f"{c['family']} {c['table']} {c['name']}" for c, _ in bad})
+    what = " and ".join(
+        sorted({"from" if d == "iif" else "to" for _, d in bad}, key=lambda w: w != "from")
+    )
+    return problem(
+        "forward",
+        f"forward chain {', '.join(names)} drops traffic {what} {dev}",
+        "; ".join(fixes),
+    )
+
+
+def check_nat(
+    nat: bool, routes: Sequence[Network], network: IPv4Network, dev: str, ruleset: Any, path: Path
+) -> Result:
+    if isinstance(ruleset, str):
+        return problem("nat", f"cannot read the nftables ruleset: {ruleset}", "run as root")
+    table = table_name(dev)
+    ours = any(
+        "rule" in o
+        and o["rule"].get("table") == table
+        and o["rule"].get("family") == "inet"
+        and any("masquerade" in e for e in o["rule"].get("expr", []))
+        for o in ruleset
+    )
+    if nat:
+        if ours:
+            return ok("nat", f"{network} is masqueraded as it leaves (table inet {table})")
+        return problem(
+            "nat",
+            f"nat = true but the masquerade table inet {table} is missing: clients' traffic "
+            "leaves with addresses nobody routes back",
+            f"restart the relay ({_fix_server(path)}), which installs it",
+        )
+    if routes:
+        other = any(
+            "rule" in o and any("masquerade" in e or "snat" in e for e in o["rule"].get("expr", []))
+            for o in ruleset
+        )
+        if other:
+            return ok("nat", "nat = false, but another nftables rule masquerades or SNATs")
+        return problem(
+            "nat",
+            f"nat = false while routes {', '.join(str(r) for r in routes)} are pushed: hosts "
+            f"there get packets from {network} and have no route back",
+            f"set nat = true in [server] of {path} and restart, or route {network} to this "
+            "relay on those networks' router",
+        )
+    return ok("nat", "nat = false and no routes are pushed")
+
+
+def check_peer(key_text: str, status: dict[str, Any] | None, cfg: ServerConfig) -> Result:
+    peers = (status or {}).get("peers")
+    if peers is None:
+        known = [(p.name, encode_key(p.public_key)) for p in cfg.peers]
+        entries = [{"name": n, "public_key": k} for n, k in known]
+    else:
+        entries = peers
+    for peer in entries:
+        if peer.get("public_key") == key_text:
+            detail = f"{key_text} is peer {peer['name']}"
+            if peer.get("address"):
+                detail += f" ({peer['address']})"
+            if peer.get("last_handshake"):
+                age = time.time() - float(peer["last_handshake"])
+                detail += f", last handshake {age:.0f} s ago"
+            return ok("peer", detail)
+    return problem(
+        "peer",
+        f"{key_text} is not a peer of this relay",
+        _add_peer_fix(key_text, str(cfg.path)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The runs
+
+
+def mtu_search(system: System, mtu: int, target: str) -> dict[int, bool]:
+    """Rounds of parallel DF pings, each between the largest size that passed and the
+    smallest that failed.  Returns size -> passed."""
+    passed = system.ping_sizes(target, mtu_probe_sizes(MIN_PROBE, mtu))
+    for _ in range(PROBE_ROUNDS - 1):
+        good = [s for s, p in passed.items() if p]
+        if passed.get(mtu) or not good:
+            break
+        low = max(good)
+        high = min(s for s, p in passed.items() if not p and s > low)
+        if high - low <= 1:
+            break
+        inner = [s for s in mtu_probe_sizes(low + 1, high - 1) if s not in passed]
+        passed.update(system.ping_sizes(target, inner))
+    return passed
+
+
+def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
+    results: list[Result] = []
+    status = system.status(cfg.control_socket)
+    results.append(check_client_running(cfg, status))
+    host, port = cfg.server
+    refused = system.udp_refused(host, port) if status is not None else False
+    udp: Probe | None = None
+    tcp: Probe | None = None
+    if status is None:
+        if cfg.transport in ("udp", "auto"):
+            udp = system.handshake(cfg, "udp")
+        if not (udp and udp.answered) and not (udp and udp.refused):
+            tcp = system.handshake(cfg, "tcp")
+    host_pings = None
+    running_ok = status is not None and status.get("connected")
+    answered = (udp and udp.answered) or (tcp and tcp.answered)
+    closed = refused or (udp and udp.error == "refused")
+    if not running_ok and not answered and not closed:
+        host_pings = system.ping_host(host)
+    results.extend(check_path(cfg, status, refused, udp, tcp, host_pings))
+    refused_reason = next((p.refused for p in (udp, tcp) if p and p.refused), None)
+    link = system.link(cfg.device)
+    mode = check_mode(
+        cfg.mode, link if status is not None else None, cfg.device, refused_reason, cfg.path,
+        "client",
+    )  # fmt: skip
+    if mode is not None:
+        results.append(mode)
+    # A full-tunnel client marks its packets to the relay so that they go around the
+    # tunnel: look the endpoint up as those packets are routed.
+    fwmark = status.get("fwmark") if status is not None else None
+    via = system.route_dev(host, fwmark) if isinstance(fwmark, int) else system.route_dev(host)
+    endpoint = check_endpoint(cfg.device, host, via)
+    if endpoint is not None:
+        results.append(endpoint)
+    if status is None:
+        return results
+    results.append(check_device(cfg.device, link, f"restart the client: gtun client -c {cfg.path}"))
+    address = status.get("address")
+    want = IPv4Interface(address) if address else None
+    addr = check_address(cfg.device, link, want)
+    if addr is not None:
+        results.append(addr)
+    address6 = status.get("address6")
+    addr6 = check_address(
+        cfg.device, link, IPv6Interface(address6) if address6 else None, "address6"
+    )
+    if addr6 is not None:
+        results.append(addr6)
+    if link is None or not link.up or want is None:
+        return results
+    gateway = next((p.get("address") for p in status.get("peers", []) if p.get("address")), None)
+    wanted: list[Network] = []
+    if gateway:
+        wanted.append(IPv4Network(f"{gateway}/32"))
+    wanted.extend(ipaddress.ip_network(r) for r in status.get("routes", []))
+    routes = check_routes(cfg.device, wanted, system.route_dev, system.routes())
+    if routes is not None:
+        results.append(routes)
+    results.append(
+        check_rp_filter(
+            system.sysctl("net.ipv4.conf.all.rp_filter"),
+            system.sysctl(f"net.ipv4.conf.{cfg.device}.rp_filter"),
+            cfg.device,
+        )
+    )
+    if gateway and status.get("connected") and (routes is None or routes.ok):
+        mtu = int(status.get("mtu") or link.mtu)
+        passed = mtu_search(system, mtu, gateway)
+        results.append(check_mtu(cfg.device, mtu, gateway, passed))
+    return results
+
+
+def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) -> list[Result]:
+    results: list[Result] = []
+    status = system.status(cfg.control_socket)
+    results.append(check_relay_running(cfg, status))
+    results.append(ok("key", f"this relay's public key is {encode_key(cfg.public_key)}"))
+    if key is not None:
+        results.append(check_peer(key, status, cfg))
+    dev = cfg.device
+    link = system.link(dev)
+    results.append(check_device(dev, link, f"restart the relay: {_fix_server(cfg.path)}"))
+    mode = check_mode(cfg.mode, link, dev, None, cfg.path, "server")
+    if mode is not None:
+        results.append(mode)
+    want = IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
+    addr = check_address(dev, link, want)
+    if addr is not None:
+        results.append(addr)
+    if cfg.network6 is not None and cfg.relay_address6 is not None:
+        want6 = IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}")
+        addr6 = check_address(dev, link, want6, "address6")
+        if addr6 is not None:
+            results.append(addr6)
+    if link is not None and link.up and status is not None:
+        # Each peer's address and the LANs behind peers must leave by the device.
+        wanted: list[Network] = []
+        for peer in status.get("peers", []):
+            if peer.get("address"):
+                wanted.append(ipaddress.ip_network(f"{peer['address']}/32"))
+            nets = (ipaddress.ip_network(s) for s in peer.get("subnets", []))
+            wanted.extend(n for n in nets if n.version == 4)
+        routes = check_routes(dev, wanted, system.route_dev, system.routes())
+        if routes is not None:
+            results.append(routes)
+    results.append(
+        check_forwarding(
+            system.sysctl("net.ipv4.ip_forward"),
+            system.sysctl(f"net.ipv4.conf.{dev}.forwarding") if link else None,
+            dev,
+        )
+    )
+    results.append(
+        check_rp_filter(
+            system.sysctl("net.ipv4.conf.all.rp_filter"),
+            system.sysctl(f"net.ipv4.conf.{dev}.rp_filter") if link else None,
+            dev,
+        )
+    )
+    ruleset = system.nft_ruleset()
+    results.append(check_forward_chain(ruleset, dev))
+    results.append(check_nat(cfg.nat, cfg.routes, cfg.network, dev, ruleset, cfg.path))
+    return results
