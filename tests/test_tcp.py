@@ -83,7 +83,8 @@ class Rig:
         self.core = FakeCore()
         self.driver = Driver(self.core, self.loop, lambda e: None)
         self.closed: list[TcpEndpoint] = []
-        self.server = TcpServer(self.driver, self.closed.append, limits)
+        self.server = TcpServer(self.loop, self.closed.append, limits)
+        self.driver.attach(self.server)
         self.port = 0
 
     async def __aenter__(self) -> Rig:
@@ -411,7 +412,7 @@ def test_dialer_reconnects_with_backoff() -> None:
             ep.send(wg_message(48, len(ups)))  # a hello, as a handshake would be
 
         dialer = TcpDialer(
-            driver,
+            loop,
             ("127.0.0.1", port),
             open_socket,
             connected,
@@ -419,7 +420,7 @@ def test_dialer_reconnects_with_backoff() -> None:
             first_backoff=0.05,
             max_backoff=0.2,
         )
-        dialer.start()
+        driver.attach(dialer)
         await asyncio.sleep(0.3)  # a few refused attempts
         assert ups == [] and len(made) >= 2
 
@@ -474,7 +475,8 @@ def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
         client = ClientCore(client_key, relay.wg.public_key, None)
         relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.5"))])
         relay_driver = Driver(relay, loop, lambda e: None)
-        server = TcpServer(relay_driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+        server = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+        relay_driver.attach(server)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(4)
@@ -487,10 +489,8 @@ def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
             client.start(loop.time())
             client_driver.poke()
 
-        dialer = TcpDialer(
-            client_driver, sock.getsockname(), socket.socket, connected, lambda ep: None
-        )
-        dialer.start()
+        dialer = TcpDialer(loop, sock.getsockname(), socket.socket, connected, lambda ep: None)
+        client_driver.attach(dialer)
         await until(lambda: any(isinstance(e, ConfigReceived) for e in events), "config")
         assert any(isinstance(e, Connected) for e in events)
         config = next(e for e in events if isinstance(e, ConfigReceived)).config

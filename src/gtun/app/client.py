@@ -36,6 +36,7 @@ from gtun.errors import GtunError, RuntimeFailure
 from gtun.io.driver import Driver, merge_counts
 from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
 from gtun.io.tun import PacketDevice, log_offloads, open_tun
+from gtun.io.udp import UdpTransport
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
 from gtun.system.ipv6 import enable_ipv6
@@ -98,11 +99,13 @@ class Client:
             # kernel refuses them: either way the relay may leave them partial.
             core.accept_partial = cfg.offload
             self.core = core
-            driver = Driver(core, loop, self.on_event, self.on_udp_error)
+            driver = Driver(core, loop, self.on_event)
             self.driver = driver
             if self.transport == "udp":
                 sock = self.open_socket(family, socket.SOCK_DGRAM)
-                driver.attach_udp(sock, batching=cfg.offload)
+                driver.attach(
+                    UdpTransport(sock, loop, batching=cfg.offload, on_error=self.on_udp_error)
+                )
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
                     ClientCollector(core, loop.time, self.tcp_drops),
@@ -188,9 +191,9 @@ class Client:
         assert self.driver is not None
         self.transport = "tcp"
         self.dialer = TcpDialer(
-            self.driver, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
+            self.driver.loop, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
         )
-        self.dialer.start()
+        self.driver.attach(self.dialer)
 
     def on_tcp_connected(self, ep: TcpEndpoint) -> None:
         core, driver = self.core, self.driver
@@ -224,7 +227,8 @@ class Client:
             *self.cfg.server,
             AUTO_FALLBACK,
         )
-        driver.detach_udp()
+        if driver.udp is not None:
+            driver.detach(driver.udp)
         core.server.endpoint = None
         self.start_tcp(endpoint)
 

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Datagrams per second through the edge's per-datagram path, on loopback: a UDP
+transport's read, the Driver's hand-off to the core and back, and the send.
+
+    python3 bench/driver_bench.py [--count 20000] [--trials 7] [--size 1452]
+
+The core is a stub that answers every datagram with one datagram to another address,
+so what is timed is the edge alone (transport.py, udp.py, driver.py): the socket is
+filled first, then the transport's read handler is called until it is drained, as the
+event loop would when the socket is readable.  With batching on, the filling sends use
+GSO so that reads take GRO trains.  A script that prints figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from gtun.io.driver import Driver  # noqa: E402
+from gtun.io.udp import UdpBatch, UdpTransport  # noqa: E402
+
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; needs root, else SO_RCVBUF (capped) is used
+RCVBUF = 1 << 26
+
+
+class EchoCore:
+    """Answers each datagram with itself, sent to `to`."""
+
+    def __init__(self, to: Any) -> None:
+        self.drops = {"queue_full": 0}
+        self.out: list[tuple[bytes, Any]] = []
+        self.to = to
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        self.out.append((data, self.to))
+
+    def tun_packet(self, packet: bytes, now: float) -> None: ...
+    def tun_super(self, hdr: Any, packet: bytes, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def get_timer(self) -> float | None:
+        return None
+
+    def next_event(self) -> None:
+        return None
+
+    def tun_writes(self) -> list[Any]:
+        return []
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        out, self.out = self.out, []
+        return out
+
+
+def big_buffer(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+
+
+def trial(loop: asyncio.AbstractEventLoop, batching: bool, count: int, size: int) -> float:
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for sock in (sink, rx):
+        sock.bind(("127.0.0.1", 0))
+    driver = Driver(EchoCore(sink.getsockname()), loop, lambda e: None)
+    udp = UdpTransport(rx, loop, batching=batching)
+    driver.attach(udp)
+    big_buffer(rx)
+    big_buffer(sink)
+    filler = UdpBatch(tx)
+    train = [(b"x" * size, rx.getsockname())] * 40
+    for _ in range(count // 40):
+        filler.send(train)
+    readable = udp._readable  # what the loop calls when the socket is readable
+    stats = udp.stats
+    start = perf_counter()
+    while True:
+        before = stats["datagrams_received"]
+        readable()
+        if stats["datagrams_received"] == before:
+            break
+    elapsed = perf_counter() - start
+    got = stats["datagrams_received"]
+    driver.close()
+    tx.close()
+    sink.close()
+    return got / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--size", type=int, default=1452)
+    args = parser.parse_args()
+    loop = asyncio.get_running_loop()
+    print(f"{args.size}-byte datagrams, {args.count} per trial, {args.trials} trials")
+    for batching in (True, False):
+        rates = sorted(trial(loop, batching, args.count, args.size) for _ in range(args.trials))
+        label = f"edge  GSO/GRO {'on' if batching else 'off'}"
+        print(
+            f"{label:<22} best {rates[-1]:>10,.0f}  median {statistics.median(rates):>10,.0f}"
+            " datagrams/s"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
