@@ -4,11 +4,12 @@ transport's read, the Driver's hand-off to the core and back, and the send.
 
     python3 bench/driver_bench.py [--count 20000] [--trials 7] [--size 1452]
 
-The core is a stub that answers every datagram with one datagram to another address,
-so what is timed is the edge alone (transport.py, udp.py, driver.py): the socket is
-filled first, then the transport's read handler is called until it is drained, as the
-event loop would when the socket is readable.  With batching on, the filling sends use
-GSO so that reads take GRO trains.  A script that prints figures, not a test.
+The core is a stub (gtun.testing.core's, cut down) that answers every datagram with one
+datagram to another address, so what is timed is the edge alone (transport.py, udp.py,
+driver.py): the socket is filled first, then the transport's read handler is called
+until it is drained, as the event loop would when the socket is readable.  With
+batching on, the filling sends use GSO so that reads take GRO trains.  A script that
+prints figures, not a test.
 """
 
 from __future__ import annotations
@@ -26,37 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gtun.io.driver import Driver  # noqa: E402
 from gtun.io.udp import UdpBatch, UdpTransport  # noqa: E402
+from gtun.testing.core import FakeCore  # noqa: E402
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; needs root, else SO_RCVBUF (capped) is used
 RCVBUF = 1 << 26
 
 
-class EchoCore:
-    """Answers each datagram with itself, sent to `to`."""
+class EchoCore(FakeCore):
+    """Answers each datagram with itself, sent to `to`, and records nothing: as cheap as
+    a core can be, so that the figures are the edge's."""
 
     def __init__(self, to: Any) -> None:
-        self.drops = {"queue_full": 0}
-        self.out: list[tuple[bytes, Any]] = []
+        super().__init__()
         self.to = to
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         self.out.append((data, self.to))
-
-    def tun_packet(self, packet: bytes, now: float) -> None: ...
-    def tun_super(self, hdr: Any, packet: bytes, now: float) -> None: ...
-    def handle_timer(self, now: float) -> None: ...
-    def get_timer(self) -> float | None:
-        return None
-
-    def next_event(self) -> None:
-        return None
-
-    def tun_writes(self) -> list[Any]:
-        return []
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
-        out, self.out = self.out, []
-        return out
 
 
 def big_buffer(sock: socket.socket) -> None:

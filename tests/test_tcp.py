@@ -1,8 +1,8 @@
 """Tier 2: the TCP edge on loopback (gtun.io.tcp), with short test-only timeouts.
 
-A fake core records what the relay's TCP listener delivers and sends back what a test
-queues; raw sockets play misbehaving peers.  The last tests run the real relay and
-client cores against each other over a loopback TCP connection.
+A fake core (gtun.testing.core) records what the relay's TCP listener delivers and
+sends back what a test queues; raw sockets play misbehaving peers.  The last tests run
+the real relay and client cores against each other over a loopback TCP connection.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import asyncio
 import secrets
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address
-from typing import Any
 
 import pytest
 
 from corelink import relay_settings
 from gtun.core.client import ClientCore, ConfigReceived, Connected
 from gtun.core.relay import PeerSpec, Relay
+from gtun.core.wg.endpoint import address_bytes, cookie_source
 from gtun.core.wg.events import Event
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.driver import Driver
@@ -32,6 +32,7 @@ from gtun.io.tcp import (
     endpoint_transport,
     forget_endpoint,
 )
+from gtun.testing.core import FakeCore
 
 LIMITS = TcpLimits(first_frame=0.4, idle=0.8, stall=0.4, write_buffer=32 * 1024, max_connections=4)
 BOUND = 5.0  # seconds any wait in these tests may take
@@ -40,39 +41,6 @@ BOUND = 5.0  # seconds any wait in these tests may take
 def wg_message(n: int = 64, fill: int = 0) -> bytes:
     """Something shaped like a WireGuard transport message (type 4, >= 32 bytes)."""
     return b"\x04\x00\x00\x00" + bytes([fill]) * (n - 4)
-
-
-class FakeCore:
-    """Records datagrams; answers each with whatever `reply` returns."""
-
-    def __init__(self) -> None:
-        self.drops: dict[str, int] = {"queue_full": 0}
-        self.received: list[tuple[bytes, Hashable]] = []
-        self.out: list[tuple[bytes, Any]] = []
-        self.reply: Callable[[bytes, Hashable], list[tuple[bytes, Any]]] = lambda d, a: []
-
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        self.received.append((data, addr))
-        self.out.extend(self.reply(data, addr))
-
-    def tun_packet(self, packet: bytes, now: float) -> None:
-        raise AssertionError("no TUN here")
-
-    def handle_timer(self, now: float) -> None:
-        pass
-
-    def get_timer(self) -> float | None:
-        return None
-
-    def next_event(self) -> Event | None:
-        return None
-
-    def tun_writes(self) -> list[bytes]:
-        return []
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
-        out, self.out = self.out, []
-        return out
 
 
 class Rig:
@@ -175,6 +143,8 @@ def test_frames_across_split_writes_reach_the_core_whole() -> None:
             (ep,) = endpoints
             assert isinstance(ep, TcpEndpoint) and endpoint_transport(ep) == "tcp"
             assert ep.peername == writer.get_extra_info("sockname")
+            assert ep.owner is rig.server  # the Driver sends to it through the server
+            assert cookie_source(ep) == address_bytes(*ep.peername)  # mac2 binds to it
             # A second connection is another endpoint.
             _, writer2 = await rig.connect()
             writer2.write(push_frame(wg_message()))
