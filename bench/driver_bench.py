@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Datagrams per second through the edge's per-datagram path, on loopback: a UDP
-transport's read, the Driver's hand-off to the core and back, and the send.
+transport's read, the Driver's hand-off to the core and back, and the send; and frames
+per second a TCP transport delivers from one connection.
 
     python3 bench/driver_bench.py [--count 20000] [--trials 7] [--size 1452]
 
@@ -9,7 +10,8 @@ datagram to another address, so what is timed is the edge alone (transport.py, u
 driver.py): the socket is filled first, then the transport's read handler is called
 until it is drained, as the event loop would when the socket is readable.  With
 batching on, the filling sends use GSO so that reads take GRO trains.  A script that
-prints figures, not a test.
+prints figures, not a test.  The TCP figure runs the event loop (a writer on one end,
+the TcpServer on the other) and the core only counts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gtun.io.driver import Driver  # noqa: E402
+from gtun.io.framing import push_frame  # noqa: E402
+from gtun.io.tcp import TcpServer  # noqa: E402
 from gtun.io.udp import UdpBatch, UdpTransport  # noqa: E402
 from gtun.testing.core import FakeCore  # noqa: E402
 
@@ -83,6 +87,45 @@ def trial(loop: asyncio.AbstractEventLoop, batching: bool, count: int, size: int
     return got / elapsed
 
 
+class CountCore(FakeCore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        self.count += 1
+
+
+async def tcp_trial(count: int, size: int) -> float:
+    loop = asyncio.get_running_loop()
+    core = CountCore()
+    driver = Driver(core, loop, lambda e: None)
+    server = TcpServer(loop, lambda ep: None)
+    driver.attach(server)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    await server.start(listener)
+    _, writer = await asyncio.open_connection(*listener.getsockname())
+    frames = push_frame(b"\x04\x00\x00\x00" + bytes(size - 4)) * 1000
+    start = perf_counter()
+    for _ in range(count // 1000):
+        writer.write(frames)
+        await writer.drain()
+    while core.count < count // 1000 * 1000:
+        await asyncio.sleep(0.0005)
+    elapsed = perf_counter() - start
+    writer.transport.abort()
+    driver.close()
+    await asyncio.sleep(0.01)
+    return core.count / elapsed
+
+
+def report(label: str, rates: list[float], unit: str) -> None:
+    rates = sorted(rates)
+    print(f"{label:<22} best {rates[-1]:>10,.0f}  median {statistics.median(rates):>10,.0f} {unit}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=20000)
@@ -92,12 +135,10 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     print(f"{args.size}-byte datagrams, {args.count} per trial, {args.trials} trials")
     for batching in (True, False):
-        rates = sorted(trial(loop, batching, args.count, args.size) for _ in range(args.trials))
-        label = f"edge  GSO/GRO {'on' if batching else 'off'}"
-        print(
-            f"{label:<22} best {rates[-1]:>10,.0f}  median {statistics.median(rates):>10,.0f}"
-            " datagrams/s"
-        )
+        rates = [trial(loop, batching, args.count, args.size) for _ in range(args.trials)]
+        report(f"edge  GSO/GRO {'on' if batching else 'off'}", rates, "datagrams/s")
+    rates = [await tcp_trial(args.count, args.size) for _ in range(args.trials)]
+    report("edge  TCP receive", rates, "frames/s")
 
 
 if __name__ == "__main__":
