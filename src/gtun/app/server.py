@@ -32,6 +32,7 @@ from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver, merge_counts
 from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
 from gtun.io.tun import log_offloads, open_tun
+from gtun.io.udp import UdpTransport
 from gtun.system.ipv6 import address6_for, enable_ipv6
 from gtun.system.netlink import LinkConfig
 from gtun.system.nft import Forwarding, Nat
@@ -188,10 +189,11 @@ class Server:
             self.relay = relay
             driver = Driver(relay, loop, self.on_event)
             self.driver = driver
-            driver.attach_udp(sock, batching=cfg.offload)
+            driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
             self._cleanup.append(("UDP socket", driver.close, False))
-            tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+            tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
             self.tcp = tcp
+            driver.attach(tcp)
             await tcp.start(tcp_sock)
             self._cleanup.append(("TCP listener", tcp.close, False))
             if cfg.metrics_listen is not None:
