@@ -31,11 +31,12 @@ from gtun.core.client import (
     NoAnswer,
     Refused,
 )
+from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.tunnel import PushedConfig
 from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
-from gtun.io.driver import Driver, merge_counts
+from gtun.io.driver import Driver
 from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
 from gtun.io.tun import PacketDevice, log_offloads, open_tun
 from gtun.io.udp import UdpTransport

@@ -24,12 +24,13 @@ from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.store import AddressPool, StateStore
+from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
-from gtun.io.driver import Driver, merge_counts
+from gtun.io.driver import Driver
 from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
 from gtun.io.tun import log_offloads, open_tun
 from gtun.io.udp import UdpTransport

@@ -48,15 +48,6 @@ TUN_BATCH = 64  # reads from the TUN (packets or super-packets) ...
 TUN_BATCH_BYTES = 256 * 1024  # ... up to this many bytes
 
 
-def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
-    """Sum drop counters that share reasons (the core's and the edge's)."""
-    total: dict[str, int] = {}
-    for counter in counters:
-        for key, value in counter.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
 class Core(Protocol):
     drops: dict[str, int]
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
+from gtun.core.errors import LocalProtocolError, RemoteProtocolError
+
 LENGTH = struct.Struct(">H")
 HEADER_SIZE = LENGTH.size
 MIN_FRAME = 4  # a WireGuard message type is 4 bytes (whitepaper section 5.4)
@@ -27,14 +29,14 @@ MIN_FRAME = 4  # a WireGuard message type is 4 bytes (whitepaper section 5.4)
 MAX_FRAME = 0xFFFF
 
 
-class FrameError(ValueError):
+class FrameError(RemoteProtocolError):
     """The remote end sent a frame of an impossible size."""
 
 
 def push_frame(message: bytes) -> bytes:
     """One frame for `message`.  Raises ValueError (a local error) when it does not fit."""
     if not MIN_FRAME <= len(message) <= MAX_FRAME:
-        raise ValueError(f"message of {len(message)} bytes cannot be framed")
+        raise LocalProtocolError(f"message of {len(message)} bytes cannot be framed")
     return LENGTH.pack(len(message)) + message
 
 

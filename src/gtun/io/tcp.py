@@ -38,6 +38,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtun.core.drops import TCP_DROP_REASONS
 from gtun.core.wg.endpoint import address_bytes
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.framing import LENGTH, MAX_FRAME, FrameDecoder, FrameError
@@ -55,7 +56,6 @@ CONNECT_TIMEOUT = 10.0  # a client's connect() to the relay
 FIRST_BACKOFF = 1.0  # a client's pause before reconnecting, doubling ...
 MAX_BACKOFF = 15.0  # ... up to this
 
-TCP_DROP_REASONS = ("tcp_bad_frame", "tcp_timeout", "tcp_stalled", "tcp_refused")
 _WHY = {
     "tcp_timeout": "no frame within the time allowed",
     "tcp_stalled": "the other end stopped reading (its data made no progress)",
