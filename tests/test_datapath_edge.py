@@ -25,8 +25,8 @@ from gtun.core.offload import (
     to_partial,
 )
 from gtun.io.driver import write_tun
-from gtun.io.tun import FakeTun
 from gtun.lab.netns import Lab
+from gtun.testing.tun import FakeTun
 
 MSS = 1380
 

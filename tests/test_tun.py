@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from gtun.errors import RuntimeFailure
-from gtun.io.tun import FakeTun, open_tun
+from gtun.io.tun import open_tun
 from gtun.lab.netns import Lab
+from gtun.testing.tun import FakeTun
 
 TESTS_DIR = Path(__file__).resolve().parent
 

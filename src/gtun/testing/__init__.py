@@ -1,3 +1,4 @@
 """Fakes for tests, shipped with the package so that any test (ours, or a user's) can
 run gtun's edges without sockets or root: in-memory transports (transport.py), as
-wireguard-go ships conn/bindtest beside conn."""
+wireguard-go ships conn/bindtest beside conn, and a TUN device over a socketpair
+(tun.py), as wireguard-go ships tun/tuntest beside tun."""
