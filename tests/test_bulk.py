@@ -16,7 +16,6 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from corelink import CoreLink, relay_settings
 from gtun.core import bulk
 from gtun.core.client import ClientCore
 from gtun.core.offload import (
@@ -30,6 +29,7 @@ from gtun.core.offload import (
 )
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg import WireGuard
+from gtun.testing.link import CoreLink, relay_settings
 
 MSS = 1380
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import secrets
 from ipaddress import IPv4Address
 
-from corelink import CoreLink, relay_settings
 from gtun.core.client import (
     FALLBACK_AFTER,
     FIRST_BACKOFF,
@@ -19,6 +18,7 @@ from gtun.core.client import (
 )
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.constants import REKEY_TIMEOUT
+from gtun.testing.link import CoreLink, relay_settings
 
 
 def lone_client(transport: str = "udp") -> ClientCore:

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from corelink import relay_settings
 from gtun.app.config import ClientConfig, load_client_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.cli import main
@@ -30,6 +29,7 @@ from gtun.doctor import load_any
 from gtun.doctor.probes import LiveSystem
 from gtun.io.framing import push_frame, read_frame
 from gtun.lab.net import write_key
+from gtun.testing.link import relay_settings
 
 NET = IPv4Network("10.66.0.0/24")
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from corelink import CoreLink, relay_settings
 from gtun import cli
 from gtun.app import keys
 from gtun.app.config import load_server_config
@@ -33,6 +32,7 @@ from gtun.core.tunnel import parse_pushed_config
 from gtun.errors import ConfigError, RuntimeFailure
 from gtun.system.ipv6 import address6_for, enable_ipv6
 from gtun.system.nft import Nat
+from gtun.testing.link import CoreLink, relay_settings
 
 NET4 = IPv4Network("10.66.0.0/24")
 NET6 = IPv6Network("fd66:237::/64")

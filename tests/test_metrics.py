@@ -21,7 +21,6 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gtun
-from corelink import CoreLink, relay_settings
 from gtun.app import metrics
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.metrics import ClientCollector, MetricsServer, RelayCollector, make_registry
@@ -33,6 +32,7 @@ from gtun.errors import ConfigError
 from gtun.io.tcp import TCP_DROP_REASONS
 from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
 from gtun.lab.netns import Lab, Namespace
+from gtun.testing.link import CoreLink, relay_settings
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
 

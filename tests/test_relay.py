@@ -12,13 +12,13 @@ from ipaddress import IPv4Address, ip_network
 
 import pytest
 
-from corelink import CoreLink, relay_settings
 from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore, ConfigReceived, Connected, Refused
 from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.tunnel import parse_pushed_config
 from gtun.core.wg import WireGuard
+from gtun.testing.link import CoreLink, relay_settings
 
 
 class Net(CoreLink):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import secrets
 from ipaddress import IPv4Address, IPv6Address
 
-from corelink import CoreLink, relay_settings
 from gtun.core import l2frame
 from gtun.core.client import ClientCore, Refused
 from gtun.core.forward import LOCAL_PORT
 from gtun.core.packet import build_icmp_echo
 from gtun.core.relay import PeerRefused, PeerSpec, Relay
 from gtun.core.wg import WireGuard
+from gtun.testing.link import CoreLink, relay_settings
 
 MAC1 = bytes.fromhex("02aa00000001")
 MAC2 = bytes.fromhex("02aa00000002")

@@ -16,7 +16,6 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from corelink import relay_settings
 from gtun.core.client import ClientCore, ConfigReceived, Connected
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.endpoint import address_bytes, cookie_source
@@ -33,6 +32,7 @@ from gtun.io.tcp import (
     forget_endpoint,
 )
 from gtun.testing.core import FakeCore
+from gtun.testing.link import relay_settings
 
 LIMITS = TcpLimits(first_frame=0.4, idle=0.8, stall=0.4, write_buffer=32 * 1024, max_connections=4)
 BOUND = 5.0  # seconds any wait in these tests may take

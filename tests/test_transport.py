@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from corelink import relay_settings
 from gtun.core.client import CONFIG_RETRY, ClientCore, ConfigReceived, Connected
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.constants import MESSAGE_TRANSPORT
@@ -22,6 +21,7 @@ from gtun.core.wg.messages import message_type
 from gtun.io.driver import Driver
 from gtun.io.transport import Receive
 from gtun.testing.core import FakeCore
+from gtun.testing.link import relay_settings
 from gtun.testing.transport import INBOX, FakeTransport, fake_pair
 
 BOUND = 5.0  # seconds any wait in these tests may take

@@ -9,12 +9,16 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from gtun.core.client import ClientCore
+from gtun.core.offload import VnetHdr
 from gtun.core.relay import Relay, RelaySettings
 from gtun.core.wg import PacketReceived, WireGuard
 
 RELAY = "R"
 STOCK = "S"
 NETWORK = IPv4Network("10.66.0.0/24")
+
+# What a core hands its device: a packet, or a (header, super-packet) pair.
+TunWrite = bytes | tuple[VnetHdr, bytes]
 
 
 def relay_settings(**overrides: Any) -> RelaySettings:
@@ -31,8 +35,8 @@ class CoreLink:
         self.clients: dict[str, ClientCore] = {}
         self.stock: WireGuard | None = None
         self.events: dict[str, list[object]] = {}  # each client's events
-        self.got: dict[str, list[bytes]] = {}  # what each client wrote to its device
-        self.tun_in: list[bytes] = []  # what the relay wrote to its device
+        self.got: dict[str, list[TunWrite]] = {}  # what each client wrote to its device
+        self.tun_in: list[TunWrite] = []  # what the relay wrote to its device
         self.relay_events: list[object] = []
         self.stock_got: list[bytes] = []  # the stock peer's decrypted packets
         # The address a client sees the relay's datagrams come from ("R" unless set).
@@ -44,7 +48,7 @@ class CoreLink:
         self.got[name] = []
         return client
 
-    def take(self, name: str) -> list[bytes]:
+    def take(self, name: str) -> list[TunWrite]:
         """What client `name` wrote to its device since the last take."""
         got, self.got[name] = self.got[name], []
         return got
