@@ -4,7 +4,7 @@ One lab for the module: a relay with `network6`, NAT and a LAN host behind it (I
 IPv6), three gtun clients -- c1 and c2 over UDP, c3 over TCP; c2 runs with
 `offload = false`, so every path to and from it takes the fallback of a device without
 offloads -- and a stock wireguard-go peer configured from `gtun peer add`.  Every
-namespace runs a gtun.lab.net XferServer; each TCP stream carries random bytes and is
+namespace runs a labkit XferServer; each TCP stream carries random bytes and is
 checked end to end with SHA-256 and its length, in both directions, over IPv4 and IPv6
 inside the tunnel:
 
@@ -38,11 +38,9 @@ from typing import Any
 
 import pytest
 
-from gtun.lab.net import (
-    LAN_NET,
-    PORT,
-    GtunNet,
-    Node,
+from gtun.lab.net import LAN_NET, PORT, GtunNet, Node
+from gtun.lab.netns import Lab, Namespace
+from labkit import (
     XferJob,
     XferResult,
     apply_wg_quick,
@@ -54,7 +52,6 @@ from gtun.lab.net import (
     start_xfer_server,
     udp_echo,
 )
-from gtun.lab.netns import Lab, Namespace
 
 pytestmark = pytest.mark.netns
 

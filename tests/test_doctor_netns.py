@@ -17,17 +17,10 @@ from typing import Any
 import pytest
 
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.lab.net import (
-    LAN_NET,
-    PORT,
-    GtunNet,
-    Node,
-    doctor_results,
-    set_config_keys,
-    write_key,
-)
+from gtun.lab.net import LAN_NET, PORT, GtunNet, Node, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.system.nft import Nat
+from labkit import doctor_results, set_config_keys
 
 pytestmark = pytest.mark.netns
 

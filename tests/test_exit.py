@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab.net import PORT, GtunNet, Node, doctor_results
+from gtun.lab.net import PORT, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
+from labkit import doctor_results
 
 pytestmark = pytest.mark.netns
 

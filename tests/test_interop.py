@@ -32,8 +32,9 @@ from typing import Any
 import pytest
 
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.lab.net import PORT, GtunNet, apply_wg_quick, gtun_stdout, split_wg_quick
+from gtun.lab.net import PORT, GtunNet
 from gtun.lab.netns import Lab, Namespace, list_namespaces
+from labkit import apply_wg_quick, gtun_stdout, split_wg_quick
 
 WG_RUN = Path("/var/run/wireguard")
 RELAY_TUNNEL_ADDRESS = "10.66.0.1"

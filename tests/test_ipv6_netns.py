@@ -21,18 +21,9 @@ from typing import Any
 
 import pytest
 
-from gtun.lab.net import (
-    LAN_NET,
-    PORT,
-    GtunNet,
-    Node,
-    apply_wg_quick,
-    doctor_results,
-    gtun_stdout,
-    run_gtun,
-    split_wg_quick,
-)
+from gtun.lab.net import LAN_NET, PORT, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
+from labkit import apply_wg_quick, doctor_results, gtun_stdout, run_gtun, split_wg_quick
 
 pytestmark = pytest.mark.netns
 

@@ -30,9 +30,10 @@ from gtun.core.relay import RELAY_DROP_REASONS, PeerSpec, Relay
 from gtun.core.wg.device import DROP_REASONS
 from gtun.errors import ConfigError
 from gtun.io.tcp import TCP_DROP_REASONS
-from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, run_gtun, write_key
+from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.testing.link import CoreLink, relay_settings
+from labkit import run_gtun
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
 

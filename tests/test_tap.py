@@ -22,8 +22,9 @@ import pytest
 
 from gtun.app.keys import public_key
 from gtun.core.l2frame import mac_for_key
-from gtun.lab.net import LAN_NET, GtunNet, Node, run_gtun
+from gtun.lab.net import LAN_NET, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
+from labkit import run_gtun
 
 pytestmark = pytest.mark.netns
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from gtun.app.keys import encode_key, generate_private_key
-from gtun.lab.net import LAN_NET, PORT, GtunNet, run_gtun
+from gtun.lab.net import LAN_NET, PORT, GtunNet
 from gtun.lab.netns import Lab
+from labkit import run_gtun
 
 pytestmark = pytest.mark.netns
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gtun.lab.net import LAN_NET, PORT, GtunNet, gtun_stdout
+from gtun.lab.net import LAN_NET, PORT, GtunNet
 from gtun.lab.netns import Lab
+from labkit import gtun_stdout
 
 pytestmark = pytest.mark.netns
 

@@ -1,0 +1,364 @@
+"""Helpers of the namespace tests (tier 3) that `gtun demo` and the benchmark do not
+need: gtun commands run in a namespace, checked transfers over long-lived agents, and
+stock WireGuard peers configured the way wg-quick does.  The network itself is
+gtun.lab.net's GtunNet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gtun.lab.net import GTUN
+from gtun.lab.netns import Namespace, python_env
+
+
+def set_config_keys(path: Path, section: str, keys: dict[str, str]) -> None:
+    """Add `keys` (TOML values, already quoted) at the top of `[section]` of a config."""
+    text = path.read_text()
+    head = f"[{section}]\n"
+    if head not in text:
+        raise ValueError(f"{path} has no [{section}]")
+    path.write_text(text.replace(head, head + "".join(f"{k} = {v}\n" for k, v in keys.items())))
+
+
+def run_gtun(ns: Namespace, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a `gtun` command (status, doctor, ...) from this checkout in namespace `ns`;
+    its exit code is the caller's to check."""
+    return ns.run([*GTUN, *args], check=False, timeout=timeout, env=python_env())
+
+
+def gtun_stdout(ns: Namespace, *args: str, timeout: float = 30) -> str:
+    """What a `gtun` command prints in `ns`; raises RuntimeError, with its stderr, when
+    it fails."""
+    out = run_gtun(ns, *args, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"gtun {' '.join(args)} exited with {out.returncode}: {out.stderr.strip()}"
+        )
+    return out.stdout
+
+
+def doctor_results(
+    ns: Namespace, config: Path, *extra: str
+) -> tuple[int, dict[str, dict[str, Any]]]:
+    """`gtun doctor --json` in `ns`: (exit code, results by check name).  Raises
+    RuntimeError when doctor itself failed (an exit code other than 0 or 1)."""
+    out = run_gtun(ns, "doctor", "--json", "-c", str(config), *extra)
+    if out.returncode not in (0, 1):
+        raise RuntimeError(f"gtun doctor exited with {out.returncode}: {out.stderr.strip()}")
+    return out.returncode, {r["check"]: r for r in json.loads(out.stdout)}
+
+
+# --- checked transfers over long-lived agents ------------------------------------------
+#
+# GtunNet.transfer starts two processes per transfer.  A suite that moves many streams
+# (both directions, IPv4 and IPv6, several paths, streams in parallel) instead starts one
+# XferServer per namespace and runs each namespace's batch of jobs from one process.
+# The server listens on "::" (IPv4 through mapped addresses) for TCP jobs and echoes UDP
+# datagrams on the same port.
+#
+#   up:   the client sends b"U" + size (8 bytes BE) + `size` random bytes and half-closes;
+#         the server answers with the byte count (8 bytes BE) and the SHA-256 of what came.
+#   down: the client sends b"D" + size; the server sends `size` random bytes, then the
+#         SHA-256 of what it sent, and closes.  A stream that carried a byte too many or
+#         too few hashes wrong or ends early, and either way the job fails.
+
+XFER_PORT = 5301
+
+
+@dataclass(frozen=True)
+class XferJob:
+    """One TCP stream: `direction` "up" (client to server) or "down" (server to client)."""
+
+    address: str
+    direction: str
+    size: int
+    port: int = XFER_PORT
+
+
+@dataclass(frozen=True)
+class XferResult:
+    job: XferJob
+    sent: str  # SHA-256 of what the sending end sent
+    received: str  # SHA-256 of what the receiving end received
+    nbytes: int  # bytes the receiving end received
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.nbytes == self.job.size and self.sent == self.received
+
+    def __str__(self) -> str:
+        j = self.job
+        state = "ok" if self.ok else f"FAILED ({self.error or 'checksum or length mismatch'})"
+        return (
+            f"{j.direction} {j.size} B with {j.address}: {state}, got {self.nbytes} B, "
+            f"sent {self.sent[:16]} received {self.received[:16]}, {self.seconds:.2f} s"
+        )
+
+
+def start_xfer_server(
+    ns: Namespace, log_path: Path, port: int = XFER_PORT, timeout: float = 10
+) -> subprocess.Popen[bytes]:
+    """Start the transfer and UDP-echo server in `ns`; returned once it listens.
+    Raises RuntimeError when it does not within `timeout`."""
+    proc = ns.spawn([sys.executable, "-c", _XFER_SERVER, str(port)], log_path=log_path)
+    deadline = time.monotonic() + timeout
+    while "ready" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"in {ns.name}: the transfer server did not start:\n"
+                + log_path.read_text(errors="replace")
+            )
+        time.sleep(0.05)
+    return proc
+
+
+def run_xfers(
+    ns: Namespace, jobs: list[XferJob], *, timeout: float | None = None
+) -> list[XferResult]:
+    """Run `jobs` from `ns` against XferServers, all at once (one thread each); results in
+    the order of `jobs`.  A job that fails has `ok` False and says why in `error`.  The
+    default `timeout` allows 60 s plus 2 s per 10 MB moved."""
+    if timeout is None:
+        timeout = 60 + sum(j.size for j in jobs) / 5e6
+    spec = json.dumps([[j.address, j.port, j.direction, j.size] for j in jobs])
+    out = ns.python(_XFER_CLIENT, spec, timeout=timeout)
+    rows = json.loads(out.stdout)
+    return [XferResult(job, *row) for job, row in zip(jobs, rows, strict=True)]
+
+
+def udp_echo(
+    ns: Namespace, address: str, sizes: list[int], *, port: int = XFER_PORT, tries: int = 3
+) -> tuple[dict[int, int], int]:
+    """Send a random datagram of each size in `sizes` from `ns` to an XferServer and check
+    the echo byte for byte: ({size: attempts it took, 0 where no exact echo came in
+    `tries` attempts of half a second each}, datagrams that came back matching nothing sent)."""
+    bound = 10 + len(sizes) * tries * 0.5  # the waits for echoes, and some slack
+    out = ns.python(
+        _UDP_ECHO_CLIENT, address, str(port), json.dumps(sizes), str(tries), timeout=bound
+    )
+    answer = json.loads(out.stdout)
+    return {int(k): v for k, v in answer["attempts"].items()}, int(answer["wrong"])
+
+
+def ping_sizes(
+    ns: Namespace, address: str, sizes: list[int], *, df: bool, count: int = 2, deadline: int = 3
+) -> dict[int, str]:
+    """Ping `address` from `ns` with each ICMP payload size (one ping process per size, all
+    at once), with DF set (`-M do`) or letting the sender fragment (`-M dont`); {size:
+    ping's summary line}, "" unless exactly `count` echoes were sent and each answered
+    within `deadline` seconds, with data ping found right.
+
+    `-w` rather than `-W`: once one reply has come, ping waits only two round trips for
+    the rest, so `-W` reads a slow reply as a lost one.  Under `-w` ping sends another
+    echo for each one lost, which the "sent" count then shows."""
+    family = "-6" if ":" in address else "-4"
+    procs = {}
+    for size in sizes:
+        cmd = [*ns.exec_prefix(), "ping", family, "-n", "-c", str(count), "-i", "0.05"]
+        cmd += ["-w", str(deadline), "-M", "do" if df else "dont", "-s", str(size), address]
+        procs[size] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    result: dict[int, str] = {}
+    for size, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=deadline + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        summary = next((ln for ln in out.splitlines() if "received" in ln), "")
+        good = summary.startswith(f"{count} packets transmitted, {count} received")
+        result[size] = summary if good and "wrong data" not in out else ""
+    return result
+
+
+_XFER_SERVER = r"""
+import hashlib, os, socket, struct, sys, threading
+port = int(sys.argv[1])
+
+def exact(c, n):
+    buf = b""
+    while len(buf) < n:
+        b = c.recv(n - len(buf))
+        if not b:
+            raise OSError(f"stream ended after {len(buf)} of {n} header bytes")
+        buf += b
+    return buf
+
+def serve(c):
+    try:
+        c.settimeout(60)
+        head = exact(c, 9)
+        mode, size = head[:1], struct.unpack("!Q", head[1:])[0]
+        h, n = hashlib.sha256(), 0
+        if mode == b"U":
+            while b := c.recv(1 << 18):
+                h.update(b); n += len(b)
+            c.sendall(struct.pack("!Q", n) + h.digest())
+        elif mode == b"D":
+            while n < size:
+                b = os.urandom(min(size - n, 1 << 16)); h.update(b); c.sendall(b); n += len(b)
+            c.sendall(h.digest())
+        print(mode.decode(), size, n, h.hexdigest(), flush=True)
+    except OSError as e:
+        print("error", e, flush=True)
+    finally:
+        c.close()
+
+def echo(u):
+    while True:
+        data, addr = u.recvfrom(65535)
+        u.sendto(data, addr)
+
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("::", port)); s.listen(64)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); u.bind(("::", port))
+threading.Thread(target=echo, args=(u,), daemon=True).start()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+_XFER_CLIENT = r"""
+import hashlib, json, os, socket, struct, sys, threading, time
+jobs = json.loads(sys.argv[1])
+results = [None] * len(jobs)
+
+def exact(c, n):
+    buf = b""
+    while len(buf) < n:
+        b = c.recv(n - len(buf))
+        if not b:
+            break
+        buf += b
+    return buf
+
+def run(i, address, port, direction, size):
+    h, n, sent, received, error = hashlib.sha256(), 0, "", "", None
+    started = time.monotonic()
+    try:
+        c = socket.create_connection((address, port), timeout=30)
+        c.settimeout(60)
+        if direction == "up":
+            c.sendall(b"U" + struct.pack("!Q", size))
+            left = size
+            while left:
+                b = os.urandom(min(left, 1 << 16)); h.update(b); c.sendall(b); left -= len(b)
+            c.shutdown(socket.SHUT_WR)
+            answer = exact(c, 40)
+            sent = h.hexdigest()
+            if len(answer) != 40:
+                error = f"no answer from the server ({len(answer)} bytes)"
+            else:
+                n, received = struct.unpack("!Q", answer[:8])[0], answer[8:].hex()
+        else:
+            c.sendall(b"D" + struct.pack("!Q", size))
+            while n < size:
+                b = c.recv(min(size - n, 1 << 18))
+                if not b:
+                    break
+                h.update(b); n += len(b)
+            received = h.hexdigest()
+            digest = exact(c, 32)
+            sent = digest.hex()
+            if len(digest) != 32:
+                error = f"stream ended after {n} of {size} bytes"
+            elif c.recv(1):
+                error = "bytes after the end of the stream"
+        c.close()
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    results[i] = [sent, received, n, time.monotonic() - started, error]
+
+threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(results))
+"""
+
+_UDP_ECHO_CLIENT = r"""
+import json, os, socket, sys
+address, port, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+u = socket.socket(family, socket.SOCK_DGRAM); u.connect((address, port)); u.settimeout(0.5)
+attempts, sent, wrong = {}, set(), 0
+for size in json.loads(sys.argv[3]):
+    attempts[size] = 0
+    for attempt in range(1, tries + 1):
+        data = os.urandom(size)
+        sent.add(data)
+        u.send(data)
+        try:
+            while (got := u.recv(65535)) != data:
+                wrong += got not in sent  # else a late echo of an earlier attempt
+        except TimeoutError:
+            continue
+        attempts[size] = attempt
+        break
+print(json.dumps({"attempts": attempts, "wrong": wrong}))
+"""
+
+
+# --- stock WireGuard peers (wireguard-go) ---------------------------------------------
+
+# [Interface] keys of wg-quick that `wg setconf` does not take.
+WG_QUICK_ONLY = {"address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown",
+                 "saveconfig"}  # fmt: skip
+
+
+def split_wg_quick(text: str) -> tuple[str, dict[str, list[str]], list[str]]:
+    """(what `wg setconf` takes, wg-quick-only [Interface] keys, all AllowedIPs)."""
+    out: list[str] = []
+    iface: dict[str, list[str]] = {}
+    allowed: list[str] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            section = line.lower()
+            out.append(line)
+            continue
+        key, _, value = (part.strip() for part in line.partition("="))
+        lkey = key.lower()
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if section == "[interface]" and lkey in WG_QUICK_ONLY:
+            iface.setdefault(lkey, []).extend(values)
+            continue
+        if section == "[peer]" and lkey == "allowedips":
+            allowed.extend(values)
+        out.append(f"{key} = {value}")
+    return "\n".join(out) + "\n", iface, allowed
+
+
+def apply_wg_quick(ns: Namespace, ifname: str, wg_quick: str, conf_path: Path) -> list[str]:
+    """Apply a wg-quick configuration (as `gtun peer add` prints it) to WireGuard
+    interface `ifname` in `ns` the way wg-quick does: `wg setconf` with the wg-quick-only
+    keys stripped, then its addresses, MTU, link up and a route per AllowedIPs.  Returns
+    the AllowedIPs."""
+    setconf, iface, allowed = split_wg_quick(wg_quick)
+    fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(setconf)
+    ns.run(["wg", "setconf", ifname, str(conf_path)])
+    for address in iface.get("address", []):
+        ns.run(["ip", "addr", "add", address, "dev", ifname, *(["nodad"] * (":" in address))])
+    for mtu in iface.get("mtu", []):
+        ns.run(["ip", "link", "set", ifname, "mtu", mtu])
+    ns.run(["ip", "link", "set", ifname, "up"])
+    for net in allowed:
+        # `replace`: the Address's own prefix route may already cover it.
+        ns.run(["ip", "route", "replace", net, "dev", ifname])
+    return allowed
