@@ -70,6 +70,7 @@ def doctor_results(
 #         too few hashes wrong or ends early, and either way the job fails.
 
 XFER_PORT = 5301
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # the programs run in the namespaces
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,19 @@ class XferResult:
         )
 
 
+def _run_script(
+    ns: Namespace, script: str, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run tests/scripts/`script` in `ns`; raises RuntimeError when it fails."""
+    return ns.run([sys.executable, str(SCRIPTS / script), *args], timeout=timeout)
+
+
 def start_xfer_server(
     ns: Namespace, log_path: Path, port: int = XFER_PORT, timeout: float = 10
 ) -> subprocess.Popen[bytes]:
     """Start the transfer and UDP-echo server in `ns`; returned once it listens.
     Raises RuntimeError when it does not within `timeout`."""
-    proc = ns.spawn([sys.executable, "-c", _XFER_SERVER, str(port)], log_path=log_path)
+    proc = ns.spawn([sys.executable, str(SCRIPTS / "xfer_server.py"), str(port)], log_path=log_path)
     deadline = time.monotonic() + timeout
     while "ready" not in log_path.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -130,7 +138,7 @@ def run_xfers(
     if timeout is None:
         timeout = 60 + sum(j.size for j in jobs) / 5e6
     spec = json.dumps([[j.address, j.port, j.direction, j.size] for j in jobs])
-    out = ns.python(_XFER_CLIENT, spec, timeout=timeout)
+    out = _run_script(ns, "xfer_client.py", spec, timeout=timeout)
     rows = json.loads(out.stdout)
     return [XferResult(job, *row) for job, row in zip(jobs, rows, strict=True)]
 
@@ -142,8 +150,8 @@ def udp_echo(
     the echo byte for byte: ({size: attempts it took, 0 where no exact echo came in
     `tries` attempts of half a second each}, datagrams that came back matching nothing sent)."""
     bound = 10 + len(sizes) * tries * 0.5  # the waits for echoes, and some slack
-    out = ns.python(
-        _UDP_ECHO_CLIENT, address, str(port), json.dumps(sizes), str(tries), timeout=bound
+    out = _run_script(
+        ns, "udp_echo_client.py", address, str(port), json.dumps(sizes), str(tries), timeout=bound
     )
     answer = json.loads(out.stdout)
     return {int(k): v for k, v in answer["attempts"].items()}, int(answer["wrong"])
@@ -179,135 +187,6 @@ def ping_sizes(
         good = summary.startswith(f"{count} packets transmitted, {count} received")
         result[size] = summary if good and "wrong data" not in out else ""
     return result
-
-
-_XFER_SERVER = r"""
-import hashlib, os, socket, struct, sys, threading
-port = int(sys.argv[1])
-
-def exact(c, n):
-    buf = b""
-    while len(buf) < n:
-        b = c.recv(n - len(buf))
-        if not b:
-            raise OSError(f"stream ended after {len(buf)} of {n} header bytes")
-        buf += b
-    return buf
-
-def serve(c):
-    try:
-        c.settimeout(60)
-        head = exact(c, 9)
-        mode, size = head[:1], struct.unpack("!Q", head[1:])[0]
-        h, n = hashlib.sha256(), 0
-        if mode == b"U":
-            while b := c.recv(1 << 18):
-                h.update(b); n += len(b)
-            c.sendall(struct.pack("!Q", n) + h.digest())
-        elif mode == b"D":
-            while n < size:
-                b = os.urandom(min(size - n, 1 << 16)); h.update(b); c.sendall(b); n += len(b)
-            c.sendall(h.digest())
-        print(mode.decode(), size, n, h.hexdigest(), flush=True)
-    except OSError as e:
-        print("error", e, flush=True)
-    finally:
-        c.close()
-
-def echo(u):
-    while True:
-        data, addr = u.recvfrom(65535)
-        u.sendto(data, addr)
-
-s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("::", port)); s.listen(64)
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); u.bind(("::", port))
-threading.Thread(target=echo, args=(u,), daemon=True).start()
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-_XFER_CLIENT = r"""
-import hashlib, json, os, socket, struct, sys, threading, time
-jobs = json.loads(sys.argv[1])
-results = [None] * len(jobs)
-
-def exact(c, n):
-    buf = b""
-    while len(buf) < n:
-        b = c.recv(n - len(buf))
-        if not b:
-            break
-        buf += b
-    return buf
-
-def run(i, address, port, direction, size):
-    h, n, sent, received, error = hashlib.sha256(), 0, "", "", None
-    started = time.monotonic()
-    try:
-        c = socket.create_connection((address, port), timeout=30)
-        c.settimeout(60)
-        if direction == "up":
-            c.sendall(b"U" + struct.pack("!Q", size))
-            left = size
-            while left:
-                b = os.urandom(min(left, 1 << 16)); h.update(b); c.sendall(b); left -= len(b)
-            c.shutdown(socket.SHUT_WR)
-            answer = exact(c, 40)
-            sent = h.hexdigest()
-            if len(answer) != 40:
-                error = f"no answer from the server ({len(answer)} bytes)"
-            else:
-                n, received = struct.unpack("!Q", answer[:8])[0], answer[8:].hex()
-        else:
-            c.sendall(b"D" + struct.pack("!Q", size))
-            while n < size:
-                b = c.recv(min(size - n, 1 << 18))
-                if not b:
-                    break
-                h.update(b); n += len(b)
-            received = h.hexdigest()
-            digest = exact(c, 32)
-            sent = digest.hex()
-            if len(digest) != 32:
-                error = f"stream ended after {n} of {size} bytes"
-            elif c.recv(1):
-                error = "bytes after the end of the stream"
-        c.close()
-    except OSError as e:
-        error = f"{type(e).__name__}: {e}"
-    results[i] = [sent, received, n, time.monotonic() - started, error]
-
-threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(json.dumps(results))
-"""
-
-_UDP_ECHO_CLIENT = r"""
-import json, os, socket, sys
-address, port, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
-family = socket.AF_INET6 if ":" in address else socket.AF_INET
-u = socket.socket(family, socket.SOCK_DGRAM); u.connect((address, port)); u.settimeout(0.5)
-attempts, sent, wrong = {}, set(), 0
-for size in json.loads(sys.argv[3]):
-    attempts[size] = 0
-    for attempt in range(1, tries + 1):
-        data = os.urandom(size)
-        sent.add(data)
-        u.send(data)
-        try:
-            while (got := u.recv(65535)) != data:
-                wrong += got not in sent  # else a late echo of an earlier attempt
-        except TimeoutError:
-            continue
-        attempts[size] = attempt
-        break
-print(json.dumps({"attempts": attempts, "wrong": wrong}))
-"""
 
 
 # --- stock WireGuard peers (wireguard-go) ---------------------------------------------
