@@ -28,6 +28,7 @@ GTUN = (sys.executable, "-m", "gtun")  # the command, run from this checkout
 METRICS_PORT = 9622  # the relay's metrics_listen (127.0.0.1) when GtunNet(metrics=True)
 CLIENT_METRICS_PORT = 9623  # each client's, on its own namespace's loopback
 LAN_NET = "192.168.77"
+TRANSFER = str(Path(__file__).with_name("transfer.py"))  # the program at both ends of transfer()
 
 
 @dataclass
@@ -279,7 +280,8 @@ class GtunNet:
         seconds; (sent sha256, received sha256, seconds)."""
         bind = "::" if ":" in address else "0.0.0.0"
         receiver = dst.spawn(
-            [sys.executable, "-c", _RECEIVER, str(port), bind], log_path=self.dir / "receiver.out"
+            [sys.executable, TRANSFER, "receive", str(port), bind],
+            log_path=self.dir / "receiver.out",
         )
         try:
             deadline = time.monotonic() + 10
@@ -290,7 +292,7 @@ class GtunNet:
                 time.sleep(0.1)
             started = time.monotonic()
             sent = src.run(
-                [sys.executable, "-c", _SENDER, address, str(port), str(size)], timeout=timeout
+                [sys.executable, TRANSFER, "send", address, str(port), str(size)], timeout=timeout
             ).stdout.strip()
             receiver.wait(60)
             elapsed = time.monotonic() - started
@@ -301,27 +303,3 @@ class GtunNet:
         got = (self.dir / "receiver.out").read_text().strip().splitlines()
         received = got[-1] if got else ""
         return sent, received, elapsed
-
-
-_RECEIVER = """
-import hashlib, socket, sys
-bind = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
-s = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((bind, int(sys.argv[1]))); s.listen(1); s.settimeout(60)
-c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256()
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b)
-print(h.hexdigest(), flush=True)
-"""
-
-_SENDER = """
-import hashlib, os, socket, sys
-host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.create_connection((host, port), timeout=30); h = hashlib.sha256(); left = size
-while left:
-    b = os.urandom(min(left, 1 << 16)); h.update(b); s.sendall(b); left -= len(b)
-s.shutdown(socket.SHUT_WR); s.recv(1); s.close(); print(h.hexdigest())
-"""
