@@ -1,7 +1,8 @@
 """Helpers of the namespace tests (tier 3) that `gtun demo` and the benchmark do not
-need: gtun commands run in a namespace, checked transfers over long-lived agents, and
-stock WireGuard peers configured the way wg-quick does.  The network itself is
-gtun.lab.net's GtunNet."""
+need: gtun commands run in a namespace, a port held by another program, checked
+transfers over long-lived agents, and stock WireGuard peers configured the way wg-quick
+does.  The network itself is gtun.lab.net's GtunNet; the programs these helpers run in
+the namespaces are in tests/scripts/."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 from gtun.lab.net import GTUN
 from gtun.lab.netns import Namespace, python_env
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # the programs run in the namespaces
 
 
 def set_config_keys(path: Path, section: str, keys: dict[str, str]) -> None:
@@ -55,6 +58,28 @@ def doctor_results(
     return out.returncode, {r["check"]: r for r in json.loads(out.stdout)}
 
 
+def hold_port(
+    ns: Namespace,
+    kind: str,
+    port: int,
+    log_path: Path,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 10,
+) -> subprocess.Popen[bytes]:
+    """A process in `ns` holding `kind` ("udp" or "tcp") `host`:`port`, returned once it
+    is bound (another program in the way, for port-in-use tests).  Raises RuntimeError
+    when it is not bound within `timeout`."""
+    cmd = [sys.executable, str(SCRIPTS / "hold_port.py"), kind, host, str(port)]
+    proc = ns.spawn(cmd, log_path=log_path)
+    deadline = time.monotonic() + timeout
+    while "bound" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"in {ns.name}: nothing holds {kind} {host}:{port}")
+        time.sleep(0.05)
+    return proc
+
+
 # --- checked transfers over long-lived agents ------------------------------------------
 #
 # GtunNet.transfer starts two processes per transfer.  A suite that moves many streams
@@ -70,7 +95,6 @@ def doctor_results(
 #         too few hashes wrong or ends early, and either way the job fails.
 
 XFER_PORT = 5301
-SCRIPTS = Path(__file__).resolve().parent / "scripts"  # the programs run in the namespaces
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import pytest
 
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.lab.netns import Lab, python_env
+from labkit import hold_port
 
 GTUN = [sys.executable, "-m", "gtun"]
 
@@ -183,7 +184,7 @@ def test_listen_port_in_use(tmp_path: Path) -> None:
     cfg = server_toml(tmp_path, listen="127.0.0.1:9621")
     with Lab("gtc" + os.urandom(2).hex()) as lab:
         ns = lab.add_ns("a")
-        ns.hold_port("udp", 9621, tmp_path / "holder.log")
+        hold_port(ns, "udp", 9621, tmp_path / "holder.log")
         result = ns.run([*GTUN, "server", "-c", str(cfg)], check=False, env=python_env())
     assert result.returncode == 2, result.stderr
     line = one_line_error(result)

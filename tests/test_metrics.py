@@ -33,7 +33,7 @@ from gtun.io.tcp import TCP_DROP_REASONS
 from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.testing.link import CoreLink, relay_settings
-from labkit import run_gtun
+from labkit import hold_port, run_gtun
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
 
@@ -402,7 +402,7 @@ def test_gtun_exits_2_when_the_metrics_port_is_taken(tmp_path: Path) -> None:
     )
     with Lab(f"gtm{secrets.token_hex(2)}") as lab:
         ns = lab.add_ns("a")
-        ns.hold_port("tcp", METRICS_PORT, tmp_path / "holder.log")
+        hold_port(ns, "tcp", METRICS_PORT, tmp_path / "holder.log")
         server = run_gtun(ns, "server", "-c", str(server_toml))
         client = run_gtun(ns, "client", "-c", str(client_toml))
         links = ns.run(["ip", "-o", "link"]).stdout

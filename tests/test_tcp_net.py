@@ -21,7 +21,7 @@ import pytest
 from gtun.app.keys import encode_key, generate_private_key
 from gtun.lab.net import LAN_NET, PORT, GtunNet
 from gtun.lab.netns import Lab
-from labkit import run_gtun
+from labkit import hold_port, run_gtun
 
 pytestmark = pytest.mark.netns
 
@@ -300,7 +300,7 @@ def test_tcp_port_in_use_is_a_clear_config_error(lab: Lab, tmp_path: Path) -> No
         f'control_socket = "{tmp_path / "server.sock"}"\n'
     )
     ns = lab.add_ns("a")
-    ns.hold_port("tcp", 9621, tmp_path / "holder.log")
+    hold_port(ns, "tcp", 9621, tmp_path / "holder.log")
     result = run_gtun(ns, "server", "-c", str(cfg))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -176,26 +176,6 @@ class Namespace:
         self.lab._track(proc, None if isinstance(log, int) else log)
         return proc
 
-    def hold_port(
-        self, kind: str, port: int, log_path: Path, *, host: str = "127.0.0.1", timeout: float = 10
-    ) -> subprocess.Popen[bytes]:
-        """A process here holding `kind` ("udp" or "tcp") `host`:`port`, returned once it
-        is bound (another program in the way, for port-in-use tests).  Raises
-        RuntimeError when it is not bound within `timeout`."""
-        sock = "socket.SOCK_DGRAM" if kind == "udp" else "socket.SOCK_STREAM"
-        listen = "s.listen(); " if kind == "tcp" else ""
-        code = (
-            f"import socket, time; s = socket.socket(socket.AF_INET, {sock}); "
-            f"s.bind(({host!r}, {port})); {listen}print('bound', flush=True); time.sleep(60)"
-        )
-        proc = self.spawn([sys.executable, "-c", code], log_path=log_path)
-        deadline = time.monotonic() + timeout
-        while "bound" not in log_path.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"in {self.name}: nothing holds {kind} {host}:{port}")
-            time.sleep(0.05)
-        return proc
-
     def wait_link_up(self, ifname: str, timeout: float = 5.0) -> None:
         """Wait until `ifname` is operationally up.
 
