@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,26 @@ def doctor_results(
     if out.returncode not in (0, 1):
         raise RuntimeError(f"gtun doctor exited with {out.returncode}: {out.stderr.strip()}")
     return out.returncode, {r["check"]: r for r in json.loads(out.stdout)}
+
+
+def run_python(
+    ns: Namespace,
+    code: str,
+    *args: str,
+    check: bool = True,
+    timeout: float = 30,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run Python `code` (with `args` as sys.argv[1:]) in `ns`; gtun is importable.  With
+    `check`, a non-zero exit raises RuntimeError including stderr."""
+    return ns.run(
+        [sys.executable, "-c", code, *args],
+        check=check,
+        timeout=timeout,
+        input=input,
+        env=python_env(env),
+    )
 
 
 def hold_port(

@@ -27,6 +27,7 @@ from gtun.core.offload import (
 from gtun.io.driver import write_tun
 from gtun.lab.netns import Lab
 from gtun.testing.tun import FakeTun
+from labkit import run_python
 
 MSS = 1380
 
@@ -158,7 +159,7 @@ print(json.dumps({"vnet": dev.vnet, "error": dev.offload_error, "hdr": list(hdr)
 @pytest.mark.netns
 def test_refused_offloads_fall_back_to_a_plain_device(lab: Lab) -> None:
     ns = lab.add_ns("f")
-    out = json.loads(ns.python(REFUSE_SCRIPT).stdout.splitlines()[-1])
+    out = json.loads(run_python(ns, REFUSE_SCRIPT).stdout.splitlines()[-1])
     assert out["vnet"] is False
     assert "TUNSETOFFLOAD was refused" in out["error"]
     assert out["hdr"] == list(PLAIN)
@@ -194,7 +195,7 @@ def test_granted_offloads_leave_the_udp_checksum_to_us(lab: Lab) -> None:
     """With TUN_F_CSUM the kernel hands over a UDP datagram with its checksum to finish
     (NEEDS_CSUM at the UDP checksum field): proof the offloads are really on."""
     ns = lab.add_ns("g")
-    out = json.loads(ns.python(GRANTED_SCRIPT).stdout.splitlines()[-1])
+    out = json.loads(run_python(ns, GRANTED_SCRIPT).stdout.splitlines()[-1])
     assert out["vnet"] is True
     flags, gso_type, _, _, csum_start, csum_offset = out["hdr"]
     assert flags & F_NEEDS_CSUM and gso_type == GSO_NONE

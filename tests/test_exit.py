@@ -33,7 +33,7 @@ import pytest
 
 from gtun.lab.net import PORT, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
-from labkit import doctor_results
+from labkit import doctor_results, run_python
 
 pytestmark = pytest.mark.netns
 
@@ -158,7 +158,7 @@ def exitnet(
             assert client.ns.run(["cat", "/etc/resolv.conf"]).stdout == original
             # So the client rewrites that file even where resolvconf is installed (whose
             # files are the host's).
-            client.ns.python(_RESOLV_IS_MOUNT)
+            run_python(client.ns, _RESOLV_IS_MOUNT)
 
             net.start_relay()
             echo = [sys.executable, "-c", _ECHO_PEER, str(ECHO_PORT)]
@@ -321,7 +321,7 @@ def test_failed_apply_undoes_what_it_did(exitnet: ExitNet, tmp_path: Path) -> No
     x = exitnet
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.1\n")
-    out = x.client.ns.python(_FAILING_APPLY, str(tmp_path / "exit-c9.json"), str(resolv))
+    out = run_python(x.client.ns, _FAILING_APPLY, str(tmp_path / "exit-c9.json"), str(resolv))
     assert "nosuchdev0: the device does not exist" in out.stdout, out.stdout + out.stderr
     assert "no state file" in out.stdout
     assert resolv.read_text() == "nameserver 192.0.2.1\n"

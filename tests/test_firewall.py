@@ -10,6 +10,7 @@ import pytest
 from gtun.errors import ConfigError, RuntimeFailure
 from gtun.lab.netns import Lab, Namespace
 from gtun.system.nft import Forwarding, Nat, table_name
+from labkit import run_python
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ print("active" if nat.active() else "inactive")
 
 
 def _nat(ns: Namespace, action: str, device: str, *networks: str) -> str:
-    return ns.python(NAT_SCRIPT, action, device, *networks).stdout.strip()
+    return run_python(ns, NAT_SCRIPT, action, device, *networks).stdout.strip()
 
 
 @pytest.mark.netns
@@ -126,7 +127,7 @@ def test_forwarding_in_a_namespace(lab: Lab) -> None:
     ns = lab.add_ns("w")
     ns.sysctl("net.ipv4.ip_forward", 0)
     ns.sysctl("net.ipv6.conf.all.forwarding", 0)
-    assert ns.python(FORWARDING_SCRIPT).stdout.split() == ["00", "11", "00"]
+    assert run_python(ns, FORWARDING_SCRIPT).stdout.split() == ["00", "11", "00"]
 
 
 @pytest.mark.netns

@@ -34,7 +34,7 @@ import pytest
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.lab.net import PORT, GtunNet
 from gtun.lab.netns import Lab, Namespace, list_namespaces
-from labkit import apply_wg_quick, gtun_stdout, split_wg_quick
+from labkit import apply_wg_quick, gtun_stdout, run_python, split_wg_quick
 
 WG_RUN = Path("/var/run/wireguard")
 RELAY_TUNNEL_ADDRESS = "10.66.0.1"
@@ -350,7 +350,8 @@ def test_gtun_core_initiates_to_wireguard_go(lab: Lab, stock: StockPeers, tmp_pa
         "AllowedIPs = 10.77.0.2/32\n",
     )
     count = 3
-    out = driver_ns.python(
+    out = run_python(
+        driver_ns,
         _DRIVER,
         encode_key(public_key(server_key)),
         "10.231.50.1",

@@ -33,7 +33,7 @@ from gtun.io.tcp import TCP_DROP_REASONS
 from gtun.lab.net import CLIENT_METRICS_PORT, METRICS_PORT, PORT, GtunNet, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.testing.link import CoreLink, relay_settings
-from labkit import hold_port, run_gtun
+from labkit import hold_port, run_gtun, run_python
 
 UNDERLAY = 236  # 10.236.x.x inside this module's namespaces
 
@@ -434,7 +434,7 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=1
 
 
 def fetch(ns: Namespace, port: int) -> Samples:
-    return parse(ns.python(_FETCH, str(port), timeout=20).stdout)
+    return parse(run_python(ns, _FETCH, str(port), timeout=20).stdout)
 
 
 def wait_for(ns: Namespace, port: int, cond: object, what: str, timeout: float = 10) -> Samples:
@@ -503,7 +503,7 @@ def test_counters_move_with_traffic_and_drops(net: GtunNet) -> None:
     def wg(samples: Samples, reason: str) -> float:
         return value(samples, "gtun_drops_total", layer="wireguard", reason=reason)
 
-    c1.ns.python(_GARBAGE, c1.underlay, str(PORT))
+    run_python(c1.ns, _GARBAGE, c1.underlay, str(PORT))
     garbage = wait_for(
         relay_ns,
         METRICS_PORT,
@@ -522,7 +522,7 @@ def test_counters_move_with_traffic_and_drops(net: GtunNet) -> None:
             return value(samples, "gtun_drops_total", layer="relay", reason="spoofed")
         return value(samples, "gtun_peer_drops_total", reason="spoofed", **peer[name])
 
-    c1.ns.python(_SPOOF, "10.66.0.250", c2.extra["address"])
+    run_python(c1.ns, _SPOOF, "10.66.0.250", c2.extra["address"])
     dropped = wait_for(
         relay_ns,
         METRICS_PORT,

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gtun.lab.netns import Lab, Namespace
+from labkit import run_python
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_failures_name_the_device(lab: Lab) -> None:
     ns = lab.add_ns("f")
     lab.veth(ns, "gtav0", None, ns, "gtav1", None)
     ns.run(["ip", "link", "set", "gtav0", "down"])
-    out = ns.python(FAILURES).stdout.splitlines()
+    out = run_python(ns, FAILURES).stdout.splitlines()
     assert (
         out[0] == "mtu failed: cannot set mtu 1400 on gtanothere: device gtanothere does not exist"
     )
@@ -154,4 +155,4 @@ print("undo ok")
 def test_undo_when_the_device_is_gone(lab: Lab) -> None:
     ns = lab.add_ns("g")
     lab.veth(ns, "gtav0", None, ns, "gtav1", None)
-    assert ns.python(UNDO_GONE).stdout.strip() == "undo ok"
+    assert run_python(ns, UNDO_GONE).stdout.strip() == "undo ok"

@@ -24,7 +24,7 @@ from gtun.app.keys import public_key
 from gtun.core.l2frame import mac_for_key
 from gtun.lab.net import LAN_NET, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
-from labkit import run_gtun
+from labkit import run_gtun, run_python
 
 pytestmark = pytest.mark.netns
 
@@ -171,7 +171,7 @@ for i in range(count):
 
 def inject(node: Node, frame: bytes, count: int) -> None:
     """Send raw frames out of the node's TAP device, as its kernel would."""
-    node.ns.python(_INJECT, frame.hex(), str(count))
+    run_python(node.ns, _INJECT, frame.hex(), str(count))
 
 
 def arp_reply(src: bytes, sender: str, dst: bytes, target: str) -> bytes:

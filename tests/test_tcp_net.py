@@ -21,7 +21,7 @@ import pytest
 from gtun.app.keys import encode_key, generate_private_key
 from gtun.lab.net import LAN_NET, PORT, GtunNet
 from gtun.lab.netns import Lab
-from labkit import hold_port, run_gtun
+from labkit import hold_port, run_gtun, run_python
 
 pytestmark = pytest.mark.netns
 
@@ -165,7 +165,7 @@ def test_bad_frames_close_only_their_connection(net: GtunNet) -> None:
     c1, c2, _ = net.clients
     before = relay_drops(net)
     endpoint = relay_peer(net, "c2")["endpoint"]
-    out = c1.ns.python(_BAD_FRAMES, c1.underlay, str(PORT), timeout=60)
+    out = run_python(c1.ns, _BAD_FRAMES, c1.underlay, str(PORT), timeout=60)
     result = json.loads(out.stdout)
     assert result == {
         "max_length": True,

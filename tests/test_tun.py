@@ -17,6 +17,7 @@ from gtun.errors import RuntimeFailure
 from gtun.io.tun import open_tun
 from gtun.lab.netns import Lab
 from gtun.testing.tun import FakeTun
+from labkit import run_python
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -269,7 +270,7 @@ print("\\n".join(results))
 @pytest.mark.netns
 def test_open_errors_from_the_kernel(lab: Lab) -> None:
     ns = lab.add_ns("e")
-    lines = ns.python(OPEN_SCRIPT).stdout.splitlines()
+    lines = run_python(ns, OPEN_SCRIPT).stdout.splitlines()
     assert lines[0].startswith("failed cannot create TUN device 'gtax%d%d': invalid name")
     assert lines[1] == "opened gtabusy"
     assert lines[2] == "failed TUN device gtabusy is busy: another program has it open"

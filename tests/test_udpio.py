@@ -29,6 +29,7 @@ from gtun.io.udp import (
     UdpTransport,
 )
 from gtun.lab.netns import Lab
+from labkit import run_python
 
 LINUX = sys.platform.startswith("linux")
 FAMILIES = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
@@ -439,7 +440,7 @@ def transfer(lab: Lab, sender_ns, receiver_ns, count: int, size: int, log: Path)
     while "ready" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    sent = json.loads(sender_ns.python(SENDER, str(count), str(size)).stdout)
+    sent = json.loads(run_python(sender_ns, SENDER, str(count), str(size)).stdout)
     proc.wait(timeout=15)
     received = json.loads(log.read_text().splitlines()[-1])
     return sent, received

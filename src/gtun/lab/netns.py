@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -126,24 +125,6 @@ class Namespace:
                 f"{result.stderr.strip() or result.stdout.strip()}"
             )
         return result
-
-    def python(
-        self,
-        code: str,
-        *args: str,
-        check: bool = True,
-        timeout: float = 30,
-        input: str | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run Python `code` (with `args` as sys.argv[1:]) here; gtun is importable."""
-        return self.run(
-            [sys.executable, "-c", code, *args],
-            check=check,
-            timeout=timeout,
-            input=input,
-            env=python_env(env),
-        )
 
     def spawn(
         self,
