@@ -1,8 +1,8 @@
 """Helpers of the namespace tests (tier 3) that `gtun demo` and the benchmark do not
-need: gtun commands run in a namespace, a port held by another program, checked
-transfers over long-lived agents, and stock WireGuard peers configured the way wg-quick
-does.  The network itself is gtun.lab.net's GtunNet; the programs these helpers run in
-the namespaces are in tests/scripts/."""
+need: gtun commands and inline Python run in a namespace, a port held by another
+program, IPv6 on a GtunNet's LAN link, checked transfers over long-lived agents, and
+stock WireGuard peers configured the way wg-quick does.  The network itself is
+gtun.lab.net's GtunNet; the programs these helpers start are in tests/scripts/."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gtun.lab.net import GTUN
+from gtun.lab.net import GTUN, GtunNet
 from gtun.lab.netns import Namespace, python_env
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"  # the programs run in the namespaces
@@ -77,6 +77,18 @@ def run_python(
         input=input,
         env=python_env(env),
     )
+
+
+def add_lan6(net: GtunNet, relay_address: str, lan_address: str) -> None:
+    """IPv6 on `net`'s LAN link too: the relay's side and the LAN host (/64, no DAD)."""
+    if net.lan is None:
+        raise ValueError("this GtunNet has no LAN host")
+    for ns, dev, addr in (
+        (net.relay.ns, "rlan", relay_address),
+        (net.lan, "lan0", lan_address),
+    ):
+        ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
+        ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
 
 
 def hold_port(

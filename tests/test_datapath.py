@@ -43,6 +43,7 @@ from gtun.lab.netns import Lab, Namespace
 from labkit import (
     XferJob,
     XferResult,
+    add_lan6,
     apply_wg_quick,
     gtun_stdout,
     ping_sizes,
@@ -164,7 +165,7 @@ def build_net(lab: Lab, workdir: Path, stock_ifname: str) -> GtunNet:
     set_config_keys(c2.config, "client", {"offload": "false"})
     # The LAN host has no route back to the virtual networks: its replies find the
     # clients only through the relay's NAT (masquerade), IPv4 and IPv6.
-    gnet.add_lan6("fd77:242::1", LAN_HOST6)
+    add_lan6(gnet, "fd77:242::1", LAN_HOST6)
     gnet.start_all()
     for c in gnet.clients:
         st = gnet.status(c)

@@ -23,7 +23,7 @@ import pytest
 
 from gtun.lab.net import LAN_NET, PORT, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
-from labkit import apply_wg_quick, doctor_results, gtun_stdout, run_gtun, split_wg_quick
+from labkit import add_lan6, apply_wg_quick, doctor_results, gtun_stdout, run_gtun, split_wg_quick
 
 pytestmark = pytest.mark.netns
 
@@ -68,7 +68,7 @@ def net(
             set_keys(c.config, "client", {"transport": f'"{transport}"'})
         # The LAN behind the relay speaks IPv6 too; it has no route back to network6,
         # so only the relay's NAT (masquerade) lets its replies find the clients.
-        gnet.add_lan6("fd77:237::1", LAN_HOST6)
+        add_lan6(gnet, "fd77:237::1", LAN_HOST6)
         gnet.start_all()
         for c in gnet.clients:
             st = gnet.status(c)

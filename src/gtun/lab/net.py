@@ -113,17 +113,6 @@ class GtunNet:
                 text.replace("[server]\n", f'[server]\nmode = "{mode}"\n', 1)
             )
 
-    def add_lan6(self, relay_address: str, lan_address: str) -> None:
-        """IPv6 on the LAN link too: the relay's side and the LAN host (/64, no DAD)."""
-        if self.lan is None:
-            raise ValueError("this GtunNet has no LAN host")
-        for ns, dev, addr in (
-            (self.relay.ns, "rlan", relay_address),
-            (self.lan, "lan0", lan_address),
-        ):
-            ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", 0)
-            ns.run(["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
-
     def _write_configs(self, *, nat: bool, lan: bool, extra_peers: str) -> None:
         r = self.relay
         write_key(self.dir / "server.key", r.key)
