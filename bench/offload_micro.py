@@ -19,10 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gtun import offload  # noqa: E402
-from gtun.core.offload import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VnetHdr  # noqa: E402
+from gtun.core.offload import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, Gso  # noqa: E402
 
 
-def _super(v6: bool, mss: int, payload_len: int) -> tuple[VnetHdr, bytes]:
+def _super(v6: bool, mss: int, payload_len: int) -> tuple[Gso, bytes]:
     """A super-packet as a TUN read gives it (timestamps option, partial checksum)."""
     payload = bytes(i & 0xFF for i in range(payload_len))
     tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 77, 0x80, 0x18, 512, 0, 0)
@@ -36,7 +36,7 @@ def _super(v6: bool, mss: int, payload_len: int) -> tuple[VnetHdr, bytes]:
             "!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0, b"\n\0\0\1", b"\n\0\0\2"
         )
         l3 = 20
-    h = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, l3 + 32, mss, l3, 16)
+    h = Gso(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, l3 + 32, mss, l3, 16)
     return h, ip + tcp + payload
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     one = offload.segment(h, raw)
     us = _best(lambda: offload.segment(h, raw), 20000, r)
     print(f"segment  TCPv4 one 1432 B packet (NEEDS_CSUM as GSO of 1): {us:7.2f} us")
-    plain = offload.VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+    plain = offload.Gso(F_NEEDS_CSUM, 0, 0, 0, 20, 16)
     us = _best(lambda: offload.segment(plain, one[0]), 20000, r)
     print(f"segment  GSO_NONE + NEEDS_CSUM 1432 B: {us:7.2f} us")
     us = _best(lambda: offload.coalesce(one), 20000, r)

@@ -33,7 +33,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from gtun.core import offload
-from gtun.core.offload import PLAIN, VnetHdr
+from gtun.core.offload import PLAIN, Gso
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -56,7 +56,7 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, timeout=10)
 
 
-def read_tcp(fd: int, vnet: bool, deadline: float, v6: bool = False) -> tuple[VnetHdr, bytes]:
+def read_tcp(fd: int, vnet: bool, deadline: float, v6: bool = False) -> tuple[Gso, bytes]:
     """The next IPv4 (or IPv6) TCP packet the device gives (others are skipped)."""
     while True:
         left = deadline - time.monotonic()
@@ -65,8 +65,8 @@ def read_tcp(fd: int, vnet: bool, deadline: float, v6: bool = False) -> tuple[Vn
         if not select.select([fd], [], [], left)[0]:
             continue
         data = os.read(fd, 70000)
-        h = offload.pull_vnet_hdr(data) if vnet else PLAIN
-        pkt = data[offload.VNET_HDR_LEN :] if vnet else data
+        h = offload.pull_gso(data) if vnet else PLAIN
+        pkt = data[offload.GSO_HDR_LEN :] if vnet else data
         if not v6 and len(pkt) >= 20 and pkt[0] >> 4 == 4 and pkt[9] == 6:
             return h, pkt
         if v6 and len(pkt) >= 40 and pkt[0] >> 4 == 6 and pkt[6] == 6:
@@ -106,10 +106,10 @@ def forwarded(raw: bytes) -> bytes:
 
 
 def check_kernel_segments(
-    off: int, plain: int, pieces: list[tuple[VnetHdr, bytes]], want: list[bytes]
+    off: int, plain: int, pieces: list[tuple[Gso, bytes]], want: list[bytes]
 ) -> None:
     for h, raw in pieces:
-        os.write(off, offload.push_vnet_hdr(h) + raw)
+        os.write(off, offload.push_gso(h) + raw)
     deadline = time.monotonic() + 10
     v6 = want[0][0] >> 4 == 6
     got = [read_tcp(plain, False, deadline, v6)[1] for _ in want]
@@ -153,7 +153,7 @@ def tso_read(off: int) -> tuple[int, int]:
         sport=listen_port, dport=syn[TCP].sport, seq=isn, ack=syn[TCP].seq + 1,
         flags="SA", window=65535, options=[("MSS", 1400), ("WScale", 8)],
     )  # fmt: skip
-    os.write(off, offload.push_vnet_hdr(PLAIN) + bytes(synack))
+    os.write(off, offload.push_gso(PLAIN) + bytes(synack))
     assert select.select([], [s], [], 5)[1], "connect did not finish"
     base = syn[TCP].seq + 1
     received = bytearray()
@@ -178,7 +178,7 @@ def tso_read(off: int) -> tuple[int, int]:
             sport=listen_port, dport=syn[TCP].sport, seq=isn + 1,
             ack=(base + len(received)) & 0xFFFFFFFF, flags="A", window=65535,
         )  # fmt: skip
-        os.write(off, offload.push_vnet_hdr(PLAIN) + bytes(ack))
+        os.write(off, offload.push_gso(PLAIN) + bytes(ack))
     assert bytes(received) == data, "the bytes differ"
     # And back: segments to the local socket, coalesced, delivered as one super-packet.
     mss, count = 1380, 30
@@ -195,7 +195,7 @@ def tso_read(off: int) -> tuple[int, int]:
     ]  # fmt: skip
     ((h, raw),) = offload.coalesce(batch)
     assert h.gso_type == offload.GSO_TCPV4
-    os.write(off, offload.push_vnet_hdr(h) + raw)
+    os.write(off, offload.push_gso(h) + raw)
     got = bytearray()
     while (
         len(got) < len(back) and select.select([s], [], [], max(0, deadline - time.monotonic()))[0]

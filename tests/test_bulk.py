@@ -23,7 +23,7 @@ from gtun.core.offload import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
-    VnetHdr,
+    Gso,
     finish_tcp_checksum,
     segment,
 )
@@ -42,14 +42,14 @@ class Stream(str):
 
 def super_packet(
     src: str, dst: str, size: int, *, seq: int = 1000, v6: bool = False
-) -> tuple[VnetHdr, bytes]:
+) -> tuple[Gso, bytes]:
     """A TCP super-packet as an offloading TUN hands it over: header + one packet
     carrying `size` payload bytes (checksum field left as the kernel leaves it)."""
     payload = bytes((i * 7 + 3) & 0xFF for i in range(size))
     ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst, id=77, flags="DF")
     raw = bytes(ip / TCP(sport=40000, dport=5201, seq=seq, ack=1, flags="PA") / payload)
     ip_len = 40 if v6 else 20
-    hdr = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, ip_len + 20, MSS, ip_len, 16)
+    hdr = Gso(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, ip_len + 20, MSS, ip_len, 16)
     return hdr, raw
 
 
@@ -289,8 +289,8 @@ def test_tap_relay_does_not_offer_bulk() -> None:
 # --- the bulk frame codec: a peer's header is checked before it reaches the kernel -------
 
 
-def frame(hdr: VnetHdr, packet: bytes, padding: int = 0) -> bytes:
-    return bulk.MAGIC + bulk.push_vnet_hdr(hdr) + packet + bytes(padding)
+def frame(hdr: Gso, packet: bytes, padding: int = 0) -> bytes:
+    return bulk.MAGIC + bulk.push_gso(hdr) + packet + bytes(padding)
 
 
 def test_pull_bulk_round_trip_trims_padding_and_fixes_hdr_len() -> None:

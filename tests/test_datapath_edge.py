@@ -19,7 +19,7 @@ from gtun.core.offload import (
     GSO_NONE,
     GSO_TCPV4,
     PLAIN,
-    VnetHdr,
+    Gso,
     finish_tcp_checksum,
     segment,
     to_partial,
@@ -37,14 +37,14 @@ def lab_prefix() -> str:
     return "gtv"
 
 
-def tcp_super(size: int, sport: int = 40000) -> tuple[VnetHdr, bytes]:
+def tcp_super(size: int, sport: int = 40000) -> tuple[Gso, bytes]:
     payload = bytes((i * 13 + 1) & 0xFF for i in range(size))
     raw = bytes(
         IP(src="10.243.0.2", dst="10.243.0.1", id=5)
         / TCP(sport=sport, dport=5201, seq=7, ack=1, flags="A")
         / payload
     )
-    return VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 40, MSS, 20, 16), raw
+    return Gso(F_NEEDS_CSUM, GSO_TCPV4, 40, MSS, 20, 16), raw
 
 
 class VnetRecorder:
@@ -54,13 +54,13 @@ class VnetRecorder:
     name = "rec0"
 
     def __init__(self) -> None:
-        self.written: list[tuple[VnetHdr, bytes]] = []
+        self.written: list[tuple[Gso, bytes]] = []
 
     def write(self, packet: bytes) -> bool:
         self.written.append((PLAIN, packet))
         return True
 
-    def write_super(self, hdr: VnetHdr, packet: bytes) -> int:
+    def write_super(self, hdr: Gso, packet: bytes) -> int:
         self.written.append((hdr, packet))
         return 0
 

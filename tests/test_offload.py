@@ -17,17 +17,17 @@ from gtun.core import offload
 from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_ECN,
+    GSO_HDR_LEN,
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
     GSO_UDP,
     PLAIN,
-    VNET_HDR_LEN,
+    Gso,
     OffloadError,
-    VnetHdr,
     coalesce,
-    pull_vnet_hdr,
-    push_vnet_hdr,
+    pull_gso,
+    push_gso,
     segment,
     split,
 )
@@ -112,7 +112,7 @@ def expected_segments(payload: bytes, mss: int, flags: str = "A", **kw: object) 
 
 def super_packet(
     payload: bytes, mss: int, *, v6: bool = False, ecn: bool = False, **kw: object
-) -> tuple[VnetHdr, bytes]:
+) -> tuple[Gso, bytes]:
     """A TCP super-packet as a TUN read gives it: checksum field = pseudo-header sum."""
     pkt = tcp_packet(payload, v6=v6, chksum=0, **kw)  # type: ignore[arg-type]
     raw = bytes(pkt)
@@ -123,7 +123,7 @@ def super_packet(
     raw = raw[: l3 + 16] + struct.pack("!H", partial) + raw[l3 + 18 :]
     hl = l3 + parsed[TCP].dataofs * 4
     gso = (GSO_TCPV6 if v6 else GSO_TCPV4) | (GSO_ECN if ecn else 0)
-    return VnetHdr(F_NEEDS_CSUM, gso, hl, mss, l3, 16), raw
+    return Gso(F_NEEDS_CSUM, gso, hl, mss, l3, 16), raw
 
 
 def assert_checksums_valid(raw: bytes) -> None:
@@ -150,21 +150,21 @@ def payload_of(n: int, seed: int = 1) -> bytes:
 
 
 def test_vnet_hdr_round_trip_little_endian() -> None:
-    h = VnetHdr(F_NEEDS_CSUM, GSO_TCPV4, 52, 1380, 20, 16)
-    raw = push_vnet_hdr(h)
-    assert len(raw) == VNET_HDR_LEN
+    h = Gso(F_NEEDS_CSUM, GSO_TCPV4, 52, 1380, 20, 16)
+    raw = push_gso(h)
+    assert len(raw) == GSO_HDR_LEN
     assert raw == bytes([1, 1, 52, 0, 0x64, 0x05, 20, 0, 16, 0])
-    assert pull_vnet_hdr(raw + b"packet") == h
-    assert pull_vnet_hdr(memoryview(raw)) == h
-    assert push_vnet_hdr(PLAIN) == bytes(10)
+    assert pull_gso(raw + b"packet") == h
+    assert pull_gso(memoryview(raw)) == h
+    assert push_gso(PLAIN) == bytes(10)
 
 
 def test_vnet_hdr_short_is_counted() -> None:
     with pytest.raises(OffloadError) as exc:
-        pull_vnet_hdr(b"\x00" * 9)
+        pull_gso(b"\x00" * 9)
     assert exc.value.reason == "bad_vnet_hdr"
     with pytest.raises(ValueError):
-        push_vnet_hdr(VnetHdr(0, 0, 70000, 0, 0, 0))
+        push_gso(Gso(0, 0, 70000, 0, 0, 0))
 
 
 def test_checksum_helpers_match_scapy() -> None:
@@ -246,7 +246,7 @@ def test_needs_csum_udp4() -> None:
     want = bytes(pkt)
     raw = bytearray(want)
     struct.pack_into("!H", raw, 26, pseudo_partial(SRC4, DST4, 17, 8 + 777, False))
-    h = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6)
+    h = Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 6)
     assert segment(h, bytes(raw)) == [want]
     assert_checksums_valid(want)
 
@@ -261,7 +261,7 @@ def test_needs_csum_udp_zero_becomes_ffff() -> None:
     assert UDP(want[20:]).chksum == 0xFFFF
     raw = bytearray(want)
     struct.pack_into("!H", raw, 26, pseudo_partial(SRC4, DST4, 17, 10, False))
-    assert segment(VnetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 6), bytes(raw)) == [want]
+    assert segment(Gso(F_NEEDS_CSUM, 0, 0, 0, 20, 6), bytes(raw)) == [want]
 
 
 def test_needs_csum_icmpv6() -> None:
@@ -269,7 +269,7 @@ def test_needs_csum_icmpv6() -> None:
     want = bytes(pkt)
     raw = bytearray(want)
     struct.pack_into("!H", raw, 42, pseudo_partial(SRC6, DST6, 58, len(want) - 40, True))
-    got = segment(VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 40, 2), bytes(raw))
+    got = segment(Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, 40, 2), bytes(raw))
     assert got == [want]
     assert_checksums_valid(got[0])
 
@@ -278,7 +278,7 @@ def test_needs_csum_tcp_plain() -> None:
     want = bytes(tcp_packet(payload_of(99), flags="PA"))
     raw = bytearray(want)
     struct.pack_into("!H", raw, 36, pseudo_partial(SRC4, DST4, 6, len(want) - 20, False))
-    assert segment(VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16), bytes(raw)) == [want]
+    assert segment(Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16), bytes(raw)) == [want]
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_segment_ipv6_extension_header_rejected() -> None:
     from scapy.layers.inet6 import IPv6ExtHdrDestOpt
 
     pkt = IPv6(src=SRC6, dst=DST6) / IPv6ExtHdrDestOpt() / TCP() / Raw(payload_of(3000))
-    h = VnetHdr(F_NEEDS_CSUM, GSO_TCPV6, 68, 1000, 48, 16)
+    h = Gso(F_NEEDS_CSUM, GSO_TCPV6, 68, 1000, 48, 16)
     with pytest.raises(OffloadError) as exc:
         segment(h, bytes(pkt))
     assert exc.value.reason == "bad_gso"
@@ -345,7 +345,7 @@ def test_split_pieces_segment_like_the_whole(v6: bool, max_len: int) -> None:
     again = []
     for ph, praw in pieces:
         assert len(praw) <= max_len
-        assert pull_vnet_hdr(push_vnet_hdr(ph)) == ph
+        assert pull_gso(push_gso(ph)) == ph
         assert ph.flags == F_NEEDS_CSUM
         l3 = 40 if v6 else 20
         # The checksum field holds the pseudo-header sum, as a kernel expects.
@@ -412,7 +412,7 @@ def test_coalesce_45_segments(v6: bool) -> None:
     assert len(got) == 1
     h, raw = got[0]
     hl = (40 if v6 else 20) + 32
-    assert h == VnetHdr(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hl, 1380, hl - 32, 16)
+    assert h == Gso(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hl, 1380, hl - 32, 16)
     assert raw == gro_expected(segs, v6=v6, psh=True)
     assert segment(h, raw) == segs  # round trip
 
@@ -505,7 +505,7 @@ def test_coalesce_passes_odd_packets() -> None:
 # --- hostile input -------------------------------------------------------------------
 
 _hdrs = st.builds(
-    VnetHdr,
+    Gso,
     st.integers(0, 255),
     st.sampled_from([0, 1, 3, 4, 5, 0x80, 0x81, 0x84, 0x7F, 255]),
     st.integers(0, 0xFFFF),
@@ -518,7 +518,7 @@ _VALID = [super_packet(payload_of(5000), 1000), super_packet(payload_of(7001), 1
 
 
 @st.composite
-def _mutated(draw: st.DrawFn) -> tuple[VnetHdr, bytes]:
+def _mutated(draw: st.DrawFn) -> tuple[Gso, bytes]:
     h, raw = draw(st.sampled_from(_VALID))
     data = bytearray(raw)
     for _ in range(draw(st.integers(0, 4))):
@@ -537,7 +537,7 @@ _inputs = st.one_of(st.tuples(_hdrs, st.binary(max_size=300)), _mutated())
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_inputs, st.integers(0, 70000))
-def test_fuzz_segment_and_split(inp: tuple[VnetHdr, bytes], max_len: int) -> None:
+def test_fuzz_segment_and_split(inp: tuple[Gso, bytes], max_len: int) -> None:
     h, raw = inp
     try:
         segs = segment(h, raw)
@@ -558,12 +558,12 @@ def test_fuzz_segment_and_split(inp: tuple[VnetHdr, bytes], max_len: int) -> Non
 @given(st.binary(max_size=40))
 def test_fuzz_pull_vnet_hdr(data: bytes) -> None:
     try:
-        h = pull_vnet_hdr(data)
+        h = pull_gso(data)
     except OffloadError as exc:
         assert exc.reason == "bad_vnet_hdr"
-        assert len(data) < VNET_HDR_LEN
+        assert len(data) < GSO_HDR_LEN
     else:
-        assert push_vnet_hdr(h) == data[:VNET_HDR_LEN]
+        assert push_gso(h) == data[:GSO_HDR_LEN]
 
 
 _SEGS = expected_segments(payload_of(5000), 1000) + expected_segments(

@@ -23,13 +23,13 @@ from gtun.core.errors import LocalProtocolError, RemoteProtocolError
 from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_ECN,
+    GSO_HDR_LEN,
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
-    VNET_HDR_LEN,
-    VnetHdr,
-    pull_vnet_hdr,
-    push_vnet_hdr,
+    Gso,
+    pull_gso,
+    push_gso,
     segment,
     split,
 )
@@ -37,7 +37,7 @@ from gtun.core.tunnel import BULK_MAGIC
 from gtun.core.wg import Peer, WireGuard
 
 MAGIC = BULK_MAGIC
-HEADER_LEN = len(MAGIC) + VNET_HDR_LEN
+HEADER_LEN = len(MAGIC) + GSO_HDR_LEN
 # The largest IP packet in one bulk frame: a TCP frame holds 65535 bytes, less the
 # transport message's header (16) and tag (16), WireGuard's padding (up to 15) and ours.
 MAX_PACKET = 65535 - 32 - 15 - HEADER_LEN
@@ -54,19 +54,19 @@ def is_bulk(plaintext: bytes) -> bool:
     return plaintext[:4] == MAGIC
 
 
-def push_bulk(hdr: VnetHdr, packet: bytes) -> bytes:
+def push_bulk(hdr: Gso, packet: bytes) -> bytes:
     """The plaintext of a bulk frame.  Raises LocalProtocolError (the caller's misuse) when the
     packet is larger than MAX_PACKET: split it first (offload.split)."""
     if len(packet) > MAX_PACKET:
         raise LocalProtocolError(f"packet of {len(packet)} bytes does not fit a bulk frame")
-    return MAGIC + push_vnet_hdr(hdr) + packet
+    return MAGIC + push_gso(hdr) + packet
 
 
-def pull_bulk(plaintext: bytes) -> tuple[VnetHdr, bytes]:
+def pull_bulk(plaintext: bytes) -> tuple[Gso, bytes]:
     """(header, packet) of a bulk frame, padding trimmed.  Raises BulkError."""
     if len(plaintext) < HEADER_LEN + 20 or plaintext[:4] != MAGIC:
         raise BulkError("truncated bulk frame")
-    hdr = pull_vnet_hdr(plaintext[4:HEADER_LEN])
+    hdr = pull_gso(plaintext[4:HEADER_LEN])
     packet = plaintext[HEADER_LEN:]
     version = packet[0] >> 4
     if version == 4:
@@ -88,7 +88,7 @@ def pull_bulk(plaintext: bytes) -> tuple[VnetHdr, bytes]:
     return _checked_header(hdr, version, ip_len, proto, packet), packet
 
 
-def _checked_header(hdr: VnetHdr, version: int, ip_len: int, proto: int, packet: bytes) -> VnetHdr:
+def _checked_header(hdr: Gso, version: int, ip_len: int, proto: int, packet: bytes) -> Gso:
     """`hdr` if it describes `packet`, with hdr_len set to the real IP + TCP header
     length (the kernel's own reads give only a hint there)."""
     if hdr.flags & ~F_NEEDS_CSUM:
@@ -122,7 +122,7 @@ def takes_bulk(peer: Peer) -> bool:
     return peer.data.caps.bulk and getattr(peer.endpoint, "stream", False)
 
 
-def send_super(wg: WireGuard, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
+def send_super(wg: WireGuard, peer: Peer, hdr: Gso, packet: bytes, now: float) -> None:
     """Send a super-packet to `peer`: as bulk frames when it takes them (takes_bulk),
     else as the MTU-sized packets it stands for, each its own transport message, valid
     for any WireGuard peer.  Raises OffloadError for a super-packet that cannot be cut."""

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from gtun.core import bulk, l2frame
 from gtun.core import tunnel as tm
 from gtun.core.drops import CLIENT_DROP_REASONS
-from gtun.core.offload import OffloadError, VnetHdr
+from gtun.core.offload import Gso, OffloadError
 from gtun.core.packet import packet_length, tunnel_addresses
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, WireGuard
@@ -145,7 +145,7 @@ class ClientCore:
         self.connected = False
         self.drops: dict[str, int] = dict.fromkeys(CLIENT_DROP_REASONS, 0)
         self._events: deque[Event] = deque()
-        self._tun_out: list[bytes | tuple[VnetHdr, bytes]] = []
+        self._tun_out: list[bytes | tuple[Gso, bytes]] = []
         self._t_config: float | None = None
         self._t_ping: float | None = None
         self._t_retry: float | None = None
@@ -159,7 +159,7 @@ class ClientCore:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
+    def tun_writes(self) -> list[bytes | tuple[Gso, bytes]]:
         """Packets for the TUN: plain ones, and (header, super-packet) pairs."""
         out = self._tun_out
         self._tun_out = []
@@ -241,7 +241,7 @@ class ClientCore:
         self.wg.send(self.server, packet, now)
         self._drain(now)
 
-    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         """A TCP super-packet (or a packet whose checksum is ours to finish) from an
         offloading TUN (never a TAP device)."""
         if self.config is None:

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from gtun.core import bulk, l2frame
 from gtun.core import tunnel as tm
-from gtun.core.offload import GSO_NONE, OffloadError, VnetHdr, coalesce, finish_tcp_checksum
+from gtun.core.offload import GSO_NONE, Gso, OffloadError, coalesce, finish_tcp_checksum
 from gtun.core.packet import is_link_scoped, packet_length, parse_addresses, tunnel_addresses
 from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
@@ -58,7 +58,7 @@ STOCK_PEER_IN_TAP_MODE = (
 _UNKNOWN = object()
 _Verdict = Peer | str | None  # where a packet goes: a peer, the TUN (None), or a drop
 
-TunWrite = bytes | tuple[VnetHdr, bytes]
+TunWrite = bytes | tuple[Gso, bytes]
 # count(peer, reason): a drop charged to a peer (and to the relay's total).
 CountFn = Callable[[Peer, str], None]
 # on_message(peer, plaintext, now): a gtun message for the relay.
@@ -114,7 +114,7 @@ class Forwarder:
     def tun_packet(self, packet: bytes, now: float) -> None:
         raise NotImplementedError
 
-    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         raise NotImplementedError
 
 
@@ -157,7 +157,7 @@ class IpForwarder(Forwarder):
         if peer is not None:
             self.wg.send(peer, packet, now)
 
-    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         """A TCP super-packet (or a packet whose checksum is ours to finish) from an
         offloading TUN: every segment has the same addresses, so it is routed once."""
         peer = self._tun_target(packet)
@@ -174,7 +174,7 @@ class IpForwarder(Forwarder):
             self.drops["no_route"] += 1
         return peer
 
-    def _send_super(self, peer: Peer, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def _send_super(self, peer: Peer, hdr: Gso, packet: bytes, now: float) -> None:
         try:
             bulk.send_super(self.wg, peer, hdr, packet, now)
         except OffloadError:
@@ -279,7 +279,7 @@ class EthernetForwarder(Forwarder):
     def tun_packet(self, packet: bytes, now: float) -> None:
         self._switch_frame(LOCAL_PORT, packet, now)
 
-    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         # A TAP device is opened without offloads: anything else is a kernel's bug.
         self.drops["bad_gso"] += 1
 

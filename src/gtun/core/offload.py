@@ -1,13 +1,15 @@
-"""TUN offloads without I/O: the virtio-net header, TCP segmentation and TCP coalescing.
+"""Super-packets without I/O: the core's description of one (Gso), TCP segmentation,
+splitting and coalescing.  The one place gtun cuts and merges TCP super-packets.
 
-A TUN opened with IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-prefixes every packet read or written with a `struct virtio_net_hdr` (virtio spec 1.2
-section 5.1.6, <linux/virtio_net.h>; the 10-byte form without num_buffers, fields
-little-endian: the host order on x86 and ARM, which legacy virtio uses; a big-endian host
-would need TUNSETVNETLE).  Reads may then be TCP "super-packets" of up to 64 KB with
-the checksum left for someone else to finish (CHECKSUM_PARTIAL: the TCP checksum field
-holds the folded pseudo-header sum, not complemented), and writes may be such
-super-packets too.
+A super-packet is an IP packet of up to 64 KB that stands for several wire packets, with
+a `Gso` that says how: the segmentation type and size, and where a checksum is left for
+someone else to finish (CHECKSUM_PARTIAL: the TCP checksum field holds the folded
+pseudo-header sum, not complemented).  These are the fields Linux keeps for one
+(skb_shared_info, virtio spec 1.2 section 5.1.6), and `Gso`'s 10-byte encoding
+(pull_gso/push_gso) is the layout of `struct virtio_net_hdr` without num_buffers, fields
+little-endian: the offloading TUN device (io/tun.py, which owns the ioctls) prefixes its
+reads and writes with it, and bulk frames (bulk.py) carry it on the wire unchanged.  A
+big-endian host would need TUNSETVNETLE.
 
 - `segment()` turns what a read gave into packets a stock peer accepts (its kernel
   verifies every checksum): the software TSO of the kernel's tcp_gso_segment().
@@ -29,7 +31,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from gtun.core.errors import RemoteProtocolError
+from gtun.core.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "F_DATA_VALID",
@@ -42,20 +44,20 @@ __all__ = [
     "GSO_UDP_L4",
     "MAX_SEGMENTS",
     "PLAIN",
-    "VNET_HDR_LEN",
+    "GSO_HDR_LEN",
     "OffloadError",
-    "VnetHdr",
+    "Gso",
     "checksum",
     "coalesce",
-    "pull_vnet_hdr",
-    "push_vnet_hdr",
+    "pull_gso",
+    "push_gso",
     "segment",
     "split",
     "sum16",
 ]
 
 # From <linux/virtio_net.h> (virtio 1.2 section 5.1.6).
-VNET_HDR_LEN = 10  # struct virtio_net_hdr, without num_buffers
+GSO_HDR_LEN = 10  # the encoded size: struct virtio_net_hdr, without num_buffers
 F_NEEDS_CSUM = 1
 F_DATA_VALID = 2
 GSO_NONE = 0
@@ -85,7 +87,7 @@ MAX_IP_PACKET = 0xFFFF  # IPv4 total length is 16 bits; the TUN reads no more ei
 # work a hostile header (gso_size 1) can cause.
 MAX_SEGMENTS = 2048
 
-_VNET = struct.Struct("<BBHHHH")
+_GSO = struct.Struct("<BBHHHH")
 # IPv4 (no options) + TCP: vihl tos total id frag ttl proto csum addrs+ports seq ack
 # doff flags window csum urg.
 _V4TCP = struct.Struct("!BBHHHBBH12sIIBBHHH")
@@ -104,7 +106,7 @@ class OffloadError(RemoteProtocolError):
         self.detail = detail
 
 
-class VnetHdr(NamedTuple):
+class Gso(NamedTuple):
     flags: int
     gso_type: int
     hdr_len: int
@@ -113,24 +115,24 @@ class VnetHdr(NamedTuple):
     csum_offset: int
 
 
-PLAIN = VnetHdr(0, 0, 0, 0, 0, 0)
+PLAIN = Gso(0, 0, 0, 0, 0, 0)
 
 
-def pull_vnet_hdr(buf: bytes | bytearray | memoryview) -> VnetHdr:
-    """The virtio-net header at the start of `buf`.  Raises OffloadError("bad_vnet_hdr")
-    if `buf` is shorter than VNET_HDR_LEN.  Field values are checked where they are used
+def pull_gso(buf: bytes | bytearray | memoryview) -> Gso:
+    """The Gso encoded at the start of `buf`.  Raises OffloadError("bad_vnet_hdr")
+    if `buf` is shorter than GSO_HDR_LEN.  Field values are checked where they are used
     (`segment`, `split`), so a future flag bit does not drop every packet."""
-    if len(buf) < VNET_HDR_LEN:
-        raise OffloadError("bad_vnet_hdr", f"{len(buf)} bytes, a header is {VNET_HDR_LEN}")
-    return VnetHdr._make(_VNET.unpack_from(buf))
+    if len(buf) < GSO_HDR_LEN:
+        raise OffloadError("bad_vnet_hdr", f"{len(buf)} bytes, a header is {GSO_HDR_LEN}")
+    return Gso._make(_GSO.unpack_from(buf))
 
 
-def push_vnet_hdr(h: VnetHdr) -> bytes:
-    """The 10 bytes of `h`.  Raises ValueError (a local error) for a field out of range."""
+def push_gso(h: Gso) -> bytes:
+    """The 10 bytes of `h`.  Raises LocalProtocolError for a field out of range."""
     try:
-        return _VNET.pack(*h)
+        return _GSO.pack(*h)
     except struct.error as exc:
-        raise ValueError(f"virtio-net header {h} does not fit: {exc}") from None
+        raise LocalProtocolError(f"GSO header {h} does not fit: {exc}") from None
 
 
 # --- checksums ---------------------------------------------------------------------
@@ -197,7 +199,7 @@ def _fold(partial: int) -> int:
 # --- segmentation ------------------------------------------------------------------
 
 
-def segment(h: VnetHdr, packet: bytes, *, partial: bool = False) -> list[bytes]:
+def segment(h: Gso, packet: bytes, *, partial: bool = False) -> list[bytes]:
     """The wire packets for `packet`, what follows header `h` in a TUN read.
 
     With `partial`, the TCP segments of a GSO packet carry in their checksum field only
@@ -245,7 +247,7 @@ def _finish_checksum(packet: bytes, start: int, offset: int) -> bytes:
     return b"".join((packet[:at], _H16.pack(value), packet[at + 2 :]))
 
 
-def _parse_tcp_gso(h: VnetHdr, packet: bytes) -> tuple[int, int]:
+def _parse_tcp_gso(h: Gso, packet: bytes) -> tuple[int, int]:
     """(IP header length, IP + TCP header length) of a TCP super-packet; raises."""
     kind = h.gso_type & ~GSO_ECN
     n = len(packet)
@@ -468,7 +470,7 @@ def _pseudo_sum(header: bytes | bytearray, l3: int, tcp_len: int) -> int:
     return _fold(sum16(addrs) + IPPROTO_TCP + tcp_len)
 
 
-def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
+def to_partial(packet: bytes) -> tuple[Gso, bytes]:
     """A plain packet for an offloading TUN: a TCP packet (whatever its checksum field
     holds) as F_NEEDS_CSUM with the pseudo-header sum in the field, so the kernel
     completes or trusts the checksum; anything else unchanged, as (PLAIN, packet)."""
@@ -477,7 +479,7 @@ def to_partial(packet: bytes) -> tuple[VnetHdr, bytes]:
         return PLAIN, packet
     at = l3 + TCP_CSUM_OFFSET
     field = _H16.pack(_pseudo_sum(packet, l3, len(packet) - l3))
-    hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, l3, TCP_CSUM_OFFSET)
+    hdr = Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, l3, TCP_CSUM_OFFSET)
     return hdr, b"".join((packet[:at], field, packet[at + 2 :]))
 
 
@@ -493,7 +495,7 @@ def finish_tcp_checksum(packet: bytes) -> bytes:
 # --- splitting ---------------------------------------------------------------------
 
 
-def split(h: VnetHdr, packet: bytes, max_len: int) -> list[tuple[VnetHdr, bytes]]:
+def split(h: Gso, packet: bytes, max_len: int) -> list[tuple[Gso, bytes]]:
     """`packet` (with header `h`) as pieces of at most `max_len` bytes each.
 
     A packet that fits comes back whole: [(h, packet)].  A TCP super-packet is cut at
@@ -529,9 +531,9 @@ def split(h: VnetHdr, packet: bytes, max_len: int) -> list[tuple[VnetHdr, bytes]
     f_first = f0 & ~(TCP_FIN | TCP_PSH)
     f_mid = f_first & ~TCP_CWR
     f_last = f0 & ~TCP_CWR
-    gso_hdr = VnetHdr(F_NEEDS_CSUM, h.gso_type, hl, g, l3, TCP_CSUM_OFFSET)
-    one_hdr = VnetHdr(F_NEEDS_CSUM, GSO_NONE, hl, 0, l3, TCP_CSUM_OFFSET)
-    out: list[tuple[VnetHdr, bytes]] = []
+    gso_hdr = Gso(F_NEEDS_CSUM, h.gso_type, hl, g, l3, TCP_CSUM_OFFSET)
+    one_hdr = Gso(F_NEEDS_CSUM, GSO_NONE, hl, 0, l3, TCP_CSUM_OFFSET)
+    out: list[tuple[Gso, bytes]] = []
     off = hl
     fl = f_first
     while off < n:
@@ -577,7 +579,7 @@ class _Run:
         self.total = tot
         self.psh = 0
 
-    def build(self) -> tuple[VnetHdr, bytes]:
+    def build(self) -> tuple[Gso, bytes]:
         first, l3, hl = self.first, self.l3, self.hl
         if len(self.parts) == 2:
             return PLAIN, first[: self.total]
@@ -594,11 +596,11 @@ class _Run:
             gso_type = GSO_TCPV4
         header[l3 + 16 : l3 + 18] = _H16.pack(_pseudo_sum(header, l3, total - l3))
         self.parts[0] = header
-        h = VnetHdr(F_NEEDS_CSUM, gso_type, hl, self.g, l3, TCP_CSUM_OFFSET)
+        h = Gso(F_NEEDS_CSUM, gso_type, hl, self.g, l3, TCP_CSUM_OFFSET)
         return h, b"".join(self.parts)
 
 
-def coalesce(packets: list[bytes]) -> list[tuple[VnetHdr, bytes]]:
+def coalesce(packets: list[bytes]) -> list[tuple[Gso, bytes]]:
     """GRO for decrypted IP packets about to be written to a TUN with a vnet header.
 
     Each packet may carry zero padding beyond its IP length (WireGuard pads to 16
@@ -621,7 +623,7 @@ def coalesce(packets: list[bytes]) -> list[tuple[VnetHdr, bytes]]:
 
     Never raises for any input.
     """
-    out: list[tuple[VnetHdr, bytes] | _Run] = []
+    out: list[tuple[Gso, bytes] | _Run] = []
     runs: dict[bytes, _Run] = {}
     v4tcp = _V4TCP.unpack_from
     v6tcp = _V6TCP.unpack_from

@@ -27,12 +27,12 @@ import struct
 from typing import Protocol
 
 from gtun.core.offload import (
+    GSO_HDR_LEN,
     PLAIN,
-    VNET_HDR_LEN,
+    Gso,
     OffloadError,
-    VnetHdr,
-    pull_vnet_hdr,
-    push_vnet_hdr,
+    pull_gso,
+    push_gso,
     segment,
 )
 from gtun.errors import RuntimeFailure
@@ -56,11 +56,11 @@ TUN_PATH = "/dev/net/tun"
 
 # Tuning knob: the largest packet read in one call (the largest IP packet).
 MAX_PACKET = 65535
-_PLAIN_HDR = bytes(VNET_HDR_LEN)
+_PLAIN_HDR = bytes(GSO_HDR_LEN)
 
 # A write failing with one of these concerns that one packet only (the device is down,
 # the packet is malformed or too big, buffers are full): the caller drops it.
-_PACKET_ERRNOS = frozenset(
+PACKET_ERRNOS = frozenset(
     {
         errno.EAGAIN,
         errno.EINVAL,
@@ -92,13 +92,13 @@ class PacketDevice(Protocol):
         """Hand one packet to the kernel; False if it was dropped."""
         ...
 
-    def read_super(self) -> tuple[VnetHdr, bytes] | None:
+    def read_super(self) -> tuple[Gso, bytes] | None:
         """One packet or TCP super-packet with its offload header (PLAIN for a packet),
         or None when none is waiting.  Raises RuntimeFailure (device) or OffloadError
         (an impossible header from the kernel)."""
         ...
 
-    def write_super(self, hdr: VnetHdr, packet: bytes) -> int:
+    def write_super(self, hdr: Gso, packet: bytes) -> int:
         """Hand a packet or super-packet to the kernel; the number of packets dropped."""
         ...
 
@@ -143,7 +143,7 @@ class TunDevice:
 
     def _read(self) -> bytes | None:
         try:
-            return os.read(self._fd, MAX_PACKET + VNET_HDR_LEN)
+            return os.read(self._fd, MAX_PACKET + GSO_HDR_LEN)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -158,21 +158,21 @@ class TunDevice:
         data = self._read()
         if data is None or not self.vnet:
             return data
-        return data[VNET_HDR_LEN:]
+        return data[GSO_HDR_LEN:]
 
-    def read_super(self) -> tuple[VnetHdr, bytes] | None:
+    def read_super(self) -> tuple[Gso, bytes] | None:
         data = self._read()
         if data is None:
             return None
         if not self.vnet:
             return PLAIN, data
-        return pull_vnet_hdr(data), data[VNET_HDR_LEN:]
+        return pull_gso(data), data[GSO_HDR_LEN:]
 
     def _writev(self, parts: list[bytes]) -> bool:
         try:
             os.writev(self._fd, parts)
         except OSError as exc:
-            if exc.errno in _PACKET_ERRNOS:
+            if exc.errno in PACKET_ERRNOS:
                 return False
             raise RuntimeFailure(f"cannot write to {self._name}: {exc.strerror}") from exc
         return True
@@ -184,10 +184,10 @@ class TunDevice:
         """
         return self._writev([_PLAIN_HDR, packet] if self.vnet else [packet])
 
-    def write_super(self, hdr: VnetHdr, packet: bytes) -> int:
+    def write_super(self, hdr: Gso, packet: bytes) -> int:
         if self.vnet:
-            return 0 if self._writev([push_vnet_hdr(hdr), packet]) else 1
-        return _write_segments(self, hdr, packet)
+            return 0 if self._writev([push_gso(hdr), packet]) else 1
+        return write_segments(self, hdr, packet)
 
     def close(self) -> None:
         """Close the device; a non-persistent device disappears.  Idempotent."""
@@ -206,7 +206,7 @@ class TunDevice:
         return f"<TunDevice {kind} {self._name} fd={self._fd}>"
 
 
-def _write_segments(dev: PacketDevice, hdr: VnetHdr, packet: bytes) -> int:
+def write_segments(dev: PacketDevice, hdr: Gso, packet: bytes) -> int:
     """write_super() for a device without offloads: segment, write each; drops."""
     if hdr == PLAIN:
         return 0 if dev.write(packet) else 1
@@ -286,7 +286,7 @@ def _open(name: str, *, tap: bool, vnet: bool) -> TunDevice:
 def _set_offloads(fd: int) -> None:
     """Header size and offloads of a vnet device; _OffloadRefused when refused."""
     try:
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", GSO_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except OSError as exc:
         raise _OffloadRefused(f"TUNSETOFFLOAD was refused: {exc.strerror}") from exc

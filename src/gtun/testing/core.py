@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from gtun.core.offload import VnetHdr
+from gtun.core.offload import Gso
 from gtun.core.wg.events import Event
 
 
@@ -27,7 +27,7 @@ class FakeCore:
     def tun_packet(self, packet: bytes, now: float) -> None:
         raise AssertionError("no TUN here")
 
-    def tun_super(self, hdr: VnetHdr, packet: bytes, now: float) -> None:
+    def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         raise AssertionError("no TUN here")
 
     def handle_timer(self, now: float) -> None:
@@ -39,7 +39,7 @@ class FakeCore:
     def next_event(self) -> Event | None:
         return None
 
-    def tun_writes(self) -> list[bytes | tuple[VnetHdr, bytes]]:
+    def tun_writes(self) -> list[bytes | tuple[Gso, bytes]]:
         return []
 
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:

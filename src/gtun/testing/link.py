@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from gtun.core.client import ClientCore
-from gtun.core.offload import VnetHdr
+from gtun.core.offload import Gso
 from gtun.core.relay import Relay, RelaySettings
 from gtun.core.wg import PacketReceived, WireGuard
 
@@ -18,7 +18,7 @@ STOCK = "S"
 NETWORK = IPv4Network("10.66.0.0/24")
 
 # What a core hands its device: a packet, or a (header, super-packet) pair.
-TunWrite = bytes | tuple[VnetHdr, bytes]
+TunWrite = bytes | tuple[Gso, bytes]
 
 
 def relay_settings(**overrides: Any) -> RelaySettings:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from gtun.core.offload import PLAIN, VnetHdr
+from gtun.core.offload import PLAIN, Gso
 from gtun.errors import RuntimeFailure
-from gtun.io.tun import _PACKET_ERRNOS, MAX_PACKET, _write_segments
+from gtun.io.tun import MAX_PACKET, PACKET_ERRNOS, write_segments
 
 
 class FakeTun:
@@ -55,17 +55,17 @@ class FakeTun:
         try:
             self._sock.send(packet)
         except OSError as exc:
-            if exc.errno in _PACKET_ERRNOS:
+            if exc.errno in PACKET_ERRNOS:
                 return False
             raise RuntimeFailure(f"cannot write to {self._name}: {exc.strerror}") from exc
         return True
 
-    def read_super(self) -> tuple[VnetHdr, bytes] | None:
+    def read_super(self) -> tuple[Gso, bytes] | None:
         packet = self.read()
         return None if packet is None else (PLAIN, packet)
 
-    def write_super(self, hdr: VnetHdr, packet: bytes) -> int:
-        return _write_segments(self, hdr, packet)
+    def write_super(self, hdr: Gso, packet: bytes) -> int:
+        return write_segments(self, hdr, packet)
 
     def close(self) -> None:
         self._sock.close()
