@@ -21,8 +21,6 @@ from gtun.errors import GtunError
 
 log = logging.getLogger("gtun")
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 
 class Runtime:
     """One daemon's life: `nl()` runs netlink calls, `stop` ends the run, `push()` records
@@ -36,6 +34,7 @@ class Runtime:
         self.stop = asyncio.Event()
         # (what, undo, runs in the netlink thread); undo may return an awaitable.
         self._cleanup: list[tuple[str, Callable[[], object], bool]] = []
+        self._signals: list[signal.Signals] = []
         # pyroute2's synchronous API runs its own asyncio loop, so every netlink call
         # goes to this one worker thread, never to the event loop's thread.
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
@@ -51,14 +50,18 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
+            self._signals.append(sig)
         if reload is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: _run_soon(reload))
+            self._signals.append(signal.SIGHUP)
 
     def forget_signals(self) -> None:
+        """Remove the handlers of the signals `handle_signals` set, and only those (a
+        client sets none for SIGHUP: a relay on the same loop, in tests, keeps its)."""
         loop = asyncio.get_running_loop()
-        for sig in SIGNALS:
+        while self._signals:
             with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(self._signals.pop())
 
     # --- clean-up ----------------------------------------------------------------------
 
