@@ -1,12 +1,21 @@
-"""The TCP framing: exact reads, bounds, truncation."""
+"""The TCP framing: exact reads and the sans-IO decoder, bounds, truncation."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
-from gtun.io.framing import MAX_FRAME, MIN_FRAME, FrameError, push_frame, read_frame
+from gtun.io.framing import (
+    HEADER_SIZE,
+    MAX_FRAME,
+    MIN_FRAME,
+    FrameDecoder,
+    FrameError,
+    push_frame,
+    read_frame,
+)
 
 
 def _read(data: bytes) -> bytes:
@@ -53,3 +62,42 @@ def test_truncated_frame_and_clean_end() -> None:
 def test_push_refuses_what_cannot_be_framed(size: int) -> None:
     with pytest.raises(ValueError):
         push_frame(b"x" * size)
+
+
+# --- the sans-IO decoder --------------------------------------------------------------
+
+
+def test_decoder_reassembles_any_split_of_a_stream() -> None:
+    rng = random.Random(7)
+    messages = [b"\x04" * rng.choice([4, 32, 148, 1400, MAX_FRAME]) for _ in range(40)]
+    messages = [m[:1] + bytes([i]) + m[2:] for i, m in enumerate(messages)]
+    stream = b"".join(push_frame(m) for m in messages)
+    for _ in range(20):
+        decoder, got, pos = FrameDecoder(), [], 0
+        while pos < len(stream):
+            step = rng.choice([1, 2, 3, 100, 1402, 70000])
+            got += decoder.feed(stream[pos : pos + step])
+            pos += step
+        assert got == messages
+        assert decoder.buffered == 0
+
+
+def test_decoder_holds_one_incomplete_frame_at_most() -> None:
+    decoder = FrameDecoder()
+    whole = push_frame(b"\x04" * MAX_FRAME)
+    assert decoder.feed(push_frame(b"\x01" * 148) + whole[:-1]) == [b"\x01" * 148]
+    assert decoder.buffered == HEADER_SIZE + MAX_FRAME - 1
+    assert decoder.feed(whole[-1:] + b"\x00") == [b"\x04" * MAX_FRAME]
+    assert decoder.buffered == 1  # half a header: the stream would end truncated
+    assert decoder.feed(b"") == []
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3])
+@pytest.mark.parametrize("length", [0, 1, MIN_FRAME - 1])
+def test_decoder_refuses_impossible_lengths(length: int, split: int) -> None:
+    stream = push_frame(b"\x04" * 32) + length.to_bytes(2, "big") + bytes(8)
+    decoder = FrameDecoder()
+    cut = len(stream) - 10 + split
+    with pytest.raises(FrameError):
+        decoder.feed(stream[:cut])
+        decoder.feed(stream[cut:])

@@ -1,8 +1,8 @@
 """Tier 2: the TCP edge on loopback (gtun.io.tcp), with short test-only timeouts.
 
-A fake core records what the relay's TCP listener delivers and sends back what a test
-queues; raw sockets play misbehaving peers.  The last tests run the real relay and
-client cores against each other over a loopback TCP connection.
+A fake core (gtun.testing.core) records what the relay's TCP listener delivers and
+sends back what a test queues; raw sockets play misbehaving peers.  The last tests run
+the real relay and client cores against each other over a loopback TCP connection.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import asyncio
 import secrets
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address
-from typing import Any
 
 import pytest
 
 from corelink import relay_settings
 from gtun.core.client import ClientCore, ConfigReceived, Connected
 from gtun.core.relay import PeerSpec, Relay
+from gtun.core.wg.endpoint import address_bytes, cookie_source
 from gtun.core.wg.events import Event
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.driver import Driver
@@ -32,6 +32,7 @@ from gtun.io.tcp import (
     endpoint_transport,
     forget_endpoint,
 )
+from gtun.testing.core import FakeCore
 
 LIMITS = TcpLimits(first_frame=0.4, idle=0.8, stall=0.4, write_buffer=32 * 1024, max_connections=4)
 BOUND = 5.0  # seconds any wait in these tests may take
@@ -42,39 +43,6 @@ def wg_message(n: int = 64, fill: int = 0) -> bytes:
     return b"\x04\x00\x00\x00" + bytes([fill]) * (n - 4)
 
 
-class FakeCore:
-    """Records datagrams; answers each with whatever `reply` returns."""
-
-    def __init__(self) -> None:
-        self.drops: dict[str, int] = {"queue_full": 0}
-        self.received: list[tuple[bytes, Hashable]] = []
-        self.out: list[tuple[bytes, Any]] = []
-        self.reply: Callable[[bytes, Hashable], list[tuple[bytes, Any]]] = lambda d, a: []
-
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        self.received.append((data, addr))
-        self.out.extend(self.reply(data, addr))
-
-    def tun_packet(self, packet: bytes, now: float) -> None:
-        raise AssertionError("no TUN here")
-
-    def handle_timer(self, now: float) -> None:
-        pass
-
-    def get_timer(self) -> float | None:
-        return None
-
-    def next_event(self) -> Event | None:
-        return None
-
-    def tun_writes(self) -> list[bytes]:
-        return []
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
-        out, self.out = self.out, []
-        return out
-
-
 class Rig:
     """A TcpServer on 127.0.0.1 with a FakeCore behind a Driver."""
 
@@ -83,7 +51,8 @@ class Rig:
         self.core = FakeCore()
         self.driver = Driver(self.core, self.loop, lambda e: None)
         self.closed: list[TcpEndpoint] = []
-        self.server = TcpServer(self.driver, self.closed.append, limits)
+        self.server = TcpServer(self.loop, self.closed.append, limits)
+        self.driver.attach(self.server)
         self.port = 0
 
     async def __aenter__(self) -> Rig:
@@ -174,6 +143,8 @@ def test_frames_across_split_writes_reach_the_core_whole() -> None:
             (ep,) = endpoints
             assert isinstance(ep, TcpEndpoint) and endpoint_transport(ep) == "tcp"
             assert ep.peername == writer.get_extra_info("sockname")
+            assert ep.owner is rig.server  # the Driver sends to it through the server
+            assert cookie_source(ep) == address_bytes(*ep.peername)  # mac2 binds to it
             # A second connection is another endpoint.
             _, writer2 = await rig.connect()
             writer2.write(push_frame(wg_message()))
@@ -411,7 +382,7 @@ def test_dialer_reconnects_with_backoff() -> None:
             ep.send(wg_message(48, len(ups)))  # a hello, as a handshake would be
 
         dialer = TcpDialer(
-            driver,
+            loop,
             ("127.0.0.1", port),
             open_socket,
             connected,
@@ -419,7 +390,7 @@ def test_dialer_reconnects_with_backoff() -> None:
             first_backoff=0.05,
             max_backoff=0.2,
         )
-        dialer.start()
+        driver.attach(dialer)
         await asyncio.sleep(0.3)  # a few refused attempts
         assert ups == [] and len(made) >= 2
 
@@ -474,7 +445,8 @@ def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
         client = ClientCore(client_key, relay.wg.public_key, None)
         relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.5"))])
         relay_driver = Driver(relay, loop, lambda e: None)
-        server = TcpServer(relay_driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+        server = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+        relay_driver.attach(server)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(4)
@@ -487,10 +459,8 @@ def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
             client.start(loop.time())
             client_driver.poke()
 
-        dialer = TcpDialer(
-            client_driver, sock.getsockname(), socket.socket, connected, lambda ep: None
-        )
-        dialer.start()
+        dialer = TcpDialer(loop, sock.getsockname(), socket.socket, connected, lambda ep: None)
+        client_driver.attach(dialer)
         await until(lambda: any(isinstance(e, ConfigReceived) for e in events), "config")
         assert any(isinstance(e, Connected) for e in events)
         config = next(e for e in events if isinstance(e, ConfigReceived)).config

@@ -30,12 +30,14 @@ from gtun.core.client import (
     NoAnswer,
     Refused,
 )
+from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.tunnel import PushedConfig
 from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
-from gtun.io.driver import Driver, merge_counts
+from gtun.io.driver import Driver
 from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
+from gtun.io.udp import UdpTransport
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
 
@@ -99,11 +101,13 @@ class Client:
                 transport=cfg.transport,
             )
             self.core = core
-            driver = Driver(core, loop, self.on_event, self.on_udp_error)
+            driver = Driver(core, loop, self.on_event)
             self.driver = driver
             if self.transport == "udp":
                 sock = self.open_socket(family, socket.SOCK_DGRAM)
-                driver.attach_udp(sock, batching=cfg.offload)
+                driver.attach(
+                    UdpTransport(sock, loop, batching=cfg.offload, on_error=self.on_udp_error)
+                )
             if cfg.metrics_listen is not None:
                 self.metrics = await serve_metrics(
                     ClientCollector(core, loop.time, self.tcp_drops),
@@ -191,9 +195,9 @@ class Client:
         assert self.driver is not None
         self.transport = "tcp"
         self.dialer = TcpDialer(
-            self.driver, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
+            self.driver.loop, endpoint, self.open_socket, self.on_tcp_connected, self.on_tcp_lost
         )
-        self.dialer.start()
+        self.driver.attach(self.dialer)
 
     def on_tcp_connected(self, ep: TcpEndpoint) -> None:
         core, driver = self.core, self.driver
@@ -263,7 +267,8 @@ class Client:
                 event.after,
             )
             assert self.driver is not None and self.endpoint is not None
-            self.driver.detach_udp()
+            if self.driver.udp is not None:
+                self.driver.detach(self.driver.udp)
             self.start_tcp(self.endpoint)
         elif isinstance(event, GaveUpRound):
             log.warning(

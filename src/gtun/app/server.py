@@ -21,13 +21,15 @@ from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.platform import Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import AddressPool, StateStore
+from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
-from gtun.io.driver import Driver, merge_counts
+from gtun.io.driver import Driver
 from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
+from gtun.io.udp import UdpTransport
 from gtun.system.ipv6 import address6_for
 
 log = logging.getLogger("gtun")
@@ -171,10 +173,11 @@ class Server:
             self.relay = relay
             driver = Driver(relay, loop, self.on_event)
             self.driver = driver
-            driver.attach_udp(sock, batching=cfg.offload)
+            driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
             rt.push("UDP socket", driver.close)
-            tcp = TcpServer(driver, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+            tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
             self.tcp = tcp
+            driver.attach(tcp)
             await tcp.start(tcp_sock)
             rt.push("TCP listener", tcp.close)
             if cfg.metrics_listen is not None:

@@ -1,17 +1,19 @@
-"""The asyncio edge shared by the relay and the client: UDP socket, TUN device, timer.
+"""The asyncio edge shared by the relay and the client: transports, TUN device, timer.
 
 After every call into the core the edge does the same three things (as aioquic's
 protocol.transmit()): drain events, transmit (datagrams and TUN writes), re-arm the
-timer.  Sends never block: a datagram that does not fit the socket's bounded send buffer, or
-a TUN write the kernel refuses, is dropped and counted ("queue_full").  A datagram whose
-address is a TCP connection (gtun.io.tcp.TcpEndpoint) is handed to that connection, which
-frames it and queues it in its own bounded buffer.
+timer.  Datagrams come from and go to transports (transport.py: UDP in udp.py, TCP in
+tcp.py, fakes in gtun.testing): those to an address go to the one addressed transport
+(UDP), those to a connection to the transport that owns it.  Sends never block: a
+datagram that a transport cannot take now (a full socket buffer, a connection's full
+or closed buffer), or a TUN write the kernel refuses, is dropped and counted
+("queue_full").
 
 Batches.  Work arrives in batches and leaves in batches, so that the per-call cost of
 the kernel is paid per batch rather than per packet:
 - the TUN (offloading, tun.py) yields TCP super-packets of up to 64 KB, which the core
   cuts into packets or carries whole (bulk.py);
-- the UDP socket (udpio.py) sends runs of equal-sized datagrams to one address in one
+- the UDP socket (udp.py) sends runs of equal-sized datagrams to one address in one
   call (UDP GSO) and reads many datagrams per call (UDP GRO);
 - the packets the core decrypts in one wake-up are coalesced (offload.coalesce) into
   TCP super-packets, one TUN write each.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,24 +36,16 @@ from gtun.core.offload import (
     to_partial,
 )
 from gtun.core.wg.events import Event
+from gtun.io.transport import Transport
 from gtun.io.tun import PacketDevice
-from gtun.io.udp import UdpBatch
+from gtun.io.udp import UdpTransport
 
 log = logging.getLogger("gtun")
 
-# Tuning knobs: how much one wake-up reads, so neither input starves the other.
+# Tuning knobs: how much one wake-up reads from the TUN, so neither input starves the
+# other (a UDP wake-up reads up to udp.UDP_BATCH datagrams).
 TUN_BATCH = 64  # reads from the TUN (packets or super-packets) ...
 TUN_BATCH_BYTES = 256 * 1024  # ... up to this many bytes
-UDP_BATCH = 256  # datagrams read from the UDP socket
-
-
-def merge_counts(*counters: dict[str, int]) -> dict[str, int]:
-    """Sum drop counters that share reasons (the core's and the edge's)."""
-    total: dict[str, int] = {}
-    for counter in counters:
-        for key, value in counter.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 class Core(Protocol):
@@ -68,44 +61,20 @@ class Core(Protocol):
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]: ...
 
 
-SOCKET_BUFFER = 4 << 20
-
-
-def set_buffers(sock: socket.socket) -> None:
-    """Large socket buffers absorb bursts.  The *FORCE options (root) go past the
-    namespace's rmem_max/wmem_max without changing those sysctls."""
-    for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
-        for opt in (force, plain):
-            if opt is None:
-                continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-                break
-            except OSError:
-                continue
-
-
 class Driver:
-    """Runs a core on the event loop.  The UDP socket is read directly (up to UDP_BATCH
-    datagrams per wake-up) rather than through an asyncio transport, which would cost a
-    loop iteration and a callback per datagram; sends go straight to the socket, whose
-    kernel buffer is the bound: when it is full the datagram is dropped and counted."""
+    """Runs a core on the event loop, with the transports attached to it and a TUN."""
 
     def __init__(
         self,
         core: Core,
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[Event], None],
-        on_udp_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self.core = core
         self.loop = loop
         self.on_event = on_event
-        self.on_udp_error = on_udp_error
-        self.udp: UdpBatch | None = None
+        self.transports: list[Transport] = []
+        self._addressed: Transport | None = None  # where datagrams to a tuple go
         self.tun: PacketDevice | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -115,39 +84,38 @@ class Driver:
         # Batching at work (status): super-packets read from and written to the TUN.
         self.counts = {"tun_super_reads": 0, "tun_super_writes": 0}
 
-    # --- UDP ---------------------------------------------------------------------------
+    # --- transports --------------------------------------------------------------------
 
-    def attach_udp(self, sock: socket.socket, *, batching: bool = True) -> None:
-        """Read and send on `sock`; with `batching`, through UDP GSO and GRO."""
-        sock.setblocking(False)
-        set_buffers(sock)
-        self.udp = UdpBatch(sock, gso=batching, gro=batching)
-        self.udp.on_error = self._udp_error
-        self.loop.add_reader(sock.fileno(), self._udp_readable)
+    def attach(self, transport: Transport) -> None:
+        """Receive from and send through `transport`.  Raises ValueError (local) for a
+        second addressed transport: which would a datagram to an address take?"""
+        if transport.addressed:
+            if self._addressed is not None:
+                raise ValueError("a driver has one transport for (host, port) endpoints")
+            self._addressed = transport
+        self.transports.append(transport)
+        transport.open(self.receive)
 
-    def detach_udp(self) -> None:
-        """Stop using the UDP socket and close it (a client falling back to TCP)."""
-        if self.udp is not None:
-            sock = self.udp.sock
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-            self.udp = None
+    def detach(self, transport: Transport) -> None:
+        """Stop using `transport` and close it (a client falling back to TCP)."""
+        if transport in self.transports:
+            self.transports.remove(transport)
+            if transport is self._addressed:
+                self._addressed = None
+        transport.close()
 
-    def _udp_readable(self) -> None:
-        udp = self.udp
-        if udp is None:
-            return
-        now = self.loop.time()
+    @property
+    def udp(self) -> UdpTransport | None:
+        """The UDP transport, if one is attached."""
+        addressed = self._addressed
+        return addressed if isinstance(addressed, UdpTransport) else None
+
+    def receive(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """What a transport delivers: the datagrams of one wake-up."""
         receive = self.core.receive_datagram
-        for data, addr in udp.recv(UDP_BATCH):
+        for data, addr in batch:
             receive(data, addr, now)
         self.after()
-        if udp.pending:  # a GRO train left datagrams over: the socket will not say so
-            self.loop.call_soon(self._udp_readable)
-
-    def _udp_error(self, exc: Exception) -> None:
-        if self.on_udp_error is not None:
-            self.on_udp_error(exc)
 
     # --- TUN ---------------------------------------------------------------------------
 
@@ -208,19 +176,34 @@ class Driver:
                 )
         datagrams = core.datagrams_to_send()
         if datagrams:
-            udp: list[tuple[bytes, Any]] = []
             for item in datagrams:
-                addr = item[1]
-                if addr.__class__ is tuple:
-                    udp.append(item)
-                elif not addr.send(item[0]):  # a stream endpoint (gtun.io.tcp): it frames
-                    core.drops["queue_full"] += 1  # and queues, or refuses when full/closed
-            if udp:
-                if self.udp is None:
-                    core.drops["queue_full"] += len(udp)
+                if item[1].__class__ is not tuple:
+                    core.drops["queue_full"] += self._send_mixed(datagrams)
+                    break
+            else:  # all to addresses: the relay's and a UDP client's every wake-up
+                addressed = self._addressed
+                if addressed is None:
+                    core.drops["queue_full"] += len(datagrams)
                 else:
-                    core.drops["queue_full"] += self.udp.send(udp)
+                    core.drops["queue_full"] += addressed.send(datagrams)
         self._rearm()
+
+    def _send_mixed(self, datagrams: list[tuple[bytes, Any]]) -> int:
+        """Send datagrams to connections and addresses, grouped per transport (in order
+        within each); the number dropped."""
+        groups: dict[Any, list[tuple[bytes, Any]]] = {}
+        for item in datagrams:
+            addr = item[1]
+            owner = self._addressed if addr.__class__ is tuple else getattr(addr, "owner", None)
+            group = groups.get(owner)
+            if group is None:
+                groups[owner] = [item]
+            else:
+                group.append(item)
+        dropped = 0
+        for owner, group in groups.items():
+            dropped += len(group) if owner is None else owner.send(group)
+        return dropped
 
     def datapath(self) -> dict[str, Any]:
         """What the data path batches with (for status): offloads granted, and counts."""
@@ -256,10 +239,12 @@ class Driver:
         self.after()
 
     def close(self) -> None:
+        """Stop the timer, let go of the TUN and close every transport."""
         if self._timer is not None:
             self._timer.cancel()
         self.detach_tun()
-        self.detach_udp()
+        for transport in list(self.transports):
+            self.detach(transport)
 
 
 def write_tun(

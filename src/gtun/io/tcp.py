@@ -2,18 +2,22 @@
 
 Theory of operation
 -------------------
-Each TCP connection is an endpoint object (TcpEndpoint) that the WireGuard core treats
-like a UDP address: frames read from the connection (framing.py: a 2-byte big-endian
-length, then one message) go to `core.receive_datagram(message, endpoint, now)`, and the
-core's roaming makes the connection that last brought an authentic message the peer's
-endpoint.  The edge's Driver hands datagrams addressed to a TcpEndpoint to its `send()`,
-which writes the frame to the transport (sent at once while the kernel's socket buffer
-has room, else kept in the transport's buffer); it never awaits.
+TcpServer (the relay's listener) and TcpDialer (a client's connection to the relay) are
+transports (transport.py).  Each TCP connection is an endpoint object (TcpEndpoint) that
+the WireGuard core treats like a UDP address: the bytes a connection brings are fed to a
+FrameDecoder (framing.py: a 2-byte big-endian length, then one message), and the
+messages of one read go to the transport's receive callback as one batch, each with the
+connection as its endpoint; the core's roaming makes the connection that last brought an
+authentic message the peer's endpoint.  Sends to a connection (`send()`) write the frame
+to its asyncio transport (sent at once while the kernel's socket buffer has room, else
+kept in the transport's buffer); nothing ever awaits.
 
 Bounds, all per connection so that one bad connection never touches another:
-- reading: frames are read exactly (`readexactly`); a frame of impossible size, a frame
-  cut off by the end of the stream, or a message that cannot be a WireGuard message closes
-  that connection ("tcp_bad_frame").  The StreamReader's buffer is bounded (READ_LIMIT).
+- reading: a frame of impossible size, a frame cut off by the end of the stream, or a
+  message that cannot be a WireGuard message closes that connection ("tcp_bad_frame").
+  The decoder holds at most one incomplete frame (HEADER_SIZE + MAX_FRAME bytes), and a
+  read is handed to the core before the next one is taken, so reading needs no other
+  buffer.
 - writing: the transport's buffer may hold `write_buffer` bytes; past that a message is
   refused (the Driver counts it as "queue_full").  A connection whose buffered bytes make
   no progress for `stall` seconds (the peer stopped reading) is closed ("tcp_stalled").
@@ -30,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gtun.core.drops import TCP_DROP_REASONS
+from gtun.core.wg.endpoint import address_bytes
 from gtun.core.wg.messages import is_wireguard_message
-from gtun.io.driver import Driver
-from gtun.io.framing import LENGTH, MAX_FRAME, FrameError, read_frame
+from gtun.io.framing import LENGTH, MAX_FRAME, FrameDecoder, FrameError
+from gtun.io.transport import Receive
 
 log = logging.getLogger("gtun")
 
@@ -46,12 +52,10 @@ IDLE_TIMEOUT = 60.0  # seconds without any frame (gtun clients ping every 10 s)
 STALL_TIMEOUT = 5.0  # seconds a non-empty write buffer may go without draining
 WRITE_BUFFER = 256 * 1024  # bytes queued in user space per connection
 MAX_CONNECTIONS = 512  # simultaneous connections the relay accepts
-READ_LIMIT = 64 * 1024  # StreamReader buffer: reading pauses beyond twice this
 CONNECT_TIMEOUT = 10.0  # a client's connect() to the relay
 FIRST_BACKOFF = 1.0  # a client's pause before reconnecting, doubling ...
 MAX_BACKOFF = 15.0  # ... up to this
 
-TCP_DROP_REASONS = ("tcp_bad_frame", "tcp_timeout", "tcp_stalled", "tcp_refused")
 _WHY = {
     "tcp_timeout": "no frame within the time allowed",
     "tcp_stalled": "the other end stopped reading (its data made no progress)",
@@ -82,13 +86,16 @@ class TcpEndpoint:
     stream = True  # frames may be as large as MAX_FRAME: bulk frames go here (bulk.py)
 
     __slots__ = (
+        "owner",
         "transport",
         "peername",
+        "cookie_source",
         "limits",
         "opened",
         "last_rx",
         "valid",
         "reason",
+        "detail",
         "written",
         "_progress",
         "_stuck_since",
@@ -96,24 +103,30 @@ class TcpEndpoint:
 
     def __init__(
         self,
+        owner: TcpTransport,
         transport: asyncio.WriteTransport,
         peername: tuple[Any, ...],
         limits: TcpLimits,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        self.owner = owner  # the transport that sends to it (transport.py)
         self.transport = transport
         self.peername = (str(peername[0]), int(peername[1]))
+        try:  # the cookie (mac2) binds to the other end's address, as for UDP
+            self.cookie_source = address_bytes(*self.peername)
+        except ValueError:  # no address known: stable for this connection all the same
+            self.cookie_source = f"tcp {id(self)}".encode()
         self.limits = limits
         self.opened = self.last_rx = loop.time()
         self.valid = False  # a valid frame has arrived
-        self.reason: str | None = None  # why we closed it; None while open
+        self.reason: str | None = None  # why it closed; None while open
+        self.detail = ""  # what happened, for the log
         self.written = 0  # bytes handed to the transport
         self._progress = 0
         self._stuck_since: float | None = None
         transport.set_write_buffer_limits(high=limits.write_buffer)
 
     def __repr__(self) -> str:
-        # Also the source the cookie mechanism (mac2) binds to: stable per connection.
         return f"<tcp {self.address}>"
 
     @property
@@ -161,10 +174,12 @@ class TcpEndpoint:
             return "tcp_stalled"
         return None
 
-    def close(self, reason: str) -> None:
-        """Close at once (RST, buffered data discarded).  Idempotent."""
+    def close(self, reason: str, detail: str | None = None) -> None:
+        """Close at once (RST, buffered data discarded).  Idempotent: the first reason
+        (a TCP_DROP_REASONS key, or "closed") and its `detail` are kept."""
         if self.reason is None:
             self.reason = reason
+            self.detail = detail or _WHY.get(reason, "closed by us")
         self.transport.abort()
 
 
@@ -182,33 +197,111 @@ def forget_endpoint(peers: Any, endpoint: TcpEndpoint) -> None:
             peer.endpoint = None
 
 
-async def pump(reader: asyncio.StreamReader, ep: TcpEndpoint, driver: Driver) -> tuple[str, str]:
-    """Feed the frames of one connection to the driver's core until the connection ends.
+class _Connection(asyncio.Protocol):
+    """The asyncio side of one connection: its bytes become frames, the frames of one
+    read one batch for the transport's receive callback."""
 
-    Returns (reason, detail): a TCP_DROP_REASONS key when the connection misbehaved or
-    was closed by us, "closed" when the other end closed it."""
-    loop = driver.loop
-    core = driver.core
-    while True:
+    def __init__(self, owner: TcpTransport) -> None:
+        self.owner = owner
+        self.ep: TcpEndpoint | None = None  # None: refused, or not yet made
+        self.decoder = FrameDecoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.ep = self.owner._opened(transport)
+
+    def data_received(self, data: bytes) -> None:
+        ep = self.ep
+        if ep is None or ep.reason is not None:
+            return
         try:
-            message = await read_frame(reader)
+            messages = self.decoder.feed(data)
         except FrameError as exc:
-            return ep.reason or "tcp_bad_frame", str(exc)
-        except asyncio.IncompleteReadError as exc:
-            if ep.reason is not None:
-                return ep.reason, _WHY.get(ep.reason, "closed by us")
-            if exc.partial:
-                return "tcp_bad_frame", f"stream ended inside a frame ({len(exc.partial)} bytes)"
-            return "closed", "closed by the other end"
-        except OSError as exc:  # reset by the peer
-            return ep.reason or "closed", str(exc) or type(exc).__name__
-        if not is_wireguard_message(message):
-            return "tcp_bad_frame", f"a frame of {len(message)} bytes that is not WireGuard"
-        now = loop.time()
-        ep.last_rx = now
-        ep.valid = True
-        core.receive_datagram(message, ep, now)
-        driver.after()
+            ep.close("tcp_bad_frame", str(exc))
+            return
+        batch = []
+        bad: bytes | None = None
+        for message in messages:
+            if not is_wireguard_message(message):
+                bad = message
+                break
+            batch.append((message, ep))
+        if batch:
+            owner = self.owner
+            now = owner.loop.time()
+            ep.last_rx = now
+            ep.valid = True
+            owner._receive(batch, now)
+        if bad is not None:
+            ep.close("tcp_bad_frame", f"a frame of {len(bad)} bytes that is not WireGuard")
+
+    def eof_received(self) -> bool:
+        ep = self.ep
+        if ep is not None:
+            if self.decoder.buffered:
+                n = self.decoder.buffered
+                ep.close("tcp_bad_frame", f"stream ended inside a frame ({n} bytes)")
+            else:
+                ep.close("closed", "closed by the other end")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ep = self.ep
+        if ep is None:
+            return
+        if ep.reason is None:  # reset by the other end
+            ep.reason = "closed"
+            ep.detail = (str(exc) or type(exc).__name__) if exc else "closed by the other end"
+        self.owner._closed(ep)
+
+
+def _not_open(batch: list[tuple[bytes, Any]], now: float) -> None:
+    raise RuntimeError("a TCP transport received before it was opened")
+
+
+class TcpTransport:
+    """What the relay's listener and a client's dialer share: connections as endpoints,
+    their timeouts, their counters (TCP_DROP_REASONS)."""
+
+    addressed = False  # endpoints are TcpEndpoint objects (transport.py)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: TcpLimits) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.counts: dict[str, int] = dict.fromkeys(TCP_DROP_REASONS, 0)
+        self._receive: Receive = _not_open
+        self._sweeper = _Sweeper(loop, limits)
+
+    @property
+    def connections(self) -> set[TcpEndpoint]:
+        return self._sweeper.connections
+
+    def open(self, receive: Receive) -> None:
+        self._receive = receive
+        self._sweeper.start()
+
+    def send(self, datagrams: Sequence[tuple[bytes, Any]]) -> int:
+        dropped = 0
+        for message, ep in datagrams:
+            if not ep.send(message):
+                dropped += 1
+        return dropped
+
+    def _protocol(self) -> _Connection:
+        return _Connection(self)
+
+    def _opened(self, transport: asyncio.WriteTransport) -> TcpEndpoint | None:
+        """A connection is up: its endpoint, or None when it is refused."""
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        ep = TcpEndpoint(self, transport, peername, self.limits, self.loop)
+        self.connections.add(ep)
+        return ep
+
+    def _closed(self, ep: TcpEndpoint) -> None:
+        """A connection is gone (ep.reason and ep.detail say why)."""
+        self.connections.discard(ep)
+        if ep.reason in self.counts:
+            self.counts[ep.reason] += 1
 
 
 class _Sweeper:
@@ -237,61 +330,42 @@ class _Sweeper:
             self._handle = None
 
 
-class TcpServer:
-    """The relay's TCP listener: accepted connections feed the driver's core."""
+class TcpServer(TcpTransport):
+    """The relay's TCP listener, a transport: open() it, then start() it on a socket."""
 
     def __init__(
         self,
-        driver: Driver,
+        loop: asyncio.AbstractEventLoop,
         on_close: Callable[[TcpEndpoint], None],
         limits: TcpLimits | None = None,
     ) -> None:
-        self.driver = driver
+        super().__init__(loop, limits or TcpLimits())
         self.on_close = on_close
-        self.limits = limits or TcpLimits()
-        self.counts: dict[str, int] = dict.fromkeys(TCP_DROP_REASONS, 0)
-        self._sweeper = _Sweeper(driver.loop, self.limits)
         self._server: asyncio.base_events.Server | None = None
 
-    @property
-    def connections(self) -> set[TcpEndpoint]:
-        return self._sweeper.connections
-
     async def start(self, sock: socket.socket) -> None:
-        """Serve on `sock`, a bound TCP socket."""
-        self._server = await asyncio.start_server(self._serve, sock=sock, limit=READ_LIMIT)
-        self._sweeper.start()
+        """Accept connections on `sock`, a bound TCP socket."""
+        self._server = await self.loop.create_server(self._protocol, sock=sock)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        peername = writer.get_extra_info("peername") or ("?", 0)
+    def _opened(self, transport: asyncio.WriteTransport) -> TcpEndpoint | None:
         if len(self.connections) >= self.limits.max_connections:
+            peername = transport.get_extra_info("peername") or ("?", 0)
             self.counts["tcp_refused"] += 1
             log.debug("TCP connection from %s refused: %d open", peername, len(self.connections))
             transport.abort()
-            return
-        ep = TcpEndpoint(transport, peername, self.limits, self.driver.loop)
-        self.connections.add(ep)
-        reason, detail = "closed", "relay stopping"
-        try:
-            reason, detail = await pump(reader, ep, self.driver)
-        except asyncio.CancelledError:
-            # The loop is shutting down.  Ending quietly: asyncio's stream server logs a
-            # connection task that ends cancelled as an error.
-            pass
-        finally:
-            self.connections.discard(ep)
-            ep.close(reason)
-            self.on_close(ep)
-            if reason in self.counts:
-                self.counts[reason] += 1
-            log.log(
-                logging.INFO if reason == "tcp_stalled" else logging.DEBUG,
-                "TCP connection from %s closed (%s): %s",
-                ep.address,
-                reason,
-                detail,
-            )
+            return None
+        return super()._opened(transport)
+
+    def _closed(self, ep: TcpEndpoint) -> None:
+        super()._closed(ep)
+        self.on_close(ep)
+        log.log(
+            logging.INFO if ep.reason == "tcp_stalled" else logging.DEBUG,
+            "TCP connection from %s closed (%s): %s",
+            ep.address,
+            ep.reason,
+            ep.detail,
+        )
 
     def close(self) -> None:
         self._sweeper.stop()
@@ -299,12 +373,12 @@ class TcpServer:
             self._server.close()
             self._server = None
         for ep in list(self.connections):
-            ep.close("closed")
+            ep.close("closed", "relay stopping")
 
 
-class TcpDialer:
-    """A client's connection to the relay: connects, feeds frames to the driver's core,
-    and reconnects with a bounded backoff whenever the connection ends.
+class TcpDialer(TcpTransport):
+    """A client's connection to the relay, a transport: once opened it connects, and
+    reconnects with a bounded backoff whenever the connection ends.
 
     `open_socket(family, type)` makes the (unconnected) socket; `on_connected(ep)` runs
     when a connection is up (make it the peer's endpoint, start a handshake) and
@@ -312,7 +386,7 @@ class TcpDialer:
 
     def __init__(
         self,
-        driver: Driver,
+        loop: asyncio.AbstractEventLoop,
         address: tuple[str, int],
         open_socket: Callable[[int, int], socket.socket],
         on_connected: Callable[[TcpEndpoint], None],
@@ -323,29 +397,28 @@ class TcpDialer:
         max_backoff: float = MAX_BACKOFF,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self.driver = driver
+        super().__init__(loop, limits or TcpLimits(first_frame=None))
         self.address = address
         self.open_socket = open_socket
         self.on_connected = on_connected
         self.on_lost = on_lost
-        self.limits = limits or TcpLimits(first_frame=None)
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        self.counts: dict[str, int] = dict.fromkeys(TCP_DROP_REASONS, 0)
         self.endpoint: TcpEndpoint | None = None
         self.connects = 0  # connections made, for status and tests
-        self._sweeper = _Sweeper(driver.loop, self.limits)
         self._task: asyncio.Task[None] | None = None
+        # The connection being made or in use, and a future done when it ends.
+        self._gone: tuple[TcpEndpoint, asyncio.Future[None]] | None = None
 
     @property
     def where(self) -> str:
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def start(self) -> None:
-        self._sweeper.start()
-        self._task = asyncio.ensure_future(self._run())
+    def open(self, receive: Receive) -> None:
+        super().open(receive)
+        self._task = self.loop.create_task(self._run())
 
     def reconnect(self, why: str) -> None:
         """Drop the current connection (it will be made again)."""
@@ -359,27 +432,39 @@ class TcpDialer:
             self._task.cancel()
             self._task = None
         if self.endpoint is not None:
-            self.endpoint.close("closed")
+            self.endpoint.close("closed", "client stopping")
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _opened(self, transport: asyncio.WriteTransport) -> TcpEndpoint | None:
+        ep = super()._opened(transport)
+        assert ep is not None
+        self._gone = (ep, self.loop.create_future())
+        return ep
+
+    def _closed(self, ep: TcpEndpoint) -> None:
+        # Only wakes _run(), which does the bookkeeping (it also runs when cancelled).
+        if self._gone is not None and self._gone[0] is ep and not self._gone[1].done():
+            self._gone[1].set_result(None)
+
+    async def _connect(self) -> TcpEndpoint:
         host, port = self.address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = self.open_socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             async with asyncio.timeout(self.connect_timeout):
-                await self.driver.loop.sock_connect(sock, (host, port))
-            return await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
+                await self.loop.sock_connect(sock, (host, port))
+            _, connection = await self.loop.create_connection(self._protocol, sock=sock)
         except BaseException:
             sock.close()
             raise
+        assert connection.ep is not None  # a dialer refuses none
+        return connection.ep
 
     async def _run(self) -> None:
-        loop = self.driver.loop
         backoff = self.first_backoff
         while True:
             try:
-                reader, writer = await self._connect()
+                ep = await self._connect()
             except OSError as exc:  # TimeoutError included
                 what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 log.warning(
@@ -391,29 +476,26 @@ class TcpDialer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
-            peername = writer.get_extra_info("peername") or self.address
-            ep = TcpEndpoint(writer.transport, peername, self.limits, loop)
+            assert self._gone is not None and self._gone[0] is ep
+            gone = self._gone[1]
             self.endpoint = ep
             self.connects += 1
-            self._sweeper.connections.add(ep)
             log.info("connected to relay %s over TCP", self.where)
-            reason, detail = "closed", "client stopping"
             try:
                 self.on_connected(ep)
-                reason, detail = await pump(reader, ep, self.driver)
+                await gone
             finally:
-                self._sweeper.connections.discard(ep)
                 self.endpoint = None
-                ep.close(reason)
+                self._gone = None
+                ep.close("closed", "client stopping")  # keeps the reason it closed, if it did
+                super()._closed(ep)
                 self.on_lost(ep)
-                if reason in self.counts:
-                    self.counts[reason] += 1
             if ep.valid:
                 backoff = self.first_backoff
             log.warning(
                 "TCP connection to relay %s lost (%s); reconnecting in %.0fs",
                 self.where,
-                detail if reason == "closed" else f"{reason}: {detail}",
+                ep.detail if ep.reason == "closed" else f"{ep.reason}: {ep.detail}",
                 backoff,
             )
             await asyncio.sleep(backoff)

@@ -10,7 +10,8 @@ arrives coalesced when the sender used GSO and the packet was never split on the
 (loopback, veth: no ethtool setting needed) or when a receiving NIC's GRO merged a burst.
 Plain sends over a veth stay single even with `rx-gro` on: each is polled on its own.
 
-`UdpBatch` wraps a non-blocking socket it does not own.  `send()` groups consecutive
+`UdpBatch` wraps a non-blocking socket it does not own; `UdpTransport` owns one and
+makes it a transport (transport.py) on the event loop.  `send()` groups consecutive
 same-address, same-size datagrams; `recv()` returns datagrams, never coalesced trains.
 When the kernel refuses GSO for this socket's route (EIO: an IPsec route, or before
 Linux 6.11 an egress device without checksum offload; EINVAL/ENOPROTOOPT/EOPNOTSUPP
@@ -23,6 +24,7 @@ that size or more one by one, letting the kernel fragment as a plain sendto woul
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -30,6 +32,8 @@ import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from gtun.io.transport import Receive
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ RECV_BUFFER = 1 << 17
 PLAIN_RECV = 1 << 16
 # Room for the UDP_GRO cmsg and a few others someone may enable on the socket (PKTINFO).
 ANCILLARY_BUFFER = 256
+# Datagrams one wake-up reads, so that the UDP socket does not starve the TUN.
+UDP_BATCH = 256
+# Kernel socket buffers, large enough to absorb bursts.
+SOCKET_BUFFER = 4 << 20
 
 # Errors that say "this socket cannot use GSO": switch it off and resend plainly.
 _GSO_REFUSED = frozenset(
@@ -318,3 +326,87 @@ class UdpBatch:
         self.stats["send_errors"] += 1
         if self.on_error is not None:
             self.on_error(exc)
+
+
+def set_buffers(sock: socket.socket) -> None:
+    """Large socket buffers absorb bursts.  The *FORCE options (root) go past the
+    namespace's rmem_max/wmem_max without changing those sysctls."""
+    for force, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class UdpTransport:
+    """A UDP socket as a transport (transport.py): endpoints are (host, port) tuples.
+
+    Owns `sock` (closed by close()).  The socket is read directly, up to UDP_BATCH
+    datagrams per wake-up, rather than through an asyncio DatagramTransport, which would
+    cost a loop iteration and a callback per datagram; sends go straight to the socket,
+    whose kernel buffer is the bound: when it is full the datagram is dropped.  With
+    `batching`, sends use UDP GSO and reads UDP GRO (UdpBatch).  Socket errors (an ICMP
+    port unreachable, say) are counted in `stats` and handed to `on_error`."""
+
+    addressed = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        batching: bool = True,
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        set_buffers(sock)
+        self.sock = sock
+        self.loop = loop
+        self.batch = UdpBatch(sock, gso=batching, gro=batching)
+        self.batch.on_error = on_error
+        self._receive: Receive | None = None
+
+    @property
+    def gso(self) -> bool:
+        return self.batch.gso
+
+    @property
+    def gro(self) -> bool:
+        return self.batch.gro
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.batch.stats
+
+    def open(self, receive: Receive) -> None:
+        self._receive = receive
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        receive = self._receive
+        if receive is None:  # closed since this call was scheduled
+            return
+        batch = self.batch
+        datagrams = batch.recv(UDP_BATCH)
+        if datagrams:
+            receive(datagrams, self.loop.time())
+        if batch.pending:  # a GRO train left datagrams over: the socket will not say so
+            self.loop.call_soon(self._readable)
+
+    def send(self, datagrams: Sequence[tuple[bytes, Any]]) -> int:
+        return self.batch.send(datagrams)
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self._receive is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self._receive = None
+        self.sock.close()

@@ -1,1 +1,4 @@
-"""fakes shipped beside the interfaces they stand for, as wireguard-go's tun/tuntest"""
+"""Fakes for tests, shipped with the package so that any test (ours, or a user's) can
+run gtun's edges without sockets or root: in-memory transports (transport.py), as
+wireguard-go ships conn/bindtest beside conn, and the machine a daemon changes
+(platform.py)."""

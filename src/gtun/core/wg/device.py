@@ -63,6 +63,7 @@ from gtun.core.wg.constants import (
 )
 from gtun.core.wg.cookie import CookieChecker, CookieGenerator
 from gtun.core.wg.crypto import CryptoError, dh, dh_public, tai64n
+from gtun.core.wg.endpoint import cookie_source
 from gtun.core.wg.events import (
     Event,
     HandshakeCompleted,
@@ -394,7 +395,7 @@ class WireGuard:
             self.drops["mac1"] += 1
             return False
         if self._under_load(now):
-            source = repr(addr).encode()
+            source = cookie_source(addr)
             if not self._cookie_checker.check_mac2(data, source, now):
                 reply = self._cookie_checker.create_reply(data, sender, source, now)
                 self._datagrams.append((m.push_cookie_reply(reply), addr))

@@ -1,0 +1,60 @@
+"""Transports: what carries the core's datagrams to the network and back.
+
+The interface is wireguard-go's conn.Bind made asyncio-shaped.  A transport is opened
+with ONE receive callback and from then on delivers what arrives in batches,
+`receive([(datagram, endpoint), ...], now)`, each batch being whatever one wake-up read
+(a UDP read of up to UDP_BATCH datagrams, the frames of one TCP read); the Driver feeds
+the batch to the core and then runs its after() once.  `send()` takes a batch of
+(datagram, endpoint) pairs and returns how many it dropped; it never blocks or raises
+for the network's sake (a full buffer, a closed connection: dropped).
+
+Endpoints are what the WireGuard core stores as a peer's endpoint: hashable values, of
+two kinds.
+- Addresses: (host, port) tuples, as a UDP socket gives them.  They stay plain tuples
+  because the relay handles each of hundreds of thousands of datagrams a second: no
+  wrapper object per datagram.  A transport whose endpoints are addresses says so
+  (`addressed`); a Driver has at most one, and sends every tuple-addressed datagram
+  through it.
+- Connections: an object per connection (gtun.io.tcp.TcpEndpoint), hashable by
+  identity, whose `owner` is the transport that sends to it, and whose `cookie_source`
+  gives the bytes the WireGuard cookie binds to (gtun.core.wg.endpoint; for an address
+  the core packs the tuple itself).
+
+Fakes for tests: gtun.testing.transport (as wireguard-go's conn/bindtest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+Endpoint = Hashable
+# receive(batch, now): the datagrams one wake-up brought, and the loop's time.
+Receive = Callable[[list[tuple[bytes, Any]], float], None]
+
+
+class Transport(Protocol):
+    """One way of carrying datagrams (UDP, TCP, an in-memory fake)."""
+
+    # True: the endpoints are (host, port) tuples; False: objects whose `owner` is this.
+    addressed: bool
+
+    def open(self, receive: Receive) -> None:
+        """Deliver what arrives to `receive` from now on."""
+
+    def send(self, datagrams: Sequence[tuple[bytes, Any]]) -> int:
+        """Send (datagram, endpoint) pairs in order; the number dropped.  Never raises
+        for a network error or a full buffer."""
+
+    def close(self) -> None:
+        """Stop receiving and release the sockets.  Idempotent."""
+
+
+class ConnectionEndpoint(Protocol):
+    """An endpoint that is one connection of a transport (not an address)."""
+
+    @property
+    def owner(self) -> Transport: ...
+
+    @property
+    def cookie_source(self) -> bytes: ...
