@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,9 @@ from gtun.app.config import ClientConfig, load_client_config
 from gtun.app.control import ControlServer
 from gtun.app.keys import encode_key
 from gtun.app.metrics import ClientCollector, MetricsServer, serve_metrics
-from gtun.app.server import _fmt_endpoint, check_privileges
+from gtun.app.platform import Device, ExitRoute, Link, LinuxPlatform, Platform
+from gtun.app.runtime import Runtime, peer_traffic
+from gtun.app.server import _fmt_endpoint
 from gtun.core.client import (
     ClientCore,
     ConfigReceived,
@@ -38,12 +37,9 @@ from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
 from gtun.io.driver import Driver
 from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
-from gtun.io.tun import PacketDevice, log_offloads, open_tun
 from gtun.io.udp import UdpTransport
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
-from gtun.system.ipv6 import enable_ipv6
-from gtun.system.netlink import LinkConfig
 
 log = logging.getLogger("gtun")
 
@@ -52,44 +48,47 @@ NOTICE_EVERY = 6  # handshake attempts between two "does not answer" warnings
 
 
 class Client:
-    def __init__(self, cfg: ClientConfig) -> None:
+    """A client daemon.  `platform` is what it changes on the machine (the real one
+    unless a test gives gtun.testing.platform's fake)."""
+
+    def __init__(self, cfg: ClientConfig, platform: Platform | None = None) -> None:
         self.cfg = cfg
-        self.started = time.time()
-        self.stop = asyncio.Event()
+        self.platform: Platform = platform if platform is not None else LinuxPlatform()
+        self.rt = Runtime("client", cfg.device, cfg.public_key)
+        self.stop = self.rt.stop
         self.core: ClientCore | None = None
         self.driver: Driver | None = None
         self.dialer: TcpDialer | None = None
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
-        self.tun: PacketDevice | None = None
-        self.link: LinkConfig | None = None
+        self.tun: Device | None = None
+        self.link: Link | None = None
         self.applied: PushedConfig | None = None
         self.dns_change: dnsconf.DnsChange | None = None  # split tunnel, via resolvconf
         self.ipv6 = False  # the applied configuration's IPv6 address is on the device
         # default_route: made at start (its mark must be on the relay's socket).
-        self.full_tunnel: exitroute.FullTunnel | None = None
+        self.full_tunnel: ExitRoute | None = None
         self.exit_error: GtunError | None = None
-        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics: MetricsServer | None = None
 
-    async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """pyroute2's synchronous API runs its own asyncio loop: call it in a thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
-
     async def run(self) -> None:
         cfg = self.cfg
+        rt = self.rt
         loop = asyncio.get_running_loop()
-        control: ControlServer | None = None
+        # Undone in the reverse order: each step finds what exists by then.
+        rt.push(f"device {cfg.device}", self.close_device)
+        rt.push("UDP socket", self.close_driver)
+        rt.push("TCP connection", self.close_dialer)
+        rt.push(f"configuration of {cfg.device}", self.unconfigure_locked)
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop.set)
+            rt.handle_signals()
             endpoint = await self.resolve()
             if endpoint is None:
                 return
             family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-            await self.nl(self.prepare_full_tunnel)
+            await rt.nl(self.prepare_full_tunnel)
             core = ClientCore(
                 cfg.private_key,
                 cfg.server_public_key,
@@ -116,6 +115,7 @@ class Client:
                     config_file=cfg.path,
                     key="client.metrics_listen",
                 )
+                rt.push("metrics endpoint", self.metrics.close)
             # The TUN exists from the start so its name is taken, but it is configured
             # only once the relay has pushed an address.  A client that follows the
             # relay's mode (no `mode` key) opens its device when it learns the mode.
@@ -123,6 +123,7 @@ class Client:
                 self.open_device(cfg.mode)
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
+            rt.push("control socket", control.close)
             log.info(
                 "client %s: connecting to relay %s:%d over %s (public key %s)",
                 cfg.path.name,
@@ -137,33 +138,37 @@ class Client:
             else:
                 core.start(loop.time())
                 driver.poke()
-            await self.stop.wait()
+            await rt.stop.wait()
             log.info("stopping")
         finally:
-            if self.metrics is not None:
-                self.metrics.close()
-            if control is not None:
-                await control.close()
-            async with self._config_lock:
-                await self.nl(self.unconfigure)
-            self._netlink.shutdown(wait=True)
-            if self.dialer is not None:
-                self.dialer.close()
-            if self.driver is not None:
-                self.driver.close()
-            if self.tun is not None:
-                self.tun.close()
+            await rt.unwind()
         if self.exit_error is not None:
             raise self.exit_error
+
+    async def unconfigure_locked(self) -> None:
+        async with self._config_lock:
+            await self.rt.nl(self.unconfigure)
+
+    def close_device(self) -> None:
+        if self.tun is not None:
+            self.tun.close()
+
+    def close_driver(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+
+    def close_dialer(self) -> None:
+        if self.dialer is not None:
+            self.dialer.close()
 
     def prepare_full_tunnel(self) -> None:
         """Undo what a run that did not exit cleanly left (whatever default_route is
         now), then, in full-tunnel mode, pick the routing table and mark."""
         cfg = self.cfg
         path = exitroute.state_file(cfg.state_dir, cfg.path)
-        exitroute.recover(path)
+        self.platform.recover_full_tunnel(path)
         if cfg.default_route:
-            self.full_tunnel = exitroute.FullTunnel.prepare(cfg.device, path, cfg.path)
+            self.full_tunnel = self.platform.full_tunnel(cfg.device, path, cfg.path)
 
     def open_socket(self, family: int, kind: int) -> socket.socket:
         """Every socket the client sends tunnel traffic on (UDP, and each TCP
@@ -172,7 +177,7 @@ class Client:
         sock = socket.socket(family, kind)
         if self.full_tunnel is not None:
             try:
-                exitroute.mark_socket(sock, self.full_tunnel.fwmark)
+                self.platform.mark_socket(sock, self.full_tunnel.fwmark)
             except BaseException:
                 sock.close()
                 raise
@@ -278,22 +283,23 @@ class Client:
         """Open the device (TUN or TAP) and attach it to the driver.  Raises
         RuntimeFailure."""
         assert self.driver is not None
-        self.tun = open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
-        log_offloads(self.tun, self.cfg.offload)
-        self.driver.finish_checksums = mode == "tun" and self.cfg.offload and not self.tun.vnet
-        self.driver.attach_tun(self.tun)
+        tun = self.platform.open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
+        self.tun = tun
+        self.platform.log_offloads(tun, self.cfg.offload)
+        self.driver.finish_checksums = mode == "tun" and self.cfg.offload and not tun.vnet
+        self.driver.attach_tun(tun)
         if mode == "tap":
-            log.info("opened TAP device %s (layer 2, the relay's mode)", self.tun.name)
+            log.info("opened TAP device %s (layer 2, the relay's mode)", tun.name)
 
     async def ensure_device(self, mode: str) -> None:
         """Have a device of the relay's mode: open it the first time, and replace it if
         the relay came back in the other mode."""
         tun = self.tun
-        if tun is not None and getattr(tun, "tap", False) == (mode == "tap"):
+        if tun is not None and tun.tap == (mode == "tap"):
             return
         if tun is not None:
             log.warning("the relay now runs in %s mode; replacing device %s", mode, tun.name)
-            await self.nl(self.unconfigure)
+            await self.rt.nl(self.unconfigure)
             assert self.driver is not None
             self.driver.detach_tun()
             tun.close()
@@ -306,7 +312,7 @@ class Client:
                 return
             try:
                 await self.ensure_device(config.mode)
-                await self.nl(self.configure, config)
+                await self.rt.nl(self.configure, config)
             except GtunError as exc:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
                 self.stop.set()
@@ -317,7 +323,7 @@ class Client:
             log.info("the relay changed this client's configuration; reapplying")
         if self.link is not None:
             self.unconfigure()  # also what an interrupted earlier configure left
-        link = LinkConfig(self.tun.name)
+        link = self.platform.link(self.tun.name)
         self.link = link
         link.set_mtu(config.mtu)
         if config.mode == "tap":
@@ -326,7 +332,7 @@ class Client:
         ipv6 = config.address6 is not None
         if ipv6:
             try:
-                enable_ipv6(self.tun.name)
+                self.platform.enable_ipv6(self.tun.name)
             except RuntimeFailure as exc:
                 # A host without IPv6 still gets the IPv4 tunnel.
                 log.warning("%s; going on with IPv4 only", exc)
@@ -380,7 +386,7 @@ class Client:
         """Hand the pushed DNS servers to resolvconf when there is one (as wg-quick)."""
         if not config.dns:
             return
-        if dnsconf.dns_method() != "resolvconf":
+        if self.platform.dns_method() != "resolvconf":
             # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
             # containers) whose resolvconf state would be the host's.
             log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
@@ -388,7 +394,7 @@ class Client:
         assert self.tun is not None
         change = dnsconf.DnsChange("resolvconf", interface=f"tun.{self.tun.name}")
         try:
-            dnsconf.apply_dns(change, config.dns)
+            self.platform.apply_dns(change, config.dns)
             self.dns_change = change
         except RuntimeFailure as exc:
             log.warning("could not apply DNS servers with resolvconf: %s", exc)
@@ -408,7 +414,7 @@ class Client:
             self.link = None
         if self.dns_change is not None:
             try:
-                dnsconf.restore_dns(self.dns_change)
+                self.platform.restore_dns(self.dns_change)
             except RuntimeFailure as exc:
                 log.warning("while removing the DNS servers: %s", exc)
             self.dns_change = None
@@ -425,29 +431,24 @@ class Client:
         wall = core.wg.wall_offset  # fixed at start, so reported times do not jitter
         peer = core.server
         config = self.applied
-        return {
-            "role": "client",
-            "device": self.cfg.device,
-            "mode": core.device_mode,
-            "address": f"{config.address}/{config.prefix}" if config else None,
-            "address6": (
-                f"{config.address6}/{config.prefix6}"
-                if config and config.address6 is not None and self.ipv6
-                else None
-            ),
-            "routes": [str(r) for r in config.routes] if config else [],
-            "dns": [str(d) for d in config.dns] if config else [],
-            "mtu": config.mtu if config else None,
-            "full_tunnel": self.full_tunnel is not None and self.full_tunnel.active,
-            "fwmark": (
-                self.full_tunnel.fwmark
-                if self.full_tunnel is not None and self.full_tunnel.active
-                else None
-            ),
-            "connected": core.connected,
-            "public_key": encode_key(self.cfg.public_key),
-            "uptime": time.time() - self.started,
-            "peers": [
+        full = self.full_tunnel is not None and self.full_tunnel.active
+        return self.rt.status(
+            {
+                "mode": core.device_mode,
+                "address": f"{config.address}/{config.prefix}" if config else None,
+                "address6": (
+                    f"{config.address6}/{config.prefix6}"
+                    if config and config.address6 is not None and self.ipv6
+                    else None
+                ),
+                "routes": [str(r) for r in config.routes] if config else [],
+                "dns": [str(d) for d in config.dns] if config else [],
+                "mtu": config.mtu if config else None,
+                "full_tunnel": full,
+                "fwmark": self.full_tunnel.fwmark if full and self.full_tunnel else None,
+                "connected": core.connected,
+            },
+            [
                 {
                     "name": "relay",
                     "public_key": encode_key(peer.public_key),
@@ -455,27 +456,20 @@ class Client:
                     "address6": str(config.gateway6) if config and self.ipv6 else None,
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": self.transport,
-                    "rx_bytes": peer.rx_bytes,
-                    "tx_bytes": peer.tx_bytes,
-                    "rx_packets": peer.rx_packets,
-                    "tx_packets": peer.tx_packets,
-                    "last_handshake": (
-                        peer.last_handshake + wall if peer.last_handshake is not None else None
-                    ),
+                    **peer_traffic(peer, wall),
                 }
             ],
-            "drops": merge_counts(
-                core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}
-            ),
-            "datapath": self.driver.datapath() if self.driver is not None else None,
-        }
+            merge_counts(core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}),
+            self.driver.datapath() if self.driver is not None else None,
+        )
 
 
 def run_client(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
-    check_privileges(path)
+    platform = LinuxPlatform()
+    platform.check_privileges()
     cfg = load_client_config(path)
-    client = Client(cfg)
+    client = Client(cfg, platform)
     try:
         asyncio.run(client.run())
     except OSError as exc:

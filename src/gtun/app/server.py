@@ -6,15 +6,10 @@ network changes on exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-import os
-import signal
 import socket
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any
@@ -23,6 +18,8 @@ from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
+from gtun.app.platform import Link, LinuxPlatform, Platform
+from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import AddressPool, StateStore
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
@@ -32,23 +29,12 @@ from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
 from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
-from gtun.io.tun import log_offloads, open_tun
 from gtun.io.udp import UdpTransport
-from gtun.system.ipv6 import address6_for, enable_ipv6
-from gtun.system.netlink import LinkConfig
-from gtun.system.nft import Forwarding, Nat
+from gtun.system.ipv6 import address6_for
 
 log = logging.getLogger("gtun")
 
 STATE_FILE = "gtun.sqlite"
-
-
-def check_privileges(config_file: Path) -> None:
-    """Exit-2 problems of the machine, found before anything is changed."""
-    if os.geteuid() != 0:
-        raise ConfigError("gtun must run as root to create and configure its network device")
-    if not os.path.exists("/dev/net/tun"):
-        raise ConfigError("/dev/net/tun is missing: load the tun module (modprobe tun)")
 
 
 def open_state(cfg: ServerConfig) -> StateStore:
@@ -132,32 +118,29 @@ def bind_tcp(cfg: ServerConfig) -> socket.socket:
 
 
 class Server:
-    def __init__(self, cfg: ServerConfig) -> None:
+    """The relay daemon.  `platform` is what it changes on the machine (the real one
+    unless a test gives gtun.testing.platform's fake)."""
+
+    def __init__(self, cfg: ServerConfig, platform: Platform | None = None) -> None:
         self.cfg = cfg
-        self.started = time.time()
+        self.platform: Platform = platform if platform is not None else LinuxPlatform()
+        self.rt = Runtime("relay", cfg.device, cfg.public_key)
+        self.stop = self.rt.stop
         self.relay: Relay | None = None
         self.driver: Driver | None = None
         self.tcp: TcpServer | None = None
-        self.link: LinkConfig | None = None
+        self.link: Link | None = None
         self.subnet_routes: set[Any] = set()
-        self.stop = asyncio.Event()
-        # (what, undo, runs in the netlink thread)
-        self._cleanup: list[tuple[str, Callable[[], object], bool]] = []
-        # pyroute2's synchronous API runs its own asyncio loop, so every netlink call
-        # goes to this one worker thread, never to the event loop's thread.
-        self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
-
-    async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
 
     # --- life cycle --------------------------------------------------------------------
 
     async def run(self) -> None:
         cfg = self.cfg
+        platform, rt = self.platform, self.rt
         loop = asyncio.get_running_loop()
         try:
             store = open_state(cfg)
-            self._cleanup.append(("state store", store.close, False))
+            rt.push("state store", store.close)
             self.store = store
             specs = collect_peers(cfg, store)
             sock = bind_udp(cfg)
@@ -169,12 +152,12 @@ class Server:
             # The device first: whether it completes TCP checksums (offloads granted) is
             # part of what the relay offers its clients.
             try:
-                tun = open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
+                tun = platform.open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
             except GtunError:
                 sock.close()
                 tcp_sock.close()
                 raise
-            self._cleanup.append((f"device {cfg.device}", tun.close, False))
+            rt.push(f"device {cfg.device}", tun.close)
             settings = RelaySettings(
                 network=cfg.network,
                 relay_address=cfg.relay_address,
@@ -191,12 +174,12 @@ class Server:
             driver = Driver(relay, loop, self.on_event)
             self.driver = driver
             driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
-            self._cleanup.append(("UDP socket", driver.close, False))
+            rt.push("UDP socket", driver.close)
             tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
             self.tcp = tcp
             driver.attach(tcp)
             await tcp.start(tcp_sock)
-            self._cleanup.append(("TCP listener", tcp.close, False))
+            rt.push("TCP listener", tcp.close)
             if cfg.metrics_listen is not None:
                 metrics = await serve_metrics(
                     RelayCollector(relay, loop.time, lambda: tcp.counts),
@@ -204,45 +187,45 @@ class Server:
                     config_file=cfg.path,
                     key="server.metrics_listen",
                 )
-                self._cleanup.append(("metrics endpoint", metrics.close, False))
+                rt.push("metrics endpoint", metrics.close)
 
-            log_offloads(tun, cfg.offload)  # once nothing can fail for want of a port
+            platform.log_offloads(tun, cfg.offload)  # once nothing can fail for want of a port
             # Stop watching the descriptor before the device is closed.
-            self._cleanup.append((f"reading {cfg.device}", driver.detach_tun, False))
-            link = LinkConfig(tun.name)
+            rt.push(f"reading {cfg.device}", driver.detach_tun)
+            link = platform.link(tun.name)
             self.link = link
-            self._cleanup.append((f"configuration of {tun.name}", link.undo, True))
-            await self.nl(link.set_mtu, cfg.mtu)
+            rt.push(f"configuration of {tun.name}", link.undo, in_netlink=True)
+            await rt.nl(link.set_mtu, cfg.mtu)
             if cfg.mode == "tap":
-                await self.nl(link.set_mac, mac_for_key(cfg.public_key))
-            await self.nl(
+                await rt.nl(link.set_mac, mac_for_key(cfg.public_key))
+            await rt.nl(
                 link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
             )
             if cfg.network6 is not None:
-                enable_ipv6(tun.name)
-                await self.nl(
+                platform.enable_ipv6(tun.name)
+                await rt.nl(
                     link.add_address,
                     IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}"),
                 )
-            await self.nl(link.set_up)
-            await self.nl(self.sync_subnet_routes, specs)
+            await rt.nl(link.set_up)
+            await rt.nl(self.sync_subnet_routes, specs)
             driver.attach_tun(tun)
 
-            forwarding = Forwarding()
+            forwarding = platform.forwarding()
             forwarding.enable(ipv6=cfg.network6 is not None)
-            self._cleanup.append(("IP forwarding", forwarding.restore, False))
+            rt.push("IP forwarding", forwarding.restore)
             if cfg.nat:
-                nat = Nat(tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])])
+                nat = platform.nat(
+                    tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])]
+                )
                 nat.apply()
-                self._cleanup.append(("NAT rules", nat.remove, False))
+                rt.push("NAT rules", nat.remove)
 
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
-            self._control = control
+            rt.push("control socket", control.close)
 
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            rt.handle_signals(reload=self.reload)
             log.info(
                 "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
                 cfg.path.name,
@@ -261,30 +244,10 @@ class Server:
             for spec in specs:
                 log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
             driver.poke()
-            await self.stop.wait()
+            await rt.stop.wait()
             log.info("stopping")
         finally:
-            await self.shutdown()
-
-    async def shutdown(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        if getattr(self, "_control", None) is not None:
-            await self._control.close()
-        for what, undo, in_netlink in reversed(self._cleanup):
-            try:
-                if in_netlink:
-                    await self.nl(undo)
-                else:
-                    undo()
-            except GtunError as exc:
-                log.error("while removing %s: %s", what, exc)
-            except Exception as exc:  # cleanup must go on whatever one step does
-                log.error("while removing %s: %s", what, exc, exc_info=log.isEnabledFor(10))
-        self._cleanup.clear()
-        self._netlink.shutdown(wait=True)
+            await rt.unwind()
 
     # --- peers -----------------------------------------------------------------------
 
@@ -294,7 +257,7 @@ class Server:
         assert self.link is not None
         wanted = {net for s in specs for net in s.subnets}
         if any(net.version == 6 for net in wanted):
-            enable_ipv6(self.link.ifname)  # a no-op when already on
+            self.platform.enable_ipv6(self.link.ifname)  # a no-op when already on
         for net in self.subnet_routes - wanted:
             self.link.remove_route(net)
         for net in wanted - self.subnet_routes:
@@ -319,7 +282,7 @@ class Server:
             cfg = load_server_config(self.cfg.path)
             specs = collect_peers(cfg, self.store)
             added, removed = self.relay.set_peers(specs)
-            await self.nl(self.sync_subnet_routes, specs)
+            await self.rt.nl(self.sync_subnet_routes, specs)
         except GtunError as exc:
             log.error("reload failed, keeping the current peers: %s", exc)
             return {"ok": False, "error": str(exc)}
@@ -388,35 +351,28 @@ class Server:
                     "endpoint": _fmt_endpoint(peer.endpoint),
                     "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
-                    "rx_bytes": peer.rx_bytes,
-                    "tx_bytes": peer.tx_bytes,
-                    "rx_packets": peer.rx_packets,
-                    "tx_packets": peer.tx_packets,
-                    "last_handshake": (
-                        peer.last_handshake + wall if peer.last_handshake is not None else None
-                    ),
+                    **peer_traffic(peer, wall),
                     "drops": dict(peer.data.drops),
                 }
             )
         drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
-        return {
-            "role": "relay",
-            "device": self.cfg.device,
-            "mode": self.cfg.mode,
-            "address": f"{self.cfg.relay_address}/{self.cfg.network.prefixlen}",
-            "address6": (
-                f"{self.cfg.relay_address6}/{self.cfg.network6.prefixlen}"
-                if self.cfg.network6 is not None
-                else None
-            ),
-            "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
-            "public_key": encode_key(self.cfg.public_key),
-            "uptime": time.time() - self.started,
-            "peers": sorted(peers, key=lambda p: p["name"]),
-            "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
-            "drops": drops,
-            "datapath": self.driver.datapath() if self.driver is not None else None,
-        }
+        cfg = self.cfg
+        return self.rt.status(
+            {
+                "mode": cfg.mode,
+                "address": f"{cfg.relay_address}/{cfg.network.prefixlen}",
+                "address6": (
+                    f"{cfg.relay_address6}/{cfg.network6.prefixlen}"
+                    if cfg.network6 is not None
+                    else None
+                ),
+                "listen": f"{cfg.listen[0]}:{cfg.listen[1]}",
+            },
+            sorted(peers, key=lambda p: p["name"]),
+            drops,
+            self.driver.datapath() if self.driver is not None else None,
+            tail={"tcp_connections": len(self.tcp.connections) if self.tcp else 0},
+        )
 
 
 def _v6(spec: PeerSpec) -> str:
@@ -434,9 +390,10 @@ def _fmt_endpoint(endpoint: Any) -> str | None:
 
 def run_server(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
-    check_privileges(path)
+    platform = LinuxPlatform()
+    platform.check_privileges()
     cfg = load_server_config(path)
-    server = Server(cfg)
+    server = Server(cfg, platform)
     try:
         asyncio.run(server.run())
     except OSError as exc:
