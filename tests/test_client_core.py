@@ -6,16 +6,26 @@ from __future__ import annotations
 import secrets
 from ipaddress import IPv4Address
 
+import pytest
+
+from gtun.core import tunnel as tm
 from gtun.core.client import (
+    CONNECTED,
     FALLBACK_AFTER,
     FIRST_BACKOFF,
+    REFUSED,
+    REMOTE_CAUSES,
+    STATES,
+    TRANSITIONS,
     ClientCore,
     Connected,
     Disconnected,
     Fallback,
     GaveUpRound,
     NoAnswer,
+    Refused,
 )
+from gtun.core.errors import LocalProtocolError
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.wg.constants import REKEY_TIMEOUT
 from gtun.testing.link import CoreLink, relay_settings
@@ -119,3 +129,26 @@ def test_silent_relay_is_reported_disconnected() -> None:
     lost = [e for e in events if isinstance(e, Disconnected)]
     assert len(lost) == 1 and lost[0].silent_for > client.dead_after
     assert not client.connected and net.now - silent_from > client.dead_after
+
+
+def test_every_remote_cause_has_a_move_from_every_state() -> None:
+    """No datagram can make the state machine fail: the table covers what remote input
+    brings about, from every state."""
+    for state in STATES:
+        for cause in REMOTE_CAUSES:
+            assert (state, cause) in TRANSITIONS, (state, cause)
+
+
+def test_refused_is_final_and_an_impossible_move_is_a_local_error() -> None:
+    net, client = linked()
+    net.start()
+    assert client.state == CONNECTED
+    peer = net.relay.peer_by_name("c1")
+    assert peer is not None
+    for _ in range(2):  # twice: a second REFUSED is no error
+        net.relay.wg.send(peer, tm.push_message(tm.REFUSED, {"reason": "go away"}), net.now)
+        net.pump()
+    assert client.state == REFUSED and not client.connected
+    assert [e for e in net.events["c1"] if isinstance(e, Refused)] == [Refused("go away")] * 2
+    with pytest.raises(LocalProtocolError):
+        client._move("silence")  # silence is only noticed while connected

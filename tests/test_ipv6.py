@@ -22,7 +22,7 @@ from gtun import cli
 from gtun.app import keys
 from gtun.app.config import load_server_config
 from gtun.app.peers import add_peer
-from gtun.app.server import collect_peers
+from gtun.app.peerset import collect_peers
 from gtun.app.store import StateStore, StoredPeer
 from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore

@@ -19,7 +19,6 @@ from gtun.app.keys import encode_key
 from gtun.app.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.app.platform import Device, ExitRoute, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
-from gtun.app.server import _fmt_endpoint
 from gtun.core.client import (
     ClientCore,
     ConfigReceived,
@@ -37,9 +36,11 @@ from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
 from gtun.io.driver import Driver
 from gtun.io.tcp import TCP_DROP_REASONS, TcpDialer, TcpEndpoint
+from gtun.io.transport import endpoint_text
 from gtun.io.udp import UdpTransport
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
+from gtun.system.malloc import keep_heap
 
 log = logging.getLogger("gtun")
 
@@ -286,8 +287,10 @@ class Client:
         tun = self.platform.open_tun(self.cfg.device, tap=mode == "tap", offload=self.cfg.offload)
         self.tun = tun
         self.platform.log_offloads(tun, self.cfg.offload)
-        self.driver.finish_checksums = mode == "tun" and self.cfg.offload and not tun.vnet
-        self.driver.attach_tun(tun)
+        # Peers may leave TCP checksums partial (accept_partial); without offloads the
+        # driver completes them.
+        finish = mode == "tun" and self.cfg.offload and not tun.vnet
+        self.driver.attach_tun(tun, finish_checksums=finish)
         if mode == "tap":
             log.info("opened TAP device %s (layer 2, the relay's mode)", tun.name)
 
@@ -454,7 +457,7 @@ class Client:
                     "public_key": encode_key(peer.public_key),
                     "address": str(config.gateway) if config else None,
                     "address6": str(config.gateway6) if config and self.ipv6 else None,
-                    "endpoint": _fmt_endpoint(peer.endpoint),
+                    "endpoint": endpoint_text(peer.endpoint),
                     "transport": self.transport,
                     **peer_traffic(peer, wall),
                 }
@@ -470,6 +473,7 @@ def run_client(path: Path) -> None:
     platform.check_privileges()
     cfg = load_client_config(path)
     client = Client(cfg, platform)
+    keep_heap()  # no brk churn from the 64 KB buffers of the data path
     try:
         asyncio.run(client.run())
     except OSError as exc:

@@ -9,7 +9,7 @@ import time
 from gtun.app.config import ServerConfig
 from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.app.server import collect_peers, open_state
+from gtun.app.peerset import collect_peers, open_state
 from gtun.app.store import StateStore, StoredPeer
 from gtun.errors import ConfigError, GtunError
 

@@ -10,17 +10,17 @@ import errno
 import logging
 import socket
 import time
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
 
 from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
-from gtun.app.keys import decode_key, encode_key
+from gtun.app.keys import encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
-from gtun.app.platform import Link, LinuxPlatform, Platform
+from gtun.app.peerset import collect_peers, open_state
+from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
-from gtun.app.store import AddressPool, StateStore
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
@@ -28,58 +28,12 @@ from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
-from gtun.io.tcp import TcpEndpoint, TcpServer, endpoint_transport, forget_endpoint
+from gtun.io.tcp import TcpServer, endpoint_transport, forget_endpoint
+from gtun.io.transport import endpoint_text
 from gtun.io.udp import UdpTransport
-from gtun.system.ipv6 import address6_for
+from gtun.system.malloc import keep_heap
 
 log = logging.getLogger("gtun")
-
-STATE_FILE = "gtun.sqlite"
-
-
-def open_state(cfg: ServerConfig) -> StateStore:
-    return StateStore(cfg.state_dir / STATE_FILE)
-
-
-def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
-    """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
-    with their addresses (fixed ones first, so leases move out of their way).
-
-    Raises ConfigError for a stored peer that clashes with the config."""
-    pool = AddressPool(cfg.network, store)
-    entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
-        (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
-    ]
-    names = {p.name for p in cfg.peers}
-    keys = {p.public_key for p in cfg.peers}
-    for sp in store.peers():
-        key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
-        if sp.name in names or key in keys:
-            log.warning(
-                "peer %s from %s clashes with %s (same name or key); using the config's",
-                sp.name,
-                store.path,
-                cfg.path,
-            )
-            continue
-        names.add(sp.name)
-        keys.add(key)
-        fixed = IPv4Address(sp.address) if sp.address else None
-        subnets = tuple(ip_network(s) for s in sp.subnets)
-        entries.append((sp.name, key, fixed, subnets))
-    specs = []
-    ordered = sorted(entries, key=lambda e: (e[2] is None, e[0]))
-    for name, key, fixed, subnets in ordered:
-        try:
-            address = pool.assign(encode_key(key), fixed=fixed, name=name)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
-        # IPv6 twin of the (stable) IPv4 lease: same host number in network6 (ipv6.py).
-        address6 = (
-            None if cfg.network6 is None else address6_for(cfg.network, cfg.network6, address)
-        )
-        specs.append(PeerSpec(name, key, address, subnets, address6))
-    return specs
 
 
 def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
@@ -135,119 +89,141 @@ class Server:
     # --- life cycle --------------------------------------------------------------------
 
     async def run(self) -> None:
-        cfg = self.cfg
-        platform, rt = self.platform, self.rt
-        loop = asyncio.get_running_loop()
+        """Serve until stopped; then undo everything, whatever failed on the way."""
+        rt = self.rt
         try:
-            store = open_state(cfg)
-            rt.push("state store", store.close)
-            self.store = store
-            specs = collect_peers(cfg, store)
-            sock = bind_udp(cfg)
-            try:
-                tcp_sock = bind_tcp(cfg)
-            except ConfigError:
-                sock.close()
-                raise
-            # The device first: whether it completes TCP checksums (offloads granted) is
-            # part of what the relay offers its clients.
-            try:
-                tun = platform.open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
-            except GtunError:
-                sock.close()
-                tcp_sock.close()
-                raise
-            rt.push(f"device {cfg.device}", tun.close)
-            settings = RelaySettings(
-                network=cfg.network,
-                relay_address=cfg.relay_address,
-                mtu=cfg.mtu,
-                routes=cfg.routes,
-                dns=cfg.dns,
-                mode=cfg.mode,
-                network6=cfg.network6,
-                partial_ok=tun.vnet,
-            )
-            relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
-            relay.set_peers(specs)
-            self.relay = relay
-            driver = Driver(relay, loop, self.on_event)
-            self.driver = driver
-            driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
-            rt.push("UDP socket", driver.close)
-            tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
-            self.tcp = tcp
-            driver.attach(tcp)
-            await tcp.start(tcp_sock)
-            rt.push("TCP listener", tcp.close)
-            if cfg.metrics_listen is not None:
-                metrics = await serve_metrics(
-                    RelayCollector(relay, loop.time, lambda: tcp.counts),
-                    cfg.metrics_listen,
-                    config_file=cfg.path,
-                    key="server.metrics_listen",
-                )
-                rt.push("metrics endpoint", metrics.close)
-
-            platform.log_offloads(tun, cfg.offload)  # once nothing can fail for want of a port
-            # Stop watching the descriptor before the device is closed.
-            rt.push(f"reading {cfg.device}", driver.detach_tun)
-            link = platform.link(tun.name)
-            self.link = link
-            rt.push(f"configuration of {tun.name}", link.undo, in_netlink=True)
-            await rt.nl(link.set_mtu, cfg.mtu)
-            if cfg.mode == "tap":
-                await rt.nl(link.set_mac, mac_for_key(cfg.public_key))
-            await rt.nl(
-                link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}")
-            )
-            if cfg.network6 is not None:
-                platform.enable_ipv6(tun.name)
-                await rt.nl(
-                    link.add_address,
-                    IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}"),
-                )
-            await rt.nl(link.set_up)
-            await rt.nl(self.sync_subnet_routes, specs)
+            specs, (sock, tcp_sock), tun = self._open()
+            driver = await self._start(specs, sock, tcp_sock, tun)
+            await self._configure_device(tun, specs)
             driver.attach_tun(tun)
-
-            forwarding = platform.forwarding()
-            forwarding.enable(ipv6=cfg.network6 is not None)
-            rt.push("IP forwarding", forwarding.restore)
-            if cfg.nat:
-                nat = platform.nat(
-                    tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])]
-                )
-                nat.apply()
-                rt.push("NAT rules", nat.remove)
-
-            control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
+            self._configure_host(tun)
+            control = ControlServer(
+                self.cfg.control_socket, self.on_control, config_file=self.cfg.path
+            )
             await control.start()
             rt.push("control socket", control.close)
-
             rt.handle_signals(reload=self.reload)
-            log.info(
-                "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
-                cfg.path.name,
-                cfg.listen[0],
-                cfg.listen[1],
-                tun.name,
-                cfg.relay_address,
-                cfg.network.prefixlen,
-                len(specs),
-                encode_key(cfg.public_key),
-            )
-            if cfg.network6 is not None:
-                log.info(
-                    "IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen
-                )
-            for spec in specs:
-                log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
+            self._announce(tun, specs)
             driver.poke()
             await rt.stop.wait()
             log.info("stopping")
         finally:
             await rt.unwind()
+
+    def _open(self) -> tuple[list[PeerSpec], tuple[socket.socket, socket.socket], Device]:
+        """The peers, the bound UDP and TCP sockets and the device, in an order where
+        any failure leaves nothing open.  Raises ConfigError or RuntimeFailure."""
+        cfg, rt = self.cfg, self.rt
+        store = open_state(cfg)
+        rt.push("state store", store.close)
+        self.store = store
+        specs = collect_peers(cfg, store)
+        sock = bind_udp(cfg)
+        try:
+            tcp_sock = bind_tcp(cfg)
+        except ConfigError:
+            sock.close()
+            raise
+        # The device before the relay: whether it completes TCP checksums (offloads
+        # granted) is part of what the relay offers its clients.
+        try:
+            tun = self.platform.open_tun(cfg.device, tap=cfg.mode == "tap", offload=cfg.offload)
+        except GtunError:
+            sock.close()
+            tcp_sock.close()
+            raise
+        rt.push(f"device {cfg.device}", tun.close)
+        return specs, (sock, tcp_sock), tun
+
+    async def _start(
+        self, specs: list[PeerSpec], sock: socket.socket, tcp_sock: socket.socket, tun: Device
+    ) -> Driver:
+        """The relay core on a driver with its UDP and TCP transports, and metrics."""
+        cfg, rt = self.cfg, self.rt
+        loop = asyncio.get_running_loop()
+        settings = RelaySettings(
+            network=cfg.network,
+            relay_address=cfg.relay_address,
+            mtu=cfg.mtu,
+            routes=cfg.routes,
+            dns=cfg.dns,
+            mode=cfg.mode,
+            network6=cfg.network6,
+            partial_ok=tun.vnet,
+        )
+        relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
+        relay.set_peers(specs)
+        self.relay = relay
+        driver = Driver(relay, loop, self.on_event)
+        self.driver = driver
+        driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
+        rt.push("UDP socket", driver.close)
+        tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
+        self.tcp = tcp
+        driver.attach(tcp)
+        await tcp.start(tcp_sock)
+        rt.push("TCP listener", tcp.close)
+        if cfg.metrics_listen is not None:
+            metrics = await serve_metrics(
+                RelayCollector(relay, loop.time, lambda: tcp.counts),
+                cfg.metrics_listen,
+                config_file=cfg.path,
+                key="server.metrics_listen",
+            )
+            rt.push("metrics endpoint", metrics.close)
+        self.platform.log_offloads(tun, cfg.offload)  # once nothing can fail for want of a port
+        # Stop watching the descriptor before the device is closed.
+        rt.push(f"reading {cfg.device}", driver.detach_tun)
+        return driver
+
+    async def _configure_device(self, tun: Device, specs: list[PeerSpec]) -> None:
+        """MTU, MAC (TAP), addresses, link up, and the routes to the LANs behind peers."""
+        cfg, rt = self.cfg, self.rt
+        link = self.platform.link(tun.name)
+        self.link = link
+        rt.push(f"configuration of {tun.name}", link.undo, in_netlink=True)
+        await rt.nl(link.set_mtu, cfg.mtu)
+        if cfg.mode == "tap":
+            await rt.nl(link.set_mac, mac_for_key(cfg.public_key))
+        await rt.nl(link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}"))
+        if cfg.network6 is not None:
+            self.platform.enable_ipv6(tun.name)
+            await rt.nl(
+                link.add_address, IPv6Interface(f"{cfg.relay_address6}/{cfg.network6.prefixlen}")
+            )
+        await rt.nl(link.set_up)
+        await rt.nl(self.sync_subnet_routes, specs)
+
+    def _configure_host(self, tun: Device) -> None:
+        """IP forwarding, and NAT for the virtual networks."""
+        cfg, rt = self.cfg, self.rt
+        forwarding = self.platform.forwarding()
+        forwarding.enable(ipv6=cfg.network6 is not None)
+        rt.push("IP forwarding", forwarding.restore)
+        if cfg.nat:
+            nat = self.platform.nat(
+                tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])]
+            )
+            nat.apply()
+            rt.push("NAT rules", nat.remove)
+
+    def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
+        cfg = self.cfg
+        log.info(
+            "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
+            cfg.path.name,
+            cfg.listen[0],
+            cfg.listen[1],
+            tun.name,
+            cfg.relay_address,
+            cfg.network.prefixlen,
+            len(specs),
+            encode_key(cfg.public_key),
+        )
+        if cfg.network6 is not None:
+            log.info("IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen)
+        for spec in specs:
+            log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
 
     # --- peers -----------------------------------------------------------------------
 
@@ -314,7 +290,7 @@ class Server:
                 "refused peer %s (%s) from %s: %s",
                 spec.name,
                 spec.address,
-                _fmt_endpoint(event.peer.endpoint),
+                endpoint_text(event.peer.endpoint),
                 event.reason,
             )
         elif isinstance(event, PeerUnknown):
@@ -348,7 +324,7 @@ class Server:
                     "address": str(spec.address),
                     "address6": str(spec.address6) if spec.address6 is not None else None,
                     "subnets": [str(s) for s in spec.subnets],
-                    "endpoint": _fmt_endpoint(peer.endpoint),
+                    "endpoint": endpoint_text(peer.endpoint),
                     "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
                     **peer_traffic(peer, wall),
@@ -379,21 +355,13 @@ def _v6(spec: PeerSpec) -> str:
     return f", {spec.address6}" if spec.address6 is not None else ""
 
 
-def _fmt_endpoint(endpoint: Any) -> str | None:
-    if endpoint is None:
-        return None
-    if isinstance(endpoint, TcpEndpoint):
-        return endpoint.address
-    host, port = endpoint[0], endpoint[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
 def run_server(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
     platform = LinuxPlatform()
     platform.check_privileges()
     cfg = load_server_config(path)
     server = Server(cfg, platform)
+    keep_heap()  # no brk churn from the 64 KB buffers of the data path
     try:
         asyncio.run(server.run())
     except OSError as exc:

@@ -4,9 +4,11 @@ paths) as timers and events, so that the daemon only does I/O.
 
 Theory of operation
 -------------------
-The client is in one of three states; `connected` and `config` tell which.  Each row is
-one transition: what causes it, and what the core does and says (the events the daemon
-acts on).
+The client is in one of three states (`state`): CONNECTING, CONNECTED, REFUSED.  The
+moves between them are the table TRANSITIONS, and `_move()` takes no other; every cause
+that remote input can bring has a row from every state, so no datagram can make a move
+fail.  Each row below is one thing that happens: what causes it, and what the core does
+and says (the events the daemon acts on).
 
     state         cause                                    effect (events)
     -----------   --------------------------------------   --------------------------------
@@ -22,7 +24,7 @@ acts on).
                                                            its configuration
     CONNECTED     no CONFIG yet                            asks again every CONFIG_RETRY
     CONNECTED     CONFIG                                   ConfigReceived(config, changed)
-    CONNECTED     REFUSED, or a CONFIG of the other mode   Refused(reason)
+    any           REFUSED, or a CONFIG of the other mode   -> REFUSED: Refused(reason)
     CONNECTED     every ping_interval                      PING (the relay answers PONG)
     CONNECTED     relay silent for dead_after              -> CONNECTING: Disconnected
                                                            (the daemon drops a TCP
@@ -48,6 +50,7 @@ from dataclasses import dataclass
 from gtun.core import bulk, l2frame
 from gtun.core import tunnel as tm
 from gtun.core.drops import CLIENT_DROP_REASONS
+from gtun.core.errors import LocalProtocolError
 from gtun.core.offload import Gso, OffloadError
 from gtun.core.packet import packet_length, tunnel_addresses
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
@@ -62,6 +65,24 @@ MAX_BACKOFF = 60.0  # ... doubling up to this
 FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
 
 TRANSPORTS = ("udp", "tcp", "auto")
+
+# States, and the table of moves between them (state, cause) -> next state, after h11's
+# _state.py.  Causes: "handshake" (a session completed), "silence" (nothing from the relay
+# for dead_after), "refused" (the relay said no).
+CONNECTING = "CONNECTING"
+CONNECTED = "CONNECTED"
+REFUSED = "REFUSED"
+STATES = (CONNECTING, CONNECTED, REFUSED)
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (CONNECTING, "handshake"): CONNECTED,
+    (CONNECTED, "handshake"): CONNECTED,  # a new session: rekey, or a restarted relay
+    (REFUSED, "handshake"): REFUSED,  # refused stays refused
+    (CONNECTED, "silence"): CONNECTING,
+    (CONNECTING, "refused"): REFUSED,
+    (CONNECTED, "refused"): REFUSED,
+    (REFUSED, "refused"): REFUSED,
+}
+REMOTE_CAUSES = ("handshake", "refused")  # what a datagram can bring about
 
 
 @dataclass
@@ -142,7 +163,7 @@ class ClientCore:
         self.ping_interval = ping_interval
         self.dead_after = 2 * ping_interval + 5.0
         self.config: PushedConfig | None = None
-        self.connected = False
+        self.state = CONNECTING
         self.drops: dict[str, int] = dict.fromkeys(CLIENT_DROP_REASONS, 0)
         self._events: deque[Event] = deque()
         self._tun_out: list[bytes | tuple[Gso, bytes]] = []
@@ -153,6 +174,20 @@ class ClientCore:
         self._backoff = FIRST_BACKOFF
         self._config_confirmed = False
         self._attempts_told = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.state == CONNECTED
+
+    def _move(self, cause: str) -> str:
+        """Take the move TRANSITIONS has for `cause`; the state before it.  Raises
+        LocalProtocolError for a move the table does not have (a bug here)."""
+        before = self.state
+        after = TRANSITIONS.get((before, cause))
+        if after is None:
+            raise LocalProtocolError(f"client core: no move from {before} on {cause!r}")
+        self.state = after
+        return before
 
     # --- outputs -------------------------------------------------------------------
 
@@ -265,7 +300,7 @@ class ClientCore:
             self._t_ping = now + self.ping_interval
             last = self.server.last_received
             if self.connected and last is not None and now - last > self.dead_after:
-                self.connected = False
+                self._move("silence")
                 self._config_confirmed = False
                 self._events.append(Disconnected(now - last))
             self.wg.send(self.server, tm.push_message(tm.PING), now)
@@ -295,8 +330,7 @@ class ClientCore:
                 self._t_retry = None
                 self._t_fallback = None
                 self._attempts_told = 0
-                if not self.connected:
-                    self.connected = True
+                if self._move("handshake") == CONNECTING:
                     self._events.append(Connected())
                 # Ask after every new session: the relay may have restarted or changed.
                 self._config_confirmed = False
@@ -360,6 +394,7 @@ class ClientCore:
             if self.mode is not None and config.mode != self.mode:
                 # A relay that does not check the requested mode.
                 reason = f"this relay runs in {config.mode} mode; the client asked for {self.mode}"
+                self._move("refused")
                 self._events.append(Refused(reason))
                 return
             self._config_confirmed = True
@@ -372,6 +407,7 @@ class ClientCore:
             self.relay.caps = Caps(bulk=config.bulk, partial=config.partial and self.accept_partial)
             self._events.append(ConfigReceived(config, changed))
         elif msg.type == tm.REFUSED:
+            self._move("refused")
             self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
         elif msg.type != tm.PONG:
             self.drops["malformed"] += 1

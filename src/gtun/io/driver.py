@@ -119,8 +119,11 @@ class Driver:
 
     # --- TUN ---------------------------------------------------------------------------
 
-    def attach_tun(self, tun: PacketDevice) -> None:
+    def attach_tun(self, tun: PacketDevice, *, finish_checksums: bool = False) -> None:
+        """Read and write `tun`.  `finish_checksums`: the device has no offloads but
+        peers may leave TCP checksums partial, so they are completed before writing."""
         self.tun = tun
+        self.finish_checksums = finish_checksums
         self.loop.add_reader(tun.fileno(), self._tun_readable)
 
     def detach_tun(self) -> None:

@@ -58,3 +58,20 @@ class ConnectionEndpoint(Protocol):
 
     @property
     def cookie_source(self) -> bytes: ...
+
+    @property
+    def address(self) -> str:
+        """The other end, as people read it (status, logs)."""
+        ...
+
+
+def endpoint_text(endpoint: Any) -> str | None:
+    """An endpoint as people read it: "host:port" ("[host]:port" for IPv6), a connection's
+    own `address`, None for none."""
+    if endpoint is None:
+        return None
+    if endpoint.__class__ is tuple:
+        host, port = endpoint[0], endpoint[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    address = getattr(endpoint, "address", None)
+    return address if isinstance(address, str) else repr(endpoint)

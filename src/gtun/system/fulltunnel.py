@@ -57,8 +57,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from gtun.errors import GtunError, RuntimeFailure
 from gtun.system.dns import RESOLV_CONF, DnsChange, apply_dns, plan_dns, restore_dns
-from gtun.system.netlink import _code, _open_ipr, _reason
-from gtun.system.nft import _nft, read_sysctl, write_sysctl
+from gtun.system.netlink import error_code, error_reason, open_ipr
+from gtun.system.nft import read_sysctl, run_nft, write_sysctl
 
 log = logging.getLogger("gtun")
 
@@ -362,7 +362,7 @@ def _remove_state(path: Path) -> None:
 def choose_table() -> int:
     """The first routing table from 51820 that has no routes and that no rule uses (as
     wg-quick chooses).  Raises RuntimeFailure."""
-    ipr = _open_ipr()
+    ipr = open_ipr()
     try:
         used: set[int] = set()
         for family in _families():
@@ -372,7 +372,7 @@ def choose_table() -> int:
             for route in ipr.route("dump", family=family):
                 used.add(int(route.get("table") or 0))
     except (NetlinkError, OSError) as exc:
-        raise RuntimeFailure(f"cannot list routing rules and tables: {_reason(exc)}") from exc
+        raise RuntimeFailure(f"cannot list routing rules and tables: {error_reason(exc)}") from exc
     finally:
         ipr.close()
     for table in range(FIRST_TABLE, FIRST_TABLE + TABLES_TRIED):
@@ -395,7 +395,7 @@ def _link_index(ipr: IPRoute, device: str) -> int:
     try:
         found = ipr.link_lookup(ifname=device)
     except (NetlinkError, OSError) as exc:
-        raise RuntimeFailure(f"cannot look up device {device}: {_reason(exc)}") from exc
+        raise RuntimeFailure(f"cannot look up device {device}: {error_reason(exc)}") from exc
     if not found:
         raise RuntimeFailure(f"cannot route into {device}: the device does not exist")
     return int(found[0])
@@ -416,7 +416,7 @@ def undo_state(state: ExitState, proc_sys: Path = PROC_SYS) -> tuple[list[str], 
     ipr: IPRoute | None = None
     if state.rules or state.routes:
         try:
-            ipr = _open_ipr()
+            ipr = open_ipr()
         except RuntimeFailure as exc:
             problems.append(str(exc))
     if ipr is not None:
@@ -430,7 +430,7 @@ def undo_state(state: ExitState, proc_sys: Path = PROC_SYS) -> tuple[list[str], 
     if state.nft_table is not None:
         ref = f"{NFT_FAMILY} {state.nft_table}"
         try:
-            _nft(
+            run_nft(
                 ["-f", "-"],
                 f"table {ref}\ndelete table {ref}\n",
                 f"cannot remove nftables table {state.nft_table}",
@@ -464,10 +464,10 @@ def _netlink_del(
             ipr.route("del", **args)
         done.append(what)
     except (NetlinkError, OSError) as exc:
-        code = _code(exc)
+        code = error_code(exc)
         if code in _GONE or (code == errno.EAFNOSUPPORT and not _ipv6_available()):
             return
-        problems.append(f"cannot remove {what}: {_reason(exc)}")
+        problems.append(f"cannot remove {what}: {error_reason(exc)}")
 
 
 def _pid_is_gtun(pid: int) -> bool:
@@ -600,7 +600,7 @@ class FullTunnel:
             write_sysctl(self.proc_sys / SRC_VALID_MARK, "1")
         assert state.nft_table is not None
         try:
-            _nft(
+            run_nft(
                 ["-f", "-"],
                 nft_ruleset(state.nft_table, self.device, self.fwmark, addresses),
                 f"cannot install nftables table {state.nft_table}",
@@ -613,7 +613,7 @@ class FullTunnel:
             )
             state.nft_table = None  # nothing to remove later (nft may not even exist)
             save_state(self.state_path, state)
-        ipr = _open_ipr()
+        ipr = open_ipr()
         try:
             index = _link_index(ipr, self.device)
             not_ours: list[Rule | Route] = []
@@ -642,9 +642,9 @@ class FullTunnel:
             else:
                 ipr.route("add", **args)
         except (NetlinkError, OSError) as exc:
-            if _code(exc) == errno.EEXIST:
+            if error_code(exc) == errno.EEXIST:
                 return False
-            raise RuntimeFailure(f"cannot add {what}: {_reason(exc)}") from exc
+            raise RuntimeFailure(f"cannot add {what}: {error_reason(exc)}") from exc
         return True
 
     def undo(self) -> None:

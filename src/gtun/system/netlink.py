@@ -31,7 +31,7 @@ RT_SCOPE_NOWHERE = 255  # in a delete request: any scope
 _GONE = frozenset({errno.ENODEV, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENOENT})
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if isinstance(exc, NetlinkError) and isinstance(code, int) and code > 0:
         return os.strerror(code)
@@ -40,7 +40,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _code(exc: BaseException) -> int | None:
+def error_code(exc: BaseException) -> int | None:
     if isinstance(exc, NetlinkError):
         return int(exc.code)
     if isinstance(exc, OSError):
@@ -52,20 +52,20 @@ def _family(net: IPv4Network | IPv6Network | IPv4Interface | IPv6Interface) -> i
     return socket.AF_INET if net.version == 4 else socket.AF_INET6
 
 
-def _open_ipr() -> IPRoute:
+def open_ipr() -> IPRoute:
     try:
         return IPRoute()
     except (NetlinkError, OSError) as exc:
-        raise RuntimeFailure(f"cannot open a netlink socket: {_reason(exc)}") from exc
+        raise RuntimeFailure(f"cannot open a netlink socket: {error_reason(exc)}") from exc
 
 
 def link_index(name: str) -> int | None:
     """The interface index of `name` in this namespace, or None if there is none."""
-    ipr = _open_ipr()
+    ipr = open_ipr()
     try:
         found = ipr.link_lookup(ifname=name)
     except (NetlinkError, OSError) as exc:
-        raise RuntimeFailure(f"cannot look up device {name}: {_reason(exc)}") from exc
+        raise RuntimeFailure(f"cannot look up device {name}: {error_reason(exc)}") from exc
     finally:
         ipr.close()
     return int(found[0]) if found else None
@@ -93,14 +93,14 @@ class LinkConfig:
 
     def _conn(self) -> IPRoute:
         if self._ipr is None:
-            self._ipr = _open_ipr()
+            self._ipr = open_ipr()
         return self._ipr
 
     def _index(self, what: str) -> int:
         try:
             found = self._conn().link_lookup(ifname=self.ifname)
         except (NetlinkError, OSError) as exc:
-            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+            raise RuntimeFailure(f"cannot {what}: {error_reason(exc)}") from exc
         if not found:
             raise RuntimeFailure(f"cannot {what}: device {self.ifname} does not exist")
         return int(found[0])
@@ -110,16 +110,16 @@ class LinkConfig:
         try:
             return index, self._conn().link("get", index=index)[0]
         except (NetlinkError, OSError) as exc:
-            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+            raise RuntimeFailure(f"cannot {what}: {error_reason(exc)}") from exc
 
     def _do(self, what: str, action: Callable[[IPRoute], object]) -> bool:
         """Run one change; False if it already existed (EEXIST)."""
         try:
             action(self._conn())
         except (NetlinkError, OSError) as exc:
-            if _code(exc) == errno.EEXIST:
+            if error_code(exc) == errno.EEXIST:
                 return False
-            raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+            raise RuntimeFailure(f"cannot {what}: {error_reason(exc)}") from exc
         return True
 
     # -- changes --
@@ -241,8 +241,8 @@ class LinkConfig:
         try:
             self._conn().route("del", **args)
         except (NetlinkError, OSError) as exc:
-            if _code(exc) not in _GONE:
-                raise RuntimeFailure(f"cannot {what}: {_reason(exc)}") from exc
+            if error_code(exc) not in _GONE:
+                raise RuntimeFailure(f"cannot {what}: {error_reason(exc)}") from exc
         # It is gone now: undo must not try again.
         self._undo = [
             (desc, act)
@@ -266,10 +266,10 @@ class LinkConfig:
             except RuntimeFailure:
                 continue  # the device is gone, and everything on it with it
             except (NetlinkError, OSError) as exc:
-                if _code(exc) in _GONE:
+                if error_code(exc) in _GONE:
                     continue
                 if first is None:
-                    first = RuntimeFailure(f"cannot {desc}: {_reason(exc)}")
+                    first = RuntimeFailure(f"cannot {desc}: {error_reason(exc)}")
         if first is not None:
             raise first
 

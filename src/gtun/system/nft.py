@@ -120,12 +120,14 @@ class Nat:
 
     def apply(self) -> None:
         """Install the table (replacing a stale one).  Raises RuntimeFailure."""
-        _nft(["-f", "-"], self.ruleset(), f"cannot install NAT table {self.table}")
+        run_nft(["-f", "-"], self.ruleset(), f"cannot install NAT table {self.table}")
 
     def remove(self) -> None:
         """Delete the table; no error if it is not there.  Raises RuntimeFailure."""
         ref = f"{self.family} {self.table}"
-        _nft(["-f", "-"], f"table {ref}\ndelete table {ref}\n", f"cannot remove table {self.table}")
+        run_nft(
+            ["-f", "-"], f"table {ref}\ndelete table {ref}\n", f"cannot remove table {self.table}"
+        )
 
     def active(self) -> bool:
         """Whether the table is installed.  Raises RuntimeFailure if nft cannot run."""
@@ -139,7 +141,7 @@ def _run_nft(args: list[str], stdin: str | None, what: str) -> subprocess.Comple
     )
 
 
-def _nft(args: list[str], stdin: str | None, what: str) -> None:
+def run_nft(args: list[str], stdin: str | None, what: str) -> None:
     result = _run_nft(args, stdin, what)
     if result.returncode != 0:
         # nft prints "Error: ..." lines, each followed by the offending line and a caret.
