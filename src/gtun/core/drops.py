@@ -108,6 +108,11 @@ REASONS: tuple[Reason, ...] = (
         "handshake messages from one source address faster than 20/s (burst 5)",
         ("wireguard",),
     ),
+    Reason(
+        "tcp_source_limit",
+        "too many connections from one address not yet authenticated",
+        ("tcp",),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}
