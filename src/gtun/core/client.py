@@ -63,6 +63,7 @@ PING_INTERVAL = 10.0
 FIRST_BACKOFF = 2.0  # after a round of handshakes went unanswered ...
 MAX_BACKOFF = 60.0  # ... doubling up to this
 FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
+MAX_EVENTS = 1024  # events kept for a caller that does not drain them
 
 TRANSPORTS = ("udp", "tcp", "auto")
 
@@ -189,6 +190,12 @@ class ClientCore:
         self.state = after
         return before
 
+    def _emit(self, event: Event) -> None:
+        if len(self._events) < MAX_EVENTS:
+            self._events.append(event)
+        else:
+            self.drops["events_full"] += 1
+
     # --- outputs -------------------------------------------------------------------
 
     def next_event(self) -> Event | None:
@@ -302,7 +309,7 @@ class ClientCore:
             if self.connected and last is not None and now - last > self.dead_after:
                 self._move("silence")
                 self._config_confirmed = False
-                self._events.append(Disconnected(now - last))
+                self._emit(Disconnected(now - last))
             self.wg.send(self.server, tm.push_message(tm.PING), now)
         if self._t_retry is not None and self._t_retry <= now:
             self._t_retry = None
@@ -312,7 +319,7 @@ class ClientCore:
             if not self.connected:
                 self.transport = "tcp"
                 self.server.endpoint = None
-                self._events.append(Fallback(FALLBACK_AFTER))
+                self._emit(Fallback(FALLBACK_AFTER))
         self._drain(now)
 
     # --- internals -----------------------------------------------------------------
@@ -331,7 +338,7 @@ class ClientCore:
                 self._t_fallback = None
                 self._attempts_told = 0
                 if self._move("handshake") == CONNECTING:
-                    self._events.append(Connected())
+                    self._emit(Connected())
                 # Ask after every new session: the relay may have restarted or changed.
                 self._config_confirmed = False
                 self._request_config(now)
@@ -339,13 +346,13 @@ class ClientCore:
                     self._t_ping = now + self.ping_interval
             elif isinstance(event, HandshakeTimedOut):
                 self._t_retry = now + self._backoff
-                self._events.append(GaveUpRound(self._backoff))
+                self._emit(GaveUpRound(self._backoff))
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         if not self.connected:
             attempts = self.server.handshake_attempts
             if attempts > 0 and attempts != self._attempts_told:
                 self._attempts_told = attempts
-                self._events.append(NoAnswer(attempts))
+                self._emit(NoAnswer(attempts))
 
     def _on_packet(self, peer: object, plaintext: bytes, now: float) -> None:
         # An IP packet first: the per-packet path (padding trimmed).
@@ -395,7 +402,7 @@ class ClientCore:
                 # A relay that does not check the requested mode.
                 reason = f"this relay runs in {config.mode} mode; the client asked for {self.mode}"
                 self._move("refused")
-                self._events.append(Refused(reason))
+                self._emit(Refused(reason))
                 return
             self._config_confirmed = True
             self._t_config = None
@@ -405,10 +412,10 @@ class ClientCore:
             # it need not trim.
             self.wg.mtu = config.mtu
             self.relay.caps = Caps(bulk=config.bulk, partial=config.partial and self.accept_partial)
-            self._events.append(ConfigReceived(config, changed))
+            self._emit(ConfigReceived(config, changed))
         elif msg.type == tm.REFUSED:
             self._move("refused")
-            self._events.append(Refused(str(msg.payload.get("reason", "refused"))))
+            self._emit(Refused(str(msg.payload.get("reason", "refused"))))
         elif msg.type != tm.PONG:
             self.drops["malformed"] += 1
 

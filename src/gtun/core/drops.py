@@ -113,6 +113,18 @@ REASONS: tuple[Reason, ...] = (
         "too many connections from one address not yet authenticated",
         ("tcp",),
     ),
+    # Appended by the hostile-peer work (forward.py, relay.py).
+    Reason(
+        "source_routed",
+        "IPv6 routing header with segments left, or a home address option: a destination "
+        "or source other than the header's",
+        ("relay", "peer"),
+    ),
+    Reason(
+        "events_full",
+        "the core's event queue was full (its caller did not drain it); event dropped",
+        ("relay", "client"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

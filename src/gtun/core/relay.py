@@ -36,6 +36,10 @@ from gtun.core.wg.events import Event, HandshakeTimedOut
 
 Network = IPv4Network | IPv6Network
 
+# Tuning knob: events kept for a caller that does not drain them (the driver drains after
+# every call, so only a caller's bug or a flood between two drains reaches it).
+MAX_EVENTS = 1024
+
 
 @dataclass
 class PeerSpec:
@@ -217,7 +221,7 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
-                self._events.append(event)
+                self._emit(event)
 
     def _count(self, peer: Peer, reason: str) -> None:
         self.drops[reason] += 1
@@ -225,7 +229,13 @@ class Relay:
         per_peer[reason] = per_peer.get(reason, 0) + 1
 
     def _refuse(self, peer: Peer, reason: str) -> None:
-        self._events.append(PeerRefused(peer, reason))
+        self._emit(PeerRefused(peer, reason))
+
+    def _emit(self, event: Event) -> None:
+        if len(self._events) < MAX_EVENTS:
+            self._events.append(event)
+        else:
+            self.drops["events_full"] += 1
 
     def _tunnel_message(self, peer: Peer, plaintext: bytes, now: float) -> None:
         try:
@@ -252,7 +262,7 @@ class Relay:
             except LocalProtocolError as exc:  # hundreds of routes: more than a message holds
                 answer = tm.push_message(tm.REFUSED, {"reason": f"configuration: {exc}"})
             self.wg.send(peer, answer, now)
-            self._events.append(PeerJoined(peer))
+            self._emit(PeerJoined(peer))
         elif msg.type == tm.PING:
             state.is_gtun = True
             self.wg.send(peer, tm.push_message(tm.PONG, {}), now)

@@ -49,6 +49,7 @@ BULK_MAGIC = b"\x00gt\x03"  # a bulk frame (bulk.py)
 
 HEADER = struct.Struct(">4sBH")
 MAX_PAYLOAD = 8000  # bound on a decoded message; a config with many routes fits
+MAX_MODE = 16  # a requested mode is "tun" or "tap"; anything longer is cut to this
 
 CONFIG_REQUEST = 1
 CONFIG = 2
@@ -116,7 +117,9 @@ def pull_message(plaintext: bytes) -> TunnelMessage:
         raise TunnelMessageError("bad length")
     try:
         payload = json.loads(plaintext[HEADER.size : HEADER.size + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8, not JSON, or an integer of more digits than Python
+        # converts; RecursionError: arrays nested deeper than the decoder goes.
         raise TunnelMessageError("payload is not JSON") from exc
     if not isinstance(payload, dict):
         raise TunnelMessageError("payload is not an object")
@@ -160,10 +163,12 @@ def push_config_request(request: ConfigRequest) -> bytes:
 
 
 def parse_config_request(payload: dict[str, Any]) -> ConfigRequest:
-    """Never raises: unknown or ill-typed keys read as "not offered"."""
+    """Never raises: unknown or ill-typed keys read as "not offered".  A mode is kept
+    (to be refused when it is not the relay's) but cut to MAX_MODE characters, so the
+    refusal that names it always fits a message."""
     mode = payload.get("mode")
     return ConfigRequest(
-        mode=mode if isinstance(mode, str) else None,
+        mode=mode[:MAX_MODE] if isinstance(mode, str) else None,
         bulk=payload.get("bulk") is True,
         partial=payload.get("csum") == "partial",
     )
@@ -235,21 +240,18 @@ def push_config(config: PushedConfig) -> bytes:
 
 
 def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
-    """Validate a CONFIG payload from the relay.  Raises TunnelMessageError (a
-    RemoteProtocolError, and so a ValueError)."""
+    """Validate a CONFIG payload from the relay: every value of the type and range
+    push_config writes.  Raises TunnelMessageError (a RemoteProtocolError, and so a
+    ValueError), and nothing else, for any payload."""
     try:
-        address = IPv4Address(payload["address"])
-        prefix = int(payload["prefix"])
-        if not 0 < prefix <= 32:
-            raise TunnelMessageError(f"bad prefix {prefix}")
-        routes = tuple(ipaddress.ip_network(_text(r)) for r in payload.get("routes", []))
-        dns = tuple(ipaddress.ip_address(_text(d)) for d in payload.get("dns", []))
-        mtu = int(payload["mtu"])
-        if not 576 <= mtu <= 9000:
-            raise TunnelMessageError(f"bad mtu {mtu}")
-        gateway = IPv4Address(payload["gateway"])
-        name = str(payload.get("name", ""))
-        mode = str(payload.get("mode", "tun"))
+        address = IPv4Address(_text(payload["address"]))
+        prefix = _int(payload["prefix"], 1, 32, "prefix")
+        routes = tuple(ipaddress.ip_network(_text(r)) for r in _list(payload, "routes"))
+        dns = tuple(ipaddress.ip_address(_text(d)) for d in _list(payload, "dns"))
+        mtu = _int(payload["mtu"], 576, 9000, "mtu")
+        gateway = IPv4Address(_text(payload["gateway"]))
+        name = _text(payload.get("name", ""))
+        mode = _text(payload.get("mode", "tun"))
         if mode not in ("tun", "tap"):
             raise TunnelMessageError(f"bad mode {mode!r}")
         network = IPv4Network(_text(payload["network"])) if "network" in payload else None
@@ -258,15 +260,13 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         gateway6: IPv6Address | None = None
         if "address6" in payload:
             address6 = IPv6Address(_text(payload["address6"]))
-            prefix6 = int(payload["prefix6"])
-            if not 0 < prefix6 <= 128:
-                raise TunnelMessageError(f"bad prefix6 {prefix6}")
+            prefix6 = _int(payload["prefix6"], 1, 128, "prefix6")
             gateway6 = IPv6Address(_text(payload["gateway6"]))
     except TunnelMessageError:
         raise
-    except (KeyError, TypeError) as exc:
-        raise TunnelMessageError(f"incomplete configuration: {exc}") from exc
-    except ValueError as exc:  # ipaddress and int() say what is wrong
+    except KeyError as exc:
+        raise TunnelMessageError(f"incomplete configuration: no {exc}") from exc
+    except ValueError as exc:  # ipaddress says what is wrong
         raise TunnelMessageError(str(exc)) from exc
     return PushedConfig(
         name,
@@ -288,5 +288,19 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
 
 def _text(value: object) -> str:
     if not isinstance(value, str):
-        raise TunnelMessageError(f"expected a string, got {value!r}")
+        raise TunnelMessageError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _int(value: object, low: int, high: int, key: str) -> int:
+    """An integer in [low, high]: no bool, float (Infinity, NaN, 1.5) or string."""
+    if type(value) is not int or not low <= value <= high:
+        raise TunnelMessageError(f"bad {key}: expected an integer from {low} to {high}")
+    return value
+
+
+def _list(payload: dict[str, Any], key: str) -> list[Any]:
+    value = payload.get(key, [])
+    if not isinstance(value, list):
+        raise TunnelMessageError(f"bad {key}: expected a list, got {type(value).__name__}")
     return value
