@@ -15,8 +15,11 @@ from gtun.core.relay import PeerRefused, PeerSpec, Relay
 from gtun.core.wg import WireGuard
 from gtun.testing.link import CoreLink, relay_settings
 
-MAC1 = bytes.fromhex("02aa00000001")
-MAC2 = bytes.fromhex("02aa00000002")
+# c1's and c2's keys, and the MACs the relay holds them to (l2frame.mac_for_key).
+KEY1, KEY2 = bytes([1]) * 32, bytes([2]) * 32
+MAC1 = l2frame.mac_bytes_for_key(WireGuard(KEY1).public_key)
+MAC2 = l2frame.mac_bytes_for_key(WireGuard(KEY2).public_key)
+LL1 = str(IPv6Address(l2frame.link_local_for_mac(MAC1)))  # c1's link-local address
 MAC_RELAY = bytes.fromhex("02aa000000ff")
 BROADCAST = b"\xff" * 6
 
@@ -38,8 +41,9 @@ class Net(CoreLink):
             now=1000.0,
         )
         relay_pub = self.relay.wg.public_key
+        keys = {"c1": KEY1, "c2": KEY2, "c3": secrets.token_bytes(32)}
         for name, mode in (("c1", None), ("c2", "tap"), ("c3", "tun")):
-            self.add_client(name, ClientCore(secrets.token_bytes(32), relay_pub, "R", mode=mode))
+            self.add_client(name, ClientCore(keys[name], relay_pub, "R", mode=mode))
         self.stock = WireGuard(secrets.token_bytes(32))
         self.stock_peer = self.stock.add_peer(relay_pub, endpoint="R")
         specs = [
@@ -110,13 +114,14 @@ def test_stolen_mac_is_dropped_and_counted_per_peer() -> None:
         c2.tun_packet(eth(BROADCAST, MAC1), net.now)  # c2 claims c1's address
     c2.tun_packet(eth(BROADCAST, BROADCAST), net.now)  # and a group source
     net.pump()
-    assert net.peer("c2").data.drops == {"mac_stolen": 3, "bad_mac": 1}
-    assert net.relay.drops["mac_stolen"] == 3 and net.relay.drops["bad_mac"] == 1
+    # A peer may use only the MAC its key derives: anything else is a spoof.
+    assert net.peer("c2").data.drops == {"spoofed": 4}
+    assert net.relay.drops["spoofed"] == 4
     assert net.got["c1"] == [] and len(net.tun_in) == 1
-    # The relay's own TAP cannot use a peer's address either.
+    # The relay's own TAP cannot use a live peer address either.
     net.relay.tun_packet(eth(BROADCAST, MAC1), net.now)
     net.pump()
-    assert net.relay.drops["mac_stolen"] == 4 and net.got["c2"] == [eth(BROADCAST, MAC1)]
+    assert net.relay.drops["mac_stolen"] == 1 and net.got["c2"] == [eth(BROADCAST, MAC1)]
 
 
 def test_stock_peer_packets_are_dropped_and_it_gets_no_frames() -> None:
@@ -272,19 +277,19 @@ def test_peer_speaks_only_for_its_own_ipv6_addresses() -> None:
     echo = bytes([128, 0, 0, 0, 0, 1, 0, 1]) + b"hi"
     ok = [
         ipv6_frame(MAC2, MAC1, "fd66::2", "fd66::3", echo),  # its own address
-        ipv6_frame(MAC2, MAC1, "fe80::1", "fd66::3", echo),  # link-local: ND's own
+        ipv6_frame(MAC2, MAC1, LL1, "fd66::3", echo),  # its own link-local
         ipv6_frame(MAC2, MAC1, "::", "ff02::1:ff00:2", echo),  # DAD from the unspecified
-        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::2")),
+        ipv6_frame(MAC2, MAC1, LL1, "fe80::2", neighbor_advertisement("fd66::2")),
     ]
     spoofs = [
         ipv6_frame(MAC2, MAC1, "fd66::3", "fd66::3", echo),  # "I am c2"
         ipv6_frame(MAC2, MAC1, "fd66::99", "fd66::3", echo),  # nobody's
         # "fd66::1 (the relay) is at my MAC", from a link-local source.
-        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::1")),
+        ipv6_frame(MAC2, MAC1, LL1, "fe80::2", neighbor_advertisement("fd66::1")),
     ]
     short = [
         ipv6_frame(MAC2, MAC1, "fd66::2", "fd66::3", echo)[:40],
-        ipv6_frame(MAC2, MAC1, "fe80::1", "fe80::2", neighbor_advertisement("fd66::2"))[:70],
+        ipv6_frame(MAC2, MAC1, LL1, "fe80::2", neighbor_advertisement("fd66::2"))[:70],
     ]
     for frame in ok + spoofs + short:
         c1.tun_packet(frame, net.now)

@@ -23,8 +23,12 @@ gtun peers and its own TAP device; plaintexts are Ethernet frames behind gtun's 
 header (l2frame.py).  A peer becomes a port when it asks for its configuration (or sends
 a frame), and stops being one when it is removed or stops answering handshakes.  An
 IPv4 packet's source or an ARP packet's sender must be an address the peer owns; so must
-IPv6 sources and neighbour-discovery targets, but for the link-local and unspecified
-addresses neighbour discovery itself uses.  An IP packet from a stock WireGuard peer,
+IPv6 sources and neighbour-discovery targets (behind any extension headers), but for the
+unspecified address neighbour discovery itself uses and the peer's own link-local
+address.  Its key pins its link layer: the MAC derived from it (l2frame.mac_for_key) is
+the only source MAC, ARP sender and neighbour-discovery link-layer address it may use,
+and its link-local address is that MAC's EUI-64 one; router advertisements and redirects
+are the relay's to send, not a peer's.  An IP packet from a stock WireGuard peer,
 which cannot take part in a layer-2 network, is dropped ("not_frame") and reported once.
 Frames switched between two peers never enter the kernel.
 
@@ -38,8 +42,15 @@ from typing import Any, cast
 
 from gtun.core import bulk, l2frame
 from gtun.core import tunnel as tm
-from gtun.core.offload import GSO_NONE, Gso, OffloadError, coalesce, finish_tcp_checksum
-from gtun.core.packet import is_link_scoped, packet_length, parse_addresses, tunnel_addresses
+from gtun.core.offload import Gso, OffloadError, coalesce, finish_tcp_checksum
+from gtun.core.packet import (
+    IPV6_EXTENSIONS,
+    ipv6_upper,
+    is_link_scoped,
+    packet_length,
+    parse_addresses,
+    tunnel_addresses,
+)
 from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
 from gtun.core.wg import Peer, WireGuard
@@ -56,6 +67,9 @@ STOCK_PEER_IN_TAP_MODE = (
 )
 
 _UNKNOWN = object()
+_UNSPECIFIED_IPV6 = bytes(16)
+# ICMPv6 only a router sends on a link (RFC 4861 sections 4.2, 4.5).
+_ROUTER_ONLY = frozenset({l2frame.ICMPV6_ROUTER_ADVERTISEMENT, l2frame.ICMPV6_REDIRECT})
 _Verdict = Peer | str | None  # where a packet goes: a peer, the TUN (None), or a drop
 
 TunWrite = bytes | tuple[Gso, bytes]
@@ -143,12 +157,10 @@ class IpForwarder(Forwarder):
         for peer, packets in forward.items():
             if len(packets) > 1 and bulk.takes_bulk(peer):
                 # To a gtun node over TCP: the segments of a flow travel as one bulk
-                # frame (coalesced here as a TUN write would be).
+                # frame (coalesced here as a TUN write would be; send_super splits one
+                # larger than a bulk frame holds).
                 for hdr, packet in coalesce(packets):
-                    if hdr.gso_type == GSO_NONE:
-                        wg.send(peer, packet, now)
-                    else:
-                        wg.send(peer, bulk.push_bulk(hdr, packet), now)
+                    self._send_super(peer, hdr, packet, now)
             else:
                 wg.send_many(peer, packets, now)
 
@@ -193,6 +205,11 @@ class IpForwarder(Forwarder):
             return
         if length < len(plaintext):
             plaintext = plaintext[:length]  # WireGuard's zero padding
+        if plaintext[0] >> 4 == 6 and plaintext[6] in IPV6_EXTENSIONS:
+            reason = _extension_drop(plaintext)
+            if reason is not None:
+                self.count(peer, reason)
+                return
         # Source and destination, as they follow each other in the header: the flow key.
         pair = plaintext[12:20] if plaintext[0] >> 4 == 4 else plaintext[8:40]
         target = self._route(peer, pair)
@@ -247,6 +264,11 @@ class IpForwarder(Forwarder):
         if addrs is None:
             self.count(peer, "bad_bulk")
             return
+        if packet[0] >> 4 == 6 and packet[6] in IPV6_EXTENSIONS:
+            reason = _extension_drop(packet)
+            if reason is not None:
+                self.count(peer, reason)
+                return
         target = self._route(peer, addrs[0] + addrs[1])
         if target is None:
             self.tun_out.append((hdr, packet))
@@ -254,6 +276,18 @@ class IpForwarder(Forwarder):
             self.count(peer, target)
         else:
             self._send_super(target, hdr, packet, now)  # type: ignore[arg-type]
+
+
+def _extension_drop(packet: bytes) -> str | None:
+    """Why an IPv6 packet with extension headers from a peer is dropped, or None: the
+    source check reads the fixed header, so nothing behind it may name another source or
+    send the packet on to another destination (a routing header with segments left, a
+    home address option: "source_routed"), and a chain that cannot be walked is
+    "malformed"."""
+    upper = ipv6_upper(packet)
+    if upper is None:
+        return "malformed"
+    return "source_routed" if upper.redirected else None
 
 
 class EthernetForwarder(Forwarder):
@@ -265,10 +299,21 @@ class EthernetForwarder(Forwarder):
         super().__init__(*args, **kwargs)
         self.switch: Switch[Peer | str] = Switch(l2frame.max_frame_for(mtu))
         self.switch.add_port(LOCAL_PORT)
+        # What each peer's key derives (l2frame.mac_for_key): the one MAC it may use and
+        # the link-local address its device forms from it; one entry per peer.
+        self._pins: dict[Peer, tuple[bytes, bytes]] = {}
 
     def peer_removed(self, peer: Peer) -> None:
         super().peer_removed(peer)
         self.switch.remove_port(peer)
+        self._pins.pop(peer, None)
+
+    def _pin(self, peer: Peer) -> tuple[bytes, bytes]:
+        pin = self._pins.get(peer)
+        if pin is None:
+            mac = l2frame.mac_bytes_for_key(peer.public_key)
+            pin = self._pins[peer] = (mac, l2frame.link_local_for_mac(mac))
+        return pin
 
     def joined(self, peer: Peer) -> None:
         self.switch.add_port(peer)
@@ -312,7 +357,17 @@ class EthernetForwarder(Forwarder):
 
     def _spoofed(self, peer: Peer, frame: bytes) -> str | None:
         """ "spoofed" when the frame speaks for an address `peer` does not own,
-        "malformed" when its claims cannot be read, else None."""
+        "malformed" when its claims cannot be read, "source_routed" for an IPv6 packet
+        that names another source or destination behind its header, else None.
+
+        A peer owns its virtual addresses and subnets (the route table), and what its
+        key derives: its MAC (the only Ethernet source, ARP sender hardware address and
+        neighbour-discovery link-layer address it may use; so never the relay's nor
+        another peer's, even once the switch has forgotten them) and the EUI-64
+        link-local address of that MAC."""
+        mac, link_local = self._pin(peer)
+        if frame[6:12] != mac:
+            return "spoofed"
         sender = l2frame.ipv4_sender(frame)
         if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
             # No answering ARP for the relay's or another peer's address.
@@ -320,17 +375,37 @@ class EthernetForwarder(Forwarder):
                 return "malformed"
             if self.table.lookup(sender) is not peer:
                 return "spoofed"
-        claims = l2frame.ipv6_claims(frame)
-        if claims is not None:
-            if b"" in claims:
-                return "malformed"
-            for claim in claims:
-                # Neighbour discovery itself uses fe80::/10 and ::.
-                if claim[0] == 0xFE and claim[1] & 0xC0 == 0x80 or claim == bytes(16):
-                    continue
-                if self.table.lookup(claim) is not peer:
-                    return "spoofed"
+        sha = l2frame.arp_sender_mac(frame)
+        if sha is not None and sha != mac:
+            return "malformed" if not sha else "spoofed"
+        facts = l2frame.ipv6_facts(frame)
+        if facts is None:
+            return None
+        if isinstance(facts, str):
+            return facts
+        if facts.redirected:
+            return "source_routed"
+        icmp = facts.icmp
+        if icmp in _ROUTER_ONLY:
+            return "spoofed"  # the relay routes this link, no peer
+        if facts.fragment and icmp in l2frame.ND_FIXED_LEN:
+            return "malformed"  # RFC 6980: neighbour discovery is never fragmented
+        # Duplicate address detection and MLD speak from :: (RFC 4862 section 5.4).
+        if not (facts.source == _UNSPECIFIED_IPV6 and icmp >= 0) and not self._owns6(
+            peer, facts.source, link_local
+        ):
+            return "spoofed"
+        if facts.target and not self._owns6(peer, facts.target, link_local):
+            return "spoofed"
+        for lladdr in facts.lladdrs:
+            if lladdr != mac:
+                return "spoofed"
         return None
+
+    def _owns6(self, peer: Peer, address: bytes, link_local: bytes) -> bool:
+        if address[0] == 0xFE and address[1] & 0xC0 == 0x80:
+            return address == link_local
+        return self.table.lookup(address) is peer
 
     def _switch_frame(self, port: Peer | str, frame: bytes, now: float) -> None:
         decision = self.switch.receive(port, frame, now)

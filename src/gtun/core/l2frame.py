@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import NamedTuple
 
 from gtun.core.errors import LocalProtocolError, RemoteProtocolError
+from gtun.core.packet import ipv6_upper
 from gtun.core.tunnel import FRAME_MAGIC
 
 MAGIC = FRAME_MAGIC
@@ -46,7 +48,23 @@ UNSPECIFIED_IPV4 = bytes(4)
 # IPv6 (RFC 8200 section 3) and neighbour discovery (RFC 4861 section 4.4).
 IPV6_HEADER_LEN = 40
 NEXT_HEADER_ICMPV6 = 58
+ICMPV6_ROUTER_SOLICITATION = 133
+ICMPV6_ROUTER_ADVERTISEMENT = 134
+ICMPV6_NEIGHBOR_SOLICITATION = 135
 ICMPV6_NEIGHBOR_ADVERTISEMENT = 136
+ICMPV6_REDIRECT = 137
+# The fixed part of each neighbour-discovery message, before its options (RFC 4861
+# sections 4.1-4.5), and the options that carry a link-layer address (section 4.6.1).
+ND_FIXED_LEN = {
+    ICMPV6_ROUTER_SOLICITATION: 8,
+    ICMPV6_ROUTER_ADVERTISEMENT: 16,
+    ICMPV6_NEIGHBOR_SOLICITATION: 24,
+    ICMPV6_NEIGHBOR_ADVERTISEMENT: 24,
+    ICMPV6_REDIRECT: 40,
+}
+ND_OPT_SOURCE_LLADDR = 1
+ND_OPT_TARGET_LLADDR = 2
+MALFORMED = "malformed"
 
 # Tuning knob: the largest frame the length field can describe; callers pass a tighter
 # bound (the device MTU plus the Ethernet header and one VLAN tag).
@@ -113,30 +131,89 @@ def _payload(frame: bytes) -> tuple[int, int] | None:
     return -1, -1  # more tags than anyone needs: let nothing hide behind them
 
 
-def ipv6_claims(frame: bytes) -> list[bytes] | None:
-    """The IPv6 addresses a frame speaks for: an IPv6 packet's source address and, in a
-    Neighbor Advertisement, its target address (the address whose MAC it announces).
-    None for a frame that is not IPv6; [b""] for one too short (or too deeply tagged) to
-    say.  Never raises."""
+class Ipv6Facts(NamedTuple):
+    """What an IPv6 frame speaks for (ipv6_facts)."""
+
+    source: bytes  # the IPv6 source address
+    icmp: int  # the ICMPv6 type, -1 when the packet (or this fragment) carries none
+    target: bytes  # a Neighbor Advertisement's target address, else b""
+    lladdrs: tuple[bytes, ...]  # link-layer addresses in neighbour-discovery options
+    fragment: bool  # it carries a fragment header
+    redirected: bool  # a routing header with segments left, or a home address option
+
+
+def ipv6_facts(frame: bytes) -> Ipv6Facts | str | None:
+    """The claims of an IPv6 frame, seen through VLAN tags and IPv6 extension headers
+    (packet.ipv6_upper): its source; for ICMPv6, its type; for a Neighbor Advertisement
+    its target (the address whose MAC it announces); and the source/target link-layer
+    address options of the neighbour-discovery messages (RFC 4861 sections 4.1-4.5,
+    4.6.1).  None for a frame that is not IPv6; "malformed" for one too short, too deeply
+    tagged, with a header chain or options that cannot be read.  Never raises."""
     found = _payload(frame)
     if found is None:
         return None
     ethertype, payload = found
     if ethertype == -1:
-        return [b""]
+        return MALFORMED
     if ethertype != ETHERTYPE_IPV6:
         return None
-    if len(frame) < payload + IPV6_HEADER_LEN or frame[payload] >> 4 != 6:
+    upper = ipv6_upper(frame, payload)
+    if upper is None:
+        return MALFORMED
+    source = frame[payload + 8 : payload + 24]
+    if upper.proto != NEXT_HEADER_ICMPV6 or not upper.first:
+        return Ipv6Facts(source, -1, b"", (), upper.fragment, upper.redirected)
+    icmp, end = upper.offset, upper.end
+    if icmp + 4 > end:
+        return MALFORMED
+    kind = frame[icmp]
+    fixed = ND_FIXED_LEN.get(kind)
+    if fixed is None:
+        return Ipv6Facts(source, kind, b"", (), upper.fragment, upper.redirected)
+    if icmp + fixed > end:
+        return MALFORMED
+    # type(1) code(1) checksum(2) flags(4) target(16)
+    target = frame[icmp + 8 : icmp + 24] if kind == ICMPV6_NEIGHBOR_ADVERTISEMENT else b""
+    lladdrs: list[bytes] = []
+    at = icmp + fixed
+    while at < end:
+        if at + 2 > end or frame[at + 1] == 0:
+            return MALFORMED  # RFC 4861 section 4.6: a zero length is invalid
+        size = frame[at + 1] * 8
+        if at + size > end:
+            return MALFORMED
+        if frame[at] in (ND_OPT_SOURCE_LLADDR, ND_OPT_TARGET_LLADDR):
+            lladdrs.append(frame[at + 2 : at + 2 + ETH_ADDR_LEN])
+        at += size
+    return Ipv6Facts(source, kind, target, tuple(lladdrs), upper.fragment, upper.redirected)
+
+
+def ipv6_claims(frame: bytes) -> list[bytes] | None:
+    """The IPv6 addresses a frame speaks for: an IPv6 packet's source address and, in a
+    Neighbor Advertisement, its target address (the address whose MAC it announces).
+    None for a frame that is not IPv6; [b""] for one too short (or too deeply tagged) to
+    say.  Never raises."""
+    facts = ipv6_facts(frame)
+    if facts is None:
+        return None
+    if isinstance(facts, str):
         return [b""]
-    claims = [frame[payload + 8 : payload + 24]]
-    icmp = payload + IPV6_HEADER_LEN
-    is_icmp = frame[payload + 6] == NEXT_HEADER_ICMPV6 and len(frame) > icmp
-    if is_icmp and frame[icmp] == ICMPV6_NEIGHBOR_ADVERTISEMENT:
-        # type(1) code(1) checksum(2) flags(4) target(16)
-        if len(frame) < icmp + 24:
-            return [b""]
-        claims.append(frame[icmp + 8 : icmp + 24])
-    return claims
+    return [facts.source, facts.target] if facts.target else [facts.source]
+
+
+def arp_sender_mac(frame: bytes) -> bytes | None:
+    """An Ethernet ARP packet's sender hardware address (RFC 826: hardware type 1,
+    address length 6), seen through VLAN tags; None for any other frame, b"" for one
+    too short to say.  Never raises."""
+    found = _payload(frame)
+    if found is None or found[0] != ETHERTYPE_ARP:
+        return None
+    payload = found[1]
+    if len(frame) < payload + 8 + ETH_ADDR_LEN:
+        return b""
+    if frame[payload : payload + 2] != b"\x00\x01" or frame[payload + 4] != ETH_ADDR_LEN:
+        return None  # not Ethernet's: an Ethernet device's ARP ignores it
+    return frame[payload + 8 : payload + 8 + ETH_ADDR_LEN]
 
 
 def ipv4_sender(frame: bytes) -> bytes | None:
@@ -177,7 +254,19 @@ def mac_for_key(public_key: bytes) -> str:
     """A stable link-layer address for a node's TAP device, derived from its public key:
     a locally administered unicast address (IEEE 802 section 8.2), so a restarted node
     keeps its address and its neighbours' ARP caches (and the relay's MAC table) stay
-    right."""
+    right.  The relay holds each peer to it (forward.py)."""
+    return format_mac(mac_bytes_for_key(public_key))
+
+
+def mac_bytes_for_key(public_key: bytes) -> bytes:
+    """mac_for_key as the 6 bytes a frame carries."""
     digest = bytearray(hashlib.blake2s(b"gtun tap mac" + public_key, digest_size=6).digest())
     digest[0] = (digest[0] & 0xFC) | 0x02
-    return format_mac(bytes(digest))
+    return bytes(digest)
+
+
+def link_local_for_mac(mac: bytes) -> bytes:
+    """The IPv6 link-local address (fe80::/64) a device with this MAC forms from it by
+    modified EUI-64 (RFC 4291 section 2.5.1 and appendix A): the universal/local bit
+    inverted, ff:fe in the middle.  Linux does so unless addr_gen_mode says otherwise."""
+    return b"\xfe\x80" + bytes(6) + bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 __all__ = [
     "IPPROTO_ICMP",
@@ -18,6 +19,7 @@ __all__ = [
     "build_udp4",
     "ip_version",
     "ipv4_checksum",
+    "ipv6_upper",
     "packet_length",
     "parse_addresses",
 ]
@@ -29,6 +31,20 @@ IPPROTO_ICMP = 1
 IPPROTO_UDP = 17
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
+
+# IPv6 extension headers (RFC 8200 section 4) the walk steps over, and the Home Address
+# destination option (RFC 6275 section 6.3), which names a source other than the header's.
+IPPROTO_HOPOPTS = 0
+IPPROTO_ROUTING = 43
+IPPROTO_FRAGMENT = 44
+IPPROTO_DSTOPTS = 60
+IPV6_EXTENSIONS = frozenset({IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_FRAGMENT, IPPROTO_DSTOPTS})
+OPT_PAD1 = 0
+OPT_HOME_ADDRESS = 0xC9
+
+# Tuning knob: extension headers walked before a packet is judged malformed (real
+# traffic has one or two: hop-by-hop for MLD, a fragment header).
+MAX_EXTENSION_HEADERS = 8
 
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _ICMP_ECHO = struct.Struct("!BBHHH")
@@ -164,3 +180,68 @@ def tunnel_addresses(packet: bytes, drops: dict[str, int]) -> tuple[bytes, bytes
         drops["link_scoped"] += 1
         return None
     return addrs
+
+
+class Ipv6Upper(NamedTuple):
+    """What follows an IPv6 packet's extension headers (ipv6_upper)."""
+
+    proto: int  # the upper-layer protocol (next header after the last extension header)
+    offset: int  # where its header starts
+    end: int  # where the packet ends, as its payload length says
+    first: bool  # not a fragment, or the first one: the upper-layer header is here
+    fragment: bool  # a fragment header was seen
+    redirected: bool  # a routing header with segments left, or a home address option
+
+
+def ipv6_upper(buf: bytes, start: int = 0) -> Ipv6Upper | None:
+    """Walk the extension headers of the IPv6 packet at `buf[start:]` (RFC 8200 section
+    4).  None, never an exception, for a packet whose header chain is cut short, runs past
+    its payload length or is longer than MAX_EXTENSION_HEADERS.  After a fragment header
+    with a non-zero offset the rest is data, not headers: `first` is then False."""
+    n = len(buf)
+    if n < start + IPV6_HEADER_LEN or buf[start] >> 4 != 6:
+        return None
+    end = start + IPV6_HEADER_LEN + ((buf[start + 4] << 8) | buf[start + 5])
+    if end > n:
+        return None
+    nh = buf[start + 6]
+    off = start + IPV6_HEADER_LEN
+    fragment = redirected = False
+    for _ in range(MAX_EXTENSION_HEADERS + 1):
+        if nh not in IPV6_EXTENSIONS:
+            return Ipv6Upper(nh, off, end, True, fragment, redirected)
+        if off + 8 > end:
+            return None
+        if nh == IPPROTO_FRAGMENT:
+            fragment = True
+            nh = buf[off]
+            off += 8
+            if ((buf[off - 6] << 8) | buf[off - 5]) >> 3:
+                return Ipv6Upper(nh, off, end, False, True, redirected)
+            continue
+        size = (buf[off + 1] + 1) * 8
+        if off + size > end:
+            return None
+        if nh == IPPROTO_ROUTING:
+            redirected = redirected or buf[off + 3] != 0  # segments left
+        elif nh == IPPROTO_DSTOPTS:
+            redirected = redirected or _has_option(buf, off + 2, off + size, OPT_HOME_ADDRESS)
+        nh = buf[off]
+        off += size
+    return None
+
+
+def _has_option(buf: bytes, at: int, end: int, wanted: int) -> bool:
+    """An option of type `wanted` among the TLV options in buf[at:end] (RFC 8200
+    section 4.2); a truncated option counts as present (nothing hides behind it)."""
+    while at < end:
+        kind = buf[at]
+        if kind == wanted:
+            return True
+        if kind == OPT_PAD1:
+            at += 1
+            continue
+        if at + 2 > end:
+            return True
+        at += 2 + buf[at + 1]
+    return at > end
