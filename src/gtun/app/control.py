@@ -3,6 +3,11 @@
 Requests: {"command": "status"} and {"command": "reload"}.  The socket file is mode
 0600 (status shows keys and endpoints) and is removed on exit.  A socket file left by a
 dead process is replaced; one answered by a live process is an error.
+
+No request crashes or hangs the server: each connection gets one line and one answer
+within bounded times (a bad request, or a handler that raised or took too long, is
+answered with {"error": ...}), a client that does not read its answer is cut off, and at
+most MAX_CONNECTIONS are served at once (more are closed unanswered).
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from typing import Any
 
 from gtun.errors import ConfigError, RuntimeFailure
 
+# Tuning knobs.
 MAX_REQUEST = 64 * 1024
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 5.0  # to send the request line, and to read the answer
+HANDLER_TIMEOUT = 30.0  # a reload may take a while; a status does not
 Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
@@ -41,6 +50,7 @@ class ControlServer:
         self.handler = handler
         self.config_file = config_file
         self._server: asyncio.AbstractServer | None = None
+        self._active = 0
 
     async def start(self) -> None:
         """Raises ConfigError when another process answers on the socket."""
@@ -58,31 +68,62 @@ class ControlServer:
             raise RuntimeFailure(f"cannot create {self.path.parent}: {exc.strerror}") from exc
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=MAX_REQUEST
+            )
         except OSError as exc:
             raise RuntimeFailure(f"cannot listen on control socket {self.path}: {exc}") from exc
         finally:
             os.umask(old)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self._active += 1
+        sent = False
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5.0)
+            response = await self._answer(reader)
+            try:
+                data = json.dumps(response).encode() + b"\n"
+            except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug
+                data = json.dumps({"error": f"internal error: {exc}"}).encode() + b"\n"
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)
+            sent = True
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self._active -= 1
+            if sent:
+                writer.close()
+            else:  # a client that does not read: nothing waits on it
+                writer.transport.abort()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """The answer to the one request line `reader` brings."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=REQUEST_TIMEOUT)
             if len(line) > MAX_REQUEST:
                 raise ValueError("request too large")
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("request is not an object")
-            answer = self.handler(request)
-            response = await answer if inspect.isawaitable(answer) else answer
-        except (TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
-            response = {"error": f"bad request: {exc}"}
+        except (TimeoutError, ValueError, RecursionError, asyncio.LimitOverrunError) as exc:
+            # ValueError: a line over the reader's limit, not UTF-8, or not JSON.
+            return {"error": f"bad request: {exc}"}
         try:
-            writer.write(json.dumps(response).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), timeout=5.0)
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
+            answer = self.handler(request)
+            if inspect.isawaitable(answer):
+                # Shielded: a reload that takes too long still finishes, unanswered.
+                answer = await asyncio.wait_for(asyncio.shield(answer), HANDLER_TIMEOUT)
+        except TimeoutError:
+            return {"error": "the request took too long"}
+        except Exception as exc:  # noqa: BLE001 - a handler's bug: answered, not fatal
+            return {"error": f"internal error: {type(exc).__name__}: {exc}"}
+        if not isinstance(answer, dict):
+            return {"error": "internal error: the answer is not an object"}
+        return answer
 
     async def close(self) -> None:
         if self._server is not None:
