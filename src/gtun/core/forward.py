@@ -68,6 +68,9 @@ STOCK_PEER_IN_TAP_MODE = (
 
 _UNKNOWN = object()
 _UNSPECIFIED_IPV6 = bytes(16)
+_ETH_IPV4 = l2frame.ETHERTYPE_IPV4.to_bytes(2, "big")
+_ETH_ARP = l2frame.ETHERTYPE_ARP.to_bytes(2, "big")
+_ETH_IPV6 = l2frame.ETHERTYPE_IPV6.to_bytes(2, "big")
 # ICMPv6 only a router sends on a link (RFC 4861 sections 4.2, 4.5).
 _ROUTER_ONLY = frozenset({l2frame.ICMPV6_ROUTER_ADVERTISEMENT, l2frame.ICMPV6_REDIRECT})
 _Verdict = Peer | str | None  # where a packet goes: a peer, the TUN (None), or a drop
@@ -368,16 +371,22 @@ class EthernetForwarder(Forwarder):
         mac, link_local = self._pin(peer)
         if frame[6:12] != mac:
             return "spoofed"
-        sender = l2frame.ipv4_sender(frame)
-        if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
-            # No answering ARP for the relay's or another peer's address.
-            if not sender:
-                return "malformed"
-            if self.table.lookup(sender) is not peer:
-                return "spoofed"
-        sha = l2frame.arp_sender_mac(frame)
-        if sha is not None and sha != mac:
-            return "malformed" if not sha else "spoofed"
+        ethertype = frame[12:14]  # untagged IPv4, ARP and IPv6 skip the other parsers
+        if ethertype != _ETH_IPV6:
+            sender = l2frame.ipv4_sender(frame)
+            if sender is not None and sender != l2frame.UNSPECIFIED_IPV4:
+                # No answering ARP for the relay's or another peer's address.
+                if not sender:
+                    return "malformed"
+                if self.table.lookup(sender) is not peer:
+                    return "spoofed"
+            if ethertype == _ETH_IPV4:
+                return None
+            sha = l2frame.arp_sender_mac(frame)
+            if sha is not None and sha != mac:
+                return "malformed" if not sha else "spoofed"
+            if ethertype == _ETH_ARP:
+                return None
         facts = l2frame.ipv6_facts(frame)
         if facts is None:
             return None
