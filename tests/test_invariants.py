@@ -118,7 +118,8 @@ class Net(CoreLink):
         relay = self.relay
         fwd = relay.forwarder
         if isinstance(fwd, IpForwarder):
-            assert len(fwd._flows) <= FLOW_CACHE_SIZE
+            assert len(fwd._flows) <= len(relay.wg.peers)
+            assert all(len(flows) <= FLOW_CACHE_SIZE for flows in fwd._flows.values())
             assert not fwd._forward
         assert not fwd.tun_out
         for peer in relay.wg.peers.values():
@@ -542,3 +543,23 @@ def test_a_huge_requested_mode_is_refused_not_an_exception() -> None:
     net.send_from_h(tm.HEADER.pack(tm.MAGIC, tm.CONFIG_REQUEST, len(body)) + body)
     assert h.state == "REFUSED"
     net.still_works()
+
+
+def test_a_peer_opening_flow_after_flow_clears_only_its_own_verdicts() -> None:
+    net = Net("tun")
+    net.still_works()  # a's flow to b has a verdict
+    fwd = net.relay.forwarder
+    assert isinstance(fwd, IpForwarder)
+    a = net.relay.peer_by_name("a")
+    h = net.relay.peer_by_name("h")
+    assert a is not None and h is not None
+    a_flows = dict(fwd._flows[a])
+    client = net.clients["h"]
+    for i in range(FLOW_CACHE_SIZE + 10):
+        dst = IPv4Address("198.18.0.0") + i
+        client.wg.send(client.server, build_icmp_echo("10.66.0.2", dst, 1, 1, b""), net.now)
+        if i % 500 == 0:
+            net.pump()
+    net.pump()
+    assert fwd._flows[a] == a_flows and len(fwd._flows[h]) <= FLOW_CACHE_SIZE
+    assert len(net.tun_in) == FLOW_CACHE_SIZE + 10

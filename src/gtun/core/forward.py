@@ -55,7 +55,8 @@ from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
 from gtun.core.wg import Peer, WireGuard
 
-# Tuning knob: routing verdicts kept (IpForwarder._route).
+# Tuning knob: routing verdicts kept per sending peer (IpForwarder._route): a peer that
+# opens flow after flow clears its own verdicts, never another peer's.
 FLOW_CACHE_SIZE = 4096
 
 # The switch port of the relay's own TAP device (the other ports are Peers).
@@ -140,9 +141,9 @@ class IpForwarder(Forwarder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Routing verdicts of the flows seen, by (sending peer, source + destination):
+        # Routing verdicts of the flows seen, per sending peer by source + destination:
         # the next packet of a flow skips the checks and lookups.
-        self._flows: dict[tuple[Peer, bytes], _Verdict] = {}
+        self._flows: dict[Peer, dict[bytes, _Verdict]] = {}
         # Packets from one peer to another, gathered per target while a batch of
         # datagrams is read, and encrypted together (send_many) at flush().
         self._forward: dict[Peer, list[bytes]] = {}
@@ -150,6 +151,10 @@ class IpForwarder(Forwarder):
 
     def peers_changed(self) -> None:
         self._flows.clear()
+
+    def peer_removed(self, peer: Peer) -> None:
+        super().peer_removed(peer)
+        self._flows.pop(peer, None)
 
     def flush(self) -> None:
         if not self._forward:
@@ -235,9 +240,10 @@ class IpForwarder(Forwarder):
         """Where a packet from `peer` with source and destination `pair` (the two
         addresses, as they follow each other in the IP header) goes: another peer, None
         for the TUN, or the reason to drop it (a drop counter).  Cached per flow."""
-        key = (peer, pair)
-        flows = self._flows
-        verdict = flows.get(key, _UNKNOWN)
+        flows = self._flows.get(peer)
+        if flows is None:
+            flows = self._flows[peer] = {}
+        verdict = flows.get(pair, _UNKNOWN)
         if verdict is _UNKNOWN:  # a new flow
             half = len(pair) // 2
             src, dst = pair[:half], pair[half:]
@@ -251,7 +257,7 @@ class IpForwarder(Forwarder):
                     verdict = "loop"
             if len(flows) >= FLOW_CACHE_SIZE:
                 flows.clear()
-            flows[key] = verdict
+            flows[pair] = verdict
         return cast(_Verdict, verdict)
 
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
