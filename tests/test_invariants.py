@@ -22,6 +22,7 @@ import secrets
 import struct
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,7 @@ from gtun.testing.link import CoreLink, relay_settings
 
 NAMES = {r.name for r in REASONS}
 FAST = settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -349,12 +350,14 @@ def configs(draw: st.DrawFn) -> bytes:
     return tm.HEADER.pack(tm.MAGIC, tm.CONFIG, len(body)) + body
 
 
-def test_client_core_survives_whatever_the_relay_sends() -> None:
-    net = Net("tun")
+@pytest.mark.parametrize("mode", ["tun", "tap"])
+def test_client_core_survives_whatever_the_relay_sends(mode: str) -> None:
+    net = Net(mode)
     a = net.clients["a"]
     peer_a = net.relay.peer_by_name("a")
     assert peer_a is not None
-    templates = tun_templates() + [tm.push_message(tm.REFUSED, {"reason": "x"})]
+    templates = tun_templates() + tap_templates(net)
+    templates.append(tm.push_message(tm.REFUSED, {"reason": "x"}))
 
     @FAST
     @given(st.lists(plaintexts(templates) | configs(), min_size=1, max_size=3))
