@@ -14,8 +14,10 @@ from gtun.app import control
 from gtun.app.control import ControlServer
 
 
-def handler(request: dict[str, Any]) -> dict[str, Any]:
+async def handler(request: dict[str, Any]) -> dict[str, Any]:
     command = request.get("command")
+    if command == "slow":
+        await asyncio.sleep(60)
     if command == "boom":
         raise RuntimeError("a bug in the handler")
     if command == "big":
@@ -112,5 +114,19 @@ def test_connections_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             assert "error" in answer
             writer.close()
         assert await ask(server.path, b'{"command": "status"}\n') == {"ok": "status"}
+
+    serve(tmp_path, body)
+
+
+def test_a_handler_that_takes_too_long_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "HANDLER_TIMEOUT", 0.2)
+
+    async def body(server: ControlServer) -> None:
+        answer = await ask(server.path, b'{"command": "slow"}\n')
+        assert answer is not None and "too long" in answer["error"]
+        assert await ask(server.path, b'{"command": "status"}\n') == {"ok": "status"}
+        assert server._active == 0
 
     serve(tmp_path, body)
