@@ -356,3 +356,17 @@ def test_status_text_shows_ipv6(
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("relay gtun0 10.66.0.1/24 fd66:237::1/64")
     assert "10.66.0.2, fd66:237::2" in out
+
+
+def test_eui64_link_local_sets_addr_gen_mode_once(tmp_path: Path) -> None:
+    """A TAP device forms its link-local address from its MAC (the relay pins peers to
+    it), whatever the host's default; no IPv6 at all is no error."""
+    from gtun.system.ipv6 import eui64_link_local
+
+    conf = tmp_path / "net/ipv6/conf/gtap0"
+    conf.mkdir(parents=True)
+    (conf / "addr_gen_mode").write_text("2\n")  # stable privacy
+    assert eui64_link_local("gtap0", proc_sys=tmp_path) is True
+    assert (conf / "addr_gen_mode").read_text() == "0\n"
+    assert eui64_link_local("gtap0", proc_sys=tmp_path) is False
+    assert eui64_link_local("missing0", proc_sys=tmp_path) is False

@@ -331,6 +331,8 @@ class Client:
         link.set_mtu(config.mtu)
         if config.mode == "tap":
             link.set_mac(mac_for_key(self.cfg.public_key))
+            # The relay pins this peer to the link-local address its MAC gives.
+            self.platform.eui64_link_local(self.tun.name)
         link.add_address(IPv4Interface(f"{config.address}/{config.prefix}"))
         ipv6 = config.address6 is not None
         if ipv6:

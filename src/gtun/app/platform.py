@@ -26,7 +26,7 @@ from gtun.errors import ConfigError
 from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
-from gtun.system.ipv6 import enable_ipv6
+from gtun.system.ipv6 import enable_ipv6, eui64_link_local
 from gtun.system.netlink import LinkConfig
 from gtun.system.nft import Forwarding, Nat
 
@@ -98,6 +98,7 @@ class Platform(Protocol):
     def log_offloads(self, dev: Device, asked: bool) -> None: ...
     def link(self, ifname: str) -> Link: ...
     def enable_ipv6(self, device: str) -> bool: ...
+    def eui64_link_local(self, device: str) -> bool: ...
     def forwarding(self) -> IpForwarding: ...
     def nat(self, device: str, networks: list[Network]) -> NatTable: ...
     def dns_method(self) -> str: ...
@@ -130,6 +131,9 @@ class LinuxPlatform:
 
     def enable_ipv6(self, device: str) -> bool:
         return enable_ipv6(device)
+
+    def eui64_link_local(self, device: str) -> bool:
+        return eui64_link_local(device)
 
     def forwarding(self) -> Forwarding:
         return Forwarding()

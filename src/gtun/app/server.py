@@ -36,6 +36,7 @@ from gtun.system.malloc import keep_heap
 
 log = logging.getLogger("gtun")
 
+JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 
 
@@ -131,6 +132,8 @@ class Server:
         self.tcp: TcpServer | None = None
         self.link: Link | None = None
         self.subnet_routes: set[Any] = set()
+        # Per peer key: where and when "joined" was last said at INFO (bounded by the peers).
+        self._joined: dict[bytes, tuple[str | None, float]] = {}
         self.unknown_keys = UnknownKeys()
         self._unknown_timer: asyncio.TimerHandle | None = None
 
@@ -234,6 +237,7 @@ class Server:
         await rt.nl(link.set_mtu, cfg.mtu)
         if cfg.mode == "tap":
             await rt.nl(link.set_mac, mac_for_key(cfg.public_key))
+            self.platform.eui64_link_local(tun.name)  # the link-local its MAC gives
         await rt.nl(link.add_address, IPv4Interface(f"{cfg.relay_address}/{cfg.network.prefixlen}"))
         if cfg.network6 is not None:
             self.platform.enable_ipv6(tun.name)
@@ -331,8 +335,22 @@ class Server:
                 "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
             )
         elif isinstance(event, PeerJoined):
+            # A client asks again after every new session (every two minutes), and a
+            # hostile one as often as it likes: said at INFO only when it is news.
             spec = event.peer.data.spec
-            log.info("client %s joined from %s as %s", spec.name, event.peer.endpoint, spec.address)
+            where = endpoint_text(event.peer.endpoint)
+            now = time.monotonic()
+            said = self._joined.get(event.peer.public_key)
+            news = said is None or said[0] != where or now - said[1] >= JOINED_AGAIN_AFTER
+            if news:
+                self._joined[event.peer.public_key] = (where, now)
+            log.log(
+                logging.INFO if news else logging.DEBUG,
+                "client %s joined from %s as %s",
+                spec.name,
+                where,
+                spec.address,
+            )
         elif isinstance(event, PeerRefused):
             spec = event.peer.data.spec
             log.warning(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gtun.errors import RuntimeFailure
 
-__all__ = ["address6_for", "enable_ipv6", "fits"]
+__all__ = ["address6_for", "enable_ipv6", "eui64_link_local", "fits"]
 
 
 def fits(network: IPv4Network, network6: IPv6Network) -> bool:
@@ -61,4 +61,21 @@ def enable_ipv6(device: str, proc_sys: Path = Path("/proc/sys")) -> bool:
         ) from exc
     except OSError as exc:
         raise RuntimeFailure(f"cannot enable IPv6 on {device}: {path}: {exc.strerror}") from exc
+    return True
+
+
+def eui64_link_local(device: str, proc_sys: Path = Path("/proc/sys")) -> bool:
+    """Have `device` form its IPv6 link-local address from its MAC (EUI-64,
+    addr_gen_mode 0), before it is brought up.  In TAP mode the relay pins each peer to
+    the link-local address its key's MAC gives (forward.py), so a host whose default is
+    stable-privacy addresses must not pick another.  False (and nothing done) where the
+    kernel has no IPv6 or no such setting: the device then has no link-local address at
+    all.  Acts on that one device only, which lives and dies with gtun."""
+    path = proc_sys / "net/ipv6/conf" / device / "addr_gen_mode"
+    try:
+        if path.read_text().strip() == "0":
+            return False
+        path.write_text("0\n")
+    except OSError:
+        return False
     return True

@@ -62,6 +62,7 @@ class FakePlatform:
         self.ends: dict[str, socket.socket] = {}  # the test's end of the newest of each name
         self.links: dict[str, FakeLink] = {}  # the newest link configuration of each device
         self.ipv6: set[str] = set()  # devices IPv6 was enabled on (it dies with them)
+        self.eui64: set[str] = set()  # devices told to form their link-local from the MAC
         self.marks: list[int] = []  # firewall marks put on sockets
         self.recovered: list[Path] = []  # full-tunnel state files looked at
 
@@ -101,6 +102,11 @@ class FakePlatform:
         link = FakeLink(self, ifname)
         self.links[ifname] = link
         return link
+
+    def eui64_link_local(self, device: str) -> bool:
+        changed = device not in self.eui64
+        self.eui64.add(device)
+        return changed
 
     def enable_ipv6(self, device: str) -> bool:
         changed = device not in self.ipv6
