@@ -2,9 +2,10 @@
 
     test_tap_*            a TAP relay: the pushed configuration (address, routes, MTU,
                           DNS) applied, ARP and ping across, counters per frame
-    test_nat_keepalive_*  a gtun client and a stock wireguard-go peer behind one
+    test_nat_keepalive_*  a gtun client and stock wireguard-go peers behind one
                           masquerading router whose UDP conntrack entries expire after
-                          CONNTRACK_TIMEOUT s: both stay reachable from the relay's side
+                          CONNTRACK_TIMEOUT s: those that keep the mapping alive stay
+                          reachable from the relay's side, the one without keepalives not
     test_full_tunnel_*    default_route = true: an outside address is reached through the
                           relay, and nothing leaks on the underlay once the relay is gone
 
@@ -122,6 +123,7 @@ def test_tap_arp_ping_and_counters(tapnet: GtunNet) -> None:
 NAT_UNDERLAY = 249
 CONNTRACK_TIMEOUT = 12  # s; the gtun client pings every 10 s (core.client.PING_INTERVAL)
 STOCK_KEEPALIVE = 5  # s, the stock peer's PersistentKeepalive here
+PASSIVE_KEEPALIVE = 10  # s: WireGuard's answer to data when it has nothing to send
 MASQUERADE = """
 table ip gtknat {
     chain post {
@@ -133,10 +135,12 @@ table ip gtknat {
 
 
 def test_nat_keepalive_keeps_peers_reachable(lab: Lab, tmp_path: Path) -> None:
-    """A gtun client and a wireguard-go peer (PersistentKeepalive) sit behind a
-    masquerading router whose UDP mappings expire after CONNTRACK_TIMEOUT s.  After
-    half as long again with no traffic of ours, the relay's side still reaches both: their
-    keepalives kept the mappings."""
+    """A gtun client and two wireguard-go peers sit behind a masquerading router whose
+    UDP mappings expire after CONNTRACK_TIMEOUT s; one stock peer has PersistentKeepalive,
+    the other none.  After a silence longer than WireGuard's passive keepalive plus the
+    timeout, the relay's side still reaches the gtun client (its in-tunnel pings) and the
+    keepalive peer, and no longer the other: without keepalives the mapping is gone, so
+    the expiry the first two survived was real."""
     if missing := missing_tools("wireguard-go", "wg"):
         pytest.fail(f"needs {missing} (apt install wireguard-go wireguard-tools)")
     u = NAT_UNDERLAY
@@ -144,13 +148,15 @@ def test_nat_keepalive_keeps_peers_reachable(lab: Lab, tmp_path: Path) -> None:
     relay, c1 = net.relay, net.clients[0]
     router = lab.add_ns("nat")
     lab.veth(relay.ns, "rnat", f"10.{u}.50.1/24", router, "wan0", f"10.{u}.50.2/24")
-    # c1 leaves its direct link and goes through the router; so does the stock peer.
+    # c1 leaves its direct link and goes through the router; so do the stock peers.
     c1.ns.run(["ip", "link", "del", "up0"])
     lab.veth(router, "lan0", f"10.{u}.60.1/24", c1.ns, "up0", f"10.{u}.60.2/24")
     c1.ns.add_route("default", f"10.{u}.60.1")
-    wg_ns = lab.add_ns("wg")
-    lab.veth(router, "lan1", f"10.{u}.61.1/24", wg_ns, "up0", f"10.{u}.61.2/24")
-    wg_ns.add_route("default", f"10.{u}.61.1")
+    stock: dict[str, Namespace] = {}
+    for i, name in enumerate(("wgk", "wgn"), start=1):
+        stock[name] = lab.add_ns(name)
+        lab.veth(router, f"lan{i}", f"10.{u}.6{i}.1/24", stock[name], "up0", f"10.{u}.6{i}.2/24")
+        stock[name].add_route("default", f"10.{u}.6{i}.1")
     router.sysctl("net.ipv4.ip_forward", 1)
     router.run(["nft", "-f", "-"], input=MASQUERADE)
     router.run(["ip", "route", "add", "default", "via", f"10.{u}.50.1"])
@@ -162,29 +168,33 @@ def test_nat_keepalive_keeps_peers_reachable(lab: Lab, tmp_path: Path) -> None:
     net.start_relay()
     net.start_client(c1)
     address = net.wait_configured(c1, timeout=30)
-    conf = gtun_stdout(
-        relay.ns, "peer", "add", "wgk", "-c", str(relay.config), "--endpoint", endpoint
-    )
-    assert "PersistentKeepalive = " in conf, conf
-    conf = re.sub(r"PersistentKeepalive = \d+", f"PersistentKeepalive = {STOCK_KEEPALIVE}", conf)
-    ifname = f"wgk{secrets.token_hex(2)}"
-    proc = start_wireguard_go(wg_ns, ifname, tmp_path / "wg.log")
+    procs, ifnames, addresses = [], [], {"c1": address}
     try:
-        apply_wg_quick(wg_ns, ifname, conf, tmp_path / "wg.conf")
-        assert ping_count(wg_ns, "10.69.0.1", 1, deadline=10) == 1
-        stock_address = str(relay_peer(net, "wgk")["address"])
+        for name, ns in stock.items():
+            conf = gtun_stdout(
+                relay.ns, "peer", "add", name, "-c", str(relay.config), "--endpoint", endpoint
+            )
+            keepalive = f"PersistentKeepalive = {STOCK_KEEPALIVE}\n" if name == "wgk" else ""
+            conf = re.sub(r"PersistentKeepalive = \d+\n", keepalive, conf)
+            ifnames.append(f"{name}{secrets.token_hex(2)}")
+            procs.append(start_wireguard_go(ns, ifnames[-1], tmp_path / f"{name}.log"))
+            apply_wg_quick(ns, ifnames[-1], conf, tmp_path / f"{name}.conf")
+            assert ping_count(ns, "10.69.0.1", 1, deadline=10) == 1, name
+            addresses[name] = str(relay_peer(net, name)["address"])
         assert ping_count(c1.ns, "10.69.0.1", 1) == 1
-        # Both are seen from the router's outside address.
-        for name in ("c1", "wgk"):
-            assert str(relay_peer(net, name)["endpoint"]).startswith(f"10.{u}.50.2:")
-        time.sleep(1.5 * CONNTRACK_TIMEOUT)
+        for name in addresses:  # all seen from the router's outside address
+            assert str(relay_peer(net, name)["endpoint"]).startswith(f"10.{u}.50.2:"), name
+        time.sleep(PASSIVE_KEEPALIVE + CONNTRACK_TIMEOUT + 4)
         # From the relay's side first: only a live mapping brings these back.
-        assert ping_count(relay.ns, address, 2, deadline=3) == 2, net.log_tail(c1)
-        assert ping_count(relay.ns, stock_address, 2, deadline=3) == 2
+        assert ping_count(relay.ns, addresses["c1"], 2, deadline=3) == 2, net.log_tail(c1)
+        assert ping_count(relay.ns, addresses["wgk"], 2, deadline=3) == 2
+        assert ping_count(relay.ns, addresses["wgn"], 2, deadline=3) == 0
     finally:
-        proc.terminate()
-        proc.wait(10)
-        (WG_RUN / f"{ifname}.sock").unlink(missing_ok=True)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        for ifname in ifnames:
+            (WG_RUN / f"{ifname}.sock").unlink(missing_ok=True)
 
 
 # --- the full tunnel ------------------------------------------------------------------------
