@@ -382,7 +382,8 @@ def stock_ns(net: GtunNet) -> Iterator[tuple[Namespace, str]]:
 
 def test_stock_peer_roams(net: GtunNet, stock_ns: tuple[Namespace, str]) -> None:
     """A wireguard-go peer (PersistentKeepalive from `gtun peer add`) moves to another
-    address: its pings resume, and the relay follows it to the new endpoint."""
+    address: its pings resume, and the relay follows it to the new endpoint.  Then the
+    relay's byte counters for it equal wireguard-go's own, both ways."""
     ns, ifname = stock_ns
     conf = gtun_stdout(
         net.relay.ns,
@@ -401,6 +402,25 @@ def test_stock_peer_roams(net: GtunNet, stock_ns: tuple[Namespace, str]) -> None
         assert endpoint.startswith(f"10.{UNDERLAY}.200.3:"), (endpoint, ctx())
         address = relay_peer(net, "wgk")["address"]
         assert ping_count(net.clients[1].ns, address, 3) == 3  # c2, over TCP, to it
+
+        # The relay's counters and wireguard-go's (`wg show transfer`) agree on what
+        # crossed between them, each end counting whole datagrams.
+        def transfer() -> tuple[int, int, int, int]:
+            wait_quiet(net, ["wgk"])
+            rx, tx = (
+                int(v) for v in ns.run(["wg", "show", ifname, "transfer"]).stdout.split()[1:3]
+            )
+            p = relay_peer(net, "wgk")
+            return p["rx_bytes"], p["tx_bytes"], rx, tx
+
+        r_rx0, r_tx0, w_rx0, w_tx0 = transfer()
+        assert ping_count(ns, RELAY, 10, "-s", "500") == 10
+        r_rx1, r_tx1, w_rx1, w_tx1 = transfer()
+        counts = {"relay rx": r_rx1 - r_rx0, "wg tx": w_tx1 - w_tx0,
+                  "relay tx": r_tx1 - r_tx0, "wg rx": w_rx1 - w_rx0}  # fmt: skip
+        assert counts["relay rx"] >= 10 * transport_size(528), counts
+        assert counts["relay rx"] == counts["wg tx"], counts
+        assert counts["relay tx"] == counts["wg rx"], counts
     finally:
         proc.terminate()
         proc.wait(10)
