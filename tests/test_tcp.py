@@ -13,12 +13,13 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 
 from gtun.core.client import ClientCore, ConfigReceived, Connected
 from gtun.core.relay import PeerSpec, Relay
-from gtun.core.wg.endpoint import address_bytes, cookie_source
+from gtun.core.wg.endpoint import address_bytes, cookie_source, mark_authentic
 from gtun.core.wg.events import Event
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.driver import Driver
@@ -43,12 +44,29 @@ def wg_message(n: int = 64, fill: int = 0) -> bytes:
     return b"\x04\x00\x00\x00" + bytes([fill]) * (n - 4)
 
 
-class Rig:
-    """A TcpServer on 127.0.0.1 with a FakeCore behind a Driver."""
+class AcceptingCore(FakeCore):
+    """A FakeCore that, as the WireGuard core does for a message that authenticates,
+    marks the connection of each frame `accept(frame)` approves authentic."""
 
-    def __init__(self, limits: TcpLimits = LIMITS) -> None:
+    def __init__(self, accept: Callable[[bytes], bool]) -> None:
+        super().__init__()
+        self.accept = accept
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if self.accept(data):
+            mark_authentic(addr)
+        super().receive_datagram(data, addr, now)
+
+
+class Rig:
+    """A TcpServer on 127.0.0.1 with a FakeCore behind a Driver; the core takes every
+    frame as authentic unless told otherwise (`accept`)."""
+
+    def __init__(
+        self, limits: TcpLimits = LIMITS, *, accept: Callable[[bytes], bool] = lambda d: True
+    ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.core = FakeCore()
+        self.core = AcceptingCore(accept)
         self.driver = Driver(self.core, self.loop, lambda e: None)
         self.closed: list[TcpEndpoint] = []
         self.server = TcpServer(self.loop, self.closed.append, limits)
@@ -434,45 +452,62 @@ def test_dialer_reconnects_with_backoff() -> None:
 # --- the real cores over TCP ---------------------------------------------------------
 
 
+class CoresOverTcp:
+    """A relay core with one peer (c1) behind a TcpServer on 127.0.0.1, and that
+    client's core dialing it, each on its own Driver; the client's events in `events`."""
+
+    def __init__(self, limits: TcpLimits | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.relay = Relay(secrets.token_bytes(32), relay_settings())
+        self.client = ClientCore(secrets.token_bytes(32), self.relay.wg.public_key, None)
+        spec = PeerSpec("c1", self.client.wg.public_key, IPv4Address("10.66.0.5"))
+        self.relay.set_peers([spec])
+        self.relay_driver = Driver(self.relay, self.loop, lambda e: None)
+        peers = self.relay.wg.peers.values()
+        self.server = TcpServer(self.loop, lambda ep: forget_endpoint(peers, ep), limits)
+        self.relay_driver.attach(self.server)
+        self.events: list[Event] = []
+        self.client_driver = Driver(self.client, self.loop, self.events.append)
+        self.sock = socket.socket()
+
+    async def __aenter__(self) -> CoresOverTcp:
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        await self.server.start(self.sock)
+        self.dialer = TcpDialer(
+            self.loop, self.sock.getsockname(), socket.socket, self._connected, lambda ep: None
+        )
+        self.client_driver.attach(self.dialer)
+        return self
+
+    def _connected(self, ep: TcpEndpoint) -> None:
+        self.client.set_endpoint(ep)
+        self.client.start(self.loop.time())
+        self.client_driver.poke()
+
+    async def configured(self) -> None:
+        await until(lambda: any(isinstance(e, ConfigReceived) for e in self.events), "config")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.dialer.close()
+        self.server.close()
+        self.relay_driver.close()
+        self.client_driver.close()
+        await asyncio.sleep(0)
+
+
 def test_relay_and_client_cores_handshake_and_push_config_over_tcp() -> None:
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        relay_key, client_key = secrets.token_bytes(32), secrets.token_bytes(32)
-        relay = Relay(
-            relay_key,
-            relay_settings(),
-        )
-        client = ClientCore(client_key, relay.wg.public_key, None)
-        relay.set_peers([PeerSpec("c1", client.wg.public_key, IPv4Address("10.66.0.5"))])
-        relay_driver = Driver(relay, loop, lambda e: None)
-        server = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
-        relay_driver.attach(server)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(4)
-        await server.start(sock)
-        events: list[Event] = []
-        client_driver = Driver(client, loop, events.append)
-
-        def connected(ep: TcpEndpoint) -> None:
-            client.set_endpoint(ep)
-            client.start(loop.time())
-            client_driver.poke()
-
-        dialer = TcpDialer(loop, sock.getsockname(), socket.socket, connected, lambda ep: None)
-        client_driver.attach(dialer)
-        await until(lambda: any(isinstance(e, ConfigReceived) for e in events), "config")
-        assert any(isinstance(e, Connected) for e in events)
-        config = next(e for e in events if isinstance(e, ConfigReceived)).config
-        assert config.address == IPv4Address("10.66.0.5")
-        peer = relay.peer_by_name("c1")
-        assert peer is not None and endpoint_transport(peer.endpoint) == "tcp"
-        assert peer.endpoint in server.connections
-        dialer.close()  # the client goes away: the relay forgets the connection
-        await until(lambda: peer.endpoint is None, "the relay to forget the endpoint")
-        server.close()
-        relay_driver.close()
-        client_driver.close()
-        await asyncio.sleep(0)
+        async with CoresOverTcp() as net:
+            await net.configured()
+            events, relay, server = net.events, net.relay, net.server
+            assert any(isinstance(e, Connected) for e in events)
+            config = next(e for e in events if isinstance(e, ConfigReceived)).config
+            assert config.address == IPv4Address("10.66.0.5")
+            peer = relay.peer_by_name("c1")
+            assert peer is not None and endpoint_transport(peer.endpoint) == "tcp"
+            assert peer.endpoint in server.connections
+            net.dialer.close()  # the client goes away: the relay forgets the connection
+            await until(lambda: peer.endpoint is None, "the relay to forget the endpoint")
 
     run(main)

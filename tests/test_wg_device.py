@@ -992,8 +992,10 @@ def test_handshake_rate_above_threshold_demands_cookies() -> None:
     p.a.wg.initiate_handshake(p.pa, p.clock.now)
     [init] = p.link.collect()
     flood = UNDER_LOAD_HANDSHAKES_PER_SECOND + 6
-    for i in range(flood):  # the same valid initiation, all within one second
-        p.b.wg.receive_datagram(init.data, p.a.addr, p.clock.now + i * 0.001)
+    for i in range(flood):  # the same valid initiation, all within one second, from
+        # as many addresses (one alone would meet its per-source limit first)
+        addr = (f"192.0.2.{i + 1}", 5000)
+        p.b.wg.receive_datagram(init.data, addr, p.clock.now + i * 0.001)
     replies = [d for d, _ in p.b.wg.datagrams_to_send() if m.message_type(d) == 3]
     assert p.b.wg.drops["cookie"] == len(replies) == flood - UNDER_LOAD_HANDSHAKES_PER_SECOND
     assert p.b.wg.drops["replayed_handshake"] == UNDER_LOAD_HANDSHAKES_PER_SECOND - 1

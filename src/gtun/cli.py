@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from gtun import __version__
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name", help="the peer's name")
     add.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
     add.add_argument("--endpoint", help="HOST:PORT the peer dials (default: guessed)")
-    add.add_argument("-o", "--output", type=Path, help="write the configuration here (0600)")
+    add.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="write the configuration to this new file (mode 0600; an existing file or a "
+        "symlink is refused)",
+    )
 
     st = sub.add_parser("status", help="ask a running relay or client")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -138,19 +144,44 @@ def peer_add(args: argparse.Namespace) -> int:
     endpoint = None
     if args.endpoint:
         endpoint = parse_host_port(args.endpoint, file="--endpoint", key="endpoint")
-    text, note = add_peer(cfg, args.name, endpoint)
-    if args.output:
-        import os
-
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+    # The output file is made before the peer is stored, so that a file we may not
+    # write leaves no peer behind; it is removed again if adding the peer fails.
+    out = create_private_file(args.output) if args.output else None
+    try:
+        text, note = add_peer(cfg, args.name, endpoint)
+    except BaseException:
+        if out is not None:
+            out.close()
+            args.output.unlink(missing_ok=True)
+        raise
+    if out is not None:
+        with out:
+            out.write(text)
         print(f"gtun: wrote {args.output}", file=sys.stderr)
     else:
         print(text)
     if note:
         print(f"gtun: peer {args.name} added; {note}", file=sys.stderr)
     return 0
+
+
+def create_private_file(path: Path) -> TextIO:
+    """A new file at `path`, mode 0600, open for writing.  It must not exist: O_EXCL
+    refuses an existing file (whose wider mode would be kept) and any symlink, even a
+    dangling one; O_NOFOLLOW says so again.  Raises ConfigError (exit 2)."""
+    import os
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            "already exists (or is a symlink); remove it or name a new file", file=path
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create it: {exc.strerror or exc}", file=path) from None
+    os.fchmod(fd, 0o600)  # whatever the umask did, the key is for its owner only
+    return os.fdopen(fd, "w")
 
 
 def _ago(ts: float | None) -> str:

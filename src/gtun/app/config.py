@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gtun.app.keys import decode_key, public_key, read_private_key_file
+from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
 from gtun.system.ipv6 import fits
 
@@ -421,8 +422,18 @@ def _private_key(table: _Table) -> tuple[Path, bytes]:
 
 
 def _public_key(table: _Table, name: str) -> bytes:
+    """A peer's (or the relay's) public key; a low-order point is refused here, since
+    every DH with it is all zeros: no one holds its private key and the WireGuard core
+    would refuse to add it (LocalProtocolError)."""
     text = table.required_str(name)
-    return decode_key(text, file=table.file, key=table.dotted(name))
+    key = decode_key(text, file=table.file, key=table.dotted(name))
+    if is_degenerate_key(key):
+        raise table.error(
+            name,
+            f"{text.strip()} is a low-order Curve25519 point (its Diffie-Hellman result is "
+            "all zeros), not a usable public key",
+        )
+    return key
 
 
 # ---------------------------------------------------------------------------

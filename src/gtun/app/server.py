@@ -25,6 +25,7 @@ from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
+from gtun.core.wg.crypto import is_degenerate_key
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
@@ -34,6 +35,51 @@ from gtun.io.udp import UdpTransport
 from gtun.system.malloc import keep_heap
 
 log = logging.getLogger("gtun")
+
+UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
+
+
+class UnknownKeys:
+    """Reports handshakes from keys that are no peer of this relay without a log line
+    each: the first after a quiet interval at once (so a user who just tried a key sees
+    it), the rest as one summary per `interval`.  note() and flush() return the line to
+    log, or None; the caller calls flush() when `due` has passed."""
+
+    def __init__(self, interval: float = UNKNOWN_KEYS_INTERVAL) -> None:
+        self.interval = interval
+        self.total = 0  # since start
+        self.pending = 0  # not yet reported
+        self.last: tuple[bytes, str] | None = None  # the latest key and address
+        self.logged_at: float | None = None
+        self.due: float | None = None  # when the pending ones are to be reported
+
+    def note(self, key: bytes, addr: str, now: float) -> str | None:
+        self.total += 1
+        self.last = (key, addr)
+        if self.logged_at is None or now - self.logged_at >= self.interval:
+            self.logged_at = now
+            self.due = None
+            return (
+                f"handshake from unknown key {encode_key(key)} at {addr}: not a peer of this relay"
+            )
+        self.pending += 1
+        if self.due is None:
+            self.due = self.logged_at + self.interval
+        return None
+
+    def flush(self, now: float) -> str | None:
+        if not self.pending or self.last is None:
+            self.due = None
+            return None
+        key, addr = self.last
+        line = (
+            f"{self.pending} more handshakes from unknown keys in the last "
+            f"{now - (self.logged_at or now):.0f} s, the last from {addr} key {encode_key(key)}"
+        )
+        self.pending = 0
+        self.logged_at = now
+        self.due = None
+        return line
 
 
 def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
@@ -85,6 +131,8 @@ class Server:
         self.tcp: TcpServer | None = None
         self.link: Link | None = None
         self.subnet_routes: set[Any] = set()
+        self.unknown_keys = UnknownKeys()
+        self._unknown_timer: asyncio.TimerHandle | None = None
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -117,7 +165,7 @@ class Server:
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
-        specs = collect_peers(cfg, store)
+        specs = checked_keys(cfg, collect_peers(cfg, store))
         sock = bind_udp(cfg)
         try:
             tcp_sock = bind_tcp(cfg)
@@ -156,6 +204,7 @@ class Server:
         self.relay = relay
         driver = Driver(relay, loop, self.on_event)
         self.driver = driver
+        rt.push("unknown-key report", self._cancel_unknown_timer)
         driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
         rt.push("UDP socket", driver.close)
         tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
@@ -256,7 +305,7 @@ class Server:
         assert self.relay is not None
         try:
             cfg = load_server_config(self.cfg.path)
-            specs = collect_peers(cfg, self.store)
+            specs = checked_keys(cfg, collect_peers(cfg, self.store))
             added, removed = self.relay.set_peers(specs)
             await self.rt.nl(self.sync_subnet_routes, specs)
         except GtunError as exc:
@@ -294,13 +343,29 @@ class Server:
                 event.reason,
             )
         elif isinstance(event, PeerUnknown):
-            log.warning(
-                "handshake from unknown key %s at %s: not a peer of this relay",
-                encode_key(event.public_key),
-                event.addr,
-            )
+            self._unknown_key(event)
         elif isinstance(event, HandshakeTimedOut):
             log.debug("peer %s stopped answering", event.peer.data.spec.name)
+
+    def _unknown_key(self, event: PeerUnknown) -> None:
+        loop = asyncio.get_running_loop()
+        unknown = self.unknown_keys
+        line = unknown.note(event.public_key, endpoint_text(event.addr) or "?", loop.time())
+        if line is not None:
+            log.warning("%s", line)
+        elif unknown.due is not None and self._unknown_timer is None:
+            self._unknown_timer = loop.call_at(unknown.due, self._flush_unknown_keys)
+
+    def _flush_unknown_keys(self) -> None:
+        self._unknown_timer = None
+        line = self.unknown_keys.flush(asyncio.get_running_loop().time())
+        if line is not None:
+            log.warning("%s", line)
+
+    def _cancel_unknown_timer(self) -> None:
+        if self._unknown_timer is not None:
+            self._unknown_timer.cancel()
+            self._unknown_timer = None
 
     async def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
@@ -349,6 +414,20 @@ class Server:
             self.driver.datapath() if self.driver is not None else None,
             tail={"tcp_connections": len(self.tcp.connections) if self.tcp else 0},
         )
+
+
+def checked_keys(cfg: ServerConfig, specs: list[PeerSpec]) -> list[PeerSpec]:
+    """`specs`, once none has a low-order key (the config's peers were checked as it
+    was read; this catches a stored one), which the core would refuse half-way through
+    set_peers().  Raises ConfigError."""
+    for spec in specs:
+        if is_degenerate_key(spec.public_key):
+            raise ConfigError(
+                f"peer {spec.name} has a low-order public key {encode_key(spec.public_key)} "
+                "(its Diffie-Hellman result is all zeros); remove it",
+                file=cfg.path,
+            )
+    return specs
 
 
 def _v6(spec: PeerSpec) -> str:

@@ -103,6 +103,16 @@ REASONS: tuple[Reason, ...] = (
     Reason("tcp_timeout", "no valid frame within the time allowed", ("tcp",)),
     Reason("tcp_stalled", "the other end stopped reading", ("tcp",)),
     Reason("tcp_refused", "the connection limit was reached", ("tcp",)),
+    Reason(
+        "handshake_ratelimited",
+        "handshake messages from one source address faster than 20/s (burst 5)",
+        ("wireguard",),
+    ),
+    Reason(
+        "tcp_source_limit",
+        "too many connections from one address not yet authenticated",
+        ("tcp",),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

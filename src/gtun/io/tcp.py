@@ -21,9 +21,20 @@ Bounds, all per connection so that one bad connection never touches another:
 - writing: the transport's buffer may hold `write_buffer` bytes; past that a message is
   refused (the Driver counts it as "queue_full").  A connection whose buffered bytes make
   no progress for `stall` seconds (the peer stopped reading) is closed ("tcp_stalled").
-- time: a connection that brings no valid frame within `first_frame` seconds of opening,
-  or none for `idle` seconds, is closed ("tcp_timeout").  gtun clients ping every 10 s.
-- count: the relay accepts at most `max_connections` at once ("tcp_refused").
+- time: a connection that has not carried an authentic message within `first_frame`
+  seconds of opening, or brings no frame for `idle` seconds, is closed ("tcp_timeout").
+  gtun clients ping every 10 s.  Authentic means that the WireGuard core accepted it:
+  a handshake completed through the connection, or a transport message from it
+  decrypted and made it a peer's endpoint; the core says so by calling the endpoint's
+  authenticated() (gtun.core.wg.endpoint.mark_authentic), once, never per message.
+  WireGuard-shaped bytes alone (anyone can make them) earn nothing.
+- count: the relay holds at most `max_connections` at once; when it is full, a new one
+  takes the place of the oldest connection not yet authentic, and only when every one
+  is authentic is it refused ("tcp_refused" counts both); and it accepts at
+  most `max_pending_per_source` not yet authentic from one address (an IPv6 /64;
+  "tcp_source_limit"), so that connections from one source that send nothing, a byte a
+  second or well-formed garbage cannot take the slots of others.  Authentic
+  connections are not counted per source: many clients may share one NAT address.
 
 When a connection closes, the owner's `on_close` lets the core forget it as an endpoint
 (forget_endpoint), so the peer is unreachable until it comes back on a new connection.
@@ -39,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gtun.core.drops import TCP_DROP_REASONS
-from gtun.core.wg.endpoint import address_bytes
+from gtun.core.wg.endpoint import address_bytes, address_key
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.framing import LENGTH, MAX_FRAME, FrameDecoder, FrameError
 from gtun.io.transport import Receive
@@ -47,11 +58,15 @@ from gtun.io.transport import Receive
 log = logging.getLogger("gtun")
 
 # Tuning knobs.
-FIRST_FRAME_TIMEOUT = 5.0  # seconds from accept to the first valid frame
+# Seconds from accept to the first authentic message: room for a first initiation
+# answered by a cookie reply (or lost) and its retransmission REKEY_TIMEOUT (5 s, plus
+# up to 1/3 s of jitter) later.
+FIRST_FRAME_TIMEOUT = 12.0
 IDLE_TIMEOUT = 60.0  # seconds without any frame (gtun clients ping every 10 s)
 STALL_TIMEOUT = 5.0  # seconds a non-empty write buffer may go without draining
 WRITE_BUFFER = 256 * 1024  # bytes queued in user space per connection
 MAX_CONNECTIONS = 512  # simultaneous connections the relay accepts
+MAX_PENDING_PER_SOURCE = 8  # of those, not yet authentic from one address
 CONNECT_TIMEOUT = 10.0  # a client's connect() to the relay
 FIRST_BACKOFF = 1.0  # a client's pause before reconnecting, doubling ...
 MAX_BACKOFF = 15.0  # ... up to this
@@ -65,13 +80,15 @@ _WHY = {
 @dataclass(frozen=True)
 class TcpLimits:
     """The bounds of one side's connections (the defaults above; tests shorten them).
-    `first_frame` None: no such deadline (a client waits for the relay's answer)."""
+    `first_frame`: seconds to the first authentic message; None: no such deadline (a
+    client waits for the relay's answer)."""
 
     first_frame: float | None = FIRST_FRAME_TIMEOUT
     idle: float = IDLE_TIMEOUT
     stall: float = STALL_TIMEOUT
     write_buffer: int = WRITE_BUFFER
     max_connections: int = MAX_CONNECTIONS
+    max_pending_per_source: int = MAX_PENDING_PER_SOURCE
 
     @property
     def tick(self) -> float:
@@ -90,10 +107,11 @@ class TcpEndpoint:
         "transport",
         "peername",
         "cookie_source",
+        "source_key",
         "limits",
         "opened",
         "last_rx",
-        "valid",
+        "authentic",
         "reason",
         "detail",
         "written",
@@ -116,9 +134,13 @@ class TcpEndpoint:
             self.cookie_source = address_bytes(*self.peername)
         except ValueError:  # no address known: stable for this connection all the same
             self.cookie_source = f"tcp {id(self)}".encode()
+        try:  # what per-source limits charge (the core's ratelimiter, the listener)
+            self.source_key = address_key(self.peername[0])
+        except ValueError:
+            self.source_key = self.cookie_source
         self.limits = limits
         self.opened = self.last_rx = loop.time()
-        self.valid = False  # a valid frame has arrived
+        self.authentic = False  # the core accepted a message from it (authenticated())
         self.reason: str | None = None  # why it closed; None while open
         self.detail = ""  # what happened, for the log
         self.written = 0  # bytes handed to the transport
@@ -137,6 +159,13 @@ class TcpEndpoint:
     @property
     def closed(self) -> bool:
         return self.reason is not None or self.transport.is_closing()
+
+    def authenticated(self) -> None:
+        """The WireGuard core accepted a message from this connection (called through
+        gtun.core.wg.endpoint.mark_authentic, when it becomes a peer's endpoint)."""
+        if not self.authentic:
+            self.authentic = True
+            self.owner._authenticated(self)
 
     def send(self, message: bytes) -> bool:
         """Write one frame; False (nothing written) when closed or the buffer is full.
@@ -158,7 +187,7 @@ class TcpEndpoint:
     def expired(self, now: float) -> str | None:
         """The reason to close this connection now, if its time is up."""
         limits = self.limits
-        if not self.valid and limits.first_frame is not None:
+        if not self.authentic and limits.first_frame is not None:
             if now - self.opened > limits.first_frame:
                 return "tcp_timeout"
         elif now - self.last_rx > limits.idle:
@@ -230,7 +259,6 @@ class _Connection(asyncio.Protocol):
             owner = self.owner
             now = owner.loop.time()
             ep.last_rx = now
-            ep.valid = True
             owner._receive(batch, now)
         if bad is not None:
             ep.close("tcp_bad_frame", f"a frame of {len(bad)} bytes that is not WireGuard")
@@ -303,6 +331,9 @@ class TcpTransport:
         if ep.reason in self.counts:
             self.counts[ep.reason] += 1
 
+    def _authenticated(self, ep: TcpEndpoint) -> None:
+        """`ep` carried its first authentic message."""
+
 
 class _Sweeper:
     """Checks the timeouts of a set of connections every `limits.tick` seconds."""
@@ -342,21 +373,59 @@ class TcpServer(TcpTransport):
         super().__init__(loop, limits or TcpLimits())
         self.on_close = on_close
         self._server: asyncio.base_events.Server | None = None
+        # Open connections not yet authentic, by source (TcpEndpoint.source_key).
+        self.pending: dict[bytes, int] = {}
 
     async def start(self, sock: socket.socket) -> None:
         """Accept connections on `sock`, a bound TCP socket."""
         self._server = await self.loop.create_server(self._protocol, sock=sock)
 
     def _opened(self, transport: asyncio.WriteTransport) -> TcpEndpoint | None:
-        if len(self.connections) >= self.limits.max_connections:
-            peername = transport.get_extra_info("peername") or ("?", 0)
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        if len(self.connections) >= self.limits.max_connections and not self._evict():
             self.counts["tcp_refused"] += 1
             log.debug("TCP connection from %s refused: %d open", peername, len(self.connections))
             transport.abort()
             return None
-        return super()._opened(transport)
+        try:
+            source = address_key(peername[0])
+        except ValueError:
+            source = None  # no address to charge (not an IP socket)
+        if source is not None and self.pending.get(source, 0) >= self.limits.max_pending_per_source:
+            self.counts["tcp_source_limit"] += 1
+            log.debug("TCP connection from %s refused: too many not authentic", peername)
+            transport.abort()
+            return None
+        ep = super()._opened(transport)
+        assert ep is not None
+        self.pending[ep.source_key] = self.pending.get(ep.source_key, 0) + 1
+        return ep
+
+    def _evict(self) -> bool:
+        """Make room by closing the oldest connection not yet authentic, if any: slots
+        held by connections that prove nothing go to newcomers before peers are
+        refused (sources are many; each holds max_pending_per_source at most)."""
+        pending = [ep for ep in self.connections if not ep.authentic and ep.reason is None]
+        if not pending:
+            return False
+        oldest = min(pending, key=lambda ep: ep.opened)
+        oldest.close("tcp_refused", "closed to make room: not authentic, and the oldest")
+        return True
+
+    def _unpend(self, ep: TcpEndpoint) -> None:
+        left = self.pending.get(ep.source_key, 0) - 1
+        if left > 0:
+            self.pending[ep.source_key] = left
+        else:
+            self.pending.pop(ep.source_key, None)
+
+    def _authenticated(self, ep: TcpEndpoint) -> None:
+        if ep in self.connections:
+            self._unpend(ep)
 
     def _closed(self, ep: TcpEndpoint) -> None:
+        if ep in self.connections and not ep.authentic:
+            self._unpend(ep)
         super()._closed(ep)
         self.on_close(ep)
         log.log(
@@ -490,7 +559,7 @@ class TcpDialer(TcpTransport):
                 ep.close("closed", "client stopping")  # keeps the reason it closed, if it did
                 super()._closed(ep)
                 self.on_lost(ep)
-            if ep.valid:
+            if ep.authentic:
                 backoff = self.first_backoff
             log.warning(
                 "TCP connection to relay %s lost (%s); reconnecting in %.0fs",

@@ -47,3 +47,8 @@ MAX_STAGED_PACKETS = 128  # packets held per peer while a handshake is under way
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this rate, demand cookies (mac2)
 UNDER_LOAD_HOLD = 1.0  # seconds to stay "under load" after the rate was exceeded
 TAI64N_WHITENING_NS = 1 << 24  # round timestamps down so they do not leak a fine clock
+# The per-source handshake limit (ratelimiter.py), wireguard-go's ratelimiter.go values:
+HANDSHAKES_PER_SECOND_PER_SOURCE = 20.0  # packetsPerSecond
+HANDSHAKE_BURST_PER_SOURCE = 5  # packetsBurstable
+RATELIMITER_GC_INTERVAL = 1.0  # garbageCollectTime
+RATELIMITER_MAX_ENTRIES = 8192  # sources tracked at once (the kernel's floor)

@@ -23,6 +23,7 @@ __all__ = [
     "dh",
     "dh_generate",
     "dh_public",
+    "is_degenerate_key",
     "hash_",
     "mac",
     "hmac_",
@@ -101,6 +102,22 @@ def dh(private: X25519PrivateKey, public: bytes) -> bytes:
     if shared == _ZERO32:
         raise CryptoError("degenerate public key")
     return shared
+
+
+# Any clamped scalar is a multiple of the cofactor 8, so X25519 with it gives all zeros
+# exactly for the points of small order (on the curve or its twist): one fixed scalar
+# tells them all.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes([8] + [0] * 30 + [64]))
+
+
+def is_degenerate_key(public: bytes) -> bool:
+    """True when `public` (32 bytes) is a low-order point: every DH with it is all
+    zeros, so it can be no one's key (WireGuard refuses it)."""
+    try:
+        dh(_PROBE, public)
+    except (CryptoError, ValueError):
+        return True
+    return False
 
 
 def nonce(counter: int) -> bytes:

@@ -17,9 +17,18 @@ Timers are absolute deadlines kept on each peer (None when not armed); handle_ti
 fires the expired ones.  The edge re-arms its single wall-clock timer with get_timer()
 after every call, as in aioquic.
 
+Handshake messages cost Diffie-Hellman work, so they pass three gates before any: mac1
+(keyed by our public key), mac2 under load (a cookie bound to the source address,
+answered with a cookie reply when missing), then a per-source token bucket
+(ratelimiter.py: 20 a second, a burst of 5, as wireguard-go).  An initiation from a key
+that is no peer of ours costs one DH, leaves no state and is counted ("unknown_peer");
+the PeerUnknown event lets the edge report it.
+
 Remote misbehaviour never raises: every datagram that fails to parse, authenticate or
 pass the replay window is dropped and counted in `WireGuard.drops` by reason.  Misuse of
-the API by the caller (a wrong-sized key, an unknown peer) raises ValueError.
+the API by the caller (a wrong-sized key, an unknown peer) raises ValueError;
+add_peer() raises LocalProtocolError (a ValueError) for a key whose DH with ours is
+degenerate (a low-order point).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gtun.core.drops import WG_DROP_REASONS
+from gtun.core.errors import LocalProtocolError
 from gtun.core.wg import messages as m
 from gtun.core.wg import noise
 from gtun.core.wg.constants import (
@@ -63,7 +73,7 @@ from gtun.core.wg.constants import (
 )
 from gtun.core.wg.cookie import CookieChecker, CookieGenerator
 from gtun.core.wg.crypto import CryptoError, dh, dh_public, tai64n
-from gtun.core.wg.endpoint import cookie_source
+from gtun.core.wg.endpoint import cookie_source, mark_authentic, source_key
 from gtun.core.wg.events import (
     Event,
     HandshakeCompleted,
@@ -71,6 +81,7 @@ from gtun.core.wg.events import (
     PacketReceived,
     PeerUnknown,
 )
+from gtun.core.wg.ratelimiter import RateLimiter
 from gtun.core.wg.replay import ReplayWindow
 
 _pack_nonce = struct.Struct("<4xQ").pack  # 32 zero bits, then the counter (paper 5.4.6)
@@ -242,6 +253,7 @@ class WireGuard:
         self._load_window = 0.0
         self._load_count = 0
         self._under_load_until = -1.0
+        self.limiter = RateLimiter()  # handshake messages per source, before any DH
 
     # --- peers -------------------------------------------------------------------
 
@@ -254,7 +266,9 @@ class WireGuard:
         persistent_keepalive: float = 0.0,
         data: Any = None,
     ) -> Peer:
-        """Add a peer.  Raises ValueError for a malformed key or our own key."""
+        """Add a peer.  Raises ValueError for a malformed key or our own key, and
+        LocalProtocolError (a ValueError) for a low-order key, whose DH with ours is
+        all zeros (the caller should have refused it: crypto.is_degenerate_key)."""
         if len(public_key) != KEY_SIZE:
             raise ValueError("public key must be 32 bytes")
         if public_key == self.public_key:
@@ -273,7 +287,7 @@ class WireGuard:
                 data=data,
             )
         except CryptoError as exc:
-            raise ValueError("degenerate public key") from exc
+            raise LocalProtocolError("degenerate (low-order) public key") from exc
         self.peers[public_key] = peer
         return peer
 
@@ -345,7 +359,9 @@ class WireGuard:
         peer = kp.peer
         if addr != peer.endpoint:
             peer.endpoint = addr  # roaming (paper 2.1): follow the latest authentic source
+            mark_authentic(addr)
         if kp is peer.next:
+            mark_authentic(addr)
             # The initiator used the keypair we offered: it is confirmed.
             self._retire(peer.previous)
             peer.previous = peer.current
@@ -390,7 +406,8 @@ class WireGuard:
         return self.force_under_load or now < self._under_load_until
 
     def _check_macs(self, data: bytes, sender: int, addr: Hashable, now: float) -> bool:
-        """mac1 always; mac2 under load, answering a missing one with a cookie reply."""
+        """The gates before any DH: mac1 always; mac2 under load, answering a missing
+        one with a cookie reply; then the source's token bucket."""
         if not self._cookie_checker.check_mac1(data):
             self.drops["mac1"] += 1
             return False
@@ -401,6 +418,9 @@ class WireGuard:
                 self._datagrams.append((m.push_cookie_reply(reply), addr))
                 self.drops["cookie"] += 1
                 return False
+        if not self.limiter.allow(source_key(addr), now):
+            self.drops["handshake_ratelimited"] += 1
+            return False
         return True
 
     def _receive_initiation(self, data: bytes, addr: Hashable, now: float) -> None:
@@ -465,6 +485,7 @@ class WireGuard:
             peer.previous = peer.current
         peer.current = kp
         peer.endpoint = addr
+        mark_authentic(addr)
         peer.last_received = now
         peer.t_retransmit = None
         peer.handshake_attempts = 0
