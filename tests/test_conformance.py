@@ -470,13 +470,6 @@ LOW_ORDER = [
 ]
 
 
-LOW_ORDER_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="gtun bug: a low-order key reaches WireGuard.add_peer, whose ValueError "
-    "('degenerate public key') escapes as a traceback, exit 1 (config.py should refuse it)",
-)
-
-
 def _exit_of(ns: Namespace, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:
         return run_gtun(ns, *cmd, timeout=timeout)
@@ -484,7 +477,6 @@ def _exit_of(ns: Namespace, cmd: list[str], timeout: float) -> subprocess.Comple
         pytest.fail(f"gtun {' '.join(cmd)} was still running after {timeout:g} s")
 
 
-@LOW_ORDER_BUG
 @pytest.mark.parametrize("key", LOW_ORDER, ids=["zero", "one", "order8"])
 def test_low_order_peer_key_is_refused(lab: Lab, tmp_path: Path, key: bytes) -> None:
     """A relay whose config names a peer with a low-order public key exits 2 with one
@@ -499,7 +491,6 @@ def test_low_order_peer_key_is_refused(lab: Lab, tmp_path: Path, key: bytes) -> 
     assert "public_key" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-@LOW_ORDER_BUG
 @pytest.mark.parametrize("key", LOW_ORDER, ids=["zero", "one", "order8"])
 def test_low_order_server_key_is_refused(lab: Lab, tmp_path: Path, key: bytes) -> None:
     """A client whose server_public_key is of low order exits 2, naming the key."""
