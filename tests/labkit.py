@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,3 +300,109 @@ def apply_wg_quick(ns: Namespace, ifname: str, wg_quick: str, conf_path: Path) -
         # `replace`: the Address's own prefix route may already cover it.
         ns.run(["ip", "route", "replace", net, "dev", ifname])
     return allowed
+
+
+# --- conformance helpers (tests/test_conformance*.py) ----------------------------------
+
+
+def link_stats(ns: Namespace, ifname: str) -> dict[str, dict[str, int]]:
+    """The kernel's counters of `ifname` in `ns`: {"rx": {...}, "tx": {...}} (stats64)."""
+    out = ns.run(["ip", "-j", "-s", "link", "show", ifname]).stdout
+    return dict(json.loads(out)[0]["stats64"])
+
+
+def start_udp_capture(
+    ns: Namespace, iface: str, dport: int, out: Path, log_path: Path, *, seconds: float = 60
+) -> subprocess.Popen[bytes]:
+    """Record the UDP datagrams `ns` sends to port `dport` on `iface` (tests/scripts/
+    udp_capture.py); returned once it listens.  Terminate it to have it write `out` (a
+    JSON list of hex payloads).  Raises RuntimeError when it does not start in 10 s."""
+    cmd = [sys.executable, str(SCRIPTS / "udp_capture.py"), iface, str(dport), str(seconds)]
+    proc = ns.spawn([*cmd, str(out)], log_path=log_path)
+    deadline = time.monotonic() + 10
+    while "ready" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"in {ns.name}: no capture:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_udp_capture(proc: subprocess.Popen[bytes], out: Path) -> list[bytes]:
+    """Stop a capture from start_udp_capture and return what it recorded, in order."""
+    proc.terminate()
+    proc.wait(10)
+    return [bytes.fromhex(h) for h in json.loads(out.read_text())]
+
+
+def start_wireguard_go(
+    ns: Namespace, ifname: str, log_path: Path, timeout: float = 10
+) -> subprocess.Popen[bytes]:
+    """A wireguard-go process in `ns` making interface `ifname` (unique across namespaces:
+    its control socket is /var/run/wireguard/IFNAME.sock), returned once that socket
+    exists.  Raises RuntimeError when it does not within `timeout`."""
+    sock = Path("/var/run/wireguard") / f"{ifname}.sock"
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="verbose")
+    proc = ns.spawn(["wireguard-go", "-f", ifname], log_path=log_path, env=env)
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"wireguard-go {ifname} did not start:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def move_address(ns: Namespace, ifname: str, old: str, new: str) -> None:
+    """Roam: give `ifname` in `ns` the address `new` (same prefix) and take `old` away;
+    the secondary is promoted, so routes through the link survive."""
+    ns.sysctl(f"net.ipv4.conf.{ifname}.promote_secondaries", 1)
+    ns.run(["ip", "addr", "add", new, "dev", ifname])
+    ns.run(["ip", "addr", "del", old, "dev", ifname])
+
+
+def missing_tools(*tools: str) -> list[str]:
+    """Which of `tools` are not on PATH."""
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def ping_count(ns: Namespace, address: str, count: int, *args: str, deadline: int = 10) -> int:
+    """Ping `address` from `ns` `count` times, 0.05 s apart, giving up after `deadline`
+    seconds (extra ping options in `args`); how many replies came."""
+    out = ns.run(
+        ["ping", "-n", "-c", str(count), "-i", "0.05", "-w", str(deadline), *args, address],
+        check=False,
+        timeout=deadline + 10,
+    )
+    got = re.search(r"(\d+) (?:packets )?received", out.stdout)
+    return int(got.group(1)) if got else 0
+
+
+def relay_peer(net: GtunNet, name: str) -> dict[str, Any]:
+    """Peer `name` in the relay's status; raises AssertionError when the relay does not
+    answer or has no such peer."""
+    st = net.status(net.relay)
+    assert st is not None, net.log_tail(net.relay)
+    peer = next((p for p in st["peers"] if p["name"] == name), None)
+    assert peer is not None, f"{name} not among the relay's peers: {st['peers']}"
+    return dict(peer)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `cond` every 0.2 s until it is true (returned); raises TimeoutError naming
+    `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+TRANSPORT_OVERHEAD = 32  # a transport message: type, index, counter (16), AEAD tag (16)
+
+
+def transport_size(inner: int) -> int:
+    """The WireGuard datagram that carries an `inner`-byte packet or frame (padded to a
+    multiple of 16, as WireGuard pads)."""
+    return TRANSPORT_OVERHEAD + ((inner + 15) & ~15)
