@@ -103,6 +103,13 @@ REASONS: tuple[Reason, ...] = (
     Reason("tcp_timeout", "no valid frame within the time allowed", ("tcp",)),
     Reason("tcp_stalled", "the other end stopped reading", ("tcp",)),
     Reason("tcp_refused", "the connection limit was reached", ("tcp",)),
+    # The edge's fairness (io/driver.py).
+    Reason(
+        "fair_queue_full",
+        "a source's own queue (or all sources' together) was full while the edge served "
+        "others fairly: dropped from that source's tail",
+        ("relay", "client"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}
