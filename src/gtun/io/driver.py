@@ -287,22 +287,31 @@ class Driver:
         if dropped:
             drops = self.core.drops
             drops["fair_queue_full"] = drops.get("fair_queue_full", 0) + dropped
-        serving = self._serving
-        if serving is None:
-            self._serve()
-        elif fair.new:  # a source that was idle: serve it now, not after the backlog
-            serving.cancel()
-            self._serve()
+        if fair.new:  # sources that were idle: at once, and their answers leave now
+            self._serve(fresh_only=True)
+        if fair.held and self._serving is None:
+            self._later()
 
-    def _serve(self) -> None:
-        """One wake-up's work from the per-source queues; the rest on the next one."""
-        self._serving = None
+    def _later(self) -> None:
+        # A timer due now runs after the loop's next poll of the sockets and the TUN, so
+        # what arrives meanwhile (a ping, the kernel's answer to one) is not kept
+        # waiting behind the backlog (call_soon would run first).
+        self.counts["fair_deferred"] += 1
+        self._serving = self.loop.call_later(0, self._serve)
+
+    def _serve(self, fresh_only: bool = False) -> None:
+        """One wake-up's work from the per-source queues, sources that were idle first;
+        the rest on the next wake-up.  `fresh_only`: only those (from receive())."""
+        if not fresh_only:
+            self._serving = None
         fair = self.fair
-        core = self.core
-        receive = core.receive_datagram
+        receive = self.core.receive_datagram
         now = self.loop.time()
         count, nbytes = self.budget, self.budget_bytes
+        unsent = False  # the core has handled datagrams since the last after()
         while fair.held and count > 0 and nbytes > 0:
+            if fresh_only and not fair.new:
+                break
             batch, fresh = fair.pop(count, nbytes)
             if not batch:
                 break
@@ -310,12 +319,16 @@ class Driver:
                 receive(data, addr, now)
                 nbytes -= len(data)
             count -= len(batch)
-            if fresh and fair.held:
-                self.after()  # a source that was idle: its answer leaves now
-        self.after()
-        if fair.held:
-            self.counts["fair_deferred"] += 1
-            self._serving = self.loop.call_soon(self._serve)
+            unsent = True
+            if fresh:
+                self.after()  # their answers leave before the backlog is touched
+                unsent = False
+                if fresh_only:
+                    break
+        if unsent:
+            self.after()
+        if fair.held and self._serving is None:
+            self._later()
 
     # --- TUN ---------------------------------------------------------------------------
 
