@@ -125,6 +125,13 @@ REASONS: tuple[Reason, ...] = (
         "the core's event queue was full (its caller did not drain it); event dropped",
         ("relay", "client"),
     ),
+    # The edge's fairness (io/driver.py).
+    Reason(
+        "fair_queue_full",
+        "a source's own queue (or all sources' together) was full while the edge served "
+        "others fairly: dropped from that source's tail",
+        ("relay", "client"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

@@ -17,12 +17,28 @@ the kernel is paid per batch rather than per packet:
   call (UDP GSO) and reads many datagrams per call (UDP GRO);
 - the packets the core decrypts in one wake-up are coalesced (offload.coalesce) into
   TCP super-packets, one TUN write each.
+
+Fairness.  One peer's flood must not delay another peer's packets by more than a small
+bound, so what the transports deliver is not handled first-in first-out when there is
+more of it than one wake-up's work (FAIR_BUDGET datagrams, FAIR_BUDGET_BYTES bytes).
+It then waits in one bounded queue per source (a UDP address; a TCP connection), and
+the core is fed from them in deficit round robin (DRR, as Linux's fq_codel): a source
+whose queue was empty is served first, ahead of the sources already backlogged (a ping
+never waits behind a flood), each source gets FAIR_QUANTUM bytes per turn, and the
+wake-up ends when its budget is spent, the rest served from the next loop iteration
+(call_soon), after the loop has read the sockets and the TUN again.  A transport reads
+more per wake-up than the core handles (udp.UDP_BATCH), so the kernel's socket buffer,
+one FIFO for every peer, stays short: a flood's excess is dropped from its own queue
+(drop-tail per source, "fair_queue_full") instead of queueing in front of everyone.
+When nothing waits and a delivery fits one wake-up's budget (the common case, a busy
+peer or many quiet ones), it goes straight to the core in arrival order, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,6 +62,16 @@ log = logging.getLogger("gtun")
 # other (a UDP wake-up reads up to udp.UDP_BATCH datagrams).
 TUN_BATCH = 64  # reads from the TUN (packets or super-packets) ...
 TUN_BATCH_BYTES = 256 * 1024  # ... up to this many bytes
+# Fairness between sources (see above): one wake-up's work for the core ...
+FAIR_BUDGET = 64  # ... datagrams ...
+FAIR_BUDGET_BYTES = 256 * 1024  # ... and bytes (a TCP read of bulk frames fits whole)
+FAIR_QUANTUM = 16 * 1024  # bytes a source is served per turn (about 11 full datagrams)
+# What may wait: per source, as much as the socket buffer held for everyone before (a
+# burst from one busy peer is absorbed as it was), and in all (many sources).
+FAIR_QUEUE = 4096  # datagrams per source ...
+FAIR_QUEUE_BYTES = 4 << 20  # ... and bytes
+FAIR_TOTAL = 16384  # datagrams in all ...
+FAIR_TOTAL_BYTES = 32 << 20  # ... and bytes
 
 
 class Core(Protocol):
@@ -59,6 +85,137 @@ class Core(Protocol):
     def next_event(self) -> Event | None: ...
     def tun_writes(self) -> list[bytes | tuple[Gso, bytes]]: ...
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]: ...
+
+
+class _Source:
+    """One source's waiting datagrams and its DRR deficit."""
+
+    __slots__ = ("queue", "size", "deficit", "flow")
+
+    def __init__(self, source: Any) -> None:
+        self.queue: deque[tuple[bytes, Any]] = deque()
+        self.size = 0  # bytes waiting
+        self.deficit = 0
+        # A source that can stop sending (a TCP connection: pause_reading() and
+        # resume_reading()), and whether it is stopped: True/False, None if it cannot.
+        self.flow: bool | None = (
+            False
+            if hasattr(source, "pause_reading") and hasattr(source, "resume_reading")
+            else None
+        )
+
+
+class FairQueue:
+    """Per-source queues served in deficit round robin (the Driver's fairness, above).
+
+    `new` holds sources that had nothing waiting when their datagram came, `old` those
+    that are backlogged; both are insertion-ordered dicts whose order is the round.
+    Bounds: `per_source` datagrams and `per_source_bytes` bytes for one source,
+    `total` and `total_bytes` in all; a datagram past a bound is dropped (tail drop).
+    A source that can be told to stop (an endpoint with pause_reading() and
+    resume_reading(), as a stream connection may offer) is paused when half its bound
+    waits and resumed when an eighth does, so a stream is slowed rather than cut."""
+
+    def __init__(
+        self,
+        *,
+        quantum: int = FAIR_QUANTUM,
+        per_source: int = FAIR_QUEUE,
+        per_source_bytes: int = FAIR_QUEUE_BYTES,
+        total: int = FAIR_TOTAL,
+        total_bytes: int = FAIR_TOTAL_BYTES,
+    ) -> None:
+        self.quantum = quantum
+        self.per_source = per_source
+        self.per_source_bytes = per_source_bytes
+        self.total = total
+        self.total_bytes = total_bytes
+        self.new: dict[Any, _Source] = {}
+        self.old: dict[Any, _Source] = {}
+        self.held = 0  # datagrams waiting
+        self.held_bytes = 0
+
+    def __len__(self) -> int:
+        return self.held
+
+    def push(self, batch: list[tuple[bytes, Any]]) -> int:
+        """Queue `batch` by source; the number dropped (past a bound)."""
+        new, old = self.new, self.old
+        dropped = 0
+        for item in batch:
+            source = item[1]
+            size = len(item[0])
+            if self.held >= self.total or self.held_bytes + size > self.total_bytes:
+                dropped += 1
+                continue
+            entry = old.get(source) or new.get(source)
+            if entry is None:
+                entry = new[source] = _Source(source)
+                entry.deficit = self.quantum
+            elif len(entry.queue) >= self.per_source or entry.size + size > self.per_source_bytes:
+                dropped += 1
+                continue
+            entry.queue.append(item)
+            entry.size += size
+            self.held += 1
+            self.held_bytes += size
+            if entry.flow is False and (
+                entry.size > self.per_source_bytes // 2 or len(entry.queue) > self.per_source // 2
+            ):
+                entry.flow = True
+                source.pause_reading()
+        return dropped
+
+    def pop(self, count: int, nbytes: int) -> tuple[list[tuple[bytes, Any]], bool]:
+        """Up to `count` datagrams and about `nbytes` bytes in DRR order, and whether they
+        are those of sources that had been idle (then only those: transmit them at once,
+        then call again for the backlogged ones)."""
+        out: list[tuple[bytes, Any]] = []
+        new, old = self.new, self.old
+        fresh = bool(new)
+        ring = new if fresh else old
+        while ring and count > 0 and nbytes > 0:
+            source = next(iter(ring))
+            entry = ring[source]
+            if entry.deficit <= 0:  # its turn is over: refill, to the end of the round
+                entry.deficit += self.quantum
+                del ring[source]
+                old[source] = entry
+                continue
+            queue = entry.queue
+            taken = 0
+            while queue and entry.deficit > 0 and count > 0 and nbytes > 0:
+                item = queue.popleft()
+                size = len(item[0])
+                entry.deficit -= size
+                taken += size
+                nbytes -= size
+                count -= 1
+                out.append(item)
+            entry.size -= taken
+            self.held_bytes -= taken
+            if entry.flow and (
+                entry.size <= self.per_source_bytes // 8 and len(queue) <= self.per_source // 8
+            ):
+                entry.flow = False
+                source.resume_reading()
+            if not queue:
+                del ring[source]
+            elif fresh and entry.deficit <= 0:
+                del new[source]  # backlogged now: it waits its turn among the others
+                entry.deficit += self.quantum
+                old[source] = entry
+        self.held -= len(out)
+        return out, fresh
+
+    def clear(self) -> None:
+        for ring in (self.new, self.old):
+            for source, entry in ring.items():
+                if entry.flow:
+                    source.resume_reading()
+        self.new.clear()
+        self.old.clear()
+        self.held = self.held_bytes = 0
 
 
 class Driver:
@@ -81,8 +238,13 @@ class Driver:
         # A device without offloads, where peers may leave TCP checksums partial: the
         # edge completes them before writing (tun.py, offload.py).
         self.finish_checksums = False
-        # Batching at work (status): super-packets read from and written to the TUN.
-        self.counts = {"tun_super_reads": 0, "tun_super_writes": 0}
+        # Batching at work (status): super-packets read from and written to the TUN;
+        # wake-ups that left datagrams waiting for the next (fairness, above).
+        self.counts = {"tun_super_reads": 0, "tun_super_writes": 0, "fair_deferred": 0}
+        self.fair = FairQueue()
+        self.budget = FAIR_BUDGET
+        self.budget_bytes = FAIR_BUDGET_BYTES
+        self._serving: asyncio.Handle | None = None
 
     # --- transports --------------------------------------------------------------------
 
@@ -111,11 +273,62 @@ class Driver:
         return addressed if isinstance(addressed, UdpTransport) else None
 
     def receive(self, batch: list[tuple[bytes, Any]], now: float) -> None:
-        """What a transport delivers: the datagrams of one wake-up."""
+        """What a transport delivers: the datagrams of one wake-up.  Straight to the core
+        when nothing waits and it fits one wake-up's budget; else queued per source and
+        served fairly (see above)."""
+        fair = self.fair
+        if not fair.held and len(batch) <= self.budget:
+            receive = self.core.receive_datagram
+            for data, addr in batch:
+                receive(data, addr, now)
+            self.after()
+            return
+        dropped = fair.push(batch)
+        if dropped:
+            drops = self.core.drops
+            drops["fair_queue_full"] = drops.get("fair_queue_full", 0) + dropped
+        if fair.new:  # sources that were idle: at once, and their answers leave now
+            self._serve(fresh_only=True)
+        if fair.held and self._serving is None:
+            self._later()
+
+    def _later(self) -> None:
+        # A timer due now runs after the loop's next poll of the sockets and the TUN, so
+        # what arrives meanwhile (a ping, the kernel's answer to one) is not kept
+        # waiting behind the backlog (call_soon would run first).
+        self.counts["fair_deferred"] += 1
+        self._serving = self.loop.call_later(0, self._serve)
+
+    def _serve(self, fresh_only: bool = False) -> None:
+        """One wake-up's work from the per-source queues, sources that were idle first;
+        the rest on the next wake-up.  `fresh_only`: only those (from receive())."""
+        if not fresh_only:
+            self._serving = None
+        fair = self.fair
         receive = self.core.receive_datagram
-        for data, addr in batch:
-            receive(data, addr, now)
-        self.after()
+        now = self.loop.time()
+        count, nbytes = self.budget, self.budget_bytes
+        unsent = False  # the core has handled datagrams since the last after()
+        while fair.held and count > 0 and nbytes > 0:
+            if fresh_only and not fair.new:
+                break
+            batch, fresh = fair.pop(count, nbytes)
+            if not batch:
+                break
+            for data, addr in batch:
+                receive(data, addr, now)
+                nbytes -= len(data)
+            count -= len(batch)
+            unsent = True
+            if fresh:
+                self.after()  # their answers leave before the backlog is touched
+                unsent = False
+                if fresh_only:
+                    break
+        if unsent:
+            self.after()
+        if fair.held and self._serving is None:
+            self._later()
 
     # --- TUN ---------------------------------------------------------------------------
 
@@ -217,6 +430,7 @@ class Driver:
             "udp_gso": udp.gso if udp is not None else None,
             "udp_gro": udp.gro if udp is not None else None,
             **self.counts,
+            "fair_waiting": self.fair.held,
             **({f"udp_{k}": v for k, v in udp.stats.items()} if udp is not None else {}),
         }
 
@@ -245,6 +459,10 @@ class Driver:
         """Stop the timer, let go of the TUN and close every transport."""
         if self._timer is not None:
             self._timer.cancel()
+        if self._serving is not None:
+            self._serving.cancel()
+            self._serving = None
+        self.fair.clear()
         self.detach_tun()
         for transport in list(self.transports):
             self.detach(transport)

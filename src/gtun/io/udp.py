@@ -54,7 +54,10 @@ RECV_BUFFER = 1 << 17
 PLAIN_RECV = 1 << 16
 # Room for the UDP_GRO cmsg and a few others someone may enable on the socket (PKTINFO).
 ANCILLARY_BUFFER = 256
-# Datagrams one wake-up reads, so that the UDP socket does not starve the TUN.
+# Datagrams one wake-up reads: bounded, so that the UDP socket does not starve the TUN,
+# and four times what the Driver hands the core per wake-up (driver.FAIR_BUDGET), so that
+# the socket's buffer, one first-in first-out queue for every peer, stays short under a
+# flood: what is read waits in the Driver's per-source queues instead.
 UDP_BATCH = 256
 # Kernel socket buffers, large enough to absorb bursts.
 SOCKET_BUFFER = 4 << 20
