@@ -184,6 +184,20 @@ class TcpEndpoint:
         transport.write(LENGTH.pack(n) + message)
         return True
 
+    def pause_reading(self) -> None:
+        """Stop reading this connection (the driver's fair queue for it is half full):
+        TCP's own flow control then holds the sender back instead of our dropping."""
+        if not self.transport.is_closing():
+            pause = getattr(self.transport, "pause_reading", None)
+            if pause is not None:
+                pause()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            resume = getattr(self.transport, "resume_reading", None)
+            if resume is not None:
+                resume()
+
     def expired(self, now: float) -> str | None:
         """The reason to close this connection now, if its time is up."""
         limits = self.limits
