@@ -24,6 +24,7 @@ import common  # noqa: F401  (this tree's src/ first)
 with atheris.instrument_imports():
     from ipaddress import IPv4Address, IPv6Network, ip_network
 
+    from gtun.core import l2frame
     from gtun.core import tunnel as tm
     from gtun.core.client import ClientCore
     from gtun.core.packet import build_udp4
@@ -38,8 +39,6 @@ C1_KEY = bytes(range(41, 73))
 C2_KEY = bytes(range(81, 113))
 NET6 = IPv6Network("fd66::/64")
 C1_OWNS = (ip_network("10.66.0.2/32"), ip_network("fd66::2/128"), ip_network("192.168.88.0/24"))
-MAC1 = bytes.fromhex("02aa00000001")
-MAC2 = bytes.fromhex("02aa00000002")
 BROADCAST = b"\xff" * 6
 # Addresses a fuzzed packet's header may name (as the fuzzer rarely guesses them).
 V4 = [bytes([10, 66, 0, i]) for i in (1, 2, 3)] + [bytes([192, 168, 88, 7])]
@@ -92,8 +91,9 @@ class Net(CoreLink):
     def exchange(self, tag: bytes) -> None:
         """A packet c1 -> c2 and one c2 -> c1; both must arrive."""
         c1, c2 = self.clients["c1"], self.clients["c2"]
-        if self.mode == "tap":
-            there, back = self.frame(MAC1, tag), self.frame(MAC2, tag)
+        if self.mode == "tap":  # from the MAC each client's key pins
+            there = self.frame(l2frame.mac_bytes_for_key(c1.wg.public_key), tag)
+            back = self.frame(l2frame.mac_bytes_for_key(c2.wg.public_key), tag)
         else:
             there = build_udp4("10.66.0.2", "10.66.0.3", 1000, 2000, tag)
             back = build_udp4("10.66.0.3", "10.66.0.2", 2000, 1000, tag)
