@@ -26,7 +26,6 @@ KNOWN_REASONS = frozenset(r.name for r in REASONS)
 # Reasons errors carry that core/drops.py does not register yet: found by these harnesses
 # and reported (tests/test_fuzz.py holds them as strict xfails).  Let through here so the
 # fuzzers look past them; remove each once it is registered.
-PENDING_REASONS = frozenset({"bad_vnet_hdr", "too_big"})  # OffloadError's
 
 # What a core hands its device: a packet, or a (header, super-packet) pair.
 Write = Any
@@ -60,7 +59,7 @@ def only(*allowed: type[BaseException]) -> Iterator[None]:
 
 def reason_known(exc: RemoteProtocolError) -> None:
     check(
-        exc.reason in KNOWN_REASONS or exc.reason in PENDING_REASONS,
+        exc.reason in KNOWN_REASONS,
         f"{type(exc).__name__} with unregistered reason {exc.reason!r}",
     )
 

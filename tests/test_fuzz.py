@@ -99,19 +99,12 @@ def test_a_broken_oracle_is_a_crash(tmp_path: Path) -> None:
     assert "OracleFailure: always" in result.stdout + result.stderr
 
 
-# --- what the harnesses found, until it is fixed ---------------------------------------
+# --- what the harnesses found (regression tests) -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="OffloadError's reasons 'bad_vnet_hdr' and 'too_big' are not registered in "
-    "core/drops.py, though errors.py says a RemoteProtocolError's reason is a drop "
-    "counter's name (found by fuzz/offload_codec.py)",
-)
 def test_every_offload_error_reason_is_a_registered_drop_reason() -> None:
     from gtun.core.drops import REASONS
-    from gtun.core.offload import PLAIN, OffloadError, pull_gso, split
+    from gtun.core.offload import PLAIN, pull_gso, split
 
     names = {r.name for r in REASONS}
     found = []
@@ -140,19 +133,16 @@ def _bulk_tcp4(flags_frag: int, payload: bytes) -> bytes:
     ("frame_args", "what"),
     [((0x4000, b""), "no payload"), ((0x2000, bytes(3000)), "an IPv4 fragment")],
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=OffloadError,
-    reason="pull_bulk accepts a TCP super-packet with no payload and an IPv4 fragment "
-    "under GSO_TCPV4, which segment() refuses; the relay writes such a frame whole to its "
-    "TUN (forward.py _bulk_from_peer), the client too (found by fuzz/bulk_frames.py)",
-)
-def test_an_accepted_bulk_frame_can_be_segmented(frame_args: tuple[int, bytes], what: str) -> None:
+def test_a_bulk_frame_segment_would_refuse_is_refused(
+    frame_args: tuple[int, bytes], what: str
+) -> None:
+    """Found by fuzz/bulk_frames.py: pull_bulk took GSO frames that segment() refuses (a
+    super-packet with no payload, an IPv4 fragment), and the relay wrote them whole to
+    its TUN.  Now they are the sender's protocol error; a good frame still segments."""
     from gtun.core import bulk
     from gtun.core.offload import segment
 
-    try:
-        hdr, packet = bulk.pull_bulk(_bulk_tcp4(*frame_args))
-    except bulk.BulkError:
-        return  # refused: what the fix does
-    segment(hdr, packet)  # raises OffloadError today
+    with pytest.raises(bulk.BulkError):
+        bulk.pull_bulk(_bulk_tcp4(*frame_args))
+    hdr, packet = bulk.pull_bulk(_bulk_tcp4(0x4000, bytes(3000)))
+    assert len(segment(hdr, packet)) == 3

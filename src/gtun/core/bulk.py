@@ -113,6 +113,10 @@ def _checked_header(hdr: Gso, version: int, ip_len: int, proto: int, packet: byt
         raise BulkError("TCP header does not fit the packet")
     if hdr.gso_size < _MIN_GSO_SIZE:
         raise BulkError("segment size too small")
+    if ip_len + tcp_len == len(packet):
+        raise BulkError("segmentation of a TCP packet without payload")
+    if version == 4 and (packet[6] << 8 | packet[7]) & 0x3FFF:
+        raise BulkError("segmentation of an IPv4 fragment")
     return hdr._replace(hdr_len=ip_len + tcp_len)
 
 
