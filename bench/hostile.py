@@ -19,6 +19,11 @@ not), and the figure.  Scenarios (`--scenarios` takes these keys):
   garbage     a sender in c1's namespace (no gtun there) sprays the relay's UDP port
               with garbage at the rate GSO sends allow (transport-message shaped:
               type 4, random receiver index and counter) while c2 pings the relay
+  handshake-flood
+              initiations from 8 keys the relay does not know, as fast as one process
+              makes them, from one address (tests/scripts/hs_flood.py: without mac2,
+              then with a cookie the relay sent, reused) while client c1 starts and
+              pings: its time to be configured, the DH the relay did for the flood
   slowloris   600 TCP connections to the relay's port (more than it accepts), each
               idle or trickling one byte, reopened whenever closed, while c2 starts
               on the TCP transport: the time until it is configured, and its pings
@@ -359,7 +364,68 @@ def slowloris(h: Hostile) -> Row:
     )
 
 
+HS_FLOOD = Path(__file__).resolve().parent.parent / "tests" / "scripts" / "hs_flood.py"
+HS_FLOOD_KEYS = 8
+
+
+def handshake_flood(h: Hostile) -> Row:
+    """Initiations from keys the relay does not know, as fast as one process makes them,
+    from one address: without mac2 at first, then with the cookie the relay answered
+    with (reused for as long as it lasts); a real client starts one second into it."""
+    from gtun.app.keys import encode_key, public_key
+
+    with h.net("h", clients=2, transports=["", ""]) as net:
+        c1, attacker = net.clients
+        log = h.workdir / "hs_flood.out"
+        log.unlink(missing_ok=True)
+        seconds = max(h.seconds, 8)
+        flood = attacker.ns.spawn(
+            [
+                sys.executable,
+                str(HS_FLOOD),
+                attacker.underlay,
+                str(PORT),
+                encode_key(public_key(net.relay.key)),
+                str(seconds),
+                str(HS_FLOOD_KEYS),
+            ],
+            log_path=log,
+        )
+        try:
+            time.sleep(1.0)
+            started = time.monotonic()
+            net.start_client(c1)
+            net.wait_configured(c1, timeout=CONFIGURE_TIMEOUT)
+            joined = time.monotonic() - started
+            pings = h.ping(c1.ns, RELAY, 30)
+            flood.wait(seconds + 20)
+        finally:
+            stop(flood)
+        drops = h.relay_drops(net)
+    try:
+        counts = json.loads(log.read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        counts = {}
+    sent = counts.get("sent", 0)
+    dh = drops.get("unknown_peer", 0)
+    held = (
+        f"client configured in {joined:.1f} s, {len(pings.rtts)}/{pings.sent} pings; "
+        f"{counts.get('responses', 0)} responses to the flood"
+    )
+    return Row(
+        "handshake flood (udp)",
+        f"{sent / seconds / 1000:.1f}k initiations/s from {HS_FLOOD_KEYS} unknown keys, one "
+        f"address, {counts.get('with_mac2', 0)} with a reused cookie",
+        held,
+        f"DH done for the flood {dh} ({dh / seconds:.0f}/s); refused before DH "
+        f"{drops.get('handshake_ratelimited', 0)}; cookie replies {drops.get('cookie', 0)}; "
+        f"client ping {pings.text()}",
+        {"counts": counts, "drops": drops, "joined_s": joined, "pings": pings.rtts},
+    )
+
+
 SCENARIOS: dict[str, Callable[[Hostile], Row]] = {
+    "handshake-flood": handshake_flood,
     "flood-udp": flood_udp,
     "flood-tcp": flood_tcp,
     "garbage": garbage,
