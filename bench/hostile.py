@@ -311,7 +311,7 @@ while time.monotonic() < end:
         for s in socks[::2]:
             try: s.send(b"\\x00")
             except OSError: pass
-print(opened, refused, flush=True)
+        print(opened, refused, flush=True)  # the last line counts: it is stopped, not ended
 """
 
 
@@ -351,8 +351,11 @@ def slowloris(h: Hostile) -> Row:
         held = f"c2 NOT configured within {CONFIGURE_TIMEOUT:.0f} s"
         figure = "-"
     else:
-        held = f"c2 configured in {connect:.1f} s; " + (
-            "all pings answered" if not loaded.lost else f"{loaded.lost} of {loaded.sent} lost"
+        tcp = ", ".join(f"{k} {v}" for k, v in drops.items() if k.startswith("tcp_"))
+        held = (
+            f"c2 configured in {connect:.1f} s; "
+            + ("all pings answered" if not loaded.lost else f"{loaded.lost} of {loaded.sent} lost")
+            + (f"; relay: {tcp}" if tcp else "")
         )
         figure = f"ping {loaded.text()}"
     return Row(
