@@ -34,7 +34,7 @@ import pytest
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.lab.net import PORT, GtunNet
 from gtun.lab.netns import Lab, Namespace, list_namespaces
-from labkit import apply_wg_quick, gtun_stdout, run_python, split_wg_quick
+from labkit import apply_wg_quick, gtun_stdout, run_python, split_wg_quick, wait_until
 
 WG_RUN = Path("/var/run/wireguard")
 RELAY_TUNNEL_ADDRESS = "10.66.0.1"
@@ -150,14 +150,11 @@ def context(net: GtunNet | None, *peers: StockPeer) -> str:
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, ctx: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}\n{ctx()}", pytrace=False)
-        time.sleep(0.1)
+    """labkit.wait_until, failing the test with `ctx()` (the peers' state) on time-out."""
+    try:
+        return wait_until(cond, timeout, what)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{ctx()}", pytrace=False)
 
 
 def ping(
