@@ -44,9 +44,11 @@ class EchoCore(FakeCore):
     def __init__(self, to: Any) -> None:
         super().__init__()
         self.to = to
+        self.handled = 0
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         self.out.append((data, self.to))
+        self.handled += 1
 
 
 def big_buffer(sock: socket.socket) -> None:
@@ -62,7 +64,8 @@ def trial(loop: asyncio.AbstractEventLoop, batching: bool, count: int, size: int
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for sock in (sink, rx):
         sock.bind(("127.0.0.1", 0))
-    driver = Driver(EchoCore(sink.getsockname()), loop, lambda e: None)
+    core = EchoCore(sink.getsockname())
+    driver = Driver(core, loop, lambda e: None)
     udp = UdpTransport(rx, loop, batching=batching)
     driver.attach(udp)
     big_buffer(rx)
@@ -77,10 +80,14 @@ def trial(loop: asyncio.AbstractEventLoop, batching: bool, count: int, size: int
     while True:
         before = stats["datagrams_received"]
         readable()
+        # What the fair queue held back (a read over one wake-up's budget) is served as
+        # the loop's timer would, so that what is timed is datagrams handled, not read.
+        while driver.fair.held:
+            driver._serve()
         if stats["datagrams_received"] == before:
             break
     elapsed = perf_counter() - start
-    got = stats["datagrams_received"]
+    got = core.handled
     driver.close()
     tx.close()
     sink.close()

@@ -4,7 +4,9 @@ The interface is wireguard-go's conn.Bind made asyncio-shaped.  A transport is o
 with ONE receive callback and from then on delivers what arrives in batches,
 `receive([(datagram, endpoint), ...], now)`, each batch being whatever one wake-up read
 (a UDP read of up to UDP_BATCH datagrams, the frames of one TCP read); the Driver feeds
-the batch to the core and then runs its after() once.  `send()` takes a batch of
+it to the core and runs its after() once, or, when other sources' datagrams wait or the
+batch is over one wake-up's budget, queues it per source and serves the queues fairly
+(driver.py).  `send()` takes a batch of
 (datagram, endpoint) pairs and returns how many it dropped; it never blocks or raises
 for the network's sake (a full buffer, a closed connection: dropped).
 
