@@ -169,3 +169,19 @@ def test_unknown_keys_are_logged_once_then_summarized() -> None:
     assert u.flush(111.0) is None and u.total == 501
     # Quiet for an interval: the next one is logged at once again.
     assert u.note(keys[1], "192.0.2.2:1", 125.0) is not None
+
+
+def test_a_stored_peer_with_a_low_order_key_is_refused_before_any_lease(tmp_path: Path) -> None:
+    """The config's peers are checked as it is read; a peer in the state store (from
+    `gtun peer add`, or written by hand) is checked where the peer set is built."""
+    from gtun.app.peerset import collect_peers, open_state
+    from gtun.app.store import StoredPeer
+
+    write_key(tmp_path / "server.key")
+    cfg = load_server_config(server_toml(tmp_path))
+    with open_state(cfg) as store:
+        store.add_peer(StoredPeer("evil", BAD))
+        with pytest.raises(ConfigError) as info:
+            collect_peers(cfg, store)
+        assert "low-order" in str(info.value) and info.value.file == str(store.path)
+        assert store.leases() == {}

@@ -12,6 +12,7 @@ from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.store import AddressPool, StateStore
 from gtun.core.relay import PeerSpec
+from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
 from gtun.system.ipv6 import address6_for
 
@@ -28,7 +29,9 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
     """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
     with their addresses (fixed ones first, so leases move out of their way).
 
-    Raises ConfigError for a stored peer that clashes with the config."""
+    Raises ConfigError for a stored peer that clashes with the config or has a
+    low-order key (the config's own peers were checked as it was read), before any
+    address is leased."""
     pool = AddressPool(cfg.network, store)
     entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
         (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
@@ -37,6 +40,13 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
     keys = {p.public_key for p in cfg.peers}
     for sp in store.peers():
         key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
+        if is_degenerate_key(key):
+            raise ConfigError(
+                f"peer {sp.name} has a low-order public key {sp.public_key} "
+                "(its Diffie-Hellman result is all zeros); remove it",
+                file=store.path,
+                key=f"peers.{sp.name}",
+            )
         if sp.name in names or key in keys:
             log.warning(
                 "peer %s from %s clashes with %s (same name or key); using the config's",

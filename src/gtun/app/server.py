@@ -25,7 +25,6 @@ from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
-from gtun.core.wg.crypto import is_degenerate_key
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
@@ -168,7 +167,7 @@ class Server:
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
-        specs = checked_keys(cfg, collect_peers(cfg, store))
+        specs = collect_peers(cfg, store)
         sock = bind_udp(cfg)
         try:
             tcp_sock = bind_tcp(cfg)
@@ -309,7 +308,7 @@ class Server:
         assert self.relay is not None
         try:
             cfg = load_server_config(self.cfg.path)
-            specs = checked_keys(cfg, collect_peers(cfg, self.store))
+            specs = collect_peers(cfg, self.store)
             added, removed = self.relay.set_peers(specs)
             await self.rt.nl(self.sync_subnet_routes, specs)
         except GtunError as exc:
@@ -432,20 +431,6 @@ class Server:
             self.driver.datapath() if self.driver is not None else None,
             tail={"tcp_connections": len(self.tcp.connections) if self.tcp else 0},
         )
-
-
-def checked_keys(cfg: ServerConfig, specs: list[PeerSpec]) -> list[PeerSpec]:
-    """`specs`, once none has a low-order key (the config's peers were checked as it
-    was read; this catches a stored one), which the core would refuse half-way through
-    set_peers().  Raises ConfigError."""
-    for spec in specs:
-        if is_degenerate_key(spec.public_key):
-            raise ConfigError(
-                f"peer {spec.name} has a low-order public key {encode_key(spec.public_key)} "
-                "(its Diffie-Hellman result is all zeros); remove it",
-                file=cfg.path,
-            )
-    return specs
 
 
 def _v6(spec: PeerSpec) -> str:
