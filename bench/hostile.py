@@ -19,6 +19,8 @@ not), and the figure.  Scenarios (`--scenarios` takes these keys):
   garbage     a sender in c1's namespace (no gtun there) sprays the relay's UDP port
               with garbage at the rate GSO sends allow (transport-message shaped:
               type 4, random receiver index and counter) while c2 pings the relay
+  garbage-plain
+              the same, one datagram per send (no GSO: the relay reads each on its own)
   handshake-flood
               initiations from 8 keys the relay does not know, as fast as one process
               makes them, from one address (tests/scripts/hs_flood.py: without mac2,
@@ -97,6 +99,7 @@ class Hostile:
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.seconds: int = args.seconds
+        self.pin: bool = args.pin
         self.workdir = workdir
 
     @contextlib.contextmanager
@@ -128,17 +131,52 @@ class Hostile:
         return Pings(count, [float(m) for m in _RTT.findall(out.stdout)])
 
     def ping_during(
-        self, proc: subprocess.Popen[bytes], ns: Namespace, address: str, count: int, settle: float
-    ) -> Pings:
-        """`count` pings from `ns` once `proc` (the attack) has run `settle` seconds; then
-        waits for `proc` to end (stopping it if it does not)."""
+        self,
+        proc: subprocess.Popen[bytes],
+        ns: Namespace,
+        address: str,
+        count: int,
+        settle: float,
+        control: str,
+    ) -> tuple[Pings, Pings]:
+        """`count` pings from `ns` to `address` once `proc` (the attack) has run `settle`
+        seconds, and at the same time as many to `control`, an address the kernel answers
+        without gtun (the relay's underlay address): what the lab itself adds under the
+        attack (its shared CPUs and veth queues).  Then waits for `proc` to end (stopping
+        it if it does not)."""
         try:
             time.sleep(settle)
-            pings = self.ping(ns, address, count)
+            log = self.workdir / "control-ping.out"
+            ctl = ns.spawn(
+                ["ping", "-n", "-c", str(count), "-i", str(PING_INTERVAL), "-W", "2", control],
+                log_path=log,
+            )
+            try:
+                pings = self.ping(ns, address, count)
+                ctl.wait(count * PING_INTERVAL + 20)
+            finally:
+                stop(ctl)
+            text = log.read_text(errors="replace") if log.exists() else ""
+            baseline = Pings(count, [float(m) for m in _RTT.findall(text)])
             proc.wait(self.seconds + 20)
-            return pings
+            return pings, baseline
         finally:
             stop(proc)
+
+    def pin_apart(self, relay: list[Any], others: list[Any]) -> None:
+        """With --pin: the relay's threads on CPU 0, the attack's processes on the others,
+        as if the relay had a machine of its own (the watching client is not pinned)."""
+        if not self.pin or os.cpu_count() in (None, 1):
+            return
+        rest = f"1-{(os.cpu_count() or 2) - 1}"
+        for procs, cpus in ((relay, "0"), (others, rest)):
+            for proc in procs:
+                if proc is not None and proc.poll() is None:
+                    subprocess.run(
+                        ["taskset", "-a", "-p", "-c", cpus, str(proc.pid)],
+                        check=False,
+                        capture_output=True,
+                    )
 
     def warm(self, ns: Namespace, address: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -201,6 +239,7 @@ def _flood(h: Hostile, transport: str) -> Row:
         server = c2.ns.spawn(
             ["iperf3", "-s", "-1", "-B", c2.extra["address"]], log_path=h.workdir / "s.log"
         )
+        h.pin_apart([net.relay.proc], [c1.proc, c2.proc, server])
         log = h.workdir / f"flood-{transport}.log"
         log.unlink(missing_ok=True)
         try:
@@ -209,7 +248,10 @@ def _flood(h: Hostile, transport: str) -> Row:
                 ["iperf3", "-c", c2.extra["address"], "-t", str(h.seconds), "-P", "4"],
                 log_path=log,
             )
-            loaded = h.ping_during(client, c3.ns, RELAY, int((h.seconds - 3) / PING_INTERVAL), 1.5)
+            h.pin_apart([], [client])
+            loaded, control = h.ping_during(
+                client, c3.ns, RELAY, int((h.seconds - 3) / PING_INTERVAL), 1.5, c3.underlay
+            )
         finally:
             stop(server)
         drops = h.relay_drops(net)
@@ -223,8 +265,8 @@ def _flood(h: Hostile, transport: str) -> Row:
         f"flood ({transport})",
         f"c1->c2 iperf3 -P 4 ({mbits(log)}), c3 pings the relay",
         f"{held}; {ratio:.1f}x idle",
-        f"idle {idle.text()}; flood {loaded.text()}",
-        {"idle": idle.rtts, "loaded": loaded.rtts, "drops": drops},
+        f"idle {idle.text()}; flood {loaded.text()}; underlay {control.text()}",
+        {"idle": idle.rtts, "loaded": loaded.rtts, "control": control.rtts, "drops": drops},
     )
 
 
@@ -243,7 +285,7 @@ host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setblocking(False)
 sock.connect((host, port))
-batch = UdpBatch(sock)
+batch = UdpBatch(sock, gso=sys.argv[4] == "gso")
 addr = (host, port)
 sent = 0
 end = time.monotonic() + seconds
@@ -256,15 +298,20 @@ print(sent, flush=True)
 """
 
 
-def garbage(h: Hostile) -> Row:
-    with h.net("g", clients=2, transports=["", "udp"]) as net:
+def garbage(h: Hostile, gso: bool = True) -> Row:
+    with h.net("g" if gso else "gp", clients=2, transports=["", "udp"]) as net:
         c1, c2 = net.clients
         h.warm(c2.ns, RELAY)
         idle = h.ping(c2.ns, RELAY, 50)
         log = h.workdir / "garbage.out"
         log.unlink(missing_ok=True)
-        sender = h.python(c1.ns, GARBAGE, c1.underlay, str(PORT), str(h.seconds), log="garbage.out")
-        loaded = h.ping_during(sender, c2.ns, RELAY, int((h.seconds - 2) / PING_INTERVAL), 1.0)
+        how = "gso" if gso else "plain"
+        sender = h.python(
+            c1.ns, GARBAGE, c1.underlay, str(PORT), str(h.seconds), how, log="garbage.out"
+        )
+        loaded, control = h.ping_during(
+            sender, c2.ns, RELAY, int((h.seconds - 2) / PING_INTERVAL), 1.0, c2.underlay
+        )
         drops = h.relay_drops(net)
     try:
         count = int(log.read_text().split()[-1])
@@ -272,11 +319,18 @@ def garbage(h: Hostile) -> Row:
         count = 0
     held = "all pings answered" if not loaded.lost else f"{loaded.lost} of {loaded.sent} lost"
     return Row(
-        "garbage (udp)",
-        f"{count / h.seconds / 1000:.0f}k datagrams/s of 148 random bytes (type 4)",
+        "garbage (udp)" if gso else "garbage (udp, one per send)",
+        f"{count / h.seconds / 1000:.0f}k datagrams/s of 148 random bytes (type 4)"
+        + (", 64 per GSO send" if gso else ""),
         f"{held}; relay dropped {sum(drops.values())}",
-        f"idle {idle.text()}; garbage {loaded.text()}",
-        {"idle": idle.rtts, "loaded": loaded.rtts, "sent": count, "drops": drops},
+        f"idle {idle.text()}; garbage {loaded.text()}; underlay {control.text()}",
+        {
+            "idle": idle.rtts,
+            "loaded": loaded.rtts,
+            "control": control.rtts,
+            "sent": count,
+            "drops": drops,
+        },
     )
 
 
@@ -432,6 +486,7 @@ SCENARIOS: dict[str, Callable[[Hostile], Row]] = {
     "flood-udp": flood_udp,
     "flood-tcp": flood_tcp,
     "garbage": garbage,
+    "garbage-plain": lambda h: garbage(h, gso=False),
     "slowloris": slowloris,
 }
 
@@ -465,6 +520,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--markdown", nargs="?", const="-", metavar="FILE",
         help="also print the table as Markdown (or write it to FILE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pin", action="store_true",
+        help="flood scenarios: the relay on CPU 0, the flooding peers on the other CPUs",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--workdir", type=Path, help="keep configs and logs here (default: temporary)")

@@ -219,8 +219,41 @@ def test_a_source_over_its_bound_is_dropped_and_counted_others_are_not() -> None
             await asyncio.sleep(0)
         got = sources(core.received)
         assert got.count(B) == 50
-        assert got.count(A) == 100
-        assert core.drops["fair_queue_full"] == 400
+        # Nothing waited: one wake-up's budget (arrival order, all A's) went straight
+        # to the core, and of the rest 100 of A's could wait.
+        assert got.count(A) == driver.budget + 100
+        assert core.drops["fair_queue_full"] == 400 - driver.budget
+        driver.close()
+
+    asyncio.run(main())
+
+
+def test_while_datagrams_wait_a_full_source_is_refused_before_it_is_read_whole() -> None:
+    async def main() -> None:
+        loop, core, driver, wire = rig()
+        wire.admit = None
+        driver.detach(wire)
+        driver.attach(wire)  # now the driver knows it can ask (an `admit` attribute)
+        assert wire.admit is None  # nothing waits: nothing is asked per datagram
+        driver.fair.per_source = 100
+        wire.deliver(datagrams(A, 100), loop.time())
+        assert wire.admit is not None and len(driver.fair) > 0
+        # A's queue is full: a train of A's is refused and counted, B's is let in, and
+        # what was let in counts against the next train of the same delivery.
+        waiting = len(driver.fair)  # all A's: the rest of its first delivery
+        assert wire.admit(A, 100 - waiting) is True
+        assert wire.admit(A, 1) is False
+        assert core.drops["fair_queue_full"] == 1
+        assert wire.admit(B, 60) is True and wire.admit(B, 60) is False
+        assert core.drops["fair_queue_full"] == 61
+        wire.deliver(datagrams(A, 100 - waiting), loop.time())
+        wire.deliver(datagrams(B, 60), loop.time())
+        for _ in range(100):
+            if not len(driver.fair):
+                break
+            await asyncio.sleep(0)
+        assert sources(core.received).count(B) == 60
+        assert wire.admit is None  # drained: no more asking
         driver.close()
 
     asyncio.run(main())

@@ -463,3 +463,33 @@ def test_gso_trains_cross_a_veth_and_arrive_coalesced(lab: Lab, tmp_path: Path) 
     assert sent["dropped"] == 0 and sent["gso"]
     assert sent["stats"]["gso_sends"] == 0
     assert received["received"] == 60 and received["bad"] == []
+
+
+@pytest.mark.parametrize("gro", [True, False])
+def test_admit_refuses_a_train_whole_before_it_is_cut_apart(sockets, gro) -> None:
+    # The Driver's early drop (driver.py, Fairness): a train whose source may not queue
+    # more is skipped in one piece; another source's datagram still comes through.
+    tx, other, rx = (sockets(socket.AF_INET, "127.0.0.1") for _ in range(3))
+    sender, receiver = UdpBatch(tx), UdpBatch(rx, gro=gro)
+    asked: list[tuple[Any, int]] = []
+
+    def admit(addr: Any, count: int) -> bool:
+        asked.append((addr, count))
+        return addr != tx.getsockname()
+
+    receiver.admit = admit
+    assert sender.send(train(rx.getsockname(), count=9)) == 0  # 10 datagrams
+    other.sendto(b"ping", rx.getsockname())
+    got = collect(lambda: receiver.recv(64), rx, 1)
+    time.sleep(0.05)
+    got += receiver.recv(64)
+    assert got == [(b"ping", other.getsockname())]
+    refused = [n for addr, n in asked if addr == tx.getsockname()]
+    if gro and sender.gso:
+        assert refused == [10]  # asked once, for the whole train
+    else:
+        assert sum(refused) == 10 and set(refused) == {1}
+    assert receiver.pending == 0
+    receiver.admit = None  # taking all again
+    assert sender.send(train(rx.getsockname(), count=2)) == 0
+    assert len(collect(lambda: receiver.recv(64), rx, 3)) == 3

@@ -30,8 +30,14 @@ wake-up ends when its budget is spent, the rest served from the next loop iterat
 more per wake-up than the core handles (udp.UDP_BATCH), so the kernel's socket buffer,
 one FIFO for every peer, stays short: a flood's excess is dropped from its own queue
 (drop-tail per source, "fair_queue_full") instead of queueing in front of everyone.
-When nothing waits and a delivery fits one wake-up's budget (the common case, a busy
-peer or many quiet ones), it goes straight to the core in arrival order, as before.
+A UDP read of a GRO train (many datagrams of one sender in one buffer) asks first
+whether that sender's queue is full (Driver._admit) and skips the train whole if so:
+a flood's excess costs one read per train, not an object per datagram, and the
+socket's buffer, where everyone's datagrams wait in one line, is drained at the rate
+the flood arrives.
+When nothing waits, one wake-up's budget of a delivery goes straight to the core in
+arrival order (all of it in the common case, a busy peer or many quiet ones), and only
+the rest is queued, its sources behind those that were not served yet.
 """
 
 from __future__ import annotations
@@ -166,6 +172,24 @@ class FairQueue:
                 source.pause_reading()
         return dropped
 
+    def demote(self, sources: set[Any]) -> None:
+        """`sources` have just been served outside the queues (a wake-up's budget went
+        straight to the core): what they have waiting goes to the back of the round."""
+        new, old = self.new, self.old
+        for source in sources:
+            entry = new.pop(source, None)
+            if entry is not None:
+                old[source] = entry
+
+    def full(self, source: Any, count: int) -> bool:
+        """Whether `count` more datagrams from `source` would pass a bound now."""
+        if self.held + count > self.total or self.held_bytes >= self.total_bytes:
+            return True
+        entry = self.old.get(source) or self.new.get(source)
+        if entry is None:
+            return count > self.per_source
+        return len(entry.queue) + count > self.per_source or entry.size >= self.per_source_bytes
+
     def pop(self, count: int, nbytes: int) -> tuple[list[tuple[bytes, Any]], bool]:
         """Up to `count` datagrams and about `nbytes` bytes in DRR order, and whether they
         are those of sources that had been idle (then only those: transmit them at once,
@@ -245,6 +269,10 @@ class Driver:
         self.budget = FAIR_BUDGET
         self.budget_bytes = FAIR_BUDGET_BYTES
         self._serving: asyncio.Handle | None = None
+        # Datagrams _admit() let in per source since the last delivery (receive()).
+        self._admitted: dict[Any, int] = {}
+        self._admitters: list[Any] = []  # transports with an `admit` to set
+        self._admit_on = False
 
     # --- transports --------------------------------------------------------------------
 
@@ -256,10 +284,37 @@ class Driver:
                 raise ValueError("a driver has one transport for (host, port) endpoints")
             self._addressed = transport
         self.transports.append(transport)
+        if hasattr(transport, "admit"):  # it can ask before it reads (transport.Admit)
+            self._admitters.append(transport)
+            transport.admit = self._admit if self.fair.held else None
         transport.open(self.receive)
+
+    def _admitting(self, on: bool) -> None:
+        """Have the transports that can ask (transport.Admit) ask _admit() or not: only
+        while datagrams wait, so that nothing is asked per datagram when none do."""
+        self._admit_on = on
+        for transport in self._admitters:
+            transport.admit = self._admit if on else None
+
+    def _admit(self, source: Any, count: int) -> bool:
+        """transport.Admit: refuse (and count) datagrams whose source's queue is full, so
+        that a flood is dropped before it is cut apart into datagrams."""
+        fair = self.fair
+        if not fair.held:
+            return True
+        admitted = self._admitted.get(source, 0)  # already let in for the same delivery
+        if not fair.full(source, admitted + count):
+            self._admitted[source] = admitted + count
+            return True
+        drops = self.core.drops
+        drops["fair_queue_full"] = drops.get("fair_queue_full", 0) + count
+        return False
 
     def detach(self, transport: Transport) -> None:
         """Stop using `transport` and close it (a client falling back to TCP)."""
+        if transport in self._admitters:
+            self._admitters.remove(transport)
+            transport.admit = None  # type: ignore[attr-defined]
         if transport in self.transports:
             self.transports.remove(transport)
             if transport is self._addressed:
@@ -276,21 +331,35 @@ class Driver:
         """What a transport delivers: the datagrams of one wake-up.  Straight to the core
         when nothing waits and it fits one wake-up's budget; else queued per source and
         served fairly (see above)."""
+        if self._admitted:
+            self._admitted.clear()
         fair = self.fair
-        if not fair.held and len(batch) <= self.budget:
+        if not fair.held:
+            # Nobody waits: one wake-up's budget goes straight to the core in arrival
+            # order, and only the rest is queued, behind sources not yet served.
+            budget = self.budget
+            head = batch if len(batch) <= budget else batch[:budget]
             receive = self.core.receive_datagram
-            for data, addr in batch:
+            for data, addr in head:
                 receive(data, addr, now)
             self.after()
-            return
-        dropped = fair.push(batch)
+            if head is batch:
+                return
+            rest = batch[budget:]
+            dropped = fair.push(rest)
+            fair.demote({addr for _, addr in head})
+        else:
+            dropped = fair.push(batch)
         if dropped:
             drops = self.core.drops
             drops["fair_queue_full"] = drops.get("fair_queue_full", 0) + dropped
         if fair.new:  # sources that were idle: at once, and their answers leave now
             self._serve(fresh_only=True)
-        if fair.held and self._serving is None:
-            self._later()
+        if fair.held:
+            if not self._admit_on:
+                self._admitting(True)
+            if self._serving is None:
+                self._later()
 
     def _later(self) -> None:
         # A timer due now runs after the loop's next poll of the sockets and the TUN, so
@@ -327,7 +396,10 @@ class Driver:
                     break
         if unsent:
             self.after()
-        if fair.held and self._serving is None:
+        if not fair.held:
+            if self._admit_on:
+                self._admitting(False)
+        elif self._serving is None:
             self._later()
 
     # --- TUN ---------------------------------------------------------------------------
@@ -463,6 +535,7 @@ class Driver:
             self._serving.cancel()
             self._serving = None
         self.fair.clear()
+        self._admitting(False)
         self.detach_tun()
         for transport in list(self.transports):
             self.detach(transport)

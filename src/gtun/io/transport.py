@@ -33,6 +33,12 @@ from typing import Any, Protocol
 Endpoint = Hashable
 # receive(batch, now): the datagrams one wake-up brought, and the loop's time.
 Receive = Callable[[list[tuple[bytes, Any]], float], None]
+# admit(endpoint, n): whether `n` datagrams from `endpoint`, read but not yet cut apart,
+# are wanted; False: the caller of admit has counted them as dropped, skip them.  A
+# transport that reads many datagrams from one sender at once (UDP GRO trains) may have
+# an `admit` attribute; the Driver sets it, so a flood over its source's bound is
+# dropped before it costs an object per datagram (driver.py, Fairness).
+Admit = Callable[[Any, int], bool]
 
 
 class Transport(Protocol):

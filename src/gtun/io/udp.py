@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gtun.io.transport import Receive
+from gtun.io.transport import Admit, Receive
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class UdpBatch:
         self.on_error: Callable[[OSError], None] | None = None
         self.gso = gso and _probe_gso(sock)
         self.gro = gro and _enable_gro(sock)
+        # Asked before a datagram or a GRO train is taken (transport.Admit); None: take
+        # all.  The Driver sets it only while datagrams wait in its queues.
+        self.admit: Admit | None = None
         self.stats: dict[str, int] = {
             "datagrams_sent": 0,
             "datagrams_received": 0,
@@ -165,13 +168,17 @@ class UdpBatch:
     def _recv_plain(self, out: list[tuple[bytes, Any]], limit: int) -> None:
         recv = self.sock.recvfrom
         append = out.append
+        admit = self.admit
         for _ in range(limit - len(out)):
             try:
-                append(recv(PLAIN_RECV))
+                item = recv(PLAIN_RECV)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._recv_error(exc)
+                continue
+            if admit is None or admit(item[1], 1):
+                append(item)
 
     def _recv_gro(self, out: list[tuple[bytes, Any]], limit: int) -> None:
         recvmsg_into = self.sock.recvmsg_into
@@ -191,10 +198,14 @@ class UdpBatch:
             for level, kind, data in ancdata:
                 if kind == UDP_GRO and level == SOL_UDP and len(data) >= 4:
                     segment = _INT.unpack_from(data)[0]
+            admit = self.admit
             if segment <= 0 or n <= segment:
-                append((bytes(view[:n]), addr))
+                if admit is None or admit(addr, 1):
+                    append((bytes(view[:n]), addr))
             else:
                 gro_reads += 1
+                if admit is not None and not admit(addr, -(-n // segment)):
+                    continue  # its source's queue is full: dropped (and counted) whole
                 if flags & socket.MSG_TRUNC:
                     # Keep the whole segments; the cut one and the unread rest are gone.
                     self.stats["truncated"] += 1
@@ -387,6 +398,14 @@ class UdpTransport:
     @property
     def stats(self) -> dict[str, int]:
         return self.batch.stats
+
+    @property
+    def admit(self) -> Admit | None:
+        return self.batch.admit
+
+    @admit.setter
+    def admit(self, admit: Admit | None) -> None:
+        self.batch.admit = admit
 
     def open(self, receive: Receive) -> None:
         self._receive = receive
