@@ -28,7 +28,9 @@ Remote misbehaviour never raises: every datagram that fails to parse, authentica
 pass the replay window is dropped and counted in `WireGuard.drops` by reason.  Misuse of
 the API by the caller (a wrong-sized key, an unknown peer) raises ValueError;
 add_peer() raises LocalProtocolError (a ValueError) for a key whose DH with ours is
-degenerate (a low-order point).
+degenerate (a low-order point).  A change to the peer set changes nothing when it
+raises: add_peer() checks before it adds, and a change of several peers at once is
+new_peer() for each (every check, no effect) and then update_peers().
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -257,6 +259,37 @@ class WireGuard:
 
     # --- peers -------------------------------------------------------------------
 
+    def new_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        endpoint: Hashable | None = None,
+        persistent_keepalive: float = 0.0,
+        data: Any = None,
+    ) -> Peer:
+        """A peer of this device, checked but not added (update_peers() adds it): every
+        check of add_peer() and none of its effect.  Raises what add_peer() raises."""
+        if len(public_key) != KEY_SIZE:
+            raise ValueError("public key must be 32 bytes")
+        if public_key == self.public_key:
+            raise ValueError("a peer cannot have our own public key")
+        if public_key in self.peers:
+            raise ValueError("peer already present")
+        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
+            raise ValueError("preshared key must be 32 bytes")
+        try:
+            return Peer(
+                self,
+                public_key,
+                preshared_key=preshared_key,
+                endpoint=endpoint,
+                persistent_keepalive=persistent_keepalive,
+                data=data,
+            )
+        except CryptoError as exc:
+            raise LocalProtocolError("degenerate (low-order) public key") from exc
+
     def add_peer(
         self,
         public_key: bytes,
@@ -268,32 +301,42 @@ class WireGuard:
     ) -> Peer:
         """Add a peer.  Raises ValueError for a malformed key or our own key, and
         LocalProtocolError (a ValueError) for a low-order key, whose DH with ours is
-        all zeros (the caller should have refused it: crypto.is_degenerate_key)."""
-        if len(public_key) != KEY_SIZE:
-            raise ValueError("public key must be 32 bytes")
-        if public_key == self.public_key:
-            raise ValueError("a peer cannot have our own public key")
-        if public_key in self.peers:
-            raise ValueError("peer already present")
-        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
-            raise ValueError("preshared key must be 32 bytes")
-        try:
-            peer = Peer(
-                self,
-                public_key,
-                preshared_key=preshared_key,
-                endpoint=endpoint,
-                persistent_keepalive=persistent_keepalive,
-                data=data,
-            )
-        except CryptoError as exc:
-            raise LocalProtocolError("degenerate (low-order) public key") from exc
+        all zeros (the caller should have refused it: crypto.is_degenerate_key); the
+        device is unchanged when it raises."""
+        peer = self.new_peer(
+            public_key,
+            preshared_key=preshared_key,
+            endpoint=endpoint,
+            persistent_keepalive=persistent_keepalive,
+            data=data,
+        )
         self.peers[public_key] = peer
         return peer
 
     def remove_peer(self, peer: Peer) -> None:
         self._zero_keys(peer)
         self.peers.pop(peer.public_key, None)
+
+    def update_peers(self, add: Iterable[Peer], remove: Iterable[Peer]) -> None:
+        """Remove the peers `remove` and add the peers `add` (made by new_peer()), all
+        or nothing: raises ValueError before any change when a peer to remove is not
+        ours, or a key to add is given twice or still present once `remove` is gone."""
+        add, remove = list(add), list(remove)
+        leaving: set[bytes] = set()
+        for peer in remove:
+            if self.peers.get(peer.public_key) is not peer:
+                raise ValueError(f"peer {peer.public_key.hex()[:8]} is not a peer of this device")
+            leaving.add(peer.public_key)
+        coming: set[bytes] = set()
+        for peer in add:
+            key = peer.public_key
+            if key in coming or (key in self.peers and key not in leaving):
+                raise ValueError(f"peer {key.hex()[:8]} already present")
+            coming.add(key)
+        for peer in remove:
+            self.remove_peer(peer)
+        for peer in add:
+            self.peers[peer.public_key] = peer
 
     # --- the edge's three calls after each input ---------------------------------
 
