@@ -20,9 +20,13 @@ after every call, as in aioquic.
 Handshake messages cost Diffie-Hellman work, so they pass three gates before any: mac1
 (keyed by our public key), mac2 under load (a cookie bound to the source address,
 answered with a cookie reply when missing), then a per-source token bucket
-(ratelimiter.py: 20 a second, a burst of 5, as wireguard-go).  An initiation from a key
-that is no peer of ours costs one DH, leaves no state and is counted ("unknown_peer");
-the PeerUnknown event lets the edge report it.
+(ratelimiter.py: 20 a second, a burst of 5, as wireguard-go).  Cookie replies have a
+bucket per source of their own (the same 20 a second, burst 5): the source of a message
+without mac2 may be forged, and a flood in one address's name must not become a flood
+of replies to it; the rest are dropped unanswered ("cookie_ratelimited").  A client
+needs one reply per cookie (two minutes), so its first initiation under load earns it.
+An initiation from a key that is no peer of ours costs one DH, leaves no state and is
+counted ("unknown_peer"); the PeerUnknown event lets the edge report it.
 
 Remote misbehaviour never raises: every datagram that fails to parse, authenticate or
 pass the replay window is dropped and counted in `WireGuard.drops` by reason.  Misuse of
@@ -52,6 +56,8 @@ from gtun.core.wg import messages as m
 from gtun.core.wg import noise
 from gtun.core.wg.constants import (
     AEAD_TAG_SIZE,
+    COOKIE_REPLIES_PER_SECOND_PER_SOURCE,
+    COOKIE_REPLY_BURST_PER_SOURCE,
     HANDSHAKE_INITIATION_RATE,
     KEEPALIVE_TIMEOUT,
     KEY_SIZE,
@@ -256,6 +262,10 @@ class WireGuard:
         self._load_count = 0
         self._under_load_until = -1.0
         self.limiter = RateLimiter()  # handshake messages per source, before any DH
+        # Cookie replies per source: each answers a datagram whose source may be forged.
+        self.cookie_limiter = RateLimiter(
+            COOKIE_REPLIES_PER_SECOND_PER_SOURCE, COOKIE_REPLY_BURST_PER_SOURCE
+        )
 
     # --- peers -------------------------------------------------------------------
 
@@ -450,18 +460,26 @@ class WireGuard:
 
     def _check_macs(self, data: bytes, sender: int, addr: Hashable, now: float) -> bool:
         """The gates before any DH: mac1 always; mac2 under load, answering a missing
-        one with a cookie reply; then the source's token bucket."""
+        one with a cookie reply while the source's cookie bucket lasts; then the
+        source's handshake bucket."""
         if not self._cookie_checker.check_mac1(data):
             self.drops["mac1"] += 1
             return False
+        key = source_key(addr)
         if self._under_load(now):
             source = cookie_source(addr)
             if not self._cookie_checker.check_mac2(data, source, now):
+                # The source may be forged: a flood in one address's name must not be
+                # turned into a stream of replies to it (reflection), nor cost us an
+                # encryption each.
+                if not self.cookie_limiter.allow(key, now):
+                    self.drops["cookie_ratelimited"] += 1
+                    return False
                 reply = self._cookie_checker.create_reply(data, sender, source, now)
                 self._datagrams.append((m.push_cookie_reply(reply), addr))
                 self.drops["cookie"] += 1
                 return False
-        if not self.limiter.allow(source_key(addr), now):
+        if not self.limiter.allow(key, now):
             self.drops["handshake_ratelimited"] += 1
             return False
         return True
