@@ -188,12 +188,12 @@ class Relay:
                 owners[net] = name
                 table.insert(net, peer)
         gone = [p for key, p in self.wg.peers.items() if key not in wanted]
-        # Checked: from here on nothing raises.
+        # Checked: from here on nothing raises (update_peers checks again, first).
+        self.wg.update_peers(add=fresh, remove=gone)
         fwd = self.forwarder
         fwd.peers_changed()
         for peer in gone:
             fwd.peer_removed(peer)
-        self.wg.update_peers(add=fresh, remove=gone)
         for spec, peer in wanted.values():
             peer.data.spec = spec
         fwd.table = table
