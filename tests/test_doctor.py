@@ -4,6 +4,7 @@ the handshake probe against an in-memory relay, and the TCP probe on loopback (t
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -124,6 +125,10 @@ def test_config_kind_is_told_by_section(tmp_path: Path, keys: dict[str, bytes]) 
 # --- the path: reachability and handshake -----------------------------------------------
 
 
+# The time the checks are told it is (Unix seconds): they read no clock of their own.
+NOW = 1_790_000_000.0
+
+
 def probe(transport: str, **kw: Any) -> d.Probe:
     return d.Probe(transport, **kw)
 
@@ -133,19 +138,19 @@ def names(results: list[d.Result]) -> dict[str, d.Result]:
 
 
 def test_path_nothing_listens(ccfg: ClientConfig) -> None:
-    r = names(d.check_path(ccfg, None, False, probe("udp", error="refused"), None, None))
+    r = names(d.check_path(ccfg, None, False, probe("udp", error="refused"), None, None, now=NOW))
     assert not r["relay"].ok and "nothing listens on UDP" in r["relay"].detail
     assert "gtun server -c" in (r["relay"].fix or "")
     # The running client's session looks alive, but the port is closed now.
     running = {"connected": True, "peers": []}
-    r = names(d.check_path(ccfg, running, True, None, None, None))
+    r = names(d.check_path(ccfg, running, True, None, None, None, now=NOW))
     assert not r["relay"].ok and "nothing listens" in r["relay"].detail
 
 
 def test_path_udp_blocked_tcp_answers(ccfg: ClientConfig) -> None:
     udp = probe("udp")
     tcp = probe("tcp", answered=True, connected=True)
-    r = names(d.check_path(ccfg, None, False, udp, tcp, None))
+    r = names(d.check_path(ccfg, None, False, udp, tcp, None, now=NOW))
     assert not r["relay"].ok and 'transport = "auto"' in (r["relay"].fix or "")
     assert r["handshake"].ok
 
@@ -153,43 +158,45 @@ def test_path_udp_blocked_tcp_answers(ccfg: ClientConfig) -> None:
 def test_path_tcp_client_over_tcp_is_fine(tmp_path: Path, keys: dict[str, bytes]) -> None:
     cfg = load_client_config(write_client(tmp_path, keys, transport='"tcp"'))
     tcp = probe("tcp", answered=True, connected=True)
-    results = d.check_path(cfg, None, False, None, tcp, None)
+    results = d.check_path(cfg, None, False, None, tcp, None, now=NOW)
     assert all(r.ok for r in results)
 
 
 def test_path_silent_relay_names_both_key_causes(ccfg: ClientConfig) -> None:
     udp = probe("udp")
     tcp = probe("tcp", error="refused")
-    r = names(d.check_path(ccfg, None, False, udp, tcp, True))
+    r = names(d.check_path(ccfg, None, False, udp, tcp, True, now=NOW))
     assert r["relay"].ok
     h = r["handshake"]
     assert not h.ok and "wrong server_public_key" in h.detail and "not a peer" in h.detail
     assert "gtun pubkey < server.key" in (h.fix or "") and "gtun peer add" in (h.fix or "")
     assert encode_key(ccfg.public_key) in (h.fix or "")
     # A running client without a session: the same diagnosis, no probe of our own.
-    r = names(d.check_path(ccfg, {"connected": False, "peers": []}, False, None, None, True))
+    r = names(
+        d.check_path(ccfg, {"connected": False, "peers": []}, False, None, None, True, now=NOW)
+    )
     assert not r["handshake"].ok and "running client" in r["handshake"].detail
 
 
 def test_path_unreachable(ccfg: ClientConfig) -> None:
     udp = probe("udp")
     tcp = probe("tcp", error="timed out")
-    r = names(d.check_path(ccfg, None, False, udp, tcp, False))
+    r = names(d.check_path(ccfg, None, False, udp, tcp, False, now=NOW))
     assert not r["relay"].ok and "unreachable" in r["relay"].detail
     assert "handshake" not in r
 
 
 def test_path_local_firewall(ccfg: ClientConfig) -> None:
     udp = probe("udp", error="Operation not permitted")
-    r = names(d.check_path(ccfg, None, False, udp, probe("tcp", error="refused"), None))
+    r = names(d.check_path(ccfg, None, False, udp, probe("tcp", error="refused"), None, now=NOW))
     assert not r["relay"].ok and "Operation not permitted" in r["relay"].detail
 
 
 def test_path_healthy(ccfg: ClientConfig) -> None:
     answered = probe("udp", answered=True)
-    assert all(r.ok for r in d.check_path(ccfg, None, False, answered, None, None))
+    assert all(r.ok for r in d.check_path(ccfg, None, False, answered, None, None, now=NOW))
     running = {"connected": True, "peers": []}
-    assert all(r.ok for r in d.check_path(ccfg, running, False, None, None, None))
+    assert all(r.ok for r in d.check_path(ccfg, running, False, None, None, None, now=NOW))
 
 
 # --- the machine ----------------------------------------------------------------------
@@ -391,12 +398,44 @@ def test_peer(tmp_path: Path, keys: dict[str, bytes]) -> None:
     alice = encode_key(public_key(keys["client"]))
     stranger = encode_key(public_key(generate_private_key()))
     # The relay is not running: its config's peers.
-    assert d.check_peer(alice, None, cfg).ok
+    assert d.check_peer(alice, None, cfg, now=NOW).ok
     status = {"peers": [{"name": "bob", "public_key": stranger, "address": "10.66.0.3"}]}
-    r = d.check_peer(stranger, status, cfg)
+    r = d.check_peer(stranger, status, cfg, now=NOW)
     assert r.ok and "bob" in r.detail and "10.66.0.3" in r.detail
-    r = d.check_peer(alice, status, cfg)
+    r = d.check_peer(alice, status, cfg, now=NOW)
     assert not r.ok and "gtun peer add" in (r.fix or "")
+
+
+def test_peer_tells_the_last_handshake_against_the_time_it_is_given(
+    tmp_path: Path, keys: dict[str, bytes]
+) -> None:
+    from gtun.app.config import load_server_config
+
+    cfg = load_server_config(write_server(tmp_path, keys))
+    alice = encode_key(public_key(keys["client"]))
+    status = {"peers": [{"name": "alice", "public_key": alice, "last_handshake": NOW - 42}]}
+    assert "last handshake 42 s ago" in d.check_peer(alice, status, cfg, now=NOW).detail
+    later = d.check_peer(alice, status, cfg, now=NOW + 100).detail
+    assert "last handshake 142 s ago" in later
+
+
+def test_path_tells_the_last_handshake_against_the_time_it_is_given(ccfg: ClientConfig) -> None:
+    status = {"connected": False, "peers": [{"name": "relay", "last_handshake": NOW - 75}]}
+    r = names(d.check_path(ccfg, status, False, None, None, True, now=NOW))
+    assert not r["handshake"].ok and "(last handshake 75 s ago)" in r["handshake"].detail
+
+
+def test_the_checks_read_no_clock() -> None:
+    """Time comes from the caller (System.now() in a run), so the checks are testable."""
+    tree = ast.parse(Path(d.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"time", "datetime"}
 
 
 # --- whole runs over a fake system ------------------------------------------------------
@@ -406,6 +445,9 @@ class FakeSystem:
     def __init__(self, **facts: Any) -> None:
         self.facts = facts
         self.handshakes: list[str] = []
+
+    def now(self) -> float:
+        return float(self.facts.get("now", NOW))
 
     def status(self, path: Path) -> dict[str, Any] | None:
         return self.facts.get("status")
@@ -447,7 +489,7 @@ RUNNING = {
     "address": "10.66.0.2/24",
     "routes": ["192.168.77.0/24"],
     "mtu": 1420,
-    "peers": [{"name": "relay", "address": "10.66.0.1", "last_handshake": time.time()}],
+    "peers": [{"name": "relay", "address": "10.66.0.1", "last_handshake": NOW - 3}],
 }
 
 
@@ -507,6 +549,23 @@ def test_stopped_client_probes_udp_then_tcp(ccfg: ClientConfig) -> None:
     refused = FakeSystem(udp=d.Probe("udp", answered=True, refused="this relay runs in tun mode"))
     results = d.diagnose_client(ccfg, refused)  # type: ignore[arg-type]
     assert refused.handshakes == ["udp"] and not names(results)["mode"].ok
+
+
+def test_runs_take_the_time_from_the_system(
+    tmp_path: Path, keys: dict[str, bytes], ccfg: ClientConfig
+) -> None:
+    from gtun.app.config import load_server_config
+
+    cfg = load_server_config(write_server(tmp_path, keys))
+    alice = encode_key(public_key(keys["client"]))
+    status = {"peers": [{"name": "alice", "public_key": alice, "last_handshake": NOW - 9}]}
+    system = FakeSystem(status=status, link=link(addrs=["10.66.0.1/24"]), now=NOW)
+    r = names(d.diagnose_relay(cfg, system, key=alice))  # type: ignore[arg-type]
+    assert "last handshake 9 s ago" in r["peer"].detail
+    silent = {**RUNNING, "connected": False}
+    system = FakeSystem(status=silent, link=link(addrs=["10.66.0.2/24"]), now=NOW + 60)
+    r = names(d.diagnose_client(ccfg, system))  # type: ignore[arg-type]
+    assert "(last handshake 63 s ago)" in r["handshake"].detail
 
 
 def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:

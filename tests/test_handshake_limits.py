@@ -15,6 +15,8 @@ from gtun.core.errors import LocalProtocolError
 from gtun.core.wg import PeerUnknown, WireGuard, noise
 from gtun.core.wg import messages as m
 from gtun.core.wg.constants import (
+    COOKIE_REPLIES_PER_SECOND_PER_SOURCE,
+    COOKIE_REPLY_BURST_PER_SOURCE,
     HANDSHAKE_BURST_PER_SOURCE,
     HANDSHAKES_PER_SECOND_PER_SOURCE,
     MESSAGE_COOKIE_REPLY,
@@ -37,6 +39,8 @@ from gtun.core.wg.ratelimiter import RateLimiter
 T0 = 1000.0
 RATE = HANDSHAKES_PER_SECOND_PER_SOURCE
 BURST = HANDSHAKE_BURST_PER_SOURCE
+COOKIE_RATE = COOKIE_REPLIES_PER_SECOND_PER_SOURCE
+COOKIE_BURST = COOKIE_REPLY_BURST_PER_SOURCE
 
 # Points of small order on Curve25519 (and its twist), as u-coordinates, little-endian:
 # every X25519 with them is all zeros (libsodium's blocklist, RFC 7748 section 6.1).
@@ -190,11 +194,83 @@ def test_under_load_no_mac2_gets_a_cookie_reply_and_costs_no_dh(
     rig = Rig()
     rig.wg.force_under_load = True
     dhs = count_dh(monkeypatch)
-    for i in range(20):
-        rig.wg.receive_datagram(rig.initiation(), ("203.0.113.9", 1000 + i), T0)
+    for i in range(20):  # each from its own address (one alone meets its cookie bucket)
+        rig.wg.receive_datagram(rig.initiation(), (f"203.0.113.{i + 1}", 1000), T0)
     out = rig.wg.datagrams_to_send()
     assert len(out) == 20 and {m.message_type(d) for d, _ in out} == {MESSAGE_COOKIE_REPLY}
     assert dhs() == 0 and rig.wg.drops["cookie"] == 20
+
+
+def test_under_load_cookie_replies_to_one_source_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flood without mac2 in one address's name (its own, or forged to reflect off us)
+    gets that address at most the cookie bucket's rate of replies, each refusal counted;
+    another address still gets its cookie at once."""
+    rig = Rig()
+    rig.wg.force_under_load = True
+    dhs = count_dh(monkeypatch)
+    data = rig.initiation()
+    victim = ("192.0.2.77", 9)
+    seconds, per_second = 3.0, 500
+    sent = int(seconds * per_second)
+    replies = 0
+    for i in range(sent):
+        now = T0 + i / per_second
+        rig.wg.receive_datagram(data, (victim[0], 1024 + i % 60000), now)
+        replies += sum(1 for d, a in rig.wg.datagrams_to_send() if a[0] == victim[0])
+    bound = COOKIE_BURST + COOKIE_RATE * seconds
+    assert 0 < replies <= bound + 1
+    assert replies >= COOKIE_RATE * seconds  # the bucket refills: not silenced for good
+    assert rig.wg.drops["cookie"] == replies
+    assert rig.wg.drops["cookie_ratelimited"] == sent - replies
+    assert dhs() == 0
+    rig.wg.receive_datagram(data, ("198.51.100.2", 5), T0 + seconds)
+    [(reply, addr)] = rig.wg.datagrams_to_send()
+    assert m.message_type(reply) == MESSAGE_COOKIE_REPLY and addr == ("198.51.100.2", 5)
+
+
+def test_a_client_under_a_flood_gets_its_cookie_and_connects() -> None:
+    """A flood of initiations without mac2 from one address puts the responder under
+    load (nothing forced); a real peer at another address is sent a cookie, retries
+    with mac2 when its retransmission timer fires, and completes its handshake."""
+    rig = Rig()
+    flood = rig.initiation()
+    attacker = ("203.0.113.9", 4444)
+    friend_addr = ("198.51.100.2", 5)
+    now = T0
+    rate = 400  # flood datagrams a second: well above the under-load threshold
+    step = 1.0 / rate
+
+    def flood_until(end: float) -> None:
+        nonlocal now
+        while now < end:
+            rig.wg.receive_datagram(flood, attacker, now)
+            now += step
+
+    flood_until(T0 + 1.0)
+    assert rig.wg.drops["cookie_ratelimited"] > 0  # under load, the attacker is limited
+    rig.friend.initiate_handshake(rig.fpeer, now)
+    [(init, _)] = rig.friend.datagrams_to_send()
+    rig.wg.datagrams_to_send()  # what went to the attacker
+    rig.wg.receive_datagram(init, friend_addr, now)
+    [(cookie, to)] = [(d, a) for d, a in rig.wg.datagrams_to_send() if a == friend_addr]
+    assert m.message_type(cookie) == MESSAGE_COOKIE_REPLY
+    rig.friend.receive_datagram(cookie, "responder", now)
+    assert rig.friend.drops["handshake"] == 0  # the cookie was accepted
+    # The friend retries when its timer fires; the flood goes on meanwhile.
+    deadline = rig.friend.get_timer()
+    assert deadline is not None
+    flood_until(deadline)
+    rig.friend.handle_timer(now)
+    [(retry, _)] = rig.friend.datagrams_to_send()
+    completed = rig.wg.handshakes_completed
+    rig.wg.receive_datagram(retry, friend_addr, now)
+    responses = [d for d, a in rig.wg.datagrams_to_send() if a == friend_addr]
+    assert [m.message_type(d) for d in responses] == [MESSAGE_RESPONSE]
+    assert rig.wg.handshakes_completed == completed + 1
+    rig.friend.receive_datagram(responses[0], "responder", now)
+    assert rig.fpeer.has_session
 
 
 def test_under_load_a_reused_cookie_is_still_rate_limited(

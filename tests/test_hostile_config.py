@@ -17,9 +17,18 @@ import pytest
 from gtun.app.config import load_client_config, load_server_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.server import UnknownKeys
+from gtun.app.store import StoredPeer
 from gtun.errors import ConfigError
 from test_cli import one_line_error, run, server_toml, write_key
-from test_daemons import LIMIT, Net, configured, net, platforms, until  # noqa: F401
+from test_daemons import (  # noqa: F401
+    LIMIT,
+    Net,
+    configured,
+    exchange,
+    net,
+    platforms,
+    until,
+)
 from test_handshake_limits import LOW_ORDER
 
 BAD = base64.b64encode(LOW_ORDER[2]).decode()
@@ -87,6 +96,46 @@ def test_sighup_with_a_low_order_key_keeps_the_peers_and_says_why(
                 assert "peers[1].public_key" in record.message and "low-order" in record.message
                 assert list(server.relay.wg.peers.values()) == [peer]
                 assert peer.current is not None  # the session was kept
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_the_relay_refuses_keeps_the_peers_and_names_the_fault(
+    net: Net,  # noqa: F811
+    platforms: Any,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stored peer whose subnet lies in the virtual network passes the store's
+    checks but not the relay's (Relay.set_peers): the reload fails whole, says which
+    peer and why, and the relay serves on with its sessions."""
+    relay_pf, client_pf = platforms(), platforms()
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT):
+            async with configured(net, relay_pf, client_pf) as (server, _client):
+                assert server.relay is not None
+                peer = server.relay.peer_by_name("c1")
+                assert peer is not None and peer.current is not None
+                session = peer.current
+                net.add_peer("c2")  # a good change in the same reload: not applied either
+                server.store.add_peer(
+                    StoredPeer(
+                        "evil",
+                        encode_key(public_key(generate_private_key())),
+                        subnets=("10.66.0.0/25",),
+                    )
+                )
+                with caplog.at_level(logging.ERROR, logger="gtun"):
+                    answer = await server.reload()
+                assert answer["ok"] is False and "peer evil" in answer["error"]
+                [record] = [r for r in caplog.records if "reload failed" in r.message]
+                assert "peer evil" in record.message and "10.66.0.0/25" in record.message
+                assert str(server.store.path) in record.message  # where "evil" comes from
+                assert list(server.relay.wg.peers.values()) == [peer]
+                assert peer.current is session
+                await exchange(relay_pf, client_pf, b"after a failed reload")
+                server.store.remove_peer("evil")
+                assert (await server.reload())["added"] == ["c2"]
 
     asyncio.run(scenario())
 

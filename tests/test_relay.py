@@ -8,6 +8,7 @@ space, packets into the relay's TUN, cryptokey routing drops, mode mismatch, rel
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, ip_network
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore, ConfigReceived, Connected, Refused
 from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
-from gtun.core.relay import PeerSpec, Relay
+from gtun.core.relay import PeerSetError, PeerSpec, Relay
 from gtun.core.tunnel import parse_pushed_config
 from gtun.core.wg import WireGuard
 from gtun.testing.link import CoreLink, relay_settings
@@ -163,6 +164,99 @@ def test_reload_keeps_sessions_of_unchanged_peers() -> None:
     net.clients["c1"].tun_packet(build_udp4("10.66.0.2", "10.66.0.3", 1, 2, b"x"), net.now)
     net.pump()
     assert net.take("c2") == []
+
+
+def _fresh_key() -> bytes:
+    return WireGuard(secrets.token_bytes(32)).public_key
+
+
+# Peer sets with one bad peer among good ones, each mistake set_peers must refuse whole:
+# (what is wrong, a function of the good specs and the relay giving the bad peer set).
+BAD_PEER_SETS: dict[str, Callable[[list[PeerSpec], Relay], list[PeerSpec]]] = {
+    "low-order": lambda good, r: [*good, PeerSpec("evil", bytes(32), IPv4Address("10.66.0.20"))],
+    "malformed key": lambda good, r: [*good, PeerSpec("evil", b"short", IPv4Address("10.66.0.20"))],
+    "our own key": lambda good, r: [
+        *good,
+        PeerSpec("evil", r.wg.public_key, IPv4Address("10.66.0.20")),
+    ],
+    "name given to two": lambda good, r: [
+        *good,
+        PeerSpec("c2", _fresh_key(), IPv4Address("10.66.0.20")),
+    ],
+    "key also given": lambda good, r: [
+        *good,
+        PeerSpec("evil", good[0].public_key, IPv4Address("10.66.0.20")),
+    ],
+    "address of another": lambda good, r: [
+        *good,
+        PeerSpec("evil", _fresh_key(), IPv4Address("10.66.0.3")),
+    ],
+    "subnet of another": lambda good, r: [
+        *good,
+        PeerSpec("evil", _fresh_key(), IPv4Address("10.66.0.20"), (ip_network("192.168.88.0/24"),)),
+    ],
+    "the relay's address": lambda good, r: [
+        *good,
+        PeerSpec("evil", _fresh_key(), IPv4Address("10.66.0.1")),
+    ],
+    "subnet in the virtual network": lambda good, r: [
+        *good,
+        PeerSpec("evil", _fresh_key(), IPv4Address("10.66.0.20"), (ip_network("10.66.0.0/25"),)),
+    ],
+}
+
+
+@pytest.mark.parametrize("mistake", list(BAD_PEER_SETS))
+def test_a_reload_with_one_bad_peer_changes_nothing(mistake: str) -> None:
+    net = Net()
+    net.start()
+    relay = net.relay
+    peers = dict(relay.wg.peers)
+    sessions = {key: (p.current, p.previous, p.next) for key, p in peers.items()}
+    specs = {key: p.data.spec for key, p in peers.items()}
+    routes = relay.table.routes()
+    # The good part of the new set removes the stock peer and gives c1 a new address:
+    # none of it may happen when one peer of the set is bad.
+    c1, c2 = (PeerSpec(s.name, s.public_key, s.address, s.subnets) for s in net.specs[:2])
+    c1.address = IPv4Address("10.66.0.50")
+    good = [c1, c2, PeerSpec("new", _fresh_key(), IPv4Address("10.66.0.30"))]
+    with pytest.raises(PeerSetError) as info:
+        relay.set_peers(BAD_PEER_SETS[mistake](good, relay))
+    assert info.value.peer in ("evil", "c2") and str(info.value).startswith("peer ")
+    assert relay.wg.peers == peers
+    assert {k: (p.current, p.previous, p.next) for k, p in relay.wg.peers.items()} == sessions
+    assert {k: p.data.spec for k, p in relay.wg.peers.items()} == specs
+    assert relay.table.routes() == routes
+    # Every session still carries traffic, both ways through the relay.
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 7, 1, b"still here")
+    net.clients["c1"].tun_packet(ping, net.now)
+    net.pump()
+    assert net.take("c2") == [ping]
+    back = build_icmp_echo("10.66.0.3", "10.66.0.2", 7, 2, b"and back")
+    net.clients["c2"].tun_packet(back, net.now)
+    net.pump()
+    assert net.take("c1") == [back]
+    # The good set alone applies.
+    assert relay.set_peers(good) == (["new"], ["stock"])
+    assert relay.table.lookup_ip(IPv4Address("10.66.0.50")) is peers[c1.public_key]
+    assert relay.table.lookup_ip(IPv4Address("10.66.0.2")) is None
+
+
+def test_any_exception_in_set_peers_changes_nothing() -> None:
+    net = Net()
+    net.start()
+    relay = net.relay
+    peers = dict(relay.wg.peers)
+    routes = relay.table.routes()
+
+    def specs() -> Iterator[PeerSpec]:
+        yield from net.specs[:1]
+        yield PeerSpec("new", _fresh_key(), IPv4Address("10.66.0.30"))
+        raise RuntimeError("the caller's bug")
+
+    with pytest.raises(RuntimeError):
+        relay.set_peers(specs())
+    assert relay.wg.peers == peers and relay.table.routes() == routes
 
 
 def test_tunnel_message_codec() -> None:

@@ -274,6 +274,28 @@ def test_add_peer_rejects_misuse() -> None:
     assert list(wg.peers) == [other]
 
 
+def test_a_change_of_several_peers_is_all_or_nothing() -> None:
+    wg = WireGuard(_key())
+    kept, leaving = (wg.add_peer(WireGuard(_key()).public_key) for _ in range(2))
+    before = dict(wg.peers)
+    fresh = wg.new_peer(WireGuard(_key()).public_key)
+    assert fresh.public_key not in wg.peers  # checked, not added
+    with pytest.raises(ValueError):
+        wg.new_peer(bytes(32))  # low order, refused before anything changes
+    stranger = WireGuard(_key()).add_peer(WireGuard(_key()).public_key)
+    twin = wg.new_peer(fresh.public_key)
+    for add, remove in (
+        ([fresh], [leaving, stranger]),  # removing a peer that is not ours
+        ([fresh, twin], [leaving]),  # one key twice
+        ([wg.new_peer(WireGuard(_key()).public_key), kept], [leaving]),  # still present
+    ):
+        with pytest.raises(ValueError):
+            wg.update_peers(add=add, remove=remove)
+        assert wg.peers == before
+    wg.update_peers(add=[fresh], remove=[leaving])
+    assert wg.peers == {kept.public_key: kept, fresh.public_key: fresh}
+
+
 # --- handshake and data --------------------------------------------------------------
 
 

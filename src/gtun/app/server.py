@@ -21,9 +21,17 @@ from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.peerset import collect_peers, open_state
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
+from gtun.app.store import StateStore
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
-from gtun.core.relay import PeerJoined, PeerRefused, PeerSpec, Relay, RelaySettings
+from gtun.core.relay import (
+    PeerJoined,
+    PeerRefused,
+    PeerSetError,
+    PeerSpec,
+    Relay,
+    RelaySettings,
+)
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
@@ -202,7 +210,7 @@ class Server:
             partial_ok=tun.vnet,
         )
         relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
-        relay.set_peers(specs)
+        apply_peers(relay, specs, cfg, self.store)
         self.relay = relay
         driver = Driver(relay, loop, self.on_event)
         self.driver = driver
@@ -304,16 +312,25 @@ class Server:
         return owner.address if net.version == 4 else owner.address6
 
     async def reload(self) -> dict[str, Any]:
-        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions."""
+        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions.  A
+        peer set that fails to load or apply changes nothing (Relay.set_peers is all or
+        nothing): the error is logged and the relay serves on with its current peers."""
         assert self.relay is not None
         try:
             cfg = load_server_config(self.cfg.path)
             specs = collect_peers(cfg, self.store)
-            added, removed = self.relay.set_peers(specs)
-            await self.rt.nl(self.sync_subnet_routes, specs)
+            added, removed = apply_peers(self.relay, specs, cfg, self.store)
         except GtunError as exc:
             log.error("reload failed, keeping the current peers: %s", exc)
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug: say so, and keep serving the peers we have
+            log.exception("reload failed (a bug), keeping the current peers")
+            return {"ok": False, "error": f"internal error: {exc!r}"}
+        try:
+            await self.rt.nl(self.sync_subnet_routes, specs)
+        except GtunError as exc:
+            log.error("reload: peers updated, but not the routes to the LANs behind them: %s", exc)
+            return {"ok": False, "error": str(exc), "added": added, "removed": removed}
         log.info(
             "reloaded %s: %d peers (added %s, removed %s)",
             self.cfg.path.name,
@@ -431,6 +448,19 @@ class Server:
             self.driver.datapath() if self.driver is not None else None,
             tail={"tcp_connections": len(self.tcp.connections) if self.tcp else 0},
         )
+
+
+def apply_peers(
+    relay: Relay, specs: list[PeerSpec], cfg: ServerConfig, store: StateStore
+) -> tuple[list[str], list[str]]:
+    """relay.set_peers(specs), its refusal as a ConfigError naming the file the peer at
+    fault comes from (the config's [[peers]], or the state file `gtun peer add` wrote).
+    Returns (added names, removed names); on error the relay's peers are unchanged."""
+    try:
+        return relay.set_peers(specs)
+    except PeerSetError as exc:
+        in_config = any(p.name == exc.peer for p in cfg.peers)
+        raise ConfigError(str(exc), file=cfg.path if in_config else store.path) from exc
 
 
 def _v6(spec: PeerSpec) -> str:

@@ -109,6 +109,12 @@ REASONS: tuple[Reason, ...] = (
         ("wireguard",),
     ),
     Reason(
+        "cookie_ratelimited",
+        "under load, no valid mac2, and the source was sent its cookie replies (20/s, "
+        "burst 5): dropped unanswered",
+        ("wireguard",),
+    ),
+    Reason(
         "tcp_source_limit",
         "too many connections from one address not yet authenticated",
         ("tcp",),

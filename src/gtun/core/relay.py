@@ -59,6 +59,15 @@ class PeerSpec:
         return nets
 
 
+class PeerSetError(LocalProtocolError):
+    """A peer set Relay.set_peers() refused, changing nothing; `peer` names the peer at
+    fault (the configuration's mistake, which the edge reports with its file)."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(f"peer {peer}: {message}")
+        self.peer = peer
+
+
 @dataclass
 class PeerState:
     """The relay's per-peer state, kept in `Peer.data`."""
@@ -134,29 +143,61 @@ class Relay:
     def set_peers(self, specs: Iterable[PeerSpec]) -> tuple[list[str], list[str]]:
         """Make the peer set equal to `specs`, keeping the sessions of unchanged keys.
 
-        Returns (added names, removed names)."""
-        wanted = {s.public_key: s for s in specs}
+        All or nothing: every spec is checked (and the new route table built aside)
+        before anything changes, so when it raises the peers, their routes and every
+        session are as they were.  Returns (added names, removed names).  Raises
+        PeerSetError naming the first peer at fault: a malformed or low-order key, our
+        own key, a name or key given twice, an address or subnet given to two peers, the
+        relay's own address, or a subnet overlapping the virtual network."""
+        wanted: dict[bytes, tuple[PeerSpec, Peer]] = {}
+        fresh: list[Peer] = []
+        names: set[str] = set()
+        table: RouteTable[Peer] = RouteTable()
+        owners: dict[Network, str] = {}
+        s = self.settings
+        virtual: list[Network] = [s.network]
+        owners[IPv4Network(f"{s.relay_address}/32")] = "the relay"
+        if s.network6 is not None:
+            virtual.append(s.network6)
+            owners[IPv6Network(f"{s.relay_address6}/128")] = "the relay"
+        for spec in specs:
+            name = spec.name
+            if name in names:
+                raise PeerSetError(name, "name given to two peers")
+            names.add(name)
+            key = spec.public_key
+            if key in wanted:
+                raise PeerSetError(name, f"public key also given to {wanted[key][0].name}")
+            peer = self.wg.peers.get(key)
+            if peer is None:
+                try:
+                    peer = self.wg.new_peer(key, data=PeerState(spec))
+                except ValueError as exc:
+                    raise PeerSetError(name, str(exc)) from exc
+                fresh.append(peer)
+            wanted[key] = (spec, peer)
+            for net in spec.owned():
+                other = owners.get(net)
+                if other is not None:
+                    raise PeerSetError(name, f"{net} is also {other}'s")
+                inside = [v for v in virtual if net in spec.subnets and _overlaps(net, v)]
+                if inside:
+                    raise PeerSetError(
+                        name, f"subnet {net} overlaps the virtual network {inside[0]}"
+                    )
+                owners[net] = name
+                table.insert(net, peer)
+        gone = [p for key, p in self.wg.peers.items() if key not in wanted]
+        # Checked: from here on nothing raises (update_peers checks again, first).
+        self.wg.update_peers(add=fresh, remove=gone)
         fwd = self.forwarder
         fwd.peers_changed()
-        added: list[str] = []
-        removed: list[str] = []
-        for key, peer in list(self.wg.peers.items()):
-            if key not in wanted:
-                fwd.peer_removed(peer)
-                self.wg.remove_peer(peer)
-                removed.append(peer.data.spec.name)
-        for key, spec in wanted.items():
-            existing = self.wg.peers.get(key)
-            if existing is None:
-                peer = self.wg.add_peer(key, data=PeerState(spec))
-                added.append(spec.name)
-            else:
-                peer = existing
-                peer.data.spec = spec
-            fwd.table.remove_value(peer)
-            for net in spec.owned():
-                fwd.table.insert(net, peer)
-        return added, removed
+        for peer in gone:
+            fwd.peer_removed(peer)
+        for spec, peer in wanted.values():
+            peer.data.spec = spec
+        fwd.table = table
+        return [p.data.spec.name for p in fresh], [p.data.spec.name for p in gone]
 
     def peer_by_name(self, name: str) -> Peer | None:
         for peer in self.wg.peers.values():
@@ -291,3 +332,10 @@ class Relay:
             partial=peer.data.caps.partial,
             network=s.network,
         )
+
+
+def _overlaps(a: Network, b: Network) -> bool:
+    """Whether two networks share an address (never across IPv4 and IPv6)."""
+    if isinstance(a, IPv4Network):
+        return isinstance(b, IPv4Network) and a.overlaps(b)
+    return isinstance(b, IPv6Network) and a.overlaps(b)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
@@ -110,6 +109,10 @@ class Probe:
 class System(Protocol):
     """The facts doctor gathers; the real one is probes.LiveSystem, tests inject their own."""
 
+    def now(self) -> float:
+        """The time now, in Unix seconds (the clock of a status's last_handshake)."""
+        ...
+
     def status(self, path: Path) -> dict[str, Any] | None: ...
     def link(self, dev: str) -> Link | None: ...
     def route_dev(self, address: str, mark: int | None = None) -> str | None: ...
@@ -182,11 +185,14 @@ def check_path(
     udp: Probe | None,
     tcp: Probe | None,
     host_pings: bool | None,
+    *,
+    now: float,
 ) -> list[Result]:
     """The relay's reachability and the handshake.
 
     `status` is the running client's (None: none runs, so `udp`/`tcp` are our own probes);
-    `udp_refused`: an ICMP port unreachable came back from the relay's UDP port."""
+    `udp_refused`: an ICMP port unreachable came back from the relay's UDP port; `now`:
+    Unix time, against which the status's last handshake is told."""
     where = _hostport(cfg)
     port = cfg.server[1]
     start = f'on the relay: {_fix_server(Path("server.toml"))} (listen = "0.0.0.0:{port}")'
@@ -248,7 +254,7 @@ def check_path(
         silent = f"the running client has no session with {where}"
         last = _last_handshake(status)
         if last is not None:
-            silent += f" (last handshake {time.time() - last:.0f} s ago)"
+            silent += f" (last handshake {now - last:.0f} s ago)"
     else:
         silent = f"{where} does not answer this client's handshake ({_tried(udp, tcp)})"
     # A TCP reset, an open TCP port or a ping reply: the relay's host is there.
@@ -613,7 +619,11 @@ def check_nat(
     return ok("nat", "nat = false and no routes are pushed")
 
 
-def check_peer(key_text: str, status: dict[str, Any] | None, cfg: ServerConfig) -> Result:
+def check_peer(
+    key_text: str, status: dict[str, Any] | None, cfg: ServerConfig, *, now: float
+) -> Result:
+    """Whether `key_text` is a peer of the relay (its running peers, else its config's),
+    and when it last shook hands, told against `now` (Unix time)."""
     peers = (status or {}).get("peers")
     if peers is None:
         known = [(p.name, encode_key(p.public_key)) for p in cfg.peers]
@@ -626,7 +636,7 @@ def check_peer(key_text: str, status: dict[str, Any] | None, cfg: ServerConfig) 
             if peer.get("address"):
                 detail += f" ({peer['address']})"
             if peer.get("last_handshake"):
-                age = time.time() - float(peer["last_handshake"])
+                age = now - float(peer["last_handshake"])
                 detail += f", last handshake {age:.0f} s ago"
             return ok("peer", detail)
     return problem(
@@ -659,6 +669,7 @@ def mtu_search(system: System, mtu: int, target: str) -> dict[int, bool]:
 
 def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     results: list[Result] = []
+    now = system.now()
     status = system.status(cfg.control_socket)
     results.append(check_client_running(cfg, status))
     host, port = cfg.server
@@ -676,7 +687,7 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     closed = refused or (udp and udp.error == "refused")
     if not running_ok and not answered and not closed:
         host_pings = system.ping_host(host)
-    results.extend(check_path(cfg, status, refused, udp, tcp, host_pings))
+    results.extend(check_path(cfg, status, refused, udp, tcp, host_pings, now=now))
     refused_reason = next((p.refused for p in (udp, tcp) if p and p.refused), None)
     link = system.link(cfg.device)
     mode = check_mode(
@@ -732,11 +743,12 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
 
 def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) -> list[Result]:
     results: list[Result] = []
+    now = system.now()
     status = system.status(cfg.control_socket)
     results.append(check_relay_running(cfg, status))
     results.append(ok("key", f"this relay's public key is {encode_key(cfg.public_key)}"))
     if key is not None:
-        results.append(check_peer(key, status, cfg))
+        results.append(check_peer(key, status, cfg, now=now))
     dev = cfg.device
     link = system.link(dev)
     results.append(check_device(dev, link, f"restart the relay: {_fix_server(cfg.path)}"))

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ class LiveSystem:
     proc: Path = Path("/proc/sys")
     sys_class_net: Path = Path("/sys/class/net")
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(PROBE_STEPS))
+
+    def now(self) -> float:
+        return time.time()
 
     def status(self, path: Path) -> dict[str, Any] | None:
         try:

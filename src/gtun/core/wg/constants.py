@@ -52,3 +52,8 @@ HANDSHAKES_PER_SECOND_PER_SOURCE = 20.0  # packetsPerSecond
 HANDSHAKE_BURST_PER_SOURCE = 5  # packetsBurstable
 RATELIMITER_GC_INTERVAL = 1.0  # garbageCollectTime
 RATELIMITER_MAX_ENTRIES = 8192  # sources tracked at once (the kernel's floor)
+# Cookie replies per source under load (device.py): each answers a datagram whose source
+# may be forged, so a flood from one address (or in a victim's name) gets at most this
+# many a second, the rest dropped unanswered.  A client needs one per two minutes.
+COOKIE_REPLIES_PER_SECOND_PER_SOURCE = 20.0
+COOKIE_REPLY_BURST_PER_SOURCE = 5

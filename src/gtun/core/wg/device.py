@@ -20,15 +20,21 @@ after every call, as in aioquic.
 Handshake messages cost Diffie-Hellman work, so they pass three gates before any: mac1
 (keyed by our public key), mac2 under load (a cookie bound to the source address,
 answered with a cookie reply when missing), then a per-source token bucket
-(ratelimiter.py: 20 a second, a burst of 5, as wireguard-go).  An initiation from a key
-that is no peer of ours costs one DH, leaves no state and is counted ("unknown_peer");
-the PeerUnknown event lets the edge report it.
+(ratelimiter.py: 20 a second, a burst of 5, as wireguard-go).  Cookie replies have a
+bucket per source of their own (the same 20 a second, burst 5): the source of a message
+without mac2 may be forged, and a flood in one address's name must not become a flood
+of replies to it; the rest are dropped unanswered ("cookie_ratelimited").  A client
+needs one reply per cookie (two minutes), so its first initiation under load earns it.
+An initiation from a key that is no peer of ours costs one DH, leaves no state and is
+counted ("unknown_peer"); the PeerUnknown event lets the edge report it.
 
 Remote misbehaviour never raises: every datagram that fails to parse, authenticate or
 pass the replay window is dropped and counted in `WireGuard.drops` by reason.  Misuse of
 the API by the caller (a wrong-sized key, an unknown peer) raises ValueError;
 add_peer() raises LocalProtocolError (a ValueError) for a key whose DH with ours is
-degenerate (a low-order point).
+degenerate (a low-order point).  A change to the peer set changes nothing when it
+raises: add_peer() checks before it adds, and a change of several peers at once is
+new_peer() for each (every check, no effect) and then update_peers().
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -50,6 +56,8 @@ from gtun.core.wg import messages as m
 from gtun.core.wg import noise
 from gtun.core.wg.constants import (
     AEAD_TAG_SIZE,
+    COOKIE_REPLIES_PER_SECOND_PER_SOURCE,
+    COOKIE_REPLY_BURST_PER_SOURCE,
     HANDSHAKE_INITIATION_RATE,
     KEEPALIVE_TIMEOUT,
     KEY_SIZE,
@@ -254,8 +262,43 @@ class WireGuard:
         self._load_count = 0
         self._under_load_until = -1.0
         self.limiter = RateLimiter()  # handshake messages per source, before any DH
+        # Cookie replies per source: each answers a datagram whose source may be forged.
+        self.cookie_limiter = RateLimiter(
+            COOKIE_REPLIES_PER_SECOND_PER_SOURCE, COOKIE_REPLY_BURST_PER_SOURCE
+        )
 
     # --- peers -------------------------------------------------------------------
+
+    def new_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        endpoint: Hashable | None = None,
+        persistent_keepalive: float = 0.0,
+        data: Any = None,
+    ) -> Peer:
+        """A peer of this device, checked but not added (update_peers() adds it): every
+        check of add_peer() and none of its effect.  Raises what add_peer() raises."""
+        if len(public_key) != KEY_SIZE:
+            raise ValueError("public key must be 32 bytes")
+        if public_key == self.public_key:
+            raise ValueError("a peer cannot have our own public key")
+        if public_key in self.peers:
+            raise ValueError("peer already present")
+        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
+            raise ValueError("preshared key must be 32 bytes")
+        try:
+            return Peer(
+                self,
+                public_key,
+                preshared_key=preshared_key,
+                endpoint=endpoint,
+                persistent_keepalive=persistent_keepalive,
+                data=data,
+            )
+        except CryptoError as exc:
+            raise LocalProtocolError("degenerate (low-order) public key") from exc
 
     def add_peer(
         self,
@@ -268,32 +311,42 @@ class WireGuard:
     ) -> Peer:
         """Add a peer.  Raises ValueError for a malformed key or our own key, and
         LocalProtocolError (a ValueError) for a low-order key, whose DH with ours is
-        all zeros (the caller should have refused it: crypto.is_degenerate_key)."""
-        if len(public_key) != KEY_SIZE:
-            raise ValueError("public key must be 32 bytes")
-        if public_key == self.public_key:
-            raise ValueError("a peer cannot have our own public key")
-        if public_key in self.peers:
-            raise ValueError("peer already present")
-        if preshared_key is not None and len(preshared_key) != KEY_SIZE:
-            raise ValueError("preshared key must be 32 bytes")
-        try:
-            peer = Peer(
-                self,
-                public_key,
-                preshared_key=preshared_key,
-                endpoint=endpoint,
-                persistent_keepalive=persistent_keepalive,
-                data=data,
-            )
-        except CryptoError as exc:
-            raise LocalProtocolError("degenerate (low-order) public key") from exc
+        all zeros (the caller should have refused it: crypto.is_degenerate_key); the
+        device is unchanged when it raises."""
+        peer = self.new_peer(
+            public_key,
+            preshared_key=preshared_key,
+            endpoint=endpoint,
+            persistent_keepalive=persistent_keepalive,
+            data=data,
+        )
         self.peers[public_key] = peer
         return peer
 
     def remove_peer(self, peer: Peer) -> None:
         self._zero_keys(peer)
         self.peers.pop(peer.public_key, None)
+
+    def update_peers(self, add: Iterable[Peer], remove: Iterable[Peer]) -> None:
+        """Remove the peers `remove` and add the peers `add` (made by new_peer()), all
+        or nothing: raises ValueError before any change when a peer to remove is not
+        ours, or a key to add is given twice or still present once `remove` is gone."""
+        add, remove = list(add), list(remove)
+        leaving: set[bytes] = set()
+        for peer in remove:
+            if self.peers.get(peer.public_key) is not peer:
+                raise ValueError(f"peer {peer.public_key.hex()[:8]} is not a peer of this device")
+            leaving.add(peer.public_key)
+        coming: set[bytes] = set()
+        for peer in add:
+            key = peer.public_key
+            if key in coming or (key in self.peers and key not in leaving):
+                raise ValueError(f"peer {key.hex()[:8]} already present")
+            coming.add(key)
+        for peer in remove:
+            self.remove_peer(peer)
+        for peer in add:
+            self.peers[peer.public_key] = peer
 
     # --- the edge's three calls after each input ---------------------------------
 
@@ -407,18 +460,26 @@ class WireGuard:
 
     def _check_macs(self, data: bytes, sender: int, addr: Hashable, now: float) -> bool:
         """The gates before any DH: mac1 always; mac2 under load, answering a missing
-        one with a cookie reply; then the source's token bucket."""
+        one with a cookie reply while the source's cookie bucket lasts; then the
+        source's handshake bucket."""
         if not self._cookie_checker.check_mac1(data):
             self.drops["mac1"] += 1
             return False
+        key = source_key(addr)
         if self._under_load(now):
             source = cookie_source(addr)
             if not self._cookie_checker.check_mac2(data, source, now):
+                # The source may be forged: a flood in one address's name must not be
+                # turned into a stream of replies to it (reflection), nor cost us an
+                # encryption each.
+                if not self.cookie_limiter.allow(key, now):
+                    self.drops["cookie_ratelimited"] += 1
+                    return False
                 reply = self._cookie_checker.create_reply(data, sender, source, now)
                 self._datagrams.append((m.push_cookie_reply(reply), addr))
                 self.drops["cookie"] += 1
                 return False
-        if not self.limiter.allow(source_key(addr), now):
+        if not self.limiter.allow(key, now):
             self.drops["handshake_ratelimited"] += 1
             return False
         return True

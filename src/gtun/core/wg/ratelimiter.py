@@ -14,6 +14,9 @@ collect() forgets it; collection runs from allow() at most once every `gc_interv
 seconds.  The table holds at most `max_entries` sources: when it is full, after a
 collection, a new source is refused (as the kernel does) rather than evicting one that
 is being limited.  Time comes from the caller (`now`), never from a clock.
+
+The device keeps a second instance for the cookie replies it sends under load (one per
+message without mac2, whose source may be forged), keyed the same way.
 """
 
 from __future__ import annotations
