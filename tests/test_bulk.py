@@ -13,10 +13,11 @@ from dataclasses import replace
 from ipaddress import IPv4Address
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from gtun.core import bulk
+from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore
 from gtun.core.offload import (
     F_NEEDS_CSUM,
@@ -53,9 +54,11 @@ def super_packet(
     return hdr, raw
 
 
-def check_segments(packets: list[bytes], src: str, dst: str, size: int, seq: int = 1000) -> None:
-    """`packets` are the segments of super_packet(...): in order, valid checksums, the
-    whole payload exactly once."""
+def check_segments(
+    packets: list[bytes], src: str, dst: str, size: int, seq: int = 1000, *, mss: int = MSS
+) -> None:
+    """`packets` are the segments of super_packet(...), `mss` payload bytes each but
+    the last: in order, valid checksums, the whole payload exactly once."""
     payload = b""
     for i, padded in enumerate(packets):
         v6 = padded[0] >> 4 == 6
@@ -66,7 +69,7 @@ def check_segments(packets: list[bytes], src: str, dst: str, size: int, seq: int
         assert pkt.src == src and pkt.dst == dst
         assert tcp.seq == seq + len(payload)
         data = bytes(tcp.payload)
-        assert len(data) == (MSS if i < len(packets) - 1 else size - MSS * i)
+        assert len(data) == (mss if i < len(packets) - 1 else size - mss * i)
         payload += data
         rebuilt = pkt.__class__(raw)
         del rebuilt[TCP].chksum
@@ -365,3 +368,57 @@ def test_plain_non_gso_packet_with_checksum_to_finish() -> None:
     net.pump()
     assert len(net.tun_in) == 1 and isinstance(net.tun_in[0], bytes)
     check_segments(net.tun_in, "10.66.0.2", "10.66.0.1", 600)  # type: ignore[arg-type]
+
+
+# --- what a peer may make the relay send (issue 10, hostile peers) -----------------------
+
+
+def udp4(src: str, dst: str, size: int) -> bytes:
+    """A plain IPv4 UDP packet of `size` bytes in all: no GSO could cut it."""
+    return bytes(IP(src=src, dst=dst) / UDP(sport=5000, dport=5001) / bytes(size - 28))
+
+
+def test_bulk_frame_from_a_stock_peer_is_dropped() -> None:
+    """A stock WireGuard peer never negotiated bulk frames: its bulk frames are not
+    written to the relay's TUN nor sent on, but dropped and counted against it."""
+    net = Net()
+    net.start()
+    assert net.stock is not None
+    relay_peer = net.stock.peers[net.relay.wg.public_key]
+    hdr, packet = super_packet("10.66.0.9", "10.66.0.1", 3 * MSS)
+    net.stock.send(relay_peer, bulk.push_bulk(hdr, packet), net.now)
+    hdr, packet = super_packet("10.66.0.9", "10.66.0.2", 3 * MSS)
+    net.stock.send(relay_peer, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.tun_in == [] and net.take("c1") == []
+    assert net.relay.drops["not_negotiated"] == 2
+    stock = net.relay.wg.peers[net.stock.public_key]
+    assert stock.data.drops["not_negotiated"] == 2
+
+
+def test_bulk_frame_from_a_client_that_did_not_offer_bulk_is_dropped() -> None:
+    """A client whose (latest) configuration request did not offer bulk frames may not
+    send any either."""
+    net = Net()
+    net.start()
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, tm.push_config_request(tm.ConfigRequest(mode="tun")), net.now)
+    net.pump()
+    assert not net.relay.wg.peers[c1.wg.public_key].data.caps.bulk
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    c1.wg.send(c1.server, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.relay.drops["not_negotiated"] == 1
+
+
+def test_client_drops_bulk_frames_its_relay_did_not_grant() -> None:
+    """The client's side of the same: bulk frames from a relay whose configuration did
+    not grant them are dropped."""
+    net = Net()
+    net.start()
+    c2 = net.client("c2")
+    c2.relay.caps = replace(c2.relay.caps, bulk=False)  # as if the relay said "bulk": false
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert net.take("c2") == [] and c2.drops["not_negotiated"] == 1

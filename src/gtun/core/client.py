@@ -423,6 +423,9 @@ class ClientCore:
         if self.config is None or self.device_mode == "tap":
             self.drops["malformed"] += 1
             return
+        if not self.relay.caps.bulk:  # the relay's configuration did not grant them
+            self.drops["not_negotiated"] += 1
+            return
         try:
             self._tun_out.append(bulk.pull_bulk(plaintext))
         except (bulk.BulkError, OffloadError):

@@ -121,6 +121,12 @@ REASONS: tuple[Reason, ...] = (
         ("relay", "peer"),
     ),
     Reason(
+        "not_negotiated",
+        "a bulk frame (bulk.py) from a peer that did not negotiate them (tunnel.Caps: a "
+        "stock peer, a client whose configuration request did not offer them, TAP mode)",
+        ("relay", "client", "peer"),
+    ),
+    Reason(
         "events_full",
         "the core's event queue was full (its caller did not drain it); event dropped",
         ("relay", "client"),

@@ -263,7 +263,11 @@ class IpForwarder(Forwarder):
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """A super-packet from a gtun peer: checked and routed as a packet is, then
         written to the TUN whole, or sent on to another peer (whole, or cut into packets
-        when that peer does not take bulk frames)."""
+        when that peer does not take bulk frames).  Only from a peer that negotiated
+        them: anyone else's are dropped unread ("not_negotiated")."""
+        if not peer.data.caps.bulk:
+            self.count(peer, "not_negotiated")
+            return
         try:
             hdr, packet = bulk.pull_bulk(plaintext)
         except (bulk.BulkError, OffloadError):
