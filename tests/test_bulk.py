@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -24,6 +24,7 @@ from gtun.core.offload import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
+    PLAIN,
     Gso,
     finish_tcp_checksum,
     segment,
@@ -422,3 +423,95 @@ def test_client_drops_bulk_frames_its_relay_did_not_grant() -> None:
     net.client("c1").tun_super(hdr, packet, net.now)
     net.pump()
     assert net.take("c2") == [] and c2.drops["not_negotiated"] == 1
+
+
+@pytest.mark.parametrize("c2_stream", [False, True])
+def test_plain_packet_over_the_mtu_in_a_bulk_frame_is_not_sent_on(c2_stream: bool) -> None:
+    """A bulk frame's packet without GSO cannot be cut to a peer's MTU: one larger than
+    the tunnel MTU reaches no peer, over UDP nor TCP (only a super-packet is a bulk
+    peer's to take whole); the relay's own TUN takes it (its kernel applies the MTU of
+    the route it leaves by, as it does for any packet it receives)."""
+    net = Net(c2_stream=c2_stream)
+    net.start()
+    c1 = net.client("c1")
+    big = udp4("10.66.0.2", "10.66.0.3", 60000)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, big), net.now)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, udp4("10.66.0.2", "10.66.0.9", 1421)), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.stock_got == []
+    assert net.relay.drops["too_big"] == 2
+    assert net.relay.wg.peers[c1.wg.public_key].data.drops["too_big"] == 2
+    fits = udp4("10.66.0.2", "10.66.0.3", 1420)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, fits), net.now)
+    to_relay = udp4("10.66.0.2", "10.66.0.1", 60000)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, to_relay), net.now)
+    net.pump()
+    assert net.take("c2") == [fits] and net.tun_in == [(PLAIN, to_relay)]
+
+
+def test_plain_packet_over_the_mtu_is_not_sent_on() -> None:
+    """The same without bulk frames: a peer's plain packet over the tunnel MTU (one
+    transport message holds up to 64 KB) goes to no other peer."""
+    net = Net(c1_stream=False, c2_stream=False)
+    net.start()
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.3", 9000), net.now)
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.9", 1421), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.stock_got == []
+    assert net.relay.drops["too_big"] == 2
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.3", 1420), net.now)
+    net.pump()
+    assert len(net.take("c2")) == 1
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_super_packet_with_segments_over_the_mtu_is_cut_to_the_mtu(v6: bool) -> None:
+    """A bulk frame's super-packet whose segment size is larger than the tunnel MTU
+    allows reaches a peer that does not take bulk frames (UDP, stock) as segments of the
+    MTU, the payload whole and in order."""
+    net = Net(c2_stream=False)
+    if v6:
+        net.relay.settings.network6 = IPv6Network("fd66::/64")
+        specs = [
+            PeerSpec(p.data.spec.name, p.public_key, p.data.spec.address, address6=a6)
+            for p, a6 in zip(
+                net.relay.wg.peers.values(),
+                (IPv6Address("fd66::9"), IPv6Address("fd66::2"), IPv6Address("fd66::3")),
+                strict=True,
+            )
+        ]
+        net.relay.set_peers(specs)
+    net.start()
+    src, dst = ("fd66::2", "fd66::3") if v6 else ("10.66.0.2", "10.66.0.3")
+    hdr, packet = super_packet(src, dst, 40000, v6=v6)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(hdr._replace(gso_size=9000), packet), net.now)
+    net.pump()
+    got = net.take("c2")
+    assert got and all(isinstance(p, bytes) and len(p) <= 1420 for p in got)
+    size = 1420 - hdr.hdr_len
+    check_segments(got, src, dst, 40000, mss=size)  # type: ignore[arg-type]
+
+
+def test_super_packet_within_the_mtu_is_cut_at_its_own_segment_size() -> None:
+    net = Net(c2_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 10 * 1000)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(hdr._replace(gso_size=1000), packet), net.now)
+    net.pump()
+    check_segments(net.take("c2"), "10.66.0.2", "10.66.0.3", 10000, mss=1000)  # type: ignore[arg-type]
+
+
+def test_bulk_peer_takes_a_super_packet_whole_whatever_its_segment_size() -> None:
+    """A gtun node over TCP that took bulk frames gets the super-packet as it came: its
+    own kernel cuts it."""
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 40000)
+    big = hdr._replace(gso_size=9000)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(big, packet), net.now)
+    net.pump()
+    assert net.take("c2") == [(big, packet)]

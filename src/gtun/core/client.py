@@ -293,8 +293,8 @@ class ClientCore:
             return
         try:
             bulk.send_super(self.wg, self.server, hdr, packet, now)
-        except OffloadError:
-            self.drops["bad_gso"] += 1
+        except OffloadError as exc:
+            self.drops["too_big" if exc.reason == "too_big" else "bad_gso"] += 1
         self._drain(now)
 
     def handle_timer(self, now: float) -> None:
