@@ -288,6 +288,11 @@ def test_tap_relay_does_not_offer_bulk() -> None:
     net.start()
     assert client.config is not None and client.config.mode == "tap"
     assert not client.config.bulk and not client.relay.caps.bulk
+    # and takes none: a bulk frame is dropped as not negotiated (it was "malformed").
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 3 * MSS)
+    client.wg.send(client.server, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.tun_in == [] and relay.drops["not_negotiated"] == 1
 
 
 # --- the bulk frame codec: a peer's header is checked before it reaches the kernel -------

@@ -364,6 +364,8 @@ class EthernetForwarder(Forwarder):
         kind = tm.classify(plaintext)
         if kind == tm.FRAME:
             self._frame_from_peer(peer, plaintext, now)
+        elif kind == tm.BULK:  # never granted in TAP mode (tunnel.relay_caps)
+            self.count(peer, "not_negotiated")
         elif plaintext[0] == 0:
             self.on_message(peer, plaintext, now)
         else:
