@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from gtun.core import bulk
+from gtun.core import tunnel as tm
 from gtun.core.client import ClientCore
 from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
+    PLAIN,
     Gso,
     finish_tcp_checksum,
     segment,
@@ -53,9 +55,11 @@ def super_packet(
     return hdr, raw
 
 
-def check_segments(packets: list[bytes], src: str, dst: str, size: int, seq: int = 1000) -> None:
-    """`packets` are the segments of super_packet(...): in order, valid checksums, the
-    whole payload exactly once."""
+def check_segments(
+    packets: list[bytes], src: str, dst: str, size: int, seq: int = 1000, *, mss: int = MSS
+) -> None:
+    """`packets` are the segments of super_packet(...), `mss` payload bytes each but
+    the last: in order, valid checksums, the whole payload exactly once."""
     payload = b""
     for i, padded in enumerate(packets):
         v6 = padded[0] >> 4 == 6
@@ -66,7 +70,7 @@ def check_segments(packets: list[bytes], src: str, dst: str, size: int, seq: int
         assert pkt.src == src and pkt.dst == dst
         assert tcp.seq == seq + len(payload)
         data = bytes(tcp.payload)
-        assert len(data) == (MSS if i < len(packets) - 1 else size - MSS * i)
+        assert len(data) == (mss if i < len(packets) - 1 else size - mss * i)
         payload += data
         rebuilt = pkt.__class__(raw)
         del rebuilt[TCP].chksum
@@ -284,6 +288,11 @@ def test_tap_relay_does_not_offer_bulk() -> None:
     net.start()
     assert client.config is not None and client.config.mode == "tap"
     assert not client.config.bulk and not client.relay.caps.bulk
+    # and takes none: a bulk frame is dropped as not negotiated (it was "malformed").
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.1", 3 * MSS)
+    client.wg.send(client.server, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.tun_in == [] and relay.drops["not_negotiated"] == 1
 
 
 # --- the bulk frame codec: a peer's header is checked before it reaches the kernel -------
@@ -365,3 +374,149 @@ def test_plain_non_gso_packet_with_checksum_to_finish() -> None:
     net.pump()
     assert len(net.tun_in) == 1 and isinstance(net.tun_in[0], bytes)
     check_segments(net.tun_in, "10.66.0.2", "10.66.0.1", 600)  # type: ignore[arg-type]
+
+
+# --- what a peer may make the relay send (issue 10, hostile peers) -----------------------
+
+
+def udp4(src: str, dst: str, size: int) -> bytes:
+    """A plain IPv4 UDP packet of `size` bytes in all: no GSO could cut it."""
+    return bytes(IP(src=src, dst=dst) / UDP(sport=5000, dport=5001) / bytes(size - 28))
+
+
+def test_bulk_frame_from_a_stock_peer_is_dropped() -> None:
+    """A stock WireGuard peer never negotiated bulk frames: its bulk frames are not
+    written to the relay's TUN nor sent on, but dropped and counted against it."""
+    net = Net()
+    net.start()
+    assert net.stock is not None
+    relay_peer = net.stock.peers[net.relay.wg.public_key]
+    hdr, packet = super_packet("10.66.0.9", "10.66.0.1", 3 * MSS)
+    net.stock.send(relay_peer, bulk.push_bulk(hdr, packet), net.now)
+    hdr, packet = super_packet("10.66.0.9", "10.66.0.2", 3 * MSS)
+    net.stock.send(relay_peer, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.tun_in == [] and net.take("c1") == []
+    assert net.relay.drops["not_negotiated"] == 2
+    stock = net.relay.wg.peers[net.stock.public_key]
+    assert stock.data.drops["not_negotiated"] == 2
+
+
+def test_bulk_frame_from_a_client_that_did_not_offer_bulk_is_dropped() -> None:
+    """A client whose (latest) configuration request did not offer bulk frames may not
+    send any either."""
+    net = Net()
+    net.start()
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, tm.push_config_request(tm.ConfigRequest(mode="tun")), net.now)
+    net.pump()
+    assert not net.relay.wg.peers[c1.wg.public_key].data.caps.bulk
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    c1.wg.send(c1.server, bulk.push_bulk(hdr, packet), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.relay.drops["not_negotiated"] == 1
+
+
+def test_client_drops_bulk_frames_its_relay_did_not_grant() -> None:
+    """The client's side of the same: bulk frames from a relay whose configuration did
+    not grant them are dropped."""
+    net = Net()
+    net.start()
+    c2 = net.client("c2")
+    c2.relay.caps = replace(c2.relay.caps, bulk=False)  # as if the relay said "bulk": false
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 3 * MSS)
+    net.client("c1").tun_super(hdr, packet, net.now)
+    net.pump()
+    assert net.take("c2") == [] and c2.drops["not_negotiated"] == 1
+
+
+@pytest.mark.parametrize("c2_stream", [False, True])
+def test_plain_packet_over_the_mtu_in_a_bulk_frame_is_not_sent_on(c2_stream: bool) -> None:
+    """A bulk frame's packet without GSO cannot be cut to a peer's MTU: one larger than
+    the tunnel MTU reaches no peer, over UDP nor TCP (only a super-packet is a bulk
+    peer's to take whole); the relay's own TUN takes it (its kernel applies the MTU of
+    the route it leaves by, as it does for any packet it receives)."""
+    net = Net(c2_stream=c2_stream)
+    net.start()
+    c1 = net.client("c1")
+    big = udp4("10.66.0.2", "10.66.0.3", 60000)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, big), net.now)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, udp4("10.66.0.2", "10.66.0.9", 1421)), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.stock_got == []
+    assert net.relay.drops["too_big"] == 2
+    assert net.relay.wg.peers[c1.wg.public_key].data.drops["too_big"] == 2
+    fits = udp4("10.66.0.2", "10.66.0.3", 1420)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, fits), net.now)
+    to_relay = udp4("10.66.0.2", "10.66.0.1", 60000)
+    c1.wg.send(c1.server, bulk.push_bulk(PLAIN, to_relay), net.now)
+    net.pump()
+    assert net.take("c2") == [fits] and net.tun_in == [(PLAIN, to_relay)]
+
+
+def test_plain_packet_over_the_mtu_is_not_sent_on() -> None:
+    """The same without bulk frames: a peer's plain packet over the tunnel MTU (one
+    transport message holds up to 64 KB) goes to no other peer."""
+    net = Net(c1_stream=False, c2_stream=False)
+    net.start()
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.3", 9000), net.now)
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.9", 1421), net.now)
+    net.pump()
+    assert net.take("c2") == [] and net.stock_got == []
+    assert net.relay.drops["too_big"] == 2
+    c1.wg.send(c1.server, udp4("10.66.0.2", "10.66.0.3", 1420), net.now)
+    net.pump()
+    assert len(net.take("c2")) == 1
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_super_packet_with_segments_over_the_mtu_is_cut_to_the_mtu(v6: bool) -> None:
+    """A bulk frame's super-packet whose segment size is larger than the tunnel MTU
+    allows reaches a peer that does not take bulk frames (UDP, stock) as segments of the
+    MTU, the payload whole and in order."""
+    net = Net(c2_stream=False)
+    if v6:
+        net.relay.settings.network6 = IPv6Network("fd66::/64")
+        specs = [
+            PeerSpec(p.data.spec.name, p.public_key, p.data.spec.address, address6=a6)
+            for p, a6 in zip(
+                net.relay.wg.peers.values(),
+                (IPv6Address("fd66::9"), IPv6Address("fd66::2"), IPv6Address("fd66::3")),
+                strict=True,
+            )
+        ]
+        net.relay.set_peers(specs)
+    net.start()
+    src, dst = ("fd66::2", "fd66::3") if v6 else ("10.66.0.2", "10.66.0.3")
+    hdr, packet = super_packet(src, dst, 40000, v6=v6)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(hdr._replace(gso_size=9000), packet), net.now)
+    net.pump()
+    got = net.take("c2")
+    assert got and all(isinstance(p, bytes) and len(p) <= 1420 for p in got)
+    size = 1420 - hdr.hdr_len
+    check_segments(got, src, dst, 40000, mss=size)  # type: ignore[arg-type]
+
+
+def test_super_packet_within_the_mtu_is_cut_at_its_own_segment_size() -> None:
+    net = Net(c2_stream=False)
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 10 * 1000)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(hdr._replace(gso_size=1000), packet), net.now)
+    net.pump()
+    check_segments(net.take("c2"), "10.66.0.2", "10.66.0.3", 10000, mss=1000)  # type: ignore[arg-type]
+
+
+def test_bulk_peer_takes_a_super_packet_whole_whatever_its_segment_size() -> None:
+    """A gtun node over TCP that took bulk frames gets the super-packet as it came: its
+    own kernel cuts it."""
+    net = Net()
+    net.start()
+    hdr, packet = super_packet("10.66.0.2", "10.66.0.3", 40000)
+    big = hdr._replace(gso_size=9000)
+    c1 = net.client("c1")
+    c1.wg.send(c1.server, bulk.push_bulk(big, packet), net.now)
+    net.pump()
+    assert net.take("c2") == [(big, packet)]

@@ -132,11 +132,19 @@ LINK_LOCAL = IPv6Network("fe80::/10")
 
 
 def check_tun_delivery(net: Net) -> None:
-    """Everything h's plaintexts made the relay deliver speaks for h only."""
+    """Everything h's plaintexts made the relay deliver speaks for h only, and what it
+    made the relay send a peer is what that peer takes: packets within the tunnel MTU,
+    super-packets only to a (over a stream, bulk frames)."""
     own = {IPv4Address("10.66.0.2").packed, IPv6Address("fd66::2").packed}
     delivered = list(net.tun_in)
     for name in ("a", "b"):
-        delivered += net.take(name)
+        got = net.take(name)
+        for item in got:
+            if isinstance(item, tuple):
+                assert name == "a", item
+            else:
+                assert len(item) <= net.relay.settings.mtu, (name, len(item))
+        delivered += got
     net.tun_in.clear()
     for item in delivered:
         packet = item[1] if isinstance(item, tuple) else item
@@ -207,7 +215,11 @@ def tun_templates() -> list[bytes]:
     h, a = "10.66.0.2", "10.66.0.3"
     tcp = tcp4(h, a, 1, b"x" * 200)
     tcp_b = tcp4(h, "10.66.0.4", 1, b"y" * 300)
+    big_b = tcp4(h, "10.66.0.4", 1, b"w" * 6000)
     return [
+        big_b,
+        bulk.MAGIC + push_gso(Gso(F_NEEDS_CSUM, GSO_TCPV4, 40, 3000, 20, 16)) + big_b,
+        bulk.MAGIC + push_gso(Gso(0, GSO_NONE, 0, 0, 0, 0)) + big_b,
         tcp_b,
         bulk.MAGIC + push_gso(Gso(F_NEEDS_CSUM, GSO_TCPV4, 40, 100, 20, 16)) + tcp_b,
         bulk.MAGIC + push_gso(Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16)) + tcp_b,

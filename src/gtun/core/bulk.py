@@ -6,7 +6,9 @@ stream write, and on the far side one TUN write of the same super-packet.  The p
 is gtun's own (first byte 0x00, like tunnelmsg.py), so a stock WireGuard peer never gets
 one: the relay and the client send them only after both said they take them (the
 "bulk" key of the configuration request and of the configuration), and only over a
-stream (TCP) endpoint, whose frames may be that large.
+stream (TCP) endpoint, whose frames may be that large.  Likewise they take them only
+from a peer that said so: the relay drops any other peer's, the client a relay's that
+did not grant them ("not_negotiated").
 
     magic(4) = 00 'g' 't' 03   virtio-net header(10, offload.py)   IP packet
 
@@ -28,6 +30,7 @@ from gtun.core.offload import (
     GSO_TCPV4,
     GSO_TCPV6,
     Gso,
+    OffloadError,
     pull_gso,
     push_gso,
     segment,
@@ -128,15 +131,23 @@ def takes_bulk(peer: Peer) -> bool:
 
 def send_super(wg: WireGuard, peer: Peer, hdr: Gso, packet: bytes, now: float) -> None:
     """Send a super-packet to `peer`: as bulk frames when it takes them (takes_bulk),
-    else as the MTU-sized packets it stands for, each its own transport message, valid
-    for any WireGuard peer.  Raises OffloadError for a super-packet that cannot be cut."""
-    if hdr.gso_type == GSO_NONE and not hdr.flags:
-        wg.send(peer, packet, now)
-    elif takes_bulk(peer):
+    else as the packets it stands for, each its own transport message no longer than
+    the tunnel MTU (`wg.mtu`; segments of a larger `gso_size` are cut to it), valid for
+    any WireGuard peer.  A packet without GSO longer than the MTU goes to no peer, bulk
+    or not: nothing can cut it.  Raises OffloadError: "too_big" for that packet, and for
+    a super-packet that cannot be cut."""
+    if hdr.gso_type == GSO_NONE:
+        if wg.mtu and len(packet) > wg.mtu:
+            raise OffloadError("too_big", f"{len(packet)} bytes without GSO, the MTU is {wg.mtu}")
+        if not hdr.flags:
+            wg.send(peer, packet, now)
+            return
+    if takes_bulk(peer):
         if len(packet) <= MAX_PACKET:
             wg.send(peer, push_bulk(hdr, packet), now)
         else:
             for piece_hdr, piece in split(hdr, packet, MAX_PACKET):
                 wg.send(peer, push_bulk(piece_hdr, piece), now)
     else:
-        wg.send_many(peer, segment(hdr, packet, partial=peer.data.caps.partial), now)
+        segments = segment(hdr, packet, partial=peer.data.caps.partial, max_len=wg.mtu)
+        wg.send_many(peer, segments, now)

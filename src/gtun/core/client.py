@@ -293,8 +293,8 @@ class ClientCore:
             return
         try:
             bulk.send_super(self.wg, self.server, hdr, packet, now)
-        except OffloadError:
-            self.drops["bad_gso"] += 1
+        except OffloadError as exc:
+            self.drops["too_big" if exc.reason == "too_big" else "bad_gso"] += 1
         self._drain(now)
 
     def handle_timer(self, now: float) -> None:
@@ -422,6 +422,9 @@ class ClientCore:
     def _bulk_from_relay(self, plaintext: bytes) -> None:
         if self.config is None or self.device_mode == "tap":
             self.drops["malformed"] += 1
+            return
+        if not self.relay.caps.bulk:  # the relay's configuration did not grant them
+            self.drops["not_negotiated"] += 1
             return
         try:
             self._tun_out.append(bulk.pull_bulk(plaintext))

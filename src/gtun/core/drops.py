@@ -127,19 +127,30 @@ REASONS: tuple[Reason, ...] = (
         ("relay", "peer"),
     ),
     Reason(
+        "not_negotiated",
+        "a bulk frame (bulk.py) from a peer that did not negotiate them (tunnel.Caps: a "
+        "stock peer, a client whose configuration request did not offer them, TAP mode)",
+        ("relay", "client", "peer"),
+    ),
+    Reason(
+        "too_big",
+        "a packet without GSO larger than the tunnel MTU, for a peer (nothing can cut it "
+        "to fit), or a segment larger than a split allows",
+        ("relay", "client", "peer"),
+    ),
+    Reason(
         "events_full",
         "the core's event queue was full (its caller did not drain it); event dropped",
         ("relay", "client"),
     ),
-    # Reasons of OffloadError (offload.py) that no counter keeps by that name: the edge
-    # and the cores count them as "bad_gso" or "bad_bulk".
+    # A reason of OffloadError (offload.py) that no counter keeps by that name: the edge
+    # and the cores count it as "bad_gso" or "bad_bulk" ("too_big", above, is kept).
     Reason(
         "bad_vnet_hdr",
         "a super-packet header shorter than its encoding, or a checksum "
         "offset outside the packet (counted as bad_gso or bad_bulk)",
         (),
     ),
-    Reason("too_big", "a packet or segment larger than a split allows (counted as bad_gso)", ()),
     # The edge's fairness (io/driver.py).
     Reason(
         "fair_queue_full",

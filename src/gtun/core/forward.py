@@ -16,7 +16,11 @@ applies.  A packet read from the TUN goes to the peer owning its destination, or
 dropped ("no_route").  Verdicts are cached per flow (sending peer, address pair) and the
 cache is cleared whenever the peers change.  Packets from one peer to another are
 gathered per target during a batch and leave together (send_many; bulk frames to a gtun
-node over TCP).
+node over TCP).  What goes to a peer fits the tunnel MTU, which every peer has: a
+super-packet is cut into segments no longer than it (unless the peer takes bulk
+frames, and so whole super-packets), and a packet without GSO that is longer goes to
+no peer ("too_big"); the relay's TUN takes it, and its kernel applies the MTU of the
+route it leaves by, as for any packet it receives.
 
 EthernetForwarder (TAP).  The relay is a learning switch (switch.py) whose ports are the
 gtun peers and its own TAP device; plaintexts are Ethernet frames behind gtun's frame
@@ -194,11 +198,22 @@ class IpForwarder(Forwarder):
             self.drops["no_route"] += 1
         return peer
 
-    def _send_super(self, peer: Peer, hdr: Gso, packet: bytes, now: float) -> None:
+    def _send_super(
+        self, peer: Peer, hdr: Gso, packet: bytes, now: float, sender: Peer | None = None
+    ) -> None:
+        """bulk.send_super(), its drop counted: against `sender`, the peer the
+        super-packet came from (a bulk frame's fault: "bad_bulk"), else the relay's own
+        (its TUN's: "bad_gso"); "too_big" either way for a packet no peer can take."""
         try:
             bulk.send_super(self.wg, peer, hdr, packet, now)
-        except OffloadError:
-            self.drops["bad_gso"] += 1
+        except OffloadError as exc:
+            reason = exc.reason
+            if reason != "too_big":
+                reason = "bad_gso" if sender is None else "bad_bulk"
+            if sender is None:
+                self.drops[reason] += 1
+            else:
+                self.count(sender, reason)
 
     def from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         if plaintext[0] == 0:
@@ -227,6 +242,10 @@ class IpForwarder(Forwarder):
             self.count(peer, target)
         else:
             assert isinstance(target, Peer)
+            mtu = self.wg.mtu
+            if mtu and length > mtu:  # no peer takes it, and nothing can cut it
+                self.count(peer, "too_big")
+                return
             if peer.data.caps.partial and not target.data.caps.partial:
                 plaintext = finish_tcp_checksum(plaintext)  # e.g. to a stock peer
             batch = self._forward.get(target)
@@ -263,7 +282,11 @@ class IpForwarder(Forwarder):
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """A super-packet from a gtun peer: checked and routed as a packet is, then
         written to the TUN whole, or sent on to another peer (whole, or cut into packets
-        when that peer does not take bulk frames)."""
+        when that peer does not take bulk frames).  Only from a peer that negotiated
+        them: anyone else's are dropped unread ("not_negotiated")."""
+        if not peer.data.caps.bulk:
+            self.count(peer, "not_negotiated")
+            return
         try:
             hdr, packet = bulk.pull_bulk(plaintext)
         except (bulk.BulkError, OffloadError):
@@ -284,7 +307,7 @@ class IpForwarder(Forwarder):
         elif target.__class__ is str:
             self.count(peer, target)
         else:
-            self._send_super(target, hdr, packet, now)  # type: ignore[arg-type]
+            self._send_super(target, hdr, packet, now, peer)  # type: ignore[arg-type]
 
 
 def _extension_drop(packet: bytes) -> str | None:
@@ -341,6 +364,8 @@ class EthernetForwarder(Forwarder):
         kind = tm.classify(plaintext)
         if kind == tm.FRAME:
             self._frame_from_peer(peer, plaintext, now)
+        elif kind == tm.BULK:  # never granted in TAP mode (tunnel.relay_caps)
+            self.count(peer, "not_negotiated")
         elif plaintext[0] == 0:
             self.on_message(peer, plaintext, now)
         else:

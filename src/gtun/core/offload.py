@@ -199,8 +199,12 @@ def _fold(partial: int) -> int:
 # --- segmentation ------------------------------------------------------------------
 
 
-def segment(h: Gso, packet: bytes, *, partial: bool = False) -> list[bytes]:
+def segment(h: Gso, packet: bytes, *, partial: bool = False, max_len: int = 0) -> list[bytes]:
     """The wire packets for `packet`, what follows header `h` in a TUN read.
+
+    With `max_len` (an MTU), no TCP segment is longer: a `gso_size` too large for it is
+    lowered to fit, as a smaller MSS would have cut the stream (a packet without GSO is
+    the caller's to check).
 
     With `partial`, the TCP segments of a GSO packet carry in their checksum field only
     the pseudo-header sum (as CHECKSUM_PARTIAL packets do), not the full checksum: for
@@ -219,7 +223,8 @@ def segment(h: Gso, packet: bytes, *, partial: bool = False) -> list[bytes]:
     "bad_gso" for a GSO packet that is not a well-formed IPv4/IPv6 + TCP packet whose
     header fields agree with its length and `h` (IPv6 extension headers and IPv4
     fragments included), for gso_size 0, no payload, more than MAX_SEGMENTS segments, a
-    segment over 65535 bytes, or an unsupported gso_type (UDP).
+    segment over 65535 bytes, or an unsupported gso_type (UDP); "too_big" when the
+    headers alone leave no room for payload in `max_len`.
     """
     if not h.gso_type:
         if h.flags & F_NEEDS_CSUM:
@@ -231,6 +236,12 @@ def segment(h: Gso, packet: bytes, *, partial: bool = False) -> list[bytes]:
     n = len(packet)
     g = h.gso_size
     pay = n - hl
+    if max_len and hl + g > max_len:
+        g = max_len - hl
+        if g < 1:
+            raise OffloadError("too_big", f"TCP/IP headers of {hl} bytes, the limit is {max_len}")
+        if -(-pay // g) > MAX_SEGMENTS:
+            raise OffloadError("bad_gso", f"more than {MAX_SEGMENTS} segments")
     if hl + min(g, pay) > MAX_IP_PACKET:
         raise OffloadError("bad_gso", f"a segment of {hl + min(g, pay)} bytes")
     return _segment_tcp(packet, l3, hl, g, partial)
