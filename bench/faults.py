@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as hub_bench  # noqa: E402  (the wireguard-go hub, as bench.py builds it)
-
 from gtun.lab.net import GtunNet  # noqa: E402
 from gtun.lab.netns import Lab, Namespace, list_namespaces  # noqa: E402
 
@@ -76,9 +75,7 @@ class Faults:
         self.workdir = workdir
 
     @contextlib.contextmanager
-    def net(
-        self, lab: Lab, tag: str, *, clients: int, transports: list[str]
-    ) -> Iterator[GtunNet]:
+    def net(self, lab: Lab, tag: str, *, clients: int, transports: list[str]) -> Iterator[GtunNet]:
         """A relay and `clients` clients (transports "udp"/"tcp"), started, configured."""
         net = GtunNet(lab, self.workdir / tag, clients=clients, underlay=UNDERLAY, lan=False)
         net.start_relay()
@@ -188,9 +185,7 @@ def relay_kill(f: Faults) -> list[Row]:
         time.sleep(1.0)  # the clients' next packets go nowhere
         net.start_relay()
         restarted = time.monotonic()
-        healed = {
-            c.name: _first_answer(c.ns, RELAY, restarted + HEAL_TIMEOUT) for c in net.clients
-        }
+        healed = {c.name: _first_answer(c.ns, RELAY, restarted + HEAL_TIMEOUT) for c in net.clients}
         after = {c.name: net.wait_configured(c) for c in net.clients}
     rows = []
     for c, transport in zip(("c1", "c2"), ("udp", "tcp"), strict=True):
