@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import secrets
 from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
 
 from gtun.core.client import CONNECTED, CONNECTING, REFUSED, ClientCore
 from gtun.core.packet import build_icmp_echo
 from gtun.core.relay import REJOIN_PER_TICK, REJOIN_TICK, PeerSpec, Relay
 from gtun.core.wg.constants import MESSAGE_INITIATION, MESSAGE_TRANSPORT
+from gtun.errors import RuntimeFailure
+from gtun.system import journal
+from gtun.system.nft import Forwarding
 from gtun.testing.link import CoreLink, relay_settings
 
 
@@ -146,3 +152,31 @@ def test_a_refused_client_does_not_roam() -> None:
     client.state = REFUSED
     client.roamed(0.0)
     assert client.datagrams_to_send() == [] and client.state == REFUSED
+
+
+def test_a_killed_relays_forwarding_is_restored_from_its_journal(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "net/ipv4").mkdir(parents=True)
+    (proc / "net/ipv4/ip_forward").write_text("0\n")
+    path = tmp_path / "state" / "host-server.json"
+    forwarding = Forwarding(proc)
+    changes = journal.HostChanges(pid=2**22 + 7, config="server.toml")
+
+    def record(sysctls: dict[str, str]) -> None:
+        changes.sysctls = sysctls
+        journal.record_host(path, changes)
+
+    forwarding.enable(record=record)  # ... and the relay is killed: no restore()
+    assert (proc / "net/ipv4/ip_forward").read_text().strip() == "1"
+    assert journal.recover_host(path, proc)
+    assert (proc / "net/ipv4/ip_forward").read_text().strip() == "0"
+    assert not path.exists()
+    assert not journal.recover_host(path, proc)  # nothing left: nothing to do
+
+
+def test_a_damaged_journal_is_refused_not_obeyed(tmp_path: Path) -> None:
+    path = tmp_path / "host-server.json"
+    path.write_text('{"version": 1, "pid": 1, "config": "x", "sysctls": {"kernel/x": "1"}}')
+    with pytest.raises(RuntimeFailure, match="damaged journal"):
+        journal.recover_host(path, tmp_path)
+    assert path.exists()

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import socket
 import time
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
@@ -41,7 +42,9 @@ from gtun.io.driver import Driver
 from gtun.io.tcp import TcpServer, endpoint_transport, forget_endpoint
 from gtun.io.transport import endpoint_text
 from gtun.io.udp import UdpTransport
+from gtun.system import journal
 from gtun.system.malloc import keep_heap
+from gtun.system.nft import table_name
 
 log = logging.getLogger("gtun")
 
@@ -179,6 +182,9 @@ class Server:
         """The peers, the bound UDP and TCP sockets and the device, in an order where
         any failure leaves nothing open.  Raises ConfigError or RuntimeFailure."""
         cfg, rt = self.cfg, self.rt
+        # What a killed run left (forwarding on, its NAT table) goes first, so that
+        # the values found below are the host's own.
+        self.platform.recover_host(journal.host_journal_path(cfg.state_dir, cfg.path))
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
@@ -262,10 +268,23 @@ class Server:
         await rt.nl(self.sync_subnet_routes, specs)
 
     def _configure_host(self, tun: Device) -> None:
-        """IP forwarding, and NAT for the virtual networks."""
+        """IP forwarding, and NAT for the virtual networks, each recorded in a journal
+        before it is made (system/journal.py): the next run undoes what a killed one
+        left, from the values found before, not from what the killed run set."""
         cfg, rt = self.cfg, self.rt
+        path = journal.host_journal_path(cfg.state_dir, cfg.path)
+        changes = journal.HostChanges(
+            os.getpid(), str(cfg.path), nft_table=table_name(tun.name) if cfg.nat else None
+        )
+
+        def record(sysctls: dict[str, str]) -> None:
+            changes.sysctls = sysctls
+            journal.record_host(path, changes)
+
+        # Pushed first, so removed last: once everything it lists is undone.
+        rt.push("the relay's journal", lambda: journal.remove(path))
         forwarding = self.platform.forwarding()
-        forwarding.enable(ipv6=cfg.network6 is not None)
+        forwarding.enable(ipv6=cfg.network6 is not None, record=record)
         rt.push("IP forwarding", forwarding.restore)
         if cfg.nat:
             nat = self.platform.nat(
