@@ -41,10 +41,12 @@ from gtun.io.udp import UdpTransport
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
 from gtun.system.malloc import keep_heap
+from gtun.system.netlink import PathWatcher, source_for
 
 log = logging.getLogger("gtun")
 
 RESOLVE_RETRY = 5.0
+PATH_SETTLE = 0.05  # seconds after an address or route change before the way is looked up
 NOTICE_EVERY = 6  # handshake attempts between two "does not answer" warnings
 
 
@@ -73,6 +75,10 @@ class Client:
         self._config_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics: MetricsServer | None = None
+        # Roaming: the netlink watcher, the path to the relay last seen, a pending look.
+        self.watcher: PathWatcher | None = None
+        self.path: str | None = None
+        self._path_check: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -134,6 +140,7 @@ class Client:
                 encode_key(cfg.public_key),
             )
             self.endpoint = endpoint
+            await self.watch_paths()
             if self.transport == "tcp":
                 self.start_tcp(endpoint)
             else:
@@ -183,6 +190,65 @@ class Client:
                 sock.close()
                 raise
         return sock
+
+    # --- roaming -------------------------------------------------------------------------
+
+    async def watch_paths(self) -> None:
+        """Act on local address and route changes as wireguard-go does: when the way to
+        the relay changes (another source address or device), tell the relay at once
+        (ClientCore.roamed), rather than when the next packet happens to go."""
+        assert self.endpoint is not None
+        try:
+            watcher = PathWatcher()
+        except GtunError as exc:
+            log.warning("%s; a change of address is noticed only at the next keepalive", exc)
+            return
+        self.watcher = watcher
+        self.path = await self.rt.nl(source_for, self.endpoint[0], self.fwmark())
+        loop = asyncio.get_running_loop()
+        loop.add_reader(watcher.fileno(), self.on_netlink)
+        self.rt.push("address watch", self.stop_watching)
+
+    def fwmark(self) -> int:
+        """The mark the relay's sockets carry (full tunnel), for the look-up to find
+        the way they take, not the tunnel."""
+        return self.full_tunnel.fwmark if self.full_tunnel is not None else 0
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            asyncio.get_running_loop().remove_reader(self.watcher.fileno())
+            self.watcher.close()
+            self.watcher = None
+        if self._path_check is not None:
+            self._path_check.cancel()
+
+    def on_netlink(self) -> None:
+        assert self.watcher is not None
+        self.watcher.drain()
+        if self._path_check is None or self._path_check.done():
+            self._path_check = asyncio.ensure_future(self.check_path())
+
+    async def check_path(self) -> None:
+        assert self.endpoint is not None
+        await asyncio.sleep(PATH_SETTLE)  # an address moves in a few messages
+        path = await self.rt.nl(source_for, self.endpoint[0], self.fwmark())
+        if path == self.path:
+            return
+        before, self.path = self.path, path
+        if path is None:
+            log.info("no route to relay %s now (was from %s)", self.endpoint[0], before)
+            return
+        log.info(
+            "the way to relay %s changed: now from %s (was %s)", self.endpoint[0], path, before
+        )
+        core, driver = self.core, self.driver
+        if core is None or driver is None:
+            return
+        if self.dialer is not None:
+            self.dialer.reconnect("the local address changed")
+        else:
+            core.roamed(driver.loop.time())
+            driver.poke()
 
     # --- TCP ---------------------------------------------------------------------------
 

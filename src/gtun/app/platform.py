@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -26,6 +26,7 @@ from gtun.errors import ConfigError
 from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
+from gtun.system import journal
 from gtun.system.ipv6 import enable_ipv6, eui64_link_local
 from gtun.system.netlink import LinkConfig
 from gtun.system.nft import Forwarding, Nat
@@ -59,7 +60,9 @@ class Link(Protocol):
 
 
 class IpForwarding(Protocol):
-    def enable(self, ipv6: bool = False) -> None: ...
+    def enable(
+        self, ipv6: bool = False, record: Callable[[dict[str, str]], None] | None = None
+    ) -> None: ...
     def restore(self) -> None: ...
 
 
@@ -105,6 +108,7 @@ class Platform(Protocol):
     def apply_dns(self, change: dnsconf.DnsChange, dns: Sequence[Address]) -> None: ...
     def restore_dns(self, change: dnsconf.DnsChange) -> str: ...
     def recover_full_tunnel(self, state_path: Path) -> bool: ...
+    def recover_host(self, journal_path: Path) -> bool: ...
     def full_tunnel(self, device: str, state_path: Path, config_file: Path) -> ExitRoute: ...
     def mark_socket(self, sock: socket.socket, mark: int) -> None: ...
 
@@ -152,6 +156,9 @@ class LinuxPlatform:
 
     def recover_full_tunnel(self, state_path: Path) -> bool:
         return exitroute.recover(state_path)
+
+    def recover_host(self, journal_path: Path) -> bool:
+        return journal.recover_host(journal_path)
 
     def full_tunnel(self, device: str, state_path: Path, config_file: Path) -> exitroute.FullTunnel:
         return exitroute.FullTunnel.prepare(device, state_path, config_file)

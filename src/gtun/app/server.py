@@ -6,8 +6,11 @@ network changes on exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import json
 import logging
+import os
 import socket
 import time
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
@@ -16,7 +19,7 @@ from typing import Any
 
 from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
-from gtun.app.keys import encode_key
+from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.peerset import collect_peers, open_state
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
@@ -39,10 +42,13 @@ from gtun.io.driver import Driver
 from gtun.io.tcp import TcpServer, endpoint_transport, forget_endpoint
 from gtun.io.transport import endpoint_text
 from gtun.io.udp import UdpTransport
+from gtun.system import journal
 from gtun.system.malloc import keep_heap
+from gtun.system.nft import table_name
 
 log = logging.getLogger("gtun")
 
+ENDPOINT_SAVE_INTERVAL = 1.0  # seconds between looks for peers' new UDP endpoints
 JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 
@@ -143,6 +149,9 @@ class Server:
         self._joined: dict[bytes, tuple[str | None, float]] = {}
         self.unknown_keys = UnknownKeys()
         self._unknown_timer: asyncio.TimerHandle | None = None
+        # Peers' UDP endpoints as the store has them (key -> text), and the task saving them.
+        self._saved_endpoints: dict[bytes, str] = {}
+        self._endpoint_task: asyncio.Task[None] | None = None
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class Server:
             await self._configure_device(tun, specs)
             driver.attach_tun(tun)
             self._configure_host(tun)
+            self._rejoin()
             control = ControlServer(
                 self.cfg.control_socket, self.on_control, config_file=self.cfg.path
             )
@@ -172,6 +182,9 @@ class Server:
         """The peers, the bound UDP and TCP sockets and the device, in an order where
         any failure leaves nothing open.  Raises ConfigError or RuntimeFailure."""
         cfg, rt = self.cfg, self.rt
+        # What a killed run left (forwarding on, its NAT table) goes first, so that
+        # the values found below are the host's own.
+        self.platform.recover_host(journal.host_journal_path(cfg.state_dir, cfg.path))
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
@@ -255,10 +268,23 @@ class Server:
         await rt.nl(self.sync_subnet_routes, specs)
 
     def _configure_host(self, tun: Device) -> None:
-        """IP forwarding, and NAT for the virtual networks."""
+        """IP forwarding, and NAT for the virtual networks, each recorded in a journal
+        before it is made (system/journal.py): the next run undoes what a killed one
+        left, from the values found before, not from what the killed run set."""
         cfg, rt = self.cfg, self.rt
+        path = journal.host_journal_path(cfg.state_dir, cfg.path)
+        changes = journal.HostChanges(
+            os.getpid(), str(cfg.path), nft_table=table_name(tun.name) if cfg.nat else None
+        )
+
+        def record(sysctls: dict[str, str]) -> None:
+            changes.sysctls = sysctls
+            journal.record_host(path, changes)
+
+        # Pushed first, so removed last: once everything it lists is undone.
+        rt.push("the relay's journal", lambda: journal.remove(path))
         forwarding = self.platform.forwarding()
-        forwarding.enable(ipv6=cfg.network6 is not None)
+        forwarding.enable(ipv6=cfg.network6 is not None, record=record)
         rt.push("IP forwarding", forwarding.restore)
         if cfg.nat:
             nat = self.platform.nat(
@@ -266,6 +292,68 @@ class Server:
             )
             nat.apply()
             rt.push("NAT rules", nat.remove)
+
+    def _rejoin(self) -> None:
+        """Handshake with every peer at the UDP endpoint it last used (a restart is
+        healed in a round trip, not when the clients' timers fire), then keep the
+        store's endpoints current."""
+        assert self.relay is not None and self.driver is not None
+        relay_key = encode_key(self.cfg.public_key)
+        endpoints: dict[bytes, tuple[Any, ...]] = {}
+        for key_text, text in self.store.endpoints(relay_key).items():
+            endpoint = endpoint_from_text(text)
+            key = decode_key_or_none(key_text)
+            if endpoint is not None and key is not None:
+                endpoints[key] = endpoint
+                self._saved_endpoints[key] = text
+        queued = self.relay.rejoin(endpoints, self.driver.loop.time())
+        if queued:
+            log.info("handshaking with %d peers at their last endpoints", queued)
+            self.driver.poke()
+        self._endpoint_task = asyncio.ensure_future(self._keep_endpoints(relay_key))
+        self.rt.push("peer endpoints", lambda: self._stop_endpoints(relay_key))
+
+    def _changed_endpoints(self) -> dict[bytes, str]:
+        """Peers whose UDP endpoint differs from the stored one (a TCP one is not kept:
+        a connection does not outlive the relay)."""
+        assert self.relay is not None
+        saved = self._saved_endpoints
+        changed: dict[bytes, str] = {}
+        for key, peer in self.relay.wg.peers.items():
+            endpoint = peer.endpoint
+            if endpoint.__class__ is tuple and peer.last_received is not None:
+                text = endpoint_to_text(endpoint)
+                if saved.get(key) != text:
+                    changed[key] = text
+        return changed
+
+    async def _keep_endpoints(self, relay_key: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(ENDPOINT_SAVE_INTERVAL)
+            changed = self._changed_endpoints()
+            if not changed:
+                continue
+            rows = {encode_key(key): text for key, text in changed.items()}
+            try:
+                # Off the event loop: a commit waits for the disk.
+                await loop.run_in_executor(None, self.store.save_endpoints, relay_key, rows)
+            except GtunError as exc:
+                log.warning("cannot save the peers' endpoints: %s", exc)
+                continue
+            self._saved_endpoints.update(changed)
+
+    async def _stop_endpoints(self, relay_key: str) -> None:
+        task = self._endpoint_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        changed = self._changed_endpoints()
+        if changed:
+            self.store.save_endpoints(
+                relay_key, {encode_key(key): text for key, text in changed.items()}
+            )
 
     def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
         cfg = self.cfg
@@ -461,6 +549,34 @@ def apply_peers(
     except PeerSetError as exc:
         in_config = any(p.name == exc.peer for p in cfg.peers)
         raise ConfigError(str(exc), file=cfg.path if in_config else store.path) from exc
+
+
+def endpoint_to_text(endpoint: tuple[Any, ...]) -> str:
+    """A UDP endpoint (the socket's address tuple) as the store keeps it: JSON."""
+    return json.dumps(list(endpoint))
+
+
+def endpoint_from_text(text: str) -> tuple[Any, ...] | None:
+    """The address tuple endpoint_to_text() wrote, or None for anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) not in (2, 4)
+        or not isinstance(value[0], str)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
+    ):
+        return None
+    return tuple(value)
+
+
+def decode_key_or_none(text: str) -> bytes | None:
+    try:
+        return decode_key(text)
+    except ConfigError:
+        return None
 
 
 def _v6(spec: PeerSpec) -> str:

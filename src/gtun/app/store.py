@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS peers (
     subnets TEXT,
     created REAL
 );
+CREATE TABLE IF NOT EXISTS endpoints (
+    relay TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    updated REAL,
+    PRIMARY KEY (relay, public_key)
+);
 """
 
 
@@ -248,6 +255,29 @@ class StateStore:
                 )
             )
         return peers
+
+    # -- endpoints ---------------------------------------------------------------
+    # Where each peer last reached the relay (keyed by the relay's own public key, so
+    # relays sharing a store keep theirs apart): a restarted relay initiates handshakes
+    # there.  An added table: a gtun without it ignores it, and schema 1 still holds.
+
+    def endpoints(self, relay: str) -> dict[str, str]:
+        """The endpoints stored by `relay`: peer public key (base64) to its
+        endpoint (the text the relay wrote: JSON of the socket address)."""
+        rows = self._query("SELECT public_key, endpoint FROM endpoints WHERE relay = ?", (relay,))
+        return {str(key): str(endpoint) for key, endpoint in rows}
+
+    def save_endpoints(self, relay: str, changed: dict[str, str]) -> None:
+        """Store the endpoints `changed` (peer public key to endpoint text), in one
+        transaction."""
+        now = time.time()
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO endpoints (relay, public_key, endpoint, updated) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (relay, public_key) DO UPDATE SET "
+                "endpoint = excluded.endpoint, updated = excluded.updated",
+                [(relay, key, endpoint, now) for key, endpoint in changed.items()],
+            )
 
     # -- life --------------------------------------------------------------------
 

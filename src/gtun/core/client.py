@@ -21,7 +21,9 @@ and says (the events the daemon acts on).
                   (REKEY_ATTEMPT_TIME)                     round after a backoff doubling
                                                            from FIRST_BACKOFF to MAX_BACKOFF
     CONNECTING    handshake completes                      -> CONNECTED: Connected; asks for
-                                                           its configuration
+                                                           its configuration (as responder:
+                                                           once the relay's first message
+                                                           confirms the session)
     CONNECTED     no CONFIG yet                            asks again every CONFIG_RETRY
     CONNECTED     CONFIG                                   ConfigReceived(config, changed)
     any           REFUSED, or a CONFIG of the other mode   -> REFUSED: Refused(reason)
@@ -29,11 +31,20 @@ and says (the events the daemon acts on).
     CONNECTED     relay silent for dead_after              -> CONNECTING: Disconnected
                                                            (the daemon drops a TCP
                                                            connection, to be made again)
+    CONNECTED     roamed(): the local address or route     a keepalive now, from the new
+                  to the relay changed                     address: the relay follows it
+    CONNECTING    roamed()                                 a handshake initiation now
+    REFUSED       roamed()                                 nothing
 
 A PING is data, so WireGuard's own timer starts a new handshake when no answer came for
 KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a restarted relay (which has forgotten
-every session) is noticed and rejoined.  Every new session asks for the configuration
+every session) is noticed and rejoined, unless the relay initiates first (it does, to
+the endpoints it stored: relay.py).  Every new session asks for the configuration
 again: the relay may have restarted or changed.
+
+A client that only receives sends nothing for up to KEEPALIVE_TIMEOUT, so when its
+address changes the relay would go on sending to the old one; roamed() (the daemon
+watches the routing tables) sends at once from the new address, as wireguard-go does.
 
 The device mode is `mode` ("tun" or "tap") when the user chose one, which the
 configuration request carries (a relay in the other mode refuses); with mode None the
@@ -82,8 +93,12 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTING, "refused"): REFUSED,
     (CONNECTED, "refused"): REFUSED,
     (REFUSED, "refused"): REFUSED,
+    (CONNECTING, "roamed"): CONNECTING,
+    (CONNECTED, "roamed"): CONNECTED,
+    (REFUSED, "roamed"): REFUSED,
 }
 REMOTE_CAUSES = ("handshake", "refused")  # what a datagram can bring about
+LOCAL_CAUSES = ("silence", "roamed")  # what a timer or the daemon brings about
 
 
 @dataclass
@@ -174,6 +189,7 @@ class ClientCore:
         self._t_fallback: float | None = None
         self._backoff = FIRST_BACKOFF
         self._config_confirmed = False
+        self._config_when_confirmed = False  # a responder's session, not yet confirmed
         self._attempts_told = 0
 
     @property
@@ -256,6 +272,20 @@ class ClientCore:
         self.wg.initiate_handshake(self.server, now)
         self._drain(now)
 
+    def roamed(self, now: float) -> None:
+        """The daemon saw the local address or route to the relay change: tell the
+        relay where we are now (a keepalive, which it authenticates and follows), or
+        handshake now when there is no session, not when the rate limit allows."""
+        before = self._move("roamed")
+        if before == REFUSED or self.server.endpoint is None:
+            return
+        if before == CONNECTED and self.server.has_session:
+            self.wg.send_keepalive(self.server, now)
+        else:
+            self.server.last_initiation_sent = None
+            self.wg.initiate_handshake(self.server, now)
+        self._drain(now)
+
     def path_lost(self, endpoint: Hashable) -> None:
         """The daemon's path `endpoint` is gone (a closed TCP connection)."""
         if self.server.endpoint is endpoint:
@@ -264,6 +294,12 @@ class ClientCore:
     def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
         self.wg.receive_datagram(data, addr, now)
         self._drain(now)
+        if self._config_when_confirmed and self.server.next is None:
+            # The relay's first message under the session it started has arrived: the
+            # request can now go under that session, not the old one it forgot.
+            self._config_when_confirmed = False
+            if self.connected and not self._config_confirmed:
+                self._request_config(now)
 
     def tun_packet(self, packet: bytes, now: float) -> None:
         if self.config is None:
@@ -341,7 +377,15 @@ class ClientCore:
                     self._emit(Connected())
                 # Ask after every new session: the relay may have restarted or changed.
                 self._config_confirmed = False
-                self._request_config(now)
+                if event.initiator or self.server.current is None:
+                    self._request_config(now)
+                else:
+                    # The relay initiated (it restarted, or rekeys): until its first
+                    # message confirms the new session we would still send under the
+                    # old one, which a restarted relay cannot read.  CONFIG_RETRY
+                    # covers a confirmation that never comes.
+                    self._config_when_confirmed = True
+                    self._t_config = now + CONFIG_RETRY
                 if self._t_ping is None:
                     self._t_ping = now + self.ping_interval
             elif isinstance(event, HandshakeTimedOut):

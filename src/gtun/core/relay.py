@@ -14,12 +14,25 @@ the peer's state.
 
 The caller drains datagrams (datagrams_to_send()), TUN writes (tun_writes()) and events
 (next_event()) after each call, as with the WireGuard core itself.
+
+Rejoining after a restart
+-------------------------
+A relay that restarts has forgotten every session; left alone, a UDP client notices
+only when WireGuard's own timer fires (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, about 15 s).
+Either side of WireGuard may initiate, so the relay does it: rejoin() is given the
+endpoint each peer last used (the edge keeps them in its state store), and the relay
+initiates a handshake to each, REJOIN_PER_TICK every REJOIN_TICK so that ten thousand
+peers do not burst.  And while a peer has no session, a transport message under an
+unknown receiver index (a client still sending under its old session) from that peer's
+stored endpoint starts a handshake at once (WireGuard allows one initiation per peer per
+REKEY_TIMEOUT, so a flood in that address's name costs at most that).  Stock WireGuard
+peers answer as gtun clients do.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -39,6 +52,10 @@ Network = IPv4Network | IPv6Network
 # Tuning knob: events kept for a caller that does not drain them (the driver drains after
 # every call, so only a caller's bug or a flood between two drains reaches it).
 MAX_EVENTS = 1024
+# Handshakes initiated to stored endpoints after a restart: at most REJOIN_PER_TICK every
+# REJOIN_TICK seconds (500 a second: 10,000 peers within 20 s, a few ms of CPU a tick).
+REJOIN_PER_TICK = 10
+REJOIN_TICK = 0.02
 
 
 @dataclass
@@ -127,6 +144,12 @@ class Relay:
             else IpForwarder(*hooks)
         )
         self.wg.on_packet = self.forwarder.from_peer  # the data fast lane
+        self.wg.on_unknown_index = self._unknown_index
+        # rejoin(): peers still to be sent an initiation, and the stored endpoints of
+        # peers without a session yet (both bounded by the peers).
+        self._rejoin: deque[Peer] = deque()
+        self._t_rejoin: float | None = None
+        self._stored_at: dict[Hashable, Peer] = {}
 
     @property
     def table(self) -> RouteTable[Peer]:
@@ -199,6 +222,23 @@ class Relay:
         fwd.table = table
         return [p.data.spec.name for p in fresh], [p.data.spec.name for p in gone]
 
+    def rejoin(self, endpoints: Mapping[bytes, Hashable], now: float) -> int:
+        """Initiate handshakes to peers at the endpoints they last used (public key ->
+        endpoint), spread over time; a peer that already has an endpoint (it reached us
+        first) or is unknown is skipped.  Returns how many were queued."""
+        queued = 0
+        for key, endpoint in endpoints.items():
+            peer = self.wg.peers.get(key)
+            if peer is None or peer.endpoint is not None:
+                continue
+            peer.endpoint = endpoint
+            self._stored_at[endpoint] = peer
+            self._rejoin.append(peer)
+            queued += 1
+        if queued and self._t_rejoin is None:
+            self._t_rejoin = now
+        return queued
+
     def peer_by_name(self, name: str) -> Peer | None:
         for peer in self.wg.peers.values():
             if peer.data.spec.name == name:
@@ -245,12 +285,37 @@ class Relay:
 
     def handle_timer(self, now: float) -> None:
         self.wg.handle_timer(now)
+        if self._t_rejoin is not None and self._t_rejoin <= now:
+            self._rejoin_some(now)
         self._drain_core(now)
 
     def get_timer(self) -> float | None:
-        return self.wg.get_timer()
+        wg_timer = self.wg.get_timer()
+        if self._t_rejoin is None:
+            return wg_timer
+        return self._t_rejoin if wg_timer is None else min(wg_timer, self._t_rejoin)
 
     # --- internals -----------------------------------------------------------------
+
+    def _rejoin_some(self, now: float) -> None:
+        queue = self._rejoin
+        wg = self.wg
+        for _ in range(min(REJOIN_PER_TICK, len(queue))):
+            peer = queue.popleft()
+            # Skipped: a peer removed since, or one that reached us on its own.
+            if wg.peers.get(peer.public_key) is peer and not peer.has_session:
+                wg.initiate_handshake(peer, now)
+        self._t_rejoin = now + REJOIN_TICK if queue else None
+
+    def _unknown_index(self, addr: Hashable, now: float) -> None:
+        peer = self._stored_at.get(addr)
+        if peer is None:
+            return
+        if self.wg.peers.get(peer.public_key) is not peer or peer.has_session:
+            del self._stored_at[addr]  # removed, or rejoined: nothing left to do here
+            return
+        if peer.endpoint == addr:
+            self.wg.initiate_handshake(peer, now)  # one per REKEY_TIMEOUT at most
 
     def _drain_core(self, now: float) -> None:
         wg = self.wg

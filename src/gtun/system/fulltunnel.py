@@ -56,6 +56,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from gtun.errors import GtunError, RuntimeFailure
+from gtun.system import journal
 from gtun.system.dns import RESOLV_CONF, DnsChange, apply_dns, plan_dns, restore_dns
 from gtun.system.netlink import error_code, error_reason, open_ipr
 from gtun.system.nft import read_sysctl, run_nft, write_sysctl
@@ -310,38 +311,18 @@ def _opt_str(value: object) -> str | None:
 
 
 def save_state(path: Path, state: ExitState) -> None:
-    """Write `state` so that it survives a crash or power loss: a temporary file,
-    fsync, rename over the old one, fsync the directory.  Raises RuntimeFailure."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        raise RuntimeFailure(
-            f"cannot write the full-tunnel state file {path}: {exc.strerror or exc}"
-        ) from exc
+    """Write `state` so that it survives a crash or power loss (journal.write_atomic).
+    Raises RuntimeFailure."""
+    journal.write_atomic(path, state.to_json(), "full-tunnel state file")
 
 
 def load_state(path: Path) -> ExitState | None:
     """The state left in `path`, or None if there is none.
 
     Raises RuntimeFailure when the file cannot be read or is damaged."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = journal.read_text(path, "full-tunnel state file")
+    if text is None:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuntimeFailure(f"cannot read the full-tunnel state file {path}: {exc}") from exc
     try:
         return ExitState.from_json(text)
     except ValueError as exc:
@@ -350,9 +331,7 @@ def load_state(path: Path) -> ExitState | None:
         ) from exc
 
 
-def _remove_state(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+_remove_state = journal.remove
 
 
 # ---------------------------------------------------------------------------
@@ -470,15 +449,7 @@ def _netlink_del(
         problems.append(f"cannot remove {what}: {error_reason(exc)}")
 
 
-def _pid_is_gtun(pid: int) -> bool:
-    """Whether `pid` is a live gtun process other than this one (a zombie is not)."""
-    if pid == os.getpid() or pid <= 0:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"gtun" in cmdline
+_pid_is_gtun = journal.pid_is_gtun
 
 
 def recover(path: Path, proc_sys: Path = PROC_SYS) -> bool:

@@ -284,3 +284,72 @@ class LinkConfig:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# Watching for a new local path (a client that roams)
+
+# Multicast groups of <linux/rtnetlink.h>: IPv4 and IPv6 addresses and routes.
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+NETLINK_ROUTE = 0
+
+
+class PathWatcher:
+    """A netlink socket told of every address and route change in this namespace.
+
+    Only its readiness matters (the event loop watches `fileno()`, `drain()` empties
+    it): what the change means for the way to the relay is asked afterwards, once
+    (`source_for`), so a burst of changes costs one look-up.  Raises RuntimeFailure."""
+
+    def __init__(self) -> None:
+        groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot open a netlink socket: {error_reason(exc)}") from exc
+        try:
+            sock.bind((0, groups))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise RuntimeFailure(f"cannot watch address changes: {error_reason(exc)}") from exc
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> int:
+        """Read every pending notification (an overrun counts as one); how many."""
+        n = 0
+        while n < 1024:  # bounded: a storm of changes is looked at once anyway
+            try:
+                self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: notifications were lost, so something changed
+                pass
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def source_for(destination: str, mark: int = 0) -> str | None:
+    """The local address the kernel would send from to `destination` (and the device),
+    as "address%device", or None when there is no route; `mark`: for packets with this
+    firewall mark.  Synchronous pyroute2: call it from the netlink thread."""
+    ipr = open_ipr()
+    try:
+        extra = {"mark": mark} if mark else {}
+        routes = ipr.route("get", dst=destination, **extra)
+    except (NetlinkError, OSError):
+        return None
+    finally:
+        ipr.close()
+    for route in routes:
+        return f"{route.get_attr('RTA_PREFSRC')}%{route.get_attr('RTA_OIF')}"
+    return None

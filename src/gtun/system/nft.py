@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
@@ -27,15 +28,29 @@ class Forwarding:
     """IPv4 (and optionally IPv6) forwarding, restored on `restore()`."""
 
     def __init__(self, proc_sys: Path = Path("/proc/sys")) -> None:
+        self.proc_sys = proc_sys
         self.ipv4_path = proc_sys / "net/ipv4/ip_forward"
         self.ipv6_path = proc_sys / "net/ipv6/conf/all/forwarding"
         self._saved: dict[Path, str] = {}
 
-    def enable(self, ipv6: bool = False) -> None:
-        """Set forwarding to 1.  Raises RuntimeFailure naming the file."""
+    def enable(
+        self, ipv6: bool = False, record: Callable[[dict[str, str]], None] | None = None
+    ) -> None:
+        """Set forwarding to 1.  `record`, before anything is written, is given the
+        values found (sysctl path relative to /proc/sys: old value) of those that will
+        change, for a journal (journal.py).  Raises RuntimeFailure naming the file, or
+        what `record` raises (then nothing changed)."""
         paths = [self.ipv4_path] + ([self.ipv6_path] if ipv6 else [])
-        for path in paths:
-            old = read_sysctl(path)
+        found = {path: read_sysctl(path) for path in paths}
+        if record is not None:
+            record(
+                {
+                    str(path.relative_to(self.proc_sys)): old
+                    for path, old in found.items()
+                    if old != "1"
+                }
+            )
+        for path, old in found.items():
             if path not in self._saved:
                 self._saved[path] = old
             if old != "1":

@@ -9,7 +9,7 @@ Devices are FakeTun ones: the test holds the other end of each (`ends`, non-bloc
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import (
     IPv4Address,
@@ -133,6 +133,10 @@ class FakePlatform:
         self.recovered.append(state_path)
         return False
 
+    def recover_host(self, journal_path: Path) -> bool:
+        self.recovered.append(journal_path)
+        return False
+
     def full_tunnel(self, device: str, state_path: Path, config_file: Path) -> FakeFullTunnel:
         return FakeFullTunnel(self, device)
 
@@ -206,7 +210,11 @@ class FakeForwarding:
         self.platform = platform
         self._made: list[Change] = []
 
-    def enable(self, ipv6: bool = False) -> None:
+    def enable(
+        self, ipv6: bool = False, record: Callable[[dict[str, str]], None] | None = None
+    ) -> None:
+        if record is not None:
+            record({"net/ipv4/ip_forward": "0"})
         self._made.append(self.platform.change("IPv4 forwarding"))
         if ipv6:
             self._made.append(self.platform.change("IPv6 forwarding"))

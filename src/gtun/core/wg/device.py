@@ -256,6 +256,10 @@ class WireGuard:
         # PacketReceived event (saves an object and a queue trip per packet).  The
         # callback may call send().
         self.on_packet: Callable[[Peer, bytes, float], None] | None = None
+        # A transport message under a receiver index we do not know (a restarted relay
+        # sees every client's old session so): on_unknown_index(addr, now), when set, may
+        # start a handshake.  Called per such datagram: it must be cheap and bounded.
+        self.on_unknown_index: Callable[[Hashable, float], None] | None = None
         # Under-load detection: handshake messages counted per one-second window.
         self.force_under_load = False
         self._load_window = 0.0
@@ -393,6 +397,8 @@ class WireGuard:
         kp = self._keypairs.get(receiver)
         if kp is None:
             self.drops["unknown_index"] += 1
+            if self.on_unknown_index is not None:
+                self.on_unknown_index(addr, now)
             return
         replay = kp.replay
         if not replay.would_accept(counter):
