@@ -268,8 +268,9 @@ class GtunNet:
         """Send `size` random bytes over TCP to `address` (IPv4 or IPv6) within `timeout`
         seconds; (sent sha256, received sha256, seconds)."""
         bind = "::" if ":" in address else "0.0.0.0"
+        wait = str(max(60.0, timeout / 2))  # what one socket call may wait, at each end
         receiver = dst.spawn(
-            [sys.executable, TRANSFER, "receive", str(port), bind],
+            [sys.executable, TRANSFER, "receive", str(port), bind, wait],
             log_path=self.dir / "receiver.out",
         )
         try:
@@ -281,9 +282,10 @@ class GtunNet:
                 time.sleep(0.1)
             started = time.monotonic()
             sent = src.run(
-                [sys.executable, TRANSFER, "send", address, str(port), str(size)], timeout=timeout
+                [sys.executable, TRANSFER, "send", address, str(port), str(size), wait],
+                timeout=timeout,
             ).stdout.strip()
-            receiver.wait(60)
+            receiver.wait(float(wait))
             elapsed = time.monotonic() - started
         finally:
             if receiver.poll() is None:
