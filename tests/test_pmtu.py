@@ -360,3 +360,20 @@ def test_probe_codec_round_trip_and_padding() -> None:
         tm.push_probe(tm.PROBE, -1, 600)
     assert tm.parse_config_request({"pmtu": True}).pmtu
     assert not tm.parse_config_request({"pmtu": "yes"}).pmtu
+
+
+def test_probing_stops_on_a_move_to_tcp_and_the_relays_mtu_comes_back() -> None:
+    p = Path()
+    p.connect()
+    p.limit = passes(1200)
+    p.run(15.0, traffic=1420)
+    assert p.client.path_mtu == 1200
+    p.limit = None
+    p.client.transport = "tcp"  # as after a fallback (the next CONFIG finds it so)
+    p.client._request_config(p.now)  # noqa: SLF001 (what a new session does)
+    p.run(1.0)
+    changes = p.mtu_changes()
+    assert [e.mtu for e in changes] == [1200, 1420] and "not probed" in changes[-1].reason
+    sent = p.client.probes_sent
+    p.run(60.0, traffic=1420)
+    assert p.client.probes_sent == sent and p.client.mtu == 1420

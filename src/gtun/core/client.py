@@ -559,13 +559,18 @@ class ClientCore:
         self.wg.mtu = self.path_mtu
 
     def _pmtu_stop(self) -> None:
+        """No more probing: back to the relay's MTU (said, when the path's was lower)."""
+        lowered = self.path_mtu
         self.pmtu_state = None
         self.path_mtu = None
         self._t_pmtu = None
         self._pm_busy_due = float("inf")
+        self._pm_raise_at = None
         self._pm_pending.clear()
         if self.config is not None:
             self.wg.mtu = self.config.mtu
+            if lowered is not None and lowered != self.config.mtu:
+                self._emit(MtuChanged(self.config.mtu, "not probed any more; the relay's MTU"))
 
     def _pmtu_send(self, size: int, now: float) -> None:
         probe_id = self._pm_next_id
