@@ -4,6 +4,7 @@ black hole: no ICMP, nothing said), with injected time."""
 
 from __future__ import annotations
 
+import random
 import secrets
 import struct
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
@@ -220,6 +221,22 @@ def test_partial_heal_raises_to_what_passes() -> None:
     p.limit = passes(1300)
     p.run(7.0)
     assert [e.mtu for e in p.mtu_changes()] == [992, 1296]
+
+
+def test_random_loss_is_not_a_black_hole() -> None:
+    """10% of the datagrams lost each way, at random, for ten minutes of transfer: the
+    MTU stays (a black hole needs the MTU lost in 2 x MAX_PROBES tries in a row)."""
+    p = Path()
+    p.connect()
+    rnd = random.Random(11)
+
+    def lossy(data: bytes) -> bool:
+        return rnd.random() >= 0.1
+
+    p._carry = lossy  # type: ignore[method-assign]
+    p.run(600.0, traffic=1420)
+    assert not p.mtu_changes()
+    assert p.client.path_mtu == 1420 and p.client.probes_answered > 300
 
 
 def test_a_dead_path_is_not_a_black_hole() -> None:

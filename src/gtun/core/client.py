@@ -61,19 +61,21 @@ below 1280).  Sizes are multiples of PMTU_STEP (WireGuard pads to 16), and the c
                  or idle for IDLE_CONFIRM                soon), or probe when idle
     CONFIRM      a probe answered                        the MTU is good; MtuChanged if a
                                                          raise search found more
-    CONFIRM      MAX_PROBES probes at the MTU unanswered black hole: SEARCH from the floor
+    CONFIRM      MAX_PROBES probes at the MTU unanswered black hole?  SEARCH from the floor
+                                                         up to the MTU itself
     CONFIRM      below the ceiling for raise_interval    SEARCH above the MTU (a raise)
     SEARCH       a round: PROBES_PER_ROUND sizes at      next round between the largest
                  once, over by probe_timeout or when     answered and the smallest lost
-                 all are answered                        above it; none left: CONFIRM,
-                                                         MtuChanged if the MTU moved
-    SEARCH       nothing answered, not even the floor    the path is down, not narrow:
-                                                         MTU kept, CONFIRM
+                 all are answered                        MAX_PROBES times; none left:
+                                                         CONFIRM, MtuChanged if moved
+    SEARCH       nothing answered in MAX_PROBES rounds,  the path is down, not narrow:
+                 not even the floor                      MTU kept, CONFIRM
     any          TCP (or a fallback to it), or no cap    no probes (a stream has no PMTU
                                                          problem to find)
 
-Only an answer proves a size; a lost probe fails it for this round only.  A probe lost
-to random loss can make a search stop low: the next raise finds the rest.
+Only an answer proves a size; a size fails once it went unanswered in MAX_PROBES rounds
+(as the MTU itself fails after MAX_PROBES lost confirmations), so random loss seldom
+makes a search stop low, and when it does the next raise finds the rest.
 """
 
 from __future__ import annotations
@@ -256,6 +258,7 @@ class ClientCore:
         self._pm_sizes: list[int] = []  # sizes probed this round
         self._pm_low = 0  # SEARCH: the largest size known to pass (0: none yet)
         self._pm_high = 0  # SEARCH: the smallest size known to fail
+        self._pm_losses: dict[int, int] = {}  # SEARCH: size -> rounds it went unanswered
         self._pm_raise = False  # SEARCH: a raise attempt (else a black-hole search)
         self._pm_lost = 0  # CONFIRM: probes at the MTU unanswered in a row
         self._t_pmtu: float | None = None  # a round's end, or the next idle confirm
@@ -614,8 +617,10 @@ class ClientCore:
         if self._pm_pending:  # a confirmation went unanswered
             self._pm_lost += 1
             if self._pm_lost >= MAX_PROBES:
+                # The MTU itself stays a candidate: it must fail MAX_PROBES rounds of
+                # the search too, so that random loss alone seldom lowers it.
                 self._pm_lost = 0
-                self._pmtu_search(0, self.path_mtu, now)
+                self._pmtu_search(0, self.path_mtu + 1, now)
             else:
                 self._pmtu_confirm(now)
         elif not self.connected:
@@ -651,6 +656,7 @@ class ClientCore:
         self.pmtu_state = SEARCH
         self._pm_low = low
         self._pm_high = high
+        self._pm_losses = {}
         self._pm_busy_due = float("inf")
         self._pmtu_round(now)
 
@@ -688,9 +694,15 @@ class ClientCore:
         answered = self._pm_answered
         if answered:
             self._pm_low = max(self._pm_low, max(answered))
-        lost = [s for s in self._pm_sizes if s not in answered and s > self._pm_low]
-        if lost:
-            self._pm_high = min(self._pm_high, min(lost))
+        losses = self._pm_losses
+        for size in self._pm_sizes:
+            if size not in answered and size > self._pm_low:
+                losses[size] = losses.get(size, 0) + 1
+                if losses[size] >= MAX_PROBES:  # lost in MAX_PROBES rounds: too big
+                    self._pm_high = min(self._pm_high, size)
+        if self._pm_low == 0 and all(losses.get(s, 0) < MAX_PROBES for s in self._pm_sizes):
+            self._pmtu_round(now)  # nothing answered yet: again, before calling it dead
+            return
         if self._pm_low == 0:
             # Not even the floor came back: the path is down, not narrow.  Keep the MTU
             # (the handshake timers deal with a dead path) and look again later.
