@@ -122,9 +122,10 @@ def test_relay_metrics_follow_the_cores_counters() -> None:
     assert p1 is not None
     assert value(after, "gtun_peer_rx_bytes_total", **c1) == p1.rx_bytes > 0
     assert value(after, "gtun_peer_tx_bytes_total", **c1) == p1.tx_bytes > 0
-    # c1's three pings and its config request; c2 got the three pings and its config.
-    assert value(after, "gtun_peer_rx_packets_total", **c1) == p1.rx_packets == 4
-    assert value(after, "gtun_peer_tx_packets_total", **c2) == 4
+    # c1's three pings, its config request and its first path MTU probe; c2 got the
+    # three pings, its config and the answer to its probe.
+    assert value(after, "gtun_peer_rx_packets_total", **c1) == p1.rx_packets == 5
+    assert value(after, "gtun_peer_tx_packets_total", **c2) == 5
 
     # Drops: spoofed (relay layer and per peer), garbage (WireGuard layer).
     spoof = build_icmp_echo("10.66.0.3", "10.66.0.2", 1, 1, b"spoof")  # c1 claims c2
