@@ -203,7 +203,8 @@ def test_client_metrics() -> None:
     assert value(after, "gtun_peers_connected") == 1
     assert value(after, "gtun_peer_handshakes_total", **relay) == 1
     assert value(after, "gtun_peer_tx_bytes_total", **relay) == client.server.tx_bytes > 0
-    assert value(after, "gtun_peer_rx_packets_total", **relay) == 1  # the pushed config
+    # The pushed config, and the answer to the client's first path MTU probe.
+    assert value(after, "gtun_peer_rx_packets_total", **relay) == 2
     assert value(after, "gtun_drops_total", layer="client", reason="not_ip") == 1
     assert not any(name == "gtun_peer_drops_total" for name, _ in after)
 

@@ -19,7 +19,7 @@ import pytest
 
 from gtun.lab.net import PORT, GtunNet
 from gtun.lab.netns import Lab, Namespace
-from labkit import ping_count, set_config_keys, wait_until
+from labkit import gtun_stdout, ping_count, set_config_keys, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -105,6 +105,8 @@ def test_black_hole_is_healed_and_the_mtu_raised_again(net: GtunNet) -> None:
             assert big_ping(ns, "10.66.0.1")
             st = net.status(c1)
             assert st is not None and st["path_mtu"] == FOUND and st["mtu"] == FOUND
+            text = gtun_stdout(ns, "status", "-s", str(c1.socket))
+            assert f"mtu {FOUND}; path MTU {FOUND} (probed)" in text, text
             mover.join(90)
             assert not mover.is_alive() and "error" not in result, result
             sent, received, took = result["r"]  # type: ignore[misc]
