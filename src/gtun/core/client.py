@@ -73,9 +73,11 @@ below 1280).  Sizes are multiples of PMTU_STEP (WireGuard pads to 16), and the c
     any          TCP (or a fallback to it), or no cap    no probes (a stream has no PMTU
                                                          problem to find)
 
-Only an answer proves a size; a size fails once it went unanswered in MAX_PROBES rounds
-(as the MTU itself fails after MAX_PROBES lost confirmations), so random loss seldom
-makes a search stop low, and when it does the next raise finds the rest.
+A probe waits for its answer srtt + 4 rttvar of the earlier answers (RFC 6298), no less
+than MIN_PROBE_TIMEOUT and no more than probe_timeout. Only an answer proves a size; a
+size fails once it went unanswered in MAX_PROBES rounds (as the MTU itself fails after
+MAX_PROBES lost confirmations), so random loss seldom makes a search stop low, and when
+it does the next raise finds the rest.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
 MAX_EVENTS = 1024  # events kept for a caller that does not drain them
 
 # Path MTU discovery (RFC 8899 names in comments).  Tuning knobs:
-PROBE_TIMEOUT = 1.0  # seconds a probe waits for its answer (PROBE_TIMER)
+PROBE_TIMEOUT = 1.0  # seconds a probe waits for its answer at most (PROBE_TIMER) ...
+MIN_PROBE_TIMEOUT = 0.25  # ... and at least: srtt + 4 rttvar of the answers between
 MAX_PROBES = 3  # unanswered probes at the MTU that make a black hole (MAX_PROBES)
 BUSY_CONFIRM = 1.0  # with large packets flowing: confirm the MTU at most this often
 IDLE_CONFIRM = 30.0  # otherwise this often
@@ -254,6 +257,9 @@ class ClientCore:
         self._pm_floor = MIN_MTU
         self._pm_next_id = 1
         self._pm_pending: dict[int, int] = {}  # probe id -> size, this round
+        self._pm_sent: dict[int, float] = {}  # probe id -> when it was sent
+        self._pm_srtt: float | None = None  # the answers' round-trip time (RFC 6298)
+        self._pm_rttvar = 0.0
         self._pm_answered: set[int] = set()  # sizes answered this round
         self._pm_sizes: list[int] = []  # sizes probed this round
         self._pm_low = 0  # SEARCH: the largest size known to pass (0: none yet)
@@ -575,10 +581,28 @@ class ClientCore:
             if lowered is not None and lowered != self.config.mtu:
                 self._emit(MtuChanged(self.config.mtu, "not probed any more; the relay's MTU"))
 
+    def _pmtu_rtt(self, rtt: float) -> None:
+        """A probe's round trip: the smoothed RTT and its variation (RFC 6298 2.2-2.3)."""
+        srtt = self._pm_srtt
+        if srtt is None:
+            self._pm_srtt, self._pm_rttvar = rtt, rtt / 2
+        else:
+            self._pm_rttvar = 0.75 * self._pm_rttvar + 0.25 * abs(srtt - rtt)
+            self._pm_srtt = 0.875 * srtt + 0.125 * rtt
+
+    def _pmtu_timeout(self) -> float:
+        """How long probes sent now wait: srtt + 4 rttvar, within MIN_PROBE_TIMEOUT and
+        probe_timeout (the latter until an answer gave an RTT)."""
+        if self._pm_srtt is None:
+            return self.probe_timeout
+        rto = self._pm_srtt + 4 * self._pm_rttvar
+        return min(self.probe_timeout, max(MIN_PROBE_TIMEOUT, rto))
+
     def _pmtu_send(self, size: int, now: float) -> None:
         probe_id = self._pm_next_id
         self._pm_next_id = probe_id % tm.MAX_PROBE_ID + 1
         self._pm_pending[probe_id] = size
+        self._pm_sent[probe_id] = now
         self.probes_sent += 1
         self.wg.send(self.server, tm.push_probe(tm.PROBE, probe_id, size, self.path_mtu), now)
 
@@ -587,8 +611,9 @@ class ClientCore:
         assert self.path_mtu is not None
         self.pmtu_state = CONFIRM
         self._pm_pending.clear()
+        self._pm_sent.clear()
         self._pmtu_send(self.path_mtu, now)
-        self._t_pmtu = now + self.probe_timeout
+        self._t_pmtu = now + self._pmtu_timeout()
         self._pm_busy_due = float("inf")  # one confirmation in flight at a time
 
     def _pmtu_busy(self, now: float) -> None:
@@ -639,6 +664,7 @@ class ClientCore:
             return
         del self._pm_pending[probe.id]
         self.probes_answered += 1
+        self._pmtu_rtt(now - self._pm_sent.pop(probe.id, now))
         if self.pmtu_state == SEARCH:
             self._pm_answered.add(size)
             if not self._pm_pending:
@@ -683,11 +709,12 @@ class ClientCore:
             picks = {sizes[i * last // (PROBES_PER_ROUND - 1)] for i in range(PROBES_PER_ROUND)}
             sizes = sorted(picks)
         self._pm_pending.clear()
+        self._pm_sent.clear()
         self._pm_answered = set()
         self._pm_sizes = sizes
         for size in reversed(sizes):
             self._pmtu_send(size, now)
-        self._t_pmtu = now + self.probe_timeout
+        self._t_pmtu = now + self._pmtu_timeout()
 
     def _pmtu_round_end(self, now: float) -> None:
         self._pm_pending.clear()

@@ -150,7 +150,7 @@ REASONS: tuple[Reason, ...] = (
     # Path MTU probes (relay.py, client.py).
     Reason(
         "probe_ratelimited",
-        "path MTU probes from one peer faster than the relay answers (10/s, burst 32)",
+        "path MTU probes from one peer faster than the relay answers (20/s, burst 64)",
         ("relay", "peer"),
     ),
 )

@@ -39,11 +39,11 @@ Network = IPv4Network | IPv6Network
 # Tuning knobs.  Events kept for a caller that does not drain them (the driver drains
 # after every call, so only a caller's bug or a flood between two drains reaches it).
 MAX_EVENTS = 1024
-# Path MTU probes answered per peer: a token bucket.  A client's search sends at most
-# client.PROBES_PER_ROUND at once and a few rounds a minute; a probe costs the relay one
-# encryption of up to its MTU.
-PROBE_RATE = 10.0  # per second
-PROBE_BURST = 32
+# Path MTU probes answered per peer: a token bucket.  A client's black-hole search sends
+# client.PROBES_PER_ROUND at once in about five rounds of a quarter of a second, then
+# one probe a second at most; a probe costs the relay one encryption of up to its MTU.
+PROBE_RATE = 20.0  # per second
+PROBE_BURST = 64
 
 
 @dataclass
