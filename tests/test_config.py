@@ -464,6 +464,9 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
     assert cfg.state_dir == Path("/var/lib/gtun")
     assert cfg.offload is True
     assert load_client_config(_client(tmp_path, "offload = false\n")).offload is False
+    assert cfg.pmtu is True and cfg.pmtu_raise_interval == 60
+    cfg = load_client_config(_client(tmp_path, "pmtu = false\npmtu_raise_interval = 5\n"))
+    assert cfg.pmtu is False and cfg.pmtu_raise_interval == 5
 
 
 def test_client_state_dir_absolute(tmp_path: Path) -> None:
@@ -478,6 +481,9 @@ def test_client_state_dir_absolute(tmp_path: Path) -> None:
         ('mode = "tan"\n', "client.mode", "is not one of"),
         ("default_route = 1\n", "client.default_route", "expected a boolean"),
         ("offload = 0\n", "client.offload", "expected a boolean"),
+        ('pmtu = "yes"\n', "client.pmtu", "expected a boolean"),
+        ("pmtu_raise_interval = 0\n", "client.pmtu_raise_interval", "is not in 1..86400"),
+        ("pmtu_raise_interval = 1.5\n", "client.pmtu_raise_interval", "expected an integer"),
         ('state_dir = ""\n', "client.state_dir", "empty"),
         ("state_dir = 5\n", "client.state_dir", "expected a string"),
         ("mtu = 1400\n", "client.mtu", "unknown key"),

@@ -40,6 +40,7 @@ from labkit import (
     relay_peer,
     run_gtun,
     run_python,
+    set_config_keys,
     start_udp_capture,
     start_wireguard_go,
     stop_udp_capture,
@@ -80,6 +81,10 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
         gnet.set_transport(c1, "udp")
         gnet.set_transport(c2, "tcp")
         gnet.set_transport(c3, "udp")
+        # The counters tests count exactly what ping and a transfer moved: no path MTU
+        # probes in between (tests/test_pmtu*.py test those).
+        for c in gnet.clients:
+            set_config_keys(c.config, "client", {"pmtu": "false"})
         gnet.start_all(timeout=30)
         yield gnet
 

@@ -76,6 +76,9 @@ def tapnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GtunNet]:
         # GtunNet wrote its own `routes = []`: a key twice is an error in TOML.
         text = gnet.relay.config.read_text().replace("routes = []\n", "", 1)
         gnet.relay.config.write_text(text)
+        # The counters test counts exactly the echoes: no path MTU probes in between.
+        for c in gnet.clients:
+            set_config_keys(c.config, "client", {"pmtu": "false"})
         gnet.start_all(timeout=30)
         yield gnet
 

@@ -122,9 +122,10 @@ def test_relay_metrics_follow_the_cores_counters() -> None:
     assert p1 is not None
     assert value(after, "gtun_peer_rx_bytes_total", **c1) == p1.rx_bytes > 0
     assert value(after, "gtun_peer_tx_bytes_total", **c1) == p1.tx_bytes > 0
-    # c1's three pings and its config request; c2 got the three pings and its config.
-    assert value(after, "gtun_peer_rx_packets_total", **c1) == p1.rx_packets == 4
-    assert value(after, "gtun_peer_tx_packets_total", **c2) == 4
+    # c1's three pings, its config request and its first path MTU probe; c2 got the
+    # three pings, its config and the answer to its probe.
+    assert value(after, "gtun_peer_rx_packets_total", **c1) == p1.rx_packets == 5
+    assert value(after, "gtun_peer_tx_packets_total", **c2) == 5
 
     # Drops: spoofed (relay layer and per peer), garbage (WireGuard layer).
     spoof = build_icmp_echo("10.66.0.3", "10.66.0.2", 1, 1, b"spoof")  # c1 claims c2
@@ -202,7 +203,8 @@ def test_client_metrics() -> None:
     assert value(after, "gtun_peers_connected") == 1
     assert value(after, "gtun_peer_handshakes_total", **relay) == 1
     assert value(after, "gtun_peer_tx_bytes_total", **relay) == client.server.tx_bytes > 0
-    assert value(after, "gtun_peer_rx_packets_total", **relay) == 1  # the pushed config
+    # The pushed config, and the answer to the client's first path MTU probe.
+    assert value(after, "gtun_peer_rx_packets_total", **relay) == 2
     assert value(after, "gtun_drops_total", layer="client", reason="not_ip") == 1
     assert not any(name == "gtun_peer_drops_total" for name, _ in after)
 

@@ -225,6 +225,11 @@ def status(args: argparse.Namespace) -> int:
         state = "connected" if answer.get("connected") else "not connected"
         routes = ", ".join(answer.get("routes") or []) or "none"
         print(f"  {state}; routes {routes}; dns {', '.join(answer.get('dns') or []) or 'none'}")
+        path_mtu = answer.get("path_mtu")
+        print(
+            f"  mtu {answer.get('mtu') or '-'}; path MTU "
+            + (f"{path_mtu} (probed)" if path_mtu else "not probed")
+        )
     header = ("NAME", "ADDRESS", "ENDPOINT", "TRANSPORT", "RX", "TX", "HANDSHAKE", "PUBLIC KEY")
     rows = [header]
     for peer in answer["peers"]:

@@ -26,6 +26,7 @@ from gtun.core.client import (
     Disconnected,
     Fallback,
     GaveUpRound,
+    MtuChanged,
     NoAnswer,
     Refused,
 )
@@ -106,6 +107,8 @@ class Client:
                 # the kernel refuses them: either way the relay may leave them partial.
                 accept_partial=cfg.offload,
                 transport=cfg.transport,
+                pmtu=cfg.pmtu,
+                raise_interval=float(cfg.pmtu_raise_interval),
             )
             self.core = core
             driver = Driver(core, loop, self.on_event)
@@ -337,6 +340,10 @@ class Client:
             if self.driver.udp is not None:
                 self.driver.detach(self.driver.udp)
             self.start_tcp(self.endpoint)
+        elif isinstance(event, MtuChanged):
+            task = asyncio.ensure_future(self.apply_mtu(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",
@@ -386,6 +393,23 @@ class Client:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
                 self.stop.set()
 
+    async def apply_mtu(self, event: MtuChanged) -> None:
+        """Give the device the MTU the core found (once it is configured: until then
+        configure() takes the core's MTU itself)."""
+        async with self._config_lock:
+            link = self.link
+            if self.stop.is_set() or link is None or self.core is None:
+                return
+            mtu = self.core.mtu  # the latest, should events have queued up
+            if mtu is None:
+                return
+            try:
+                await self.rt.nl(link.set_mtu, mtu)
+            except GtunError as exc:
+                log.error("cannot set the MTU of %s to %d: %s", self.cfg.device, mtu, exc)
+                return
+            log.warning("path MTU: %s; %s mtu %d", event.reason, self.cfg.device, mtu)
+
     def configure(self, config: PushedConfig) -> None:
         assert self.tun is not None
         if self.applied is not None:
@@ -394,7 +418,11 @@ class Client:
             self.unconfigure()  # also what an interrupted earlier configure left
         link = self.platform.link(self.tun.name)
         self.link = link
-        link.set_mtu(config.mtu)
+        # The path's MTU when probing found it lower than the relay's (never higher).
+        mtu = config.mtu
+        if self.core is not None and self.core.path_mtu is not None:
+            mtu = min(mtu, self.core.path_mtu)
+        link.set_mtu(mtu)
         if config.mode == "tap":
             link.set_mac(mac_for_key(self.cfg.public_key))
             # The relay pins this peer to the link-local address its MAC gives.
@@ -448,7 +476,7 @@ class Client:
             config.address,
             config.prefix,
             f", {config.address6}/{config.prefix6}" if ipv6 else "",
-            config.mtu,
+            mtu,
             ", ".join(str(r) for r in config.routes) or "none",
             f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
         )
@@ -514,7 +542,11 @@ class Client:
                 ),
                 "routes": [str(r) for r in config.routes] if config else [],
                 "dns": [str(d) for d in config.dns] if config else [],
-                "mtu": config.mtu if config else None,
+                "mtu": core.mtu if config else None,
+                # The path MTU probing found (None: not probing: TCP, off, or a relay
+                # that does not answer probes), and its state.
+                "path_mtu": core.path_mtu,
+                "pmtu_state": core.pmtu_state,
                 "full_tunnel": full,
                 "fwmark": self.full_tunnel.fwmark if full and self.full_tunnel else None,
                 "connected": core.connected,

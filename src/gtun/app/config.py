@@ -76,7 +76,10 @@ _CLIENT_KEYS = (
     "mode",
     "state_dir",
     "offload",
+    "pmtu",
+    "pmtu_raise_interval",
 )
+PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
 
 IFNAMSIZ = 16  # Linux <net/if.h>, including the terminating NUL
 _PEER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -154,6 +157,8 @@ class ClientConfig:
     # Where a full-tunnel client records what it changed, to undo it after a crash.
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
+    pmtu: bool = True  # probe the path MTU over UDP (core/client.py), lower and raise it
+    pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
 
     @property
     def public_key(self) -> bytes:
@@ -621,6 +626,11 @@ def load_client_config(path: str | Path) -> ClientConfig:
     mode = c.choice("mode", MODES, "") if c.optional_str("mode") is not None else None
     state_dir = c.path("state_dir", DEFAULT_STATE_DIR)
     offload = c.get_bool("offload", True)
+    pmtu = c.get_bool("pmtu", True)
+    raise_interval = c.get_int("pmtu_raise_interval", 60)
+    low, high = PMTU_RAISE_RANGE
+    if not low <= raise_interval <= high:
+        raise c.error("pmtu_raise_interval", f"{raise_interval} is not in {low}..{high} seconds")
 
     return ClientConfig(
         path=path,
@@ -636,4 +646,6 @@ def load_client_config(path: str | Path) -> ClientConfig:
         mode=mode,
         state_dir=state_dir,
         offload=offload,
+        pmtu=pmtu,
+        pmtu_raise_interval=raise_interval,
     )

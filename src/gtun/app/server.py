@@ -514,6 +514,7 @@ class Server:
                     "endpoint": endpoint_text(peer.endpoint),
                     "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
+                    "path_mtu": peer.data.path_mtu,  # what the client's probes found
                     **peer_traffic(peer, wall),
                     "drops": dict(peer.data.drops),
                 }

@@ -35,6 +35,8 @@ and says (the events the daemon acts on).
                   to the relay changed                     address: the relay follows it
     CONNECTING    roamed()                                 a handshake initiation now
     REFUSED       roamed()                                 nothing
+    CONNECTED     path MTU found lower or higher           MtuChanged(mtu, reason): the
+                  (below)                                  daemon sets the device's MTU
 
 A PING is data, so WireGuard's own timer starts a new handshake when no answer came for
 KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a restarted relay (which has forgotten
@@ -50,6 +52,43 @@ The device mode is `mode` ("tun" or "tap") when the user chose one, which the
 configuration request carries (a relay in the other mode refuses); with mode None the
 client follows the relay's mode from the CONFIG.  In TAP mode the device carries
 Ethernet frames, which travel wrapped in gtun's frame header (l2frame.py).
+
+Path MTU (in the spirit of RFC 8899, packetization-layer PMTU discovery)
+------------------------------------------------------------------------
+Over UDP, with a relay that answers probes (Caps.pmtu) and `pmtu` on, the client checks
+that a packet of the tunnel's MTU still crosses the path, and finds the largest that does
+when it no longer does.  A probe is a gtun PROBE padded to the size under test, so the
+datagram has exactly the size a data packet of that MTU makes (IPv4 or IPv6 underlay
+alike: the probe crosses the real path); the relay answers with a PROBE_ACK of the
+same length, so both directions are tested.  The relay's pushed MTU is the ceiling; the
+floor is MIN_MTU (1280 when the tunnel carries IPv6, which Linux drops from a device
+below 1280).  Sizes are multiples of PMTU_STEP (WireGuard pads to 16), and the ceiling.
+
+    pmtu state   cause                                   effect
+    ----------   -------------------------------------   ----------------------------------
+    (off)        CONFIG with pmtu, over UDP              CONFIRM: probe the MTU now
+    CONFIRM      a packet over the floor from the TUN,   probe at the current MTU (data
+                 BUSY_CONFIRM after the last answer;     that may be vanishing: find out
+                 or idle for IDLE_CONFIRM                soon), or probe when idle
+    CONFIRM      a probe answered                        the MTU is good; MtuChanged if a
+                                                         raise search found more
+    CONFIRM      MAX_PROBES probes at the MTU unanswered black hole?  SEARCH from the floor
+                                                         up to the MTU itself
+    CONFIRM      below the ceiling for raise_interval    SEARCH above the MTU (a raise)
+    SEARCH       a round: PROBES_PER_ROUND sizes at      next round between the largest
+                 once, over by probe_timeout or when     answered and the smallest lost
+                 all are answered                        MAX_PROBES times; none left:
+                                                         CONFIRM, MtuChanged if moved
+    SEARCH       nothing answered in MAX_PROBES rounds,  the path is down, not narrow:
+                 not even the floor                      MTU kept, CONFIRM
+    any          TCP (or a fallback to it), or no cap    no probes (a stream has no PMTU
+                                                         problem to find)
+
+A probe waits for its answer srtt + 4 rttvar of the earlier answers (RFC 6298), no less
+than MIN_PROBE_TIMEOUT and no more than probe_timeout. Only an answer proves a size; a
+size fails once it went unanswered in MAX_PROBES rounds (as the MTU itself fails after
+MAX_PROBES lost confirmations), so random loss seldom makes a search stop low, and when
+it does the next raise finds the rest.
 """
 
 from __future__ import annotations
@@ -76,6 +115,19 @@ MAX_BACKOFF = 60.0  # ... doubling up to this
 FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
 MAX_EVENTS = 1024  # events kept for a caller that does not drain them
 
+# Path MTU discovery (RFC 8899 names in comments).  Tuning knobs:
+PROBE_TIMEOUT = 1.0  # seconds a probe waits for its answer at most (PROBE_TIMER) ...
+MIN_PROBE_TIMEOUT = 0.25  # ... and at least: srtt + 4 rttvar of the answers between
+MAX_PROBES = 3  # unanswered probes at the MTU that make a black hole (MAX_PROBES)
+BUSY_CONFIRM = 1.0  # with large packets flowing: confirm the MTU at most this often
+IDLE_CONFIRM = 30.0  # otherwise this often
+RAISE_INTERVAL = 60.0  # below the ceiling: try higher this often (PMTU_RAISE_TIMER)
+PROBES_PER_ROUND = 8  # sizes probed at once in a search round
+# Sizes, from specifications:
+MIN_MTU = 576  # IPv4's minimum datagram size (RFC 791)
+MIN_MTU_IPV6 = 1280  # IPv6's minimum link MTU (RFC 8200); Linux disables IPv6 below it
+PMTU_STEP = 16  # WireGuard pads plaintexts to a multiple of 16 (whitepaper 5.4.6)
+
 TRANSPORTS = ("udp", "tcp", "auto")
 
 # States, and the table of moves between them (state, cause) -> next state, after h11's
@@ -85,6 +137,10 @@ CONNECTING = "CONNECTING"
 CONNECTED = "CONNECTED"
 REFUSED = "REFUSED"
 STATES = (CONNECTING, CONNECTED, REFUSED)
+# Path MTU discovery's states (pmtu_state; None while not probing).
+CONFIRM = "CONFIRM"
+SEARCH = "SEARCH"
+
 TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTING, "handshake"): CONNECTED,
     (CONNECTED, "handshake"): CONNECTED,  # a new session: rekey, or a restarted relay
@@ -145,6 +201,15 @@ class NoAnswer(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class MtuChanged(Event):
+    """The path carries packets of `mtu` bytes (and, when lowered, not larger); the
+    daemon sets the device's MTU.  `reason` says why, for the log."""
+
+    mtu: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Fallback(Event):
     """Transport "auto": UDP brought no handshake in `after` seconds; use TCP."""
 
@@ -163,10 +228,15 @@ class ClientCore:
         ping_interval: float = PING_INTERVAL,
         accept_partial: bool = False,
         transport: str = "udp",
+        pmtu: bool = True,
+        raise_interval: float = RAISE_INTERVAL,
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         """`accept_partial`: this client completes TCP checksums the relay leaves partial
         (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
-        "auto" (UDP, and Fallback when it brings no handshake)."""
+        "auto" (UDP, and Fallback when it brings no handshake).  `pmtu`: probe the path
+        MTU (over UDP, when the relay answers probes); `raise_interval` and
+        `probe_timeout` are its timers."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
@@ -191,6 +261,31 @@ class ClientCore:
         self._config_confirmed = False
         self._config_when_confirmed = False  # a responder's session, not yet confirmed
         self._attempts_told = 0
+        # Path MTU discovery (see the docstring).
+        self.pmtu_enabled = pmtu
+        self.raise_interval = raise_interval
+        self.probe_timeout = probe_timeout
+        self.pmtu_state: str | None = None  # None (not probing), CONFIRM or SEARCH
+        self.path_mtu: int | None = None  # the MTU in force while probing
+        self.probes_sent = 0
+        self.probes_answered = 0
+        self._pm_ceiling = 0
+        self._pm_floor = MIN_MTU
+        self._pm_next_id = 1
+        self._pm_pending: dict[int, int] = {}  # probe id -> size, this round
+        self._pm_sent: dict[int, float] = {}  # probe id -> when it was sent
+        self._pm_srtt: float | None = None  # the answers' round-trip time (RFC 6298)
+        self._pm_rttvar = 0.0
+        self._pm_answered: set[int] = set()  # sizes answered this round
+        self._pm_sizes: list[int] = []  # sizes probed this round
+        self._pm_low = 0  # SEARCH: the largest size known to pass (0: none yet)
+        self._pm_high = 0  # SEARCH: the smallest size known to fail
+        self._pm_losses: dict[int, int] = {}  # SEARCH: size -> rounds it went unanswered
+        self._pm_raise = False  # SEARCH: a raise attempt (else a black-hole search)
+        self._pm_lost = 0  # CONFIRM: probes at the MTU unanswered in a row
+        self._t_pmtu: float | None = None  # a round's end, or the next idle confirm
+        self._pm_busy_due = float("inf")  # a large TUN packet after this confirms
+        self._pm_raise_at: float | None = None
 
     @property
     def connected(self) -> bool:
@@ -235,12 +330,21 @@ class ClientCore:
                 self._t_ping,
                 self._t_retry,
                 self._t_fallback,
+                self._t_pmtu,
             )
             if t is not None
         ]
         return min(times) if times else None
 
     # --- inputs --------------------------------------------------------------------
+
+    @property
+    def mtu(self) -> int | None:
+        """The MTU the device should have: the path's while probing, else the relay's
+        (None before a configuration)."""
+        if self.path_mtu is not None:
+            return self.path_mtu
+        return self.config.mtu if self.config is not None else None
 
     @property
     def device_mode(self) -> str | None:
@@ -316,6 +420,8 @@ class ClientCore:
             return
         if tunnel_addresses(packet, self.drops) is None:
             return
+        if now >= self._pm_busy_due and len(packet) > self._pm_floor:
+            self._pmtu_busy(now)
         self.wg.send(self.server, packet, now)
         self._drain(now)
 
@@ -327,6 +433,8 @@ class ClientCore:
             return
         if tunnel_addresses(packet, self.drops) is None:
             return
+        if now >= self._pm_busy_due:
+            self._pmtu_busy(now)
         try:
             bulk.send_super(self.wg, self.server, hdr, packet, now)
         except OffloadError as exc:
@@ -355,13 +463,19 @@ class ClientCore:
             if not self.connected:
                 self.transport = "tcp"
                 self.server.endpoint = None
+                self._pmtu_stop()
                 self._emit(Fallback(FALLBACK_AFTER))
+        if self._t_pmtu is not None and self._t_pmtu <= now:
+            self._t_pmtu = None
+            self._pmtu_timer(now)
         self._drain(now)
 
     # --- internals -----------------------------------------------------------------
 
     def _request_config(self, now: float) -> None:
-        request = tm.ConfigRequest(mode=self.mode, bulk=True, partial=self.accept_partial)
+        request = tm.ConfigRequest(
+            mode=self.mode, bulk=True, partial=self.accept_partial, pmtu=self.pmtu_enabled
+        )
         self.wg.send(self.server, tm.push_config_request(request), now)
         self._t_config = now + CONFIG_RETRY
 
@@ -417,7 +531,7 @@ class ClientCore:
         elif kind == tm.BULK:
             self._bulk_from_relay(plaintext)
         elif plaintext[0] == 0:
-            self._message_from_relay(plaintext)
+            self._message_from_relay(plaintext, now)
         elif self.device_mode == "tap":
             self.drops["not_frame"] += 1
         else:
@@ -434,7 +548,7 @@ class ClientCore:
             return
         self._tun_out.append(frame)
 
-    def _message_from_relay(self, plaintext: bytes) -> None:
+    def _message_from_relay(self, plaintext: bytes, now: float) -> None:
         try:
             msg = tm.pull_message(plaintext)
             config = tm.parse_pushed_config(msg.payload) if msg.type == tm.CONFIG else None
@@ -453,15 +567,241 @@ class ClientCore:
             changed = config != self.config
             self.config = config
             # Pad no further than the MTU, as WireGuard does: the relay then gets packets
-            # it need not trim.
+            # it need not trim.  (_pmtu_configured lowers it to a smaller path MTU.)
             self.wg.mtu = config.mtu
-            self.relay.caps = Caps(bulk=config.bulk, partial=config.partial and self.accept_partial)
+            self.relay.caps = Caps(
+                bulk=config.bulk,
+                partial=config.partial and self.accept_partial,
+                pmtu=config.pmtu and self.pmtu_enabled,
+            )
+            self._pmtu_configured(config, now)
             self._emit(ConfigReceived(config, changed))
+        elif msg.type == tm.PROBE_ACK:
+            try:
+                probe = tm.parse_probe(msg, len(plaintext))
+            except tm.TunnelMessageError:
+                self.drops["malformed"] += 1
+                return
+            self._pmtu_answer(probe, now)
         elif msg.type == tm.REFUSED:
             self._move("refused")
             self._emit(Refused(str(msg.payload.get("reason", "refused"))))
         elif msg.type != tm.PONG:
             self.drops["malformed"] += 1
+
+    # --- path MTU ----------------------------------------------------------------
+
+    def _pmtu_configured(self, config: PushedConfig, now: float) -> None:
+        """A CONFIG came: start probing, or stop (TCP, no cap), or take a new ceiling."""
+        if not self.relay.caps.pmtu or self.transport == "tcp":
+            self._pmtu_stop()
+            return
+        ceiling = config.mtu
+        floor = MIN_MTU_IPV6 if config.address6 is not None else MIN_MTU
+        self._pm_floor = min(floor, ceiling)
+        self._pm_ceiling = ceiling
+        if self.pmtu_state is None or self.path_mtu is None:
+            self.path_mtu = ceiling
+            self._pmtu_confirm(now)  # a path that is narrow from the start
+        elif self.path_mtu > ceiling:
+            self.path_mtu = ceiling  # the CONFIG itself tells the daemon
+        elif self.path_mtu < ceiling and self._pm_raise_at is None:
+            self._pm_raise_at = now + self.raise_interval  # a higher ceiling to try
+            if self.pmtu_state == CONFIRM and not self._pm_pending:
+                self._t_pmtu = min(self._t_pmtu or now, self._pm_raise_at)
+        self.wg.mtu = self.path_mtu
+
+    def _pmtu_stop(self) -> None:
+        """No more probing: back to the relay's MTU (said, when the path's was lower)."""
+        lowered = self.path_mtu
+        self.pmtu_state = None
+        self.path_mtu = None
+        self._t_pmtu = None
+        self._pm_busy_due = float("inf")
+        self._pm_raise_at = None
+        self._pm_pending.clear()
+        if self.config is not None:
+            self.wg.mtu = self.config.mtu
+            if lowered is not None and lowered != self.config.mtu:
+                self._emit(MtuChanged(self.config.mtu, "not probed any more; the relay's MTU"))
+
+    def _pmtu_rtt(self, rtt: float) -> None:
+        """A probe's round trip: the smoothed RTT and its variation (RFC 6298 2.2-2.3)."""
+        srtt = self._pm_srtt
+        if srtt is None:
+            self._pm_srtt, self._pm_rttvar = rtt, rtt / 2
+        else:
+            self._pm_rttvar = 0.75 * self._pm_rttvar + 0.25 * abs(srtt - rtt)
+            self._pm_srtt = 0.875 * srtt + 0.125 * rtt
+
+    def _pmtu_timeout(self) -> float:
+        """How long probes sent now wait: srtt + 4 rttvar, within MIN_PROBE_TIMEOUT and
+        probe_timeout (the latter until an answer gave an RTT)."""
+        if self._pm_srtt is None:
+            return self.probe_timeout
+        rto = self._pm_srtt + 4 * self._pm_rttvar
+        return min(self.probe_timeout, max(MIN_PROBE_TIMEOUT, rto))
+
+    def _pmtu_send(self, size: int, now: float) -> None:
+        probe_id = self._pm_next_id
+        self._pm_next_id = probe_id % tm.MAX_PROBE_ID + 1
+        self._pm_pending[probe_id] = size
+        self._pm_sent[probe_id] = now
+        self.probes_sent += 1
+        self.wg.send(self.server, tm.push_probe(tm.PROBE, probe_id, size, self.path_mtu), now)
+
+    def _pmtu_confirm(self, now: float) -> None:
+        """CONFIRM: one probe at the MTU now."""
+        assert self.path_mtu is not None
+        self.pmtu_state = CONFIRM
+        self._pm_pending.clear()
+        self._pm_sent.clear()
+        self._pmtu_send(self.path_mtu, now)
+        self._t_pmtu = now + self._pmtu_timeout()
+        self._pm_busy_due = float("inf")  # one confirmation in flight at a time
+
+    def _pmtu_busy(self, now: float) -> None:
+        """A large packet is entering the tunnel and the last confirmation is old."""
+        if self.pmtu_state == CONFIRM and not self._pm_pending and self.connected:
+            self._pmtu_confirm(now)
+        else:
+            self._pm_busy_due = float("inf")  # the next answer re-arms it
+
+    def _pmtu_idle(self, now: float) -> None:
+        """CONFIRM with nothing in flight: when to confirm next, or raise now."""
+        self.pmtu_state = CONFIRM
+        self._pm_pending.clear()
+        self._pm_busy_due = now + BUSY_CONFIRM
+        at = now + IDLE_CONFIRM
+        if self._pm_raise_at is not None:
+            at = min(at, self._pm_raise_at)
+        self._t_pmtu = at
+
+    def _pmtu_timer(self, now: float) -> None:
+        if self.pmtu_state == SEARCH:
+            self._pmtu_round_end(now)
+            return
+        if self.pmtu_state != CONFIRM or self.path_mtu is None:
+            return
+        if self._pm_pending:  # a confirmation went unanswered
+            self._pm_lost += 1
+            if self._pm_lost >= MAX_PROBES:
+                # The MTU itself stays a candidate: it must fail MAX_PROBES rounds of
+                # the search too, so that random loss alone seldom lowers it.
+                self._pm_lost = 0
+                self._pmtu_search(0, self.path_mtu + 1, now)
+            else:
+                self._pmtu_confirm(now)
+        elif not self.connected:
+            self._pmtu_idle(now)
+        elif self._pm_raise_at is not None and now >= self._pm_raise_at:
+            self._pmtu_search(self.path_mtu, self._pm_ceiling + 1, now)
+        else:
+            self._pmtu_confirm(now)
+
+    def _pmtu_answer(self, probe: tm.Probe, now: float) -> None:
+        size = self._pm_pending.get(probe.id)
+        if size is None:
+            return  # late (its round is over), or not ours
+        if probe.size < size:
+            self.drops["malformed"] += 1  # an answer must be as long as its probe
+            return
+        del self._pm_pending[probe.id]
+        self.probes_answered += 1
+        self._pmtu_rtt(now - self._pm_sent.pop(probe.id, now))
+        if self.pmtu_state == SEARCH:
+            self._pm_answered.add(size)
+            if not self._pm_pending:
+                self._pmtu_round_end(now)
+            return
+        self._pm_lost = 0
+        if self._pm_raise_at is not None and now >= self._pm_raise_at:
+            assert self.path_mtu is not None
+            self._pmtu_search(self.path_mtu, self._pm_ceiling + 1, now)
+        else:
+            self._pmtu_idle(now)
+
+    def _pmtu_search(self, low: int, high: int, now: float) -> None:
+        """SEARCH between `low` (passes; 0: nothing known) and `high` (fails)."""
+        self.pmtu_state = SEARCH
+        self._pm_low = low
+        self._pm_high = high
+        self._pm_losses = {}
+        self._pm_busy_due = float("inf")
+        self._pmtu_round(now)
+
+    def _pmtu_candidates(self) -> list[int]:
+        """The sizes strictly between the search's bounds worth probing: multiples of
+        PMTU_STEP, the floor and the ceiling."""
+        low, high = self._pm_low, self._pm_high
+        floor, ceiling = self._pm_floor, self._pm_ceiling
+        start = max(low + 1, floor)
+        start += -start % PMTU_STEP
+        sizes = set(range(start, min(high, ceiling + 1), PMTU_STEP))
+        sizes.update(s for s in (floor, ceiling) if low < s < high)
+        return sorted(sizes)
+
+    def _pmtu_round(self, now: float) -> None:
+        sizes = self._pmtu_candidates()
+        if not sizes:
+            self._pmtu_done(now)
+            return
+        if len(sizes) > PROBES_PER_ROUND:
+            # Evenly spread, both ends included: the top (the path may carry it all)
+            # and the bottom (the floor, on a black-hole search: is the path up at all?).
+            last = len(sizes) - 1
+            picks = {sizes[i * last // (PROBES_PER_ROUND - 1)] for i in range(PROBES_PER_ROUND)}
+            sizes = sorted(picks)
+        self._pm_pending.clear()
+        self._pm_sent.clear()
+        self._pm_answered = set()
+        self._pm_sizes = sizes
+        for size in reversed(sizes):
+            self._pmtu_send(size, now)
+        self._t_pmtu = now + self._pmtu_timeout()
+
+    def _pmtu_round_end(self, now: float) -> None:
+        self._pm_pending.clear()
+        answered = self._pm_answered
+        if answered:
+            self._pm_low = max(self._pm_low, max(answered))
+        losses = self._pm_losses
+        for size in self._pm_sizes:
+            if size not in answered and size > self._pm_low:
+                losses[size] = losses.get(size, 0) + 1
+                if losses[size] >= MAX_PROBES:  # lost in MAX_PROBES rounds: too big
+                    self._pm_high = min(self._pm_high, size)
+        if self._pm_low == 0 and all(losses.get(s, 0) < MAX_PROBES for s in self._pm_sizes):
+            self._pmtu_round(now)  # nothing answered yet: again, before calling it dead
+            return
+        if self._pm_low == 0:
+            # Not even the floor came back: the path is down, not narrow.  Keep the MTU
+            # (the handshake timers deal with a dead path) and look again later.
+            self._pmtu_idle(now)
+            self._pm_busy_due = now + IDLE_CONFIRM
+            return
+        self._pmtu_round(now)
+
+    def _pmtu_done(self, now: float) -> None:
+        new, old = self._pm_low, self.path_mtu
+        assert old is not None
+        ceiling = self._pm_ceiling
+        self._pm_lost = 0
+        self._pm_raise_at = now + self.raise_interval if new < ceiling else None
+        if new != old:
+            self.path_mtu = new
+            self.wg.mtu = new
+            if new < old:
+                reason = (
+                    f"black hole: {old}-byte packets went unanswered {MAX_PROBES} times; "
+                    f"{new} bytes pass"
+                )
+            else:
+                reason = f"the path carries {new}-byte packets again" + (
+                    "" if new == ceiling else f" (not {ceiling})"
+                )
+            self._emit(MtuChanged(new, reason))
+        self._pmtu_idle(now)
 
     def _bulk_from_relay(self, plaintext: bytes) -> None:
         if self.config is None or self.device_mode == "tap":

@@ -158,6 +158,12 @@ REASONS: tuple[Reason, ...] = (
         "others fairly: dropped from that source's tail",
         ("relay", "client"),
     ),
+    # Path MTU probes (relay.py, client.py).
+    Reason(
+        "probe_ratelimited",
+        "path MTU probes from one peer faster than the relay answers (20/s, burst 64)",
+        ("relay", "peer"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

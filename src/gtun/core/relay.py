@@ -49,13 +49,18 @@ from gtun.core.wg.events import Event, HandshakeTimedOut
 
 Network = IPv4Network | IPv6Network
 
-# Tuning knob: events kept for a caller that does not drain them (the driver drains after
-# every call, so only a caller's bug or a flood between two drains reaches it).
+# Tuning knobs.  Events kept for a caller that does not drain them (the driver drains
+# after every call, so only a caller's bug or a flood between two drains reaches it).
 MAX_EVENTS = 1024
 # Handshakes initiated to stored endpoints after a restart: at most REJOIN_PER_TICK every
 # REJOIN_TICK seconds (500 a second: 10,000 peers within 20 s, a few ms of CPU a tick).
 REJOIN_PER_TICK = 10
 REJOIN_TICK = 0.02
+# Path MTU probes answered per peer: a token bucket.  A client's black-hole search sends
+# client.PROBES_PER_ROUND at once in about five rounds of a quarter of a second, then
+# one probe a second at most; a probe costs the relay one encryption of up to its MTU.
+PROBE_RATE = 20.0  # per second
+PROBE_BURST = 64
 
 
 @dataclass
@@ -93,6 +98,10 @@ class PeerState:
     is_gtun: bool = False  # asked for its configuration: a gtun client
     caps: Caps = NO_CAPS  # negotiated at its configuration request
     drops: dict[str, int] = field(default_factory=dict)
+    path_mtu: int | None = None  # what the client's probes found (it says, in each probe)
+    probes: int = 0  # probes answered
+    probe_tokens: float = PROBE_BURST
+    probe_refill: float | None = None  # when the tokens were last counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,8 +381,34 @@ class Relay:
         elif msg.type == tm.PING:
             state.is_gtun = True
             self.wg.send(peer, tm.push_message(tm.PONG, {}), now)
+        elif msg.type == tm.PROBE:
+            self._answer_probe(peer, state, msg, len(plaintext), now)
         else:
             self._count(peer, "malformed")
+
+    def _answer_probe(
+        self, peer: Peer, state: PeerState, msg: tm.TunnelMessage, size: int, now: float
+    ) -> None:
+        """Answer a path MTU probe with an acknowledgement of the probe's own length
+        (so the answer tests the way back, and is never larger than what came), within
+        the peer's token bucket."""
+        try:
+            probe = tm.parse_probe(msg, size)
+        except tm.TunnelMessageError:
+            self._count(peer, "malformed")
+            return
+        last = state.probe_refill
+        if last is not None:
+            state.probe_tokens = min(PROBE_BURST, state.probe_tokens + (now - last) * PROBE_RATE)
+        state.probe_refill = now
+        if state.probe_tokens < 1.0:
+            self._count(peer, "probe_ratelimited")
+            return
+        state.probe_tokens -= 1.0
+        state.probes += 1
+        if probe.mtu is not None:
+            state.path_mtu = probe.mtu
+        self.wg.send(peer, tm.push_probe(tm.PROBE_ACK, probe.id, size), now)
 
     def config_for(self, peer: Peer) -> PushedConfig:
         """What the relay pushes to `peer` (tunnel.push_config encodes it)."""
@@ -396,6 +431,7 @@ class Relay:
             # Takes (and sends) TCP segments whose checksum the receiver completes.
             partial=peer.data.caps.partial,
             network=s.network,
+            pmtu=peer.data.caps.pmtu,  # answers its probes: it asked
         )
 
 

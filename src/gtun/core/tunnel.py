@@ -19,14 +19,20 @@ Messages.
     magic(4) = 00 'g' 't' 01   type(1)   length(2, big-endian)   JSON payload(length)
 
 Types: CONFIG_REQUEST (client -> relay), CONFIG (relay -> client), REFUSED (relay ->
-client, with a reason), PING (client -> relay) and PONG (relay -> client).  The payloads
+client, with a reason), PING (client -> relay), PONG (relay -> client), and the path MTU
+probe and its answer, PROBE (client -> relay) and PROBE_ACK (relay -> client).  A probe
+is `{"id": n}` (and the client's path MTU, "mtu") followed by zeros up to the size under
+test, so that the datagram carrying it has exactly that size; the relay answers
+`{"id": n}` padded to the probe's own length, never longer, so a probe tests both
+directions of the path and cannot be used to amplify.  The payloads
 of CONFIG_REQUEST and CONFIG are typed here (ConfigRequest, PushedConfig) with their JSON
 keys; absent keys mean the older behaviour, so old and new nodes interoperate.
 
 Capabilities.  What a gtun peer and the relay both do beyond plain WireGuard is decided
 once, when the relay answers a configuration request, and kept per peer as one value
-(Caps): bulk frames over a stream endpoint, and TCP segments whose checksum the receiver
-completes (partial checksums).  A stock peer has NO_CAPS.
+(Caps): bulk frames over a stream endpoint, TCP segments whose checksum the receiver
+completes (partial checksums), and path MTU probes the relay answers (pmtu).  A stock
+peer has NO_CAPS.
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ CONFIG = 2
 REFUSED = 3
 PING = 4
 PONG = 5
-TYPES = {CONFIG_REQUEST, CONFIG, REFUSED, PING, PONG}
+PROBE = 6
+PROBE_ACK = 7
+TYPES = {CONFIG_REQUEST, CONFIG, REFUSED, PING, PONG, PROBE, PROBE_ACK}
+MAX_PROBE_ID = 2**32 - 1
 
 # What a plaintext is (classify()).
 IPV4 = 4
@@ -135,6 +144,7 @@ class Caps:
 
     bulk: bool = False  # takes bulk frames (bulk.py) when its endpoint is a stream
     partial: bool = False  # sends and takes TCP segments with partial checksums
+    pmtu: bool = False  # the relay answers path MTU probes (PROBE -> PROBE_ACK)
 
 
 NO_CAPS = Caps()
@@ -146,17 +156,21 @@ NO_CAPS = Caps()
 @dataclass(frozen=True, slots=True)
 class ConfigRequest:
     """`mode` None: the client follows the relay's mode.  `bulk`: it takes bulk frames;
-    `partial`: it completes TCP checksums the relay leaves partial."""
+    `partial`: it completes TCP checksums the relay leaves partial; `pmtu`: it probes
+    the path MTU (and wants its probes answered)."""
 
     mode: str | None = None
     bulk: bool = False
     partial: bool = False
+    pmtu: bool = False
 
 
 def push_config_request(request: ConfigRequest) -> bytes:
     payload: dict[str, Any] = {"bulk": request.bulk}
     if request.partial:
         payload["csum"] = "partial"
+    if request.pmtu:
+        payload["pmtu"] = True
     if request.mode is not None:
         payload["mode"] = request.mode
     return push_message(CONFIG_REQUEST, payload)
@@ -171,16 +185,17 @@ def parse_config_request(payload: dict[str, Any]) -> ConfigRequest:
         mode=mode[:MAX_MODE] if isinstance(mode, str) else None,
         bulk=payload.get("bulk") is True,
         partial=payload.get("csum") == "partial",
+        pmtu=payload.get("pmtu") is True,
     )
 
 
 def relay_caps(request: ConfigRequest, *, tap: bool, partial_ok: bool) -> Caps:
     """What the relay grants a client that asked with `request`: neither in TAP mode
     (frames are never super-packets), and partial checksums only when the relay's own
-    device completes them (`partial_ok`)."""
+    device completes them (`partial_ok`).  Probes are answered in either mode."""
     if tap:
-        return NO_CAPS
-    return Caps(bulk=request.bulk, partial=partial_ok and request.partial)
+        return Caps(pmtu=request.pmtu)
+    return Caps(bulk=request.bulk, partial=partial_ok and request.partial, pmtu=request.pmtu)
 
 
 # --- the configuration push (relay -> client) ---------------------------------------------
@@ -203,11 +218,12 @@ class PushedConfig:
     bulk: bool = False  # the relay takes bulk frames (bulk.py) over TCP
     partial: bool = False  # the relay takes TCP segments with partial checksums
     network: IPv4Network | None = None  # informational: the virtual network
+    pmtu: bool = False  # the relay answers path MTU probes
 
     @property
     def caps(self) -> Caps:
         """The capabilities the relay granted (the client ANDs in its own)."""
-        return Caps(bulk=self.bulk, partial=self.partial)
+        return Caps(bulk=self.bulk, partial=self.partial, pmtu=self.pmtu)
 
 
 def push_config(config: PushedConfig) -> bytes:
@@ -234,6 +250,7 @@ def push_config(config: PushedConfig) -> bytes:
         "mode": config.mode,
         "bulk": config.bulk,
         "csum": "partial" if config.partial else "full",
+        **({"pmtu": True} if config.pmtu else {}),
         **ipv6,
     }
     return push_message(CONFIG, payload)
@@ -283,6 +300,7 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         bulk=payload.get("bulk") is True,
         partial=payload.get("csum") == "partial",
         network=network,
+        pmtu=payload.get("pmtu") is True,
     )
 
 
@@ -304,3 +322,42 @@ def _list(payload: dict[str, Any], key: str) -> list[Any]:
     if not isinstance(value, list):
         raise TunnelMessageError(f"bad {key}: expected a list, got {type(value).__name__}")
     return value
+
+
+# --- path MTU probes ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A PROBE or PROBE_ACK: `id` pairs them; `mtu` is the client's path MTU (a PROBE's,
+    informational, None when absent); `size` the plaintext's whole length, padding
+    included (the size the path carried)."""
+
+    id: int
+    size: int
+    mtu: int | None = None
+
+
+def push_probe(msg_type: int, probe_id: int, size: int, mtu: int | None = None) -> bytes:
+    """A PROBE or PROBE_ACK padded with zeros to `size` bytes (a probe too large for its
+    header is left at its natural length).  Raises LocalProtocolError for an id out of
+    range."""
+    if not 0 <= probe_id <= MAX_PROBE_ID:
+        raise LocalProtocolError(f"probe id {probe_id} out of range")
+    payload: dict[str, Any] = {"id": probe_id}
+    if mtu is not None:
+        payload["mtu"] = mtu
+    msg = push_message(msg_type, payload)
+    return msg + bytes(size - len(msg)) if size > len(msg) else msg
+
+
+def parse_probe(msg: TunnelMessage, size: int) -> Probe:
+    """The probe in a pulled PROBE or PROBE_ACK of `size` bytes in all.  Raises
+    TunnelMessageError for a missing or ill-typed id or mtu."""
+    probe_id = msg.payload.get("id")
+    if type(probe_id) is not int or not 0 <= probe_id <= MAX_PROBE_ID:
+        raise TunnelMessageError("probe without a valid id")
+    mtu = msg.payload.get("mtu")
+    if mtu is not None:
+        mtu = _int(mtu, 576, 9000, "mtu")
+    return Probe(probe_id, size, mtu)
