@@ -106,30 +106,6 @@ def set_loss(ns: Namespace, percent: int) -> None:
     ns.run(["nft", "-f", "-"], input=rules)
 
 
-# A veth passes a UDP GSO train (up to 64 datagrams sent in one call) as one packet,
-# which an nftables rule would then drop whole; a real NIC puts each datagram on the
-# wire on its own.  Turning the veths' UDP segmentation off makes the kernel cut trains
-# apart before they cross, so the loss below is per datagram, as on a real path.
-NO_UDP_SEGMENTATION = """
-import json, subprocess
-from pyroute2.ethtool import Ethtool
-links = json.loads(subprocess.run(["ip", "-j", "link", "show", "type", "veth"],
-                                  capture_output=True, text=True, check=True).stdout)
-ethtool = Ethtool()
-for link in links:
-    name = link["ifname"]
-    features = ethtool.get_features(name)
-    features.features["tx-udp-segmentation"].enable = False
-    ethtool.set_features(name, features)
-"""
-
-
-def segment_on_the_wire(lab: Lab) -> None:
-    """Every veth of `lab`: UDP GSO trains cut into datagrams before they cross."""
-    for ns in lab.namespaces:
-        ns.run([sys.executable, "-c", NO_UDP_SEGMENTATION])
-
-
 # --- scenarios ------------------------------------------------------------------------------
 
 
@@ -143,7 +119,8 @@ def loss(f: Faults) -> list[Row]:
             hub_ns = next(ns for ns in lab.namespaces if ns.name.endswith("wh"))
             net = GtunNet(lab, f.workdir / "gtun", clients=2, underlay=UNDERLAY, lan=False)
             net.start_all(timeout=CONFIGURE_TIMEOUT)
-            segment_on_the_wire(lab)
+            for ns in lab.namespaces:  # a drop takes one datagram, as on a real path
+                ns.datagrams_on_the_wire()
             c1, c2 = net.clients
             paths: dict[str, tuple[Namespace, Namespace, str, Namespace]] = {
                 "gtun": (c1.ns, c2.ns, c2.extra["address"], net.relay.ns),

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -176,12 +177,35 @@ class Namespace:
         """Add a route to `dest` ("default" or a network) via gateway `via`."""
         self.run([IP, "route", "add", dest, "via", via])
 
+    def datagrams_on_the_wire(self) -> None:
+        """UDP GSO trains leave this namespace's veths as single datagrams, as from a
+        real NIC (for per-datagram loss in a lab; see _NO_UDP_SEGMENTATION)."""
+        self.run([sys.executable, "-c", _NO_UDP_SEGMENTATION])
+
     def sysctl(self, key: str, value: str | int) -> None:
         """Set a sysctl inside this namespace only (e.g. net.ipv4.ip_forward)."""
         if not key.startswith("net."):
             # Only net.* sysctls are per namespace; others would change the host.
             raise ValueError(f"sysctl {key} is not per network namespace")
         self.run(["sysctl", "-q", "-w", f"{key}={value}"])
+
+
+# A veth passes a UDP GSO train (up to 64 datagrams sent in one call) as one packet, so
+# an nftables rule that drops packets at random would drop whole trains, and a real path
+# drops datagrams one at a time (a NIC puts each on the wire on its own).  Run in a
+# namespace, this turns UDP segmentation off on its veths: the kernel then cuts trains
+# apart before they cross.
+_NO_UDP_SEGMENTATION = """
+import json, subprocess
+from pyroute2.ethtool import Ethtool
+links = json.loads(subprocess.run(["ip", "-j", "link", "show", "type", "veth"],
+                                  capture_output=True, text=True, check=True).stdout)
+ethtool = Ethtool()
+for link in links:
+    features = ethtool.get_features(link["ifname"])
+    features.features["tx-udp-segmentation"].enable = False
+    ethtool.set_features(link["ifname"], features)
+"""
 
 
 class Lab:

@@ -1,0 +1,55 @@
+"""Transfers under random loss arrive whole (issue 11): client to client through a real
+relay while an nftables rule in the relay's namespace drops datagrams at random, the
+lab's veths carrying each datagram on its own (Namespace.datagrams_on_the_wire), as a
+real path does.  How long they take beside wireguard-go is bench/faults.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gtun.lab.net import GtunNet
+from gtun.lab.netns import Lab, Namespace
+
+pytestmark = pytest.mark.netns
+
+UNDERLAY = 238
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def lab_prefix() -> str:
+    return "gtls"
+
+
+def drop_at_random(ns: Namespace, percent: int) -> None:
+    ns.run(
+        ["nft", "-f", "-"],
+        input=(
+            "table inet gtlsloss {\n chain in { type filter hook input priority 0;\n"
+            f"  meta l4proto udp numgen random mod 100 < {percent} counter drop\n }}\n}}\n"
+        ),
+    )
+
+
+def dropped(ns: Namespace) -> int:
+    out = ns.run(["nft", "list", "table", "inet", "gtlsloss"]).stdout
+    return int(out.split("counter packets ")[1].split()[0])
+
+
+@pytest.mark.parametrize("percent", [10, 20])
+def test_a_transfer_under_loss_arrives_whole(lab: Lab, tmp_path: Path, percent: int) -> None:
+    net = GtunNet(lab, tmp_path, clients=2, underlay=UNDERLAY, lan=False, nat=False)
+    net.start_all()
+    for ns in lab.namespaces:
+        ns.datagrams_on_the_wire()
+    c1, c2 = net.clients
+    net.ping(c1.ns, c2.extra["address"], count=2)
+    drop_at_random(net.relay.ns, percent)
+    sent, received, _ = net.transfer(c1.ns, c2.ns, c2.extra["address"], SIZE, timeout=150)
+    assert sent and sent == received, "the transfer did not arrive whole"
+    # The loss was real and per datagram: thousands crossed, a share of them dropped.
+    assert dropped(net.relay.ns) > SIZE // 1500 * percent // 200
+    drops = (net.status(net.relay) or {}).get("drops") or {}
+    assert not {k: v for k, v in drops.items() if v and k not in ("link_scoped",)}, drops
