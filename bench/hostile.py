@@ -16,6 +16,10 @@ not), and the figure.  Scenarios (`--scenarios` takes these keys):
               pings the relay's tunnel address: c3's RTT idle and during the flood
               (avg and max), all over UDP
   flood-tcp   the same with every client on the TCP transport
+  flood-udp-pinned, flood-tcp-pinned
+              the same with the relay's threads on CPU 0 and the flooding peers and
+              iperf3 on the others (taskset), as if the relay had a machine of its own;
+              unpinned, five busy processes share two CPUs with the relay
   garbage     a sender in c1's namespace (no gtun there) sprays the relay's UDP port
               with garbage at the rate GSO sends allow (transport-message shaped:
               type 4, random receiver index and counter) while c2 pings the relay
@@ -99,7 +103,6 @@ class Hostile:
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.seconds: int = args.seconds
-        self.pin: bool = args.pin
         self.workdir = workdir
 
     @contextlib.contextmanager
@@ -164,9 +167,9 @@ class Hostile:
             stop(proc)
 
     def pin_apart(self, relay: list[Any], others: list[Any]) -> None:
-        """With --pin: the relay's threads on CPU 0, the attack's processes on the others,
-        as if the relay had a machine of its own (the watching client is not pinned)."""
-        if not self.pin or os.cpu_count() in (None, 1):
+        """The relay's threads on CPU 0, the attack's processes on the others, as if the
+        relay had a machine of its own (the watching client is not pinned)."""
+        if os.cpu_count() in (None, 1):
             return
         rest = f"1-{(os.cpu_count() or 2) - 1}"
         for procs, cpus in ((relay, "0"), (others, rest)):
@@ -230,8 +233,9 @@ def mbits(log: Path) -> str:
 # --- scenarios ------------------------------------------------------------------------------
 
 
-def _flood(h: Hostile, transport: str) -> Row:
-    with h.net(f"f{transport[0]}", transports=[transport] * 3) as net:
+def _flood(h: Hostile, transport: str, pinned: bool = False) -> Row:
+    tag = f"f{transport[0]}" + ("p" if pinned else "")
+    with h.net(tag, transports=[transport] * 3) as net:
         c1, c2, c3 = net.clients
         h.warm(c3.ns, RELAY)
         h.warm(c1.ns, c2.extra["address"])
@@ -239,7 +243,8 @@ def _flood(h: Hostile, transport: str) -> Row:
         server = c2.ns.spawn(
             ["iperf3", "-s", "-1", "-B", c2.extra["address"]], log_path=h.workdir / "s.log"
         )
-        h.pin_apart([net.relay.proc], [c1.proc, c2.proc, server])
+        if pinned:
+            h.pin_apart([net.relay.proc], [c1.proc, c2.proc, server])
         log = h.workdir / f"flood-{transport}.log"
         log.unlink(missing_ok=True)
         try:
@@ -248,7 +253,8 @@ def _flood(h: Hostile, transport: str) -> Row:
                 ["iperf3", "-c", c2.extra["address"], "-t", str(h.seconds), "-P", "4"],
                 log_path=log,
             )
-            h.pin_apart([], [client])
+            if pinned:
+                h.pin_apart([], [client])
             loaded, control = h.ping_during(
                 client, c3.ns, RELAY, int((h.seconds - 3) / PING_INTERVAL), 1.5, c3.underlay
             )
@@ -262,7 +268,7 @@ def _flood(h: Hostile, transport: str) -> Row:
         else float("nan")
     )
     return Row(
-        f"flood ({transport})",
+        f"flood ({transport}" + (", relay on a core of its own)" if pinned else ")"),
         f"c1->c2 iperf3 -P 4 ({mbits(log)}), c3 pings the relay",
         f"{held}; {ratio:.1f}x idle",
         f"idle {idle.text()}; flood {loaded.text()}; underlay {control.text()}",
@@ -485,6 +491,8 @@ SCENARIOS: dict[str, Callable[[Hostile], Row]] = {
     "handshake-flood": handshake_flood,
     "flood-udp": flood_udp,
     "flood-tcp": flood_tcp,
+    "flood-udp-pinned": lambda h: _flood(h, "udp", pinned=True),
+    "flood-tcp-pinned": lambda h: _flood(h, "tcp", pinned=True),
     "garbage": garbage,
     "garbage-plain": lambda h: garbage(h, gso=False),
     "slowloris": slowloris,
@@ -520,10 +528,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--markdown", nargs="?", const="-", metavar="FILE",
         help="also print the table as Markdown (or write it to FILE)",
-    )  # fmt: skip
-    p.add_argument(
-        "--pin", action="store_true",
-        help="flood scenarios: the relay on CPU 0, the flooding peers on the other CPUs",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     p.add_argument("--workdir", type=Path, help="keep configs and logs here (default: temporary)")
