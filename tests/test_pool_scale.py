@@ -187,3 +187,17 @@ def test_ten_thousand_peers_lease_in_one_go(tmp_path: Path) -> None:
         assert len(peerset.specs) == 10_000 and not peerset.refused
         assert len({s.address for s in peerset.specs}) == 10_000
         assert seen.count("COMMIT") == 2  # the stored peers' read, and the leasing
+
+
+def test_peer_add_into_a_full_pool_fails_and_keeps_nothing(tmp_path: Path) -> None:
+    from gtun.app.peers import add_peer
+    from gtun.errors import RuntimeFailure
+
+    cfg = load_server_config(_config_with_peers(tmp_path, 5, "10.66.0.0/29"))  # full
+    with StateStore(tmp_path / "state" / "gtun.sqlite") as store:
+        read_peers(cfg, store)  # the relay ran: its peers hold their leases
+    with pytest.raises(RuntimeFailure, match="no free address left in 10.66.0.0/29"):
+        add_peer(cfg, "one-more", ("192.0.2.1", 9621))
+    with StateStore(tmp_path / "state" / "gtun.sqlite") as store:
+        assert store.peers() == []
+        assert len(store.leases()) == 5
