@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gtun.app.background import off_loop
 from gtun.errors import ConfigError, RuntimeFailure
 
 # Tuning knobs.
@@ -87,7 +88,7 @@ class ControlServer:
             # In a worker thread: the status of 10,000 peers takes a while to encode,
             # and the event loop forwards meanwhile.  The answer is the handler's own
             # fresh object, touched by nobody else.
-            data = await asyncio.to_thread(_encode, response)
+            data = await off_loop(_encode, response)
             writer.write(data)
             await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)
             sent = True

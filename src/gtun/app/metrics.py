@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gtun import __version__
+from gtun.app.background import off_loop
 from gtun.app.keys import encode_key
 from gtun.core.drops import PEER_DROP_REASONS
 from gtun.core.wg.constants import REJECT_AFTER_TIME
@@ -369,7 +370,7 @@ class MetricsServer:
                 head = await asyncio.wait_for(read_head(reader), READ_TIMEOUT)
                 # In a worker thread: a scrape of 10,000 peers takes a while, and the
                 # event loop forwards meanwhile (the collectors only read snapshots).
-                response = await asyncio.to_thread(self.respond, head)
+                response = await off_loop(self.respond, head)
             except BadRequest as exc:
                 response = _response(400, f"{exc}\n".encode())
             writer.write(response)

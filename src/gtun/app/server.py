@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
 
+from gtun.app.background import off_loop
 from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
@@ -432,7 +433,7 @@ class Server:
     async def _reload(self) -> dict[str, Any]:
         assert self.relay is not None
         try:
-            cfg, peerset = await asyncio.to_thread(self._read_peers)
+            cfg, peerset = await off_loop(self._read_peers)
             specs = peerset.specs
             added, removed = apply_peers(self.relay, specs, cfg, self.store)
         except GtunError as exc:
