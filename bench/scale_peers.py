@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import json
+import os
 import resource
 import selectors
 import signal
@@ -131,7 +132,7 @@ def main() -> int:
         for key, _ in sel.select(timeout):
             i = key.data
             if i == -1:
-                if not sys.stdin.buffer.read1(4096):
+                if not os.read(sys.stdin.fileno(), 4096):
                     stop = True
                 continue
             s = socks[i]
