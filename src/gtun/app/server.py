@@ -53,6 +53,7 @@ ENDPOINT_SAVE_INTERVAL = 1.0  # seconds between looks for peers' new UDP endpoin
 JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 STATUS_CHUNK = 500  # peers described between two yields to the event loop
+ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
 
 
 class UnknownKeys:
@@ -376,8 +377,11 @@ class Server:
         )
         if cfg.network6 is not None:
             log.info("IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen)
-        for spec in specs:
+        for spec in specs[:ANNOUNCED_PEERS]:
             log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
+        if len(specs) > ANNOUNCED_PEERS:
+            more = len(specs) - ANNOUNCED_PEERS
+            log.info("and %d more peers (`gtun status` lists them all)", more)
 
     # --- peers -----------------------------------------------------------------------
 
