@@ -113,13 +113,21 @@ def last_line(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def ping_stats(out: str) -> tuple[int, int, float, float]:
-    """(sent, received, avg ms, max ms) from ping's summary; zeros when absent."""
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    r = re.search(r"= [\d.]+/([\d.]+)/([\d.]+)/", out)
-    sent, got = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    avg, top = (float(r.group(1)), float(r.group(2))) if r else (0.0, 0.0)
-    return sent, got, avg, top
+def ping_stats(out: str, tail: int = 50) -> tuple[int, int, float, float]:
+    """(sent, received, avg ms, max ms) from ping's output, leaving out the last `tail`
+    echoes (still in flight when ping was stopped); zeros when there is no summary."""
+    m = re.search(r"(\d+) packets transmitted", out)
+    if m is None:
+        return 0, 0, 0.0, 0.0
+    sent = max(0, int(m.group(1)) - tail)
+    rtts = {
+        int(seq): float(ms)
+        for seq, ms in re.findall(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms", out)
+        if int(seq) <= sent
+    }
+    if not rtts:
+        return sent, 0, 0.0, 0.0
+    return sent, len(rtts), sum(rtts.values()) / len(rtts), max(rtts.values())
 
 
 class Scale:

@@ -23,12 +23,16 @@ def scale() -> ModuleType:
 
 
 def test_ping_summary(scale: ModuleType) -> None:
-    out = (
-        "--- 10.64.0.1 ping statistics ---\n"
-        "150 packets transmitted, 148 received, 1.3% packet loss, time 3021ms\n"
-        "rtt min/avg/max/mdev = 0.311/0.702/41.250/3.100 ms\n"
+    replies = [f"64 bytes from 10.64.0.1: icmp_seq={n} ttl=64 time={n / 10} ms" for n in (1, 2, 4)]
+    out = "\n".join(
+        [
+            *replies,
+            "--- 10.64.0.1 ping statistics ---",
+            "6 packets transmitted, 3 received, 50% packet loss, time 3021ms",
+        ]
     )
-    assert scale.ping_stats(out) == (150, 148, 0.702, 41.25)
+    # The last 2 echoes were in flight when ping stopped: not counted.  3 is lost.
+    assert scale.ping_stats(out, tail=2) == (4, 3, (0.1 + 0.2 + 0.4) / 3, 0.4)
     assert scale.ping_stats("nothing") == (0, 0, 0.0, 0.0)
     cell = scale._op_cell(0.5, {"sent": 150, "received": 148, "avg_ms": 0.7, "max_ms": 41.2})
     assert cell == "0.50 s (40 ms, 2 lost)"
