@@ -248,6 +248,9 @@ def status(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+    refused = answer.get("refused_peers") or []
+    if refused:
+        print(f"  refused (address pool full, not served): {', '.join(refused)}")
     print_drops(answer)
     return 0
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gtun.app.background import off_loop
 from gtun.errors import ConfigError, RuntimeFailure
 
 # Tuning knobs.
@@ -84,10 +85,10 @@ class ControlServer:
         sent = False
         try:
             response = await self._answer(reader)
-            try:
-                data = json.dumps(response).encode() + b"\n"
-            except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug
-                data = json.dumps({"error": f"internal error: {exc}"}).encode() + b"\n"
+            # In a worker thread: the status of 10,000 peers takes a while to encode,
+            # and the event loop forwards meanwhile.  The answer is the handler's own
+            # fresh object, touched by nobody else.
+            data = await off_loop(_encode, response)
             writer.write(data)
             await asyncio.wait_for(writer.drain(), timeout=REQUEST_TIMEOUT)
             sent = True
@@ -133,6 +134,13 @@ class ControlServer:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _encode(response: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(response).encode() + b"\n"
+    except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug
+        return json.dumps({"error": f"internal error: {exc}"}).encode() + b"\n"
 
 
 def query(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gtun import __version__
+from gtun.app.background import off_loop
 from gtun.app.keys import encode_key
 from gtun.core.drops import PEER_DROP_REASONS
 from gtun.core.wg.constants import REJECT_AFTER_TIME
@@ -193,7 +194,7 @@ class GtunCollector:
             labels=("layer", "reason"),
         )
         for layer, layer_drops in self.drop_layers():
-            for reason, value in layer_drops.items():
+            for reason, value in dict(layer_drops).items():  # a copy: the loop counts on
                 drops.add_metric([layer, reason], value)
         yield drops
         yield from self.extra()
@@ -212,9 +213,11 @@ class RelayCollector(GtunCollector):
         self.relay = relay
 
     def peers(self) -> list[PeerView]:
+        # list() copies the dict in one step: a scrape runs beside the event loop,
+        # which may change the peer set meanwhile.
         return [
-            PeerView(peer.data.spec.name, peer, peer.data.drops)
-            for peer in self.relay.wg.peers.values()
+            PeerView(peer.data.spec.name, peer, dict(peer.data.drops))
+            for peer in list(self.relay.wg.peers.values())
         ]
 
 
@@ -365,7 +368,9 @@ class MetricsServer:
         try:
             try:
                 head = await asyncio.wait_for(read_head(reader), READ_TIMEOUT)
-                response = self.respond(head)
+                # In a worker thread: a scrape of 10,000 peers takes a while, and the
+                # event loop forwards meanwhile (the collectors only read snapshots).
+                response = await off_loop(self.respond, head)
             except BadRequest as exc:
                 response = _response(400, f"{exc}\n".encode())
             writer.write(response)

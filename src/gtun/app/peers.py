@@ -11,7 +11,7 @@ from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.peerset import collect_peers, open_state
 from gtun.app.store import StateStore, StoredPeer
-from gtun.errors import ConfigError, GtunError
+from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -73,9 +73,14 @@ def add_peer(
             )
         store.add_peer(StoredPeer(name=name, public_key=pub))
         specs = collect_peers(cfg, store)
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:  # the pool is full: refused, so not kept
+            store.remove_peer(name)
+            raise RuntimeFailure(
+                f"no free address left in {cfg.network} for peer {name}; it was not added"
+            )
     finally:
         store.close()
-    spec = next(s for s in specs if s.name == name)
     allowed = [str(cfg.network)] + ([str(cfg.network6)] if cfg.network6 else [])
     allowed += [str(r) for r in cfg.routes]
     allowed += [str(n) for s in specs if s.name != name for n in s.subnets]

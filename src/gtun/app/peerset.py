@@ -5,12 +5,13 @@ and by `gtun peer add` itself."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, ip_network
 from typing import Any
 
 from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
-from gtun.app.store import AddressPool, StateStore
+from gtun.app.store import AddressPool, LeaseWanted, StateStore
 from gtun.core.relay import PeerSpec
 from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
@@ -25,13 +26,29 @@ def open_state(cfg: ServerConfig) -> StateStore:
     return StateStore(cfg.state_dir / STATE_FILE)
 
 
+@dataclass
+class PeerSet:
+    """The peers the relay serves, with their addresses, and the names of the peers
+    refused because the address pool had no address left for them."""
+
+    specs: list[PeerSpec] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
 def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
+    """The peers read_peers() gives, without those the pool refused."""
+    return read_peers(cfg, store).specs
+
+
+def read_peers(cfg: ServerConfig, store: StateStore) -> PeerSet:
     """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
-    with their addresses (fixed ones first, so leases move out of their way).
+    with their addresses (fixed ones first, so leases move out of their way), leased in
+    one transaction.  When the pool is full, the peers without an address are refused
+    (named in PeerSet.refused), not the whole set.
 
     Raises ConfigError for a stored peer that clashes with the config or has a
-    low-order key (the config's own peers were checked as it was read), before any
-    address is leased."""
+    low-order key (the config's own peers were checked as it was read), or a fixed
+    address the pool cannot give, before any address is leased."""
     pool = AddressPool(cfg.network, store)
     entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
         (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
@@ -60,16 +77,42 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
         fixed = IPv4Address(sp.address) if sp.address else None
         subnets = tuple(ip_network(s) for s in sp.subnets)
         entries.append((sp.name, key, fixed, subnets))
-    specs = []
     ordered = sorted(entries, key=lambda e: (e[2] is None, e[0]))
-    for name, key, fixed, subnets in ordered:
-        try:
-            address = pool.assign(encode_key(key), fixed=fixed, name=name)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
+    wanted = []
+    for name, key, fixed, _ in ordered:
+        if fixed is not None:
+            try:
+                pool.check_fixed(fixed)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
+        wanted.append(LeaseWanted(encode_key(key), fixed, name))
+    assignment = pool.assign_all(wanted)
+    result = PeerSet()
+    for (name, key, _, subnets), want in zip(ordered, wanted, strict=True):
+        address = assignment.addresses.get(want.public_key)
+        if address is None:
+            result.refused.append(name)
+            continue
         # IPv6 twin of the (stable) IPv4 lease: same host number in network6 (ipv6.py).
         address6 = (
             None if cfg.network6 is None else address6_for(cfg.network, cfg.network6, address)
         )
-        specs.append(PeerSpec(name, key, address, subnets, address6))
-    return specs
+        result.specs.append(PeerSpec(name, key, address, subnets, address6))
+    return result
+
+
+# Up to this many refused peers get a log line each; more get one line naming them all.
+REFUSED_LINES = 20
+
+
+def refused_lines(refused: list[str], network: Any) -> list[str]:
+    """The log lines naming the peers a full pool refused."""
+    if len(refused) <= REFUSED_LINES:
+        return [
+            f"peer {name} refused: no free address left in {network}; it is not served"
+            for name in refused
+        ]
+    return [
+        f"address pool {network} is full: {len(refused)} peers refused and not served: "
+        + ", ".join(refused)
+    ]

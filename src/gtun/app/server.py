@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -17,11 +18,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
 
+from gtun.app.background import off_loop
 from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
-from gtun.app.peerset import collect_peers, open_state
+from gtun.app.peerset import PeerSet, open_state, read_peers, refused_lines
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import StateStore
@@ -51,6 +53,8 @@ log = logging.getLogger("gtun")
 ENDPOINT_SAVE_INTERVAL = 1.0  # seconds between looks for peers' new UDP endpoints
 JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
+STATUS_CHUNK = 500  # peers described between two yields to the event loop
+ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
 
 
 class UnknownKeys:
@@ -152,6 +156,8 @@ class Server:
         # Peers' UDP endpoints as the store has them (key -> text), and the task saving them.
         self._saved_endpoints: dict[bytes, str] = {}
         self._endpoint_task: asyncio.Task[None] | None = None
+        self.refused: list[str] = []  # peers the full address pool left out
+        self._reloading = asyncio.Lock()  # one reload at a time
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -172,6 +178,10 @@ class Server:
             rt.push("control socket", control.close)
             rt.handle_signals(reload=self.reload)
             self._announce(tun, specs)
+            # What start-up built lives as long as the relay: out of the collector's
+            # sight, so that a full collection (during a reload of 10,000 peers, say)
+            # does not walk it all while the event loop waits.
+            gc.freeze()
             driver.poke()
             await rt.stop.wait()
             log.info("stopping")
@@ -188,7 +198,9 @@ class Server:
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
-        specs = collect_peers(cfg, store)
+        peerset = read_peers(cfg, store)
+        self._note_refused(cfg, peerset)
+        specs = peerset.specs
         sock = bind_udp(cfg)
         try:
             tcp_sock = bind_tcp(cfg)
@@ -370,8 +382,11 @@ class Server:
         )
         if cfg.network6 is not None:
             log.info("IPv6 inside the tunnel: %s/%d", cfg.relay_address6, cfg.network6.prefixlen)
-        for spec in specs:
+        for spec in specs[:ANNOUNCED_PEERS]:
             log.info("peer %s: %s%s", spec.name, spec.address, _v6(spec))
+        if len(specs) > ANNOUNCED_PEERS:
+            more = len(specs) - ANNOUNCED_PEERS
+            log.info("and %d more peers (`gtun status` lists them all)", more)
 
     # --- peers -----------------------------------------------------------------------
 
@@ -399,14 +414,36 @@ class Server:
             return None
         return owner.address if net.version == 4 else owner.address6
 
+    def _note_refused(self, cfg: ServerConfig, peerset: PeerSet) -> None:
+        """Log the peers a full pool refused (when that changes) and keep them for
+        `status`."""
+        if peerset.refused != self.refused:
+            for line in refused_lines(peerset.refused, cfg.network):
+                log.warning("%s", line)
+        self.refused = peerset.refused
+
+    def _read_peers(self) -> tuple[ServerConfig, PeerSet]:
+        """The config and the peer set, read afresh: run in a worker thread, as parsing
+        thousands of [[peers]] and leasing them takes a while.  Raises ConfigError or
+        RuntimeFailure."""
+        cfg = load_server_config(self.cfg.path)
+        return cfg, read_peers(cfg, self.store)
+
     async def reload(self) -> dict[str, Any]:
-        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions.  A
-        peer set that fails to load or apply changes nothing (Relay.set_peers is all or
-        nothing): the error is logged and the relay serves on with its current peers."""
+        """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions.  The
+        config and the store are read in a worker thread; only the new peer set is
+        applied on the event loop.  A peer set that fails to load or apply changes
+        nothing (Relay.set_peers is all or nothing): the error is logged and the relay
+        serves on with its current peers."""
+        assert self.relay is not None
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         assert self.relay is not None
         try:
-            cfg = load_server_config(self.cfg.path)
-            specs = collect_peers(cfg, self.store)
+            cfg, peerset = await off_loop(self._read_peers)
+            specs = peerset.specs
             added, removed = apply_peers(self.relay, specs, cfg, self.store)
         except GtunError as exc:
             log.error("reload failed, keeping the current peers: %s", exc)
@@ -414,21 +451,23 @@ class Server:
         except Exception as exc:  # a bug: say so, and keep serving the peers we have
             log.exception("reload failed (a bug), keeping the current peers")
             return {"ok": False, "error": f"internal error: {exc!r}"}
+        self._note_refused(cfg, peerset)
         try:
             await self.rt.nl(self.sync_subnet_routes, specs)
         except GtunError as exc:
             log.error("reload: peers updated, but not the routes to the LANs behind them: %s", exc)
             return {"ok": False, "error": str(exc), "added": added, "removed": removed}
         log.info(
-            "reloaded %s: %d peers (added %s, removed %s)",
+            "reloaded %s: %d peers (added %s, removed %s)%s",
             self.cfg.path.name,
             len(specs),
-            ", ".join(added) or "none",
-            ", ".join(removed) or "none",
+            _names(added),
+            _names(removed),
+            f", {len(peerset.refused)} refused (pool full)" if peerset.refused else "",
         )
         if self.driver is not None:
             self.driver.poke()
-        return {"ok": True, "added": added, "removed": removed}
+        return {"ok": True, "added": added, "removed": removed, "refused": peerset.refused}
 
     # --- events and control ---------------------------------------------------------
 
@@ -492,17 +531,22 @@ class Server:
     async def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
         if command == "status":
-            return self.status()
+            return await self.status()
         if command == "reload":
             return await self.reload()
         return {"error": f"unknown command {command!r}"}
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
+        """The `gtun status` answer.  Built STATUS_CHUNK peers at a time, yielding to
+        the event loop in between, so that 10,000 peers do not stall forwarding (the
+        control socket encodes the answer in a worker thread)."""
         relay = self.relay
         assert relay is not None
         wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
         peers = []
-        for peer in relay.wg.peers.values():
+        for i, peer in enumerate(list(relay.wg.peers.values())):
+            if i and i % STATUS_CHUNK == 0:
+                await asyncio.sleep(0)
             spec = peer.data.spec
             peers.append(
                 {
@@ -535,7 +579,10 @@ class Server:
             sorted(peers, key=lambda p: p["name"]),
             drops,
             self.driver.datapath() if self.driver is not None else None,
-            tail={"tcp_connections": len(self.tcp.connections) if self.tcp else 0},
+            tail={
+                "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
+                "refused_peers": list(self.refused),
+            },
         )
 
 
@@ -578,6 +625,14 @@ def decode_key_or_none(text: str) -> bytes | None:
         return decode_key(text)
     except ConfigError:
         return None
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    """Names for a log line: all of a few, the first `limit` and a count of many."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _v6(spec: PeerSpec) -> str:

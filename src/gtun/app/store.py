@@ -14,14 +14,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from gtun.errors import ConfigError, RuntimeFailure
 
-__all__ = ["AddressPool", "StateStore", "StoredPeer", "SCHEMA_VERSION"]
+__all__ = ["AddressPool", "Assignment", "LeaseWanted", "StateStore", "StoredPeer", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT = 10.0  # seconds another gtun process may hold the write lock
@@ -195,6 +195,25 @@ class StateStore:
         rows = self._query("SELECT public_key, address FROM leases ORDER BY public_key")
         return {str(key): str(address) for key, address in rows}
 
+    def lease_rows(self) -> list[tuple[str, str, str]]:
+        """Every lease as (public key, address, name), in one read."""
+        rows = self._query("SELECT public_key, address, name FROM leases")
+        return [(str(key), str(address), str(name or "")) for key, address, name in rows]
+
+    def replace_leases(self, drop: Iterable[str], put: Iterable[tuple[str, str, str]]) -> None:
+        """Forget the leases of the keys `drop`, then lease (key, address, name) of `put`,
+        in one transaction (the caller's, if it holds one).  Raises RuntimeFailure, or
+        sqlite3.IntegrityError if an address of `put` is still leased to another key."""
+        with self.transaction():
+            self._db.executemany(
+                "DELETE FROM leases WHERE public_key = ?", [(key,) for key in drop]
+            )
+            now = time.time()
+            self._db.executemany(
+                "INSERT INTO leases (public_key, address, name, updated) VALUES (?, ?, ?, ?)",
+                [(key, address, name, now) for key, address, name in put],
+            )
+
     # -- peers -----------------------------------------------------------------
 
     def add_peer(self, peer: StoredPeer) -> None:
@@ -293,14 +312,33 @@ class StateStore:
         self.close()
 
 
+@dataclass(frozen=True)
+class LeaseWanted:
+    """One key asking the pool for an address: `fixed` if the config gives one."""
+
+    public_key: str
+    fixed: IPv4Address | None = None
+    name: str = ""
+
+
+@dataclass
+class Assignment:
+    """What AddressPool.assign_all() gave: an address per key, and the keys refused
+    because the pool had no free address left (in the order they asked)."""
+
+    addresses: dict[str, IPv4Address] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+
+
 class AddressPool:
     """Hands out the IPv4 addresses of `network` to public keys, remembering them in a
     StateStore so that a key gets the same address after a restart.
 
     The network and broadcast addresses are never handed out, nor the relay's own
-    address (the first host) nor any of `reserved`.  Each assignment reads and writes
-    the store in one transaction, so another process assigning at the same time (`gtun
-    peer add` beside a running relay) cannot be given the same address.
+    address (the first host) nor any of `reserved`.  A whole peer set is assigned in one
+    transaction that reads the leases once and writes only the ones that change, so
+    another process assigning at the same time (`gtun peer add` beside a running relay)
+    cannot be given the same address, and 10,000 peers cost one read and one commit.
     """
 
     def __init__(
@@ -311,51 +349,122 @@ class AddressPool:
         self._first = int(network.network_address) + 1
         self._last = int(network.broadcast_address) - 1
         self.reserved = frozenset({network.network_address + 1, *reserved})
+        self._reserved_ints = frozenset(int(a) for a in self.reserved)
 
     def _usable(self, address: IPv4Address) -> bool:
         return self._first <= int(address) <= self._last and address not in self.reserved
 
+    def check_fixed(self, fixed: IPv4Address) -> None:
+        """Raises ConfigError if `fixed` cannot be given to a peer: outside the network,
+        its network or broadcast address, or a reserved one."""
+        if fixed not in self.network:
+            raise ConfigError(f"address {fixed} is outside network {self.network}")
+        if fixed in self.reserved:
+            raise ConfigError(f"address {fixed} is reserved (the relay's own, or in use)")
+        if not self._usable(fixed):
+            raise ConfigError(
+                f"address {fixed} is the network or broadcast address of {self.network}"
+            )
+
     def assign(
         self, public_key: str, *, fixed: IPv4Address | None = None, name: str = ""
     ) -> IPv4Address:
-        """The address of `public_key`: `fixed` if given (taken from any other key that
-        held it; assign fixed peers first so that those keys move elsewhere), else its
-        previous lease if still usable, else the lowest free host.
+        """The address of `public_key`, as assign_all() gives it.
 
-        Raises ConfigError if `fixed` is outside the network, or is its network,
-        broadcast or a reserved address; RuntimeFailure if no address is free or the
-        store fails.
+        Raises ConfigError if `fixed` cannot be given (check_fixed()); RuntimeFailure if
+        no address is free or the store fails.
         """
-        if fixed is not None:
-            if fixed not in self.network:
-                raise ConfigError(f"address {fixed} is outside network {self.network}")
-            if fixed in self.reserved:
-                raise ConfigError(f"address {fixed} is reserved (the relay's own, or in use)")
-            if not self._usable(fixed):
-                raise ConfigError(
-                    f"address {fixed} is the network or broadcast address of {self.network}"
-                )
-        with self.store.transaction():
-            if fixed is not None:
-                self.store.set_lease(public_key, str(fixed), name)
-                return fixed
-            previous = self.store.get_lease(public_key)
-            if previous is not None:
-                address = _parse(previous)
-                if address is not None and address in self.network and self._usable(address):
-                    self.store.set_lease(public_key, previous, name)
-                    return address
-            address = self._lowest_free(set(self.store.leases().values()))
-            self.store.set_lease(public_key, str(address), name)
-            return address
+        result = self.assign_all([LeaseWanted(public_key, fixed, name)])
+        if result.refused:
+            raise RuntimeFailure(f"address pool {self.network} is exhausted")
+        return result.addresses[public_key]
 
-    def _lowest_free(self, leased: set[str]) -> IPv4Address:
-        taken = {int(a) for a in map(_parse, leased) if a is not None}
-        taken.update(int(a) for a in self.reserved)
-        for candidate in range(self._first, self._last + 1):
-            if candidate not in taken:
-                return IPv4Address(candidate)
-        raise RuntimeFailure(f"address pool {self.network} is exhausted")
+    def assign_all(self, wanted: Sequence[LeaseWanted]) -> Assignment:
+        """Addresses for every key of `wanted`, in one transaction: a fixed address
+        where given (taken from any other key that held it, which then moves
+        elsewhere if it is in `wanted`, or loses its lease), else the key's previous
+        lease if still usable and not taken by a fixed one, else the lowest free host,
+        in the order of `wanted`.  Keys for which no address is left are refused and
+        keep no lease in this pool; leases of keys not in `wanted` stay as they are.
+
+        Raises ConfigError for a fixed address check_fixed() refuses, or one given to
+        two keys, before anything is written; RuntimeFailure if the store fails.
+        """
+        fixed_owner: dict[IPv4Address, str] = {}
+        for want in wanted:
+            if want.fixed is not None:
+                self.check_fixed(want.fixed)
+                other = fixed_owner.setdefault(want.fixed, want.public_key)
+                if other != want.public_key:
+                    raise ConfigError(f"address {want.fixed} is wanted by two keys")
+        result = Assignment()
+        with self.store.transaction():
+            rows = self.store.lease_rows()
+            lease: dict[str, tuple[int | None, str]] = {}  # key -> (address, name)
+            holder: dict[int, str] = {}  # address -> key: the unique index, in memory
+            for key, text, name in rows:
+                parsed = _parse(text)
+                number = None if parsed is None else int(parsed)
+                lease[key] = (number, name)
+                if number is not None:
+                    holder[number] = key
+            new: dict[str, tuple[int, str]] = {}  # what the leases of `wanted` become
+            lost: set[str] = set()  # keys whose lease is forgotten
+
+            def take(key: str, number: int, name: str) -> None:
+                other = holder.get(number)
+                if other is not None and other != key:
+                    lost.add(other)
+                    new.pop(other, None)
+                old = new[key][0] if key in new else lease.get(key, (None, ""))[0]
+                if old is not None and holder.get(old) == key:
+                    del holder[old]
+                holder[number] = key
+                new[key] = (number, name)
+                lost.discard(key)
+
+            for want in wanted:
+                if want.fixed is not None:
+                    take(want.public_key, int(want.fixed), want.name)
+            later: list[LeaseWanted] = []
+            for want in wanted:
+                if want.fixed is not None:
+                    continue
+                key = want.public_key
+                number = None if key in lost else lease.get(key, (None, ""))[0]
+                if (
+                    number is not None
+                    and self._first <= number <= self._last
+                    and number not in self._reserved_ints
+                    and holder.get(number) == key
+                ):
+                    new[key] = (number, want.name)
+                else:
+                    later.append(want)
+            candidate = self._first
+            for want in later:
+                key = want.public_key
+                while candidate <= self._last and (
+                    candidate in holder or candidate in self._reserved_ints
+                ):
+                    candidate += 1
+                if candidate > self._last:
+                    result.refused.append(key)
+                    if key in lease:
+                        lost.add(key)
+                        old = lease[key][0]
+                        if old is not None and holder.get(old) == key:
+                            del holder[old]
+                    continue
+                take(key, candidate, want.name)
+            changed = [
+                (key, str(IPv4Address(number)), name)
+                for key, (number, name) in new.items()
+                if lease.get(key) != (number, name)
+            ]
+            self.store.replace_leases(lost | {key for key, _, _ in changed}, changed)
+        result.addresses = {key: IPv4Address(number) for key, (number, _) in new.items()}
+        return result
 
     def lookup(self, public_key: str) -> IPv4Address | None:
         """The address currently leased to `public_key` inside this pool, or None."""
