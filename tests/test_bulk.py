@@ -542,3 +542,17 @@ def test_small_segments_travel_as_packets_not_a_refused_bulk_frame(sender: str) 
     if len(got) == 1 and isinstance(got[0], tuple):  # coalesced again at the relay
         got = segment(*got[0])
     assert got == segment(hdr, packet)
+
+
+def test_a_checksum_over_the_ip_header_is_refused_not_delivered() -> None:
+    """Found by fuzz/tun_super.py: a read whose header asked for a checksum at offset 0
+    (no kernel writes one) had it written over the IPv4 header after routing: the
+    client got a packet that now read as IPv6 to an address not its own.  The read is
+    dropped and counted."""
+    net = Net(c2_stream=False)
+    net.start()
+    _, packet = super_packet("10.66.0.1", "10.66.0.3", 500)
+    net.relay.tun_super(Gso(F_NEEDS_CSUM, GSO_NONE, 0, 0, 0, 0), packet, net.now)
+    net.pump()
+    assert net.take("c2") == []
+    assert net.relay.drops["bad_gso"] == 1

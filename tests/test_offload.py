@@ -295,6 +295,9 @@ def test_needs_csum_tcp_plain() -> None:
         (lambda h, r: (h, r[:9] + b"\x11" + r[10:]), "bad_gso"),  # UDP, not TCP
         (lambda h, r: (h, r[:6] + b"\x20" + r[7:]), "bad_gso"),  # a fragment
         (lambda h, r: (h._replace(gso_type=0, csum_start=6000), r), "bad_vnet_hdr"),
+        # Found by fuzz/tun_super.py: a checksum written over the IP header.
+        (lambda h, r: (h._replace(gso_type=0, csum_start=0, csum_offset=0), r), "bad_vnet_hdr"),
+        (lambda h, r: (h._replace(gso_type=0, csum_start=19, csum_offset=16), r), "bad_vnet_hdr"),
     ],
 )
 def test_segment_rejects(change: object, reason: str) -> None:

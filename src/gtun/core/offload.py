@@ -219,7 +219,8 @@ def segment(h: Gso, packet: bytes, *, partial: bool = False, max_len: int = 0) -
     payload length, TCP sequence number, flags (FIN and PSH only on the last, CWR only on
     the first) and a TCP checksum computed from scratch.
 
-    Raises OffloadError: "bad_vnet_hdr" for a checksum offset outside the packet,
+    Raises OffloadError: "bad_vnet_hdr" for a checksum outside the packet or starting
+    inside its IP header,
     "bad_gso" for a GSO packet that is not a well-formed IPv4/IPv6 + TCP packet whose
     header fields agree with its length and `h` (IPv6 extension headers and IPv4
     fragments included), for gso_size 0, no payload, more than MAX_SEGMENTS segments, a
@@ -254,6 +255,10 @@ def _finish_checksum(packet: bytes, start: int, offset: int) -> bytes:
         raise OffloadError(
             "bad_vnet_hdr", f"checksum at {start}+{offset} outside a {n}-byte packet"
         )
+    # The checksum a device leaves is a transport layer's: one starting inside the IP
+    # header would overwrite the header the packet was routed by.
+    if start < (40 if packet[0] >> 4 == 6 else max(20, (packet[0] & 0x0F) << 2)):
+        raise OffloadError("bad_vnet_hdr", f"checksum at {start}, inside the IP header")
     value = checksum(packet[start:]) or 0xFFFF
     return b"".join((packet[:at], _H16.pack(value), packet[at + 2 :]))
 
