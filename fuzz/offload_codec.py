@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the super-packet codec (gtun.core.offload): segment, split and coalesce.
 
 A Gso header (fuzzed, or the one a real TCP super-packet has) with a packet (fuzzed bytes

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the TCP transport's per-connection code (gtun.io.tcp): the asyncio Protocol of
 each connection (its FrameDecoder, what it hands the core), its TcpEndpoint (sends,
 pause and resume, timeouts) and the listener's bookkeeping (slots, pending connections

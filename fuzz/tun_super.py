@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the super-packet path from an offloading TUN: what a device read gives (a
 virtio-net header and a packet) into `Relay.tun_super` / `ClientCore.tun_super`, through
 the cores' segmentation, splitting, bulk frames and forwarding to the far devices.
