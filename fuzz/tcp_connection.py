@@ -166,7 +166,7 @@ class Harness:
             idle=5.0,
             stall=2.0,
             write_buffer=fdp.PickValueInList([4096, 70000, tcp.WRITE_BUFFER]),
-            max_connections=4,
+            max_connections=3,
             max_pending_per_source=2,
         )
         loop: Any = self.clock
