@@ -44,6 +44,9 @@ from common import gso_header, main, tcp_packet
 
 MTU = 1420  # relay_settings' MTU, pushed to the clients
 OVERHEAD = 32  # a transport message's header and tag (WireGuard whitepaper 5.4.6)
+# The largest TCP payload tcp_packet() builds: an IPv4 total length of 65535 (RFC 791)
+# with 8 bytes of TCP options; past bulk.MAX_PACKET, so that bulk frames are split.
+MAX_PAYLOAD = 0xFFFF - 20 - 20 - 8
 KEYS = {"relay": bytes(range(1, 33)), "c1": bytes(range(41, 73)), "c2": bytes(range(81, 113))}
 NET6 = IPv6Network("fd66::/64")
 OWNS = {
@@ -141,7 +144,7 @@ def read(fdp: atheris.FuzzedDataProvider, sources: list[bytes]) -> tuple[Gso, by
         v6 = fdp.ConsumeBool()
         src = fdp.PickValueInList([s for s in sources if (len(s) == 16) == v6])
         dst = fdp.PickValueInList(V6 if v6 else V4)
-        size = fdp.PickValueInList([None, 0, 1380, fdp.ConsumeIntInRange(0, 65000)])
+        size = fdp.PickValueInList([None, 0, 1380, fdp.ConsumeIntInRange(0, MAX_PAYLOAD)])
         packet = bytearray(tcp_packet(fdp, size=size, addrs=(src, dst)))
         if kind == 3:  # another protocol
             packet[6 if v6 else 9] = fdp.ConsumeIntInRange(0, 255)
