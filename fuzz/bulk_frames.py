@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the bulk frame codec (gtun.core.bulk.pull_bulk).
 
 Input: raw bytes, or a bulk frame around a well-formed TCP super-packet with a fuzzed or

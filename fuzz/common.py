@@ -40,13 +40,19 @@ def datagram(fdp: Any, recorded: Sequence[bytes]) -> bytes:
 
 
 def tcp_packet(
-    fdp: Any, *, flow: int = 0, seq: int | None = None, size: int | None = None
+    fdp: Any,
+    *,
+    flow: int = 0,
+    seq: int | None = None,
+    size: int | None = None,
+    addrs: tuple[bytes, bytes] | None = None,
 ) -> bytes:
     """A TCP packet over IPv4 or IPv6 whose lengths agree (RFC 791, RFC 8200, RFC 9293),
     fields chosen by the fuzzer, sometimes with one byte flipped: the codecs' checks pass
     and the fuzzer explores what lies behind them.  `flow` picks one of a few address
-    pairs; `seq` and `size` pin the sequence number and payload size (for coalescing)."""
-    v6 = fdp.ConsumeBool()
+    pairs; `seq` and `size` pin the sequence number and payload size (for coalescing);
+    `addrs` (source, destination: 4 or 16 bytes each) replaces the address pair."""
+    v6 = len(addrs[0]) == 16 if addrs is not None else fdp.ConsumeBool()
     options = bytes(4 * fdp.ConsumeIntInRange(0, 2))
     flags = fdp.ConsumeIntInRange(0, 255) if fdp.ConsumeIntInRange(0, 3) == 0 else 0x10
     payload = bytes(size if size is not None else fdp.ConsumeIntInRange(0, 3000))
@@ -61,23 +67,34 @@ def tcp_packet(
         + options
         + payload
     )
+    if addrs is None:
+        addrs = (
+            (bytes(15) + bytes([1 + flow]), bytes(15) + bytes([2]))
+            if v6
+            else (bytes([10, 0, 0, 1 + flow]), bytes([10, 0, 0, 2]))
+        )
     if v6:
-        head = (
-            bytes([0x60, 0, 0, 0])
-            + len(tcp).to_bytes(2, "big")
-            + bytes([6, 64])
-            + bytes(15)
-            + bytes([1 + flow])
-            + bytes(15)
-            + bytes([2])
-        )
+        head = bytes([0x60, 0, 0, 0]) + len(tcp).to_bytes(2, "big") + bytes([6, 64])
     else:
-        head = (
-            bytes([0x45, 0])
-            + (20 + len(tcp)).to_bytes(2, "big")
-            + bytes([0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1 + flow, 10, 0, 0, 2])
-        )
+        head = bytes([0x45, 0]) + (20 + len(tcp)).to_bytes(2, "big")
+        head += bytes([0, 0, 0x40, 0, 64, 6, 0, 0])
+    head += addrs[0] + addrs[1]
     packet = bytearray(head + tcp)
     if fdp.ConsumeIntInRange(0, 3) == 0:
         packet[fdp.ConsumeIntInRange(0, len(packet) - 1)] ^= fdp.ConsumeIntInRange(1, 255)
     return bytes(packet)
+
+
+def gso_header(fdp: Any, packet: bytes) -> Any:
+    """A virtio-net header (offload.Gso) for `packet`: all six fields fuzzed, or the one
+    an offloading TUN gives with a TCP super-packet (type of the packet's IP version,
+    maybe ECN, checksum where TCP keeps it) and a fuzzed segment size."""
+    from gtun.core.offload import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, Gso
+
+    if fdp.ConsumeBool():
+        return Gso(*(fdp.ConsumeIntInRange(0, 0xFFFF if i > 1 else 0xFF) for i in range(6)))
+    v6 = packet[:1] == b"\x60"
+    l3 = 40 if v6 else 20
+    tcp_len = (packet[l3 + 12] >> 4) * 4 if len(packet) > l3 + 12 else 20
+    gso = (GSO_TCPV6 if v6 else GSO_TCPV4) | (GSO_ECN if fdp.ConsumeBool() else 0)
+    return Gso(F_NEEDS_CSUM, gso, l3 + tcp_len, fdp.ConsumeIntInRange(0, 2000), l3, 16)

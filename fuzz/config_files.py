@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the configuration files (gtun.app.config.load_server_config and
 load_client_config) with fuzzed TOML text written to a temporary file.
 

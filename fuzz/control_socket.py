@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the control socket's request handling (gtun.app.control.ControlServer._serve)
 with an in-memory StreamReader and writer: one request line, as a local client sends it.
 

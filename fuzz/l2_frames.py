@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the TAP-mode frame codec (gtun.core.l2frame): pull_frame, ipv4_sender and
 ipv6_claims.
 

@@ -66,6 +66,8 @@ def main() -> None:
         "control_socket": [
             json.dumps({"command": c}).encode() + b"\n" for c in ("status", "reload", "x")
         ],
+        "tun_super": provider_seeds(rng),
+        "tcp_connection": provider_seeds(rng),
     }
     for harness, inputs in seeds.items():
         folder = HERE / "corpus" / harness

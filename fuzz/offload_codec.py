@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the super-packet codec (gtun.core.offload): segment, split and coalesce.
 
 A Gso header (fuzzed, or the one a real TCP super-packet has) with a packet (fuzzed bytes
@@ -16,20 +17,10 @@ import common  # noqa: F401  (this tree's src/ first)
 
 with atheris.instrument_imports():
     from gtun.core import offload
-    from gtun.core.offload import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, Gso, OffloadError
+    from gtun.core.offload import Gso, OffloadError
 
 import oracles
-from common import main, tcp_packet
-
-
-def header(fdp: atheris.FuzzedDataProvider, packet: bytes) -> Gso:
-    if fdp.ConsumeBool():
-        return Gso(*(fdp.ConsumeIntInRange(0, 0xFFFF if i > 1 else 0xFF) for i in range(6)))
-    v6 = packet[:1] == b"\x60"
-    l3 = 40 if v6 else 20
-    tcp_len = (packet[l3 + 12] >> 4) * 4 if len(packet) > l3 + 12 else 20
-    gso = (GSO_TCPV6 if v6 else GSO_TCPV4) | (GSO_ECN if fdp.ConsumeBool() else 0)
-    return Gso(F_NEEDS_CSUM, gso, l3 + tcp_len, fdp.ConsumeIntInRange(0, 2000), l3, 16)
+from common import gso_header, main, tcp_packet
 
 
 def test_one(data: bytes) -> None:
@@ -58,7 +49,7 @@ def test_one(data: bytes) -> None:
         packet = tcp_packet(fdp)
     else:
         packet = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4000))
-    h = header(fdp, packet)
+    h: Gso = gso_header(fdp, packet)
     whole: list[bytes] | None = None
     with oracles.only(OffloadError):
         whole = offload.segment(h, packet)

@@ -171,3 +171,55 @@ def assert_relay_bounded(relay: Any) -> None:
 def assert_delivered(got: list[Write], expected: bytes, what: str) -> None:
     """`expected` arrived (a session the fuzzer's input should not have disturbed)."""
     check(expected in got, f"{what}: not delivered after the fuzzed input")
+
+
+# --- well-formed output ----------------------------------------------------------------
+
+
+def ip_destination(packet: bytes) -> bytes | None:
+    """The destination address of an IPv4 or IPv6 packet, read here."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return packet[16:20]
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return packet[24:40]
+    return None
+
+
+def ones_sum(data: bytes) -> int:
+    """RFC 1071's sum of 16-bit big-endian words, folded (written out word by word here,
+    apart from offload.py's big-integer version)."""
+    if len(data) & 1:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def segment_checksums_ok(packet: bytes, *, tcp: bool) -> bool:
+    """An IPv4 packet's header checksum holds; with `tcp`, so does the TCP checksum over
+    the pseudo-header (RFC 9293 section 3.1) of an IPv4 or IPv6 TCP packet."""
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if ones_sum(packet[:ihl]) != 0xFFFF:
+            return False
+        pseudo = packet[12:20] + bytes([0, 6]) + (len(packet) - ihl).to_bytes(2, "big")
+        body = packet[ihl:]
+    else:
+        pseudo = packet[8:40] + (len(packet) - 40).to_bytes(4, "big") + bytes([0, 0, 0, 6])
+        body = packet[40:]
+    return not tcp or ones_sum(pseudo + body) == 0xFFFF
+
+
+def assert_ip_write(packet: bytes, owned: Owned, where: str) -> None:
+    """A packet written to a device is IP, its length field says its length, and its
+    destination is an address of the device's owner (`owned`)."""
+    dst = ip_destination(packet)
+    check(dst is not None, f"{where}: a non-IP packet was written")
+    assert dst is not None
+    if packet[0] >> 4 == 4:
+        length = int.from_bytes(packet[2:4], "big")
+    else:
+        length = 40 + int.from_bytes(packet[4:6], "big")
+    check(length == len(packet), f"{where}: IP length {length} in {len(packet)} bytes")
+    check(owns(list(owned), dst), f"{where}: a packet for {ip_address(dst)} was written")

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz what an authenticated peer sends into the relay, and what the relay sends into a
 client core, in TUN and TAP mode.
 

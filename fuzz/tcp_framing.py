@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the TCP transport's framing (gtun.io.framing.FrameDecoder) with arbitrary
 chunkings of an arbitrary stream.
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz gtun's in-tunnel messages (gtun.core.tunnel): pull_message, parse_pushed_config
 and parse_config_request.
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the WireGuard device (gtun.core.wg.WireGuard.receive_datagram).
 
 Each input gets two fresh devices, A (the initiator) and B (the device under test, with

@@ -315,9 +315,30 @@ def start_udp_capture(
     ns: Namespace, iface: str, dport: int, out: Path, log_path: Path, *, seconds: float = 60
 ) -> subprocess.Popen[bytes]:
     """Record the UDP datagrams `ns` sends to port `dport` on `iface` (tests/scripts/
-    udp_capture.py); returned once it listens.  Terminate it to have it write `out` (a
-    JSON list of hex payloads).  Raises RuntimeError when it does not start in 10 s."""
-    cmd = [sys.executable, str(SCRIPTS / "udp_capture.py"), iface, str(dport), str(seconds)]
+    udp_capture.py); returned once it listens.  Terminate it with stop_capture() to have
+    it write `out` (a JSON list of hex payloads).  Raises RuntimeError when it does not
+    start in 10 s."""
+    return _start_capture("udp_capture.py", ns, iface, dport, out, log_path, seconds)
+
+
+def start_tcp_capture(
+    ns: Namespace, iface: str, dport: int, out: Path, log_path: Path, *, seconds: float = 60
+) -> subprocess.Popen[bytes]:
+    """Record the TCP streams `ns` opens to port `dport` on `iface` (tests/scripts/
+    tcp_capture.py: the bytes each connection sent, reassembled); as start_udp_capture."""
+    return _start_capture("tcp_capture.py", ns, iface, dport, out, log_path, seconds)
+
+
+def _start_capture(
+    script: str,
+    ns: Namespace,
+    iface: str,
+    dport: int,
+    out: Path,
+    log_path: Path,
+    seconds: float,
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(SCRIPTS / script), iface, str(dport), str(seconds)]
     proc = ns.spawn([*cmd, str(out)], log_path=log_path)
     deadline = time.monotonic() + 10
     while "ready" not in log_path.read_text(errors="replace"):
@@ -327,8 +348,9 @@ def start_udp_capture(
     return proc
 
 
-def stop_udp_capture(proc: subprocess.Popen[bytes], out: Path) -> list[bytes]:
-    """Stop a capture from start_udp_capture and return what it recorded, in order."""
+def stop_capture(proc: subprocess.Popen[bytes], out: Path) -> list[bytes]:
+    """Stop a capture from start_udp_capture or start_tcp_capture and return what it
+    recorded (datagrams, or each connection's stream), in order."""
     proc.terminate()
     proc.wait(10)
     return [bytes.fromhex(h) for h in json.loads(out.read_text())]

@@ -43,7 +43,7 @@ from labkit import (
     set_config_keys,
     start_udp_capture,
     start_wireguard_go,
-    stop_udp_capture,
+    stop_capture,
     transport_size,
     wait_until,
 )
@@ -315,7 +315,7 @@ def test_replayed_initiations_and_data_are_dropped(net: GtunNet) -> None:
         net.wait_configured(c3, timeout=30)
         assert ping_count(c3.ns, RELAY, 5, "-i", "0.2") == 5
     finally:
-        captured = stop_udp_capture(cap, out)
+        captured = stop_capture(cap, out)
     initiations = [d for d in captured if d[0] == 1 and len(d) == 148]
     transport = [d for d in captured if d[0] == 4 and len(d) >= 32]
     assert initiations and len(transport) >= 5, [(d[0], len(d)) for d in captured]

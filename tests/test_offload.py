@@ -264,6 +264,22 @@ def test_needs_csum_udp_zero_becomes_ffff() -> None:
     assert segment(Gso(F_NEEDS_CSUM, 0, 0, 0, 20, 6), bytes(raw)) == [want]
 
 
+def test_split_piece_of_a_segment_whose_tcp_checksum_is_zero() -> None:
+    """Found by fuzz/offload_codec.py: a one-segment piece of split() had its checksum
+    finished as 0xFFFF where segment() of the whole computes 0 (as the kernel's GSO
+    does): both valid, but split() promises the same bytes.  0xFFFF is UDP's alone."""
+    # Per segment, the payload word that brings the sum to 0xFFFF (a checksum of 0).
+    fix = [
+        TCP(bytes(tcp_packet(bytes(2), seq=1000 + 2 * i, flags=f))[20:]).chksum
+        for i, f in enumerate(("A", "PA"))
+    ]
+    h, raw = super_packet(struct.pack("!HH", *fix), 2, flags="PA")
+    whole = segment(h, raw)
+    assert [TCP(s[20:]).chksum for s in whole] == [0, 0]
+    pieces = split(h, raw, len(whole[0]))
+    assert [s for ph, pp in pieces for s in segment(ph, pp)] == whole
+
+
 def test_needs_csum_icmpv6() -> None:
     pkt = IPv6(src=SRC6, dst=DST6) / ICMPv6EchoRequest(id=7, seq=3, data=payload_of(101))
     want = bytes(pkt)
@@ -295,6 +311,9 @@ def test_needs_csum_tcp_plain() -> None:
         (lambda h, r: (h, r[:9] + b"\x11" + r[10:]), "bad_gso"),  # UDP, not TCP
         (lambda h, r: (h, r[:6] + b"\x20" + r[7:]), "bad_gso"),  # a fragment
         (lambda h, r: (h._replace(gso_type=0, csum_start=6000), r), "bad_vnet_hdr"),
+        # Found by fuzz/tun_super.py: a checksum written over the IP header.
+        (lambda h, r: (h._replace(gso_type=0, csum_start=0, csum_offset=0), r), "bad_vnet_hdr"),
+        (lambda h, r: (h._replace(gso_type=0, csum_start=19, csum_offset=16), r), "bad_vnet_hdr"),
     ],
 )
 def test_segment_rejects(change: object, reason: str) -> None:

@@ -69,8 +69,14 @@ def pull_bulk(plaintext: bytes) -> tuple[Gso, bytes]:
     """(header, packet) of a bulk frame, padding trimmed.  Raises BulkError."""
     if len(plaintext) < HEADER_LEN + 20 or plaintext[:4] != MAGIC:
         raise BulkError("truncated bulk frame")
-    hdr = pull_gso(plaintext[4:HEADER_LEN])
-    packet = plaintext[HEADER_LEN:]
+    return check_super(pull_gso(plaintext[4:HEADER_LEN]), plaintext[HEADER_LEN:])
+
+
+def check_super(hdr: Gso, packet: bytes) -> tuple[Gso, bytes]:
+    """(header, packet) as a receiver of a bulk frame takes them (the checks in this
+    module's docstring), padding trimmed.  Raises BulkError."""
+    if len(packet) < 20:
+        raise BulkError("truncated bulk frame")
     version = packet[0] >> 4
     if version == 4:
         length = (packet[2] << 8) | packet[3]
@@ -130,19 +136,21 @@ def takes_bulk(peer: Peer) -> bool:
 
 
 def send_super(wg: WireGuard, peer: Peer, hdr: Gso, packet: bytes, now: float) -> None:
-    """Send a super-packet to `peer`: as bulk frames when it takes them (takes_bulk),
-    else as the packets it stands for, each its own transport message no longer than
-    the tunnel MTU (`wg.mtu`; segments of a larger `gso_size` are cut to it), valid for
-    any WireGuard peer.  A packet without GSO longer than the MTU goes to no peer, bulk
-    or not: nothing can cut it.  Raises OffloadError: "too_big" for that packet, and for
-    a super-packet that cannot be cut."""
+    """Send a super-packet to `peer`: as bulk frames when it takes them (takes_bulk)
+    and would take this one (check_super: never a frame the receiver refuses, such as
+    one of segments under _MIN_GSO_SIZE, which Linux does send), else as the packets it
+    stands for, each its own transport message no longer than the tunnel MTU (`wg.mtu`;
+    segments of a larger `gso_size` are cut to it), valid for any WireGuard peer.  A
+    packet without GSO longer than the MTU goes to no peer, bulk or not: nothing can cut
+    it.  Raises OffloadError: "too_big" for that packet, and for a super-packet that
+    cannot be cut."""
     if hdr.gso_type == GSO_NONE:
         if wg.mtu and len(packet) > wg.mtu:
             raise OffloadError("too_big", f"{len(packet)} bytes without GSO, the MTU is {wg.mtu}")
         if not hdr.flags:
             wg.send(peer, packet, now)
             return
-    if takes_bulk(peer):
+    if takes_bulk(peer) and _takes(hdr, packet):
         if len(packet) <= MAX_PACKET:
             wg.send(peer, push_bulk(hdr, packet), now)
         else:
@@ -151,3 +159,12 @@ def send_super(wg: WireGuard, peer: Peer, hdr: Gso, packet: bytes, now: float) -
     else:
         segments = segment(hdr, packet, partial=peer.data.caps.partial, max_len=wg.mtu)
         wg.send_many(peer, segments, now)
+
+
+def _takes(hdr: Gso, packet: bytes) -> bool:
+    """Whether a receiver takes (hdr, packet) as a bulk frame (check_super)."""
+    try:
+        check_super(hdr, packet)
+    except BulkError:
+        return False
+    return True

@@ -80,6 +80,7 @@ TCP_URG = 0x20
 TCP_ECE = 0x40
 TCP_CWR = 0x80
 TCP_CSUM_OFFSET = 16  # the checksum field within the TCP header
+_UDP_CSUM_OFFSET = 6  # ... and within the UDP header (RFC 768)
 MAX_IP_PACKET = 0xFFFF  # IPv4 total length is 16 bits; the TUN reads no more either
 
 # Tuning knob: the most segments one super-packet may be cut into.  Linux never sends
@@ -213,13 +214,16 @@ def segment(h: Gso, packet: bytes, *, partial: bool = False, max_len: int = 0) -
 
     GSO_NONE: the packet itself, its checksum finished first if `h` has F_NEEDS_CSUM
     (whatever the layer 4: the field holds the pseudo-header sum, as in the kernel's
-    skb_checksum_help(); a result of 0 is sent as 0xFFFF, as UDP needs).
+    skb_checksum_help(); a result of 0 is sent as 0xFFFF where UDP keeps its checksum,
+    as UDP needs, and elsewhere as 0, as the TCP segments below are, so that split()
+    pieces of one segment are byte for byte that segment).
     GSO_TCPV4/GSO_TCPV6 (with or without GSO_ECN): one packet per `gso_size` bytes of
     payload with its own IPv4 total length, ID (+1 per segment), header checksum, IPv6
     payload length, TCP sequence number, flags (FIN and PSH only on the last, CWR only on
     the first) and a TCP checksum computed from scratch.
 
-    Raises OffloadError: "bad_vnet_hdr" for a checksum offset outside the packet,
+    Raises OffloadError: "bad_vnet_hdr" for a checksum outside the packet or starting
+    inside its IP header,
     "bad_gso" for a GSO packet that is not a well-formed IPv4/IPv6 + TCP packet whose
     header fields agree with its length and `h` (IPv6 extension headers and IPv4
     fragments included), for gso_size 0, no payload, more than MAX_SEGMENTS segments, a
@@ -254,7 +258,13 @@ def _finish_checksum(packet: bytes, start: int, offset: int) -> bytes:
         raise OffloadError(
             "bad_vnet_hdr", f"checksum at {start}+{offset} outside a {n}-byte packet"
         )
-    value = checksum(packet[start:]) or 0xFFFF
+    # The checksum a device leaves is a transport layer's: one starting inside the IP
+    # header would overwrite the header the packet was routed by.
+    if start < (40 if packet[0] >> 4 == 6 else max(20, (packet[0] & 0x0F) << 2)):
+        raise OffloadError("bad_vnet_hdr", f"checksum at {start}, inside the IP header")
+    value = checksum(packet[start:])
+    if not value and offset == _UDP_CSUM_OFFSET:
+        value = 0xFFFF  # UDP's 0 says "no checksum" (RFC 768): send its equal, 0xFFFF
     return b"".join((packet[:at], _H16.pack(value), packet[at + 2 :]))
 
 
