@@ -315,3 +315,32 @@ def test_stop_undoes_every_change(net: Net, platforms: Any) -> None:
             assert any(w.startswith("NAT from 10.66.0.0/24") for w in changed)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("restore_fails", [False, True])
+def test_the_journal_goes_only_once_everything_it_lists_is_undone(
+    net: Net, platforms: Any, monkeypatch: pytest.MonkeyPatch, restore_fails: bool
+) -> None:
+    from gtun.errors import RuntimeFailure
+    from gtun.system import journal
+    from gtun.testing.platform import FakeForwarding
+
+    if restore_fails:
+
+        def refuse(self: FakeForwarding) -> None:
+            raise RuntimeFailure("cannot write net.ipv4.ip_forward")
+
+        monkeypatch.setattr(FakeForwarding, "restore", refuse)
+    relay_pf, client_pf = platforms(), platforms()
+    paths: list[Path] = []
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT):
+            async with configured(net, relay_pf, client_pf) as (server, client):
+                path = journal.host_journal_path(server.cfg.state_dir, server.cfg.path)
+                assert path.exists()  # written before the first change
+                paths.append(path)
+
+    asyncio.run(scenario())
+    # Kept when forwarding could not be restored: the next run retries from it.
+    assert paths[0].exists() == restore_fails

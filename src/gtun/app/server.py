@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class Server:
         self._unknown_timer: asyncio.TimerHandle | None = None
         # Peers' UDP endpoints as the store has them (key -> text), and the task saving them.
         self._saved_endpoints: dict[bytes, str] = {}
+        self._seen_endpoints: dict[bytes, Any] = {}  # the endpoint at the last look
         self._endpoint_task: asyncio.Task[None] | None = None
         self.refused: list[str] = []  # peers the full address pool left out
         self._reloading = asyncio.Lock()  # one reload at a time
@@ -293,17 +295,35 @@ class Server:
             changes.sysctls = sysctls
             journal.record_host(path, changes)
 
-        # Pushed first, so removed last: once everything it lists is undone.
-        rt.push("the relay's journal", lambda: journal.remove(path))
+        undone = [True]  # whether every change the journal lists was undone
+
+        def undo(step: Callable[[], object]) -> Callable[[], object]:
+            def run() -> object:
+                try:
+                    return step()
+                except BaseException:
+                    undone[0] = False  # the journal stays, for the next run to retry
+                    raise
+
+            return run
+
+        def forget() -> None:
+            if undone[0]:
+                journal.remove(path)
+            else:
+                log.warning("keeping %s: the next run undoes what is left", path)
+
+        # Pushed first, so run last: removed once everything it lists is undone.
+        rt.push("the relay's journal", forget)
         forwarding = self.platform.forwarding()
         forwarding.enable(ipv6=cfg.network6 is not None, record=record)
-        rt.push("IP forwarding", forwarding.restore)
+        rt.push("IP forwarding", undo(forwarding.restore))
         if cfg.nat:
             nat = self.platform.nat(
                 tun.name, [cfg.network, *([cfg.network6] if cfg.network6 else [])]
             )
             nat.apply()
-            rt.push("NAT rules", nat.remove)
+            rt.push("NAT rules", undo(nat.remove))
 
     def _rejoin(self) -> None:
         """Handshake with every peer at the UDP endpoint it last used (a restart is
@@ -329,11 +349,15 @@ class Server:
         """Peers whose UDP endpoint differs from the stored one (a TCP one is not kept:
         a connection does not outlive the relay)."""
         assert self.relay is not None
-        saved = self._saved_endpoints
+        saved, seen = self._saved_endpoints, self._seen_endpoints
         changed: dict[bytes, str] = {}
         for key, peer in self.relay.wg.peers.items():
             endpoint = peer.endpoint
-            if endpoint.__class__ is tuple and peer.last_received is not None:
+            # Compared as the tuple first: a scan of 10,000 peers formats only the new.
+            if endpoint.__class__ is tuple and seen.get(key) != endpoint:
+                if peer.last_received is None:
+                    continue
+                seen[key] = endpoint
                 text = endpoint_to_text(endpoint)
                 if saved.get(key) != text:
                     changed[key] = text
@@ -352,6 +376,8 @@ class Server:
                 await loop.run_in_executor(None, self.store.save_endpoints, relay_key, rows)
             except GtunError as exc:
                 log.warning("cannot save the peers' endpoints: %s", exc)
+                for key in changed:  # looked at again next time
+                    self._seen_endpoints.pop(key, None)
                 continue
             self._saved_endpoints.update(changed)
 
