@@ -10,7 +10,7 @@ from typing import Any
 
 from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
-from gtun.app.store import AddressPool, StateStore
+from gtun.app.store import AddressPool, StateFileError, StateStore
 from gtun.core.relay import PeerSpec
 from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
@@ -65,6 +65,8 @@ def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
     for name, key, fixed, subnets in ordered:
         try:
             address = pool.assign(encode_key(key), fixed=fixed, name=name)
+        except StateFileError:
+            raise  # the state file's fault, named as such, not this peer's
         except ConfigError as exc:
             raise ConfigError(exc.message, file=cfg.path, key=f"peers.{name}.address") from exc
         # IPv6 twin of the (stable) IPv4 lease: same host number in network6 (ipv6.py).
