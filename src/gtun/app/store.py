@@ -181,11 +181,25 @@ class StateStore:
                 f"the state database is corrupt or not an SQLite database ({text}); "
                 "move it aside to start afresh (its leases are lost then)",
             )
+        if "unable to open" in text:  # SQLite's journal, beside the file
+            text += self._directory_state()
         if "readonly" in text or "read-only" in text:
             return StateFileError(self.path, f"cannot write the state database: read-only ({text})")
         if "full" in text:
             return StateFileError(self.path, f"cannot write the state database: disk full ({text})")
         return StateFileError(self.path, f"state database error: {text}")
+
+    def _directory_state(self) -> str:
+        """Why a file cannot be created beside the database, if the file system says."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return ""
+        if fs.f_flag & os.ST_RDONLY:
+            return "; the directory is on a read-only file system"
+        if fs.f_bavail == 0:
+            return "; the file system is full"
+        return ""
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """Run one read statement in its own transaction (or the enclosing one)."""
