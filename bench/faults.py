@@ -21,6 +21,22 @@ what was done, what held, the figure.  Scenarios (`--scenarios` takes these keys
   relay-kill  the relay is killed (SIGKILL) and started again while a UDP and a TCP
               client ping it: the time from the restart to each client's first answered
               ping, and whether each kept its address
+  client-kill a UDP client is killed (SIGKILL) and started again: the time from the
+              restart (spawn) to its first answered ping to the relay and to the other
+              client, and whether it kept its address
+  roam        a client's underlay address changes on its veth: once while it only
+              receives (the other client pings it), once while it only sends (it pings
+              the other client): the time until a ping is answered again
+  nat         a client behind a NAT (nftables masquerade in a router namespace) whose
+              mapping changes (a new port range, conntrack flushed), while it only
+              receives and while it only sends: the time until a ping is answered again
+  pmtu        bench/pmtu.py's measurement: a black hole for datagrams over 1400 bytes
+              (no ICMP): the time until the client lowers its MTU, until a 1400-byte
+              ping passes, and until the MTU is raised once the black hole is gone
+  state       the relay's state directory read-only, full (a tmpfs in the relay's own
+              mount namespace), garbage or truncated at start (exit code and message),
+              and read-only or full while it runs when a new peer needs a lease (the
+              log line; whether the clients kept their addresses and the stored leases)
 
 This is a script that prints figures, not a test: nothing here asserts a speed.
 """
@@ -47,7 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as hub_bench  # noqa: E402  (the wireguard-go hub, as bench.py builds it)
-from gtun.lab.net import GtunNet  # noqa: E402
+import pmtu as pmtu_bench  # noqa: E402  (the MTU black hole, as bench/pmtu.py measures it)
+from gtun.app.keys import encode_key, generate_private_key, public_key  # noqa: E402
+from gtun.lab import statedir  # noqa: E402
+from gtun.lab.net import GTUN, GtunNet  # noqa: E402
 from gtun.lab.netns import Lab, Namespace, list_namespaces  # noqa: E402
 
 PREFIX = "gtfl"  # every namespace of this script starts with it
@@ -218,9 +237,277 @@ def relay_kill(f: Faults) -> list[Row]:
     return rows
 
 
+def _answers(pairs: dict[str, tuple[Namespace, str]], since: float) -> dict[str, float | None]:
+    """For each name, (from namespace, to address): the seconds from `since` to the first
+    answered ping, pinging in parallel (None: no answer within HEAL_TIMEOUT)."""
+    with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
+        waits = {
+            name: pool.submit(_first_answer, ns, address, since + HEAL_TIMEOUT)
+            for name, (ns, address) in pairs.items()
+        }
+        done = {name: w.result() for name, w in waits.items()}
+    return {name: None if at is None else at - since for name, at in done.items()}
+
+
+def _secs(value: float | None) -> str:
+    return "no answer" if value is None else f"{value:.2f} s"
+
+
+def client_kill(f: Faults) -> list[Row]:
+    with Lab(f"{PREFIX}c") as lab, f.net(lab, "c", clients=2, transports=["udp", "udp"]) as net:
+        c1, c2 = net.clients
+        before = net.wait_configured(c1)
+        other = c2.extra["address"]
+        hub_bench.warm_up(c1.ns, other)
+        time.sleep(RUN_BEFORE_KILL)
+        assert c1.proc is not None
+        os.killpg(c1.proc.pid, signal.SIGKILL)
+        c1.proc.wait(10)
+        time.sleep(1.0)
+        restarted = time.monotonic()
+        net.start_client(c1)
+        took = _answers({"relay": (c1.ns, RELAY), "client": (c1.ns, other)}, restarted)
+        after = net.wait_configured(c1)
+    same = "same address" if before == after else f"address changed ({before} to {after})"
+    flows = all(v is not None for v in took.values())
+    return [
+        Row(
+            "client SIGKILL (udp)",
+            "a client killed 3 s after joining, restarted 1 s later; it pings the relay "
+            "and the other client",
+            f"flows again; {same}" if flows else f"no answer in {HEAL_TIMEOUT:.0f} s; {same}",
+            f"from the restart (spawn): {_secs(took['relay'])} to the relay, "
+            f"{_secs(took['client'])} to the other client",
+            {"seconds": took, "same_address": before == after},
+        )
+    ]
+
+
+def _move(ns: Namespace, ifname: str, old: str, new: str) -> None:
+    """The interface's address replaced by another of the same prefix (a roam); the
+    secondary is promoted, so that the routes through the link survive."""
+    ns.sysctl(f"net.ipv4.conf.{ifname}.promote_secondaries", 1)
+    ns.run(["ip", "addr", "add", new, "dev", ifname])
+    ns.run(["ip", "addr", "del", old, "dev", ifname])
+
+
+def roam(f: Faults) -> list[Row]:
+    rows = []
+    with Lab(f"{PREFIX}r") as lab, f.net(lab, "r", clients=2, transports=["udp", "udp"]) as net:
+        c1, c2 = net.clients
+        a1, a2 = c1.extra["address"], c2.extra["address"]
+        hub_bench.warm_up(c2.ns, a1)
+        base = f"10.{UNDERLAY}.1"
+        cases = (
+            ("receives", f"{base}.2/24", f"{base}.3/24", c2.ns, a1, "the other client pings it"),
+            ("sends", f"{base}.3/24", f"{base}.4/24", c1.ns, a2, "it pings the other client"),
+        )
+        for what, old, new, src, dst, how in cases:
+            time.sleep(2.0)  # quiet: the moving client neither sends nor receives
+            moved = time.monotonic()
+            _move(c1.ns, "up0", old, new)
+            took = _answers({"x": (src, dst)}, moved)["x"]
+            rows.append(
+                Row(
+                    f"roam, only {what} (udp)",
+                    f"the client's underlay address changes on its veth; {how}",
+                    "flows again" if took is not None else f"no answer in {HEAL_TIMEOUT:.0f} s",
+                    f"{_secs(took)} from the change to the first answer",
+                    {"seconds": took},
+                )
+            )
+    return rows
+
+
+NAT_INSIDE = f"10.{UNDERLAY}.102"  # the NATed client's own network, behind its router
+
+
+def _nat_rules(ports: str) -> str:
+    return (
+        "table ip gtflnat {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
+        f'  oifname "wan0" meta l4proto udp masquerade to :{ports}\n'
+        '  oifname "wan0" masquerade\n }\n}\n'
+    )
+
+
+FLUSH_CONNTRACK = "from pyroute2 import Conntrack\nConntrack().flush()\n"
+
+
+def nat(f: Faults) -> list[Row]:
+    rows = []
+    with Lab(f"{PREFIX}n") as lab:
+        net = GtunNet(lab, f.workdir / "n", clients=2, underlay=UNDERLAY, lan=False)
+        c1, c2 = net.clients
+        # c2 moves behind a router: relay <-> router (wan0, c2's old underlay) <-> c2.
+        router = lab.add_ns("nat")
+        net.relay.ns.run(["ip", "link", "del", "rc2"])
+        lab.veth(
+            net.relay.ns, "rc2", f"10.{UNDERLAY}.2.1/24", router, "wan0", f"10.{UNDERLAY}.2.2/24"
+        )
+        c2.ns.run(["ip", "link", "del", "up0"], check=False)
+        lab.veth(router, "lan0", f"{NAT_INSIDE}.1/24", c2.ns, "up0", f"{NAT_INSIDE}.2/24")
+        c2.ns.add_route("default", f"{NAT_INSIDE}.1")
+        router.sysctl("net.ipv4.ip_forward", 1)
+        router.run(["nft", "-f", "-"], input=_nat_rules("30000-30999"))
+        net.start_all(timeout=CONFIGURE_TIMEOUT)
+        a1, a2 = c1.extra["address"], c2.extra["address"]
+        hub_bench.warm_up(c1.ns, a2)
+        cases = (
+            ("receives", "31000-31999", c1.ns, a2, "the other client pings it"),
+            ("sends", "32000-32999", c2.ns, a1, "it pings the other client"),
+        )
+        for what, ports, src, dst, how in cases:
+            time.sleep(2.0)
+            changed = time.monotonic()
+            router.run(["nft", "delete", "table", "ip", "gtflnat"])
+            router.run(["nft", "-f", "-"], input=_nat_rules(ports))
+            router.run([sys.executable, "-c", FLUSH_CONNTRACK])
+            took = _answers({"x": (src, dst)}, changed)["x"]
+            peer = next(p for p in (net.status(net.relay) or {})["peers"] if p["name"] == "c2")
+            rows.append(
+                Row(
+                    f"NAT rebinding, only {what} (udp)",
+                    f"the NAT in front of the client maps it to a new port (conntrack "
+                    f"flushed, ports {ports}); {how}",
+                    f"flows again; the relay sends to {peer['endpoint']}"
+                    if took is not None
+                    else f"no answer in {HEAL_TIMEOUT:.0f} s",
+                    f"{_secs(took)} from the change to the first answer",
+                    {"seconds": took, "endpoint": peer["endpoint"]},
+                )
+            )
+    return rows
+
+
+def mtu_black_hole(f: Faults) -> list[Row]:
+    runs = pmtu_bench.measure(
+        f.workdir / "m", runs=f.rounds, prefix=f"{PREFIX}m", underlay=UNDERLAY
+    )
+    found = sorted({r.found for r in runs})
+    healed = all(r.lowered is not None and r.through is not None for r in runs)
+    raised = all(r.raised is not None for r in runs)
+    return [
+        Row(
+            "MTU black hole (udp)",
+            f"datagrams over {pmtu_bench.LIMIT} bytes dropped without ICMP at the relay "
+            f"while the client pings 1400-byte packets, then the drop removed; {len(runs)} runs",
+            (f"MTU lowered to {', '.join(map(str, found))} by itself" if healed else "NOT healed")
+            + ("; raised to 1420 again" if raised else "; NOT raised again"),
+            f"lowered in {pmtu_bench.fmt([r.lowered for r in runs])}; 1400-byte ping "
+            f"through in {pmtu_bench.fmt([r.through for r in runs])}; raised in "
+            f"{pmtu_bench.fmt([r.raised for r in runs])} (medians)",
+            {"runs": [asdict(r) for r in runs]},
+        )
+    ]
+
+
+def _last_error(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith("gtun:")]
+    return lines[-1] if lines else (text.strip().splitlines() or ["(nothing)"])[-1]
+
+
+def _new_peer(net: GtunNet) -> str:
+    """A new [[peers]] in the relay's config (no client): reloading needs a new lease."""
+    key = generate_private_key()
+    text = net.relay.config.read_text()
+    net.relay.config.write_text(
+        text + f'\n[[peers]]\nname = "newcomer"\npublic_key = "{encode_key(public_key(key))}"\n'
+    )
+    return "newcomer"
+
+
+def state(f: Faults) -> list[Row]:
+    rows = []
+    with Lab(f"{PREFIX}s") as lab:
+        net = GtunNet(lab, f.workdir / "s", clients=2, underlay=UNDERLAY, lan=False)
+        st = net.dir / "state"
+        db = st / "gtun.sqlite"
+        net.start_all(timeout=CONFIGURE_TIMEOUT)
+        addresses = {c.name: c.extra["address"] for c in net.clients}
+        net.stop(net.relay)
+        saved = net.dir / "state.saved"
+        subprocess.run(["cp", "-a", str(st), str(saved)], check=True)
+        stored = statedir.leases_seen_by(None, db)
+        good = db.read_bytes()
+        server = [*GTUN, "server", "-c", str(net.relay.config)]
+
+        def at_start(case: str, wrap: list[str], damage: bytes | None = None) -> None:
+            if damage is not None:
+                db.write_bytes(damage)
+            try:
+                out = net.relay.ns.run([*wrap, *server], check=False, timeout=60)
+            finally:
+                db.write_bytes(good)
+            rows.append(
+                Row(
+                    f"state dir {case} at start",
+                    "the relay started",
+                    f"exit {out.returncode}: {_last_error(out.stderr)}",
+                    "-",
+                    {"exit": out.returncode, "stderr": out.stderr},
+                )
+            )
+
+        at_start("read-only", statedir.bind_wrap(st, readonly=True))
+        at_start("full", statedir.tmpfs_wrap(st, saved, size_kb=256, full=True))
+        at_start("garbage gtun.sqlite", [], os.urandom(len(good)))
+        at_start("truncated gtun.sqlite", [], good[: len(good) // 2])
+        for case in ("read-only", "full"):
+            config = net.relay.config.read_text()
+            wrap = (
+                statedir.bind_wrap(st)
+                if case == "read-only"
+                else statedir.tmpfs_wrap(st, saved, size_kb=256)
+            )
+            for c in net.clients:
+                net.stop(c)
+            net.start_relay(wrap=wrap)
+            for c in net.clients:
+                net.start_client(c)
+            for c in net.clients:
+                net.wait_configured(c, timeout=CONFIGURE_TIMEOUT)
+            pid = net.relay.proc.pid  # type: ignore[union-attr]
+            if case == "read-only":
+                statedir.make_readonly(pid, st)
+            else:
+                statedir.fill(pid, st)
+            mark = len(net.relay.log.read_text(errors="replace"))
+            _new_peer(net)
+            os.kill(pid, signal.SIGHUP)
+            time.sleep(2.0)
+            log = net.relay.log.read_text(errors="replace")[mark:]
+            said = next((ln for ln in log.splitlines() if "reload" in ln), "(no reload line)")
+            kept = {c.name: net.wait_configured(c) for c in net.clients} == addresses
+            flows = all(
+                _first_answer(c.ns, RELAY, time.monotonic() + 10) is not None for c in net.clients
+            )
+            leases = statedir.leases_seen_by(pid, db)
+            net.stop(net.relay)
+            net.relay.config.write_text(config)
+            lost = {k: a for k, a in stored.items() if leases.get(k) != a}
+            rows.append(
+                Row(
+                    f"state dir {case} while running",
+                    "a new peer in the config, then SIGHUP (it needs a new lease)",
+                    f"log: {said.split('server: ', 1)[-1]}; clients "
+                    + ("kept their addresses" if kept else "CHANGED addresses")
+                    + (" and flow" if flows else ", NOT flowing")
+                    + ("; no stored lease lost" if not lost else f"; LOST {len(lost)} leases"),
+                    "-",
+                    {"log": said, "kept": kept, "flows": flows, "lost": lost},
+                )
+            )
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Faults], list[Row]]] = {
     "loss": loss,
     "relay-kill": relay_kill,
+    "client-kill": client_kill,
+    "roam": roam,
+    "nat": nat,
+    "pmtu": mtu_black_hole,
+    "state": state,
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gtun.app.store import SCHEMA_VERSION, AddressPool, StateStore, StoredPeer
+from gtun.app.store import SCHEMA_VERSION, AddressPool, StateFileError, StateStore, StoredPeer
 from gtun.errors import ConfigError, RuntimeFailure
 
 NET = IPv4Network("10.66.0.0/24")
@@ -102,7 +102,7 @@ def test_persists_across_reopen(db_path: Path) -> None:
 def test_corrupt_file(tmp_path: Path) -> None:
     path = tmp_path / "gtun.db"
     path.write_bytes(b"this is not an sqlite database at all, " * 100)
-    with pytest.raises(RuntimeFailure) as info:
+    with pytest.raises(StateFileError) as info:
         StateStore(path)
     assert str(path) in str(info.value)
     assert "corrupt" in str(info.value)
@@ -112,16 +112,27 @@ def test_newer_schema_refused(db_path: Path) -> None:
     StateStore(db_path).close()
     with contextlib.closing(sqlite3.connect(db_path)) as db, db:
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    with pytest.raises(RuntimeFailure, match="newer gtun"):
+    with pytest.raises(StateFileError, match="newer gtun"):
         StateStore(db_path)
 
 
 def test_uncreatable_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(RuntimeFailure) as info:
+    with pytest.raises(StateFileError) as info:
         StateStore(blocker / "gtun.db")
     assert str(blocker / "gtun.db") in str(info.value)
+
+
+def test_truncated_file_refused_not_read_half(db_path: Path) -> None:
+    with StateStore(db_path) as s:
+        for i in range(200):
+            s.set_lease(f"k{i}", f"10.66.{i // 250}.{i % 250 + 2}", f"p{i}")
+    data = db_path.read_bytes()
+    db_path.write_bytes(data[: len(data) - 4096])  # the last page gone
+    with pytest.raises(StateFileError, match="corrupt") as info:
+        StateStore(db_path)
+    assert info.value.exit_code == 2 and str(db_path) in str(info.value)
 
 
 def test_closed_store_raises_runtime_failure(db_path: Path) -> None:

@@ -365,6 +365,7 @@ class Server:
 
     async def _keep_endpoints(self, relay_key: str) -> None:
         loop = asyncio.get_running_loop()
+        failing = False  # said once per run of failures (a read-only or full state dir)
         while True:
             await asyncio.sleep(ENDPOINT_SAVE_INTERVAL)
             changed = self._changed_endpoints()
@@ -375,10 +376,15 @@ class Server:
                 # Off the event loop: a commit waits for the disk.
                 await loop.run_in_executor(None, self.store.save_endpoints, relay_key, rows)
             except GtunError as exc:
-                log.warning("cannot save the peers' endpoints: %s", exc)
+                if not failing:
+                    log.warning("cannot save the peers' endpoints (retrying): %s", exc)
+                failing = True
                 for key in changed:  # looked at again next time
                     self._seen_endpoints.pop(key, None)
                 continue
+            if failing:
+                log.info("peers' endpoints saved again")
+                failing = False
             self._saved_endpoints.update(changed)
 
     async def _stop_endpoints(self, relay_key: str) -> None:

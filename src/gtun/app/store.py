@@ -19,9 +19,17 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from gtun.errors import ConfigError, RuntimeFailure
+from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
-__all__ = ["AddressPool", "Assignment", "LeaseWanted", "StateStore", "StoredPeer", "SCHEMA_VERSION"]
+__all__ = [
+    "AddressPool",
+    "Assignment",
+    "LeaseWanted",
+    "StateFileError",
+    "StateStore",
+    "StoredPeer",
+    "SCHEMA_VERSION",
+]
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT = 10.0  # seconds another gtun process may hold the write lock
@@ -51,6 +59,16 @@ CREATE TABLE IF NOT EXISTS endpoints (
 """
 
 
+class StateFileError(ConfigError):
+    """The state file itself is unusable: it cannot be created or written (a read-only
+    or full file system), is corrupt, or was written by a newer gtun.  A ConfigError
+    (exit 2 at start): the relay cannot keep its leases, so it refuses to run, or,
+    while running, refuses the change that needed the file."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message, file=path)
+
+
 @dataclass(frozen=True)
 class StoredPeer:
     """A peer added by `gtun peer add`; the key is base64 text, as in a config file."""
@@ -65,15 +83,17 @@ class StateStore:
     """The relay's SQLite state file.  Usable from several threads (one lock) and by
     several processes at once.
 
-    Every method raises RuntimeFailure naming the file if the database cannot be used
-    (corrupt, not a database, locked for longer than BUSY_TIMEOUT, disk full).
+    Every method raises StateFileError naming the file if the database cannot be used
+    (corrupt, read-only, disk full), RuntimeFailure if another process holds it locked
+    for longer than BUSY_TIMEOUT.
     """
 
     def __init__(self, path: Path) -> None:
         """Open `path`, creating it (mode 0600) and its directory (mode 0700) if missing.
 
-        Raises RuntimeFailure naming the file if it cannot be created, is not an SQLite
-        database, or was written by a newer gtun.
+        Raises StateFileError naming the file if it cannot be created or opened for
+        writing, is not an SQLite database or is damaged (`PRAGMA quick_check`: a
+        truncated file), or was written by a newer gtun.
         """
         self.path = Path(path)
         self._lock = threading.RLock()
@@ -83,8 +103,8 @@ class StateStore:
             # Created here rather than by SQLite so that it is never readable by others.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
-            raise RuntimeFailure(
-                f"cannot create state database {self.path}: {exc.strerror or exc}"
+            raise StateFileError(
+                self.path, f"cannot open the state database for writing: {exc.strerror or exc}"
             ) from None
         try:
             # isolation_level=None: transactions are begun and ended here, explicitly.
@@ -92,7 +112,7 @@ class StateStore:
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise RuntimeFailure(f"cannot open state database {self.path}: {exc}") from None
+            raise StateFileError(self.path, f"cannot open the state database: {exc}") from None
         try:
             self._migrate()
         except BaseException:
@@ -101,6 +121,11 @@ class StateStore:
 
     def _migrate(self) -> None:
         with self.transaction():
+            # Every page read once (milliseconds for thousands of leases): a truncated
+            # or damaged file is refused now, not found half-read at the first lease.
+            check = self._db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise self._failure(sqlite3.DatabaseError("database disk image is malformed"))
             # One statement at a time: executescript() would commit the transaction.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -110,9 +135,10 @@ class StateStore:
             if version is None:
                 self._db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
             elif version > SCHEMA_VERSION:
-                raise RuntimeFailure(
-                    f"state database {self.path} was written by a newer gtun "
-                    f"(schema version {version}, this one knows {SCHEMA_VERSION})"
+                raise StateFileError(
+                    self.path,
+                    f"the state database was written by a newer gtun "
+                    f"(schema version {version}, this one knows {SCHEMA_VERSION})",
                 )
 
     @contextlib.contextmanager
@@ -120,7 +146,8 @@ class StateStore:
         """Hold the database's write lock for the block; commit at its end, roll back on
         an exception.  Nested uses join the outermost transaction.
 
-        Raises RuntimeFailure naming the file on any database error.
+        Raises StateFileError or RuntimeFailure (locked) naming the file on any
+        database error.
         """
         with self._lock:
             if self._depth:
@@ -147,18 +174,40 @@ class StateStore:
             finally:
                 self._depth = 0
 
-    def _failure(self, exc: sqlite3.Error) -> RuntimeFailure:
-        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
-            return RuntimeFailure(
-                f"state database {self.path} is corrupt or not an SQLite database; "
-                "move it aside to start afresh"
-            )
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+    def _failure(self, exc: sqlite3.Error) -> GtunError:
+        text = str(exc)
+        if isinstance(exc, sqlite3.ProgrammingError):  # closed: not the file's fault
+            return RuntimeFailure(f"state database {self.path}: {text}")
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
             return RuntimeFailure(
                 f"state database {self.path} is locked by another process "
                 f"for more than {BUSY_TIMEOUT:g}s"
             )
-        return RuntimeFailure(f"state database {self.path}: {exc}")
+        if "not a database" in text or "malformed" in text:
+            return StateFileError(
+                self.path,
+                f"the state database is corrupt or not an SQLite database ({text}); "
+                "move it aside to start afresh (its leases are lost then)",
+            )
+        if "unable to open" in text:  # SQLite's journal, beside the file
+            text += self._directory_state()
+        if "readonly" in text or "read-only" in text:
+            return StateFileError(self.path, f"cannot write the state database: read-only ({text})")
+        if "full" in text:
+            return StateFileError(self.path, f"cannot write the state database: disk full ({text})")
+        return StateFileError(self.path, f"state database error: {text}")
+
+    def _directory_state(self) -> str:
+        """Why a file cannot be created beside the database, if the file system says."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return ""
+        if fs.f_flag & os.ST_RDONLY:
+            return "; the directory is on a read-only file system"
+        if fs.f_bavail == 0:
+            return "; the file system is full"
+        return ""
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """Run one read statement in its own transaction (or the enclosing one)."""
@@ -262,8 +311,8 @@ class StateStore:
             try:
                 decoded = json.loads(str(subnets)) if subnets else []
             except ValueError:
-                raise RuntimeFailure(
-                    f"state database {self.path}: peer {name!r} has corrupt subnets"
+                raise StateFileError(
+                    self.path, f"the state database is corrupt: peer {name!r}'s subnets"
                 ) from None
             peers.append(
                 StoredPeer(

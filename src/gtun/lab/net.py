@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,17 @@ class GtunNet:
 
     # --- processes ---------------------------------------------------------------------
 
-    def _gtun(self, node: Node, role: str) -> None:
-        cmd = list(GTUN)
+    def _gtun(self, node: Node, role: str, wrap: Sequence[str] = ()) -> None:
+        cmd = [*wrap, *GTUN]
         if self.debug:
             cmd.append("--debug")
         cmd += [role, "-c", str(node.config)]
         node.proc = node.ns.spawn(cmd, log_path=node.log)
 
-    def start_relay(self, timeout: float = 10.0) -> None:
-        self._gtun(self.relay, "server")
+    def start_relay(self, timeout: float = 10.0, wrap: Sequence[str] = ()) -> None:
+        """Start the relay (the command after the prefix `wrap`, which must exec it:
+        lab/statedir.py's) and wait until it answers on its control socket."""
+        self._gtun(self.relay, "server", wrap)
         self.wait_status(self.relay, lambda s: True, timeout, "relay to start")
 
     def start_all(self, clients: list[Node] | None = None, timeout: float = 20.0) -> None:
