@@ -175,6 +175,14 @@ def test_key_file_readable_by_others(tmp_path: Path) -> None:
     assert f"chmod 600 {key_path}" in str(err)
 
 
+def test_a_home_directory_of_no_user_is_a_config_error(tmp_path: Path) -> None:
+    # Found by fuzz/config_files.py: Path.expanduser() raised RuntimeError.
+    head = SERVER_HEAD.replace('"server.key"', '"~no-such-user-gtun/server.key"')
+    err = _server_error(tmp_path, head=head)
+    assert err.key == "server.private_key_file"
+    assert "no-such-user-gtun" in str(err)
+
+
 def test_malformed_key_file(tmp_path: Path) -> None:
     key_path = tmp_path / "server.key"
     key_path.write_text("hello\n")

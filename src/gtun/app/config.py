@@ -366,7 +366,11 @@ class _Table:
         value = self.required_str(name) if default is None else self.get_str(name, default)
         if not value.strip():
             raise self.error(name, "expected a path, got an empty string")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # "~name" of a user this system does not know
+            user = value.split("/", 1)[0]
+            raise self.error(name, f"{user!r}: no such user's home directory") from None
         if not path.is_absolute():
             path = Path(os.path.abspath(self.file)).parent / path
         return path
