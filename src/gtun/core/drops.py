@@ -164,6 +164,26 @@ REASONS: tuple[Reason, ...] = (
         "path MTU probes from one peer faster than the relay answers (20/s, burst 64)",
         ("relay", "peer"),
     ),
+    # The relay mesh (relay.py, forward.py): relays of one network forward one hop.
+    Reason(
+        "mesh_hop",
+        "from a mesh relay, for an address this relay would send on (to another relay, "
+        "to a client whose session is elsewhere, or out of its TUN without owning it): "
+        "a second hop, never taken",
+        ("relay", "peer"),
+    ),
+    Reason(
+        "mesh_spoofed",
+        "from a mesh relay, an inner source that is neither a client whose session is "
+        "at that relay nor a route that relay owns",
+        ("relay", "peer"),
+    ),
+    Reason(
+        "mesh_message",
+        "a gtun message (configuration request, ping, probe) from a mesh relay: relays "
+        "push nothing to each other",
+        ("relay", "peer"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

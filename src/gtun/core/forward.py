@@ -36,6 +36,24 @@ are the relay's to send, not a peer's.  An IP packet from a stock WireGuard peer
 which cannot take part in a layer-2 network, is dropped ("not_frame") and reported once.
 Frames switched between two peers never enter the kernel.
 
+The relay mesh (TUN mode only).  The relays of one network are WireGuard peers of each
+other (`mesh`, peers with no configuration, lease or route of a client) and each knows
+where every client's session is (`where`: a client whose session is at another relay ->
+that relay's mesh peer; a client not in it is ours).  The route table also holds the
+routes behind the other relays, owned by their mesh peers; the relay's own addresses and
+routes are `own`.  Forwarding is one hop:
+
+- from a client (or the TUN), a destination owned by a client held elsewhere, or by a
+  route behind another relay, goes to that relay;
+- from a mesh relay R, the inner source must be a client whose session is at R or an
+  address of a route R owns ("mesh_spoofed"), and the destination a client held here,
+  or the relay's own address or route (its TUN); anything this relay would send on (to
+  a third relay, a client held elsewhere, or out of its TUN to an address it does not
+  own) is dropped ("mesh_hop"): a packet crosses the mesh once.
+
+A change of the mesh or of where a client is clears the flow cache, so no cached verdict
+outlives it.
+
 Both hand gtun messages (the 00 'g' 't' 01 plaintexts, tunnel.py) back to the relay.
 """
 
@@ -114,6 +132,12 @@ class Forwarder:
         self.refuse = refuse
         self.table: RouteTable[Peer] = RouteTable()
         self.tun_out: list[TunWrite] = []
+        # The relay mesh (TUN mode): the other relays' peers, the relay holding each
+        # client whose session is not here, and what this relay's own TUN takes from a
+        # mesh relay (its addresses and routes).  Empty without a mesh.
+        self.mesh: frozenset[Peer] = frozenset()
+        self.where: dict[Peer, Peer] = {}
+        self.own: RouteTable[bool] = RouteTable()
 
     def peers_changed(self) -> None:
         """The table was rebuilt: anything derived from it is stale."""
@@ -189,14 +213,16 @@ class IpForwarder(Forwarder):
             self._send_super(peer, hdr, packet, now)
 
     def _tun_target(self, packet: bytes) -> Peer | None:
-        """The peer a packet from the TUN goes to, or None after counting the drop."""
+        """The peer a packet from the TUN goes to (the relay holding the destination's
+        session, when another does), or None after counting the drop."""
         addrs = tunnel_addresses(packet, self.drops)
         if addrs is None:
             return None
         peer = self.table.lookup(addrs[1])
         if peer is None:
             self.drops["no_route"] += 1
-        return peer
+            return None
+        return self.where.get(peer, peer)
 
     def _send_super(
         self, peer: Peer, hdr: Gso, packet: bytes, now: float, sender: Peer | None = None
@@ -268,16 +294,33 @@ class IpForwarder(Forwarder):
             src, dst = pair[:half], pair[half:]
             if is_link_scoped(src, dst):
                 verdict = "link_scoped"
+            elif peer in self.mesh:
+                verdict = self._route_from_mesh(peer, src, dst)
             elif self.table.lookup(src) is not peer:
                 verdict = "spoofed"
             else:
                 verdict = self.table.lookup(dst)
                 if verdict is peer:
                     verdict = "loop"
+                elif verdict is not None:
+                    verdict = self.where.get(verdict, verdict)
             if len(flows) >= FLOW_CACHE_SIZE:
                 flows.clear()
             flows[pair] = verdict
         return cast(_Verdict, verdict)
+
+    def _route_from_mesh(self, relay: Peer, src: bytes, dst: bytes) -> _Verdict:
+        """Where a packet from mesh relay `relay` goes: only to a client held here, or
+        into the TUN for the relay's own addresses and routes; never on (one hop)."""
+        owner = self.table.lookup(src)
+        if owner is None or (owner is not relay and self.where.get(owner) is not relay):
+            return "mesh_spoofed"
+        target = self.table.lookup(dst)
+        if target is None:
+            return None if self.own.lookup(dst) else "mesh_hop"
+        if target in self.mesh or target in self.where:
+            return "mesh_hop"
+        return target
 
     def _bulk_from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """A super-packet from a gtun peer: checked and routed as a packet is, then
