@@ -27,6 +27,21 @@ unknown receiver index (a client still sending under its old session) from that 
 stored endpoint starts a handshake at once (WireGuard allows one initiation per peer per
 REKEY_TIMEOUT, so a flood in that address's name costs at most that).  Stock WireGuard
 peers answer as gtun clients do.
+
+A relay mesh, one hop
+---------------------
+The relays of one network share their peers (set_peers() is given the whole network's)
+and are WireGuard peers of each other (set_mesh(): each other relay's name, key,
+endpoint and the routes behind it).  A mesh peer is no client: it gets no configuration
+(its gtun messages are dropped, "mesh_message"), no lease and no client route; its
+state is a MeshState, not a PeerState.  The presence map (set_presence(), or
+update_presence() for a few changes) says which relay holds each client's session; the
+forwarder sends a packet for a client held elsewhere, or for a route behind another
+relay, to that relay, and delivers what a mesh relay sends only to a client held here or
+to its own TUN, never on to a third relay (forward.py).  A client that completes a
+handshake here is held here from then on, until the presence map says otherwise.  The
+mesh forwards IP packets: a relay in TAP mode refuses one.  The core reads no store: the
+edge feeds it the mesh and the presence, and writes the presence its events imply.
 """
 
 from __future__ import annotations
@@ -56,6 +71,9 @@ MAX_EVENTS = 1024
 # REJOIN_TICK seconds (500 a second: 10,000 peers within 20 s, a few ms of CPU a tick).
 REJOIN_PER_TICK = 10
 REJOIN_TICK = 0.02
+# A mesh peer (another relay) is sent a keepalive after this long without traffic, so
+# that the session between two relays stays up and a NAT between them keeps its state.
+MESH_KEEPALIVE = 25.0
 # Path MTU probes answered per peer: a token bucket.  A client's black-hole search sends
 # client.PROBES_PER_ROUND at once in about five rounds of a quarter of a second, then
 # one probe a second at most; a probe costs the relay one encryption of up to its MTU.
@@ -103,6 +121,37 @@ class PeerState:
     probes: int = 0  # probes answered
     probe_tokens: float = PROBE_BURST
     probe_refill: float | None = None  # when the tokens were last counted
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRelay:
+    """Another relay of the network, as the shared store describes it: its name, public
+    key, endpoint (what the edge's transport sends to) and the routes behind it (the
+    LANs it NATs to, pushed to every relay's clients)."""
+
+    name: str
+    public_key: bytes
+    endpoint: Hashable | None = None
+    routes: tuple[Network, ...] = ()
+
+
+class MeshError(LocalProtocolError):
+    """A mesh or presence map the relay refused, changing nothing."""
+
+
+@dataclass
+class MeshState:
+    """The relay's state of a mesh peer (another relay), kept in `Peer.data`: the
+    counters a forwarder charges any sender, and no capability beyond plain WireGuard."""
+
+    relay: MeshRelay
+    is_gtun: bool = False  # never: it asks for no configuration
+    caps: Caps = NO_CAPS  # plain packets each way, full checksums
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.relay.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +210,13 @@ class Relay:
         self._rejoin: deque[Peer] = deque()
         self._t_rejoin: float | None = None
         self._stored_at: dict[Hashable, Peer] = {}
+        # The mesh: the other relays' peers by name, the routes behind them, this
+        # relay's name (when set_mesh() was given it), and the presence map as given.
+        self._mesh: dict[str, Peer] = {}
+        self._mesh_routes: list[tuple[Network, Peer]] = []
+        self.name: str | None = None
+        self._presence: dict[bytes, str] = {}
+        self.forwarder.own = self._own_table()
 
     @property
     def table(self) -> RouteTable[Peer]:
@@ -194,6 +250,9 @@ class Relay:
         if s.network6 is not None:
             virtual.append(s.network6)
             owners[IPv6Network(f"{s.relay_address6}/128")] = "the relay"
+        for net, relay in self._mesh_routes:
+            owners[net] = f"relay {relay.data.name}"
+            table.insert(net, relay)
         for spec in specs:
             name = spec.name
             if name in names:
@@ -203,6 +262,8 @@ class Relay:
             if key in wanted:
                 raise PeerSetError(name, f"public key also given to {wanted[key][0].name}")
             peer = self.wg.peers.get(key)
+            if peer is not None and isinstance(peer.data, MeshState):
+                raise PeerSetError(name, f"public key is relay {peer.data.name}'s")
             if peer is None:
                 try:
                     peer = self.wg.new_peer(key, data=PeerState(spec))
@@ -221,7 +282,11 @@ class Relay:
                     )
                 owners[net] = name
                 table.insert(net, peer)
-        gone = [p for key, p in self.wg.peers.items() if key not in wanted]
+        gone = [
+            p
+            for key, p in self.wg.peers.items()
+            if key not in wanted and isinstance(p.data, PeerState)
+        ]
         # Checked: from here on nothing raises (update_peers checks again, first).
         self.wg.update_peers(add=fresh, remove=gone)
         fwd = self.forwarder
@@ -232,7 +297,196 @@ class Relay:
             peer.data.spec = spec
         fwd.table = table
         self._subnets = [(peer, net) for spec, peer in wanted.values() for net in spec.subnets]
+        fwd.own = self._own_table()
+        self._apply_presence()
         return [p.data.spec.name for p in fresh], [p.data.spec.name for p in gone]
+
+    # --- the mesh ------------------------------------------------------------------
+
+    def set_mesh(
+        self, relays: Iterable[MeshRelay], now: float | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Make the other relays of the network this relay's mesh, keeping the sessions
+        of unchanged keys; with `now`, initiate a handshake to each new relay that has
+        an endpoint (else the first packet for it does).  `relays` may include this
+        relay (its key is ours): that only names it.
+
+        All or nothing, as set_peers(): raises MeshError, changing nothing, for a mesh
+        in TAP mode, a name or key given twice, a malformed or low-order key, a client's
+        key, or a route given to two relays, owned by a client, or overlapping the
+        virtual network.  A route this relay also has (settings.routes) stays its own.
+        Returns (added names, removed names)."""
+        relays = list(relays)
+        s = self.settings
+        others = [r for r in relays if r.public_key != self.wg.public_key]
+        if others and self.forwarder.tap:
+            raise MeshError(
+                "a relay mesh needs tun mode: this relay runs in tap mode, and the mesh "
+                "forwards IP packets, not Ethernet frames"
+            )
+        names: set[str] = set()
+        wanted: dict[bytes, tuple[MeshRelay, Peer]] = {}
+        fresh: list[Peer] = []
+        ours = set(s.routes)
+        virtual: list[Network] = [s.network] + ([s.network6] if s.network6 else [])
+        old = set(self._mesh.values())
+        clients = [(net, p) for net, p in self.table.routes() if p not in old]
+        owners: dict[Network, str] = {net: p.data.spec.name for net, p in clients}
+        routes: list[tuple[Network, Peer]] = []
+        me: str | None = None
+        for relay in relays:
+            name = relay.name
+            if name in names:
+                raise MeshError(f"relay {name}: name given to two relays")
+            names.add(name)
+            key = relay.public_key
+            if key == self.wg.public_key:
+                me = name
+                continue
+            if key in wanted:
+                raise MeshError(f"relay {name}: public key also given to {wanted[key][0].name}")
+            peer = self.wg.peers.get(key)
+            if peer is not None and not isinstance(peer.data, MeshState):
+                raise MeshError(f"relay {name}: public key is peer {peer.data.spec.name}'s")
+            if peer is None:
+                try:
+                    peer = self.wg.new_peer(
+                        key,
+                        endpoint=relay.endpoint,
+                        persistent_keepalive=MESH_KEEPALIVE,
+                        data=MeshState(relay),
+                    )
+                except ValueError as exc:
+                    raise MeshError(f"relay {name}: {exc}") from exc
+                fresh.append(peer)
+            wanted[key] = (relay, peer)
+            for net in relay.routes:
+                if net in ours:
+                    continue  # served here, NAT here
+                inside = [v for v in virtual if _overlaps(net, v)]
+                if inside:
+                    raise MeshError(
+                        f"relay {name}: route {net} overlaps the virtual network {inside[0]}"
+                    )
+                other = owners.get(net)
+                if other is not None:
+                    raise MeshError(f"relay {name}: route {net} is also {other}'s")
+                owners[net] = f"relay {name}"
+                routes.append((net, peer))
+        gone = [p for p in old if p.public_key not in wanted]
+        # Checked: from here on nothing raises.
+        fwd = self.forwarder
+        fwd.flush()  # what was routed under the old mesh leaves by it
+        self.wg.update_peers(add=fresh, remove=gone)
+        for relay, peer in wanted.values():
+            state: MeshState = peer.data
+            if relay.endpoint is not None and relay.endpoint != state.relay.endpoint:
+                peer.endpoint = relay.endpoint  # moved in the store; else keep roaming's
+            state.relay = relay
+        table: RouteTable[Peer] = RouteTable()
+        for net, peer in clients:
+            table.insert(net, peer)
+        for net, peer in routes:
+            table.insert(net, peer)
+        fwd.table = table
+        for peer in gone:
+            fwd.peer_removed(peer)
+        fwd.peers_changed()
+        self._mesh = {peer.data.name: peer for _, peer in wanted.values()}
+        self._mesh_routes = routes
+        self.name = me
+        fwd.mesh = frozenset(self._mesh.values())
+        fwd.own = self._own_table()
+        self._apply_presence()
+        if now is not None:
+            for peer in fresh:
+                if peer.endpoint is not None:
+                    self.wg.initiate_handshake(peer, now)
+        return [p.data.name for p in fresh], [p.data.name for p in gone]
+
+    def set_presence(self, presence: Mapping[bytes, str | None]) -> None:
+        """Replace the presence map: a client's public key -> the name of the relay
+        holding its session (None, or this relay's name: here).  A key of no peer is
+        kept for when it becomes one; a relay not in the mesh (yet, or any more) holds
+        nothing reachable: its clients are treated as held here, where they have no
+        session, so nothing is sent to them and nothing is taken in their name from a
+        mesh relay.  What was routed before the call leaves first (it was gathered
+        under the old map); every cached verdict is cleared.  Raises MeshError,
+        changing nothing, for a key that is not 32 bytes or a name that is no string."""
+        checked = self._check_presence(presence)
+        self.forwarder.flush()
+        self._presence = {k: v for k, v in checked.items() if v is not None}
+        self._apply_presence()
+
+    def update_presence(self, changes: Mapping[bytes, str | None]) -> None:
+        """Change the presence of a few clients (as set_presence() for the rest of the
+        map: unchanged), without walking every peer.  Raises as set_presence()."""
+        checked = self._check_presence(changes)
+        fwd = self.forwarder
+        fwd.flush()
+        for key, name in checked.items():
+            if name is None:
+                self._presence.pop(key, None)
+            else:
+                self._presence[key] = name
+            peer = self.wg.peers.get(key)
+            if peer is None or not isinstance(peer.data, PeerState):
+                continue
+            relay = None if name is None else self._mesh.get(name)
+            if relay is None:
+                fwd.where.pop(peer, None)
+            else:
+                fwd.where[peer] = relay
+        fwd.peers_changed()
+
+    def presence_of(self, peer: Peer) -> str | None:
+        """The name of the mesh relay holding `peer`'s session, or None: here."""
+        relay = self.forwarder.where.get(peer)
+        return None if relay is None else relay.data.name
+
+    def mesh_peer(self, name: str) -> Peer | None:
+        """The WireGuard peer of mesh relay `name`, or None."""
+        return self._mesh.get(name)
+
+    def is_mesh(self, peer: Peer) -> bool:
+        """Whether `peer` is another relay (its data a MeshState), not a client."""
+        return isinstance(peer.data, MeshState)
+
+    def _check_presence(self, presence: Mapping[bytes, str | None]) -> dict[bytes, str | None]:
+        checked: dict[bytes, str | None] = {}
+        for key, name in presence.items():
+            if not isinstance(key, bytes) or len(key) != 32:
+                raise MeshError(f"presence: {key!r} is no public key")
+            if name is not None and not isinstance(name, str):
+                raise MeshError(f"presence of {key.hex()[:8]}: {name!r} is no relay name")
+            checked[key] = name
+        return checked
+
+    def _apply_presence(self) -> None:
+        """Rebuild the forwarder's `where` from the presence map, the peers and the
+        mesh, and clear the verdicts derived from the old one."""
+        mesh, peers = self._mesh, self.wg.peers
+        where: dict[Peer, Peer] = {}
+        if mesh:
+            for key, name in self._presence.items():
+                relay = mesh.get(name)
+                peer = peers.get(key)
+                if relay is not None and peer is not None and isinstance(peer.data, PeerState):
+                    where[peer] = relay
+        fwd = self.forwarder
+        fwd.where = where
+        fwd.peers_changed()
+
+    def _own_table(self) -> RouteTable[bool]:
+        """What this relay's TUN takes from a mesh relay: its addresses and routes."""
+        s = self.settings
+        own: RouteTable[bool] = RouteTable()
+        own.insert(IPv4Network((s.relay_address, 32)), True)
+        if s.relay_address6 is not None:
+            own.insert(IPv6Network((s.relay_address6, 128)), True)
+        for net in s.routes:
+            own.insert(net, True)
+        return own
 
     def rejoin(self, endpoints: Mapping[bytes, Hashable], now: float) -> int:
         """Initiate handshakes to peers at the endpoints they last used (public key ->
@@ -252,17 +506,21 @@ class Relay:
         return queued
 
     def peer_by_name(self, name: str) -> Peer | None:
+        """The client peer `name` (never a mesh relay: mesh_peer()), or None."""
         for peer in self.wg.peers.values():
-            if peer.data.spec.name == name:
+            data = peer.data
+            if isinstance(data, PeerState) and data.spec.name == name:
                 return peer
         return None
 
     def routes_for(self, peer: Peer) -> list[Network]:
-        """The networks a client reaches through the relay: pushed routes and the
-        subnets behind the other peers."""
+        """The networks a client reaches through the relay: pushed routes (this
+        relay's, then the other relays' of the mesh) and the subnets behind the other
+        peers."""
         # From the list set_peers() keeps: a walk over every peer for each of 10,000
         # configuration requests would make joining quadratic.
         routes = list(self.settings.routes)
+        routes.extend(net for net, _ in self._mesh_routes)
         routes.extend(net for owner, net in self._subnets if owner is not peer)
         return routes
 
@@ -339,7 +597,19 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
+                elif isinstance(event, HandshakeCompleted):
+                    self._held_here(event.peer)
                 self._emit(event)
+
+    def _held_here(self, peer: Peer) -> None:
+        """A client completed a handshake here: its session is here now, whatever the
+        presence map said (the edge writes that to the store from the event)."""
+        fwd = self.forwarder
+        if peer in fwd.where:
+            fwd.flush()
+            del fwd.where[peer]
+            self._presence.pop(peer.public_key, None)
+            fwd.peers_changed()
 
     def _count(self, peer: Peer, reason: str) -> None:
         self.drops[reason] += 1
@@ -360,6 +630,9 @@ class Relay:
             msg = tm.pull_message(plaintext)
         except tm.TunnelMessageError:
             self._count(peer, "malformed")
+            return
+        if isinstance(peer.data, MeshState):
+            self._count(peer, "mesh_message")  # relays push nothing to each other
             return
         state: PeerState = peer.data
         if msg.type == tm.CONFIG_REQUEST:
