@@ -687,7 +687,10 @@ class Relay:
         self.wg.send(peer, tm.push_probe(tm.PROBE_ACK, probe.id, size), now)
 
     def config_for(self, peer: Peer) -> PushedConfig:
-        """What the relay pushes to `peer` (tunnel.push_config encodes it)."""
+        """What the relay pushes to `peer` (tunnel.push_config encodes it).  Raises
+        LocalProtocolError for a mesh relay, which is pushed nothing."""
+        if isinstance(peer.data, MeshState):
+            raise LocalProtocolError(f"relay {peer.data.name} is a mesh peer: no configuration")
         s = self.settings
         spec: PeerSpec = peer.data.spec
         ipv6 = s.network6 is not None and spec.address6 is not None

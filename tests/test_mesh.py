@@ -1,0 +1,258 @@
+"""Tier 1: a relay mesh, one hop (issue 12, part 3): three relay cores A, B and C of one
+network, each a WireGuard peer of the others, and gtun clients at each, wired in memory
+(testing/mesh.py).  B has a LAN behind it (192.168.77.0/24)."""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from ipaddress import IPv4Address, IPv6Address, ip_network
+
+import pytest
+
+from gtun.core import tunnel as tm
+from gtun.core.errors import LocalProtocolError
+from gtun.core.packet import build_icmp_echo, build_udp4
+from gtun.core.relay import MeshError, MeshRelay, PeerJoined, PeerSetError, PeerSpec, Relay
+from gtun.testing.link import relay_settings
+from gtun.testing.mesh import MeshLink
+
+LAN = ip_network("192.168.77.0/24")
+
+
+def ipv6_echo(src: str, dst: str, payload: bytes = b"v6") -> bytes:
+    body = bytes([128, 0, 0, 0, 0, 1, 0, 1]) + payload
+    return (
+        b"\x60\x00\x00\x00"
+        + struct.pack("!HBB", len(body), 58, 64)
+        + IPv6Address(src).packed
+        + IPv6Address(dst).packed
+        + body
+    )
+
+
+def mesh() -> MeshLink:
+    """a1 at A (10.66.0.2), b1 at B (10.66.0.3), c1 at C (10.66.0.4), a2 at A (.5)."""
+    net = MeshLink({"A": (), "B": (LAN,), "C": ()})
+    net.add_client("a1", "A", "10.66.0.2", "fd66::2")
+    net.add_client("b1", "B", "10.66.0.3", "fd66::3")
+    net.add_client("c1", "C", "10.66.0.4", "fd66::4")
+    net.add_client("a2", "A", "10.66.0.5", "fd66::5")
+    net.configure()
+    for name, client in net.clients.items():
+        assert client.config is not None, name
+    for name in net.relays:
+        for other in net.relays:
+            if other != name:
+                peer = net.relays[name].mesh_peer(other)
+                assert peer is not None and peer.has_session, (name, other)
+    net.mesh_log.clear()
+    return net
+
+
+def hops(net: MeshLink) -> list[tuple[str, str]]:
+    """(relay that took it, relay it came from) of every mesh arrival, then cleared."""
+    out = [(at, came) for at, came, _ in net.mesh_log]
+    net.mesh_log.clear()
+    return out
+
+
+def test_clients_of_two_relays_ping_both_ways_ipv4_and_ipv6() -> None:
+    net = mesh()
+    for src, dst, a, b in (
+        ("a1", "b1", "10.66.0.2", "10.66.0.3"),
+        ("b1", "a1", "10.66.0.3", "10.66.0.2"),
+        ("c1", "a1", "10.66.0.4", "10.66.0.2"),
+    ):
+        ping = build_icmp_echo(a, b, 1, 1, b"across")
+        net.clients[src].tun_packet(ping, net.now)
+        net.pump()
+        assert net.take(dst) == [ping]
+        assert hops(net) == [(net.home[dst], net.home[src])]  # exactly one mesh hop
+        ping6 = ipv6_echo(a.replace("10.66.0.", "fd66::"), b.replace("10.66.0.", "fd66::"))
+        net.clients[src].tun_packet(ping6, net.now)
+        net.pump()
+        assert net.take(dst) == [ping6]
+        assert hops(net) == [(net.home[dst], net.home[src])]
+    # Two clients of one relay never touch the mesh.
+    local = build_icmp_echo("10.66.0.2", "10.66.0.5", 1, 1, b"local")
+    net.clients["a1"].tun_packet(local, net.now)
+    net.pump()
+    assert net.take("a2") == [local] and hops(net) == []
+    assert all(not tun for tun in net.tun_in.values())
+
+
+def test_a_packet_from_a_relay_is_never_sent_on_to_a_third() -> None:
+    net = mesh()
+    a = net.relays["A"]
+    # B speaks for its own client b1, but to c1, whose session is at C: a second hop.
+    net.send_as_relay("B", "A", build_icmp_echo("10.66.0.3", "10.66.0.4", 1, 1, b"hop"))
+    # ... to B's own LAN (back to B), to the internet, to a client of B itself.
+    net.send_as_relay("B", "A", build_udp4("10.66.0.3", "192.168.77.9", 1, 2, b"hop"))
+    net.send_as_relay("B", "A", build_udp4("10.66.0.3", "192.0.2.1", 1, 2, b"hop"))
+    net.send_as_relay("B", "A", build_icmp_echo("10.66.0.3", "10.66.0.3", 1, 1, b"hop"))
+    net.send_as_relay("B", "A", ipv6_echo("fd66::3", "fd66::4"))
+    assert a.drops["mesh_hop"] == 5
+    b_peer = a.mesh_peer("B")
+    assert b_peer is not None and b_peer.data.drops == {"mesh_hop": 5}
+    assert [came for _, came, _ in net.mesh_log] == ["B"] * 5  # A sent none of them on
+    assert net.take("c1") == [] and net.take("b1") == [] and net.tun_in["A"] == []
+    # What A does take from B: for its own client, and for its own address (its TUN).
+    ok = build_icmp_echo("10.66.0.3", "10.66.0.2", 1, 1, b"ok")
+    net.send_as_relay("B", "A", ok)
+    assert net.take("a1") == [ok]
+    to_relay = build_icmp_echo("10.66.0.3", "10.66.0.1", 1, 1, b"ok")
+    net.send_as_relay("B", "A", to_relay)
+    assert net.tun_in["A"] == [to_relay]
+
+
+def test_spoofed_sources_from_a_mesh_relay_are_dropped() -> None:
+    net = mesh()
+    a = net.relays["A"]
+    for src in ("10.66.0.2", "10.66.0.4", "10.66.0.200", "10.66.0.1", "192.0.2.7"):
+        # A's own client, C's client, nobody, a relay address, the internet.
+        net.send_as_relay("B", "A", build_icmp_echo(src, "10.66.0.5", 1, 1, b"spoof"))
+    net.send_as_relay("B", "A", ipv6_echo("fd66::4", "fd66::5"))
+    assert a.drops["mesh_spoofed"] == 6
+    assert net.take("a2") == []
+    # From B's LAN (a route B owns) is B's to send.
+    lan = build_udp4("192.168.77.9", "10.66.0.5", 53, 1000, b"lan")
+    net.send_as_relay("B", "A", lan)
+    assert net.take("a2") == [lan]
+
+
+def test_a_lan_behind_one_relay_is_reached_from_a_client_of_another() -> None:
+    net = mesh()
+    for name in ("a1", "c1", "b1"):  # every relay pushes the shared route
+        config = net.clients[name].config
+        assert config is not None and LAN in config.routes, name
+    query = build_udp4("10.66.0.2", "192.168.77.10", 1000, 53, b"q")
+    net.clients["a1"].tun_packet(query, net.now)
+    net.pump()
+    assert net.tun_in["B"] == [query]  # B's TUN: NAT happens at B
+    assert net.tun_in["A"] == [] and hops(net) == [("B", "A")]
+    answer = build_udp4("192.168.77.10", "10.66.0.2", 53, 1000, b"a")
+    net.relays["B"].tun_packet(answer, net.now)  # the answer comes back into B's TUN
+    net.pump()
+    assert net.take("a1") == [answer]
+    assert hops(net) == [("A", "B")]
+
+
+def test_presence_change_reroutes_at_once() -> None:
+    net = mesh()
+    a = net.relays["A"]
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"before")
+    net.clients["a1"].tun_packet(ping, net.now)
+    net.pump()
+    assert net.take("b1") == [ping] and hops(net) == [("B", "A")]
+    # b1 moves to C: a new session from the same key (its address kept).
+    key = net.keys["b1"]  # the same client, now through C
+    del net.clients["b1"], net.home["b1"], net.got["b1"]
+    moved = net.add_client("b1", "C", "10.66.0.3", "fd66::3", key=key)
+    net.specs.pop()  # the same peer: its spec is already everywhere
+    moved.start(net.now)
+    net.pump()
+    assert moved.config is not None
+    c = net.relays["C"]
+    peer_at_c = c.peer_by_name("b1")
+    assert peer_at_c is not None and c.presence_of(peer_at_c) is None  # held at C now
+    # The store says so; A is told, and its very next packet goes to C, not B.
+    a.update_presence({key_of(net, "b1"): "C"})
+    net.relays["B"].update_presence({key_of(net, "b1"): "C"})
+    after = build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 2, b"after")
+    net.clients["a1"].tun_packet(after, net.now)
+    net.pump()
+    assert net.take("b1") == [after]
+    assert hops(net) == [("C", "A")]
+    # And B, no longer holding b1, no longer speaks for it.
+    net.send_as_relay("B", "A", build_icmp_echo("10.66.0.3", "10.66.0.2", 1, 1, b"old"))
+    assert a.drops["mesh_spoofed"] == 1 and net.take("a1") == []
+    assert hops(net) == [("A", "B")]
+    # A whole map set at once works as well: back to B (where it has no session now).
+    net.home["b1"] = "B"
+    a.set_presence(net.presence())
+    net.clients["a1"].tun_packet(after, net.now)
+    net.pump()
+    assert hops(net) == [("B", "A")]
+
+
+def key_of(net: MeshLink, name: str) -> bytes:
+    return net.clients[name].wg.public_key
+
+
+def test_a_pending_batch_leaves_by_the_presence_it_was_routed_under() -> None:
+    net = mesh()
+    a = net.relays["A"]
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"batched")
+    a1 = net.clients["a1"]
+    a1.tun_packet(ping, net.now)
+    for data, _ in a1.datagrams_to_send():
+        a.receive_datagram(data, "a1", net.now)  # gathered for B, not yet flushed
+    a.update_presence({key_of(net, "b1"): "C"})
+    out = [addr for _, addr in a.datagrams_to_send()]
+    assert out == ["B"]  # flushed under the old map before the change took effect
+    a1.tun_packet(ping, net.now)
+    for data, _ in a1.datagrams_to_send():
+        a.receive_datagram(data, "a1", net.now)
+    assert [addr for _, addr in a.datagrams_to_send()] == ["C"]
+
+
+def test_relays_never_push_configuration_to_each_other() -> None:
+    net = mesh()
+    for name, relay in net.relays.items():
+        assert not [
+            e for e in net.events[name] if isinstance(e, PeerJoined) and relay.is_mesh(e.peer)
+        ]
+    a = net.relays["A"]
+    b_at_a = a.mesh_peer("B")
+    assert b_at_a is not None
+    with pytest.raises(LocalProtocolError, match="mesh peer"):
+        a.config_for(b_at_a)
+    request = tm.push_config_request(tm.ConfigRequest(mode="tun", bulk=True, partial=True))
+    before = net.relays["B"].wg.peers[a.wg.public_key].rx_packets
+    net.send_as_relay("B", "A", request)
+    net.send_as_relay("B", "A", tm.push_message(tm.PING))
+    assert a.drops["mesh_message"] == 2
+    assert not b_at_a.data.is_gtun and not b_at_a.data.caps.bulk
+    assert net.relays["B"].wg.peers[a.wg.public_key].rx_packets == before  # no answer
+    # Mesh peers are no clients: no routes, no name among the peers, kept by set_peers.
+    assert a.peer_by_name("B") is None
+    assert [net for net, p in a.table.routes() if p is b_at_a] == [LAN]  # its route only
+    a.set_peers(net.specs[:1])
+    assert a.mesh_peer("B") is b_at_a and b_at_a.has_session
+
+
+def test_set_mesh_is_all_or_nothing_and_refused_in_tap_mode() -> None:
+    net = mesh()
+    a = net.relays["A"]
+    good = net.mesh()
+    before = (dict(a.wg.peers), a.table.routes())
+    stranger = secrets.token_bytes(32)
+    bad_meshes = [
+        good + [MeshRelay("B", stranger, "X")],  # a name twice
+        good + [MeshRelay("D", good[1].public_key, "X")],  # a key twice
+        good + [MeshRelay("D", key_of(net, "c1"), "X")],  # a client's key
+        good + [MeshRelay("D", stranger, "X", (LAN,))],  # B's route
+        good + [MeshRelay("D", stranger, "X", (ip_network("10.66.0.0/25"),))],
+        good + [MeshRelay("D", b"short", "X")],
+    ]
+    for bad in bad_meshes:
+        with pytest.raises(MeshError):
+            a.set_mesh(bad)
+        assert (dict(a.wg.peers), a.table.routes()) == before
+    with pytest.raises(PeerSetError):  # a client with a relay's key
+        a.set_peers(net.specs + [PeerSpec("x", good[1].public_key, IPv4Address("10.66.0.9"))])
+    with pytest.raises(PeerSetError):  # a client subnet equal to B's route
+        a.set_peers(net.specs + [PeerSpec("x", stranger, IPv4Address("10.66.0.9"), (LAN,))])
+    assert (dict(a.wg.peers), a.table.routes()) == before
+    with pytest.raises(MeshError):
+        a.set_presence({b"short": "B"})
+    # A relay removed from the mesh takes its routes and its clients' reachability.
+    added, removed = a.set_mesh([r for r in good if r.name != "B"])
+    assert (added, removed) == ([], ["B"])
+    assert a.table.lookup(IPv4Address("192.168.77.1").packed) is None
+    b1 = a.peer_by_name("b1")
+    assert b1 is not None and a.presence_of(b1) is None
+    tap = Relay(secrets.token_bytes(32), relay_settings(mode="tap"))
+    with pytest.raises(MeshError, match="tap mode"):
+        tap.set_mesh(good)
