@@ -9,10 +9,12 @@ import struct
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gtun.core import tunnel as tm
 from gtun.core.errors import LocalProtocolError
-from gtun.core.packet import build_icmp_echo, build_udp4
+from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
 from gtun.core.relay import MeshError, MeshRelay, PeerJoined, PeerSetError, PeerSpec, Relay
 from gtun.testing.link import relay_settings
 from gtun.testing.mesh import MeshLink
@@ -256,3 +258,155 @@ def test_set_mesh_is_all_or_nothing_and_refused_in_tap_mode() -> None:
     tap = Relay(secrets.token_bytes(32), relay_settings(mode="tap"))
     with pytest.raises(MeshError, match="tap mode"):
         tap.set_mesh(good)
+
+
+# --- the invariants under a hostile client and a hostile relay -------------------------------
+
+FAST = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def ipv6_ext(src: str, dst: str, next_header: int, ext: bytes) -> bytes:
+    """An IPv6 echo request behind one 8-byte extension header of type `next_header`."""
+    body = bytes([58, 0]) + ext + bytes([128, 0, 0, 0, 0, 1, 0, 1])
+    return (
+        b"\x60\x00\x00\x00"
+        + struct.pack("!HBB", len(body), next_header, 64)
+        + IPv6Address(src).packed
+        + IPv6Address(dst).packed
+        + body
+    )
+
+
+def templates(src: str, src6: str) -> list[bytes]:
+    """Packets from `src` to everywhere a relay could send them (and from elsewhere)."""
+    out: list[bytes] = []
+    for dst in ("10.66.0.2", "10.66.0.3", "10.66.0.4", "10.66.0.1", "192.168.77.9", "192.0.2.1"):
+        out.append(build_icmp_echo(src, dst, 1, 1, b"x"))
+        out.append(build_udp4(src, dst, 1, 2, b"y" * 40))
+    for dst6 in ("fd66::2", "fd66::3", "fd66::4", "fd66::1", "2001:db8::1"):
+        out.append(ipv6_echo(src6, dst6))
+        out.append(ipv6_ext(src6, dst6, 43, bytes([4, 1]) + bytes(4)))  # segments left
+        out.append(ipv6_ext(src6, dst6, 0, bytes(6)))
+    for spoof in ("10.66.0.2", "10.66.0.3", "10.66.0.4", "10.66.0.6", "192.168.77.5"):
+        out.append(build_icmp_echo(spoof, "10.66.0.5", 1, 1, b"z"))
+    out.append(ipv6_echo("fd66::4", "fd66::5"))
+    out.append(tm.push_config_request(tm.ConfigRequest(mode="tun", bulk=True, partial=True)))
+    out.append(tm.push_message(tm.PING))
+    return out
+
+
+def mutate(template: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
+    data = bytearray(template)
+    for at, value in edits:
+        data[at % len(data)] = value
+    if cut:
+        data = data[: max(1, len(data) - cut)] if cut > 0 else data + bytes(-cut)
+    return bytes(data)
+
+
+def plaintexts(pool: list[bytes]) -> st.SearchStrategy[bytes]:
+    edits = st.lists(st.tuples(st.integers(0, 100), st.integers(0, 255)), max_size=3)
+    mutated = st.builds(mutate, st.sampled_from(pool), edits, st.integers(-16, 16))
+    return st.one_of(st.binary(min_size=1, max_size=120), st.sampled_from(pool), mutated)
+
+
+def sources(packet: bytes) -> bytes | None:
+    addrs = parse_addresses(packet)
+    return None if addrs is None else addrs[0]
+
+
+def hostile_mesh() -> MeshLink:
+    net = mesh()
+    net.add_client("h", "A", "10.66.0.6", "fd66::6")
+    for relay in net.relays.values():
+        relay.set_peers(net.specs)
+        relay.set_presence(net.presence())
+    net.clients["h"].start(net.now)
+    net.pump()
+    assert net.clients["h"].config is not None
+    net.mesh_log.clear()
+    return net
+
+
+def delivered(net: MeshLink, relays: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """What the clients of `relays` and those relays' TUNs were handed: (where, packet)."""
+    out: list[tuple[str, bytes]] = []
+    for name in net.clients:
+        for item in net.take(name):
+            assert isinstance(item, bytes)
+            if net.home[name] in relays:
+                out.append((name, item))
+    for name in net.relays:
+        for item in net.tun_in[name]:
+            assert isinstance(item, bytes)
+            if name in relays:
+                out.append((name, item))
+        net.tun_in[name].clear()
+    return out
+
+
+def test_a_hostile_client_makes_one_hop_at_most_and_speaks_only_for_itself() -> None:
+    net = hostile_mesh()
+    own = {IPv4Address("10.66.0.6").packed, IPv6Address("fd66::6").packed}
+    h = net.clients["h"]
+
+    @FAST
+    @given(st.lists(plaintexts(templates("10.66.0.6", "fd66::6")), min_size=1, max_size=4))
+    def run(batch: list[bytes]) -> None:
+        for plaintext in batch:
+            h.wg.send(h.server, plaintext, net.now)
+        net.pump()
+        for at, came, plaintext in net.mesh_log:
+            assert came == "A" and at in ("B", "C"), (at, came)  # A's hop, and no other
+            assert sources(plaintext) in own, plaintext.hex()
+        net.mesh_log.clear()
+        for where, packet in delivered(net, ("A", "B", "C")):
+            assert sources(packet) in own, (where, packet.hex())
+
+    run()
+    ping = build_icmp_echo("10.66.0.4", "10.66.0.2", 1, 1, b"still")
+    net.clients["c1"].tun_packet(ping, net.now)
+    net.pump()
+    assert net.take("a1") == [ping]
+
+
+def test_a_hostile_relay_is_never_sent_on_and_speaks_only_for_its_own() -> None:
+    net = hostile_mesh()
+    # B holds b1's session and owns its LAN: that is all it may speak for.
+    mine = {IPv4Address("10.66.0.3").packed, IPv6Address("fd66::3").packed}
+    lan = ip_network("192.168.77.0/24")
+    relay_addresses = {IPv4Address("10.66.0.1").packed, IPv6Address("fd66::1").packed}
+
+    def b_may_send(src: bytes | None) -> bool:
+        return src in mine or (src is not None and len(src) == 4 and IPv4Address(src) in lan)
+
+    @FAST
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(("A", "C")), plaintexts(templates("10.66.0.3", "fd66::3"))),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def run(batch: list[tuple[str, bytes]]) -> None:
+        for to, plaintext in batch:
+            net.send_as_relay("B", to, plaintext)
+        for at, came, _ in net.mesh_log:
+            assert came == "B", (at, came)  # B's own sends: A and C sent nothing on
+        net.mesh_log.clear()
+        for where, packet in delivered(net, ("A", "C")):
+            assert b_may_send(sources(packet)), (where, packet.hex())
+            if where in net.relays:  # a relay's TUN: only for its own addresses
+                addrs = parse_addresses(packet)
+                assert addrs is not None and addrs[1] in relay_addresses, packet.hex()
+        net.take("b1")
+
+    run()
+    ping = build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 1, b"still")
+    net.clients["a1"].tun_packet(ping, net.now)
+    net.pump()
+    assert net.take("b1") == [ping]
