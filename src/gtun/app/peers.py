@@ -10,7 +10,7 @@ from gtun.app.config import ServerConfig
 from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.peerset import collect_peers, open_state
-from gtun.app.store import StateStore, StoredPeer
+from gtun.app.store import Store, StoredPeer
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
@@ -65,7 +65,7 @@ def add_peer(
     dial = guess_endpoint(cfg, endpoint)
     private = generate_private_key()
     pub = encode_key(public_key(private))
-    store: StateStore = open_state(cfg)
+    store: Store = open_state(cfg)
     try:
         if any(p.name == name for p in store.peers()):
             raise ConfigError(

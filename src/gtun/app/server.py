@@ -27,7 +27,7 @@ from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.peerset import PeerSet, open_state, read_peers, refused_lines
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
-from gtun.app.store import StateStore
+from gtun.app.store import Store
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
@@ -619,7 +619,7 @@ class Server:
 
 
 def apply_peers(
-    relay: Relay, specs: list[PeerSpec], cfg: ServerConfig, store: StateStore
+    relay: Relay, specs: list[PeerSpec], cfg: ServerConfig, store: Store
 ) -> tuple[list[str], list[str]]:
     """relay.set_peers(specs), its refusal as a ConfigError naming the file the peer at
     fault comes from (the config's [[peers]], or the state file `gtun peer add` wrote).

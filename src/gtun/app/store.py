@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any, Protocol
 
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
@@ -27,6 +28,7 @@ __all__ = [
     "LeaseWanted",
     "StateFileError",
     "StateStore",
+    "Store",
     "StoredPeer",
     "SCHEMA_VERSION",
 ]
@@ -77,6 +79,33 @@ class StoredPeer:
     public_key: str
     address: str | None = None
     subnets: tuple[str, ...] = ()
+    enabled: bool = True  # a disabled peer is kept, with its lease, but not served
+
+
+class Store(Protocol):
+    """What the relay, AddressPool and `gtun peer add` need of a store: StateStore
+    (SQLite, one relay) or pgstore.PgStore (PostgreSQL, shared by several relays).
+    Every method raises a GtunError naming the store (`path`) when it cannot be used."""
+
+    @property
+    def path(self) -> Any:
+        """Where the state is, for messages: a file, or a DSN without its password."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's write lock (for its network) for the block."""
+
+    def get_lease(self, public_key: str) -> str | None: ...
+    def set_lease(self, public_key: str, address: str, name: str = "") -> None: ...
+    def delete_lease(self, public_key: str) -> None: ...
+    def leases(self) -> dict[str, str]: ...
+    def lease_rows(self) -> list[tuple[str, str, str]]: ...
+    def replace_leases(self, drop: Iterable[str], put: Iterable[tuple[str, str, str]]) -> None: ...
+    def add_peer(self, peer: StoredPeer) -> None: ...
+    def remove_peer(self, name: str) -> bool: ...
+    def peers(self) -> list[StoredPeer]: ...
+    def endpoints(self, relay: str) -> dict[str, str]: ...
+    def save_endpoints(self, relay: str, changed: dict[str, str]) -> None: ...
+    def close(self) -> None: ...
 
 
 class StateStore:
@@ -391,7 +420,7 @@ class AddressPool:
     """
 
     def __init__(
-        self, network: IPv4Network, store: StateStore, reserved: Iterable[IPv4Address] = ()
+        self, network: IPv4Network, store: Store, reserved: Iterable[IPv4Address] = ()
     ) -> None:
         self.network = network
         self.store = store
