@@ -99,3 +99,38 @@ def test_unreachable_store_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["store", "migrate", "-c", str(path)]) == 1
     err = capsys.readouterr().err
     assert "unavailable" in err and "pw" not in err.replace("postgresql://gtun:***", "")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["sqlite", "postgresql"])
+def test_peer_list_disable_enable_remove(
+    tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], shared: bool
+) -> None:
+    dsn = request.getfixturevalue("pg_dsn") if shared else None
+    path = write_relay(tmp_path, dsn)
+    if dsn:
+        assert main(["store", "migrate", "-c", str(path)]) == 0
+    assert main(["peer", "add", "phone", "-c", str(path)]) == 0
+    assert main(["peer", "add", "laptop", "-c", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["peer", "disable", "phone", "-c", str(path)]) == 0
+    assert "peer phone disabled; the relay is not running" in capsys.readouterr().err
+    assert main(["peer", "list", "-c", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "ADDRESS", "KEPT"]
+    assert lines[1].startswith("phone") and "10.66.0.2" in lines[1] and "disabled" in lines[1]
+    assert lines[2].startswith("laptop") and "10.66.0.3" in lines[2]
+    cfg = load_server_config(path)
+    store = open_state(cfg)
+    try:
+        assert store.get_lease(store.peers()[0].public_key) == "10.66.0.2"  # kept
+    finally:
+        store.close()
+    assert main(["peer", "enable", "phone", "-c", str(path)]) == 0
+    assert main(["peer", "remove", "phone", "-c", str(path)]) == 0
+    assert main(["peer", "remove", "phone", "-c", str(path)]) == 2
+    assert "no stored peer named phone" in capsys.readouterr().err
+    assert main(["peer", "list", "-c", str(path)]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
+        "NAME",
+        "laptop",
+    ]

@@ -17,7 +17,7 @@ import pytest
 from gtun.app.config import load_server_config
 from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.app.peers import add_peer
+from gtun.app.peers import add_peer, remove_peer, set_peer_enabled
 from gtun.app.pgstore import PgStore, migrate
 from gtun.app.server import Server
 from gtun.app.store import StoredPeer
@@ -102,13 +102,20 @@ def test_a_peer_added_beside_one_relay_reaches_the_other(
             assert took < NOTIFIED_WITHIN
             assert addresses(a)["phone"] == addresses(b)["phone"]
             assert f"Address = {addresses(a)['phone']}/24" in text
+            # `gtun peer disable`, `enable` and `remove` beside relay a: heard by b.
+            phone = addresses(a)["phone"]
+            await asyncio.to_thread(set_peer_enabled, load_server_config(one), "phone", False)
+            await within(
+                NOTIFIED_WITHIN,
+                lambda: "phone" not in addresses(a) and "phone" not in addresses(b),
+            )
+            assert set(addresses(b)) == {"c1"}
+            await asyncio.to_thread(set_peer_enabled, cfg, "phone", True)
+            await within(NOTIFIED_WITHIN, lambda: addresses(b).get("phone") == phone)
+            await asyncio.to_thread(remove_peer, cfg, "phone")
+            await within(NOTIFIED_WITHIN, lambda: "phone" not in addresses(a))
             with PgStore(pg_dsn, cfg.network) as store:
-                assert store.set_enabled("phone", False)
-                await within(
-                    NOTIFIED_WITHIN,
-                    lambda: "phone" not in addresses(a) and "phone" not in addresses(b),
-                )
-                assert set(addresses(a)) == {"c1"}
+                assert phone not in store.leases().values()  # the lease went too
                 relays = {name for _, name, _ in store.relays()}
                 assert relays == {"relay", "relay2"}
 

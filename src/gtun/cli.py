@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         "symlink is refused)",
     )
 
+    for command, text in (
+        ("remove", "forget a peer `peer add` stored, and its address"),
+        ("disable", "keep a stored peer and its address, but serve it no more"),
+        ("enable", "serve a disabled peer again"),
+    ):
+        one = peer_sub.add_parser(command, help=text)
+        one.add_argument("name", help="the peer's name")
+        one.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    ls = peer_sub.add_parser("list", help="the relay's peers: configured and stored")
+    ls.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+
     store = sub.add_parser("store", help="manage the shared store (PostgreSQL)")
     store_sub = store.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
     mig = store_sub.add_parser(
@@ -133,7 +144,9 @@ def dispatch(args: argparse.Namespace) -> int:
         run_client(args.config)
         return 0
     if args.command == "peer":
-        return peer_add(args)
+        if args.peer_command == "add":
+            return peer_add(args)
+        return peer_manage(args)
     if args.command == "store":
         return store_command(args)
     if args.command == "status":
@@ -177,6 +190,27 @@ def peer_add(args: argparse.Namespace) -> int:
         print(text)
     if note:
         print(f"gtun: peer {args.name} added; {note}", file=sys.stderr)
+    return 0
+
+
+def peer_manage(args: argparse.Namespace) -> int:
+    """`gtun peer list|remove|disable|enable`."""
+    from gtun.app import peers
+    from gtun.app.config import load_server_config
+
+    cfg = load_server_config(args.config)
+    if args.peer_command == "list":
+        rows = [("NAME", "ADDRESS", "KEPT", "PUBLIC KEY"), *peers.list_peers(cfg)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+    if args.peer_command == "remove":
+        note = peers.remove_peer(cfg, args.name)
+    else:
+        note = peers.set_peer_enabled(cfg, args.name, args.peer_command == "enable")
+    done = {"remove": "removed", "disable": "disabled", "enable": "enabled"}[args.peer_command]
+    print(f"gtun: peer {args.name} {done}; {note}", file=sys.stderr)
     return 0
 
 
