@@ -124,3 +124,30 @@ def root_namespace_guard() -> Iterator[None]:
         left = [n for n in list_namespaces() if n.startswith(tuple(_LAB_PREFIXES))]
         if left:
             pytest.fail(f"namespaces left behind: {' '.join(left)}", pytrace=False)
+
+
+# -- PostgreSQL (the shared store) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """One throwaway PostgreSQL server for the session (gtun.lab.postgres): Unix socket
+    only, in a temporary folder owned by the postgres user, removed at the end.  Skipped
+    when PostgreSQL is not installed, except under CI."""
+    from gtun.lab.postgres import find_bindir, postgres_server
+
+    if find_bindir() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (scripts/setup installs it)")
+        pytest.skip("needs PostgreSQL (apt install postgresql)")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: object) -> str:
+    """A fresh, empty database on the session's server, for one test."""
+    from gtun.lab.postgres import PostgresServer
+
+    assert isinstance(pg_server, PostgresServer)
+    return pg_server.create_database(f"t_{secrets.token_hex(6)}")

@@ -297,3 +297,20 @@ def test_two_pools_on_one_file_never_collide(db_path: Path) -> None:
         pool_a, pool_b = AddressPool(NET, a), AddressPool(NET, b)
         got = [pool_a.assign("x"), pool_b.assign("y"), pool_a.assign("z")]
         assert got == [_a("10.66.0.2"), _a("10.66.0.3"), _a("10.66.0.4")]
+
+
+def test_enabled_column_added_to_an_older_file(db_path: Path) -> None:
+    db_path.parent.mkdir(mode=0o700)
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
+        db.execute(
+            "CREATE TABLE peers (name TEXT PRIMARY KEY, public_key TEXT UNIQUE NOT NULL, "
+            "address TEXT, subnets TEXT, created REAL)"
+        )
+        db.execute("INSERT INTO peers VALUES ('alice', 'AAAA', NULL, '[]', 1.0)")
+    with StateStore(db_path) as s:
+        assert s.peers() == [StoredPeer("alice", "AAAA")]
+        assert s.set_enabled("alice", False) is True
+        assert s.set_enabled("nobody", False) is False
+        assert s.peers()[0].enabled is False
+        s.add_peer(StoredPeer("bob", "BBBB", enabled=False))
+        assert [p.enabled for p in s.peers()] == [False, False]

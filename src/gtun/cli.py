@@ -58,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
         "symlink is refused)",
     )
 
+    for command, text in (
+        ("remove", "forget a peer `peer add` stored, and its address"),
+        ("disable", "keep a stored peer and its address, but serve it no more"),
+        ("enable", "serve a disabled peer again"),
+    ):
+        one = peer_sub.add_parser(command, help=text)
+        one.add_argument("name", help="the peer's name")
+        one.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    ls = peer_sub.add_parser("list", help="the relay's peers: configured and stored")
+    ls.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+
+    store = sub.add_parser("store", help="manage the shared store (PostgreSQL)")
+    store_sub = store.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    mig = store_sub.add_parser(
+        "migrate", help="create or upgrade the gtun schema in the relay's `store` database"
+    )
+    mig.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    imp = store_sub.add_parser(
+        "import",
+        help="copy a single relay's SQLite state (peers, leases, endpoints) into the store",
+    )
+    imp.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    imp.add_argument("source", type=Path, help="the relay's state file (state_dir/gtun.sqlite)")
+
     st = sub.add_parser("status", help="ask a running relay or client")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-s", "--socket", type=Path, help="control socket (default: relay's)")
@@ -120,7 +144,11 @@ def dispatch(args: argparse.Namespace) -> int:
         run_client(args.config)
         return 0
     if args.command == "peer":
-        return peer_add(args)
+        if args.peer_command == "add":
+            return peer_add(args)
+        return peer_manage(args)
+    if args.command == "store":
+        return store_command(args)
     if args.command == "status":
         return status(args)
     if args.command == "doctor":
@@ -162,6 +190,64 @@ def peer_add(args: argparse.Namespace) -> int:
         print(text)
     if note:
         print(f"gtun: peer {args.name} added; {note}", file=sys.stderr)
+    return 0
+
+
+def peer_manage(args: argparse.Namespace) -> int:
+    """`gtun peer list|remove|disable|enable`."""
+    from gtun.app import peers
+    from gtun.app.config import load_server_config
+
+    cfg = load_server_config(args.config)
+    if args.peer_command == "list":
+        rows = [("NAME", "ADDRESS", "KEPT", "PUBLIC KEY"), *peers.list_peers(cfg)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+    if args.peer_command == "remove":
+        note = peers.remove_peer(cfg, args.name)
+    else:
+        note = peers.set_peer_enabled(cfg, args.name, args.peer_command == "enable")
+    done = {"remove": "removed", "disable": "disabled", "enable": "enabled"}[args.peer_command]
+    print(f"gtun: peer {args.name} {done}; {note}", file=sys.stderr)
+    return 0
+
+
+def store_command(args: argparse.Namespace) -> int:
+    """`gtun store migrate` and `gtun store import`: one summary line each."""
+    from gtun.app.config import load_server_config
+    from gtun.app.keys import encode_key
+    from gtun.app.peerset import open_state
+    from gtun.app.pgstore import PgStore, migrate, redact
+    from gtun.app.store import StateStore
+
+    cfg = load_server_config(args.config)
+    if cfg.store is None:
+        raise ConfigError(
+            'no store is set: add store = "postgresql://..." to [server]',
+            file=cfg.path,
+            key="server.store",
+        )
+    if args.store_command == "migrate":
+        before, after = migrate(cfg.store)
+        where = redact(cfg.store)
+        if before == after:
+            print(f"gtun: store {where}: schema version {after}, up to date")
+        else:
+            print(f"gtun: store {where}: schema version {before} -> {after}")
+        return 0
+    source: Path = args.source
+    if not source.is_file():
+        raise ConfigError("no such state file", file=source)
+    store = open_state(cfg)
+    assert isinstance(store, PgStore)
+    try:
+        with StateStore(source) as old:
+            summary = store.import_state(old, encode_key(cfg.public_key))
+    finally:
+        store.close()
+    print(f"gtun: {summary.line(str(source), store.path)}")
     return 0
 
 

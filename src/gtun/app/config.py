@@ -62,6 +62,7 @@ _SERVER_KEYS = (
     "control_socket",
     "endpoint",
     "offload",
+    "store",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets")
 _CLIENT_KEYS = (
@@ -122,6 +123,7 @@ class ServerConfig:
     endpoint: tuple[str, int] | None
     peers: tuple[PeerConfig, ...]
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
+    store: str | None = None  # a postgresql:// URI: state shared by several relays
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -506,6 +508,13 @@ def load_server_config(path: str | Path) -> ServerConfig:
     control_socket = s.path("control_socket", DEFAULT_SERVER_SOCKET)
     endpoint = s.host_port("endpoint", require_ip=False)
     offload = s.get_bool("offload", True)
+    store = s.optional_str("store")
+    if store is not None and not store.startswith(("postgresql://", "postgres://")):
+        raise s.error(
+            "store",
+            f"{store!r} is not a PostgreSQL URI (postgresql://user@host/database); "
+            "leave it out to keep the state in SQLite under state_dir",
+        )
 
     peers = _load_peers(doc, network, public_key(private), network6=network6)
 
@@ -528,6 +537,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         endpoint=endpoint,
         peers=peers,
         offload=offload,
+        store=store,
     )
 
 

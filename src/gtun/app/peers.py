@@ -10,7 +10,7 @@ from gtun.app.config import ServerConfig
 from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.peerset import collect_peers, open_state
-from gtun.app.store import StateStore, StoredPeer
+from gtun.app.store import Store, StoredPeer
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
@@ -65,7 +65,7 @@ def add_peer(
     dial = guess_endpoint(cfg, endpoint)
     private = generate_private_key()
     pub = encode_key(public_key(private))
-    store: StateStore = open_state(cfg)
+    store: Store = open_state(cfg)
     try:
         if any(p.name == name for p in store.peers()):
             raise ConfigError(
@@ -105,13 +105,70 @@ def add_peer(
         "PersistentKeepalive = 25",
         "",
     ]
-    note: str | None
+    return "\n".join(lines), _tell_relay(cfg, "the peer")
+
+
+def _tell_relay(cfg: ServerConfig, what: str) -> str:
+    """Ask this config's running relay to reload; what to tell the user.  With a shared
+    store every relay heard the change already (NOTIFY); the local reload is harmless."""
+    shared = " (and every relay of the store heard of it)" if cfg.store else ""
     try:
         answer = query(cfg.control_socket, {"command": "reload"}, timeout=5.0)
-        if answer.get("ok"):
-            note = "the running relay picked the peer up"
-        else:
-            note = f"the running relay could not reload: {answer.get('error')}"
     except GtunError:
-        note = "the relay is not running; it will pick the peer up when it starts"
-    return "\n".join(lines), note
+        return f"the relay is not running; it will pick {what} up when it starts{shared}"
+    if answer.get("ok"):
+        return f"the running relay picked {what} up{shared}"
+    return f"the running relay could not reload: {answer.get('error')}{shared}"
+
+
+def _stored_only(cfg: ServerConfig, name: str) -> None:
+    if any(p.name == name for p in cfg.peers):
+        raise ConfigError(
+            f"peer {name} is in the config file's [[peers]]; change it there", file=cfg.path
+        )
+
+
+def remove_peer(cfg: ServerConfig, name: str) -> str:
+    """Forget a peer `gtun peer add` stored, and its lease; the note for the user.
+    Raises ConfigError (a config peer, or no such peer) or RuntimeFailure (store)."""
+    _stored_only(cfg, name)
+    store = open_state(cfg)
+    try:
+        if not store.remove_peer(name):
+            raise ConfigError(f"no stored peer named {name}", file=store.path)
+    finally:
+        store.close()
+    return _tell_relay(cfg, "the change")
+
+
+def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool) -> str:
+    """Enable or disable a stored peer (a disabled one keeps its address but is not
+    served); the note for the user.  Raises ConfigError or RuntimeFailure."""
+    _stored_only(cfg, name)
+    store = open_state(cfg)
+    try:
+        if not store.set_enabled(name, enabled):
+            raise ConfigError(f"no stored peer named {name}", file=store.path)
+    finally:
+        store.close()
+    return _tell_relay(cfg, "the change")
+
+
+def list_peers(cfg: ServerConfig) -> list[tuple[str, str, str, str]]:
+    """Every peer as (name, address, where it is kept and whether it is served,
+    public key): the config's, then the stored ones, with their leased addresses."""
+    store = open_state(cfg)
+    try:
+        stored, leases = store.peers(), store.leases()
+    finally:
+        store.close()
+    rows = []
+    for p in cfg.peers:
+        key = encode_key(p.public_key)
+        rows.append((p.name, str(p.address or leases.get(key, "-")), "config", key))
+    for sp in stored:
+        address = sp.address or leases.get(sp.public_key, "-")
+        rows.append(
+            (sp.name, address, "stored" if sp.enabled else "stored, disabled", sp.public_key)
+        )
+    return rows

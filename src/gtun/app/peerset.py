@@ -11,7 +11,7 @@ from typing import Any
 
 from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
-from gtun.app.store import AddressPool, LeaseWanted, StateStore
+from gtun.app.store import AddressPool, LeaseWanted, StateStore, Store
 from gtun.core.relay import PeerSpec
 from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
@@ -22,8 +22,23 @@ log = logging.getLogger("gtun")
 STATE_FILE = "gtun.sqlite"
 
 
-def open_state(cfg: ServerConfig) -> StateStore:
-    return StateStore(cfg.state_dir / STATE_FILE)
+def open_state(cfg: ServerConfig) -> Store:
+    """The relay's store: PostgreSQL when `store` is set, else SQLite in state_dir.
+
+    Raises ConfigError (a state file it cannot use; a database schema not this gtun's,
+    naming the config's `server.store`) or RuntimeFailure (the database unreachable)."""
+    if cfg.store is None:
+        return StateStore(cfg.state_dir / STATE_FILE)
+    from gtun.app.pgstore import PgStore, StoreSchemaError
+
+    try:
+        return PgStore(cfg.store, cfg.network)
+    except StoreSchemaError as exc:
+        raise ConfigError(
+            exc.message.replace("CONFIG", str(cfg.path)) + f" ({exc.file})",
+            file=cfg.path,
+            key="server.store",
+        ) from None
 
 
 @dataclass
@@ -35,12 +50,12 @@ class PeerSet:
     refused: list[str] = field(default_factory=list)
 
 
-def collect_peers(cfg: ServerConfig, store: StateStore) -> list[PeerSpec]:
+def collect_peers(cfg: ServerConfig, store: Store) -> list[PeerSpec]:
     """The peers read_peers() gives, without those the pool refused."""
     return read_peers(cfg, store).specs
 
 
-def read_peers(cfg: ServerConfig, store: StateStore) -> PeerSet:
+def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
     """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
     with their addresses (fixed ones first, so leases move out of their way), leased in
     one transaction.  When the pool is full, the peers without an address are refused
@@ -56,6 +71,8 @@ def read_peers(cfg: ServerConfig, store: StateStore) -> PeerSet:
     names = {p.name for p in cfg.peers}
     keys = {p.public_key for p in cfg.peers}
     for sp in store.peers():
+        if not sp.enabled:
+            continue
         key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
         if is_degenerate_key(key):
             raise ConfigError(

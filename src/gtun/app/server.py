@@ -25,9 +25,10 @@ from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
 from gtun.app.peerset import PeerSet, open_state, read_peers, refused_lines
+from gtun.app.pgstore import PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
-from gtun.app.store import StateStore
+from gtun.app.store import Store
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
@@ -56,6 +57,9 @@ JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the sa
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 STATUS_CHUNK = 500  # peers described between two yields to the event loop
 ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
+PRESENCE_INTERVAL = 10.0  # seconds between heartbeats of the sessions held (shared store)
+PRESENCE_TTL = 3 * PRESENCE_INTERVAL  # how long a heartbeat says a session is here
+PRESENCE_RECENT = 180.0  # seconds since a peer's last packet for its session to count
 
 
 class UnknownKeys:
@@ -160,6 +164,13 @@ class Server:
         self._endpoint_task: asyncio.Task[None] | None = None
         self.refused: list[str] = []  # peers the full address pool left out
         self._reloading = asyncio.Lock()  # one reload at a time
+        # The shared store (PostgreSQL): whether it answers (None until the watch first
+        # reports), and the reloads its notifications ask for, coalesced.
+        self.store_up: bool | None = None
+        self._watch: StoreWatch | None = None
+        self._reload_wanted = False
+        self._reload_task: asyncio.Task[None] | None = None
+        self._next_heartbeat = 0.0  # loop time of the next presence heartbeat
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -179,6 +190,7 @@ class Server:
             await control.start()
             rt.push("control socket", control.close)
             rt.handle_signals(reload=self.reload)
+            self._watch_store()
             self._announce(tun, specs)
             # What start-up built lives as long as the relay: out of the collector's
             # sight, so that a full collection (during a reload of 10,000 peers, say)
@@ -368,6 +380,9 @@ class Server:
         failing = False  # said once per run of failures (a read-only or full state dir)
         while True:
             await asyncio.sleep(ENDPOINT_SAVE_INTERVAL)
+            if self.store_up is False:
+                continue  # the store is away (said once, by _store_state); saved later
+            await self._heartbeat(relay_key)
             changed = self._changed_endpoints()
             if not changed:
                 continue
@@ -375,6 +390,11 @@ class Server:
             try:
                 # Off the event loop: a commit waits for the disk.
                 await loop.run_in_executor(None, self.store.save_endpoints, relay_key, rows)
+            except StoreUnavailable as exc:
+                self._store_state(False, str(exc))
+                for key in changed:
+                    self._seen_endpoints.pop(key, None)
+                continue
             except GtunError as exc:
                 if not failing:
                     log.warning("cannot save the peers' endpoints (retrying): %s", exc)
@@ -394,10 +414,101 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         changed = self._changed_endpoints()
-        if changed:
+        if changed and self.store_up is not False:
             self.store.save_endpoints(
                 relay_key, {encode_key(key): text for key, text in changed.items()}
             )
+
+    async def _heartbeat(self, relay_key: str) -> None:
+        """Shared store: every PRESENCE_INTERVAL, record which peers' sessions this
+        relay holds (a packet from them within PRESENCE_RECENT)."""
+        store = self.store
+        if not isinstance(store, PgStore) or self.relay is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + PRESENCE_INTERVAL
+        held = [
+            encode_key(key)
+            for key, peer in self.relay.wg.peers.items()
+            if peer.last_received is not None and now - peer.last_received < PRESENCE_RECENT
+        ]
+        if held:
+            try:
+                await off_loop(store.heartbeat, relay_key, held, PRESENCE_TTL)
+            except StoreUnavailable as exc:
+                self._store_state(False, str(exc))
+            except GtunError as exc:
+                log.debug("presence heartbeat failed: %s", exc)
+
+    # --- the shared store ----------------------------------------------------------------
+
+    def _watch_store(self) -> None:
+        """Shared store: register this relay, and LISTEN for changes to the peers on a
+        connection of its own, in a thread (StoreWatch): a change made through any relay
+        or `gtun peer add` reloads the peers here, through the usual off-loop reload."""
+        store = self.store
+        if not isinstance(store, PgStore):
+            return
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        endpoint = f"{cfg.endpoint[0]}:{cfg.endpoint[1]}" if cfg.endpoint else None
+        store.register_relay(encode_key(cfg.public_key), cfg.path.stem, endpoint)
+
+        def call(fn: Callable[..., object], *args: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the relay stopped
+                loop.call_soon_threadsafe(fn, *args)
+
+        watch = StoreWatch(
+            store.dsn,
+            store.network,
+            lambda: call(self._request_reload),
+            lambda up, error: call(self._store_state, up, error),
+        )
+        self._watch = watch
+        watch.start()
+
+        async def stop() -> None:
+            await asyncio.to_thread(watch.stop)
+            task = self._reload_task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        self.rt.push("store watch", stop)
+
+    def _store_state(self, up: bool, error: str | None) -> None:
+        """The store answers, or not: one log line per change, not per attempt.  When
+        it answers again (or first LISTENs), reload: notifications sent while this
+        relay was not listening are lost, the peers they announced are not."""
+        was = self.store_up
+        if up == was:
+            return
+        self.store_up = up
+        if up:
+            if was is False:
+                log.info("store %s is back: catching up with the peers", self.store.path)
+            self._request_reload()
+        else:
+            log.error(
+                "%s; forwarding the sessions it has, refusing new peers and leases "
+                "until it returns (retrying)",
+                error or f"store {self.store.path} is unavailable",
+            )
+
+    def _request_reload(self) -> None:
+        """A reload soon; requests made while one runs are served by one more."""
+        self._reload_wanted = True
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.ensure_future(self._reload_while_wanted())
+
+    async def _reload_while_wanted(self) -> None:
+        while self._reload_wanted and not self.stop.is_set():
+            self._reload_wanted = False
+            await self.reload()
 
     def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
         cfg = self.cfg
@@ -477,6 +588,11 @@ class Server:
             cfg, peerset = await off_loop(self._read_peers)
             specs = peerset.specs
             added, removed = apply_peers(self.relay, specs, cfg, self.store)
+        except StoreUnavailable as exc:
+            # Said once for the whole outage (_store_state), not once per attempt.
+            log.debug("reload refused, keeping the current peers: %s", exc)
+            self._store_state(False, str(exc))
+            return {"ok": False, "error": str(exc)}
         except GtunError as exc:
             log.error("reload failed, keeping the current peers: %s", exc)
             return {"ok": False, "error": str(exc)}
@@ -619,7 +735,7 @@ class Server:
 
 
 def apply_peers(
-    relay: Relay, specs: list[PeerSpec], cfg: ServerConfig, store: StateStore
+    relay: Relay, specs: list[PeerSpec], cfg: ServerConfig, store: Store
 ) -> tuple[list[str], list[str]]:
     """relay.set_peers(specs), its refusal as a ConfigError naming the file the peer at
     fault comes from (the config's [[peers]], or the state file `gtun peer add` wrote).

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any, Protocol
 
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
@@ -27,6 +28,7 @@ __all__ = [
     "LeaseWanted",
     "StateFileError",
     "StateStore",
+    "Store",
     "StoredPeer",
     "SCHEMA_VERSION",
 ]
@@ -77,6 +79,34 @@ class StoredPeer:
     public_key: str
     address: str | None = None
     subnets: tuple[str, ...] = ()
+    enabled: bool = True  # a disabled peer is kept, with its lease, but not served
+
+
+class Store(Protocol):
+    """What the relay, AddressPool and `gtun peer add` need of a store: StateStore
+    (SQLite, one relay) or pgstore.PgStore (PostgreSQL, shared by several relays).
+    Every method raises a GtunError naming the store (`path`) when it cannot be used."""
+
+    @property
+    def path(self) -> Any:
+        """Where the state is, for messages: a file, or a DSN without its password."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's write lock (for its network) for the block."""
+
+    def get_lease(self, public_key: str) -> str | None: ...
+    def set_lease(self, public_key: str, address: str, name: str = "") -> None: ...
+    def delete_lease(self, public_key: str) -> None: ...
+    def leases(self) -> dict[str, str]: ...
+    def lease_rows(self) -> list[tuple[str, str, str]]: ...
+    def replace_leases(self, drop: Iterable[str], put: Iterable[tuple[str, str, str]]) -> None: ...
+    def add_peer(self, peer: StoredPeer) -> None: ...
+    def remove_peer(self, name: str) -> bool: ...
+    def set_enabled(self, name: str, enabled: bool) -> bool: ...
+    def peers(self) -> list[StoredPeer]: ...
+    def endpoints(self, relay: str) -> dict[str, str]: ...
+    def save_endpoints(self, relay: str, changed: dict[str, str]) -> None: ...
+    def close(self) -> None: ...
 
 
 class StateStore:
@@ -130,6 +160,10 @@ class StateStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            # An added column (a gtun without it serves every stored peer); schema 1 holds.
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(peers)")}
+            if "enabled" not in columns:
+                self._db.execute("ALTER TABLE peers ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1")
             row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
             version = row[0] if row else None
             if version is None:
@@ -273,14 +307,15 @@ class StateStore:
         try:
             with self.transaction():
                 self._db.execute(
-                    "INSERT INTO peers (name, public_key, address, subnets, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO peers (name, public_key, address, subnets, created, enabled) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         peer.name,
                         peer.public_key,
                         peer.address,
                         json.dumps(list(peer.subnets)),
                         time.time(),
+                        int(peer.enabled),
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -301,13 +336,22 @@ class StateStore:
             self._db.execute("DELETE FROM leases WHERE public_key = ?", (row[0],))
             return True
 
+    def set_enabled(self, name: str, enabled: bool) -> bool:
+        """Enable or disable the stored peer `name` (a disabled one keeps its lease but
+        is not served); return whether it exists."""
+        with self.transaction():
+            cur = self._db.execute(
+                "UPDATE peers SET enabled = ? WHERE name = ?", (int(enabled), name)
+            )
+            return cur.rowcount > 0
+
     def peers(self) -> list[StoredPeer]:
         """The stored peers, oldest first."""
         rows = self._query(
-            "SELECT name, public_key, address, subnets FROM peers ORDER BY created, name"
+            "SELECT name, public_key, address, subnets, enabled FROM peers ORDER BY created, name"
         )
         peers = []
-        for name, key, address, subnets in rows:
+        for name, key, address, subnets, enabled in rows:
             try:
                 decoded = json.loads(str(subnets)) if subnets else []
             except ValueError:
@@ -320,6 +364,7 @@ class StateStore:
                     public_key=str(key),
                     address=None if address is None else str(address),
                     subnets=tuple(str(s) for s in decoded),
+                    enabled=bool(enabled),
                 )
             )
         return peers
@@ -391,7 +436,7 @@ class AddressPool:
     """
 
     def __init__(
-        self, network: IPv4Network, store: StateStore, reserved: Iterable[IPv4Address] = ()
+        self, network: IPv4Network, store: Store, reserved: Iterable[IPv4Address] = ()
     ) -> None:
         self.network = network
         self.store = store

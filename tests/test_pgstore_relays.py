@@ -1,0 +1,181 @@
+"""Relays on the shared store: two relay daemons in-process (as tests/test_daemons.py:
+real UDP on 127.0.0.1, fake devices and platform) on one PostgreSQL database.  A peer
+added through `gtun peer add` beside one relay reaches the other through NOTIFY, with no
+SIGHUP; the store stopped and started again under a relay with a client flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gtun.app.config import load_server_config
+from gtun.app.control import query
+from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.app.peers import add_peer, remove_peer, set_peer_enabled
+from gtun.app.pgstore import PgStore, migrate
+from gtun.app.server import Server
+from gtun.app.store import StoredPeer
+from gtun.errors import GtunError
+from gtun.lab.net import write_key
+from gtun.lab.postgres import PostgresServer
+from gtun.testing.platform import FakePlatform
+from test_daemons import Net, exchange, free_port, running, start_client, status, until
+
+LIMIT = 20.0  # seconds any one scenario may take
+NOTIFIED_WITHIN = 2.0  # seconds for a change to reach every relay
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Net:
+    return Net(tmp_path)
+
+
+@pytest.fixture
+def platforms() -> Iterator[Callable[[], FakePlatform]]:
+    made: list[FakePlatform] = []
+
+    def make() -> FakePlatform:
+        made.append(FakePlatform())
+        return made[-1]
+
+    yield make
+    for platform in made:
+        platform.close_ends()
+
+
+def shared_relays(net: Net, dsn: str, count: int = 2) -> list[Path]:
+    """relay.toml (net's, c1 its peer) and relay2.toml... on one store, each with its
+    own key, port, control socket and state directory."""
+    base = (net.tmp / "relay.toml").read_text()
+    first = base.replace("[server]\n", f'[server]\nstore = "{dsn}"\n', 1)
+    (net.tmp / "relay.toml").write_text(first)
+    paths = [net.tmp / "relay.toml"]
+    for n in range(2, count + 1):
+        write_key(net.tmp / f"relay{n}.key", generate_private_key())
+        text = (
+            first.replace(f"127.0.0.1:{net.port}", f"127.0.0.1:{free_port()}")
+            .replace('"relay.key"', f'"relay{n}.key"')
+            .replace('"relay.sock"', f'"relay{n}.sock"')
+            .replace('state_dir = "state"', f'state_dir = "state{n}"')
+        )
+        (net.tmp / f"relay{n}.toml").write_text(text)
+        paths.append(net.tmp / f"relay{n}.toml")
+    return paths
+
+
+def addresses(server: Server) -> dict[str, str]:
+    assert server.relay is not None
+    return {p.data.spec.name: str(p.data.spec.address) for p in server.relay.wg.peers.values()}
+
+
+async def within(seconds: float, condition: Any) -> float:
+    """Wait for `condition`; how long it took.  Fails after `seconds`."""
+    started = time.monotonic()
+    async with asyncio.timeout(seconds):
+        await until(condition)
+    return time.monotonic() - started
+
+
+def test_a_peer_added_beside_one_relay_reaches_the_other(
+    net: Net, platforms: Any, pg_dsn: str
+) -> None:
+    migrate(pg_dsn)
+    one, two = shared_relays(net, pg_dsn)
+    a = Server(load_server_config(one), platforms())
+    b = Server(load_server_config(two), platforms())
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT), running(a), running(b):
+            await within(5, lambda: a.store_up and b.store_up)
+            # `gtun peer add` with relay b's config: stored once, heard by both.
+            cfg = load_server_config(two)
+            text, _ = await asyncio.to_thread(add_peer, cfg, "phone", ("192.0.2.1", 9621))
+            took = await within(
+                NOTIFIED_WITHIN, lambda: "phone" in addresses(a) and "phone" in addresses(b)
+            )
+            assert took < NOTIFIED_WITHIN
+            assert addresses(a)["phone"] == addresses(b)["phone"]
+            assert f"Address = {addresses(a)['phone']}/24" in text
+            # `gtun peer disable`, `enable` and `remove` beside relay a: heard by b.
+            phone = addresses(a)["phone"]
+            await asyncio.to_thread(set_peer_enabled, load_server_config(one), "phone", False)
+            await within(
+                NOTIFIED_WITHIN,
+                lambda: "phone" not in addresses(a) and "phone" not in addresses(b),
+            )
+            assert set(addresses(b)) == {"c1"}
+            await asyncio.to_thread(set_peer_enabled, cfg, "phone", True)
+            await within(NOTIFIED_WITHIN, lambda: addresses(b).get("phone") == phone)
+            await asyncio.to_thread(remove_peer, cfg, "phone")
+            await within(NOTIFIED_WITHIN, lambda: "phone" not in addresses(a))
+            with PgStore(pg_dsn, cfg.network) as store:
+                assert phone not in store.leases().values()  # the lease went too
+                relays = {name for _, name, _ in store.relays()}
+                assert relays == {"relay", "relay2"}
+
+    asyncio.run(scenario())
+
+
+def test_the_store_goes_away_and_comes_back(
+    net: Net, platforms: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gtun")
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        (path,) = shared_relays(net, dsn, count=1)
+        cfg = load_server_config(path)
+        relay_pf, client_pf = platforms(), platforms()
+        server = Server(cfg, relay_pf)
+        client = start_client(net, client_pf)
+
+        async def scenario() -> None:
+            async with asyncio.timeout(LIMIT + 20), running(server), running(client):
+                await within(5, lambda: client.applied is not None and server.store_up)
+                await exchange(relay_pf, client_pf, b"before")
+                await asyncio.to_thread(pg.stop)
+                await within(5, lambda: server.store_up is False)
+                # The session flows; new peers are refused, said once in the log.
+                await exchange(relay_pf, client_pf, b"while the store is away")
+                for _ in range(3):
+                    answer = await asyncio.to_thread(
+                        query, cfg.control_socket, {"command": "reload"}, 10.0
+                    )
+                    assert answer["ok"] is False and "unavailable" in answer["error"]
+                with pytest.raises(GtunError, match="unavailable"):
+                    await asyncio.to_thread(add_peer, cfg, "late", ("192.0.2.1", 9621))
+                await asyncio.sleep(2.5)  # a few reconnection attempts of the watch
+                await exchange(relay_pf, client_pf, b"still")
+                errors = [
+                    r
+                    for r in caplog.records
+                    if r.levelno >= logging.ERROR and "unavailable" in r.getMessage()
+                ]
+                assert len(errors) == 1, [r.getMessage() for r in errors]
+                assert "refusing new peers and leases" in errors[0].getMessage()
+                # Back: re-LISTEN, catch up, and new peers join again.
+                await asyncio.to_thread(pg.start)
+                await within(15, lambda: server.store_up is True)
+                with PgStore(dsn, cfg.network) as store:
+                    phone = encode_key(public_key(generate_private_key()))
+                    store.add_peer(StoredPeer("phone", phone))
+                    await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
+                    leases = store.leases()
+                assert len(set(leases.values())) == len(leases)
+                assert addresses(server)["phone"] != addresses(server)["c1"]
+                await exchange(relay_pf, client_pf, b"after")
+                rst = await status(cfg.control_socket)
+                assert [p["name"] for p in rst["peers"]] == ["c1", "phone"]
+                assert any("is back" in r.getMessage() for r in caplog.records)
+
+        asyncio.run(scenario())
+    finally:
+        pg.close()
