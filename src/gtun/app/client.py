@@ -18,6 +18,7 @@ from gtun.app.control import ControlServer
 from gtun.app.keys import encode_key
 from gtun.app.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.app.platform import Device, ExitRoute, Link, LinuxPlatform, Platform
+from gtun.app.relays import load_relays, relays_file, save_relays, udp_endpoint
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.core.client import (
     ClientCore,
@@ -29,6 +30,8 @@ from gtun.core.client import (
     MtuChanged,
     NoAnswer,
     Refused,
+    RelayChanged,
+    RelaysLearned,
 )
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
@@ -96,6 +99,8 @@ class Client:
             if endpoint is None:
                 return
             family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+            v6 = family == socket.AF_INET6
+            known = load_relays(relays_file(cfg.state_dir, cfg.path))
             await rt.nl(self.prepare_full_tunnel)
             core = ClientCore(
                 cfg.private_key,
@@ -109,6 +114,8 @@ class Client:
                 transport=cfg.transport,
                 pmtu=cfg.pmtu,
                 raise_interval=float(cfg.pmtu_raise_interval),
+                known=known,
+                endpoint_of=lambda text: udp_endpoint(text, v6),
             )
             self.core = core
             driver = Driver(core, loop, self.on_event)
@@ -344,12 +351,35 @@ class Client:
             task = asyncio.ensure_future(self.apply_mtu(event))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        elif isinstance(event, RelaysLearned):
+            try:
+                save_relays(relays_file(self.cfg.state_dir, self.cfg.path), event.relays)
+            except GtunError as exc:
+                log.warning("%s; the relays learnt are not kept", exc)
+        elif isinstance(event, RelayChanged):
+            self.on_relay_changed(event)
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",
                 *self.cfg.server,
                 event.retry_in,
             )
+
+    def on_relay_changed(self, event: RelayChanged) -> None:
+        """Failover moved to another relay: over UDP the core already sends there (the
+        roaming watch follows it); over TCP the dialer connects to it instead."""
+        where = event.endpoint or "{}:{}".format(*self.cfg.server)
+        log.warning(
+            "now through relay %s (%s): %s", event.name or "configured", where, event.reason
+        )
+        v6 = self.endpoint is not None and ":" in self.endpoint[0]
+        address = self.cfg.server if event.endpoint is None else udp_endpoint(event.endpoint, v6)
+        if address is None:
+            return
+        self.endpoint = address
+        if self.dialer is not None:
+            self.dialer.address = address
+            self.dialer.reconnect(f"moving to relay {event.name or 'configured'}")
 
     # --- device configuration ----------------------------------------------------------
 
@@ -414,6 +444,12 @@ class Client:
         assert self.tun is not None
         if self.applied is not None:
             log.info("the relay changed this client's configuration; reapplying")
+            if self.applied.address != config.address:
+                log.warning(
+                    "the address changed from %s to %s (another relay's lease)",
+                    self.applied.address,
+                    config.address,
+                )
         if self.link is not None:
             self.unconfigure()  # also what an interrupted earlier configure left
         link = self.platform.link(self.tun.name)

@@ -37,6 +37,16 @@ and says (the events the daemon acts on).
     REFUSED       roamed()                                 nothing
     CONNECTED     path MTU found lower or higher           MtuChanged(mtu, reason): the
                   (below)                                  daemon sets the device's MTU
+    CONNECTED     failover: the relay lost (CHECK_PINGS    -> CONNECTING: Disconnected; a
+                  pings unanswered, below)                 failover round (below)
+    CONNECTED     silence, with other relays known         the same failover round
+    CONNECTING    failover: a handshake with another       -> CONNECTED ("moved"):
+                  known relay completes first              RelayChanged, Connected; asks
+                                                           that relay for its configuration
+    CONNECTED     failover: another relay's handshake      RelayChanged ("moved"), make-
+                  RTT is below MOVE_RATIO of this one's    before-break: its session is up
+                  (no move within MOVE_HOLD of the last)   before the first packet goes
+    REFUSED       failover causes ("moved", "lost")        nothing
 
 A PING is data, so WireGuard's own timer starts a new handshake when no answer came for
 KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: that is how a restarted relay (which has forgotten
@@ -52,6 +62,29 @@ The device mode is `mode` ("tun" or "tap") when the user chose one, which the
 configuration request carries (a relay in the other mode refuses); with mode None the
 client follows the relay's mode from the CONFIG.  In TAP mode the device carries
 Ethernet frames, which travel wrapped in gtun's frame header (l2frame.py).
+
+Failover (issue 12)
+-------------------
+A relay of a mesh pushes the other relays of its network (tunnel.Caps.relays: name, key,
+endpoint), which the client makes WireGuard peers of its own (at most MAX_RELAYS, besides
+the configured relay) and announces (RelaysLearned: the daemon keeps them in its state
+directory and gives them back at start, `known`).  The relay in use is `server`; the
+others are peers with no traffic, which a push replaces (a relay gone from the push is
+forgotten; the configured relay never is).  Each relay's handshake RTT is measured from
+the client's own initiations (initiation sent to response, a smoothed mean): start()
+initiates to every known relay at once, and while connected one other relay is measured
+every MEASURE_INTERVAL.  The first relay to answer at start, or after a loss, is joined.
+
+Loss: while the client sends and nothing came from its relay for SUSPECT_AFTER (and
+after every periodic PING), it sends a PING every CHECK_INTERVAL; CHECK_PINGS unanswered
+mean the relay is lost: a failover round initiates to every known relay (the lost one
+too) and the first to complete the handshake is joined.  So traffic that is flowing
+stops for at most SUSPECT_AFTER + CHECK_PINGS * CHECK_INTERVAL (3.25 s) plus a handshake
+and a configuration round trip: under 5 s on any sane path.  The new relay is asked for
+the configuration; relays sharing a store give the same lease, so the address stays
+(ConfigReceived.changed says when it did not).  Packets from any known relay are taken,
+so what the old relay sent before a move is not lost.  Over TCP a failover round names
+the next relay by RTT (RelayChanged) and the daemon dials it.
 
 Path MTU (in the spirit of RFC 8899, packetization-layer PMTU discovery)
 ------------------------------------------------------------------------
@@ -94,7 +127,7 @@ it does the next raise finds the rest.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from gtun.core import bulk, l2frame
@@ -104,7 +137,8 @@ from gtun.core.errors import LocalProtocolError
 from gtun.core.offload import Gso, OffloadError
 from gtun.core.packet import packet_length, tunnel_addresses
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
-from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, WireGuard
+from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, Peer, WireGuard
+from gtun.core.wg.crypto import is_degenerate_key
 from gtun.core.wg.events import Event
 
 # Tuning knobs.
@@ -114,6 +148,16 @@ FIRST_BACKOFF = 2.0  # after a round of handshakes went unanswered ...
 MAX_BACKOFF = 60.0  # ... doubling up to this
 FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
 MAX_EVENTS = 1024  # events kept for a caller that does not drain them
+
+# Failover (see the docstring).  Tuning knobs:
+SUSPECT_AFTER = 1.0  # sending, and nothing from the relay this long: check it
+CHECK_INTERVAL = 0.75  # a check PING this often ...
+CHECK_PINGS = 3  # ... unanswered this many times in a row: the relay is lost
+MEASURE_INTERVAL = 300.0  # a handshake to one other known relay this often, for its RTT
+MOVE_RATIO = 0.75  # move to a relay whose RTT is below this share of the current one's ...
+MOVE_MARGIN = 0.005  # ... and lower by at least this many seconds
+MOVE_HOLD = 60.0  # and not within this long of the last move
+MAX_RELAYS = tm.MAX_RELAYS  # known relays kept besides the configured one
 
 # Path MTU discovery (RFC 8899 names in comments).  Tuning knobs:
 PROBE_TIMEOUT = 1.0  # seconds a probe waits for its answer at most (PROBE_TIMER) ...
@@ -152,17 +196,38 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTING, "roamed"): CONNECTING,
     (CONNECTED, "roamed"): CONNECTED,
     (REFUSED, "roamed"): REFUSED,
+    # Failover: another known relay's handshake completed and it is joined ...
+    (CONNECTING, "moved"): CONNECTED,
+    (CONNECTED, "moved"): CONNECTED,  # make-before-break, to a better relay
+    (REFUSED, "moved"): REFUSED,
+    # ... and the relay in use stopped answering its check PINGs.
+    (CONNECTED, "lost"): CONNECTING,
+    (CONNECTING, "lost"): CONNECTING,
+    (REFUSED, "lost"): REFUSED,
 }
-REMOTE_CAUSES = ("handshake", "refused")  # what a datagram can bring about
-LOCAL_CAUSES = ("silence", "roamed")  # what a timer or the daemon brings about
+REMOTE_CAUSES = ("handshake", "refused", "moved")  # what a datagram can bring about
+LOCAL_CAUSES = ("silence", "roamed", "lost")  # what a timer or the daemon brings about
 
 
 @dataclass
 class RelayPeer:
-    """`Peer.data` of the relay: what it and this client both do (its configuration
-    said, ANDed with this client's own abilities)."""
+    """`Peer.data` of a relay: what it and this client both do (its configuration
+    said, ANDed with this client's own abilities), and what failover knows of it."""
 
     caps: Caps = NO_CAPS
+    name: str = ""
+    endpoint: str | None = None  # as pushed (None: the configured relay's, the daemon's)
+    rtt: float | None = None  # the smoothed handshake round trip, seconds
+    configured: bool = False  # the relay the configuration names: never forgotten
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRelay:
+    """A relay this client learnt (from a push, or its state), as the daemon keeps it."""
+
+    name: str
+    public_key: bytes
+    endpoint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +275,24 @@ class MtuChanged(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RelayChanged(Event):
+    """The client now uses another relay: `endpoint` as pushed (None: the configured
+    relay's).  Over UDP the core already sends there; over TCP the daemon dials it."""
+
+    name: str
+    public_key: bytes
+    endpoint: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelaysLearned(Event):
+    """The known relays changed (a push): the daemon keeps them in its state."""
+
+    relays: tuple[KnownRelay, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Fallback(Event):
     """Transport "auto": UDP brought no handshake in `after` seconds; use TCP."""
 
@@ -231,17 +314,23 @@ class ClientCore:
         pmtu: bool = True,
         raise_interval: float = RAISE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
+        known: Iterable[KnownRelay] = (),
+        endpoint_of: Callable[[str], Hashable | None] | None = None,
+        failover: bool = True,
     ) -> None:
         """`accept_partial`: this client completes TCP checksums the relay leaves partial
         (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
         "auto" (UDP, and Fallback when it brings no handshake).  `pmtu`: probe the path
         MTU (over UDP, when the relay answers probes); `raise_interval` and
-        `probe_timeout` are its timers."""
+        `probe_timeout` are its timers.  `known`: the relays learnt before (the
+        daemon's state); `endpoint_of` turns a pushed endpoint into one the transport
+        sends to (None: unusable; by default the text itself); `failover`: ask for the
+        other relays and move between them."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
         self.wg.on_packet = self._on_packet  # the data fast lane
-        self.relay = RelayPeer()
+        self.relay = RelayPeer(configured=True)
         self.accept_partial = accept_partial
         self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
         self.mode = mode
@@ -286,6 +375,17 @@ class ClientCore:
         self._t_pmtu: float | None = None  # a round's end, or the next idle confirm
         self._pm_busy_due = float("inf")  # a large TUN packet after this confirms
         self._pm_raise_at: float | None = None
+        # Failover (see the docstring).
+        self.failover = failover
+        self._endpoint_of = endpoint_of if endpoint_of is not None else _text_endpoint
+        self.moves = 0  # relays joined after the first
+        self._t_check: float | None = None  # the next check of the relay, when one runs
+        self._check_since = 0.0  # when the check began: anything received since answers
+        self._checks = 0  # check PINGs sent, unanswered so far
+        self._t_measure: float | None = None
+        self._moved_at = float("-inf")
+        for relay in known:
+            self._know(relay)
 
     @property
     def connected(self) -> bool:
@@ -331,6 +431,8 @@ class ClientCore:
                 self._t_retry,
                 self._t_fallback,
                 self._t_pmtu,
+                self._t_check,
+                self._t_measure,
             )
             if t is not None
         ]
@@ -361,6 +463,9 @@ class ClientCore:
         if self.transport == "auto" and self.server.endpoint is not None:
             self._t_fallback = now + FALLBACK_AFTER
         self.wg.initiate_handshake(self.server, now)
+        if self.failover and self.transport != "tcp":
+            for peer in self._others():
+                self.wg.initiate_handshake(peer, now)  # the first to answer is joined
         self._drain(now)
 
     def new_path(self, endpoint: Hashable, now: float) -> None:
@@ -422,6 +527,8 @@ class ClientCore:
             return
         if now >= self._pm_busy_due and len(packet) > self._pm_floor:
             self._pmtu_busy(now)
+        if self._t_check is None:
+            self._suspect(now)
         self.wg.send(self.server, packet, now)
         self._drain(now)
 
@@ -435,6 +542,8 @@ class ClientCore:
             return
         if now >= self._pm_busy_due:
             self._pmtu_busy(now)
+        if self._t_check is None:
+            self._suspect(now)
         try:
             bulk.send_super(self.wg, self.server, hdr, packet, now)
         except OffloadError as exc:
@@ -454,7 +563,17 @@ class ClientCore:
                 self._move("silence")
                 self._config_confirmed = False
                 self._emit(Disconnected(now - last))
+                self._fail_over(now)
             self.wg.send(self.server, tm.push_message(tm.PING), now)
+            if self._t_check is None and self._can_fail_over():
+                self._check_since = now  # this PING is the check's first
+                self._checks = 1
+                self._t_check = now + CHECK_INTERVAL
+        if self._t_check is not None and self._t_check <= now:
+            self._t_check = None
+            self._check(now)
+        if self._t_measure is not None and self._t_measure <= now:
+            self._measure(now)
         if self._t_retry is not None and self._t_retry <= now:
             self._t_retry = None
             self.wg.initiate_handshake(self.server, now)
@@ -474,7 +593,11 @@ class ClientCore:
 
     def _request_config(self, now: float) -> None:
         request = tm.ConfigRequest(
-            mode=self.mode, bulk=True, partial=self.accept_partial, pmtu=self.pmtu_enabled
+            mode=self.mode,
+            bulk=True,
+            partial=self.accept_partial,
+            pmtu=self.pmtu_enabled,
+            relays=self.failover,
         )
         self.wg.send(self.server, tm.push_config_request(request), now)
         self._t_config = now + CONFIG_RETRY
@@ -483,6 +606,10 @@ class ClientCore:
         while (event := self.wg.next_event()) is not None:
             # Data never comes as an event: the fast lane (on_packet) delivers it.
             if isinstance(event, HandshakeCompleted):
+                self._handshake_rtt(event, now)
+                if event.peer is not self.server:
+                    self._other_session(event.peer, now)
+                    continue
                 self._backoff = FIRST_BACKOFF
                 self._t_retry = None
                 self._t_fallback = None
@@ -503,6 +630,8 @@ class ClientCore:
                 if self._t_ping is None:
                     self._t_ping = now + self.ping_interval
             elif isinstance(event, HandshakeTimedOut):
+                if event.peer is not self.server:
+                    continue  # another relay: tried again at the next failover round
                 self._t_retry = now + self._backoff
                 self._emit(GaveUpRound(self._backoff))
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF)
@@ -531,7 +660,10 @@ class ClientCore:
         elif kind == tm.BULK:
             self._bulk_from_relay(plaintext)
         elif plaintext[0] == 0:
-            self._message_from_relay(plaintext, now)
+            if peer is self.server:
+                self._message_from_relay(plaintext, now)
+            else:
+                self.drops["not_current"] += 1
         elif self.device_mode == "tap":
             self.drops["not_frame"] += 1
         else:
@@ -576,6 +708,8 @@ class ClientCore:
             )
             self._pmtu_configured(config, now)
             self._emit(ConfigReceived(config, changed))
+            if config.relays_pushed:
+                self._learn(config, now)
         elif msg.type == tm.PROBE_ACK:
             try:
                 probe = tm.parse_probe(msg, len(plaintext))
@@ -814,3 +948,202 @@ class ClientCore:
             self._tun_out.append(bulk.pull_bulk(plaintext))
         except (bulk.BulkError, OffloadError):
             self.drops["bad_bulk"] += 1
+
+    # --- failover --------------------------------------------------------------------
+
+    def _others(self) -> list[Peer]:
+        return [p for p in self.wg.peers.values() if p is not self.server]
+
+    def _can_fail_over(self) -> bool:
+        return self.failover and len(self.wg.peers) > 1
+
+    def known_relays(self) -> tuple[KnownRelay, ...]:
+        """Every relay learnt (with an endpoint as pushed), for the daemon to keep."""
+        out = []
+        for peer in self.wg.peers.values():
+            data: RelayPeer = peer.data
+            if data.endpoint is not None:
+                out.append(KnownRelay(data.name, peer.public_key, data.endpoint))
+        return tuple(sorted(out, key=lambda r: (r.name, r.public_key)))
+
+    def relay_rtts(self) -> dict[bytes, float | None]:
+        """Each known relay's smoothed handshake RTT (None: not measured yet)."""
+        return {key: peer.data.rtt for key, peer in self.wg.peers.items()}
+
+    def _know(self, relay: KnownRelay | tm.RelayInfo) -> bool:
+        """Make `relay` a peer, or update it; False when it is refused (counted): our own
+        key, a low-order key, or no room."""
+        key = relay.public_key
+        peer = self.wg.peers.get(key)
+        if peer is not None:
+            data: RelayPeer = peer.data
+            changed = data.name != relay.name or data.endpoint != relay.endpoint
+            if data.endpoint != relay.endpoint and not data.configured and peer is not self.server:
+                peer.endpoint = self._udp_endpoint(relay.endpoint)
+            data.name, data.endpoint = relay.name, relay.endpoint
+            return changed
+        if (
+            len(key) != 32
+            or key == self.wg.public_key
+            or is_degenerate_key(key)
+            or len(self.wg.peers) > MAX_RELAYS
+        ):
+            self.drops["bad_relay"] += 1
+            return False
+        try:
+            self.wg.add_peer(
+                key,
+                endpoint=self._udp_endpoint(relay.endpoint),
+                data=RelayPeer(name=relay.name, endpoint=relay.endpoint),
+            )
+        except ValueError:
+            self.drops["bad_relay"] += 1
+            return False
+        return True
+
+    def _udp_endpoint(self, text: str) -> Hashable | None:
+        if self.transport == "tcp":
+            return None  # the daemon dials it and calls new_path()
+        try:
+            return self._endpoint_of(text)
+        except ValueError:
+            return None
+
+    def _learn(self, config: PushedConfig, now: float) -> None:
+        """A push listed the network's relays: they replace those known (the relay in
+        use and the configured one stay)."""
+        self.drops["bad_relay"] += config.relays_dropped
+        if not self.failover:
+            return
+        wanted = {r.public_key for r in config.relays}
+        changed = False
+        for peer in self._others():
+            if peer.public_key not in wanted and not peer.data.configured:
+                self.wg.remove_peer(peer)
+                changed = True
+        for relay in config.relays:
+            changed = self._know(relay) or changed
+        if changed:
+            self._emit(RelaysLearned(self.known_relays()))
+        if self._t_measure is None and self._others():
+            self._t_measure = now + MEASURE_INTERVAL
+
+    def _handshake_rtt(self, event: HandshakeCompleted, now: float) -> None:
+        """A handshake this client initiated: its round trip, smoothed as RFC 6298's."""
+        sent = event.peer.last_initiation_sent
+        if not event.initiator or sent is None or now < sent:
+            return
+        data: RelayPeer = event.peer.data
+        sample = now - sent
+        data.rtt = sample if data.rtt is None else 0.75 * data.rtt + 0.25 * sample
+
+    def _other_session(self, peer: Peer, now: float) -> None:
+        """A session with a relay not in use: join it when the relay in use is lost, or
+        when it is clearly nearer (its session is up: make-before-break)."""
+        if self.state == REFUSED or not self.failover:
+            return
+        if not self.connected:
+            self._join(peer, now, "it answered first while the relay in use did not")
+            return
+        cur, new = self.relay.rtt, peer.data.rtt
+        if (
+            cur is not None
+            and new is not None
+            and now - self._moved_at >= MOVE_HOLD
+            and new < cur * MOVE_RATIO
+            and cur - new > MOVE_MARGIN
+        ):
+            reason = f"handshake RTT {new * 1000:.1f} ms against {cur * 1000:.1f} ms"
+            self._join(peer, now, reason)
+
+    def _take(self, peer: Peer, now: float, reason: str) -> None:
+        """Make `peer` the relay in use (its capabilities are the next CONFIG's)."""
+        self.server = peer
+        self.relay = peer.data
+        self.relay.caps = NO_CAPS
+        self._t_check = None
+        self._checks = 0
+        self._backoff = FIRST_BACKOFF
+        self._t_retry = None
+        self._t_fallback = None
+        self._attempts_told = 0
+        self._moved_at = now
+        self.moves += 1
+        self._pmtu_stop()  # the new relay's CONFIG starts it again
+        self._emit(RelayChanged(self.relay.name, peer.public_key, self.relay.endpoint, reason))
+
+    def _join(self, peer: Peer, now: float, reason: str) -> None:
+        before = self._move("moved")
+        self._take(peer, now, reason)
+        if before != CONNECTED:
+            self._emit(Connected())
+        self._config_confirmed = False
+        if peer.current is not None and peer.next is None:
+            self._request_config(now)
+        else:
+            self._config_when_confirmed = True  # the relay initiated: wait for its word
+            self._t_config = now + CONFIG_RETRY
+        if self._t_ping is None:
+            self._t_ping = now + self.ping_interval
+
+    def _suspect(self, now: float) -> None:
+        """Sending: when nothing came from the relay for SUSPECT_AFTER, check it."""
+        last = self.server.last_received
+        if (
+            last is not None
+            and now - last > SUSPECT_AFTER
+            and self.connected
+            and self._can_fail_over()
+        ):
+            self._check_since = now
+            self._checks = 0
+            self._check(now)
+
+    def _check(self, now: float) -> None:
+        """A check's step: answered (anything from the relay since it began) ends it;
+        CHECK_PINGS unanswered PINGs lose the relay; else one more PING."""
+        last = self.server.last_received
+        if last is not None and last >= self._check_since:
+            self._checks = 0
+            return
+        if not self.connected:
+            return
+        if self._checks >= CHECK_PINGS:
+            self._checks = 0
+            self._move("lost")
+            self._config_confirmed = False
+            self._emit(Disconnected(now - last if last is not None else 0.0))
+            self._fail_over(now)
+            return
+        self._checks += 1
+        self.wg.send(self.server, tm.push_message(tm.PING), now)
+        self._t_check = now + CHECK_INTERVAL
+
+    def _fail_over(self, now: float) -> None:
+        """The relay in use is lost: over UDP, initiate to every known relay (the lost
+        one too) and join the first to answer; over TCP, name the nearest other one."""
+        if not self._can_fail_over():
+            return
+        if self.transport == "tcp":
+            others = self._others()
+            others.sort(key=lambda p: (p.data.rtt is None, p.data.rtt or 0.0, p.data.name))
+            self._take(others[0], now, "the relay in use was lost")
+            return
+        for peer in self.wg.peers.values():
+            if peer.endpoint is not None:
+                peer.last_initiation_sent = None  # now, not when the rate limit allows
+                self.wg.initiate_handshake(peer, now)
+
+    def _measure(self, now: float) -> None:
+        """One other relay's handshake RTT (the least recently measured), rarely."""
+        self._t_measure = now + MEASURE_INTERVAL
+        if not self.connected or not self._can_fail_over():
+            return
+        others = [p for p in self._others() if p.endpoint is not None]
+        if others:
+            peer = min(others, key=lambda p: p.last_handshake or float("-inf"))
+            self.wg.initiate_handshake(peer, now)
+
+
+def _text_endpoint(text: str) -> Hashable:
+    return text

@@ -158,6 +158,18 @@ REASONS: tuple[Reason, ...] = (
         "others fairly: dropped from that source's tail",
         ("relay", "client"),
     ),
+    # Failover (client.py): the other relays of the network, pushed in the configuration.
+    Reason(
+        "bad_relay",
+        "a pushed relay entry that is not valid (name, endpoint, a key that is not 32 "
+        "bytes or is of low order, given twice) or past the 16 kept; ignored",
+        ("client",),
+    ),
+    Reason(
+        "not_current",
+        "a gtun message from a known relay that is not the client's relay now; ignored",
+        ("client",),
+    ),
     # Path MTU probes (relay.py, client.py).
     Reason(
         "probe_ratelimited",

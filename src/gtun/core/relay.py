@@ -40,7 +40,9 @@ forwarder sends a packet for a client held elsewhere, or for a route behind anot
 relay, to that relay, and delivers what a mesh relay sends only to a client held here or
 to its own TUN, never on to a third relay (forward.py).  A client that completes a
 handshake here is held here from then on, until the presence map says otherwise.  The
-mesh forwards IP packets: a relay in TAP mode refuses one.  The core reads no store: the
+mesh forwards IP packets: a relay in TAP mode refuses one.  A gtun client that asks
+(tunnel.Caps.relays) is pushed the other relays (name, key, endpoint: mesh_relays()) in its
+configuration, to fail over to (client.py).  The core reads no store: the
 edge feeds it the mesh and the presence, and writes the presence its events imply.
 """
 
@@ -711,7 +713,22 @@ class Relay:
             partial=peer.data.caps.partial,
             network=s.network,
             pmtu=peer.data.caps.pmtu,  # answers its probes: it asked
+            # The other relays of the mesh, to fail over to: only to a client that asked.
+            relays=self.mesh_relays() if peer.data.caps.relays else (),
+            relays_pushed=peer.data.caps.relays,
         )
+
+    def mesh_relays(self) -> tuple[tm.RelayInfo, ...]:
+        """The other relays of the mesh as a client is told of them: those with an
+        endpoint the push can carry (the store's, not where they roamed), by name, at
+        most tunnel.MAX_RELAYS."""
+        out: list[tm.RelayInfo] = []
+        for name in sorted(self._mesh):
+            peer = self._mesh[name]
+            endpoint = tm.endpoint_str(peer.data.relay.endpoint)
+            if endpoint is not None and len(endpoint) <= tm.MAX_RELAY_ENDPOINT:
+                out.append(tm.RelayInfo(name[: tm.MAX_RELAY_NAME], peer.public_key, endpoint))
+        return tuple(out[: tm.MAX_RELAYS])
 
 
 def _overlaps(a: Network, b: Network) -> bool:

@@ -31,20 +31,27 @@ keys; absent keys mean the older behaviour, so old and new nodes interoperate.
 Capabilities.  What a gtun peer and the relay both do beyond plain WireGuard is decided
 once, when the relay answers a configuration request, and kept per peer as one value
 (Caps): bulk frames over a stream endpoint, TCP segments whose checksum the receiver
-completes (partial checksums), and path MTU probes the relay answers (pmtu).  A stock
-peer has NO_CAPS.
+completes (partial checksums), path MTU probes the relay answers (pmtu), and the other
+relays of the network pushed in the configuration (relays: a client that asks with
+`"relays": true` gets `"relays": [{"name", "key", "endpoint"}, ...]`, at most
+MAX_RELAYS of them, so that it can fail over; an old client never asks and an old relay
+never answers, so neither sees the key).  A stock peer has NO_CAPS.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import struct
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from gtun.core.errors import LocalProtocolError, RemoteProtocolError
+from gtun.core.wg.crypto import is_degenerate_key
 
 Network = IPv4Network | IPv6Network
 
@@ -56,6 +63,11 @@ BULK_MAGIC = b"\x00gt\x03"  # a bulk frame (bulk.py)
 HEADER = struct.Struct(">4sBH")
 MAX_PAYLOAD = 8000  # bound on a decoded message; a config with many routes fits
 MAX_MODE = 16  # a requested mode is "tun" or "tap"; anything longer is cut to this
+# The relays of a network pushed to a client: at most this many (more are ignored and
+# counted), each name and endpoint at most this long (else the entry is dropped).
+MAX_RELAYS = 16
+MAX_RELAY_NAME = 64
+MAX_RELAY_ENDPOINT = 255
 
 CONFIG_REQUEST = 1
 CONFIG = 2
@@ -145,6 +157,7 @@ class Caps:
     bulk: bool = False  # takes bulk frames (bulk.py) when its endpoint is a stream
     partial: bool = False  # sends and takes TCP segments with partial checksums
     pmtu: bool = False  # the relay answers path MTU probes (PROBE -> PROBE_ACK)
+    relays: bool = False  # the relay pushes the other relays of its network
 
 
 NO_CAPS = Caps()
@@ -157,12 +170,14 @@ NO_CAPS = Caps()
 class ConfigRequest:
     """`mode` None: the client follows the relay's mode.  `bulk`: it takes bulk frames;
     `partial`: it completes TCP checksums the relay leaves partial; `pmtu`: it probes
-    the path MTU (and wants its probes answered)."""
+    the path MTU (and wants its probes answered); `relays`: it fails over, and wants
+    the other relays of the network in its configuration."""
 
     mode: str | None = None
     bulk: bool = False
     partial: bool = False
     pmtu: bool = False
+    relays: bool = False
 
 
 def push_config_request(request: ConfigRequest) -> bytes:
@@ -171,6 +186,8 @@ def push_config_request(request: ConfigRequest) -> bytes:
         payload["csum"] = "partial"
     if request.pmtu:
         payload["pmtu"] = True
+    if request.relays:
+        payload["relays"] = True
     if request.mode is not None:
         payload["mode"] = request.mode
     return push_message(CONFIG_REQUEST, payload)
@@ -186,16 +203,94 @@ def parse_config_request(payload: dict[str, Any]) -> ConfigRequest:
         bulk=payload.get("bulk") is True,
         partial=payload.get("csum") == "partial",
         pmtu=payload.get("pmtu") is True,
+        relays=payload.get("relays") is True,
     )
 
 
 def relay_caps(request: ConfigRequest, *, tap: bool, partial_ok: bool) -> Caps:
     """What the relay grants a client that asked with `request`: neither in TAP mode
     (frames are never super-packets), and partial checksums only when the relay's own
-    device completes them (`partial_ok`).  Probes are answered in either mode."""
+    device completes them (`partial_ok`).  Probes are answered, and relays pushed, in
+    either mode."""
     if tap:
-        return Caps(pmtu=request.pmtu)
-    return Caps(bulk=request.bulk, partial=partial_ok and request.partial, pmtu=request.pmtu)
+        return Caps(pmtu=request.pmtu, relays=request.relays)
+    return Caps(
+        bulk=request.bulk,
+        partial=partial_ok and request.partial,
+        pmtu=request.pmtu,
+        relays=request.relays,
+    )
+
+
+# --- the other relays of the network (relay -> client, in the CONFIG) -----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """Another relay of the network, as pushed: its name, public key and endpoint as
+    text ("host:port", "[v6]:port"; the client's edge resolves it)."""
+
+    name: str
+    public_key: bytes
+    endpoint: str
+
+
+def endpoint_str(endpoint: Hashable | None) -> str | None:
+    """An endpoint as the push carries it: a (host, port) pair as "host:port" (IPv6
+    bracketed), a string as it is; None for anything else (not pushed)."""
+    if isinstance(endpoint, str):
+        return endpoint
+    if isinstance(endpoint, tuple) and len(endpoint) >= 2:
+        host, port = endpoint[0], endpoint[1]
+        if isinstance(host, str) and type(port) is int:
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None
+
+
+def push_relays(relays: tuple[RelayInfo, ...]) -> list[dict[str, str]]:
+    return [
+        {"name": r.name, "key": base64.b64encode(r.public_key).decode(), "endpoint": r.endpoint}
+        for r in relays[:MAX_RELAYS]
+    ]
+
+
+def pull_relays(value: object) -> tuple[tuple[RelayInfo, ...], int]:
+    """The valid relays of a pushed "relays" value and how many entries were dropped:
+    not an object, a name or endpoint that is no string or too long, a key that is not
+    32 bytes of base64 or is of low order, a key given twice, or past MAX_RELAYS.
+    Never raises."""
+    if not isinstance(value, list):
+        return (), 1
+    relays: list[RelayInfo] = []
+    seen: set[bytes] = set()
+    dropped = max(0, len(value) - MAX_RELAYS)
+    for entry in value[:MAX_RELAYS]:
+        info = _relay_entry(entry)
+        if info is None or info.public_key in seen:
+            dropped += 1
+            continue
+        seen.add(info.public_key)
+        relays.append(info)
+    return tuple(relays), dropped
+
+
+def _relay_entry(entry: object) -> RelayInfo | None:
+    if not isinstance(entry, dict):
+        return None
+    name, key, endpoint = entry.get("name", ""), entry.get("key"), entry.get("endpoint")
+    if not isinstance(name, str) or len(name) > MAX_RELAY_NAME:
+        return None
+    if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_RELAY_ENDPOINT:
+        return None
+    if not isinstance(key, str) or len(key) != 44:
+        return None
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 32 or is_degenerate_key(raw):
+        return None
+    return RelayInfo(name, raw, endpoint)
 
 
 # --- the configuration push (relay -> client) ---------------------------------------------
@@ -219,11 +314,18 @@ class PushedConfig:
     partial: bool = False  # the relay takes TCP segments with partial checksums
     network: IPv4Network | None = None  # informational: the virtual network
     pmtu: bool = False  # the relay answers path MTU probes
+    # The other relays of the network (only to a client that asked: Caps.relays).  Not
+    # compared: the same configuration from another relay lists other relays, and the
+    # device need not be configured again for that.  `relays_pushed`: whether the key
+    # was there at all; `relays_dropped`: entries that were not valid.
+    relays: tuple[RelayInfo, ...] = field(default=(), compare=False)
+    relays_pushed: bool = field(default=False, compare=False)
+    relays_dropped: int = field(default=0, compare=False)
 
     @property
     def caps(self) -> Caps:
         """The capabilities the relay granted (the client ANDs in its own)."""
-        return Caps(bulk=self.bulk, partial=self.partial, pmtu=self.pmtu)
+        return Caps(bulk=self.bulk, partial=self.partial, pmtu=self.pmtu, relays=self.relays_pushed)
 
 
 def push_config(config: PushedConfig) -> bytes:
@@ -251,6 +353,7 @@ def push_config(config: PushedConfig) -> bytes:
         "bulk": config.bulk,
         "csum": "partial" if config.partial else "full",
         **({"pmtu": True} if config.pmtu else {}),
+        **({"relays": push_relays(config.relays)} if config.relays_pushed else {}),
         **ipv6,
     }
     return push_message(CONFIG, payload)
@@ -279,6 +382,8 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
             address6 = IPv6Address(_text(payload["address6"]))
             prefix6 = _int(payload["prefix6"], 1, 128, "prefix6")
             gateway6 = IPv6Address(_text(payload["gateway6"]))
+        pushed = "relays" in payload
+        relays, dropped = pull_relays(payload["relays"]) if pushed else ((), 0)
     except TunnelMessageError:
         raise
     except KeyError as exc:
@@ -301,6 +406,9 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         partial=payload.get("csum") == "partial",
         network=network,
         pmtu=payload.get("pmtu") is True,
+        relays=relays,
+        relays_pushed=pushed,
+        relays_dropped=dropped,
     )
 
 

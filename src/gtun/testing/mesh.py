@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
 
 from gtun.core.client import ClientCore
 from gtun.core.relay import MeshRelay, PeerSpec, Relay, RelaySettings
@@ -52,6 +53,8 @@ class MeshLink:
         self.events: dict[str, list[object]] = {name: [] for name in relays}
         # (relay that took it, relay it came from, plaintext): every mesh arrival.
         self.mesh_log: list[tuple[str, str, bytes]] = []
+        self.client_events: dict[str, list[object]] = {}  # each client's events
+        self.down: set[str] = set()  # relays whose datagrams (both ways) are lost
 
     def _watch(self, name: str, relay: Relay) -> None:
         """Log what `relay` takes from a mesh relay, then forward it as it would."""
@@ -72,11 +75,20 @@ class MeshLink:
         ]
 
     def add_client(
-        self, name: str, relay: str, address: str, address6: str, *, key: bytes | None = None
+        self,
+        name: str,
+        relay: str,
+        address: str,
+        address6: str,
+        *,
+        key: bytes | None = None,
+        **options: Any,
     ) -> ClientCore:
+        """`options` go to ClientCore (known relays, failover ...)."""
         key = secrets.token_bytes(32) if key is None else key
-        client = ClientCore(key, self.relays[relay].wg.public_key, relay, mode="tun")
+        client = ClientCore(key, self.relays[relay].wg.public_key, relay, mode="tun", **options)
         self.clients[name] = client
+        self.client_events[name] = []
         self.keys[name] = key
         self.home[name] = relay
         self.got[name] = []
@@ -111,13 +123,16 @@ class MeshLink:
             for name, client in self.clients.items():
                 for data, addr in client.datagrams_to_send():
                     assert isinstance(addr, str)
-                    self.relays[addr].receive_datagram(data, name, self.now)
-                    moved = True
-                while client.next_event() is not None:
-                    pass
+                    if addr not in self.down:
+                        self.relays[addr].receive_datagram(data, name, self.now)
+                        moved = True
+                while (ev := client.next_event()) is not None:
+                    self.client_events.setdefault(name, []).append(ev)
                 self.got[name].extend(client.tun_writes())
             for rname, relay in self.relays.items():
                 for data, addr in relay.datagrams_to_send():
+                    if rname in self.down or addr in self.down:
+                        continue
                     if addr in self.relays:
                         self.relays[addr].receive_datagram(data, rname, self.now)
                     else:
