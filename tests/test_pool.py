@@ -135,6 +135,22 @@ def test_truncated_file_refused_not_read_half(db_path: Path) -> None:
     assert info.value.exit_code == 2 and str(db_path) in str(info.value)
 
 
+def test_a_file_truncated_to_nothing_is_refused_not_taken_for_new(db_path: Path) -> None:
+    # SQLite opens an empty file as a new database: its leases would go without a word.
+    with StateStore(db_path) as s:
+        s.set_lease("k1", "10.66.0.2", "alice")
+    db_path.write_bytes(b"")
+    with pytest.raises(StateFileError, match="empty") as info:
+        StateStore(db_path)
+    assert info.value.exit_code == 2 and str(db_path) in str(info.value)
+    assert db_path.stat().st_size == 0  # left as it was, for its owner to look at
+    fresh = db_path.with_name("fresh.db")
+    with StateStore(fresh) as s:  # a file gtun creates itself is new, not empty
+        assert s.leases() == {}
+    with StateStore(fresh) as s:
+        assert s.leases() == {}
+
+
 def test_closed_store_raises_runtime_failure(db_path: Path) -> None:
     s = StateStore(db_path)
     s.close()

@@ -123,7 +123,8 @@ class StateStore:
 
         Raises StateFileError naming the file if it cannot be created or opened for
         writing, is not an SQLite database or is damaged (`PRAGMA quick_check`: a
-        truncated file), or was written by a newer gtun.
+        truncated file), is empty though it existed (truncated to nothing), or was
+        written by a newer gtun.
         """
         self.path = Path(path)
         self._lock = threading.RLock()
@@ -131,7 +132,19 @@ class StateStore:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Created here rather than by SQLite so that it is never readable by others.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                os.close(os.open(self.path, flags, 0o600))
+            except FileExistsError:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CLOEXEC))
+                if self.path.stat().st_size == 0:
+                    # SQLite would take it for a new database: its leases would be gone
+                    # without a word.  A file gtun made has its schema within milliseconds.
+                    raise StateFileError(
+                        self.path,
+                        "the state database is empty (0 bytes): truncated? move it aside "
+                        "to start afresh (its leases are lost then)",
+                    ) from None
         except OSError as exc:
             raise StateFileError(
                 self.path, f"cannot open the state database for writing: {exc.strerror or exc}"
