@@ -46,13 +46,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -64,10 +62,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as hub_bench  # noqa: E402  (the wireguard-go hub, as bench.py builds it)
 import pmtu as pmtu_bench  # noqa: E402  (the MTU black hole, as bench/pmtu.py measures it)
+import report  # noqa: E402  (beside this script: what the table scripts share)
 from gtun.app.keys import encode_key, generate_private_key, public_key  # noqa: E402
 from gtun.lab import statedir  # noqa: E402
 from gtun.lab.net import GTUN, GtunNet  # noqa: E402
-from gtun.lab.netns import Lab, Namespace, list_namespaces  # noqa: E402
+from gtun.lab.netns import Lab, Namespace  # noqa: E402
 
 PREFIX = "gtfl"  # every namespace of this script starts with it
 UNDERLAY = 235  # client i's underlay: 10.235.<i>.0/24 (inside the lab only)
@@ -514,18 +513,8 @@ SCENARIOS: dict[str, Callable[[Faults], list[Row]]] = {
 # --- output -------------------------------------------------------------------------------
 
 
-def text_table(rows: list[Row]) -> str:
-    cells = [list(HEADERS)] + [[r.scenario, r.done, r.held, r.figure] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|---|---|---|---|"]
-    lines += [f"| {r.scenario} | {r.done} | {r.held} | {r.figure} |" for r in rows]
-    return "\n".join(lines) + "\n"
+def cells(rows: list[Row]) -> list[list[str]]:
+    return [[r.scenario, r.done, r.held, r.figure] for r in rows]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -538,12 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of loss (3)")
     p.add_argument("--size-mb", type=int, default=20, help="bytes per loss transfer, MB (20)")
-    p.add_argument(
-        "--markdown", nargs="?", const="-", metavar="FILE",
-        help="also print the table as Markdown (or write it to FILE)",
-    )  # fmt: skip
-    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
-    p.add_argument("--workdir", type=Path, help="keep configs and logs here (default: temporary)")
+    report.add_output_args(p)
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
@@ -553,48 +537,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("faults.py: run as root (it creates network namespaces)", file=sys.stderr)
-        return 2
-    stale = [n for n in list_namespaces() if n.startswith(PREFIX)]
-    if stale:
-        print(f"faults.py: namespaces {', '.join(stale)} exist (another run?)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    rows: list[Row] = []
-    with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gtun-faults-")))
+    refused = report.preflight("faults.py", PREFIX)
+    if refused is not None:
+        return refused
+    with report.workdir(args, "gtun-faults-") as workdir:
         f = Faults(args, workdir)
-        for key in args.scenarios:
-            print(f"{key} ...", file=sys.stderr, flush=True)
-            try:
-                rows += SCENARIOS[key](f)
-            except KeyboardInterrupt:
-                print("interrupted; namespaces removed", file=sys.stderr)
-                return 130
-            except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired) as e:
-                rows.append(Row(key, "-", f"FAILED: {str(e).splitlines()[0]}", "-"))
-    print()
-    print(text_table(rows))
-    if args.markdown is not None:
-        md = markdown_table(rows)
-        if args.markdown == "-":
-            print()
-            print(md, end="")
-        else:
-            Path(args.markdown).write_text(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        rows = report.each(
+            args.scenarios,
+            lambda key: f"{key} ...",
+            lambda key: SCENARIOS[key](f),
+            lambda key, error: [Row(key, "-", f"FAILED: {error}", "-")],
+        )
+    if rows is None:
+        return 130
+    report.emit(HEADERS, cells(rows), rows, args)
     return 0
 
 

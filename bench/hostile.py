@@ -47,21 +47,21 @@ import contextlib
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import report  # noqa: E402  (beside this script: what the table scripts share)
 from gtun.lab.net import PORT, GtunNet  # noqa: E402
-from gtun.lab.netns import Lab, Namespace, list_namespaces  # noqa: E402
+from gtun.lab.netns import Lab, Namespace  # noqa: E402
 
 PREFIX = "gth"  # every namespace of this script starts with it
 UNDERLAY = 227  # client i's underlay: 10.227.<i>.0/24 (inside the lab only)
@@ -502,18 +502,8 @@ SCENARIOS: dict[str, Callable[[Hostile], Row]] = {
 # --- output -------------------------------------------------------------------------------
 
 
-def text_table(rows: list[Row]) -> str:
-    cells = [list(HEADERS)] + [[r.scenario, r.sent, r.held, r.figure] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|---|---|---|---|"]
-    lines += [f"| {r.scenario} | {r.sent} | {r.held} | {r.figure} |" for r in rows]
-    return "\n".join(lines) + "\n"
+def cells(rows: list[Row]) -> list[list[str]]:
+    return [[r.scenario, r.sent, r.held, r.figure] for r in rows]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -525,12 +515,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(SCENARIOS),
         help=f"comma-separated, of: {', '.join(SCENARIOS)} (all)",
     )
-    p.add_argument(
-        "--markdown", nargs="?", const="-", metavar="FILE",
-        help="also print the table as Markdown (or write it to FILE)",
-    )  # fmt: skip
-    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
-    p.add_argument("--workdir", type=Path, help="keep configs and logs here (default: temporary)")
+    report.add_output_args(p)
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
@@ -540,48 +525,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("hostile.py: run as root (it creates network namespaces)", file=sys.stderr)
-        return 2
-    stale = [n for n in list_namespaces() if n.startswith(PREFIX)]
-    if stale:
-        print(f"hostile.py: namespaces {', '.join(stale)} exist (another run?)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    rows: list[Row] = []
-    with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gtun-hostile-")))
+    refused = report.preflight("hostile.py", PREFIX)
+    if refused is not None:
+        return refused
+    with report.workdir(args, "gtun-hostile-") as workdir:
         h = Hostile(args, workdir)
-        for key in args.scenarios:
-            print(f"{key} ...", file=sys.stderr, flush=True)
-            try:
-                rows.append(SCENARIOS[key](h))
-            except KeyboardInterrupt:
-                print("interrupted; namespaces removed", file=sys.stderr)
-                return 130
-            except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired) as e:
-                rows.append(Row(key, "-", f"FAILED: {str(e).splitlines()[0]}", "-"))
-    print()
-    print(text_table(rows))
-    if args.markdown is not None:
-        md = markdown_table(rows)
-        if args.markdown == "-":
-            print()
-            print(md, end="")
-        else:
-            Path(args.markdown).write_text(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        rows = report.each(
+            args.scenarios,
+            lambda key: f"{key} ...",
+            lambda key: [SCENARIOS[key](h)],
+            lambda key, error: [Row(key, "-", f"FAILED: {error}", "-")],
+        )
+    if rows is None:
+        return 130
+    report.emit(HEADERS, cells(rows), rows, args)
     return 1 if any(r.held.startswith("FAILED") for r in rows) else 0
 
 

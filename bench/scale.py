@@ -41,9 +41,8 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,10 @@ from gtun.app.control import query  # noqa: E402
 from gtun.app.keys import encode_key, generate_private_key, public_key  # noqa: E402
 from gtun.errors import GtunError  # noqa: E402
 from gtun.lab.net import PORT, GtunNet  # noqa: E402
-from gtun.lab.netns import Lab, list_namespaces, python_env  # noqa: E402
+from gtun.lab.netns import Lab, python_env  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402  (beside this script: what the table scripts share)
 
 PREFIX = "gtsc"  # every namespace of this script starts with it
 UNDERLAY = 233  # c1's underlay: 10.233.1.0/24 (inside the lab only)
@@ -326,18 +328,16 @@ def _op_cell(took: float, ping: dict[str, Any]) -> str:
     return f"{took:.2f} s ({stall:.0f} ms, {lost} lost)"
 
 
+def cells(rows: list[Row]) -> list[list[str]]:
+    return [[str(r.peers), *r.cells] for r in rows]
+
+
 def text_table(rows: list[Row]) -> str:
-    cells = [list(HEADERS)] + [[str(r.peers), *r.cells] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    return report.text_table(HEADERS, cells(rows))
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join([str(r.peers), *r.cells]) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return report.markdown_table(HEADERS, cells(rows))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -350,12 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--generators", type=int, default=2, help="generator processes (2)")
     p.add_argument("--steady", type=float, default=20.0, help="seconds of steady state (20)")
-    p.add_argument(
-        "--markdown", nargs="?", const="-", metavar="FILE",
-        help="also print the table as Markdown (or write it to FILE)",
-    )  # fmt: skip
-    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
-    p.add_argument("--workdir", type=Path, help="keep configs and logs here (default: temporary)")
+    report.add_output_args(p)
     p.add_argument("--src", type=Path, help="run the relay from this gtun source tree")
     args = p.parse_args(argv)
     if any(n < 1 or n > 16000 for n in args.sizes):
@@ -363,49 +358,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("scale.py: run as root (it creates network namespaces)", file=sys.stderr)
-        return 2
-    stale = [n for n in list_namespaces() if n.startswith(PREFIX)]
-    if stale:
-        print(f"scale.py: namespaces {', '.join(stale)} exist (another run?)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    rows: list[Row] = []
-    with contextlib.ExitStack() as stack:
-        if args.workdir is not None:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gtun-scale-")))
+    refused = report.preflight("scale.py", PREFIX)
+    if refused is not None:
+        return refused
+    with report.workdir(args, "gtun-scale-") as workdir:
         s = Scale(args, workdir)
-        for n in args.sizes:
-            print(f"{n} peers ...", file=sys.stderr, flush=True)
-            try:
-                rows.append(s.run(n))
-            except KeyboardInterrupt:
-                print("interrupted; namespaces removed", file=sys.stderr)
-                return 130
-            except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired) as e:
-                failed = f"FAILED: {str(e).splitlines()[0]}"
-                rows.append(Row(n, [failed] + ["-"] * (len(HEADERS) - 2)))
-    print()
-    print(text_table(rows))
-    if args.markdown is not None:
-        md = markdown_table(rows)
-        if args.markdown == "-":
-            print()
-            print(md, end="")
-        else:
-            Path(args.markdown).write_text(md)
-    if args.json is not None:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        rows = report.each(
+            args.sizes,
+            lambda n: f"{n} peers ...",
+            lambda n: [s.run(n)],
+            lambda n, error: [Row(n, [f"FAILED: {error}"] + ["-"] * (len(HEADERS) - 2))],
+        )
+    if rows is None:
+        return 130
+    report.emit(HEADERS, cells(rows), rows, args)
     return 1 if any(r.cells[0].startswith("FAILED") for r in rows) else 0
 
 
