@@ -315,22 +315,22 @@ def start_udp_capture(
     ns: Namespace, iface: str, dport: int, out: Path, log_path: Path, *, seconds: float = 60
 ) -> subprocess.Popen[bytes]:
     """Record the UDP datagrams `ns` sends to port `dport` on `iface` (tests/scripts/
-    udp_capture.py); returned once it listens.  Terminate it with stop_capture() to have
+    capture.py udp); returned once it listens.  Terminate it with stop_capture() to have
     it write `out` (a JSON list of hex payloads).  Raises RuntimeError when it does not
     start in 10 s."""
-    return _start_capture("udp_capture.py", ns, iface, dport, out, log_path, seconds)
+    return _start_capture("udp", ns, iface, dport, out, log_path, seconds)
 
 
 def start_tcp_capture(
     ns: Namespace, iface: str, dport: int, out: Path, log_path: Path, *, seconds: float = 60
 ) -> subprocess.Popen[bytes]:
     """Record the TCP streams `ns` opens to port `dport` on `iface` (tests/scripts/
-    tcp_capture.py: the bytes each connection sent, reassembled); as start_udp_capture."""
-    return _start_capture("tcp_capture.py", ns, iface, dport, out, log_path, seconds)
+    capture.py tcp: the bytes each connection sent, reassembled); as start_udp_capture."""
+    return _start_capture("tcp", ns, iface, dport, out, log_path, seconds)
 
 
 def _start_capture(
-    script: str,
+    kind: str,
     ns: Namespace,
     iface: str,
     dport: int,
@@ -338,7 +338,7 @@ def _start_capture(
     log_path: Path,
     seconds: float,
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(SCRIPTS / script), iface, str(dport), str(seconds)]
+    cmd = [sys.executable, str(SCRIPTS / "capture.py"), kind, iface, str(dport), str(seconds)]
     proc = ns.spawn([*cmd, str(out)], log_path=log_path)
     deadline = time.monotonic() + 10
     while "ready" not in log_path.read_text(errors="replace"):
