@@ -6,15 +6,13 @@ fatal: the configured relay is always there to start from."""
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import json
 import logging
 from pathlib import Path
 
 from gtun.core.client import KnownRelay
-from gtun.core.tunnel import MAX_RELAY_ENDPOINT, MAX_RELAY_NAME, MAX_RELAYS
-from gtun.core.wg.crypto import is_degenerate_key
+from gtun.core.tunnel import MAX_RELAYS, relay_entry
 from gtun.errors import GtunError
 from gtun.system.journal import read_text, write_atomic
 
@@ -65,22 +63,10 @@ def load_relays(path: Path) -> list[KnownRelay]:
 
 
 def _entry(entry: object) -> KnownRelay | None:
-    if not isinstance(entry, dict):
+    # The push's format (tunnel.relay_entry), but a kept entry always has its name.
+    if not isinstance(entry, dict) or "name" not in entry:
         return None
-    name, key, endpoint = entry.get("name"), entry.get("key"), entry.get("endpoint")
-    if not isinstance(name, str) or len(name) > MAX_RELAY_NAME:
-        return None
-    if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_RELAY_ENDPOINT:
-        return None
-    if not isinstance(key, str):
-        return None
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 32 or is_degenerate_key(raw):
-        return None
-    return KnownRelay(name, raw, endpoint)
+    return relay_entry(entry)
 
 
 def udp_endpoint(text: str, family_v6: bool) -> tuple[str, int] | None:

@@ -221,13 +221,9 @@ class RelayPeer:
     configured: bool = False  # the relay the configuration names: never forgotten
 
 
-@dataclass(frozen=True, slots=True)
-class KnownRelay:
-    """A relay this client learnt (from a push, or its state), as the daemon keeps it."""
-
-    name: str
-    public_key: bytes
-    endpoint: str
+# A relay this client learnt (from a push, or its state), as the daemon keeps it: what a
+# push carries, the same record.
+KnownRelay = tm.RelayInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -970,7 +966,7 @@ class ClientCore:
         """Each known relay's smoothed handshake RTT (None: not measured yet)."""
         return {key: peer.data.rtt for key, peer in self.wg.peers.items()}
 
-    def _know(self, relay: KnownRelay | tm.RelayInfo) -> bool:
+    def _know(self, relay: KnownRelay) -> bool:
         """Make `relay` a peer, or update it; False when it is refused (counted): our own
         key, a low-order key, or no room."""
         key = relay.public_key

@@ -265,7 +265,7 @@ def pull_relays(value: object) -> tuple[tuple[RelayInfo, ...], int]:
     seen: set[bytes] = set()
     dropped = max(0, len(value) - MAX_RELAYS)
     for entry in value[:MAX_RELAYS]:
-        info = _relay_entry(entry)
+        info = relay_entry(entry)
         if info is None or info.public_key in seen:
             dropped += 1
             continue
@@ -274,7 +274,10 @@ def pull_relays(value: object) -> tuple[tuple[RelayInfo, ...], int]:
     return tuple(relays), dropped
 
 
-def _relay_entry(entry: object) -> RelayInfo | None:
+def relay_entry(entry: object) -> RelayInfo | None:
+    """One relay as pushed (and as a client keeps it: app/relays.py): a JSON object with
+    its name, base64 key and endpoint; None for anything else (a bad or low-order key,
+    a name or endpoint out of bounds)."""
     if not isinstance(entry, dict):
         return None
     name, key, endpoint = entry.get("name", ""), entry.get("key"), entry.get("endpoint")
