@@ -185,6 +185,7 @@ class UdpBatch:
         bufs = [self._buf]
         view = self._view
         append = out.append
+        admit = self.admit  # set and cleared by the Driver between reads, never during one
         gro_reads = 0
         for _ in range(limit - len(out)):
             try:
@@ -198,7 +199,6 @@ class UdpBatch:
             for level, kind, data in ancdata:
                 if kind == UDP_GRO and level == SOL_UDP and len(data) >= 4:
                     segment = _INT.unpack_from(data)[0]
-            admit = self.admit
             if segment <= 0 or n <= segment:
                 if admit is None or admit(addr, 1):
                     append((bytes(view[:n]), addr))
