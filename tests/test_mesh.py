@@ -18,6 +18,7 @@ from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
 from gtun.core.relay import MeshError, MeshRelay, PeerJoined, PeerSetError, PeerSpec, Relay
 from gtun.testing.link import relay_settings
 from gtun.testing.mesh import MeshLink
+from test_invariants import mutate  # the same edits as the invariants of one relay
 
 LAN = ip_network("192.168.77.0/24")
 
@@ -297,15 +298,6 @@ def templates(src: str, src6: str) -> list[bytes]:
     out.append(tm.push_config_request(tm.ConfigRequest(mode="tun", bulk=True, partial=True)))
     out.append(tm.push_message(tm.PING))
     return out
-
-
-def mutate(template: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
-    data = bytearray(template)
-    for at, value in edits:
-        data[at % len(data)] = value
-    if cut:
-        data = data[: max(1, len(data) - cut)] if cut > 0 else data + bytes(-cut)
-    return bytes(data)
 
 
 def plaintexts(pool: list[bytes]) -> st.SearchStrategy[bytes]:
