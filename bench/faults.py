@@ -108,22 +108,6 @@ class Faults:
         yield net
 
 
-def set_loss(ns: Namespace, percent: int) -> None:
-    """Drop `percent`% of the UDP datagrams arriving in `ns`, at random (0: no rule):
-    each direction of a client to client path crosses one such loss.  The table is this
-    namespace's own and goes with it."""
-    ns.run(["nft", "delete", "table", "inet", "gtfloss"], check=False)
-    if not percent:
-        return
-    rules = (
-        "table inet gtfloss {\n"
-        " chain in { type filter hook input priority 0; policy accept;\n"
-        f"  meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n"
-        "}\n"
-    )
-    ns.run(["nft", "-f", "-"], input=rules)
-
-
 # --- scenarios ------------------------------------------------------------------------------
 
 
@@ -149,7 +133,7 @@ def loss(f: Faults) -> list[Row]:
             for _ in range(f.rounds):
                 for percent in LOSSES:
                     for name, (src, dst, address, middle) in paths.items():
-                        set_loss(middle, percent)
+                        middle.drop_at_random(percent)
                         try:
                             sent, got, seconds = net.transfer(
                                 src, dst, address, f.size, timeout=TRANSFER_TIMEOUT
@@ -159,7 +143,7 @@ def loss(f: Faults) -> list[Row]:
                             bad.append(f"{name} {percent}%: {lines[-1] if lines else e}")
                             continue
                         finally:
-                            set_loss(middle, 0)
+                            middle.drop_at_random(0)
                         if sent != got:
                             bad.append(f"{name} {percent}%: checksum mismatch")
                             continue

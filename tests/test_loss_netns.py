@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gtun.lab.net import GtunNet
-from gtun.lab.netns import Lab, Namespace
+from gtun.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -23,21 +23,6 @@ def lab_prefix() -> str:
     return "gtls"
 
 
-def drop_at_random(ns: Namespace, percent: int) -> None:
-    ns.run(
-        ["nft", "-f", "-"],
-        input=(
-            "table inet gtlsloss {\n chain in { type filter hook input priority 0;\n"
-            f"  meta l4proto udp numgen random mod 100 < {percent} counter drop\n }}\n}}\n"
-        ),
-    )
-
-
-def dropped(ns: Namespace) -> int:
-    out = ns.run(["nft", "list", "table", "inet", "gtlsloss"]).stdout
-    return int(out.split("counter packets ")[1].split()[0])
-
-
 @pytest.mark.parametrize("percent", [10, 20])
 def test_a_transfer_under_loss_arrives_whole(lab: Lab, tmp_path: Path, percent: int) -> None:
     net = GtunNet(lab, tmp_path, clients=2, underlay=UNDERLAY, lan=False, nat=False)
@@ -46,10 +31,10 @@ def test_a_transfer_under_loss_arrives_whole(lab: Lab, tmp_path: Path, percent: 
         ns.datagrams_on_the_wire()
     c1, c2 = net.clients
     net.ping(c1.ns, c2.extra["address"], count=2)
-    drop_at_random(net.relay.ns, percent)
+    net.relay.ns.drop_at_random(percent)
     sent, received, _ = net.transfer(c1.ns, c2.ns, c2.extra["address"], SIZE, timeout=150)
     assert sent and sent == received, "the transfer did not arrive whole"
     # The loss was real and per datagram: thousands crossed, a share of them dropped.
-    assert dropped(net.relay.ns) > SIZE // 1500 * percent // 200
+    assert net.relay.ns.dropped_at_random() > SIZE // 1500 * percent // 200
     drops = (net.status(net.relay) or {}).get("drops") or {}
     assert not {k: v for k, v in drops.items() if v and k not in ("link_scoped",)}, drops

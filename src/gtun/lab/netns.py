@@ -182,6 +182,25 @@ class Namespace:
         real NIC (for per-datagram loss in a lab; see _NO_UDP_SEGMENTATION)."""
         self.run([sys.executable, "-c", _NO_UDP_SEGMENTATION])
 
+    def drop_at_random(self, percent: int) -> None:
+        """Drop `percent`% of the UDP datagrams arriving in this namespace, at random
+        (nftables `numgen random`: this kernel has no netem), counted; 0 removes the rule.
+        The table is this namespace's own and goes with it."""
+        self.run(["nft", "delete", "table", "inet", "gtunloss"], check=False)
+        if percent:
+            self.run(
+                ["nft", "-f", "-"],
+                input=(
+                    "table inet gtunloss {\n chain in { type filter hook input priority 0;\n"
+                    f"  meta l4proto udp numgen random mod 100 < {percent} counter drop\n }}\n}}\n"
+                ),
+            )
+
+    def dropped_at_random(self) -> int:
+        """The datagrams drop_at_random() has dropped so far."""
+        out = self.run(["nft", "list", "table", "inet", "gtunloss"]).stdout
+        return int(out.split("counter packets ")[1].split()[0])
+
     def sysctl(self, key: str, value: str | int) -> None:
         """Set a sysctl inside this namespace only (e.g. net.ipv4.ip_forward)."""
         if not key.startswith("net."):
