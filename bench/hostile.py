@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402  (beside this script: what the table scripts share)
-from gtun.lab.net import PORT, GtunNet  # noqa: E402
+from gtun.lab.net import GARBAGE, PORT, GtunNet  # noqa: E402
 from gtun.lab.netns import Lab, Namespace  # noqa: E402
 
 PREFIX = "gth"  # every namespace of this script starts with it
@@ -284,26 +284,6 @@ def flood_tcp(h: Hostile) -> Row:
     return _flood(h, "tcp")
 
 
-GARBAGE = """
-import os, socket, sys, time  # gtun is on PYTHONPATH (Namespace.spawn)
-from gtun.io.udp import UdpBatch
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setblocking(False)
-sock.connect((host, port))
-batch = UdpBatch(sock, gso=sys.argv[4] == "gso")
-addr = (host, port)
-sent = 0
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    # Transport-message shaped (type 4, reserved zero), random index, counter and body.
-    train = [(b"\\x04\\x00\\x00\\x00" + os.urandom(144), addr) for _ in range(64)]
-    for _ in range(50):
-        sent += 64 - batch.send(train)
-print(sent, flush=True)
-"""
-
-
 def garbage(h: Hostile, gso: bool = True) -> Row:
     with h.net("g" if gso else "gp", clients=2, transports=["", "udp"]) as net:
         c1, c2 = net.clients
@@ -312,8 +292,9 @@ def garbage(h: Hostile, gso: bool = True) -> Row:
         log = h.workdir / "garbage.out"
         log.unlink(missing_ok=True)
         how = "gso" if gso else "plain"
-        sender = h.python(
-            c1.ns, GARBAGE, c1.underlay, str(PORT), str(h.seconds), how, log="garbage.out"
+        sender = c1.ns.spawn(
+            [sys.executable, GARBAGE, c1.underlay, str(PORT), str(h.seconds), how],
+            log_path=log,
         )
         loaded, control = h.ping_during(
             sender, c2.ns, RELAY, int((h.seconds - 2) / PING_INTERVAL), 1.0, c2.underlay

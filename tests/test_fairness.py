@@ -358,21 +358,6 @@ def test_another_peers_ping_stays_low_during_a_flood(
     )
 
 
-GARBAGE = """
-import os, socket, sys, time
-from gtun.io.udp import UdpBatch
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.setblocking(False)
-sock.connect((host, port))
-batch, addr, end = UdpBatch(sock), (host, port), time.monotonic() + seconds
-while time.monotonic() < end:  # trains of 64 transport-shaped datagrams, one send each
-    train = [(b"\\x04\\x00\\x00\\x00" + os.urandom(144), addr) for _ in range(64)]
-    for _ in range(50):
-        batch.send(train)
-"""
-
-
 def test_garbage_at_line_rate_does_not_delay_another_peer(lab: Lab, tmp_path: Path) -> None:
     # Before the early drop (udp.py asks the Driver before it cuts a GRO train apart),
     # pings here waited about 47 ms behind the garbage in the socket's buffer.
@@ -383,10 +368,10 @@ def test_garbage_at_line_rate_does_not_delay_another_peer(lab: Lab, tmp_path: Pa
     net.wait_configured(c2, timeout=30)
     net.ping(c2.ns, "10.66.0.1", count=3)
     idle, _ = pings(net, c2, "10.66.0.1", 30)
-    from gtun.lab.net import PORT
+    from gtun.lab.net import GARBAGE, PORT
 
     sender = c1.ns.spawn(
-        [sys.executable, "-c", GARBAGE, c1.underlay, str(PORT), str(FLOOD_SECONDS)],
+        [sys.executable, GARBAGE, c1.underlay, str(PORT), str(FLOOD_SECONDS)],
         log_path=tmp_path / "garbage.log",
     )
     try:

@@ -30,6 +30,7 @@ METRICS_PORT = 9622  # the relay's metrics_listen (127.0.0.1) when GtunNet(metri
 CLIENT_METRICS_PORT = 9623  # each client's, on its own namespace's loopback
 LAN_NET = "192.168.77"
 TRANSFER = str(Path(__file__).with_name("transfer.py"))  # the program at both ends of transfer()
+GARBAGE = str(Path(__file__).with_name("garbage.py"))  # a UDP garbage sender
 
 
 @dataclass
