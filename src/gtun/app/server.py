@@ -363,7 +363,10 @@ class Server:
         assert self.relay is not None
         saved, seen = self._saved_endpoints, self._seen_endpoints
         changed: dict[bytes, str] = {}
-        for key, peer in self.relay.wg.peers.items():
+        relay = self.relay
+        for key, peer in relay.wg.peers.items():
+            if relay.is_mesh(peer):
+                continue  # another relay: its endpoint is the store's relays row
             endpoint = peer.endpoint
             # Compared as the tuple first: a scan of 10,000 peers formats only the new.
             if endpoint.__class__ is tuple and seen.get(key) != endpoint:
@@ -433,7 +436,10 @@ class Server:
         held = [
             encode_key(key)
             for key, peer in self.relay.wg.peers.items()
-            if peer.last_received is not None and now - peer.last_received < PRESENCE_RECENT
+            if peer.last_received is not None
+            and now - peer.last_received < PRESENCE_RECENT
+            and not self.relay.is_mesh(peer)
+            and self.relay.presence_of(peer) is None  # held here, as far as the map says
         ]
         if held:
             try:
@@ -620,6 +626,10 @@ class Server:
     # --- events and control ---------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
+        peer = getattr(event, "peer", None)
+        if peer is not None and self.relay is not None and self.relay.is_mesh(peer):
+            self._mesh_event(event)
+            return
         if isinstance(event, HandshakeCompleted):
             spec = event.peer.data.spec
             log.debug(
@@ -655,6 +665,16 @@ class Server:
             self._unknown_key(event)
         elif isinstance(event, HandshakeTimedOut):
             log.debug("peer %s stopped answering", event.peer.data.spec.name)
+
+    def _mesh_event(self, event: Event) -> None:
+        """An event of a mesh peer (another relay): no client, so no spec."""
+        if isinstance(event, HandshakeCompleted):
+            peer = event.peer
+            log.debug(
+                "mesh session with relay %s at %s", peer.data.name, endpoint_text(peer.endpoint)
+            )
+        elif isinstance(event, HandshakeTimedOut):
+            log.debug("mesh relay %s stopped answering", event.peer.data.name)
 
     def _unknown_key(self, event: PeerUnknown) -> None:
         loop = asyncio.get_running_loop()
@@ -692,9 +712,22 @@ class Server:
         assert relay is not None
         wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
         peers = []
+        mesh = []
         for i, peer in enumerate(list(relay.wg.peers.values())):
             if i and i % STATUS_CHUNK == 0:
                 await asyncio.sleep(0)
+            if relay.is_mesh(peer):
+                mesh.append(
+                    {
+                        "name": peer.data.name,
+                        "public_key": encode_key(peer.public_key),
+                        "endpoint": endpoint_text(peer.endpoint),
+                        "routes": [str(r) for r in peer.data.relay.routes],
+                        **peer_traffic(peer, wall),
+                        "drops": dict(peer.data.drops),
+                    }
+                )
+                continue
             spec = peer.data.spec
             peers.append(
                 {
@@ -707,6 +740,7 @@ class Server:
                     "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
                     "path_mtu": peer.data.path_mtu,  # what the client's probes found
+                    "relay": relay.presence_of(peer),  # None: its session is here
                     **peer_traffic(peer, wall),
                     "drops": dict(peer.data.drops),
                 }
@@ -730,6 +764,8 @@ class Server:
             tail={
                 "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
                 "refused_peers": list(self.refused),
+                "relay_name": relay.name,
+                "mesh": sorted(mesh, key=lambda r: r["name"]),
             },
         )
 
