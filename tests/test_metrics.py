@@ -550,3 +550,14 @@ def test_counters_move_with_traffic_and_drops(net: GtunNet) -> None:
     assert st["drops"]["spoofed"] == total
     assert st["drops"]["mac1"] == wg(dropped, "mac1")
     assert next(p for p in st["peers"] if p["name"] == "c1")["drops"]["spoofed"] == total
+
+
+def test_relay_metrics_name_mesh_relays() -> None:
+    """Another relay of the mesh is a peer without a PeerSpec: a scrape names it."""
+    from gtun.core.relay import MeshRelay
+
+    relay = Relay(generate_private_key(), relay_settings())
+    relay.set_peers([PeerSpec("c1", public_key(generate_private_key()), IPv4Address("10.66.0.2"))])
+    relay.set_mesh([MeshRelay("other", public_key(generate_private_key()), ("127.0.0.1", 9))])
+    text = generate_latest(make_registry(RelayCollector(relay, time.monotonic))).decode()
+    assert 'peer="relay other"' in text and 'peer="c1"' in text

@@ -71,7 +71,12 @@ def shared_relays(net: Net, dsn: str, count: int = 2) -> list[Path]:
 
 def addresses(server: Server) -> dict[str, str]:
     assert server.relay is not None
-    return {p.data.spec.name: str(p.data.spec.address) for p in server.relay.wg.peers.values()}
+    relay = server.relay
+    return {
+        p.data.spec.name: str(p.data.spec.address)
+        for p in relay.wg.peers.values()
+        if not relay.is_mesh(p)  # the other relays of the mesh
+    }
 
 
 async def within(seconds: float, condition: Any) -> float:
@@ -179,3 +184,50 @@ def test_the_store_goes_away_and_comes_back(
         asyncio.run(scenario())
     finally:
         pg.close()
+
+
+def test_relays_feed_their_mesh_and_presence_from_the_store(
+    net: Net, platforms: Any, pg_dsn: str
+) -> None:
+    """Each relay registers itself (name, key, endpoint, routes); every relay makes the
+    others its mesh through NOTIFY, and a client's session completing at one relay is
+    the presence every other relay reads."""
+    migrate(pg_dsn)
+    paths = shared_relays(net, pg_dsn)
+    for path in paths:
+        text = path.read_text()
+        port = text.split('listen = "127.0.0.1:')[1].split('"')[0]
+        path.write_text(text.replace("[server]\n", f'[server]\nendpoint = "127.0.0.1:{port}"\n', 1))
+    a = Server(load_server_config(paths[0]), platforms())
+    b = Server(load_server_config(paths[1]), platforms())
+    client = start_client(net, platforms())
+
+    def mesh(server: Server) -> set[str]:
+        assert server.relay is not None
+        return {p.data.name for p in server.relay.wg.peers.values() if server.relay.is_mesh(p)}
+
+    def held_at(server: Server, name: str) -> str | None:
+        assert server.relay is not None
+        peer = server.relay.peer_by_name(name)
+        return None if peer is None else server.relay.presence_of(peer)
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT), running(a), running(b), running(client):
+            await within(5, lambda: mesh(a) == {"relay2"} and mesh(b) == {"relay"})
+            assert a.relay is not None and b.relay is not None
+            assert (a.relay.name, b.relay.name) == ("relay", "relay2")
+            await within(5, lambda: client.applied is not None)
+            await within(NOTIFIED_WITHIN + 1, lambda: held_at(b, "c1") == "relay")
+            assert held_at(a, "c1") is None  # here
+            rst = await status(b.cfg.control_socket)
+            assert [r["name"] for r in rst["mesh"]] == ["relay"]
+            assert rst["relay_name"] == "relay2"
+            assert [p["relay"] for p in rst["peers"] if p["name"] == "c1"] == ["relay"]
+            # The mesh session between the relays comes up (keepalives, initiations).
+            await within(10, lambda: all(p.last_received is not None for p in mesh_peers(a)))
+
+    def mesh_peers(server: Server) -> list[Any]:
+        assert server.relay is not None
+        return [p for p in server.relay.wg.peers.values() if server.relay.is_mesh(p)]
+
+    asyncio.run(scenario())

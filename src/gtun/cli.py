@@ -334,6 +334,12 @@ def status(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+    for relay in answer.get("mesh") or []:
+        print(
+            f"  relay {relay['name']} at {relay.get('endpoint') or '-'}: "
+            f"rx {_bytes(relay['rx_bytes'])}, tx {_bytes(relay['tx_bytes'])}, "
+            f"handshake {_ago(relay.get('last_handshake'))}"
+        )
     refused = answer.get("refused_peers") or []
     if refused:
         print(f"  refused (address pool full, not served): {', '.join(refused)}")

@@ -216,7 +216,11 @@ class RelayCollector(GtunCollector):
         # list() copies the dict in one step: a scrape runs beside the event loop,
         # which may change the peer set meanwhile.
         return [
-            PeerView(peer.data.spec.name, peer, dict(peer.data.drops))
+            PeerView(
+                f"relay {peer.data.name}" if self.relay.is_mesh(peer) else peer.data.spec.name,
+                peer,
+                dict(peer.data.drops),
+            )
             for peer in list(self.relay.wg.peers.values())
         ]
 

@@ -9,7 +9,9 @@ after the other, the second reading what the first wrote, and the unique constra
 (network, address) and (network, public key) stay the last word should anything ever
 write without the lock.  A change to the peers sends `NOTIFY gtun_peers` with the network
 as payload, delivered at commit; every relay LISTENs on a connection of its own
-(StoreWatch, a thread) and reloads.
+(StoreWatch, a thread) and reloads.  A change to the relays (a relay registering) or to
+the presence (a client's session completing at a relay) sends `NOTIFY gtun_mesh` the
+same way: every relay re-reads the mesh and the presence map.
 
 The schema is versioned (`gtun_schema`): `gtun store migrate` applies MIGRATIONS in one
 transaction; a relay or `gtun peer add` refuses a schema older or newer than its own.
@@ -38,6 +40,7 @@ from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 __all__ = [
     "CHANNEL",
+    "MESH_CHANNEL",
     "SCHEMA_VERSION",
     "ImportSummary",
     "PgStore",
@@ -52,6 +55,7 @@ __all__ = [
 ]
 
 CHANNEL = "gtun_peers"  # NOTIFY channel; the payload is the network
+MESH_CHANNEL = "gtun_mesh"  # NOTIFY channel of the relays and presence; payload: the network
 CONNECT_TIMEOUT = 5  # seconds to reach the server before a call fails
 STATEMENT_TIMEOUT_MS = 15000  # no statement (nor a wait for the lease lock) runs longer
 WATCH_POLL = 0.5  # seconds between looks for notifications (and for stop)
@@ -109,6 +113,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    # The routes each relay's configuration pushes (the LANs behind it), for the mesh.
+    (2, ("ALTER TABLE relays ADD COLUMN routes text[] NOT NULL DEFAULT '{}'",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -505,15 +511,37 @@ class PgStore:
 
     # -- relays and presence -------------------------------------------------------
 
-    def register_relay(self, public_key: str, name: str, endpoint: str | None) -> None:
-        """Record (or refresh) a relay of this network."""
+    def register_relay(
+        self, public_key: str, name: str, endpoint: str | None, routes: Iterable[str] = ()
+    ) -> None:
+        """Record (or refresh) a relay of this network, with the routes its
+        configuration pushes, and tell every relay (MESH_CHANNEL)."""
         with self._lock:
-            self._rows(
-                "INSERT INTO relays (network, public_key, name, endpoint) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (network, public_key) DO UPDATE SET name = excluded.name, "
-                "endpoint = excluded.endpoint, updated = now()",
-                (self.network, public_key, name, endpoint),
-            )
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO relays (network, public_key, name, endpoint, routes) "
+                        "VALUES (%s, %s, %s, %s, %s) "
+                        "ON CONFLICT (network, public_key) DO UPDATE SET name = excluded.name, "
+                        "endpoint = excluded.endpoint, routes = excluded.routes, updated = now()",
+                        (self.network, public_key, name, endpoint, list(routes)),
+                    )
+                    conn.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+
+    def relay_rows(self) -> list[tuple[str, str, str | None, tuple[str, ...]]]:
+        """The relays of this network: (public key, name, endpoint, routes)."""
+        rows = self._rows(
+            "SELECT public_key, name, endpoint, routes FROM relays WHERE network = %s "
+            "ORDER BY name",
+            (self.network,),
+        )
+        return [
+            (str(k), str(n), None if e is None else str(e), tuple(str(r) for r in routes or ()))
+            for k, n, e, routes in rows
+        ]
 
     def relays(self) -> list[tuple[str, str, str | None]]:
         """The relays of this network: (public key, name, endpoint)."""
@@ -523,9 +551,12 @@ class PgStore:
         )
         return [(str(k), str(n), None if e is None else str(e)) for k, n, e in rows]
 
-    def heartbeat(self, relay: str, peers: Iterable[str], ttl: float) -> None:
+    def heartbeat(
+        self, relay: str, peers: Iterable[str], ttl: float, *, notify: bool = False
+    ) -> None:
         """Say that `relay` holds the sessions of `peers` now, for `ttl` seconds.  Times
-        are the database server's, so relays' clocks do not matter."""
+        are the database server's, so relays' clocks do not matter.  With `notify`, tell
+        every relay (MESH_CHANNEL): a session that moved here."""
         with self._lock:
             conn = self._connection()
             try:
@@ -537,6 +568,8 @@ class PgStore:
                         "heartbeat = excluded.heartbeat, expires = excluded.expires",
                         [(self.network, key, relay, ttl) for key in peers],
                     )
+                    if notify:
+                        cur.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
             except psycopg.Error as exc:
                 raise self._failure(exc) from None
 
@@ -625,7 +658,8 @@ class StoreWatch:
     """A connection of its own that LISTENs for changes to a network's peers, in a
     thread of its own (the event loop never waits for it).
 
-    It calls, from its thread: `on_change()` for each notification of this network;
+    It calls, from its thread: `on_change()` for each notification of this network's
+    peers; `on_mesh()` (when given) for each of its relays or presence;
     `on_state(up, error)` after every connection attempt and liveness check (up: the
     store answers; else `error` says why), so the caller can act on the transitions.
     After a lost connection it reconnects with backoff (WATCH_BACKOFF), LISTENs again,
@@ -639,11 +673,13 @@ class StoreWatch:
         network: str,
         on_change: Callable[[], None],
         on_state: Callable[[bool, str | None], None],
+        on_mesh: Callable[[], None] | None = None,
     ) -> None:
         self.dsn = dsn
         self.network = network
         self.on_change = on_change
         self.on_state = on_state
+        self.on_mesh = on_mesh
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gtun-store-watch", daemon=True)
 
@@ -667,6 +703,8 @@ class StoreWatch:
             try:
                 with conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if self.on_mesh is not None:
+                        conn.execute(f"LISTEN {MESH_CHANNEL}")
                     delay = WATCH_BACKOFF[0]
                     self.on_state(True, None)
                     self._listen(conn)
@@ -683,7 +721,12 @@ class StoreWatch:
         pinged = 0.0
         while not self._stop.is_set():
             for note in conn.notifies(timeout=WATCH_POLL):
-                if note.payload == self.network:
+                if note.payload != self.network:
+                    continue
+                if note.channel == MESH_CHANNEL:
+                    if self.on_mesh is not None:
+                        self.on_mesh()
+                else:
                     self.on_change()
             pinged += WATCH_POLL
             if pinged >= WATCH_PING:

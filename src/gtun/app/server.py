@@ -15,7 +15,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_network,
+)
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,9 @@ from gtun.app.store import Store
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
+    MeshError,
+    MeshRelay,
+    Network,
     PeerJoined,
     PeerRefused,
     PeerSetError,
@@ -171,6 +181,11 @@ class Server:
         self._reload_wanted = False
         self._reload_task: asyncio.Task[None] | None = None
         self._next_heartbeat = 0.0  # loop time of the next presence heartbeat
+        # The mesh (shared store): re-reads of the relays and the presence, coalesced.
+        self._mesh_wanted = False
+        self._mesh_task: asyncio.Task[None] | None = None
+        self._mesh_said: str | None = None  # the last mesh refusal logged
+        self._presence_tasks: set[asyncio.Task[None]] = set()
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -363,7 +378,10 @@ class Server:
         assert self.relay is not None
         saved, seen = self._saved_endpoints, self._seen_endpoints
         changed: dict[bytes, str] = {}
-        for key, peer in self.relay.wg.peers.items():
+        relay = self.relay
+        for key, peer in relay.wg.peers.items():
+            if relay.is_mesh(peer):
+                continue  # another relay: its endpoint is the store's relays row
             endpoint = peer.endpoint
             # Compared as the tuple first: a scan of 10,000 peers formats only the new.
             if endpoint.__class__ is tuple and seen.get(key) != endpoint:
@@ -433,7 +451,10 @@ class Server:
         held = [
             encode_key(key)
             for key, peer in self.relay.wg.peers.items()
-            if peer.last_received is not None and now - peer.last_received < PRESENCE_RECENT
+            if peer.last_received is not None
+            and now - peer.last_received < PRESENCE_RECENT
+            and not self.relay.is_mesh(peer)
+            and self.relay.presence_of(peer) is None  # held here, as far as the map says
         ]
         if held:
             try:
@@ -455,7 +476,9 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
         endpoint = f"{cfg.endpoint[0]}:{cfg.endpoint[1]}" if cfg.endpoint else None
-        store.register_relay(encode_key(cfg.public_key), cfg.path.stem, endpoint)
+        store.register_relay(
+            encode_key(cfg.public_key), cfg.path.stem, endpoint, [str(r) for r in cfg.routes]
+        )
 
         def call(fn: Callable[..., object], *args: object) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the relay stopped
@@ -466,17 +489,18 @@ class Server:
             store.network,
             lambda: call(self._request_reload),
             lambda up, error: call(self._store_state, up, error),
+            lambda: call(self._request_mesh),
         )
         self._watch = watch
         watch.start()
 
         async def stop() -> None:
             await asyncio.to_thread(watch.stop)
-            task = self._reload_task
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for task in (self._reload_task, self._mesh_task, *self._presence_tasks):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
         self.rt.push("store watch", stop)
 
@@ -492,6 +516,7 @@ class Server:
             if was is False:
                 log.info("store %s is back: catching up with the peers", self.store.path)
             self._request_reload()
+            self._request_mesh()
         else:
             log.error(
                 "%s; forwarding the sessions it has, refusing new peers and leases "
@@ -509,6 +534,87 @@ class Server:
         while self._reload_wanted and not self.stop.is_set():
             self._reload_wanted = False
             await self.reload()
+
+    def _request_mesh(self) -> None:
+        """A re-read of the relays and the presence soon (coalesced, as reloads)."""
+        self._mesh_wanted = True
+        if self._mesh_task is None or self._mesh_task.done():
+            self._mesh_task = asyncio.ensure_future(self._mesh_while_wanted())
+
+    async def _mesh_while_wanted(self) -> None:
+        while self._mesh_wanted and not self.stop.is_set():
+            self._mesh_wanted = False
+            await self.refresh_mesh()
+
+    async def refresh_mesh(self) -> None:
+        """Shared store: read the network's relays and the presence map (in a worker
+        thread) and give them to the core (on the loop): Relay.set_mesh() and
+        set_presence().  A refusal is logged once and changes nothing."""
+        store, relay = self.store, self.relay
+        if not isinstance(store, PgStore) or relay is None or self.driver is None:
+            return
+
+        def read() -> tuple[list[tuple[str, str, str | None, tuple[str, ...]]], dict[str, str]]:
+            return store.relay_rows(), store.presence()
+
+        try:
+            rows, presence = await off_loop(read)
+        except StoreUnavailable as exc:
+            self._store_state(False, str(exc))
+            return
+        except GtunError as exc:
+            log.warning("cannot read the relay mesh from the store: %s", exc)
+            return
+        mesh, names = mesh_relays(rows)
+        own = encode_key(self.cfg.public_key)
+        held: dict[bytes, str | None] = {}
+        for key_text, relay_key in presence.items():
+            key = decode_key_or_none(key_text)
+            if key is not None:
+                held[key] = None if relay_key == own else names.get(relay_key)
+        try:
+            added, removed = relay.set_mesh(mesh, self.driver.loop.time())
+            relay.set_presence(held)
+        except MeshError as exc:
+            if str(exc) != self._mesh_said:
+                log.error("relay mesh refused, keeping the current one: %s", exc)
+                self._mesh_said = str(exc)
+            return
+        self._mesh_said = None
+        if added or removed:
+            log.info(
+                "relay mesh: %s (added %s, removed %s)",
+                _names(sorted(names.values())),
+                _names(added),
+                _names(removed),
+            )
+        self.driver.poke()
+
+    def _note_session_here(self, key: bytes) -> None:
+        """Shared store: a client's session completed here; say so (presence), telling
+        every relay, off the loop."""
+        store = self.store
+        if not isinstance(store, PgStore) or self.store_up is False:
+            return
+
+        async def write() -> None:
+            try:
+                await off_loop(
+                    lambda: store.heartbeat(
+                        encode_key(self.cfg.public_key),
+                        [encode_key(key)],
+                        PRESENCE_TTL,
+                        notify=True,
+                    )
+                )
+            except StoreUnavailable as exc:
+                self._store_state(False, str(exc))
+            except GtunError as exc:
+                log.debug("presence of a new session not written: %s", exc)
+
+        task = asyncio.ensure_future(write())
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
 
     def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
         cfg = self.cfg
@@ -620,8 +726,14 @@ class Server:
     # --- events and control ---------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
+        peer = getattr(event, "peer", None)
+        if peer is not None and self.relay is not None and self.relay.is_mesh(peer):
+            self._mesh_event(event)
+            return
         if isinstance(event, HandshakeCompleted):
             spec = event.peer.data.spec
+            if self.relay is not None and self.relay.name is not None:
+                self._note_session_here(event.peer.public_key)
             log.debug(
                 "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
             )
@@ -655,6 +767,16 @@ class Server:
             self._unknown_key(event)
         elif isinstance(event, HandshakeTimedOut):
             log.debug("peer %s stopped answering", event.peer.data.spec.name)
+
+    def _mesh_event(self, event: Event) -> None:
+        """An event of a mesh peer (another relay): no client, so no spec."""
+        if isinstance(event, HandshakeCompleted):
+            peer = event.peer
+            log.debug(
+                "mesh session with relay %s at %s", peer.data.name, endpoint_text(peer.endpoint)
+            )
+        elif isinstance(event, HandshakeTimedOut):
+            log.debug("mesh relay %s stopped answering", event.peer.data.name)
 
     def _unknown_key(self, event: PeerUnknown) -> None:
         loop = asyncio.get_running_loop()
@@ -692,9 +814,22 @@ class Server:
         assert relay is not None
         wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
         peers = []
+        mesh = []
         for i, peer in enumerate(list(relay.wg.peers.values())):
             if i and i % STATUS_CHUNK == 0:
                 await asyncio.sleep(0)
+            if relay.is_mesh(peer):
+                mesh.append(
+                    {
+                        "name": peer.data.name,
+                        "public_key": encode_key(peer.public_key),
+                        "endpoint": endpoint_text(peer.endpoint),
+                        "routes": [str(r) for r in peer.data.relay.routes],
+                        **peer_traffic(peer, wall),
+                        "drops": dict(peer.data.drops),
+                    }
+                )
+                continue
             spec = peer.data.spec
             peers.append(
                 {
@@ -707,6 +842,7 @@ class Server:
                     "transport": endpoint_transport(peer.endpoint),
                     "kind": "gtun" if peer.data.is_gtun else "wireguard",
                     "path_mtu": peer.data.path_mtu,  # what the client's probes found
+                    "relay": relay.presence_of(peer),  # None: its session is here
                     **peer_traffic(peer, wall),
                     "drops": dict(peer.data.drops),
                 }
@@ -730,6 +866,8 @@ class Server:
             tail={
                 "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
                 "refused_peers": list(self.refused),
+                "relay_name": relay.name,
+                "mesh": sorted(mesh, key=lambda r: r["name"]),
             },
         )
 
@@ -745,6 +883,45 @@ def apply_peers(
     except PeerSetError as exc:
         in_config = any(p.name == exc.peer for p in cfg.peers)
         raise ConfigError(str(exc), file=cfg.path if in_config else store.path) from exc
+
+
+def mesh_endpoint(text: str | None) -> tuple[Any, ...] | None:
+    """A relay's endpoint as the store has it ("host:port", an IPv6 host in brackets
+    or not) as the UDP socket's address tuple; None for none or a host name (not
+    resolved)."""
+    if not text:
+        return None
+    host, _, port_text = text.rpartition(":")
+    try:
+        address = ip_address(host.strip("[]"))
+        port = int(port_text)
+    except ValueError:
+        return None
+    if not 0 < port < 65536:
+        return None
+    if address.version == 6:
+        return (str(address), port, 0, 0)
+    return (str(address), port)
+
+
+def mesh_relays(
+    rows: list[tuple[str, str, str | None, tuple[str, ...]]],
+) -> tuple[list[MeshRelay], dict[str, str]]:
+    """The store's relays rows as the core's MeshRelays (a row with a bad key or route
+    is skipped), and each relay's name by its key text."""
+    mesh: list[MeshRelay] = []
+    names: dict[str, str] = {}
+    for key_text, name, endpoint, route_texts in rows:
+        key = decode_key_or_none(key_text)
+        if key is None:
+            continue
+        try:
+            routes: tuple[Network, ...] = tuple(ip_network(r) for r in route_texts)
+        except ValueError:
+            continue
+        mesh.append(MeshRelay(name, key, mesh_endpoint(endpoint), routes))
+        names[key_text] = name
+    return mesh, names
 
 
 def endpoint_to_text(endpoint: tuple[Any, ...]) -> str:
