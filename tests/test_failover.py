@@ -25,6 +25,7 @@ from gtun.core.client import (
     RelaysLearned,
 )
 from gtun.core.packet import build_udp4
+from gtun.core.relay import SessionHere
 from gtun.testing.mesh import MeshLink
 
 
@@ -220,3 +221,54 @@ def test_hostile_pushes_are_bounded_and_counted() -> None:
     assert c1.drops["bad_relay"] - before >= len(entries) + 40 - tm.MAX_RELAYS
     assert len(c1.wg.peers) <= tm.MAX_RELAYS + 1
     assert c1.connected
+
+
+def claims(link: MeshLink, relay: str, client: str) -> int:
+    """How many times `client` claimed its session at `relay` (SessionHere)."""
+    key = link.clients[client].wg.public_key
+    return sum(
+        1 for e in link.events[relay] if isinstance(e, SessionHere) and e.peer.public_key == key
+    )
+
+
+def test_measuring_a_relay_claims_nothing_there() -> None:
+    """A failover client handshakes with every relay it knows (RTTs) but claims its
+    session only where it joins: the others keep routing to the relay the map names."""
+    link = mesh()
+    learnt = events(link, "c1", RelaysLearned)[-1].relays
+    c3 = link.add_client("c3", "a", "10.66.0.30", "fd66::30", known=learnt)
+    link.configure(["c3"])
+    assert all(rtt is not None for rtt in c3.relay_rtts().values())  # all three measured
+    joined = {
+        name for name, relay in link.relays.items() if relay.wg.public_key == c3.server.public_key
+    }
+    assert len(joined) == 1
+    for name in link.relays:
+        assert claims(link, name, "c3") == (1 if name in joined else 0), name
+    follow(link)
+    (home,) = joined
+    for name, relay in link.relays.items():
+        peer = relay.peer_by_name("c3")
+        assert peer is not None
+        assert relay.presence_of(peer) == (None if name == home else home)
+    # Traffic both ways goes through the relay it joined, a measured one claims nothing.
+    link.clients["c2"].tun_packet(ping("10.66.0.20", "10.66.0.30", 1), link.now)
+    link.pump()
+    assert link.take("c3")
+    assert all(claims(link, n, "c3") == (1 if n == home else 0) for n in link.relays)
+
+
+def test_data_in_flight_from_a_moved_client_claims_nothing() -> None:
+    """A gtun client the map holds at another relay (it moved) does not claim its
+    session back with a packet still on its way to the old relay."""
+    link = mesh()
+    a = link.relays["a"]
+    c1 = link.clients["c1"]
+    peer = a.peer_by_name("c1")
+    assert peer is not None and peer.data.here and claims(link, "a", "c1") == 1
+    a.update_presence({c1.wg.public_key: "b"})  # the store: c1 moved to b
+    assert not peer.data.here and a.presence_of(peer) == "b"
+    c1.tun_packet(ping("10.66.0.10", "10.66.0.20", 7), link.now)
+    link.pump()  # c1 still sends through a (it does not know): a forwards it
+    assert link.take("c2")
+    assert a.presence_of(peer) == "b" and claims(link, "a", "c1") == 1

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 from gtun.core import tunnel as tm
 from gtun.core.errors import LocalProtocolError
 from gtun.core.packet import build_icmp_echo, build_udp4, parse_addresses
-from gtun.core.relay import MeshError, MeshRelay, PeerJoined, PeerSetError, PeerSpec, Relay
+from gtun.core.relay import (
+    MeshError,
+    MeshRelay,
+    PeerJoined,
+    PeerSetError,
+    PeerSpec,
+    Relay,
+    SessionHere,
+)
+from gtun.core.wg import WireGuard
 from gtun.testing.link import relay_settings
 from gtun.testing.mesh import MeshLink
 from test_invariants import mutate  # the same edits as the invariants of one relay
@@ -402,3 +411,43 @@ def test_a_hostile_relay_is_never_sent_on_and_speaks_only_for_its_own() -> None:
     net.clients["a1"].tun_packet(ping, net.now)
     net.pump()
     assert net.take("b1") == [ping]
+
+
+def test_a_stock_peer_claims_its_session_with_data_not_with_a_handshake() -> None:
+    """A stock WireGuard peer asks for no configuration: its first data packet claims
+    its session at the relay it uses (SessionHere, so the edge writes the presence),
+    and the other relays' map follows from there."""
+    net = mesh()
+    c = net.relays["C"]
+    key = secrets.token_bytes(32)
+    stock = WireGuard(key)
+    net.specs.append(PeerSpec("s1", stock.public_key, IPv4Address("10.66.0.9")))
+    for relay in net.relays.values():
+        relay.set_peers(net.specs)
+    server = stock.add_peer(c.wg.public_key, endpoint="C")
+    stock.initiate_handshake(server, net.now)
+    for _ in range(3):
+        for data, _ in stock.datagrams_to_send():
+            c.receive_datagram(data, "s1", net.now)
+        for data, addr in c.datagrams_to_send():
+            if addr == "s1":
+                stock.receive_datagram(data, "C", net.now)
+    peer = c.peer_by_name("s1")
+    assert peer is not None and peer.has_session
+    assert not peer.data.here and not claimed(c)
+    c.update_presence({stock.public_key: "A"})  # a stale row: s1 was at A once
+    stock.send(server, build_icmp_echo("10.66.0.9", "10.66.0.2", 1, 1, b"hi"), net.now)
+    for data, _ in stock.datagrams_to_send():
+        c.receive_datagram(data, "s1", net.now)
+    c.datagrams_to_send()
+    assert claimed(c) == [peer]
+    assert peer.data.here and c.presence_of(peer) is None
+
+
+def claimed(relay: Relay) -> list[object]:
+    """The peers of the SessionHere events `relay` has said since last asked."""
+    out = []
+    while (event := relay.next_event()) is not None:
+        if isinstance(event, SessionHere):
+            out.append(event.peer)
+    return out

@@ -48,6 +48,7 @@ from gtun.core.relay import (
     PeerSpec,
     Relay,
     RelaySettings,
+    SessionHere,
 )
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
 from gtun.core.wg.events import Event
@@ -454,7 +455,8 @@ class Server:
             if peer.last_received is not None
             and now - peer.last_received < PRESENCE_RECENT
             and not self.relay.is_mesh(peer)
-            and self.relay.presence_of(peer) is None  # held here, as far as the map says
+            and peer.data.here  # claimed here (not a failover client's RTT handshake)
+            and self.relay.presence_of(peer) is None
         ]
         if held:
             try:
@@ -732,11 +734,12 @@ class Server:
             return
         if isinstance(event, HandshakeCompleted):
             spec = event.peer.data.spec
-            if self.relay is not None and self.relay.name is not None:
-                self._note_session_here(event.peer.public_key)
             log.debug(
                 "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
             )
+        elif isinstance(event, SessionHere):
+            if self.relay is not None and self.relay.name is not None:
+                self._note_session_here(event.peer.public_key)
         elif isinstance(event, PeerJoined):
             # A client asks again after every new session (every two minutes), and a
             # hostile one as often as it likes: said at INFO only when it is news.

@@ -138,6 +138,9 @@ class Forwarder:
         self.mesh: frozenset[Peer] = frozenset()
         self.where: dict[Peer, Peer] = {}
         self.own: RouteTable[bool] = RouteTable()
+        # Clients whose data claims their session here (a stock peer, or a client the
+        # map holds nowhere else), for the relay to take after the datagram.
+        self.claims: list[Peer] = []
 
     def peers_changed(self) -> None:
         """The table was rebuilt: anything derived from it is stale."""
@@ -299,6 +302,9 @@ class IpForwarder(Forwarder):
             elif self.table.lookup(src) is not peer:
                 verdict = "spoofed"
             else:
+                state = peer.data
+                if not state.here and (not state.is_gtun or peer not in self.where):
+                    self.claims.append(peer)
                 verdict = self.table.lookup(dst)
                 if verdict is peer:
                     verdict = "loop"

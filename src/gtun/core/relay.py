@@ -38,8 +38,12 @@ state is a MeshState, not a PeerState.  The presence map (set_presence(), or
 update_presence() for a few changes) says which relay holds each client's session; the
 forwarder sends a packet for a client held elsewhere, or for a route behind another
 relay, to that relay, and delivers what a mesh relay sends only to a client held here or
-to its own TUN, never on to a third relay (forward.py).  A client that completes a
-handshake here is held here from then on, until the presence map says otherwise.  The
+to its own TUN, never on to a third relay (forward.py).  A client claims its session
+here (SessionHere: the edge writes the presence) when it asks for its configuration or
+PINGs, and a stock peer when its data comes: a handshake alone claims nothing, since a
+failover client measures the RTT of relays it does not use.  Data from a gtun client the
+map holds elsewhere claims nothing either (packets still in flight after a move).  It
+is held here from then on, until the presence map names another relay.  The
 mesh forwards IP packets: a relay in TAP mode refuses one.  A gtun client that asks
 (tunnel.Caps.relays) is pushed the other relays (name, key, endpoint: mesh_relays()) in its
 configuration, to fail over to (client.py).  The core reads no store: the
@@ -117,6 +121,7 @@ class PeerState:
 
     spec: PeerSpec
     is_gtun: bool = False  # asked for its configuration: a gtun client
+    here: bool = False  # claimed its session here (SessionHere), until the map moves it
     caps: Caps = NO_CAPS  # negotiated at its configuration request
     drops: dict[str, int] = field(default_factory=dict)
     path_mtu: int | None = None  # what the client's probes found (it says, in each probe)
@@ -159,6 +164,14 @@ class MeshState:
 @dataclass(frozen=True, slots=True)
 class PeerJoined(Event):
     """A gtun client asked for (and got) its configuration."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHere(Event):
+    """A client claimed its session here (a configuration request, a PING, or a stock
+    peer's data): with a shared store, the edge writes the presence."""
 
     peer: Peer
 
@@ -439,6 +452,7 @@ class Relay:
                 fwd.where.pop(peer, None)
             else:
                 fwd.where[peer] = relay
+                peer.data.here = False
         fwd.peers_changed()
 
     def presence_of(self, peer: Peer) -> str | None:
@@ -475,6 +489,7 @@ class Relay:
                 peer = peers.get(key)
                 if relay is not None and peer is not None and isinstance(peer.data, PeerState):
                     where[peer] = relay
+                    peer.data.here = False
         fwd = self.forwarder
         fwd.where = where
         fwd.peers_changed()
@@ -594,24 +609,34 @@ class Relay:
         while True:
             event = wg.next_event()
             if event is None:
-                return
+                break
             # Data never comes as an event: the fast lane (on_packet) delivers it.
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
-                elif isinstance(event, HandshakeCompleted):
-                    self._held_here(event.peer)
                 self._emit(event)
+        claims = self.forwarder.claims
+        if claims:
+            self.forwarder.claims = []
+            for peer in claims:
+                self._claim(peer)
 
-    def _held_here(self, peer: Peer) -> None:
-        """A client completed a handshake here: its session is here now, whatever the
-        presence map said (the edge writes that to the store from the event)."""
+    def _claim(self, peer: Peer) -> None:
+        """A client claimed its session here: held here now, whatever the presence map
+        said, and said once (SessionHere) so that the edge writes it to the store."""
+        state = peer.data
+        if not isinstance(state, PeerState) or state.here:
+            return
+        if self.wg.peers.get(peer.public_key) is not peer:
+            return  # removed meanwhile
+        state.here = True
         fwd = self.forwarder
         if peer in fwd.where:
             fwd.flush()
             del fwd.where[peer]
             self._presence.pop(peer.public_key, None)
             fwd.peers_changed()
+        self._emit(SessionHere(peer))
 
     def _count(self, peer: Peer, reason: str) -> None:
         self.drops[reason] += 1
@@ -656,9 +681,11 @@ class Relay:
                 answer = tm.push_message(tm.REFUSED, {"reason": f"configuration: {exc}"})
             self.wg.send(peer, answer, now)
             self._emit(PeerJoined(peer))
+            self._claim(peer)
         elif msg.type == tm.PING:
             state.is_gtun = True
             self.wg.send(peer, tm.push_message(tm.PONG, {}), now)
+            self._claim(peer)
         elif msg.type == tm.PROBE:
             self._answer_probe(peer, state, msg, len(plaintext), now)
         else:
