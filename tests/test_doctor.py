@@ -483,6 +483,9 @@ class FakeSystem:
         self.handshakes.append(transport)
         return self.facts.get(transport) or d.Probe(transport)
 
+    def store(self, cfg: Any) -> d.StoreFacts | None:
+        return self.facts.get("store")
+
 
 RUNNING = {
     "connected": True,
@@ -585,6 +588,105 @@ def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
     r = names(d.diagnose_relay(cfg, sick))  # type: ignore[arg-type]
     assert not r["forwarding"].ok and not r["rp_filter"].ok
     assert not r["forward"].ok and not r["nat"].ok
+
+
+# --- several relays: the store, the mesh sessions, the clocks -------------------------
+
+OWN, R2, R3 = "own-key", "r2-key", "r3-key"
+
+
+def store_facts(**changes: Any) -> d.StoreFacts:
+    relays = (
+        d.RelayFacts("r1", OWN, "10.0.0.1:9621", 3.0, 0.01),
+        d.RelayFacts("r2", R2, "10.0.0.2:9621", 4.0, -0.2),
+        d.RelayFacts("r3", R3, "10.0.0.3:9621", 1.0, 0.3),
+    )
+    facts: dict[str, Any] = {
+        "where": "postgresql:///gtun",
+        "schema": 3,
+        "wanted_schema": 3,
+        "clock_offset": 0.05,
+        "relays": relays,
+    }
+    facts.update(changes)
+    return d.StoreFacts(**facts)
+
+
+MESH_STATUS = {
+    "peers": [],
+    "mesh": [
+        {"name": "r2", "public_key": R2, "last_handshake": NOW - 20},
+        {"name": "r3", "public_key": R3, "last_handshake": NOW - 100},
+    ],
+}
+
+
+def test_store_check_names_unreachable_and_old_schema(tmp_path: Path) -> None:
+    path = tmp_path / "r1.toml"
+    assert d.check_store(store_facts(), path).ok
+    down = d.check_store(store_facts(error="store postgresql:///gtun is unavailable: x"), path)
+    assert not down.ok and "refuse new peers and leases" in down.detail
+    assert "start PostgreSQL" in (down.fix or "")
+    old = d.check_store(store_facts(schema=2), path)
+    assert not old.ok and old.fix == f"gtun store migrate -c {path}"
+    new = d.check_store(store_facts(schema=4), path)
+    assert not new.ok and "upgrade gtun" in (new.fix or "")
+
+
+def test_mesh_check_sessions_with_every_live_relay() -> None:
+    good = d.check_mesh(OWN, MESH_STATUS, store_facts(), NOW)
+    assert good is not None and good.ok and "r2 (handshake 20 s ago)" in good.detail
+    # r3's session went stale; r2 left the mesh; a relay never seen.
+    stale = {**MESH_STATUS, "mesh": [{**MESH_STATUS["mesh"][0]}, {"name": "r3", "public_key": R3}]}
+    r = d.check_mesh(OWN, stale, store_facts(), NOW)
+    assert r is not None and not r.ok and "no session with r3 at 10.0.0.3:9621" in r.detail
+    gone = {**MESH_STATUS, "mesh": MESH_STATUS["mesh"][1:]}
+    r = d.check_mesh(OWN, gone, store_facts(), NOW)
+    assert (
+        r is not None and not r.ok and "r2 at 10.0.0.2:9621 is not in this relay's mesh" in r.detail
+    )
+    quiet = store_facts(
+        relays=(d.RelayFacts("r1", OWN, None, 1, 0), d.RelayFacts("r2", R2, "e:1", 90.0, 0))
+    )
+    r = d.check_mesh(OWN, MESH_STATUS, quiet, NOW)
+    assert r is not None and not r.ok and "looks down (its last heartbeat: 90 s ago)" in r.detail
+    alone = d.check_mesh(OWN, MESH_STATUS, store_facts(relays=store_facts().relays[:1]), NOW)
+    assert alone is not None and alone.ok and "only one" in alone.detail
+    assert d.check_mesh(OWN, MESH_STATUS, store_facts(error="down"), NOW) is None
+
+
+def test_clock_check_names_the_relay_whose_clock_is_off() -> None:
+    good = d.check_clock_skew(OWN, store_facts())
+    assert good is not None and good.ok and "within 300 ms" in good.detail
+    r2_off = store_facts(relays=(d.RelayFacts("r2", R2, "e:1", 2.0, 7.5),))
+    r = d.check_clock_skew(OWN, r2_off)
+    assert r is not None and not r.ok and "r2 +7.5 s" in r.detail and "chrony" in (r.fix or "")
+    mine_off = d.check_clock_skew(OWN, store_facts(clock_offset=-3.0))
+    assert mine_off is not None and not mine_off.ok and "this machine -3.0 s" in mine_off.detail
+    # A relay that is down does not count (its last offset is old news).
+    dead = store_facts(relays=(d.RelayFacts("r2", R2, "e:1", 500.0, 99.0),))
+    r = d.check_clock_skew(OWN, dead)
+    assert r is not None and r.ok
+
+
+def test_relay_with_a_store_runs_the_three_checks(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    from gtun.app.config import load_server_config
+
+    cfg = load_server_config(write_server(tmp_path, keys))
+    own = encode_key(cfg.public_key)
+    relays = tuple(
+        d.RelayFacts(r.name, own if r.public_key == OWN else r.public_key, r.endpoint, 1.0, 0.1)
+        for r in store_facts().relays
+    )
+    system = FakeSystem(
+        status={**MESH_STATUS, "peers": []},
+        link=link(addrs=["10.66.0.1/24"]),
+        store=store_facts(relays=relays),
+    )
+    r = names(d.diagnose_relay(cfg, system))  # type: ignore[arg-type]
+    assert r["store"].ok and r["mesh"].ok and r["clock"].ok
+    without = names(d.diagnose_relay(cfg, FakeSystem(link=link(addrs=["10.66.0.1/24"]))))  # type: ignore[arg-type]
+    assert "store" not in without and "mesh" not in without
 
 
 # --- the handshake probe's reading of the client core, against an in-memory relay -------

@@ -11,6 +11,7 @@ Every address lives inside the lab's namespaces (prefix "gtmw")."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from gtun.app.pgstore import migrate
 from gtun.lab.mesh import MeshNet
+from gtun.lab.net import GTUN
 from gtun.lab.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -63,6 +65,17 @@ def test_clients_of_two_relays_reach_each_other_across_the_mesh(
         assert sent == received
         sent, received, _ = net.transfer(c2.ns, c1.ns, a1, SIZE, port=5202)
         assert sent == received
+        # doctor on r1: the store answers, a session with r2, clocks in step.
+        out = r1.ns.run([*GTUN, "doctor", "-c", str(r1.config), "--json"], check=False)
+        found = {r["check"]: r for r in json.loads(out.stdout)}
+        for check in ("store", "mesh", "clock"):
+            assert found[check]["ok"], found[check]
+        assert "sessions with r2" in found["mesh"]["detail"]
+        # status on r1: the relays, and c2's session at r2.
+        text = r1.ns.run([*GTUN, "status", "-s", str(r1.socket)]).stdout
+        assert "relays of the network: r1 (this one), r2" in text, text
+        row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["c2"])
+        assert "r2" in row and c2.public in row, text
         # Both relays carried it over the mesh: each took traffic from the other.
         for r in (r1, r2):
             st = net.status(r)

@@ -80,6 +80,19 @@ def test_unreachable_server_is_a_runtime_failure(tmp_path: Path) -> None:
     assert info.value.exit_code == 1
     assert "secret" not in str(info.value) and "unavailable" in str(info.value)
     assert redact("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    # doctor says so, without the password.
+    from gtun.app.config import load_server_config
+    from gtun.app.keys import generate_private_key
+    from gtun.doctor.probes import LiveSystem
+    from gtun.lab.net import write_key
+
+    write_key(tmp_path / "relay.key", generate_private_key())
+    (tmp_path / "relay.toml").write_text(
+        f'[server]\nstore = "{dsn}"\nprivate_key_file = "relay.key"\nnetwork = "{NET}"\n'
+    )
+    facts = LiveSystem().store(load_server_config(tmp_path / "relay.toml"))
+    assert facts is not None and facts.error is not None and "unavailable" in facts.error
+    assert "secret" not in facts.error and "secret" not in facts.where
 
 
 # -- what StateStore's tests check ----------------------------------------------------------
@@ -165,6 +178,45 @@ def test_endpoints_relays_and_presence(store: PgStore) -> None:
     store.heartbeat("R2", ["k2"], ttl=30)
     store.heartbeat("R2", ["k3"], ttl=0)  # expired at once
     assert store.presence() == {"k1": "R1", "k2": "R2"}
+
+
+def test_relay_health_for_doctor(store: PgStore, dsn: str, tmp_path: Path) -> None:
+    """A relay's heartbeat records that it is alive and its clock's offset from the
+    database's; doctor reads both, and the database's clock, through LiveSystem."""
+    from gtun.app.config import load_server_config
+    from gtun.app.keys import encode_key, generate_private_key, public_key
+    from gtun.doctor.probes import LiveSystem
+    from gtun.lab.net import write_key
+
+    write_key(tmp_path / "relay.key", generate_private_key())
+    (tmp_path / "relay.toml").write_text(
+        f'[server]\nstore = "{dsn}"\nprivate_key_file = "relay.key"\nnetwork = "{NET}"\n'
+    )
+    cfg = load_server_config(tmp_path / "relay.toml")
+    own = encode_key(cfg.public_key)
+    store.register_relay(own, "relay-a", "192.0.2.1:9621")
+    other = encode_key(public_key(generate_private_key()))
+    store.register_relay(other, "relay-b", "192.0.2.2:9621")
+    assert abs(store.clock() - time.time()) < 1.0  # one machine
+    assert [(h.name, h.seen_ago) for h in store.relay_health()] == [
+        ("relay-a", None),
+        ("relay-b", None),
+    ]
+    store.relay_alive(own, time.time())
+    store.relay_alive(other, time.time() + 7.5)  # its clock is 7.5 s ahead
+    health = {h.name: h for h in store.relay_health()}
+    b = health["relay-b"]
+    assert b.seen_ago is not None and 0 <= b.seen_ago < 1.0
+    assert b.clock_offset is not None and 7.0 < b.clock_offset < 8.0
+    facts = LiveSystem().store(cfg)
+    assert facts is not None and facts.error is None
+    assert facts.schema == facts.wanted_schema == SCHEMA_VERSION
+    assert facts.clock_offset is not None and abs(facts.clock_offset) < 1.0
+    assert {r.name for r in facts.relays} == {"relay-a", "relay-b"}
+    from gtun.doctor.checks import check_clock_skew
+
+    skew = check_clock_skew(own, facts)
+    assert skew is not None and not skew.ok and "relay-b +7." in skew.detail
 
 
 # -- AddressPool over PostgreSQL ---------------------------------------------------------------

@@ -316,25 +316,34 @@ def status(args: argparse.Namespace) -> int:
             f"  mtu {answer.get('mtu') or '-'}; path MTU "
             + (f"{path_mtu} (probed)" if path_mtu else "not probed")
         )
-    header = ("NAME", "ADDRESS", "ENDPOINT", "TRANSPORT", "RX", "TX", "HANDSHAKE", "PUBLIC KEY")
+    mesh = answer.get("mesh") or []
+    here = answer.get("relay_name")
+    if mesh:  # several relays: say which holds each peer's session
+        names = ", ".join([f"{here} (this one)", *(r["name"] for r in mesh)])
+        print(f"  relays of the network: {names}")
+    header: tuple[str, ...] = ("NAME", "ADDRESS", "ENDPOINT", "TRANSPORT", "RX", "TX")
+    header += ("HANDSHAKE", "PUBLIC KEY") if not mesh else ("HANDSHAKE", "RELAY", "PUBLIC KEY")
     rows = [header]
     for peer in answer["peers"]:
+        relay = () if not mesh else (peer.get("relay") or here or "-",)
         rows.append(
             (
                 peer["name"],
                 ", ".join(a for a in (peer.get("address"), peer.get("address6")) if a) or "-",
-                peer.get("endpoint") or "-",
+                # A peer held at another relay: this relay's endpoint for it is old news.
+                peer.get("endpoint") or "-" if not peer.get("relay") else "-",
                 peer.get("transport") or "-",
                 _bytes(peer["rx_bytes"]),
                 _bytes(peer["tx_bytes"]),
                 _ago(peer.get("last_handshake")),
+                *relay,
                 peer["public_key"],
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     for row in rows:
         print("  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
-    for relay in answer.get("mesh") or []:
+    for relay in mesh:
         print(
             f"  relay {relay['name']} at {relay.get('endpoint') or '-'}: "
             f"rx {_bytes(relay['rx_bytes'])}, tx {_bytes(relay['tx_bytes'])}, "

@@ -115,8 +115,28 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
     # The routes each relay's configuration pushes (the LANs behind it), for the mesh.
     (2, ("ALTER TABLE relays ADD COLUMN routes text[] NOT NULL DEFAULT '{}'",)),
+    # Each relay's last heartbeat and its clock's offset from the database's then, for
+    # `gtun doctor` (a relay gone quiet, clocks that disagree).
+    (
+        3,
+        (
+            "ALTER TABLE relays ADD COLUMN seen timestamptz",
+            "ALTER TABLE relays ADD COLUMN clock_offset double precision",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class RelayHealth:
+    """A relay of the network as `gtun doctor` sees it in the store."""
+
+    name: str
+    public_key: str
+    endpoint: str | None
+    seen_ago: float | None  # seconds since its last heartbeat (None: never)
+    clock_offset: float | None  # its clock minus the database's, at that heartbeat
 
 
 class StoreUnavailable(RuntimeFailure):
@@ -542,6 +562,39 @@ class PgStore:
             (str(k), str(n), None if e is None else str(e), tuple(str(r) for r in routes or ()))
             for k, n, e, routes in rows
         ]
+
+    def relay_alive(self, public_key: str, clock: float) -> None:
+        """Record that relay `public_key` is alive now, its clock reading `clock` (Unix
+        seconds): the offset from the database's clock is kept for `gtun doctor`."""
+        self._exec(
+            "UPDATE relays SET seen = now(), clock_offset = %s - extract(epoch FROM now()) "
+            "WHERE network = %s AND public_key = %s",
+            [(clock, self.network, public_key)],
+        )
+
+    def relay_health(self) -> list[RelayHealth]:
+        """Every relay of this network with the age of its last heartbeat and its clock
+        offset then (both None before its first heartbeat), by the database's clock."""
+        rows = self._rows(
+            "SELECT name, public_key, endpoint, extract(epoch FROM now() - seen), "
+            "clock_offset FROM relays WHERE network = %s ORDER BY name",
+            (self.network,),
+        )
+        return [
+            RelayHealth(
+                str(n),
+                str(k),
+                None if e is None else str(e),
+                None if age is None else float(age),
+                None if off is None else float(off),
+            )
+            for n, k, e, age, off in rows
+        ]
+
+    def clock(self) -> float:
+        """The database server's clock, in Unix seconds."""
+        rows = self._rows("SELECT extract(epoch FROM now())")
+        return float(rows[0][0])
 
     def relays(self) -> list[tuple[str, str, str | None]]:
         """The relays of this network: (public key, name, endpoint)."""

@@ -439,8 +439,9 @@ class Server:
             )
 
     async def _heartbeat(self, relay_key: str) -> None:
-        """Shared store: every PRESENCE_INTERVAL, record which peers' sessions this
-        relay holds (a packet from them within PRESENCE_RECENT)."""
+        """Shared store: every PRESENCE_INTERVAL, record that this relay is alive (with
+        its clock) and which peers' sessions it holds (a packet from them within
+        PRESENCE_RECENT)."""
         store = self.store
         if not isinstance(store, PgStore) or self.relay is None:
             return
@@ -458,13 +459,18 @@ class Server:
             and peer.data.here  # claimed here (not a failover client's RTT handshake)
             and self.relay.presence_of(peer) is None
         ]
-        if held:
-            try:
-                await off_loop(store.heartbeat, relay_key, held, PRESENCE_TTL)
-            except StoreUnavailable as exc:
-                self._store_state(False, str(exc))
-            except GtunError as exc:
-                log.debug("presence heartbeat failed: %s", exc)
+
+        def beat() -> None:
+            store.relay_alive(relay_key, time.time())  # for doctor: alive, and its clock
+            if held:
+                store.heartbeat(relay_key, held, PRESENCE_TTL)
+
+        try:
+            await off_loop(beat)
+        except StoreUnavailable as exc:
+            self._store_state(False, str(exc))
+        except GtunError as exc:
+            log.debug("presence heartbeat failed: %s", exc)
 
     # --- the shared store ----------------------------------------------------------------
 

@@ -31,6 +31,12 @@ MIN_PROBE = 576  # the smallest packet the MTU probe tries (RFC 791)
 PROBE_STEPS = 12  # packet sizes tried in parallel per round of the MTU probe
 PROBE_ROUNDS = 3  # each round narrows the gap between the best pass and the next fail
 
+# The relay mesh (shared store): a relay whose heartbeat (every 10 s) is older than this
+# is taken for down, and clocks further apart than CLOCK_SKEW_LIMIT are a problem.
+RELAY_QUIET = 35.0
+CLOCK_SKEW_LIMIT = 2.0
+SESSION_STALE = 180.0  # WireGuard's REJECT_AFTER_TIME: a session older is gone
+
 IFF_TUN = 0x0001  # <linux/if_tun.h>
 IFF_TAP = 0x0002
 
@@ -106,6 +112,29 @@ class Probe:
     rtt: float | None = None
 
 
+@dataclass(frozen=True)
+class RelayFacts:
+    """Another relay (or this one) as the shared store lists it."""
+
+    name: str
+    public_key: str
+    endpoint: str | None
+    seen_ago: float | None  # seconds since its last heartbeat, by the store's clock
+    clock_offset: float | None  # its clock minus the store's, at that heartbeat
+
+
+@dataclass(frozen=True)
+class StoreFacts:
+    """What doctor learned from a relay's shared store (PostgreSQL)."""
+
+    where: str  # the store's URI, without its password
+    error: str | None = None  # why it could not be read (then nothing below is known)
+    schema: int | None = None  # the database's gtun schema version
+    wanted_schema: int | None = None  # this gtun's
+    clock_offset: float | None = None  # this machine's clock minus the store's
+    relays: tuple[RelayFacts, ...] = ()
+
+
 class System(Protocol):
     """The facts doctor gathers; the real one is probes.LiveSystem, tests inject their own."""
 
@@ -123,6 +152,9 @@ class System(Protocol):
     def ping_host(self, host: str) -> bool: ...
     def udp_refused(self, host: str, port: int) -> bool: ...
     def handshake(self, cfg: ClientConfig, transport: str) -> Probe: ...
+    def store(self, cfg: ServerConfig) -> StoreFacts | None:
+        """The relay's shared store, read; None when it has none (SQLite)."""
+        ...
 
 
 # ---------------------------------------------------------------------------
@@ -667,6 +699,99 @@ def mtu_search(system: System, mtu: int, target: str) -> dict[int, bool]:
     return passed
 
 
+def check_store(facts: StoreFacts, path: Path) -> Result:
+    """The shared store answers and has this gtun's schema."""
+    if facts.error is not None:
+        return problem(
+            "store",
+            f"{facts.error}: the relays forward the sessions they have, but refuse new "
+            "peers and leases until it is back",
+            f"start PostgreSQL, or correct `store` in {path}",
+        )
+    if facts.schema != facts.wanted_schema:
+        return problem(
+            "store",
+            f"{facts.where}: the schema is version {facts.schema}, this gtun's is "
+            f"{facts.wanted_schema}",
+            f"gtun store migrate -c {path}"
+            if (facts.schema or 0) < (facts.wanted_schema or 0)
+            else "upgrade gtun on this relay",
+        )
+    return ok("store", f"{facts.where} answers (schema {facts.schema})")
+
+
+def _relay_line(relay: RelayFacts) -> str:
+    return f"{relay.name} at {relay.endpoint or '(no endpoint)'}"
+
+
+def check_mesh(
+    own_key: str, status: dict[str, Any] | None, facts: StoreFacts, now: float
+) -> Result | None:
+    """This relay has a live WireGuard session with every other relay of the store that
+    is alive; None when the store could not be read or the network has one relay."""
+    if facts.error is not None:
+        return None
+    others = [r for r in facts.relays if r.public_key != own_key]
+    if not others:
+        return ok("mesh", "this relay is the network's only one")
+    if status is None:
+        return None  # "relay" already says it is not running
+    sessions = {m.get("public_key"): m for m in status.get("mesh", [])}
+    bad: list[str] = []
+    fine: list[str] = []
+    for relay in others:
+        down = relay.seen_ago is None or relay.seen_ago > RELAY_QUIET
+        session = sessions.get(relay.public_key)
+        last = None if session is None else session.get("last_handshake")
+        if down:
+            when = "never" if relay.seen_ago is None else f"{relay.seen_ago:.0f} s ago"
+            bad.append(f"{_relay_line(relay)} looks down (its last heartbeat: {when})")
+        elif session is None:
+            why = "it has no endpoint in the store" if not relay.endpoint else "refused"
+            bad.append(f"{_relay_line(relay)} is not in this relay's mesh ({why})")
+        elif last is None or now - float(last) > SESSION_STALE:
+            bad.append(f"no session with {_relay_line(relay)} (no handshake answered)")
+        else:
+            fine.append(f"{relay.name} (handshake {now - float(last):.0f} s ago)")
+    if bad:
+        return problem(
+            "mesh",
+            "; ".join(bad),
+            "start the relay that is down; between relays that run, UDP to each "
+            "other's endpoint must pass (`endpoint` in each relay's config, firewalls); "
+            "`gtun doctor` on the other relay says more",
+        )
+    return ok("mesh", "sessions with " + ", ".join(fine))
+
+
+def check_clock_skew(own_key: str, facts: StoreFacts) -> Result | None:
+    """The relays' clocks (and this machine's) agree with the store's within
+    CLOCK_SKEW_LIMIT.  Presence uses the store's clock alone, but logs and status
+    disagree across relays, and a clock stepped back to fix a skew makes the other
+    relays refuse its handshakes (WireGuard's replay protection on the timestamp)."""
+    if facts.error is not None:
+        return None
+    offsets: dict[str, float] = {}
+    if facts.clock_offset is not None:
+        offsets["this machine"] = facts.clock_offset
+    for relay in facts.relays:
+        alive = relay.seen_ago is not None and relay.seen_ago <= RELAY_QUIET
+        if relay.public_key != own_key and alive and relay.clock_offset is not None:
+            offsets[relay.name] = relay.clock_offset
+    if not offsets:
+        return None
+    skewed = {n: o for n, o in offsets.items() if abs(o) > CLOCK_SKEW_LIMIT}
+    if skewed:
+        said = ", ".join(f"{n} {o:+.1f} s" for n, o in sorted(skewed.items()))
+        return problem(
+            "clock",
+            f"clocks differ from the store's: {said} (more than {CLOCK_SKEW_LIMIT:g} s)",
+            "keep every relay's clock in sync (systemd-timesyncd or chrony)",
+        )
+    spread = max(abs(o) for o in offsets.values())
+    return ok("clock", f"relay clocks within {spread * 1000:.0f} ms of the store's")
+
+
 def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     results: list[Result] = []
     now = system.now()
@@ -792,4 +917,11 @@ def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) ->
     ruleset = system.nft_ruleset()
     results.append(check_forward_chain(ruleset, dev))
     results.append(check_nat(cfg.nat, cfg.routes, cfg.network, dev, ruleset, cfg.path))
+    facts = system.store(cfg)
+    if facts is not None:
+        own = encode_key(cfg.public_key)
+        results.append(check_store(facts, cfg.path))
+        for result in (check_mesh(own, status, facts, now), check_clock_skew(own, facts)):
+            if result is not None:
+                results.append(result)
     return results

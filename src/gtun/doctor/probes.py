@@ -22,9 +22,9 @@ from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
 
-from gtun.app.config import ClientConfig
+from gtun.app.config import ClientConfig, ServerConfig
 from gtun.app.control import query
-from gtun.doctor.checks import PROBE_STEPS, Link, Probe, Route
+from gtun.doctor.checks import PROBE_STEPS, Link, Probe, RelayFacts, Route, StoreFacts
 from gtun.doctor.handshake import probe_tcp, probe_udp
 from gtun.errors import GtunError
 
@@ -168,3 +168,32 @@ class LiveSystem:
     def handshake(self, cfg: ClientConfig, transport: str) -> Probe:
         probe = probe_udp if transport == "udp" else probe_tcp
         return asyncio.run(probe(cfg))
+
+    def store(self, cfg: ServerConfig) -> StoreFacts | None:
+        """Read the relay's shared store: its schema, its clock (against this
+        machine's, the query's round trip halved) and its relays.  Bounded by the
+        store's connect and statement timeouts."""
+        if cfg.store is None:
+            return None
+        from gtun.app import pgstore  # psycopg is loaded only for a shared store
+
+        where = pgstore.redact(cfg.store)
+        try:
+            with pgstore.PgStore(cfg.store, cfg.network, check_schema=False) as store:
+                schema = pgstore.schema_version(cfg.store)
+                before = time.time()
+                clock = store.clock()
+                after = time.time()
+                relays = store.relay_health() if schema >= 3 else []
+        except GtunError as exc:
+            return StoreFacts(where, error=str(exc))
+        return StoreFacts(
+            where,
+            schema=schema,
+            wanted_schema=pgstore.SCHEMA_VERSION,
+            clock_offset=(before + after) / 2 - clock,
+            relays=tuple(
+                RelayFacts(r.name, r.public_key, r.endpoint, r.seen_ago, r.clock_offset)
+                for r in relays
+            ),
+        )
