@@ -439,9 +439,29 @@ def test_a_stock_peer_claims_its_session_with_data_not_with_a_handshake() -> Non
     stock.send(server, build_icmp_echo("10.66.0.9", "10.66.0.2", 1, 1, b"hi"), net.now)
     for data, _ in stock.datagrams_to_send():
         c.receive_datagram(data, "s1", net.now)
-    c.datagrams_to_send()
+    to_a = [(data, addr) for data, addr in c.datagrams_to_send()]
     assert claimed(c) == [peer]
     assert peer.data.here and c.presence_of(peer) is None
+    # The packet was for a1, at A, which has not heard from the store yet: A takes it
+    # (s1 claimed nothing at A and no relay holds it in A's map) and learns s1 is at C,
+    # so a1's answer goes straight back through C.
+    a = net.relays["A"]
+    assert [addr for _, addr in to_a] == ["A"]
+    for data, _ in to_a:
+        a.receive_datagram(data, "C", net.now)
+    net.pump()
+    assert len(net.take("a1")) == 1 and a.drops["mesh_spoofed"] == 0
+    s1_at_a = a.peer_by_name("s1")
+    assert s1_at_a is not None and a.presence_of(s1_at_a) == "C"
+    a1 = net.clients["a1"]
+    a1.tun_packet(build_icmp_echo("10.66.0.2", "10.66.0.9", 0, 1, b"hi"), net.now)
+    for data, _ in a1.datagrams_to_send():
+        a.receive_datagram(data, "a1", net.now)
+    assert [addr for _, addr in a.datagrams_to_send()] == ["C"]
+    # B cannot speak for s1 now (held at C in A's map), nor for a1 (claimed at A).
+    net.send_as_relay("B", "A", build_icmp_echo("10.66.0.9", "10.66.0.2", 1, 2, b"spoof"))
+    net.send_as_relay("B", "A", build_icmp_echo("10.66.0.2", "10.66.0.3", 1, 2, b"spoof"))
+    assert a.drops["mesh_spoofed"] == 2
 
 
 def claimed(relay: Relay) -> list[object]:

@@ -141,6 +141,8 @@ class Forwarder:
         # Clients whose data claims their session here (a stock peer, or a client the
         # map holds nowhere else), for the relay to take after the datagram.
         self.claims: list[Peer] = []
+        # Clients a mesh relay spoke for first (client, relay): held there from now on.
+        self.learned: list[tuple[Peer, Peer]] = []
 
     def peers_changed(self) -> None:
         """The table was rebuilt: anything derived from it is stale."""
@@ -319,8 +321,15 @@ class IpForwarder(Forwarder):
         """Where a packet from mesh relay `relay` goes: only to a client held here, or
         into the TUN for the relay's own addresses and routes; never on (one hop)."""
         owner = self.table.lookup(src)
-        if owner is None or (owner is not relay and self.where.get(owner) is not relay):
+        if owner is None:
             return "mesh_spoofed"
+        if owner is not relay and self.where.get(owner) is not relay:
+            if owner in self.mesh or owner in self.where or owner.data.here:
+                return "mesh_spoofed"  # another relay's route, or a client held elsewhere
+            # A client held nowhere else in this relay's map, with no session claimed
+            # here: it claimed one at `relay` a moment ago and the store's word is on
+            # its way.  Learnt from the packet (the relay could write the store anyway).
+            self.learned.append((owner, relay))
         target = self.table.lookup(dst)
         if target is None:
             return None if self.own.lookup(dst) else "mesh_hop"

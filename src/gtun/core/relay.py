@@ -43,7 +43,10 @@ here (SessionHere: the edge writes the presence) when it asks for its configurat
 PINGs, and a stock peer when its data comes: a handshake alone claims nothing, since a
 failover client measures the RTT of relays it does not use.  Data from a gtun client the
 map holds elsewhere claims nothing either (packets still in flight after a move).  It
-is held here from then on, until the presence map names another relay.  The
+is held here from then on, until the presence map names another relay.  A mesh relay
+speaking for a client that the map holds nowhere and that claimed nothing here teaches
+that the client is held there (its claim reached that relay before the store's word
+reached this one).  The
 mesh forwards IP packets: a relay in TAP mode refuses one.  A gtun client that asks
 (tunnel.Caps.relays) is pushed the other relays (name, key, endpoint: mesh_relays()) in its
 configuration, to fail over to (client.py).  The core reads no store: the
@@ -615,11 +618,19 @@ class Relay:
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
                 self._emit(event)
-        claims = self.forwarder.claims
-        if claims:
-            self.forwarder.claims = []
+        fwd = self.forwarder
+        if fwd.claims:
+            claims, fwd.claims = fwd.claims, []
             for peer in claims:
                 self._claim(peer)
+        if fwd.learned:
+            learned, fwd.learned = fwd.learned, []
+            for peer, relay in learned:
+                if peer not in fwd.where and not peer.data.here:
+                    fwd.flush()
+                    fwd.where[peer] = relay
+                    self._presence[peer.public_key] = relay.data.name
+                    fwd.peers_changed()
 
     def _claim(self, peer: Peer) -> None:
         """A client claimed its session here: held here now, whatever the presence map
