@@ -10,7 +10,7 @@ import pytest
 from gtun.app.config import load_server_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.peerset import open_state
-from gtun.app.pgstore import SCHEMA_VERSION, PgStore
+from gtun.app.pgstore import SCHEMA_VERSION, PgStore, redact
 from gtun.app.store import StateStore, StoredPeer
 from gtun.cli import main
 from gtun.errors import ConfigError
@@ -134,3 +134,115 @@ def test_peer_list_disable_enable_remove(
         "NAME",
         "laptop",
     ]
+
+
+# -- `gtun peer add --relay`: a stock peer of another relay of the store ---------------------
+
+
+def register(dsn: str, name: str, endpoint: str | None, routes: tuple[str, ...] = ()) -> str:
+    """A relay of the network in the store's relays table, as it registers at start;
+    its public key."""
+    key = encode_key(public_key(generate_private_key()))
+    with PgStore(dsn, "10.66.0.0/24") as store:
+        store.register_relay(key, name, endpoint, routes)
+    return key
+
+
+def peer_line(text: str, key: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"{key} = "))
+
+
+def test_peer_add_relay_names_that_relay_of_the_store(
+    tmp_path: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_relay(tmp_path, pg_dsn)
+    assert main(["store", "migrate", "-c", str(path)]) == 0
+    own = encode_key(load_server_config(path).public_key)
+    register(pg_dsn, "relay", "vpn.example.com:9621")
+    r2 = register(pg_dsn, "r2", "10.244.2.2:9621", ("192.168.77.0/24",))
+    r3 = register(pg_dsn, "r3", "fd00::3:9621")  # as a relay registers an IPv6 endpoint
+    capsys.readouterr()
+
+    assert main(["peer", "add", "phone", "-c", str(path), "--relay", "r2"]) == 0
+    text = capsys.readouterr().out
+    assert peer_line(text, "PublicKey") == f"PublicKey = {r2}"
+    assert peer_line(text, "Endpoint") == "Endpoint = 10.244.2.2:9621"
+    # r2 reaches every relay's routes (the mesh pushes them all), here the LAN at r2.
+    assert peer_line(text, "AllowedIPs") == "AllowedIPs = 10.66.0.0/24, 192.168.77.0/24"
+    assert peer_line(text, "Address") == "Address = 10.66.0.2/24"
+
+    assert main(["peer", "add", "tablet", "-c", str(path), "--relay", "r3"]) == 0
+    text = capsys.readouterr().out
+    assert peer_line(text, "PublicKey") == f"PublicKey = {r3}"
+    assert peer_line(text, "Endpoint") == "Endpoint = [fd00::3]:9621"
+
+    # --endpoint still overrides the address dialed; the key stays the named relay's.
+    args = ["--relay", "r2", "--endpoint", "203.0.113.9:51000"]
+    assert main(["peer", "add", "laptop", "-c", str(path), *args]) == 0
+    text = capsys.readouterr().out
+    assert peer_line(text, "PublicKey") == f"PublicKey = {r2}"
+    assert peer_line(text, "Endpoint") == "Endpoint = 203.0.113.9:51000"
+
+    # Without --relay: the relay of -c, as before.
+    assert main(["peer", "add", "watch", "-c", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert peer_line(text, "PublicKey") == f"PublicKey = {own}"
+    assert peer_line(text, "Endpoint") == "Endpoint = vpn.example.com:9621"
+    assert peer_line(text, "AllowedIPs") == "AllowedIPs = 10.66.0.0/24"
+    with PgStore(pg_dsn, "10.66.0.0/24") as store:
+        assert sorted(p.name for p in store.peers()) == ["laptop", "phone", "tablet", "watch"]
+
+
+def stored_names(path: Path) -> list[str]:
+    store = open_state(load_server_config(path))
+    try:
+        return [p.name for p in store.peers()]
+    finally:
+        store.close()
+
+
+def test_peer_add_relay_refusals_store_nothing(
+    tmp_path: Path, pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_relay(tmp_path, pg_dsn)
+    assert main(["store", "migrate", "-c", str(path)]) == 0
+    register(pg_dsn, "relay", "vpn.example.com:9621")
+    register(pg_dsn, "r2", None)  # a relay whose config sets no endpoint
+    capsys.readouterr()
+    out = tmp_path / "phone.conf"
+
+    add = ["peer", "add", "phone", "-c", str(path), "-o", str(out)]
+    assert main([*add, "--relay", "r9"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line
+        == f"gtun: --relay: no relay named r9 in the store {redact(pg_dsn)}; its relays: r2, relay"
+    )
+
+    assert main([*add, "--relay", "r2"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        "gtun: --relay: relay r2 registered no endpoint in the store (its [server] sets "
+        "none): pass --endpoint HOST:PORT"
+    )
+    assert stored_names(path) == [] and not out.exists()
+
+    # Told the endpoint, it is that relay's peer.
+    assert main([*add, "--relay", "r2", "--endpoint", "198.51.100.2:9621"]) == 0
+    assert "Endpoint = 198.51.100.2:9621" in out.read_text()
+    assert stored_names(path) == ["phone"]
+
+
+def test_peer_add_relay_needs_a_shared_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_relay(tmp_path, None)
+    assert main(["peer", "add", "phone", "-c", str(path), "--relay", "r2"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f'gtun: {path}: server.store: --relay needs a shared store (store = "postgresql://..." '
+        "in [server]): without one this relay is the only one"
+    )
+    assert not (tmp_path / "state").exists()  # not even a state file was made
+    assert main(["peer", "add", "phone", "-c", str(path)]) == 0  # without --relay: as before
+    assert stored_names(path) == ["phone"]

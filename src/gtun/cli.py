@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
     add.add_argument("--endpoint", help="HOST:PORT the peer dials (default: guessed)")
     add.add_argument(
+        "--relay",
+        metavar="NAME",
+        help="with a shared store: the relay the peer dials, by name (its config file's "
+        "name without .toml), with its key and the endpoint it registered "
+        "(default: this config's relay)",
+    )
+    add.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -176,7 +183,7 @@ def peer_add(args: argparse.Namespace) -> int:
     # write leaves no peer behind; it is removed again if adding the peer fails.
     out = create_private_file(args.output) if args.output else None
     try:
-        text, note = add_peer(cfg, args.name, endpoint)
+        text, note = add_peer(cfg, args.name, endpoint, args.relay)
     except BaseException:
         if out is not None:
             out.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from dataclasses import dataclass
 
 from gtun.app.config import ServerConfig
 from gtun.app.control import query
@@ -45,12 +46,84 @@ def guess_endpoint(cfg: ServerConfig, override: tuple[str, int] | None) -> tuple
     return guessed, port
 
 
+@dataclass(frozen=True)
+class DialedRelay:
+    """The relay a stock peer's [Peer] names: its key, the address it is dialed at, and
+    the routes the peer reaches through it."""
+
+    public_key: str
+    endpoint: tuple[str, int]
+    routes: tuple[str, ...]
+
+
+def store_relay(
+    cfg: ServerConfig, store: Store, name: str, override: tuple[str, int] | None
+) -> DialedRelay:
+    """Relay `name` of the shared store's relays table (a relay's name is its config
+    file's stem), dialed at `override` or at the endpoint it registered.  Every relay of
+    the mesh pushes every relay's routes, so the routes are all of them.
+
+    Raises ConfigError: no shared store, no relay of that name (the known ones listed),
+    or no usable endpoint for it (pointing at --endpoint)."""
+    from gtun.app.pgstore import PgStore
+
+    if not isinstance(store, PgStore):
+        raise _no_shared_store(cfg)
+    rows = store.relay_rows()
+    row = next((r for r in rows if r[1] == name), None)
+    if row is None:
+        known = ", ".join(r[1] for r in rows) or "none yet (a relay registers when it starts)"
+        raise ConfigError(
+            f"no relay named {name} in the store {store.path}; its relays: {known}",
+            file="--relay",
+        )
+    key, _, registered, _ = row
+    dial = override if override is not None else _store_endpoint(registered)
+    if dial is None:
+        said = (
+            "registered no endpoint in the store (its [server] sets none)"
+            if not registered
+            else f"registered the endpoint {registered!r}, not host:port"
+        )
+        raise ConfigError(f"relay {name} {said}: pass --endpoint HOST:PORT", file="--relay")
+    routes = [str(r) for r in cfg.routes] + [route for r in rows for route in r[3]]
+    return DialedRelay(key, dial, tuple(dict.fromkeys(routes)))
+
+
+def _no_shared_store(cfg: ServerConfig) -> ConfigError:
+    return ConfigError(
+        '--relay needs a shared store (store = "postgresql://..." in [server]): '
+        "without one this relay is the only one",
+        file=cfg.path,
+        key="server.store",
+    )
+
+
+def _store_endpoint(text: str | None) -> tuple[str, int] | None:
+    """A relay's endpoint as the store keeps it ("host:port", an IPv6 address in
+    brackets or not; a host name is kept as it is, wg-quick resolves it)."""
+    if not text:
+        return None
+    host, _, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isascii() or not port_text.isdigit():
+        return None
+    port = int(port_text)
+    return (host, port) if 0 < port < 65536 else None
+
+
 def add_peer(
-    cfg: ServerConfig, name: str, endpoint: tuple[str, int] | None
+    cfg: ServerConfig,
+    name: str,
+    endpoint: tuple[str, int] | None,
+    relay: str | None = None,
 ) -> tuple[str, str | None]:
     """Store a new peer, lease its address, and return (wg-quick text, reload note).
+    The text names the relay of `cfg`, or with `relay` that relay of the shared store
+    (store_relay()); `endpoint` overrides the address dialed either way.
 
-    Raises ConfigError (bad name, name or key taken) or RuntimeFailure (state store)."""
+    Raises ConfigError (bad name, name or key taken, --relay unusable: found before
+    anything is stored) or RuntimeFailure (state store)."""
     if cfg.mode == "tap":
         raise ConfigError(
             "this relay runs in tap mode (layer 2): stock WireGuard peers carry only IP "
@@ -62,11 +135,21 @@ def add_peer(
         raise ConfigError(f"peer name {name!r} must match [A-Za-z0-9_.-]{{1,32}}")
     if any(p.name == name for p in cfg.peers):
         raise ConfigError(f"a peer named {name} is already in the config", file=cfg.path)
-    dial = guess_endpoint(cfg, endpoint)
+    if relay is not None and cfg.store is None:
+        raise _no_shared_store(cfg)
+    own = None  # this config's relay; with --relay, the store is read for the other
+    if relay is None:
+        routes = tuple(str(r) for r in cfg.routes)
+        own = DialedRelay(encode_key(cfg.public_key), guess_endpoint(cfg, endpoint), routes)
     private = generate_private_key()
     pub = encode_key(public_key(private))
     store: Store = open_state(cfg)
     try:
+        if relay is not None:
+            target = store_relay(cfg, store, relay, endpoint)
+        else:
+            assert own is not None
+            target = own
         if any(p.name == name for p in store.peers()):
             raise ConfigError(
                 f"a peer named {name} was already added (in {store.path})", file=cfg.path
@@ -82,9 +165,9 @@ def add_peer(
     finally:
         store.close()
     allowed = [str(cfg.network)] + ([str(cfg.network6)] if cfg.network6 else [])
-    allowed += [str(r) for r in cfg.routes]
+    allowed += target.routes
     allowed += [str(n) for s in specs if s.name != name for n in s.subnets]
-    host, port = dial
+    host, port = target.endpoint
     host_text = f"[{host}]" if ":" in host else host
     lines = [
         f"# gtun peer {name}, added {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -99,7 +182,7 @@ def add_peer(
     lines += [
         "",
         "[Peer]",
-        f"PublicKey = {encode_key(cfg.public_key)}",
+        f"PublicKey = {target.public_key}",
         f"Endpoint = {host_text}:{port}",
         f"AllowedIPs = {', '.join(dict.fromkeys(allowed))}",
         "PersistentKeepalive = 25",
