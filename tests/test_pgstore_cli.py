@@ -183,12 +183,12 @@ def test_peer_add_relay_names_that_relay_of_the_store(
     assert peer_line(text, "PublicKey") == f"PublicKey = {r2}"
     assert peer_line(text, "Endpoint") == "Endpoint = 203.0.113.9:51000"
 
-    # Without --relay: the relay of -c, as before.
+    # Without --relay: the relay of -c, and (the mesh carrying them) every relay's routes.
     assert main(["peer", "add", "watch", "-c", str(path)]) == 0
     text = capsys.readouterr().out
     assert peer_line(text, "PublicKey") == f"PublicKey = {own}"
     assert peer_line(text, "Endpoint") == "Endpoint = vpn.example.com:9621"
-    assert peer_line(text, "AllowedIPs") == "AllowedIPs = 10.66.0.0/24"
+    assert peer_line(text, "AllowedIPs") == "AllowedIPs = 10.66.0.0/24, 192.168.77.0/24"
     with PgStore(pg_dsn, "10.66.0.0/24") as store:
         assert sorted(p.name for p in store.peers()) == ["laptop", "phone", "tablet", "watch"]
 

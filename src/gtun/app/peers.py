@@ -150,6 +150,13 @@ def add_peer(
         else:
             assert own is not None
             target = own
+            if cfg.store is not None:  # the mesh carries every relay's routes
+                from gtun.app.pgstore import PgStore
+
+                assert isinstance(store, PgStore)
+                mesh_routes = [r for row in store.relay_rows() for r in row[3]]
+                routes = tuple(dict.fromkeys([*own.routes, *mesh_routes]))
+                target = DialedRelay(own.public_key, own.endpoint, routes)
         if any(p.name == name for p in store.peers()):
             raise ConfigError(
                 f"a peer named {name} was already added (in {store.path})", file=cfg.path
