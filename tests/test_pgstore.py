@@ -180,6 +180,27 @@ def test_endpoints_relays_and_presence(store: PgStore) -> None:
     assert store.presence() == {"k1": "R1", "k2": "R2"}
 
 
+def test_publish_config_peers(store: PgStore) -> None:
+    """Each relay's [[peers]] become store peers of that source; clashes left out."""
+    a, b, c = (
+        StoredPeer("a", "ka"),
+        StoredPeer("b", "kb", subnets=("192.168.1.0/24",)),
+        StoredPeer("c", "kc"),
+    )
+    assert store.publish_config_peers("r1", [a, b]) == []
+    assert store.publish_config_peers("r2", [b, c]) == []  # b: the same peer, r1's row
+    assert {p.name: p.source for p in store.peers()} == {"a": "r1", "b": "r1", "c": "r2"}
+    store.add_peer(StoredPeer("phone", "kp"))  # `gtun peer add`
+    clashing = [StoredPeer("phone", "kx"), StoredPeer("d", "ka"), StoredPeer("b", "other")]
+    assert store.publish_config_peers("r2", [c, *clashing]) == ["phone", "d", "b"]
+    AddressPool(NET, store).assign("ka")
+    # r1 changes b's subnets and drops a: updated, removed with its lease.
+    assert store.publish_config_peers("r1", [StoredPeer("b", "kb")]) == []
+    peers = {p.name: p for p in store.peers()}
+    assert set(peers) == {"b", "c", "phone"} and peers["b"].subnets == ()
+    assert "ka" not in store.leases() and peers["phone"].source is None
+
+
 def test_relay_health_for_doctor(store: PgStore, dsn: str, tmp_path: Path) -> None:
     """A relay's heartbeat records that it is alive and its clock's offset from the
     database's; doctor reads both, and the database's clock, through LiveSystem."""

@@ -17,11 +17,11 @@ import pytest
 from gtun.app.config import load_server_config
 from gtun.app.control import query
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.app.peers import add_peer, remove_peer, set_peer_enabled
+from gtun.app.peers import add_peer, list_peers, remove_peer, set_peer_enabled
 from gtun.app.pgstore import PgStore, migrate
 from gtun.app.server import Server
 from gtun.app.store import StoredPeer
-from gtun.errors import GtunError
+from gtun.errors import ConfigError, GtunError
 from gtun.lab.net import write_key
 from gtun.lab.postgres import PostgresServer
 from gtun.testing.platform import FakePlatform
@@ -123,6 +123,58 @@ def test_a_peer_added_beside_one_relay_reaches_the_other(
                 assert phone not in store.leases().values()  # the lease went too
                 relays = {name for _, name, _ in store.relays()}
                 assert relays == {"relay", "relay2"}
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_in_one_relays_config_is_served_by_every_relay(
+    net: Net, platforms: Any, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A [[peers]] entry of one relay's file is put in the store (source: that relay),
+    so every relay serves it; removed from the file, it goes from every relay.  The same
+    peer in both files (c1) is one row and no clash."""
+    caplog.set_level(logging.WARNING, logger="gtun")
+    migrate(pg_dsn)
+    one, two = shared_relays(net, pg_dsn)
+    a = Server(load_server_config(one), platforms())
+    b = Server(load_server_config(two), platforms())
+    tablet = encode_key(public_key(generate_private_key()))
+    entry = (
+        f'\n[[peers]]\nname = "tablet"\npublic_key = "{tablet}"\nsubnets = ["192.168.50.0/24"]\n'
+    )
+    base = one.read_text()
+
+    async def reload(path: Path) -> dict[str, Any]:
+        sock = load_server_config(path).control_socket
+        return await asyncio.to_thread(query, sock, {"command": "reload"}, 10.0)
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT), running(a), running(b):
+            await within(5, lambda: a.store_up and b.store_up)
+            assert set(addresses(b)) == {"c1"}
+            one.write_text(base + entry)
+            assert (await reload(one))["ok"]
+            await within(NOTIFIED_WITHIN, lambda: "tablet" in addresses(b))
+            assert addresses(a)["tablet"] == addresses(b)["tablet"]
+            assert b.relay is not None
+            spec = b.relay.peer_by_name("tablet")
+            assert spec is not None and [str(n) for n in spec.data.spec.subnets] == [
+                "192.168.50.0/24"
+            ]
+            # Beside relay b it is listed as relay a's, and cannot be changed there.
+            cfg_b = load_server_config(two)
+            rows = {r[0]: r for r in await asyncio.to_thread(list_peers, cfg_b)}
+            assert rows["tablet"][2] == "config of relay relay"
+            with pytest.raises(ConfigError, match=r"\[\[peers\]\] of relay relay"):
+                await asyncio.to_thread(remove_peer, cfg_b, "tablet")
+            # Out of a's file: gone from both, and its lease with it.
+            one.write_text(base)
+            assert (await reload(one))["ok"]
+            await within(NOTIFIED_WITHIN, lambda: "tablet" not in addresses(b))
+            with PgStore(pg_dsn, cfg_b.network) as store:
+                assert tablet not in store.leases()
+                assert [p.name for p in store.peers()] == ["c1"]
+            assert not [r for r in caplog.records if "not shared" in r.getMessage()]
 
     asyncio.run(scenario())
 

@@ -218,12 +218,23 @@ def _stored_only(cfg: ServerConfig, name: str) -> None:
         )
 
 
+def _not_configured_elsewhere(store: Store, name: str) -> None:
+    """Shared store: refuse to change a peer that another relay's [[peers]] holds."""
+    source = next((p.source for p in store.peers() if p.name == name), None)
+    if source is not None:
+        raise ConfigError(
+            f"peer {name} is in the [[peers]] of relay {source} (its {source}.toml); "
+            "change it there"
+        )
+
+
 def remove_peer(cfg: ServerConfig, name: str) -> str:
     """Forget a peer `gtun peer add` stored, and its lease; the note for the user.
     Raises ConfigError (a config peer, or no such peer) or RuntimeFailure (store)."""
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
+        _not_configured_elsewhere(store, name)
         if not store.remove_peer(name):
             raise ConfigError(f"no stored peer named {name}", file=store.path)
     finally:
@@ -237,6 +248,7 @@ def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool) -> str:
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
+        _not_configured_elsewhere(store, name)
         if not store.set_enabled(name, enabled):
             raise ConfigError(f"no stored peer named {name}", file=store.path)
     finally:
@@ -256,9 +268,11 @@ def list_peers(cfg: ServerConfig) -> list[tuple[str, str, str, str]]:
     for p in cfg.peers:
         key = encode_key(p.public_key)
         rows.append((p.name, str(p.address or leases.get(key, "-")), "config", key))
+    own = {(p.name, encode_key(p.public_key)) for p in cfg.peers}
     for sp in stored:
+        if (sp.name, sp.public_key) in own:
+            continue  # this relay's [[peers]], shared through the store: listed above
         address = sp.address or leases.get(sp.public_key, "-")
-        rows.append(
-            (sp.name, address, "stored" if sp.enabled else "stored, disabled", sp.public_key)
-        )
+        kept = "stored" if sp.source is None else f"config of relay {sp.source}"
+        rows.append((sp.name, address, kept if sp.enabled else f"{kept}, disabled", sp.public_key))
     return rows

@@ -11,7 +11,7 @@ from typing import Any
 
 from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
-from gtun.app.store import AddressPool, LeaseWanted, StateStore, Store
+from gtun.app.store import AddressPool, LeaseWanted, StateStore, Store, StoredPeer
 from gtun.core.relay import PeerSpec
 from gtun.core.wg.crypto import is_degenerate_key
 from gtun.errors import ConfigError
@@ -55,6 +55,39 @@ def collect_peers(cfg: ServerConfig, store: Store) -> list[PeerSpec]:
     return read_peers(cfg, store).specs
 
 
+def publish_config_peers(cfg: ServerConfig, store: Store) -> None:
+    """Shared store: put this relay's [[peers]] in the store (PgStore.publish_config_
+    peers), so that every relay of the network serves them; a clash is logged, and the
+    config's peer is still served here.  Nothing to do on SQLite (one relay)."""
+    if cfg.store is None:
+        return
+    from gtun.app.pgstore import PgStore
+
+    assert isinstance(store, PgStore)
+    peers = [
+        StoredPeer(
+            p.name,
+            encode_key(p.public_key),
+            None if p.address is None else str(p.address),
+            tuple(str(n) for n in p.subnets),
+        )
+        for p in cfg.peers
+    ]
+    for name in store.publish_config_peers(relay_name(cfg), peers):
+        log.warning(
+            "peer %s of %s is not shared with the other relays: another peer in %s has "
+            "its name or key",
+            name,
+            cfg.path,
+            store.path,
+        )
+
+
+def relay_name(cfg: ServerConfig) -> str:
+    """The relay's name in a shared store: its config file's name without ".toml"."""
+    return cfg.path.stem
+
+
 def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
     """The relay's peers: the config's [[peers]] and those added by `gtun peer add`,
     with their addresses (fixed ones first, so leases move out of their way), leased in
@@ -70,10 +103,13 @@ def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
     ]
     names = {p.name for p in cfg.peers}
     keys = {p.public_key for p in cfg.peers}
+    own = {(p.name, p.public_key) for p in cfg.peers}
     for sp in store.peers():
         if not sp.enabled:
             continue
         key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
+        if sp.source is not None and (sp.name, key) in own:
+            continue  # this relay's own [[peers]] entry (or the same peer in another's)
         if is_degenerate_key(key):
             raise ConfigError(
                 f"peer {sp.name} has a low-order public key {sp.public_key} "

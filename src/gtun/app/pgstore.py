@@ -116,12 +116,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     # The routes each relay's configuration pushes (the LANs behind it), for the mesh.
     (2, ("ALTER TABLE relays ADD COLUMN routes text[] NOT NULL DEFAULT '{}'",)),
     # Each relay's last heartbeat and its clock's offset from the database's then, for
-    # `gtun doctor` (a relay gone quiet, clocks that disagree).
+    # `gtun doctor` (a relay gone quiet, clocks that disagree); and which relay's
+    # [[peers]] a peer comes from (NULL: `gtun peer add`), so that every relay serves it.
     (
         3,
         (
             "ALTER TABLE relays ADD COLUMN seen timestamptz",
             "ALTER TABLE relays ADD COLUMN clock_offset double precision",
+            "ALTER TABLE peers ADD COLUMN source text",
         ),
     ),
 )
@@ -493,7 +495,7 @@ class PgStore:
 
     def peers(self) -> list[StoredPeer]:
         rows = self._rows(
-            "SELECT name, public_key, address, subnets, enabled FROM peers "
+            "SELECT name, public_key, address, subnets, enabled, source FROM peers "
             "WHERE network = %s ORDER BY created, name",
             (self.network,),
         )
@@ -504,9 +506,71 @@ class PgStore:
                 address=None if address is None else str(address),
                 subnets=tuple(str(s) for s in subnets or ()),
                 enabled=bool(enabled),
+                source=None if source is None else str(source),
             )
-            for name, key, address, subnets, enabled in rows
+            for name, key, address, subnets, enabled, source in rows
         ]
+
+    def publish_config_peers(self, relay: str, peers: Iterable[StoredPeer]) -> list[str]:
+        """Make relay `relay`'s [[peers]] the store's peers of that source, so that every
+        relay serves them: new ones added, changed ones updated, those gone from its
+        configuration removed (with their leases); every relay told when anything
+        changed.  A peer whose name or key another peer already has (a `peer add` one,
+        or another relay's with another key) is left out; its name is returned.  The
+        same peer (name and key) in several relays' files is one row, kept by the first
+        to publish it.  Raises StoreUnavailable or RuntimeFailure."""
+        clashes: list[str] = []
+        with self.transaction():  # under the network's lock, as leases
+            rows = self._rows(
+                "SELECT name, public_key, address, subnets, source FROM peers WHERE network = %s",
+                (self.network,),
+            )
+            by_name = {str(r[0]): r for r in rows}
+            by_key = {str(r[1]): r for r in rows}
+            changed = False
+            wanted: set[str] = set()
+            for peer in peers:
+                row = by_name.get(peer.name) or by_key.get(peer.public_key)
+                if row is None:
+                    self._rows(
+                        "INSERT INTO peers (network, name, public_key, address, subnets, "
+                        "source) VALUES (%s, %s, %s, %s, %s, %s)",
+                        (
+                            self.network,
+                            peer.name,
+                            peer.public_key,
+                            peer.address,
+                            list(peer.subnets),
+                            relay,
+                        ),
+                    )
+                    changed = True
+                    wanted.add(peer.name)
+                    continue
+                name, key, address, subnets, source = row
+                if name != peer.name or key != peer.public_key or source is None:
+                    clashes.append(peer.name)
+                    continue
+                wanted.add(peer.name)
+                if source == relay and (
+                    address != peer.address or tuple(subnets or ()) != peer.subnets
+                ):
+                    self._rows(
+                        "UPDATE peers SET address = %s, subnets = %s "
+                        "WHERE network = %s AND name = %s",
+                        (peer.address, list(peer.subnets), self.network, peer.name),
+                    )
+                    changed = True
+            for name, key, _, _, source in rows:
+                if source == relay and name not in wanted:
+                    self._rows(
+                        "DELETE FROM peers WHERE network = %s AND name = %s", (self.network, name)
+                    )
+                    self.delete_lease(str(key))
+                    changed = True
+            if changed:
+                self._notify()
+        return clashes
 
     # -- endpoints ---------------------------------------------------------------
 

@@ -31,7 +31,13 @@ from gtun.app.config import ServerConfig, load_server_config
 from gtun.app.control import ControlServer
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.metrics import RelayCollector, serve_metrics
-from gtun.app.peerset import PeerSet, open_state, read_peers, refused_lines
+from gtun.app.peerset import (
+    PeerSet,
+    open_state,
+    publish_config_peers,
+    read_peers,
+    refused_lines,
+)
 from gtun.app.pgstore import PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
@@ -228,6 +234,7 @@ class Server:
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
+        publish_config_peers(cfg, store)
         peerset = read_peers(cfg, store)
         self._note_refused(cfg, peerset)
         specs = peerset.specs
@@ -684,6 +691,7 @@ class Server:
         thousands of [[peers]] and leasing them takes a while.  Raises ConfigError or
         RuntimeFailure."""
         cfg = load_server_config(self.cfg.path)
+        publish_config_peers(cfg, self.store)
         return cfg, read_peers(cfg, self.store)
 
     async def reload(self) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class StoredPeer:
     address: str | None = None
     subnets: tuple[str, ...] = ()
     enabled: bool = True  # a disabled peer is kept, with its lease, but not served
+    source: str | None = None  # shared store: the relay whose [[peers]] it is (else None)
 
 
 class Store(Protocol):
