@@ -186,6 +186,49 @@ def test_the_store_goes_away_and_comes_back(
         pg.close()
 
 
+def test_the_first_use_of_the_store_after_its_return_finds_it_up(
+    net: Net, platforms: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's own connection died with the server while nothing used it: the
+    catch-up after the return must not find that out and say the store is away again
+    (a second error line, and new peers refused until the next liveness check)."""
+    caplog.set_level(logging.DEBUG, logger="gtun")
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        (path,) = shared_relays(net, dsn, count=1)
+        cfg = load_server_config(path)
+        server = Server(cfg, platforms())
+
+        def down_lines() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.ERROR and "refusing new peers" in r.getMessage()
+            ]
+
+        async def scenario() -> None:
+            async with asyncio.timeout(LIMIT + 20), running(server):
+                await within(5, lambda: server.store_up)
+                await asyncio.to_thread(pg.stop)
+                await within(5, lambda: server.store_up is False)
+                await asyncio.to_thread(pg.start)  # nothing used the store meanwhile
+                await within(15, lambda: server.store_up is True)
+                with PgStore(dsn, cfg.network) as store:
+                    store.add_peer(
+                        StoredPeer("phone", encode_key(public_key(generate_private_key())))
+                    )
+                await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
+                assert server.store_up is True
+                assert len(down_lines()) == 1, down_lines()
+
+        asyncio.run(scenario())
+    finally:
+        pg.close()
+
+
 def test_relays_feed_their_mesh_and_presence_from_the_store(
     net: Net, platforms: Any, pg_dsn: str
 ) -> None:

@@ -520,6 +520,10 @@ class Server:
             self._request_reload()
             self._request_mesh()
         else:
+            # The store's own connection died with it, unnoticed if unused meanwhile:
+            # its first use after the return would fail and say the store is away again.
+            if isinstance(self.store, PgStore):
+                self.store.suspect_connection()
             log.error(
                 "%s; forwarding the sessions it has, refusing new peers and leases "
                 "until it returns (retrying)",
