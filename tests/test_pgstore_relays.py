@@ -229,6 +229,56 @@ def test_the_first_use_of_the_store_after_its_return_finds_it_up(
         pg.close()
 
 
+def with_endpoints(paths: list[Path]) -> None:
+    """Each relay's `endpoint`: its own listen address (so the others can reach it)."""
+    for path in paths:
+        text = path.read_text()
+        port = text.split('listen = "127.0.0.1:')[1].split('"')[0]
+        path.write_text(text.replace("[server]\n", f'[server]\nendpoint = "127.0.0.1:{port}"\n', 1))
+
+
+def held_at(server: Server, name: str) -> str | None:
+    """The relay that `server` says holds peer `name`'s session (None: here)."""
+    assert server.relay is not None
+    peer = server.relay.peer_by_name(name)
+    return None if peer is None else server.relay.presence_of(peer)
+
+
+def test_a_session_that_came_while_the_store_was_away_is_told_when_it_returns(
+    net: Net, platforms: Any
+) -> None:
+    """A client joins relay a while the store is away (a configured peer is leased at
+    start, so it may): its presence cannot be written then.  When the store is back,
+    relay b learns that the client is at a, without waiting for anything else to
+    happen."""
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        paths = shared_relays(net, dsn)
+        with_endpoints(paths)
+        a = Server(load_server_config(paths[0]), platforms())
+        b = Server(load_server_config(paths[1]), platforms())
+        client = start_client(net, platforms())
+
+        async def scenario() -> None:
+            async with asyncio.timeout(LIMIT + 20), running(a), running(b):
+                await within(5, lambda: a.store_up and b.store_up)
+                await asyncio.to_thread(pg.stop)
+                await within(5, lambda: a.store_up is False and b.store_up is False)
+                async with running(client):
+                    await within(5, lambda: client.applied is not None)
+                    assert held_at(a, "c1") is None  # here, as far as a knows
+                    await asyncio.to_thread(pg.start)
+                    await within(15, lambda: a.store_up is True and b.store_up is True)
+                    await within(NOTIFIED_WITHIN + 1, lambda: held_at(b, "c1") == "relay")
+
+        asyncio.run(scenario())
+    finally:
+        pg.close()
+
+
 def test_relays_feed_their_mesh_and_presence_from_the_store(
     net: Net, platforms: Any, pg_dsn: str
 ) -> None:
@@ -237,10 +287,7 @@ def test_relays_feed_their_mesh_and_presence_from_the_store(
     the presence every other relay reads."""
     migrate(pg_dsn)
     paths = shared_relays(net, pg_dsn)
-    for path in paths:
-        text = path.read_text()
-        port = text.split('listen = "127.0.0.1:')[1].split('"')[0]
-        path.write_text(text.replace("[server]\n", f'[server]\nendpoint = "127.0.0.1:{port}"\n', 1))
+    with_endpoints(paths)
     a = Server(load_server_config(paths[0]), platforms())
     b = Server(load_server_config(paths[1]), platforms())
     client = start_client(net, platforms())
@@ -248,11 +295,6 @@ def test_relays_feed_their_mesh_and_presence_from_the_store(
     def mesh(server: Server) -> set[str]:
         assert server.relay is not None
         return {p.data.name for p in server.relay.wg.peers.values() if server.relay.is_mesh(p)}
-
-    def held_at(server: Server, name: str) -> str | None:
-        assert server.relay is not None
-        peer = server.relay.peer_by_name(name)
-        return None if peer is None else server.relay.presence_of(peer)
 
     async def scenario() -> None:
         async with asyncio.timeout(LIMIT), running(a), running(b), running(client):
