@@ -17,7 +17,6 @@ Every address lives inside the lab's namespaces (prefix "gtmf")."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -85,15 +84,6 @@ def wait_for(cond: Callable[[], object], bound: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def learnt_relays(net: MeshNet, c: Node) -> set[str]:
-    """The names of the relays `c` keeps in its state directory (app/relays.py)."""
-    try:
-        data = json.loads((net.dir / c.name / f"relays-{c.name}.json").read_text())
-    except (OSError, ValueError):
-        return set()
-    return {e.get("name") for e in data.get("relays", [])}
-
-
 def start_flowing(net: MeshNet, *clients: Node) -> dict[str, str]:
     """Start the relays and `clients`; wait until each is configured, every relay sees it
     at its home relay, and the first reaches the second across the mesh.  Their
@@ -132,7 +122,7 @@ def test_a_killed_relays_client_fails_over_keeping_its_address(
         a1, a2 = addresses["c1"], addresses["c2"]
         assert net.ping(c2.ns, a1, count=3) > 0
         # c1 was pushed the other relays and keeps them: it has somewhere to go.
-        wait_for(lambda: learnt_relays(net, c1) == {"r2", "r3"}, LEARNT_BOUND, "c1's relays")
+        net.wait_learnt(c1, LEARNT_BOUND)
 
         assert r1.proc is not None
         killed = time.monotonic()

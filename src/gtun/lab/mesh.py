@@ -15,10 +15,12 @@ Unix socket in the host's file system, which the namespaces share.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from gtun.app.keys import generate_private_key
+from gtun.app.relays import load_relays, relays_file
 from gtun.lab.net import LAN_NET, PORT, GtunNet, Node, write_key
 from gtun.lab.netns import Lab
 
@@ -183,6 +185,20 @@ class MeshNet(GtunNet):
                 timeout,
                 f"{r.name} to see {client.name} at {relay.name}",
             )
+
+    def wait_learnt(self, client: Node, timeout: float = 15.0) -> None:
+        """Wait until `client` keeps every other relay than its home one in its state
+        directory (app/relays.py): pushed by its relay, so that it can fail over."""
+        want = {r.name for r in self.relays if r is not self.home[client.name]}
+        path = relays_file(self.dir / client.name, client.config)
+        deadline = time.monotonic() + timeout
+        while {r.name for r in load_relays(path)} != want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"timed out after {timeout:g}s waiting for {client.name} to keep "
+                    f"relays {', '.join(sorted(want))}:\n{self.log_tail(client)}"
+                )
+            time.sleep(0.2)
 
     def stop_all(self) -> None:
         for node in (*self.clients, *self.relays):
