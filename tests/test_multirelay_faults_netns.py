@@ -84,13 +84,13 @@ def wait_for(cond: Callable[[], object], bound: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def start_flowing(net: MeshNet, *clients: Node) -> dict[str, str]:
-    """Start the relays and `clients`; wait until each is configured, every relay sees it
-    at its home relay, and the first reaches the second across the mesh.  Their
-    addresses by name."""
+def start_flowing(net: MeshNet, *clients: Node, transport: str = "udp") -> dict[str, str]:
+    """Start the relays and `clients` (on `transport`); wait until each is configured,
+    every relay sees it at its home relay, and the first reaches the second across the
+    mesh.  Their addresses by name."""
     net.start_relays()
     for c in clients:
-        net.start_client(c)
+        net.start_client(c, transport)
     addresses = {c.name: net.wait_configured(c) for c in clients}
     assert len(set(addresses.values())) == len(clients)
     for c in clients:
@@ -103,8 +103,9 @@ def log_lines(node: Node, needle: str) -> list[str]:
     return [ln for ln in node.log.read_text(errors="replace").splitlines() if needle in ln]
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_a_killed_relays_client_fails_over_keeping_its_address(
-    lab: Lab, tmp_path: Path, pg_dsn: str
+    lab: Lab, tmp_path: Path, pg_dsn: str, transport: str
 ) -> None:
     migrate(pg_dsn)
     net = MeshNet(
@@ -118,7 +119,7 @@ def test_a_killed_relays_client_fails_over_keeping_its_address(
     c1, c2 = net.clients
     r1, r2, r3 = net.relays
     try:
-        addresses = start_flowing(net, c1, c2)
+        addresses = start_flowing(net, c1, c2, transport=transport)
         a1, a2 = addresses["c1"], addresses["c2"]
         assert net.ping(c2.ns, a1, count=3) > 0
         # c1 was pushed the other relays and keeps them: it has somewhere to go.
@@ -130,7 +131,7 @@ def test_a_killed_relays_client_fails_over_keeping_its_address(
         r1.proc.wait(10)
         first_answer(c1.ns, a2, FAILOVER_BOUND + 10)
         took = time.monotonic() - killed
-        print(f"\nfailover: c1 reached c2 again {took:.2f} s after r1's SIGKILL")
+        print(f"\nfailover ({transport}): c1 reached c2 again {took:.2f} s after r1's SIGKILL")
         assert took < FAILOVER_BOUND
 
         # c1 is at another relay of the mesh, with the same tunnel address.
@@ -140,7 +141,10 @@ def test_a_killed_relays_client_fails_over_keeping_its_address(
         by_key = {r.public: r for r in (r2, r3)}
         assert st["peers"][0]["public_key"] in by_key
         new = by_key[st["peers"][0]["public_key"]]
-        assert st["peers"][0]["endpoint"].split(":")[0] == new.underlay
+        assert new.underlay in st["peers"][0]["endpoint"]
+        assert st["peers"][0]["transport"] == transport
+        # Its log names the relay it is at now, not the configured one.
+        assert log_lines(c1, f"handshake with relay {new.underlay}:"), net.log_tail(c1)
         # The live relays see it there (presence), and r1's old claim is gone.
         net.wait_presence(c1, new, among=[r2, r3])
         # Traffic both ways: c2 (at r2) reaches c1 at its new relay, and data moves intact.
