@@ -225,6 +225,16 @@ def warm_up(src: Namespace, address: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"no ping reply from {address} in {src.name} after {timeout:g} s")
 
 
+def first_answer(ns: Namespace, address: str, deadline: float) -> float | None:
+    """Ping `address` every 0.1 s or so until one answer; the time it came (monotonic),
+    or None at `deadline`."""
+    while time.monotonic() < deadline:
+        if ns.run(["ping", "-n", "-c", "1", "-W", "0.2", address], check=False).returncode == 0:
+            return time.monotonic()
+        time.sleep(0.05)
+    return None
+
+
 def wait_listening(ns: Namespace, port: int, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + LISTEN_TIMEOUT
     while time.monotonic() < deadline:
@@ -276,6 +286,36 @@ def iperf(
             server.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(5)
+
+
+class LoadPings:
+    """Pings every LOAD_PING_INTERVAL from `src` to `address` while a load of `seconds`
+    runs: start() (an iperf() on_start), then stop(), which gives the RTTs in ms."""
+
+    def __init__(self, src: Namespace, address: str, seconds: float, log: Path) -> None:
+        self.src, self.address, self.seconds, self.log = src, address, seconds, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.write_bytes(b"")
+        # fmt: off
+        cmd = ["ping", "-n", "-i", str(LOAD_PING_INTERVAL), "-W", "2",
+               "-w", str(int(self.seconds) + 5), self.address]
+        # fmt: on
+        self.proc = self.src.spawn(cmd, log_path=self.log)
+
+    def stop(self) -> list[float]:
+        proc = self.proc
+        if proc is None:
+            return []
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        try:
+            return rtts(self.log.read_text(errors="replace"))
+        except OSError:
+            return []
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -349,21 +389,12 @@ def measure_round(result: Result, setup: Setup, args: argparse.Namespace, log_di
     ping_log = log_dir / f"ping-load-{result.key}.log"
     for streams in (1, 4):
         meter = CpuMeter(setup.pids)
-        pinger: list[subprocess.Popen[bytes]] = []
+        pings = LoadPings(src, address, args.seconds, ping_log) if streams == 1 else None
 
-        def start(
-            streams: int = streams,
-            meter: CpuMeter = meter,
-            pinger: list[subprocess.Popen[bytes]] = pinger,
-        ) -> None:
+        def start(meter: CpuMeter = meter, pings: LoadPings | None = pings) -> None:
             meter.start()
-            if streams == 1:
-                ping_log.write_bytes(b"")
-                # fmt: off
-                cmd = ["ping", "-n", "-i", str(LOAD_PING_INTERVAL), "-W", "2",
-                       "-w", str(args.seconds + 5), address]
-                # fmt: on
-                pinger.append(src.spawn(cmd, log_path=ping_log))
+            if pings is not None:
+                pings.start()
 
         try:
             report = iperf(src, dst, address, args.seconds, log_dir, streams, start)
@@ -384,16 +415,9 @@ def measure_round(result: Result, setup: Setup, args: argparse.Namespace, log_di
         except (RuntimeError, subprocess.TimeoutExpired, KeyError) as e:
             result.errors.append(f"{streams} stream(s): {type(e).__name__}: {e}")
         finally:
-            for p in pinger:
-                if p.poll() is None:
-                    p.terminate()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        p.wait(5)
-        if pinger:
-            with contextlib.suppress(OSError):
-                got = rtts(ping_log.read_text(errors="replace"))
-                if got:
-                    result.add("rtt_load", statistics.median(got))
+            got = pings.stop() if pings is not None else []
+        if got:
+            result.add("rtt_load", statistics.median(got))
 
 
 # --- the paths ------------------------------------------------------------------------------

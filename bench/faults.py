@@ -172,15 +172,6 @@ def loss(f: Faults) -> list[Row]:
     return rows
 
 
-def _first_answer(ns: Namespace, address: str, deadline: float) -> float | None:
-    """Ping `address` every 0.1 s until one answer; the time it came (monotonic)."""
-    while time.monotonic() < deadline:
-        if ns.run(["ping", "-n", "-c", "1", "-W", "0.2", address], check=False).returncode == 0:
-            return time.monotonic()
-        time.sleep(0.05)
-    return None
-
-
 def relay_kill(f: Faults) -> list[Row]:
     with Lab(f"{PREFIX}k") as lab, f.net(lab, "k", clients=2, transports=["udp", "tcp"]) as net:
         before = {c.name: net.wait_configured(c) for c in net.clients}
@@ -196,7 +187,7 @@ def relay_kill(f: Faults) -> list[Row]:
         net.start_relay()
         with concurrent.futures.ThreadPoolExecutor(len(net.clients)) as pool:
             waits = {
-                c.name: pool.submit(_first_answer, c.ns, RELAY, restarted + HEAL_TIMEOUT)
+                c.name: pool.submit(hub_bench.first_answer, c.ns, RELAY, restarted + HEAL_TIMEOUT)
                 for c in net.clients
             }
             healed = {name: w.result() for name, w in waits.items()}
@@ -225,7 +216,7 @@ def _answers(pairs: dict[str, tuple[Namespace, str]], since: float) -> dict[str,
     answered ping, pinging in parallel (None: no answer within HEAL_TIMEOUT)."""
     with concurrent.futures.ThreadPoolExecutor(len(pairs)) as pool:
         waits = {
-            name: pool.submit(_first_answer, ns, address, since + HEAL_TIMEOUT)
+            name: pool.submit(hub_bench.first_answer, ns, address, since + HEAL_TIMEOUT)
             for name, (ns, address) in pairs.items()
         }
         done = {name: w.result() for name, w in waits.items()}
@@ -462,7 +453,8 @@ def state(f: Faults) -> list[Row]:
             said = next((ln for ln in log.splitlines() if "reload" in ln), "(no reload line)")
             kept = {c.name: net.wait_configured(c) for c in net.clients} == addresses
             flows = all(
-                _first_answer(c.ns, RELAY, time.monotonic() + 10) is not None for c in net.clients
+                hub_bench.first_answer(c.ns, RELAY, time.monotonic() + 10) is not None
+                for c in net.clients
             )
             leases = statedir.leases_seen_by(pid, db)
             net.stop(net.relay)

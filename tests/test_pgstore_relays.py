@@ -238,6 +238,99 @@ def test_the_store_goes_away_and_comes_back(
         pg.close()
 
 
+def test_the_first_use_of_the_store_after_its_return_finds_it_up(
+    net: Net, platforms: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's own connection died with the server while nothing used it: the
+    catch-up after the return must not find that out and say the store is away again
+    (a second error line, and new peers refused until the next liveness check)."""
+    caplog.set_level(logging.DEBUG, logger="gtun")
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        (path,) = shared_relays(net, dsn, count=1)
+        cfg = load_server_config(path)
+        server = Server(cfg, platforms())
+
+        def down_lines() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.ERROR and "refusing new peers" in r.getMessage()
+            ]
+
+        async def scenario() -> None:
+            async with asyncio.timeout(LIMIT + 20), running(server):
+                await within(5, lambda: server.store_up)
+                await asyncio.to_thread(pg.stop)
+                await within(5, lambda: server.store_up is False)
+                await asyncio.to_thread(pg.start)  # nothing used the store meanwhile
+                await within(15, lambda: server.store_up is True)
+                with PgStore(dsn, cfg.network) as store:
+                    store.add_peer(
+                        StoredPeer("phone", encode_key(public_key(generate_private_key())))
+                    )
+                await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
+                assert server.store_up is True
+                assert len(down_lines()) == 1, down_lines()
+
+        asyncio.run(scenario())
+    finally:
+        pg.close()
+
+
+def with_endpoints(paths: list[Path]) -> None:
+    """Each relay's `endpoint`: its own listen address (so the others can reach it)."""
+    for path in paths:
+        text = path.read_text()
+        port = text.split('listen = "127.0.0.1:')[1].split('"')[0]
+        path.write_text(text.replace("[server]\n", f'[server]\nendpoint = "127.0.0.1:{port}"\n', 1))
+
+
+def held_at(server: Server, name: str) -> str | None:
+    """The relay that `server` says holds peer `name`'s session (None: here)."""
+    assert server.relay is not None
+    peer = server.relay.peer_by_name(name)
+    return None if peer is None else server.relay.presence_of(peer)
+
+
+def test_a_session_that_came_while_the_store_was_away_is_told_when_it_returns(
+    net: Net, platforms: Any
+) -> None:
+    """A client joins relay a while the store is away (a configured peer is leased at
+    start, so it may): its presence cannot be written then.  When the store is back,
+    relay b learns that the client is at a, without waiting for anything else to
+    happen."""
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        paths = shared_relays(net, dsn)
+        with_endpoints(paths)
+        a = Server(load_server_config(paths[0]), platforms())
+        b = Server(load_server_config(paths[1]), platforms())
+        client = start_client(net, platforms())
+
+        async def scenario() -> None:
+            async with asyncio.timeout(LIMIT + 20), running(a), running(b):
+                await within(5, lambda: a.store_up and b.store_up)
+                await asyncio.to_thread(pg.stop)
+                await within(5, lambda: a.store_up is False and b.store_up is False)
+                async with running(client):
+                    await within(5, lambda: client.applied is not None)
+                    assert held_at(a, "c1") is None  # here, as far as a knows
+                    await asyncio.to_thread(pg.start)
+                    await within(15, lambda: a.store_up is True and b.store_up is True)
+                    await within(NOTIFIED_WITHIN + 1, lambda: held_at(b, "c1") == "relay")
+
+        asyncio.run(scenario())
+    finally:
+        pg.close()
+
+
 def test_relays_feed_their_mesh_and_presence_from_the_store(
     net: Net, platforms: Any, pg_dsn: str
 ) -> None:
@@ -246,10 +339,7 @@ def test_relays_feed_their_mesh_and_presence_from_the_store(
     the presence every other relay reads."""
     migrate(pg_dsn)
     paths = shared_relays(net, pg_dsn)
-    for path in paths:
-        text = path.read_text()
-        port = text.split('listen = "127.0.0.1:')[1].split('"')[0]
-        path.write_text(text.replace("[server]\n", f'[server]\nendpoint = "127.0.0.1:{port}"\n', 1))
+    with_endpoints(paths)
     a = Server(load_server_config(paths[0]), platforms())
     b = Server(load_server_config(paths[1]), platforms())
     client = start_client(net, platforms())
@@ -257,11 +347,6 @@ def test_relays_feed_their_mesh_and_presence_from_the_store(
     def mesh(server: Server) -> set[str]:
         assert server.relay is not None
         return {p.data.name for p in server.relay.wg.peers.values() if server.relay.is_mesh(p)}
-
-    def held_at(server: Server, name: str) -> str | None:
-        assert server.relay is not None
-        peer = server.relay.peer_by_name(name)
-        return None if peer is None else server.relay.presence_of(peer)
 
     async def scenario() -> None:
         async with asyncio.timeout(LIMIT), running(a), running(b), running(client):

@@ -8,6 +8,7 @@ the real relay and client cores against each other over a loopback TCP connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import struct
@@ -445,6 +446,83 @@ def test_dialer_reconnects_with_backoff() -> None:
         driver.close()
         await asyncio.sleep(0)
         assert all(s.fileno() == -1 for s in made)  # every socket it made is closed
+
+    run(main)
+
+
+def test_dialer_reconnect_does_not_wait_out_its_backoff() -> None:
+    """Failover (or a new local address) asks the dialer to connect again, perhaps to
+    another relay: it does at once, whether it was waiting out the backoff after the
+    old relay refused, still connecting to a relay that does not answer, or connected."""
+    backoff = 30.0  # far longer than any wait here: a dialer that waits it fails
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        driver = Driver(FakeCore(), loop, lambda e: None)
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        # A relay that does not answer: its one-slot accept queue is full, so the
+        # kernel drops further SYNs and a connect() hangs.
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        fillers = []
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(silent.getsockname())
+        accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await accepted.put(w)
+
+        good = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        ups: list[TcpEndpoint] = []
+        dialer = TcpDialer(
+            loop,
+            refused.getsockname(),
+            socket.socket,
+            ups.append,
+            lambda ep: None,
+            first_backoff=backoff,
+            max_backoff=backoff,
+            connect_timeout=backoff,
+        )
+        driver.attach(dialer)
+        try:
+            await asyncio.sleep(0.2)  # refused: waiting out the backoff now
+            assert ups == []
+            dialer.address = good.sockets[0].getsockname()
+            dialer.reconnect("moving to relay r2")
+            async with asyncio.timeout(BOUND):
+                first = await accepted.get()
+            await until(lambda: len(ups) == 1, "the dialer to be connected")
+            # Connected: asked again, it reconnects at once (not after its backoff).
+            dialer.reconnect("the local address changed")
+            async with asyncio.timeout(BOUND):
+                second = await accepted.get()
+            await until(lambda: len(ups) == 2, "the dialer to be connected again")
+            # Connecting to a relay that does not answer, it is moved elsewhere.
+            dialer.address = silent.getsockname()
+            dialer.reconnect("moving to relay r3")
+            await asyncio.sleep(0.3)
+            assert len(ups) == 2 and accepted.empty()  # still connecting, in vain
+            dialer.address = good.sockets[0].getsockname()
+            dialer.reconnect("moving to relay r2")
+            async with asyncio.timeout(BOUND):
+                third = await accepted.get()
+            await until(lambda: len(ups) == 3, "the dialer to be connected once more")
+            for w in (first, second, third):
+                w.transport.abort()
+        finally:
+            dialer.close()
+            good.close()
+            driver.close()
+            for sock in (refused, silent, *fillers):
+                sock.close()
+            await asyncio.sleep(0)
 
     run(main)
 

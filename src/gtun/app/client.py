@@ -68,6 +68,8 @@ class Client:
         self.dialer: TcpDialer | None = None
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
+        # The relay in use, as the log names it: after a failover, not the configured one.
+        self.relay_in_use = "{}:{}".format(*cfg.server)
         self.tun: Device | None = None
         self.link: Link | None = None
         self.applied: PushedConfig | None = None
@@ -311,7 +313,7 @@ class Client:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, Connected):
-            log.info("handshake with relay %s:%d complete", *self.cfg.server)
+            log.info("handshake with relay %s complete", self.relay_in_use)
         elif isinstance(event, ConfigReceived):
             if event.changed or self.applied is None:
                 task = asyncio.ensure_future(self.apply_config(event.config))
@@ -369,6 +371,7 @@ class Client:
         """Failover moved to another relay: over UDP the core already sends there (the
         roaming watch follows it); over TCP the dialer connects to it instead."""
         where = event.endpoint or "{}:{}".format(*self.cfg.server)
+        self.relay_in_use = where
         log.warning(
             "now through relay %s (%s): %s", event.name or "configured", where, event.reason
         )

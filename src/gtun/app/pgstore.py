@@ -289,6 +289,7 @@ class PgStore:
         self._depth = 0
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = _connect(dsn)
         self._closed = False
+        self._suspect = False  # set by suspect_connection(), from any thread
         if check_schema:
             try:
                 version = _version(self._conn)
@@ -315,10 +316,21 @@ class PgStore:
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._closed:
             raise RuntimeFailure(f"store {self.path}: closed")
+        if self._suspect and not self._depth:  # never in the middle of a transaction
+            self._suspect = False
+            self._drop()
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._drop()
             self._conn = _connect(self.dsn)
         return self._conn
+
+    def suspect_connection(self) -> None:
+        """The store was seen away (another connection, StoreWatch's, was lost): the
+        next call opens a new connection instead of finding out on its first statement
+        that the one it has died with the server (a restarted server's first answer to
+        an old connection is an error).  Never waits: the event loop may call it while
+        a worker thread holds the store."""
+        self._suspect = True
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -188,6 +188,9 @@ class Server:
         self._reload_wanted = False
         self._reload_task: asyncio.Task[None] | None = None
         self._next_heartbeat = 0.0  # loop time of the next presence heartbeat
+        # The next heartbeat tells every relay (NOTIFY): sessions that came here while
+        # the store was away were claimed in no presence row the others read.
+        self._announce_held = False
         # The mesh (shared store): re-reads of the relays and the presence, coalesced.
         self._mesh_wanted = False
         self._mesh_task: asyncio.Task[None] | None = None
@@ -448,7 +451,8 @@ class Server:
     async def _heartbeat(self, relay_key: str) -> None:
         """Shared store: every PRESENCE_INTERVAL, record that this relay is alive (with
         its clock) and which peers' sessions it holds (a packet from them within
-        PRESENCE_RECENT)."""
+        PRESENCE_RECENT); the first after the store's return also tells every relay
+        (NOTIFY)."""
         store = self.store
         if not isinstance(store, PgStore) or self.relay is None:
             return
@@ -466,16 +470,18 @@ class Server:
             and peer.data.here  # claimed here (not a failover client's RTT handshake)
             and self.relay.presence_of(peer) is None
         ]
+        notify = self._announce_held
+        self._announce_held = False
 
         def beat() -> None:
             store.relay_alive(relay_key, time.time())  # for doctor: alive, and its clock
             if held:
-                store.heartbeat(relay_key, held, PRESENCE_TTL)
+                store.heartbeat(relay_key, held, PRESENCE_TTL, notify=notify)
 
         try:
             await off_loop(beat)
         except StoreUnavailable as exc:
-            self._store_state(False, str(exc))
+            self._store_state(False, str(exc))  # announced again when it is back
         except GtunError as exc:
             log.debug("presence heartbeat failed: %s", exc)
 
@@ -530,9 +536,18 @@ class Server:
         if up:
             if was is False:
                 log.info("store %s is back: catching up with the peers", self.store.path)
+                # Tell the others where the sessions held here are (at the next tick
+                # of _keep_endpoints): a client that joined or moved here meanwhile
+                # was not written by _note_session_here.
+                self._announce_held = True
+                self._next_heartbeat = 0.0
             self._request_reload()
             self._request_mesh()
         else:
+            # The store's own connection died with it, unnoticed if unused meanwhile:
+            # its first use after the return would fail and say the store is away again.
+            if isinstance(self.store, PgStore):
+                self.store.suspect_connection()
             log.error(
                 "%s; forwarding the sessions it has, refusing new peers and leases "
                 "until it returns (retrying)",

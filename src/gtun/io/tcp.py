@@ -461,7 +461,10 @@ class TcpServer(TcpTransport):
 
 class TcpDialer(TcpTransport):
     """A client's connection to the relay, a transport: once opened it connects, and
-    reconnects with a bounded backoff whenever the connection ends.
+    reconnects with a bounded backoff whenever the connection ends.  reconnect() (the
+    relay went silent, the local address changed, failover moved to another relay at
+    `address`) connects again at once, whatever the dialer is doing: connected, still
+    connecting, or waiting out its backoff after the old relay refused.
 
     `open_socket(family, type)` makes the (unconnected) socket; `on_connected(ep)` runs
     when a connection is up (make it the peer's endpoint, start a handshake) and
@@ -493,6 +496,7 @@ class TcpDialer(TcpTransport):
         self._task: asyncio.Task[None] | None = None
         # The connection being made or in use, and a future done when it ends.
         self._gone: tuple[TcpEndpoint, asyncio.Future[None]] | None = None
+        self._asked = asyncio.Event()  # reconnect() was called: attempt again now
 
     @property
     def where(self) -> str:
@@ -504,7 +508,9 @@ class TcpDialer(TcpTransport):
         self._task = self.loop.create_task(self._run())
 
     def reconnect(self, why: str) -> None:
-        """Drop the current connection (it will be made again)."""
+        """Drop the current connection, or the attempt or the backoff under way, and
+        connect (to `address`, which the caller may have changed) at once."""
+        self._asked.set()
         if self.endpoint is not None:
             log.info("closing the TCP connection to relay %s: %s", self.where, why)
             self.endpoint.close("closed")
@@ -528,14 +534,20 @@ class TcpDialer(TcpTransport):
         if self._gone is not None and self._gone[0] is ep and not self._gone[1].done():
             self._gone[1].set_result(None)
 
-    async def _connect(self) -> TcpEndpoint:
+    async def _connect(self) -> TcpEndpoint | None:
+        """A connection to `address`; None when reconnect() came first.  Raises
+        OSError (TimeoutError after `connect_timeout`)."""
         host, port = self.address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = self.open_socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
+            connecting = asyncio.ensure_future(self.loop.sock_connect(sock, (host, port)))
             async with asyncio.timeout(self.connect_timeout):
-                await self.loop.sock_connect(sock, (host, port))
+                if await self._unless_asked(connecting):
+                    sock.close()
+                    return None
+            connecting.result()
             _, connection = await self.loop.create_connection(self._protocol, sock=sock)
         except BaseException:
             sock.close()
@@ -543,9 +555,27 @@ class TcpDialer(TcpTransport):
         assert connection.ep is not None  # a dialer refuses none
         return connection.ep
 
+    async def _unless_asked(self, step: asyncio.Future[Any]) -> bool:
+        """Wait for `step` or reconnect(), whichever comes first: True for reconnect()
+        (`step`, unless done, is cancelled)."""
+        asked = asyncio.ensure_future(self._asked.wait())
+        try:
+            await asyncio.wait((step, asked), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled (close()): nothing is left running
+            asked.cancel()
+            cut = not step.done()
+            if cut:
+                step.cancel()
+        return cut
+
+    async def _pause(self, seconds: float) -> bool:
+        """The backoff: True when reconnect() cut it short."""
+        return await self._unless_asked(asyncio.ensure_future(asyncio.sleep(seconds)))
+
     async def _run(self) -> None:
         backoff = self.first_backoff
         while True:
+            self._asked.clear()  # this attempt is the one asked for
             try:
                 ep = await self._connect()
             except OSError as exc:  # TimeoutError included
@@ -556,9 +586,14 @@ class TcpDialer(TcpTransport):
                     what or "timed out",
                     backoff,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                if await self._pause(backoff):
+                    backoff = self.first_backoff
+                else:
+                    backoff = min(backoff * 2, self.max_backoff)
                 continue
+            if ep is None:
+                backoff = self.first_backoff
+                continue  # asked again while connecting: perhaps elsewhere now
             assert self._gone is not None and self._gone[0] is ep
             gone = self._gone[1]
             self.endpoint = ep
@@ -573,6 +608,9 @@ class TcpDialer(TcpTransport):
                 ep.close("closed", "client stopping")  # keeps the reason it closed, if it did
                 super()._closed(ep)
                 self.on_lost(ep)
+            if self._asked.is_set():
+                backoff = self.first_backoff
+                continue  # closed by reconnect(), which said why
             if ep.authentic:
                 backoff = self.first_backoff
             log.warning(
@@ -581,5 +619,7 @@ class TcpDialer(TcpTransport):
                 ep.detail if ep.reason == "closed" else f"{ep.reason}: {ep.detail}",
                 backoff,
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.max_backoff)
+            if await self._pause(backoff):
+                backoff = self.first_backoff
+            else:
+                backoff = min(backoff * 2, self.max_backoff)

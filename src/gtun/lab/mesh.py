@@ -15,17 +15,22 @@ Unix socket in the host's file system, which the namespaces share.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from gtun.app.keys import generate_private_key
+from gtun.app.relays import load_relays, relays_file
 from gtun.lab.net import LAN_NET, PORT, GtunNet, Node, write_key
 from gtun.lab.netns import Lab
 
 
 class MeshNet(GtunNet):
     """`relays` relays named r1.. sharing `dsn`; `clients` maps each client's name to its
-    home relay's (the one its configuration names).  `lan_at`: the relay with a LAN host
-    behind it (192.168.77.0/24 in namespace "lan", NAT on at that relay)."""
+    home relay's (the one its configuration names).  `peers`: the clients every relay's
+    [[peers]] lists (None: all of them; one left out joins only once added to the store,
+    e.g. by `gtun peer add`).  `lan_at`: the relay with a LAN host behind it
+    (192.168.77.0/24 in namespace "lan", NAT on at that relay)."""
 
     def __init__(
         self,
@@ -35,6 +40,7 @@ class MeshNet(GtunNet):
         *,
         relays: int = 3,
         clients: dict[str, str] | None = None,
+        peers: Collection[str] | None = None,
         underlay: int = 243,
         network: str = "10.66.0.0/24",
         network6: str | None = None,
@@ -102,11 +108,13 @@ class MeshNet(GtunNet):
             node.extra["own"] = f"10.{underlay}.{100 + j}.2"
             self.clients.append(node)
             self.home[name] = by_name[home]
-        self._write_mesh_configs(lan_at)
+        self._write_mesh_configs(lan_at, peers)
 
-    def _write_mesh_configs(self, lan_at: str | None) -> None:
+    def _write_mesh_configs(self, lan_at: str | None, listed: Collection[str] | None) -> None:
         peers = "".join(
-            f'\n[[peers]]\nname = "{c.name}"\npublic_key = "{c.public}"\n' for c in self.clients
+            f'\n[[peers]]\nname = "{c.name}"\npublic_key = "{c.public}"\n'
+            for c in self.clients
+            if listed is None or c.name in listed
         )
         for r in self.relays:
             write_key(self.dir / f"{r.name}.key", r.key)
@@ -157,10 +165,16 @@ class MeshNet(GtunNet):
                 f"{r.name}'s mesh",
             )
 
-    def wait_presence(self, client: Node, relay: Node, timeout: float = 15.0) -> None:
-        """Wait until every relay but `relay` sees `client`'s session at `relay`, and
-        `relay` holds it itself."""
-        for r in self.relays:
+    def wait_presence(
+        self,
+        client: Node,
+        relay: Node,
+        timeout: float = 15.0,
+        among: Sequence[Node] | None = None,
+    ) -> None:
+        """Wait until every relay (of `among`: default all) but `relay` sees `client`'s
+        session at `relay`, and `relay` holds it itself."""
+        for r in self.relays if among is None else among:
             want = None if r is relay else relay.name
             self.wait_status(
                 r,
@@ -171,6 +185,20 @@ class MeshNet(GtunNet):
                 timeout,
                 f"{r.name} to see {client.name} at {relay.name}",
             )
+
+    def wait_learnt(self, client: Node, timeout: float = 15.0) -> None:
+        """Wait until `client` keeps every other relay than its home one in its state
+        directory (app/relays.py): pushed by its relay, so that it can fail over."""
+        want = {r.name for r in self.relays if r is not self.home[client.name]}
+        path = relays_file(self.dir / client.name, client.config)
+        deadline = time.monotonic() + timeout
+        while {r.name for r in load_relays(path)} != want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"timed out after {timeout:g}s waiting for {client.name} to keep "
+                    f"relays {', '.join(sorted(want))}:\n{self.log_tail(client)}"
+                )
+            time.sleep(0.2)
 
     def stop_all(self) -> None:
         for node in (*self.clients, *self.relays):
