@@ -49,6 +49,20 @@ def platforms() -> Iterator[Callable[[], FakePlatform]]:
         platform.close_ends()
 
 
+@pytest.fixture
+def own_store() -> Iterator[tuple[PostgresServer, str]]:
+    """A PostgreSQL server of the test's own (to stop and start), with a migrated
+    database; stopped and removed at the end."""
+    pg = PostgresServer()
+    try:
+        pg.start()
+        dsn = pg.create_database("gtun")
+        migrate(dsn)
+        yield pg, dsn
+    finally:
+        pg.close()
+
+
 def shared_relays(net: Net, dsn: str, count: int = 2) -> list[Path]:
     """relay.toml (net's, c1 its peer) and relay2.toml... on one store, each with its
     own key, port, control socket and state directory."""
@@ -180,105 +194,97 @@ def test_a_peer_in_one_relays_config_is_served_by_every_relay(
 
 
 def test_the_store_goes_away_and_comes_back(
-    net: Net, platforms: Any, caplog: pytest.LogCaptureFixture
+    net: Net,
+    platforms: Any,
+    caplog: pytest.LogCaptureFixture,
+    own_store: tuple[PostgresServer, str],
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="gtun")
-    pg = PostgresServer()
-    try:
-        pg.start()
-        dsn = pg.create_database("gtun")
-        migrate(dsn)
-        (path,) = shared_relays(net, dsn, count=1)
-        cfg = load_server_config(path)
-        relay_pf, client_pf = platforms(), platforms()
-        server = Server(cfg, relay_pf)
-        client = start_client(net, client_pf)
+    pg, dsn = own_store
+    (path,) = shared_relays(net, dsn, count=1)
+    cfg = load_server_config(path)
+    relay_pf, client_pf = platforms(), platforms()
+    server = Server(cfg, relay_pf)
+    client = start_client(net, client_pf)
 
-        async def scenario() -> None:
-            async with asyncio.timeout(LIMIT + 20), running(server), running(client):
-                await within(5, lambda: client.applied is not None and server.store_up)
-                await exchange(relay_pf, client_pf, b"before")
-                await asyncio.to_thread(pg.stop)
-                await within(5, lambda: server.store_up is False)
-                # The session flows; new peers are refused, said once in the log.
-                await exchange(relay_pf, client_pf, b"while the store is away")
-                for _ in range(3):
-                    answer = await asyncio.to_thread(
-                        query, cfg.control_socket, {"command": "reload"}, 10.0
-                    )
-                    assert answer["ok"] is False and "unavailable" in answer["error"]
-                with pytest.raises(GtunError, match="unavailable"):
-                    await asyncio.to_thread(add_peer, cfg, "late", ("192.0.2.1", 9621))
-                await asyncio.sleep(2.5)  # a few reconnection attempts of the watch
-                await exchange(relay_pf, client_pf, b"still")
-                errors = [
-                    r
-                    for r in caplog.records
-                    if r.levelno >= logging.ERROR and "unavailable" in r.getMessage()
-                ]
-                assert len(errors) == 1, [r.getMessage() for r in errors]
-                assert "refusing new peers and leases" in errors[0].getMessage()
-                # Back: re-LISTEN, catch up, and new peers join again.
-                await asyncio.to_thread(pg.start)
-                await within(15, lambda: server.store_up is True)
-                with PgStore(dsn, cfg.network) as store:
-                    phone = encode_key(public_key(generate_private_key()))
-                    store.add_peer(StoredPeer("phone", phone))
-                    await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
-                    leases = store.leases()
-                assert len(set(leases.values())) == len(leases)
-                assert addresses(server)["phone"] != addresses(server)["c1"]
-                await exchange(relay_pf, client_pf, b"after")
-                rst = await status(cfg.control_socket)
-                assert [p["name"] for p in rst["peers"]] == ["c1", "phone"]
-                assert any("is back" in r.getMessage() for r in caplog.records)
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT + 20), running(server), running(client):
+            await within(5, lambda: client.applied is not None and server.store_up)
+            await exchange(relay_pf, client_pf, b"before")
+            await asyncio.to_thread(pg.stop)
+            await within(5, lambda: server.store_up is False)
+            # The session flows; new peers are refused, said once in the log.
+            await exchange(relay_pf, client_pf, b"while the store is away")
+            for _ in range(3):
+                answer = await asyncio.to_thread(
+                    query, cfg.control_socket, {"command": "reload"}, 10.0
+                )
+                assert answer["ok"] is False and "unavailable" in answer["error"]
+            with pytest.raises(GtunError, match="unavailable"):
+                await asyncio.to_thread(add_peer, cfg, "late", ("192.0.2.1", 9621))
+            await asyncio.sleep(2.5)  # a few reconnection attempts of the watch
+            await exchange(relay_pf, client_pf, b"still")
+            errors = [
+                r
+                for r in caplog.records
+                if r.levelno >= logging.ERROR and "unavailable" in r.getMessage()
+            ]
+            assert len(errors) == 1, [r.getMessage() for r in errors]
+            assert "refusing new peers and leases" in errors[0].getMessage()
+            # Back: re-LISTEN, catch up, and new peers join again.
+            await asyncio.to_thread(pg.start)
+            await within(15, lambda: server.store_up is True)
+            with PgStore(dsn, cfg.network) as store:
+                phone = encode_key(public_key(generate_private_key()))
+                store.add_peer(StoredPeer("phone", phone))
+                await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
+                leases = store.leases()
+            assert len(set(leases.values())) == len(leases)
+            assert addresses(server)["phone"] != addresses(server)["c1"]
+            await exchange(relay_pf, client_pf, b"after")
+            rst = await status(cfg.control_socket)
+            assert [p["name"] for p in rst["peers"]] == ["c1", "phone"]
+            assert any("is back" in r.getMessage() for r in caplog.records)
 
-        asyncio.run(scenario())
-    finally:
-        pg.close()
+    asyncio.run(scenario())
 
 
 def test_the_first_use_of_the_store_after_its_return_finds_it_up(
-    net: Net, platforms: Any, caplog: pytest.LogCaptureFixture
+    net: Net,
+    platforms: Any,
+    caplog: pytest.LogCaptureFixture,
+    own_store: tuple[PostgresServer, str],
 ) -> None:
     """The relay's own connection died with the server while nothing used it: the
     catch-up after the return must not find that out and say the store is away again
     (a second error line, and new peers refused until the next liveness check)."""
     caplog.set_level(logging.DEBUG, logger="gtun")
-    pg = PostgresServer()
-    try:
-        pg.start()
-        dsn = pg.create_database("gtun")
-        migrate(dsn)
-        (path,) = shared_relays(net, dsn, count=1)
-        cfg = load_server_config(path)
-        server = Server(cfg, platforms())
+    pg, dsn = own_store
+    (path,) = shared_relays(net, dsn, count=1)
+    cfg = load_server_config(path)
+    server = Server(cfg, platforms())
 
-        def down_lines() -> list[str]:
-            return [
-                r.getMessage()
-                for r in caplog.records
-                if r.levelno >= logging.ERROR and "refusing new peers" in r.getMessage()
-            ]
+    def down_lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.ERROR and "refusing new peers" in r.getMessage()
+        ]
 
-        async def scenario() -> None:
-            async with asyncio.timeout(LIMIT + 20), running(server):
-                await within(5, lambda: server.store_up)
-                await asyncio.to_thread(pg.stop)
-                await within(5, lambda: server.store_up is False)
-                await asyncio.to_thread(pg.start)  # nothing used the store meanwhile
-                await within(15, lambda: server.store_up is True)
-                with PgStore(dsn, cfg.network) as store:
-                    store.add_peer(
-                        StoredPeer("phone", encode_key(public_key(generate_private_key())))
-                    )
-                await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
-                assert server.store_up is True
-                assert len(down_lines()) == 1, down_lines()
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT + 20), running(server):
+            await within(5, lambda: server.store_up)
+            await asyncio.to_thread(pg.stop)
+            await within(5, lambda: server.store_up is False)
+            await asyncio.to_thread(pg.start)  # nothing used the store meanwhile
+            await within(15, lambda: server.store_up is True)
+            with PgStore(dsn, cfg.network) as store:
+                store.add_peer(StoredPeer("phone", encode_key(public_key(generate_private_key()))))
+            await within(NOTIFIED_WITHIN + 1, lambda: "phone" in addresses(server))
+            assert server.store_up is True
+            assert len(down_lines()) == 1, down_lines()
 
-        asyncio.run(scenario())
-    finally:
-        pg.close()
+    asyncio.run(scenario())
 
 
 def with_endpoints(paths: list[Path]) -> None:
@@ -297,38 +303,32 @@ def held_at(server: Server, name: str) -> str | None:
 
 
 def test_a_session_that_came_while_the_store_was_away_is_told_when_it_returns(
-    net: Net, platforms: Any
+    net: Net, platforms: Any, own_store: tuple[PostgresServer, str]
 ) -> None:
     """A client joins relay a while the store is away (a configured peer is leased at
     start, so it may): its presence cannot be written then.  When the store is back,
     relay b learns that the client is at a, without waiting for anything else to
     happen."""
-    pg = PostgresServer()
-    try:
-        pg.start()
-        dsn = pg.create_database("gtun")
-        migrate(dsn)
-        paths = shared_relays(net, dsn)
-        with_endpoints(paths)
-        a = Server(load_server_config(paths[0]), platforms())
-        b = Server(load_server_config(paths[1]), platforms())
-        client = start_client(net, platforms())
+    pg, dsn = own_store
+    paths = shared_relays(net, dsn)
+    with_endpoints(paths)
+    a = Server(load_server_config(paths[0]), platforms())
+    b = Server(load_server_config(paths[1]), platforms())
+    client = start_client(net, platforms())
 
-        async def scenario() -> None:
-            async with asyncio.timeout(LIMIT + 20), running(a), running(b):
-                await within(5, lambda: a.store_up and b.store_up)
-                await asyncio.to_thread(pg.stop)
-                await within(5, lambda: a.store_up is False and b.store_up is False)
-                async with running(client):
-                    await within(5, lambda: client.applied is not None)
-                    assert held_at(a, "c1") is None  # here, as far as a knows
-                    await asyncio.to_thread(pg.start)
-                    await within(15, lambda: a.store_up is True and b.store_up is True)
-                    await within(NOTIFIED_WITHIN + 1, lambda: held_at(b, "c1") == "relay")
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT + 20), running(a), running(b):
+            await within(5, lambda: a.store_up and b.store_up)
+            await asyncio.to_thread(pg.stop)
+            await within(5, lambda: a.store_up is False and b.store_up is False)
+            async with running(client):
+                await within(5, lambda: client.applied is not None)
+                assert held_at(a, "c1") is None  # here, as far as a knows
+                await asyncio.to_thread(pg.start)
+                await within(15, lambda: a.store_up is True and b.store_up is True)
+                await within(NOTIFIED_WITHIN + 1, lambda: held_at(b, "c1") == "relay")
 
-        asyncio.run(scenario())
-    finally:
-        pg.close()
+    asyncio.run(scenario())
 
 
 def test_relays_feed_their_mesh_and_presence_from_the_store(
