@@ -150,6 +150,26 @@ def test_a_lan_behind_one_relay_is_reached_from_a_client_of_another() -> None:
     assert hops(net) == [("A", "B")]
 
 
+def test_a_route_every_relay_has_leaves_by_each_clients_own_relay() -> None:
+    """CONTRACT.md's deployment: every relay's file has the same `routes`.  A client's
+    packet to that LAN goes into its own relay's TUN (NAT there), never over the mesh,
+    and each relay pushes the route once."""
+    net = MeshLink({"A": (LAN,), "B": (LAN,)})
+    net.add_client("a1", "A", "10.66.0.2", "fd66::2")
+    net.add_client("b1", "B", "10.66.0.3", "fd66::3")
+    net.configure()
+    for name, src in (("a1", "10.66.0.2"), ("b1", "10.66.0.3")):
+        config = net.clients[name].config
+        assert config is not None and list(config.routes).count(LAN) == 1, name
+        query = build_udp4(src, "192.168.77.10", 1000, 53, b"q")
+        net.clients[name].tun_packet(query, net.now)
+        net.pump()
+        own = name[0].upper()
+        assert net.tun_in[own] == [query] and hops(net) == [], name
+        net.tun_in[own].clear()
+    assert all(not v for v in net.tun_in.values())
+
+
 def test_presence_change_reroutes_at_once() -> None:
     net = mesh()
     a = net.relays["A"]
