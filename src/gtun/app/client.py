@@ -346,7 +346,7 @@ class Client:
                 )
         elif isinstance(event, Fallback):
             log.warning(
-                "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+                "no answer over UDP from relay %s:%d in %gs; falling back to TCP",
                 *self.cfg.server,
                 event.after,
             )
