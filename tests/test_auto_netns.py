@@ -160,12 +160,14 @@ def test_unknown_key_is_reported_as_such(net: GtunNet) -> None:
     c2 = net.clients[1]
     if net.relay.proc is None:
         net.start_relay()
+    started = time.monotonic()
     net.start_client(c2, "auto")
     try:
         # UDP unanswered for 5 s, then TCP connects and stays silent for 8 s.
         st = net.wait_status(
             c2, lambda s: s.get("reachability") == "no_handshake", 30, "no handshake told"
         )
+        print(f"\nauto: an unknown key told {time.monotonic() - started:.1f} s after start")
         assert not st["connected"] and st["address"] is None
         log = log_text(c2.log)
         line = next(x for x in log.splitlines() if "answers no handshake" in x)
