@@ -70,6 +70,10 @@ class Client:
         self.core: ClientCore | None = None
         self.driver: Driver | None = None
         self.dialer: TcpDialer | None = None
+        # "auto" back on UDP: the dialer it closed (whose counters its closing may still
+        # raise), and the sum of those closed before it.
+        self.old_dialer: TcpDialer | None = None
+        self.tcp_past = dict.fromkeys(TCP_DROP_REASONS, 0)
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
         # The relay in use, as the log names it: after a failover, not the configured one.
@@ -270,10 +274,10 @@ class Client:
     # --- TCP ---------------------------------------------------------------------------
 
     def tcp_drops(self) -> dict[str, int]:
-        """The TCP dialer's counters (zero before there is one)."""
-        if self.dialer is None:
-            return dict.fromkeys(TCP_DROP_REASONS, 0)
-        return dict(self.dialer.counts)
+        """The TCP dialers' counters: this run's, over every dialer "auto" made and
+        closed (so that they never go down), zero before there is one."""
+        counts = [d.counts for d in (self.old_dialer, self.dialer) if d is not None]
+        return merge_counts(self.tcp_past, *counts)
 
     def start_tcp(self, endpoint: tuple[str, int]) -> None:
         assert self.driver is not None
@@ -401,6 +405,9 @@ class Client:
             )
             dialer, self.dialer = self.dialer, None
             self.transport = "udp"
+            if self.old_dialer is not None:
+                self.tcp_past = merge_counts(self.tcp_past, self.old_dialer.counts)
+            self.old_dialer = dialer
             if dialer is not None and self.driver is not None:
                 # Closed with a reset: what it still holds is stale, and delivered late it
                 # would take the relay back to TCP.
@@ -652,7 +659,11 @@ class Client:
                     **peer_traffic(peer, wall),
                 }
             ],
-            merge_counts(core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}),
+            merge_counts(
+                core.wg.drops,
+                core.drops,
+                self.tcp_drops() if self.dialer or self.old_dialer else {},
+            ),
             self.driver.datapath() if self.driver is not None else None,
         )
 
