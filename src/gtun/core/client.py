@@ -89,11 +89,11 @@ latest authentic source, sends over UDP from the moment it reaches it.
                   doubling to UDP_PROBE_MAX while          the data meanwhile)
                   unanswered
     PROBING       UDP_PROBE_WAIT, no answer                a keepalive over TCP (the relay
-                                                           follows back); UdpBlocked(probe_
-                                                           in) the first time after a
-                                                           Fallback (reachability
-                                                           "udp_blocked"), else
-                                                           UdpUnanswered(probe_in)
+                                                           follows back); the first time
+                                                           after a Fallback
+                                                           UdpBlocked(probe_in) and
+                                                           reachability "udp_blocked",
+                                                           else UdpUnanswered(probe_in)
     PROBING, or   a handshake completes over UDP (a        SWITCHING: data over UDP, TCP
     None on TCP   probe's answer, or the relay initiated)  open; the CONFIG request too
     SWITCHING     the relay's data arrives over UDP        UdpBack(after): on UDP again,
