@@ -475,6 +475,8 @@ def test_client_defaults_and_host_name(tmp_path: Path) -> None:
     assert cfg.pmtu is True and cfg.pmtu_raise_interval == 60
     cfg = load_client_config(_client(tmp_path, "pmtu = false\npmtu_raise_interval = 5\n"))
     assert cfg.pmtu is False and cfg.pmtu_raise_interval == 5
+    assert cfg.udp_probe_interval == 30
+    assert load_client_config(_client(tmp_path, "udp_probe_interval = 2\n")).udp_probe_interval == 2
 
 
 def test_client_state_dir_absolute(tmp_path: Path) -> None:
@@ -492,6 +494,8 @@ def test_client_state_dir_absolute(tmp_path: Path) -> None:
         ('pmtu = "yes"\n', "client.pmtu", "expected a boolean"),
         ("pmtu_raise_interval = 0\n", "client.pmtu_raise_interval", "is not in 1..86400"),
         ("pmtu_raise_interval = 1.5\n", "client.pmtu_raise_interval", "expected an integer"),
+        ("udp_probe_interval = 0\n", "client.udp_probe_interval", "is not in 1..86400"),
+        ('udp_probe_interval = "30s"\n', "client.udp_probe_interval", "expected an integer"),
         ('state_dir = ""\n', "client.state_dir", "empty"),
         ("state_dir = 5\n", "client.state_dir", "expected a string"),
         ("mtu = 1400\n", "client.mtu", "unknown key"),

@@ -323,6 +323,15 @@ def status(args: argparse.Namespace) -> int:
             f"  mtu {answer.get('mtu') or '-'}; path MTU "
             + (f"{path_mtu} (probed)" if path_mtu else "not probed")
         )
+        reach, probe_in = answer.get("reachability"), answer.get("udp_probe_in")
+        if reach == "udp_blocked":
+            when = f"in {probe_in:.0f}s" if probe_in is not None else "later"
+            print(f"  UDP to the relay is blocked: on TCP, trying UDP again {when}")
+        elif reach == "no_handshake":
+            print(
+                "  the relay answers no handshake: is this client's public key a peer of "
+                "the relay? (gtun peer add, or [[peers]])"
+            )
     mesh = answer.get("mesh") or []
     here = answer.get("relay_name")
     if mesh:  # several relays: say which holds each peer's session

@@ -29,9 +29,13 @@ from gtun.core.client import (
     GaveUpRound,
     MtuChanged,
     NoAnswer,
+    NoHandshake,
     Refused,
     RelayChanged,
     RelaysLearned,
+    UdpBack,
+    UdpBlocked,
+    UdpUnanswered,
 )
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
@@ -66,6 +70,10 @@ class Client:
         self.core: ClientCore | None = None
         self.driver: Driver | None = None
         self.dialer: TcpDialer | None = None
+        # "auto" back on UDP: the dialer it closed (whose counters its closing may still
+        # raise), and the sum of those closed before it.
+        self.old_dialer: TcpDialer | None = None
+        self.tcp_past = dict.fromkeys(TCP_DROP_REASONS, 0)
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
         # The relay in use, as the log names it: after a failover, not the configured one.
@@ -118,6 +126,7 @@ class Client:
                 raise_interval=float(cfg.pmtu_raise_interval),
                 known=known,
                 endpoint_of=lambda text: udp_endpoint(text, v6),
+                udp_probe_interval=float(cfg.udp_probe_interval),
             )
             self.core = core
             driver = Driver(core, loop, self.on_event)
@@ -265,10 +274,10 @@ class Client:
     # --- TCP ---------------------------------------------------------------------------
 
     def tcp_drops(self) -> dict[str, int]:
-        """The TCP dialer's counters (zero before there is one)."""
-        if self.dialer is None:
-            return dict.fromkeys(TCP_DROP_REASONS, 0)
-        return dict(self.dialer.counts)
+        """The TCP dialers' counters: this run's, over every dialer "auto" made and
+        closed (so that they never go down), zero before there is one."""
+        counts = [d.counts for d in (self.old_dialer, self.dialer) if d is not None]
+        return merge_counts(self.tcp_past, *counts)
 
     def start_tcp(self, endpoint: tuple[str, int]) -> None:
         assert self.driver is not None
@@ -341,14 +350,15 @@ class Client:
                 )
         elif isinstance(event, Fallback):
             log.warning(
-                "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
+                "no answer over UDP from relay %s:%d in %gs; falling back to TCP",
                 *self.cfg.server,
                 event.after,
             )
-            assert self.driver is not None and self.endpoint is not None
-            if self.driver.udp is not None:
-                self.driver.detach(self.driver.udp)
+            assert self.endpoint is not None
+            # The UDP socket stays: the core probes UDP through it, to come back.
             self.start_tcp(self.endpoint)
+        elif isinstance(event, (NoHandshake, UdpBlocked, UdpUnanswered, UdpBack)):
+            self.on_transport_event(event)
         elif isinstance(event, MtuChanged):
             task = asyncio.ensure_future(self.apply_mtu(event))
             self._tasks.add(task)
@@ -366,6 +376,43 @@ class Client:
                 *self.cfg.server,
                 event.retry_in,
             )
+
+    def on_transport_event(self, event: Event) -> None:
+        """What the core concluded about the transports (see its "auto transport")."""
+        relay = self.relay_in_use
+        if isinstance(event, NoHandshake):
+            log.warning(
+                "the relay at %s answers no handshake over %s (TCP connects, then silence "
+                "for %.0fs): is this client's public key %s a peer of the relay? add it "
+                "with `gtun peer add` or a [[peers]] entry (and check server_public_key)",
+                relay,
+                " or ".join(event.transports),
+                event.after,
+                encode_key(self.cfg.public_key),
+            )
+        elif isinstance(event, UdpBlocked):
+            log.warning(
+                "UDP to relay %s is blocked (TCP handshakes, UDP does not): staying on TCP, "
+                "trying UDP again in %.0fs",
+                relay,
+                event.probe_in,
+            )
+        elif isinstance(event, UdpUnanswered):
+            log.debug("UDP to relay %s still unanswered; next try in %.0fs", relay, event.probe_in)
+        elif isinstance(event, UdpBack):
+            log.warning(
+                "UDP to relay %s answers again: back on UDP after %.0fs on TCP", relay, event.after
+            )
+            dialer, self.dialer = self.dialer, None
+            self.transport = "udp"
+            if self.old_dialer is not None:
+                self.tcp_past = merge_counts(self.tcp_past, self.old_dialer.counts)
+            self.old_dialer = dialer
+            if dialer is not None and self.driver is not None:
+                # Closed with a reset: what it still holds is stale, and delivered late it
+                # would take the relay back to TCP.
+                dialer.close("back on UDP")
+                self.driver.detach(dialer)
 
     def on_relay_changed(self, event: RelayChanged) -> None:
         """Failover moved to another relay: over UDP the core already sends there (the
@@ -589,6 +636,15 @@ class Client:
                 "full_tunnel": full,
                 "fwmark": self.full_tunnel.fwmark if full and self.full_tunnel else None,
                 "connected": core.connected,
+                # What the client concluded about the way to the relay: "udp_blocked"
+                # (on TCP, UDP tried again in udp_probe_in s), "no_handshake" (the relay
+                # answers no handshake: this key is not its peer), or None.
+                "reachability": core.reachability,
+                "udp_probe_in": (
+                    max(0.0, probe - self.driver.loop.time())
+                    if (probe := core.next_udp_probe) is not None and self.driver is not None
+                    else None
+                ),
             },
             [
                 {
@@ -597,11 +653,17 @@ class Client:
                     "address": str(config.gateway) if config else None,
                     "address6": str(config.gateway6) if config and self.ipv6 else None,
                     "endpoint": endpoint_text(peer.endpoint),
-                    "transport": self.transport,
+                    # The core's word: data goes over UDP from the moment a probe's
+                    # handshake completes, before the TCP connection is closed.
+                    "transport": "tcp" if core.transport == "tcp" else "udp",
                     **peer_traffic(peer, wall),
                 }
             ],
-            merge_counts(core.wg.drops, core.drops, self.dialer.counts if self.dialer else {}),
+            merge_counts(
+                core.wg.drops,
+                core.drops,
+                self.tcp_drops() if self.dialer or self.old_dialer else {},
+            ),
             self.driver.datapath() if self.driver is not None else None,
         )
 

@@ -79,8 +79,10 @@ _CLIENT_KEYS = (
     "offload",
     "pmtu",
     "pmtu_raise_interval",
+    "udp_probe_interval",
 )
 PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
+UDP_PROBE_RANGE = (1, 86400)  # transport "auto" on TCP: seconds between tries of UDP
 
 IFNAMSIZ = 16  # Linux <net/if.h>, including the terminating NUL
 _PEER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
@@ -161,6 +163,7 @@ class ClientConfig:
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     pmtu: bool = True  # probe the path MTU over UDP (core/client.py), lower and raise it
     pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
+    udp_probe_interval: int = 30  # "auto" on TCP: seconds between tries of UDP (doubling)
 
     @property
     def public_key(self) -> bytes:
@@ -645,6 +648,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
     low, high = PMTU_RAISE_RANGE
     if not low <= raise_interval <= high:
         raise c.error("pmtu_raise_interval", f"{raise_interval} is not in {low}..{high} seconds")
+    probe_interval = c.get_int("udp_probe_interval", 30)
+    low, high = UDP_PROBE_RANGE
+    if not low <= probe_interval <= high:
+        raise c.error("udp_probe_interval", f"{probe_interval} is not in {low}..{high} seconds")
 
     return ClientConfig(
         path=path,
@@ -662,4 +669,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         offload=offload,
         pmtu=pmtu,
         pmtu_raise_interval=raise_interval,
+        udp_probe_interval=probe_interval,
     )

@@ -1,6 +1,6 @@
 """A gtun client, sans-IO: one WireGuard peer (the relay) plus gtun's configuration push,
-and every decision about staying connected (fallback to TCP, backoff, silence, new
-paths) as timers and events, so that the daemon only does I/O.
+and every decision about staying connected (fallback to TCP and back, backoff, silence,
+new paths) as timers and events, so that the daemon only does I/O.
 
 Theory of operation
 -------------------
@@ -15,8 +15,12 @@ and says (the events the daemon acts on).
     CONNECTING    start() / new_path()                     handshake initiation
     CONNECTING    an initiation unanswered                 WireGuard retransmits; NoAnswer
                                                            (attempts), for the daemon to say
-    CONNECTING    transport "auto": FALLBACK_AFTER with    Fallback (the daemon switches to
-                  no handshake over UDP                    TCP and calls new_path())
+    CONNECTING    transport "auto" on UDP: FALLBACK_AFTER  Fallback (the daemon dials TCP,
+                  with no handshake (at start, or after    keeps its UDP socket, and calls
+                  silence or a loss: below)                new_path()); on TCP now
+    CONNECTING    a TCP path (new_path()) and no           NoHandshake(transports): the
+                  handshake for NO_HANDSHAKE_AFTER         relay does not know this key;
+                                                           reachability "no_handshake"
     CONNECTING    WireGuard gives up a round               GaveUpRound(retry_in): the next
                   (REKEY_ATTEMPT_TIME)                     round after a backoff doubling
                                                            from FIRST_BACKOFF to MAX_BACKOFF
@@ -39,6 +43,8 @@ and says (the events the daemon acts on).
                   (below)                                  daemon sets the device's MTU
     CONNECTED     failover: the relay lost (CHECK_PINGS    -> CONNECTING: Disconnected; a
                   pings unanswered, below)                 failover round (below)
+    CONNECTED     "auto" on TCP: UDP probes, the switch    see "The auto transport"; the
+                  back to UDP                              state stays CONNECTED throughout
     CONNECTED     silence, with other relays known         the same failover round
     CONNECTING    failover: a handshake with another       -> CONNECTED ("moved"):
                   known relay completes first              RelayChanged, Connected; asks
@@ -62,6 +68,47 @@ The device mode is `mode` ("tun" or "tap") when the user chose one, which the
 configuration request carries (a relay in the other mode refuses); with mode None the
 client follows the relay's mode from the CONFIG.  In TAP mode the device carries
 Ethernet frames, which travel wrapped in gtun's frame header (l2frame.py).
+
+The auto transport (issue 13)
+-----------------------------
+With transport "auto" the client starts over UDP and falls back to TCP when UDP brings
+no handshake in FALLBACK_AFTER (at start, and again whenever it is back to CONNECTING
+over UDP).  It keeps the relay's UDP address (and the daemon its UDP socket) to probe UDP
+from TCP, and comes back make-before-break: data moves to UDP only once a handshake over
+UDP completed, and TCP closes only once the relay's data arrives over UDP.  While both
+paths are open the core, not WireGuard's roaming, picks the relay's endpoint (`_pin`).
+A probe is a handshake initiation over UDP, not retransmitted; the relay, following the
+latest authentic source, sends over UDP from the moment it reaches it.
+
+    probe_state   cause                                    effect (events)
+    -----------   --------------------------------------   --------------------------------
+    None          a session over TCP, the first after a    a probe at once (was UDP
+                  Fallback                                 blocked, or the relay down?)
+    None          later sessions over TCP                  a probe after the interval
+    None          the probe timer: udp_probe_interval,     a probe: PROBING (TCP carries
+                  doubling to UDP_PROBE_MAX while          the data meanwhile)
+                  unanswered
+    PROBING       UDP_PROBE_WAIT, no answer                a keepalive over TCP (the relay
+                                                           follows back); the first time
+                                                           after a Fallback
+                                                           UdpBlocked(probe_in) and
+                                                           reachability "udp_blocked",
+                                                           else UdpUnanswered(probe_in)
+    PROBING, or   a handshake completes over UDP (a        SWITCHING: data over UDP, TCP
+    None on TCP   probe's answer, or the relay initiated)  open; the CONFIG request too
+    SWITCHING     the relay's data arrives over UDP        UdpBack(after): on UDP again,
+                                                           reachability None, the daemon
+                                                           closes TCP (a reset: what it
+                                                           holds is stale); the probe
+                                                           interval starts over
+    SWITCHING     UDP_PROBE_WAIT, no data over UDP         back to TCP, as PROBING above
+    any           silence, a loss, another relay joined    no probe under way or due; a
+                                                           SWITCHING client back to TCP
+
+NoHandshake tells a relay that does not know this client's key from blocked UDP: a TCP
+connection that is accepted and then never answered (nor UDP before it) means the relay
+is there and drops the handshakes, which it does for an unknown key (or a wrong
+server_public_key).  A transport "tcp" client says it too; "udp" cannot tell the two.
 
 Failover (issue 12)
 -------------------
@@ -138,6 +185,7 @@ from gtun.core.offload import Gso, OffloadError
 from gtun.core.packet import packet_length, tunnel_addresses
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, Peer, WireGuard
+from gtun.core.wg.constants import REKEY_TIMEOUT
 from gtun.core.wg.crypto import is_degenerate_key
 from gtun.core.wg.events import Event
 
@@ -147,6 +195,11 @@ PING_INTERVAL = 10.0
 FIRST_BACKOFF = 2.0  # after a round of handshakes went unanswered ...
 MAX_BACKOFF = 60.0  # ... doubling up to this
 FALLBACK_AFTER = 5.0  # transport "auto": seconds without a handshake over UDP
+# Transport "auto" on TCP (see "The auto transport" in the docstring).  Tuning knobs:
+UDP_PROBE_INTERVAL = 30.0  # try UDP again this long after the last try ...
+UDP_PROBE_MAX = 240.0  # ... doubling while it goes unanswered, up to this
+UDP_PROBE_WAIT = 3.0  # a UDP probe waits this long for its answer, then for UDP data
+NO_HANDSHAKE_AFTER = 8.0  # TCP connected and no handshake this long: the key is unknown
 MAX_EVENTS = 1024  # events kept for a caller that does not drain them
 
 # Failover (see the docstring).  Tuning knobs:
@@ -184,6 +237,13 @@ STATES = (CONNECTING, CONNECTED, REFUSED)
 # Path MTU discovery's states (pmtu_state; None while not probing).
 CONFIRM = "CONFIRM"
 SEARCH = "SEARCH"
+# Transport "auto" on TCP: a UDP probe's states (probe_state; None: none under way).
+PROBING = "PROBING"  # a handshake initiation went over UDP; TCP carries the data
+SWITCHING = "SWITCHING"  # that handshake completed: data goes over UDP, TCP still open
+# What the client concluded about the way to the relay (`reachability`; None: nothing
+# wrong that it knows of).
+UDP_BLOCKED = "udp_blocked"  # TCP handshakes, UDP does not: on TCP, trying UDP again
+NO_HANDSHAKE = "no_handshake"  # TCP connects, yet no handshake over any transport
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTING, "handshake"): CONNECTED,
@@ -290,7 +350,43 @@ class RelaysLearned(Event):
 
 @dataclass(frozen=True, slots=True)
 class Fallback(Event):
-    """Transport "auto": UDP brought no handshake in `after` seconds; use TCP."""
+    """Transport "auto": UDP brought no handshake in `after` seconds; use TCP (the
+    daemon dials the relay and keeps its UDP socket, for the probes)."""
+
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoHandshake(Event):
+    """A TCP connection to the relay is up, yet no handshake came over it (nor over UDP
+    before it, with "auto") in `after` seconds: the relay does not know this client's
+    key (or server_public_key is not the relay's).  `transports`: those tried."""
+
+    transports: tuple[str, ...]
+    after: float
+
+
+@dataclass(frozen=True, slots=True)
+class UdpBlocked(Event):
+    """Transport "auto": TCP handshakes and UDP does not (a UDP probe right after the
+    TCP handshake went unanswered): UDP is blocked on the way.  Said once a fallback;
+    UDP is tried again in `probe_in` seconds."""
+
+    probe_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class UdpUnanswered(Event):
+    """Transport "auto": a later UDP probe went unanswered; the next in `probe_in`."""
+
+    probe_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class UdpBack(Event):
+    """Transport "auto": UDP answered a probe and the relay's data arrives over it: the
+    client is on UDP again (`after` seconds after its fallback), and the daemon closes
+    the TCP connection."""
 
     after: float
 
@@ -313,6 +409,7 @@ class ClientCore:
         known: Iterable[KnownRelay] = (),
         endpoint_of: Callable[[str], Hashable | None] | None = None,
         failover: bool = True,
+        udp_probe_interval: float = UDP_PROBE_INTERVAL,
     ) -> None:
         """`accept_partial`: this client completes TCP checksums the relay leaves partial
         (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
@@ -321,9 +418,13 @@ class ClientCore:
         `probe_timeout` are its timers.  `known`: the relays learnt before (the
         daemon's state); `endpoint_of` turns a pushed endpoint into one the transport
         sends to (None: unusable; by default the text itself); `failover`: ask for the
-        other relays and move between them."""
+        other relays and move between them.  `udp_probe_interval`: with "auto", on TCP,
+        seconds between tries of UDP (doubling up to UDP_PROBE_MAX while unanswered).
+        Raises ValueError for an unknown transport or a probe interval not above 0."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
+        if not udp_probe_interval > 0:
+            raise ValueError(f"udp_probe_interval must be above 0, not {udp_probe_interval}")
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
         self.wg.on_packet = self._on_packet  # the data fast lane
         self.relay = RelayPeer(configured=True)
@@ -380,6 +481,23 @@ class ClientCore:
         self._checks = 0  # check PINGs sent, unanswered so far
         self._t_measure: float | None = None
         self._moved_at = float("-inf")
+        # The auto transport (see the docstring).  The configured relay's UDP address
+        # (kept through a fallback, for the probes) and the TCP path (new_path()).
+        self.auto = transport == "auto"
+        self._udp_home: Hashable | None = endpoint if transport != "tcp" else None
+        self._stream: Hashable | None = None
+        self.reachability: str | None = None  # UDP_BLOCKED, NO_HANDSHAKE or None
+        self.udp_probe_interval = udp_probe_interval
+        self._probe_every = udp_probe_interval  # the interval now (backoff)
+        self.probe_state: str | None = None  # PROBING, SWITCHING or None
+        self.udp_probes = 0  # probes sent (status, tests)
+        self.udp_returns = 0  # times back on UDP after a fallback
+        self._t_probe: float | None = None  # the next UDP probe
+        self._t_probe_wait: float | None = None  # the probe's (or the switch's) deadline
+        self._t_unanswered: float | None = None  # when a silent TCP path means NoHandshake
+        self._probe_handshake: object = None  # the last probe's pending handshake
+        self._fell_back_at: float | None = None  # the last fallback, while on TCP
+        self._blocked_told = True  # UdpBlocked said since the last fallback
         for relay in known:
             self._know(relay)
 
@@ -429,6 +547,9 @@ class ClientCore:
                 self._t_pmtu,
                 self._t_check,
                 self._t_measure,
+                self._t_probe,
+                self._t_probe_wait,
+                self._t_unanswered,
             )
             if t is not None
         ]
@@ -468,6 +589,15 @@ class ClientCore:
         """The daemon made a new path to the relay (a TCP connection): use it, and
         handshake on it now, not when WireGuard's rate limit (one initiation per
         REKEY_TIMEOUT) next allows."""
+        self._stream = endpoint
+        if self.probe_state == SWITCHING:
+            return  # data goes over UDP now; this connection stays only should that fail
+        if (
+            self.state == CONNECTING
+            and self._t_unanswered is None
+            and self.reachability != NO_HANDSHAKE
+        ):
+            self._t_unanswered = now + NO_HANDSHAKE_AFTER
         self.server.endpoint = endpoint
         if self.server.has_session:
             # The relay moves this peer to the new path on the first authentic message;
@@ -493,12 +623,27 @@ class ClientCore:
 
     def path_lost(self, endpoint: Hashable) -> None:
         """The daemon's path `endpoint` is gone (a closed TCP connection)."""
+        if self._stream is endpoint:
+            self._stream = None
         if self.server.endpoint is endpoint:
             self.server.endpoint = None
 
     def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
+        peer = self.server
+        switching = self.probe_state == SWITCHING
+        rx = peer.rx_bytes  # grows only for an authentic transport message
         self.wg.receive_datagram(data, addr, now)
         self._drain(now)
+        if self.auto and self._stream is not None:
+            # The relay's first data over UDP after the switch: TCP may go.
+            if (
+                switching
+                and peer is self.server
+                and peer.rx_bytes != rx
+                and addr == self._udp_for(peer)
+            ):
+                self._udp_back(now)
+            self._pin()
         if self._config_when_confirmed and self.server.next is None:
             # The relay's first message under the session it started has arrived: the
             # request can now go under that session, not the old one it forgot.
@@ -559,6 +704,7 @@ class ClientCore:
                 self._move("silence")
                 self._config_confirmed = False
                 self._emit(Disconnected(now - last))
+                self._reconnecting(now)
                 self._fail_over(now)
             self.wg.send(self.server, tm.push_message(tm.PING), now)
             if self._t_check is None and self._can_fail_over():
@@ -576,10 +722,19 @@ class ClientCore:
         if self._t_fallback is not None and self._t_fallback <= now:
             self._t_fallback = None
             if not self.connected:
-                self.transport = "tcp"
-                self.server.endpoint = None
-                self._pmtu_stop()
-                self._emit(Fallback(FALLBACK_AFTER))
+                self._fall_back(now)
+        if self._t_unanswered is not None and self._t_unanswered <= now:
+            self._t_unanswered = None
+            if self.state == CONNECTING:
+                self.reachability = NO_HANDSHAKE
+                tried = ("UDP", "TCP") if self.auto else ("TCP",)
+                self._emit(NoHandshake(tried, NO_HANDSHAKE_AFTER))
+        if self._t_probe_wait is not None and self._t_probe_wait <= now:
+            self._t_probe_wait = None
+            self._probe_unanswered(now)
+        if self._t_probe is not None and self._t_probe <= now:
+            self._t_probe = None
+            self._probe_udp(now)
         if self._t_pmtu is not None and self._t_pmtu <= now:
             self._t_pmtu = None
             self._pmtu_timer(now)
@@ -609,7 +764,12 @@ class ClientCore:
                 self._backoff = FIRST_BACKOFF
                 self._t_retry = None
                 self._t_fallback = None
+                self._t_unanswered = None
+                if self.reachability == NO_HANDSHAKE:
+                    self.reachability = None
                 self._attempts_told = 0
+                if self.auto and self.transport == "tcp":
+                    self._handshake_on_tcp(now)
                 if self._move("handshake") == CONNECTING:
                     self._emit(Connected())
                 # Ask after every new session: the relay may have restarted or changed.
@@ -945,6 +1105,148 @@ class ClientCore:
         except (bulk.BulkError, OffloadError):
             self.drops["bad_bulk"] += 1
 
+    # --- the auto transport ------------------------------------------------------------
+
+    def _fall_back(self, now: float) -> None:
+        """Transport "auto": UDP brought no handshake in FALLBACK_AFTER; TCP now."""
+        self.transport = "tcp"
+        self.server.endpoint = None
+        self._stream = None
+        self._pmtu_stop()
+        self._fell_back_at = now
+        self._blocked_told = False
+        self._probe_every = self.udp_probe_interval
+        self._emit(Fallback(FALLBACK_AFTER))
+
+    def _reconnecting(self, now: float) -> None:
+        """The relay was lost (silence, or check PINGs unanswered): over UDP with "auto",
+        the fallback rules apply again; a UDP probe under way is over."""
+        if self.probe_state is not None or self._t_probe is not None:
+            self._probe_reset()
+        if self.auto and self.transport != "tcp" and self.server.endpoint is not None:
+            self._t_fallback = now + FALLBACK_AFTER
+
+    def _udp_for(self, peer: Peer) -> Hashable | None:
+        """Where `peer`, a relay, takes UDP: the configured relay's address (kept through
+        a fallback), a pushed relay's endpoint; None when unknown."""
+        data: RelayPeer = peer.data
+        if data.configured:
+            return self._udp_home
+        if data.endpoint is None:
+            return None
+        try:
+            return self._endpoint_of(data.endpoint)
+        except ValueError:
+            return None
+
+    def _pin(self) -> None:
+        """With both paths open, the core chooses the relay's endpoint, not WireGuard's
+        roaming: the relay sends over UDP as soon as a probe reaches it, and what it
+        sent over TCP before still arrives; neither may move this client off its path."""
+        want = self._stream if self.transport == "tcp" else self._udp_for(self.server)
+        if want is not None and self.server.endpoint != want:
+            self.server.endpoint = want
+
+    def _handshake_on_tcp(self, now: float) -> None:
+        """A session with the relay while on TCP: a probe's answer when it came over UDP
+        (then SWITCHING: data over UDP, TCP kept until the relay's data arrives over UDP
+        too); else a session over TCP, after which UDP is probed: at once the first time
+        after a fallback (was UDP blocked, or the relay down?), then at the interval."""
+        peer = self.server
+        udp = self._udp_for(peer)
+        if udp is not None and peer.endpoint == udp:
+            self.probe_state = SWITCHING
+            self.transport = "auto"
+            self._t_probe = None
+            self._t_probe_wait = now + UDP_PROBE_WAIT
+        elif self.probe_state is None and self._t_probe is None:
+            self._t_probe = now if not self._blocked_told else now + self._probe_every
+
+    def _probe_udp(self, now: float) -> None:
+        """One UDP probe: a handshake initiation over UDP, while TCP carries the data."""
+        peer = self.server
+        udp = self._udp_for(peer)
+        stream = self._stream
+        if (
+            self.transport != "tcp"
+            or not self.connected
+            or self.probe_state is not None
+            or udp is None
+            or stream is None
+        ):
+            return  # the next session over TCP arms it again
+        if peer.handshake is not None and peer.handshake is not self._probe_handshake:
+            self._t_probe = now + REKEY_TIMEOUT  # a rekey under way over TCP: after it
+            return
+        peer.endpoint = udp
+        peer.last_initiation_sent = None  # now, not when the rate limit allows
+        self.wg.initiate_handshake(peer, now)  # (an earlier probe's, unanswered, is gone)
+        # Not retransmitted (WireGuard would, over TCP): it waits UDP_PROBE_WAIT.
+        peer.t_retransmit = None
+        peer.endpoint = stream
+        self._probe_handshake = peer.handshake
+        self.probe_state = PROBING
+        self.udp_probes += 1
+        self._t_probe_wait = now + UDP_PROBE_WAIT
+
+    def _probe_unanswered(self, now: float) -> None:
+        """UDP_PROBE_WAIT is over: no answer to the probe, or (SWITCHING) no data over
+        UDP after it.  TCP carries the data (again); the next probe after a backoff."""
+        state = self.probe_state
+        if state is None:
+            return
+        self.probe_state = None
+        if state == SWITCHING:
+            self.transport = "tcp"
+            self._pmtu_stop()
+        peer = self.server
+        if self._stream is not None:
+            peer.endpoint = self._stream
+            if peer.has_session:
+                # The relay follows the latest authentic message: should the probe have
+                # reached it (UDP blocked one way only), it sends over TCP again.
+                self.wg.send_keepalive(peer, now)
+        else:
+            peer.endpoint = None  # the connection dropped meanwhile: the next brings it
+        probe_in = self._probe_every
+        self._probe_every = min(2 * probe_in, max(UDP_PROBE_MAX, self.udp_probe_interval))
+        self._t_probe = now + probe_in
+        if not self._blocked_told:
+            self._blocked_told = True
+            self.reachability = UDP_BLOCKED
+            self._emit(UdpBlocked(probe_in))
+        else:
+            self._emit(UdpUnanswered(probe_in))
+
+    def _udp_back(self, now: float) -> None:
+        """SWITCHING, and the relay's data arrived over UDP: on UDP again."""
+        self.probe_state = None
+        self._t_probe = None
+        self._t_probe_wait = None
+        self._probe_every = self.udp_probe_interval
+        self._blocked_told = True
+        self.reachability = None
+        self.udp_returns += 1
+        since = self._fell_back_at
+        self._fell_back_at = None
+        self._emit(UdpBack(now - since if since is not None else 0.0))
+
+    def _probe_reset(self) -> None:
+        """No probe under way or due (the relay lost, or another joined): a SWITCHING
+        client goes back to TCP; the next session over TCP arms a probe again."""
+        if self.probe_state == SWITCHING:
+            self.transport = "tcp"
+            self._pmtu_stop()
+            self.server.endpoint = self._stream
+        self.probe_state = None
+        self._t_probe = None
+        self._t_probe_wait = None
+
+    @property
+    def next_udp_probe(self) -> float | None:
+        """When UDP is tried next (the core's clock), with "auto" on TCP; else None."""
+        return self._t_probe
+
     # --- failover --------------------------------------------------------------------
 
     def _others(self) -> list[Peer]:
@@ -1064,6 +1366,10 @@ class ClientCore:
         self._t_fallback = None
         self._attempts_told = 0
         self._moved_at = now
+        if self.transport == "tcp":
+            self._stream = None  # the old relay's connection: the daemon dials the new
+        if self.probe_state is not None or self._t_probe is not None:
+            self._probe_reset()
         self.moves += 1
         self._pmtu_stop()  # the new relay's CONFIG starts it again
         self._emit(RelayChanged(self.relay.name, peer.public_key, self.relay.endpoint, reason))
@@ -1109,6 +1415,7 @@ class ClientCore:
             self._move("lost")
             self._config_confirmed = False
             self._emit(Disconnected(now - last if last is not None else 0.0))
+            self._reconnecting(now)
             self._fail_over(now)
             return
         self._checks += 1

@@ -311,7 +311,7 @@ class Driver:
         return False
 
     def detach(self, transport: Transport) -> None:
-        """Stop using `transport` and close it (a client falling back to TCP)."""
+        """Stop using `transport` and close it (a client back on UDP, done with TCP)."""
         if transport in self._admitters:
             self._admitters.remove(transport)
             transport.admit = None  # type: ignore[attr-defined]

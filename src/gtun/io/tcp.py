@@ -515,13 +515,17 @@ class TcpDialer(TcpTransport):
             log.info("closing the TCP connection to relay %s: %s", self.where, why)
             self.endpoint.close("closed")
 
-    def close(self) -> None:
+    def close(self, why: str | None = None) -> None:
+        """Stop: close the connection (with a reset) and connect no more.  `why`, when
+        given, is logged (the client is not stopping, but done with TCP)."""
         self._sweeper.stop()
         if self._task is not None:
             self._task.cancel()
             self._task = None
         if self.endpoint is not None:
-            self.endpoint.close("closed", "client stopping")
+            if why is not None and not self.endpoint.closed:
+                log.info("closing the TCP connection to relay %s: %s", self.where, why)
+            self.endpoint.close("closed", why or "client stopping")
 
     def _opened(self, transport: asyncio.WriteTransport) -> TcpEndpoint | None:
         ep = super()._opened(transport)
