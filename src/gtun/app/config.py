@@ -63,6 +63,7 @@ _SERVER_KEYS = (
     "endpoint",
     "offload",
     "store",
+    "uapi",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets")
 _CLIENT_KEYS = (
@@ -79,6 +80,7 @@ _CLIENT_KEYS = (
     "offload",
     "pmtu",
     "pmtu_raise_interval",
+    "uapi",
 )
 PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
 
@@ -124,6 +126,7 @@ class ServerConfig:
     peers: tuple[PeerConfig, ...]
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     store: str | None = None  # a postgresql:// URI: state shared by several relays
+    uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -161,6 +164,7 @@ class ClientConfig:
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     pmtu: bool = True  # probe the path MTU over UDP (core/client.py), lower and raise it
     pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
+    uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
 
     @property
     def public_key(self) -> bytes:
@@ -508,6 +512,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     control_socket = s.path("control_socket", DEFAULT_SERVER_SOCKET)
     endpoint = s.host_port("endpoint", require_ip=False)
     offload = s.get_bool("offload", True)
+    uapi = s.get_bool("uapi", True)
     store = s.optional_str("store")
     if store is not None and not store.startswith(("postgresql://", "postgres://")):
         raise s.error(
@@ -538,6 +543,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         peers=peers,
         offload=offload,
         store=store,
+        uapi=uapi,
     )
 
 
@@ -641,6 +647,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     state_dir = c.path("state_dir", DEFAULT_STATE_DIR)
     offload = c.get_bool("offload", True)
     pmtu = c.get_bool("pmtu", True)
+    uapi = c.get_bool("uapi", True)
     raise_interval = c.get_int("pmtu_raise_interval", 60)
     low, high = PMTU_RAISE_RANGE
     if not low <= raise_interval <= high:
@@ -662,4 +669,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         offload=offload,
         pmtu=pmtu,
         pmtu_raise_interval=raise_interval,
+        uapi=uapi,
     )
