@@ -5,14 +5,16 @@ UDP, one over TCP) through app/uapi.py's socket, and what they print agrees with
 time and transfer counters (read between two status calls, so within what moved
 meanwhile).  Then the socket's safety: a client SIGKILLed leaves its socket, and the
 restarted client replaces it; a device name whose socket a wireguard-go owns is left to
-it, with one warning, and gtun runs on without.
+it, with one warning, and gtun runs on without.  And two relays on one store (MeshNet):
+each lists the other, and a client that learnt both lists both.
 
     underlay: client i <-- veth 10.248.<i>.0/24 --> relay <-- veth --> lan
     overlay:  10.66.0.0/24, the LAN 192.168.77.0/24 pushed as a route
 
-Every address lives inside the lab's namespaces (prefix "gtu"); the device names
-("gtuR0", "gtuC1", ...) are this module's own: /var/run/wireguard is shared by every
-namespace and every test on the machine."""
+MeshNet's underlay is 10.248.x.x too, behind its "wan" namespace.  Every address lives
+inside the lab's namespaces (prefix "gtu"); the device names ("gtuR0", "gtuC1", ...) are
+this module's own: /var/run/wireguard is shared by every namespace and every test on the
+machine."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import Any
 import pytest
 
 from gtun.app.keys import encode_key, public_key
+from gtun.app.pgstore import migrate
+from gtun.lab.mesh import MeshNet
 from gtun.lab.net import LAN_NET, PORT, GtunNet, Node
 from gtun.lab.netns import Lab, Namespace
 from labkit import gtun_stdout, missing_tools, ping_count, start_wireguard_go, wait_until
@@ -236,3 +240,54 @@ def test_a_stale_socket_is_replaced_and_someone_elses_left_alone(lab: Lab, tmp_p
         for node in (c1, relay):
             assert net.stop(node) == 0, net.log_tail(node)
         assert not stale.exists() and not (WG_RUN / "gtuR1.sock").exists()
+
+
+def test_wg_show_lists_the_other_relays_of_a_mesh(lab: Lab, tmp_path: Path, pg_dsn: str) -> None:
+    """Two relays on one store: each lists the other as a WireGuard peer (its routes as
+    allowed IPs), and a client that learnt both lists both, only the one in use with
+    allowed IPs."""
+    migrate(pg_dsn)
+    net = MeshNet(lab, tmp_path / "mesh", pg_dsn, relays=2, underlay=UNDERLAY, lan_at="r2")
+    r1, r2 = net.relays
+    c1, c2 = net.clients
+    devices = {"r1": "gtuR2", "r2": "gtuR3", "c1": "gtuC5", "c2": "gtuC6"}
+    for node in (*net.relays, *net.clients):
+        text = node.config.read_text()
+        node.config.write_text(text.replace('device = "gtun0"', f'device = "{devices[node.name]}"'))
+    with our_sockets(*devices.values()):
+        try:
+            net.start_relays()
+            for c in (c1, c2):
+                net.start_client(c)
+                net.wait_configured(c)
+            net.wait_presence(c2, r2)
+            net.wait_learnt(c1)
+            wait_until(
+                lambda: ping_count(c1.ns, f"{LAN_NET}.10", 1) == 1, 20, "c1 to reach r2's LAN"
+            )
+
+            before = {m["public_key"]: m for m in status(r1)["mesh"]}
+            head, rows = dump(r1.ns, "gtuR2")
+            after = {m["public_key"]: m for m in status(r1)["mesh"]}
+            assert head[1] == r1.public
+            assert set(rows) == {c1.public, c2.public, r2.public}
+            row = rows[r2.public]
+            check_peer(row, before[r2.public], after[r2.public])
+            assert row[2] == f"{r2.underlay}:{PORT}"
+            assert row[3] == f"{LAN_NET}.0/24"  # the route behind r2
+            assert row[7] != "off"  # the mesh keeps its sessions alive
+            # r2 has no route behind r1: no allowed IPs.
+            assert dump(r2.ns, "gtuR3")[1][r1.public][3] == "(none)"
+
+            _, rows = dump(c1.ns, "gtuC5")
+            assert set(rows) == {r1.public, r2.public}
+            assert rows[r1.public][3] == f"{NETWORK},{LAN_NET}.0/24"  # in use
+            assert rows[r2.public][3] == "(none)"  # known, for failover
+            assert rows[r2.public][2] == f"{r2.underlay}:{PORT}"
+        except BaseException:
+            print(net.logs())
+            raise
+        finally:
+            net.stop_all()
+        for device in devices.values():
+            assert not (WG_RUN / f"{device}.sock").exists(), device
