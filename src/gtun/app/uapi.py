@@ -474,13 +474,18 @@ class UapiServer:
             old = os.umask(0o177)  # 0600: the answer holds the private key
             try:
                 sock.bind(str(self.path))
-                sock.listen(MAX_CONNECTIONS)
             except OSError as exc:
                 sock.close()
                 if exc.errno != errno.EADDRINUSE:
                     raise
             else:
                 self._made = _identity(self.path)
+                try:
+                    sock.listen(MAX_CONNECTIONS)
+                except OSError:
+                    sock.close()
+                    self._remove()
+                    raise
                 return sock
             finally:
                 os.umask(old)
