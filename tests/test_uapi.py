@@ -242,6 +242,11 @@ def test_a_clients_allowed_ips() -> None:
 # --- what a relay and a client answer ----------------------------------------------
 
 
+def joined(parts: list[bytes]) -> str:
+    """A get answer's parts as the text a client reads, with its errno line."""
+    return b"".join(parts).decode() + "errno=0\n\n"
+
+
 def core_net() -> tuple[CoreLink, list[PeerSpec]]:
     """A relay core with clients c1 (a LAN behind it, IPv6) and c2, in memory."""
     relay = Relay(secrets.token_bytes(32), relay_settings(), wall_offset=1_700_000_000.0)
@@ -269,7 +274,7 @@ def test_a_relay_answers_every_peer_with_its_handshake_counters_and_addresses() 
     net.start("c1")  # c2 never connects
     relay = net.relay
     key = secrets.token_bytes(32)
-    answer = asyncio.run(uapi.relay_answer(relay, key, 9621)).decode() + "errno=0\n\n"
+    answer = joined(asyncio.run(uapi.relay_answer(relay, key, 9621)))
     got = pull_answer(answer)
     assert (got.private_key, got.listen_port, got.fwmark) == (key, 9621, 0)
     by_key = {p.public_key: p for p in got.peers}
@@ -293,7 +298,7 @@ def test_a_relay_answers_the_other_relays_of_its_mesh_with_their_routes() -> Non
     net.add_client("a1", "A", "10.66.0.2", "fd66::2")
     net.configure()
     relay_a, relay_b = net.relays["A"], net.relays["B"]
-    answer = asyncio.run(uapi.relay_answer(relay_a, KEY, 9621)).decode() + "errno=0\n\n"
+    answer = joined(asyncio.run(uapi.relay_answer(relay_a, KEY, 9621)))
     by_key = {p.public_key: p for p in pull_answer(answer).peers}
     b = relay_a.mesh_peer("B")
     assert b is not None and b.has_session
@@ -312,12 +317,12 @@ def test_a_client_answers_its_relays_the_one_in_use_with_the_allowed_ips() -> No
     other = public_key(generate_private_key())
     client.wg.add_peer(other, endpoint=("192.0.2.9", 9621))  # a second relay, learnt
     allowed = ("10.66.0.0/24",)
-    body = asyncio.run(
+    parts = asyncio.run(
         uapi.client_answer(
             list(client.wg.peers.values()), client.server, 5.0, KEY, 40000, 0x5154, allowed
         )
     )
-    got = pull_answer(body.decode() + "errno=0\n\n")
+    got = pull_answer(joined(parts))
     assert (got.listen_port, got.fwmark) == (40000, 0x5154)
     by_key = {p.public_key: p for p in got.peers}
     in_use = by_key[client.server.public_key]
@@ -345,13 +350,14 @@ def test_ten_thousand_peers_are_gathered_in_chunks_between_yields(
 
         task = asyncio.create_task(count())
         await asyncio.sleep(0)
-        lines = await uapi.gather(peers, push_peer)
+        parts = await uapi.gather(peers, push_peer)
         done = True
         await task
-        return turns, lines
+        return turns, parts
 
-    turns, lines = asyncio.run(scenario())
-    assert len(lines) == 10_000
+    turns, parts = asyncio.run(scenario())
+    assert len(parts) == 10_000 // 100
+    assert b"".join(parts) == "".join(map(push_peer, peers)).encode()
     assert turns >= 10_000 // 100 - 1
 
 
@@ -359,21 +365,16 @@ def test_ten_thousand_peers_are_gathered_in_chunks_between_yields(
 
 
 async def ask(path: Path, request: bytes, *, read_to_eof: bool = False) -> bytes:
-    """Send `request`; what comes back up to the end of the first answer (a line
-    "errno=N" then a blank line), or everything up to the end of the stream."""
-    reader, writer = await asyncio.open_unix_connection(str(path))
+    """Send `request`; what comes back up to the end of the first answer (the first
+    blank line: an answer has none before its end), or everything to the end of the
+    stream."""
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
     try:
         writer.write(request)
         await writer.drain()
         if read_to_eof:
             return await reader.read()
-        data = b""
-        while not re.search(rb"(^|\n)errno=-?\d+\n\n$", data):
-            chunk = await reader.read(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return await reader.readuntil(b"\n\n")
     finally:
         writer.close()
 
@@ -399,12 +400,11 @@ def ask_raw(path: Path, request: bytes, *, end: bool = False) -> bytes:
 
 @contextlib.asynccontextmanager
 async def serving(
-    path: Path, get: Callable[[], Awaitable[bytes]] | None = None
+    path: Path, get: Callable[[], Awaitable[list[bytes]]] | None = None
 ) -> AsyncIterator[UapiServer]:
-    async def default() -> bytes:
-        return (
-            _answer(UapiPeer(KEY, endpoint="192.0.2.1:9621")).removesuffix("errno=0\n\n").encode()
-        )
+    async def default() -> list[bytes]:
+        answer = _answer(UapiPeer(KEY, endpoint="192.0.2.1:9621"))
+        return [answer.removesuffix("errno=0\n\n").encode()]
 
     server = UapiServer(path, get or default)
     assert await server.start()
@@ -549,7 +549,7 @@ def test_a_probe_that_connects_and_closes_is_harmless(tmp_path: Path) -> None:
 def test_a_failing_answer_is_an_errno_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "gtuT0.sock"
 
-    async def broken() -> bytes:
+    async def broken() -> list[bytes]:
         raise KeyError("a bug")
 
     async def scenario() -> None:
@@ -610,7 +610,7 @@ def test_someone_elses_socket_is_left_alone(
     assert len(warnings) == 1 and "answered by another process" in warnings[0]
 
 
-async def _never() -> bytes:
+async def _never() -> list[bytes]:
     raise AssertionError("not ours to answer")
 
 
@@ -791,8 +791,11 @@ def test_wg_reads_the_answer(tmp_path: Path) -> None:
         UapiPeer(public_key(generate_private_key())),  # never met
     ]
 
-    async def get() -> bytes:
-        return (push_interface(private, 9621, 0x5154) + "".join(map(push_peer, peers))).encode()
+    async def get() -> list[bytes]:
+        return [
+            push_interface(private, 9621, 0x5154).encode(),
+            *map(str.encode, map(push_peer, peers)),
+        ]
 
     results: dict[str, subprocess.CompletedProcess[str]] = {}
 

@@ -564,7 +564,7 @@ class Client:
 
     # --- control ---------------------------------------------------------------------
 
-    async def wg_get(self) -> bytes:
+    async def wg_get(self) -> list[bytes]:
         """What `wg show` reads (app/uapi.py): the client's key, port and fwmark (full
         tunnel), its relays, the one in use with what is routed into the tunnel."""
         core = self.core

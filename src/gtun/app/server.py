@@ -842,7 +842,7 @@ class Server:
             return await self.reload()
         return {"error": f"unknown command {command!r}"}
 
-    async def wg_get(self) -> bytes:
+    async def wg_get(self) -> list[bytes]:
         """What `wg show` reads (app/uapi.py): the relay's key and port, every peer."""
         assert self.relay is not None and self.driver is not None
         udp = self.driver.udp

@@ -19,7 +19,7 @@ gtun serves "get" only.  Its configuration comes from its files and its store, s
 answered with an errno and the connection closed; every read is bounded in size
 (MAX_LINE, MAX_SET) and time (REQUEST_TIMEOUT), and at most MAX_CONNECTIONS are served
 at once.  A get answer is built STATUS_CHUNK peers between yields to the event loop,
-as `gtun status` is: the loop forwards every packet.
+as `gtun status` is (the loop forwards every packet), and written a part at a time.
 
 The socket is taken as wireguard-go's ipc.UAPIOpen takes it (the directory 0755, the
 socket 0600: it gives the private key), with one difference: a socket another process
@@ -74,8 +74,9 @@ SET_LOG_INTERVAL = 60.0  # seconds between two log lines about refused sets
 
 Network = IPv4Network | IPv6Network
 T = TypeVar("T")
-# What a daemon gives the server: its get answer's body (without the errno line).
-GetAnswer = Callable[[], Awaitable[bytes]]
+# What a daemon gives the server: its get answer's body (without the errno line), in
+# parts written one after the other (no copy of a whole 10,000 peers' answer at once).
+GetAnswer = Callable[[], Awaitable[list[bytes]]]
 
 
 class UapiError(Exception):
@@ -318,17 +319,18 @@ def wg_peer(peer: Peer, wall: float, allowed_ips: tuple[str, ...]) -> UapiPeer:
     )
 
 
-async def gather(items: Sequence[T], line: Callable[[T], str]) -> list[str]:
-    """`line` of every item, STATUS_CHUNK between two yields to the event loop."""
-    out = []
-    for i, item in enumerate(items):
-        if i and i % STATUS_CHUNK == 0:
+async def gather(items: Sequence[T], line: Callable[[T], str]) -> list[bytes]:
+    """`line` of every item, encoded STATUS_CHUNK items a part, with a yield to the
+    event loop between two parts."""
+    parts = []
+    for start in range(0, len(items), STATUS_CHUNK):
+        if start:
             await asyncio.sleep(0)
-        out.append(line(item))
-    return out
+        parts.append("".join([line(item) for item in items[start : start + STATUS_CHUNK]]).encode())
+    return parts
 
 
-async def relay_answer(relay: Relay, private_key: bytes, listen_port: int) -> bytes:
+async def relay_answer(relay: Relay, private_key: bytes, listen_port: int) -> list[bytes]:
     """A relay's get answer: every client peer, its allowed IPs its addresses and the
     LANs behind it; and every other relay of a mesh (WireGuard peers too), its allowed
     IPs the routes behind it."""
@@ -341,8 +343,8 @@ async def relay_answer(relay: Relay, private_key: bytes, listen_port: int) -> by
             allowed = client_owned(peer.data.spec)
         return push_peer(wg_peer(peer, wall, allowed))
 
-    lines = await gather(list(relay.wg.peers.values()), describe)
-    return (push_interface(private_key, listen_port) + "".join(lines)).encode()
+    parts = await gather(list(relay.wg.peers.values()), describe)
+    return [push_interface(private_key, listen_port).encode(), *parts]
 
 
 def client_owned(spec: PeerSpec) -> tuple[str, ...]:
@@ -381,7 +383,7 @@ async def client_answer(
     listen_port: int,
     fwmark: int,
     allowed_ips: tuple[str, ...],
-) -> bytes:
+) -> list[bytes]:
     """A client's get answer: its relays (several once it learnt a mesh's), the one in
     use with `allowed_ips`; the others with none (no traffic is routed to them, and an
     allowed IP belongs to one peer only)."""
@@ -389,8 +391,8 @@ async def client_answer(
     def describe(peer: Peer) -> str:
         return push_peer(wg_peer(peer, wall, allowed_ips if peer is in_use else ()))
 
-    lines = await gather(list(peers), describe)
-    return (push_interface(private_key, listen_port, fwmark) + "".join(lines)).encode()
+    parts = await gather(list(peers), describe)
+    return [push_interface(private_key, listen_port, fwmark).encode(), *parts]
 
 
 def udp_port(sock: socket.socket | None) -> int:
@@ -581,12 +583,12 @@ class UapiServer:
             await _send(writer, push_answer(EOPNOTSUPP))
             return True
         try:
-            body = await self.get()
+            parts = await self.get()
         except Exception:  # a bug of ours: answered, logged, not fatal
             log.exception("%s: building the get answer failed", self.path)
             await _send(writer, push_answer(ENOANO))
             return False
-        await _send(writer, body + push_answer(0))
+        await _send(writer, *parts, push_answer(0))
         return True
 
     async def _read_set(self, reader: asyncio.StreamReader) -> None:
@@ -627,11 +629,14 @@ async def _readline(reader: asyncio.StreamReader) -> bytes:
     return line
 
 
-async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    """Write and wait until the client read it (REQUEST_TIMEOUT: then cut off).  Raises
-    TimeoutError or OSError."""
-    writer.write(data)
-    await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+async def _send(writer: asyncio.StreamWriter, *parts: bytes) -> None:
+    """Write `parts`, each once the client has read enough of the ones before (the
+    transport's high-water mark), within REQUEST_TIMEOUT in all: a client that does not
+    read is cut off.  Raises TimeoutError or OSError."""
+    async with asyncio.timeout(REQUEST_TIMEOUT):
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
 
 
 async def start_uapi(
