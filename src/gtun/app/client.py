@@ -20,6 +20,7 @@ from gtun.app.metrics import ClientCollector, MetricsServer, serve_metrics
 from gtun.app.platform import Device, ExitRoute, Link, LinuxPlatform, Platform
 from gtun.app.relays import load_relays, relays_file, save_relays, udp_endpoint
 from gtun.app.runtime import Runtime, peer_traffic
+from gtun.app.uapi import client_allowed_ips, client_answer, start_uapi, udp_port
 from gtun.core.client import (
     ClientCore,
     ConfigReceived,
@@ -152,6 +153,8 @@ class Client:
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             rt.push("control socket", control.close)
+            if cfg.uapi:
+                await start_uapi(rt.push, self.platform.wg_socket_dir(), cfg.device, self.wg_get)
             log.info(
                 "client %s: connecting to relay %s:%d over %s (public key %s)",
                 cfg.path.name,
@@ -607,6 +610,23 @@ class Client:
         self.ipv6 = False
 
     # --- control ---------------------------------------------------------------------
+
+    async def wg_get(self) -> list[bytes]:
+        """What `wg show` reads (app/uapi.py): the client's key, port and fwmark (full
+        tunnel), its relays, the one in use with what is routed into the tunnel."""
+        core = self.core
+        assert core is not None
+        udp = self.driver.udp if self.driver is not None else None
+        full = self.full_tunnel is not None and self.full_tunnel.active
+        return await client_answer(
+            list(core.wg.peers.values()),
+            core.server,
+            core.wg.wall_offset,
+            self.cfg.private_key,
+            udp_port(udp.sock if udp is not None else None),
+            self.fwmark(),
+            client_allowed_ips(self.applied, self.ipv6, full),
+        )
 
     def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("command") != "status":

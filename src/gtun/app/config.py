@@ -63,6 +63,7 @@ _SERVER_KEYS = (
     "endpoint",
     "offload",
     "store",
+    "uapi",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets")
 _CLIENT_KEYS = (
@@ -80,6 +81,7 @@ _CLIENT_KEYS = (
     "pmtu",
     "pmtu_raise_interval",
     "udp_probe_interval",
+    "uapi",
 )
 PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
 UDP_PROBE_RANGE = (1, 86400)  # transport "auto" on TCP: seconds between tries of UDP
@@ -126,6 +128,7 @@ class ServerConfig:
     peers: tuple[PeerConfig, ...]
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     store: str | None = None  # a postgresql:// URI: state shared by several relays
+    uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -164,6 +167,7 @@ class ClientConfig:
     pmtu: bool = True  # probe the path MTU over UDP (core/client.py), lower and raise it
     pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
     udp_probe_interval: int = 30  # "auto" on TCP: seconds between tries of UDP (doubling)
+    uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
 
     @property
     def public_key(self) -> bytes:
@@ -511,6 +515,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     control_socket = s.path("control_socket", DEFAULT_SERVER_SOCKET)
     endpoint = s.host_port("endpoint", require_ip=False)
     offload = s.get_bool("offload", True)
+    uapi = s.get_bool("uapi", True)
     store = s.optional_str("store")
     if store is not None and not store.startswith(("postgresql://", "postgres://")):
         raise s.error(
@@ -541,6 +546,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         peers=peers,
         offload=offload,
         store=store,
+        uapi=uapi,
     )
 
 
@@ -644,6 +650,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     state_dir = c.path("state_dir", DEFAULT_STATE_DIR)
     offload = c.get_bool("offload", True)
     pmtu = c.get_bool("pmtu", True)
+    uapi = c.get_bool("uapi", True)
     raise_interval = c.get_int("pmtu_raise_interval", 60)
     low, high = PMTU_RAISE_RANGE
     if not low <= raise_interval <= high:
@@ -670,4 +677,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         pmtu=pmtu,
         pmtu_raise_interval=raise_interval,
         udp_probe_interval=probe_interval,
+        uapi=uapi,
     )

@@ -1,9 +1,10 @@
 """What the daemons change on the machine, behind one seam.
 
 `Platform` groups every change a daemon makes outside its own process (the device, its
-addresses and routes, sysctls, NAT, DNS, the full tunnel) so that a relay or a client can
-run in-process on fakes (gtun.testing.platform).  `LinuxPlatform` is the real one: each
-method is the function of io/ or system/ the daemons called directly before.
+addresses and routes, sysctls, NAT, DNS, the full tunnel, where the `wg` socket goes) so
+that a relay or a client can run in-process on fakes (gtun.testing.platform).
+`LinuxPlatform` is the real one: each method is the function of io/ or system/ the
+daemons called directly before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ipaddress import (
 from pathlib import Path
 from typing import Protocol
 
+from gtun.app.uapi import UAPI_DIR
 from gtun.errors import ConfigError
 from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
 from gtun.system import dns as dnsconf
@@ -111,6 +113,9 @@ class Platform(Protocol):
     def recover_host(self, journal_path: Path) -> bool: ...
     def full_tunnel(self, device: str, state_path: Path, config_file: Path) -> ExitRoute: ...
     def mark_socket(self, sock: socket.socket, mark: int) -> None: ...
+    def wg_socket_dir(self) -> Path | None:
+        """Where `wg` looks for DEVICE.sock (app/uapi.py); None: nowhere."""
+        ...
 
 
 class LinuxPlatform:
@@ -165,3 +170,6 @@ class LinuxPlatform:
 
     def mark_socket(self, sock: socket.socket, mark: int) -> None:
         exitroute.mark_socket(sock, mark)
+
+    def wg_socket_dir(self) -> Path:
+        return UAPI_DIR

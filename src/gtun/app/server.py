@@ -42,6 +42,7 @@ from gtun.app.pgstore import PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import Store
+from gtun.app.uapi import relay_answer, start_uapi, udp_port
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
@@ -214,6 +215,9 @@ class Server:
             )
             await control.start()
             rt.push("control socket", control.close)
+            if self.cfg.uapi:
+                uapi_dir = self.platform.wg_socket_dir()
+                await start_uapi(rt.push, uapi_dir, self.cfg.device, self.wg_get)
             rt.handle_signals(reload=self.reload)
             self._watch_store()
             self._announce(tun, specs)
@@ -837,6 +841,13 @@ class Server:
         if command == "reload":
             return await self.reload()
         return {"error": f"unknown command {command!r}"}
+
+    async def wg_get(self) -> list[bytes]:
+        """What `wg show` reads (app/uapi.py): the relay's key and port, every peer."""
+        assert self.relay is not None and self.driver is not None
+        udp = self.driver.udp
+        port = udp_port(udp.sock if udp is not None else None)
+        return await relay_answer(self.relay, self.cfg.private_key, port)
 
     async def status(self) -> dict[str, Any]:
         """The `gtun status` answer.  Built STATUS_CHUNK peers at a time, yielding to

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,13 @@ class GtunNet:
         metrics: bool = False,
         mode: str | None = None,
         network6: str | None = None,
+        devices: Mapping[str, str] | None = None,
     ) -> None:
+        """`devices`: the device name of a node by its name ("relay", "c1", ...);
+        "gtun0" for any not named (each node has its own namespace, but a device's `wg`
+        socket, /var/run/wireguard/DEVICE.sock, is shared by all of them)."""
         self.lab = lab
+        self.devices = dict(devices or {})
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.network = network
@@ -115,6 +120,10 @@ class GtunNet:
                 text.replace("[server]\n", f'[server]\nmode = "{mode}"\n', 1)
             )
 
+    def device(self, node: Node) -> str:
+        """The name of `node`'s device."""
+        return self.devices.get(node.name, "gtun0")
+
     def _write_configs(self, *, nat: bool, lan: bool, extra_peers: str) -> None:
         r = self.relay
         write_key(self.dir / "server.key", r.key)
@@ -128,7 +137,7 @@ class GtunNet:
             'private_key_file = "server.key"\n'
             f'network = "{self.network}"\n'
             + (f'network6 = "{self.network6}"\n' if self.network6 else "")
-            + 'device = "gtun0"\n'
+            + f'device = "{self.device(r)}"\n'
             f"routes = {routes}\n"
             f"nat = {'true' if nat else 'false'}\n"
             f'state_dir = "{self.dir / "state"}"\n'
@@ -144,7 +153,7 @@ class GtunNet:
                 f'server = "{c.underlay}:{PORT}"\n'
                 f'server_public_key = "{r.public}"\n'
                 f'private_key_file = "{c.name}.key"\n'
-                'device = "gtun0"\n'
+                f'device = "{self.device(c)}"\n'
                 f'control_socket = "{c.socket}"\n'
                 f'state_dir = "{self.dir / c.name}"\n'
                 + (f'metrics_listen = "127.0.0.1:{CLIENT_METRICS_PORT}"\n' if self.metrics else "")

@@ -65,6 +65,8 @@ class FakePlatform:
         self.eui64: set[str] = set()  # devices told to form their link-local from the MAC
         self.marks: list[int] = []  # firewall marks put on sockets
         self.recovered: list[Path] = []  # full-tunnel state files looked at
+        # Where the daemon puts its `wg` socket (app/uapi.py): none unless a test says.
+        self.wg_sockets: Path | None = None
 
     def change(self, what: str) -> Change:
         done = Change(what)
@@ -142,6 +144,9 @@ class FakePlatform:
 
     def mark_socket(self, sock: socket.socket, mark: int) -> None:
         self.marks.append(mark)
+
+    def wg_socket_dir(self) -> Path | None:
+        return self.wg_sockets
 
     def _undo(self, prefix: str) -> None:
         """Mark undone the newest change not yet undone whose description starts so."""
