@@ -313,6 +313,7 @@ class ClientCore:
         known: Iterable[KnownRelay] = (),
         endpoint_of: Callable[[str], Hashable | None] | None = None,
         failover: bool = True,
+        preshared_key: bytes | None = None,
     ) -> None:
         """`accept_partial`: this client completes TCP checksums the relay leaves partial
         (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
@@ -321,14 +322,18 @@ class ClientCore:
         `probe_timeout` are its timers.  `known`: the relays learnt before (the
         daemon's state); `endpoint_of` turns a pushed endpoint into one the transport
         sends to (None: unusable; by default the text itself); `failover`: ask for the
-        other relays and move between them."""
+        other relays and move between them.  `preshared_key`: WireGuard's PSK, the
+        same with every relay of the network (they share the peer's record)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.wg = WireGuard(private_key, wall_offset=wall_offset)
         self.wg.on_packet = self._on_packet  # the data fast lane
         self.relay = RelayPeer(configured=True)
         self.accept_partial = accept_partial
-        self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
+        self.preshared_key = preshared_key
+        self.server = self.wg.add_peer(
+            server_public_key, preshared_key=preshared_key, endpoint=endpoint, data=self.relay
+        )
         self.mode = mode
         self.transport = transport
         self.ping_interval = ping_interval
@@ -989,6 +994,7 @@ class ClientCore:
         try:
             self.wg.add_peer(
                 key,
+                preshared_key=self.preshared_key,
                 endpoint=self._udp_endpoint(relay.endpoint),
                 data=RelayPeer(name=relay.name, endpoint=relay.endpoint),
             )
