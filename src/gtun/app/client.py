@@ -118,6 +118,7 @@ class Client:
                 raise_interval=float(cfg.pmtu_raise_interval),
                 known=known,
                 endpoint_of=lambda text: udp_endpoint(text, v6),
+                preshared_key=cfg.preshared_key,
             )
             self.core = core
             driver = Driver(core, loop, self.on_event)

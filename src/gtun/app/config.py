@@ -64,7 +64,7 @@ _SERVER_KEYS = (
     "offload",
     "store",
 )
-_PEER_KEYS = ("name", "public_key", "address", "subnets")
+_PEER_KEYS = ("name", "public_key", "address", "subnets", "preshared_key_file")
 _CLIENT_KEYS = (
     "server",
     "server_public_key",
@@ -79,6 +79,7 @@ _CLIENT_KEYS = (
     "offload",
     "pmtu",
     "pmtu_raise_interval",
+    "preshared_key_file",
 )
 PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
 
@@ -99,6 +100,7 @@ class PeerConfig:
     public_key: bytes
     address: IPv4Address | None = None
     subnets: tuple[IPNetwork, ...] = ()
+    preshared_key: bytes | None = None  # from preshared_key_file (mode 0600)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class ClientConfig:
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     pmtu: bool = True  # probe the path MTU over UDP (core/client.py), lower and raise it
     pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
+    preshared_key: bytes | None = None  # from preshared_key_file (mode 0600)
 
     @property
     def public_key(self) -> bytes:
@@ -432,6 +435,19 @@ def _private_key(table: _Table) -> tuple[Path, bytes]:
     return path, key
 
 
+def _preshared_key(table: _Table) -> bytes | None:
+    """The key in the table's `preshared_key_file`, if it names one: WireGuard's PSK,
+    as `wg genpsk` or `gtun genpsk` writes it; the file must be mode 0600."""
+    if "preshared_key_file" not in table.data:
+        return None
+    return read_private_key_file(
+        table.path("preshared_key_file"),
+        config_file=table.file,
+        key=table.dotted("preshared_key_file"),
+        make="gtun genpsk",
+    )
+
+
 def _public_key(table: _Table, name: str) -> bytes:
     """A peer's (or the relay's) public key; a low-order point is refused here, since
     every DH with it is all zeros: no one holds its private key and the WireGuard core
@@ -610,7 +626,15 @@ def _load_peers(
             subnets_seen[subnet] = i
             subnets.append(subnet)
 
-        peers.append(PeerConfig(name=name, public_key=key, address=address, subnets=tuple(subnets)))
+        peers.append(
+            PeerConfig(
+                name=name,
+                public_key=key,
+                address=address,
+                subnets=tuple(subnets),
+                preshared_key=_preshared_key(p),
+            )
+        )
     return tuple(peers)
 
 
@@ -645,6 +669,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     low, high = PMTU_RAISE_RANGE
     if not low <= raise_interval <= high:
         raise c.error("pmtu_raise_interval", f"{raise_interval} is not in {low}..{high} seconds")
+    psk = _preshared_key(c)
 
     return ClientConfig(
         path=path,
@@ -662,4 +687,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         offload=offload,
         pmtu=pmtu,
         pmtu_raise_interval=raise_interval,
+        preshared_key=psk,
     )
