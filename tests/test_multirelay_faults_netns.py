@@ -27,7 +27,7 @@ import pytest
 from gtun.app.keys import decode_key
 from gtun.app.pgstore import PgStore, migrate
 from gtun.lab.mesh import MeshNet
-from gtun.lab.net import Node
+from gtun.lab.net import Node, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.lab.postgres import PostgresServer, find_bindir
 from labkit import run_gtun, wait_until
@@ -224,6 +224,9 @@ def test_sessions_flow_while_the_store_is_away_and_new_peers_wait_for_it(
         fields = wg_quick_fields(wg_file.read_text())
         c3.key = decode_key(fields["PrivateKey"])
         net.write_client_config(c3, r3)
+        # The preshared key `peer add` gave c3, which every relay has from the store.
+        write_key(net.dir / "c3.psk", decode_key(fields["PresharedKey"]))
+        c3.config.write_text(c3.config.read_text() + 'preshared_key_file = "c3.psk"\n')
         net.start_client(c3)
         a3 = net.wait_configured(c3, timeout=JOIN_BOUND)
         assert a3 == fields["Address"].split("/")[0]

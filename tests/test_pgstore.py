@@ -201,6 +201,25 @@ def test_publish_config_peers(store: PgStore) -> None:
     assert "ka" not in store.leases() and peers["phone"].source is None
 
 
+def test_preshared_keys_in_the_store(store: PgStore, tmp_path: Path) -> None:
+    """Schema 4: a peer's preshared key is stored with it (`peer add`), published with a
+    relay's [[peers]] and updated when its file changes, and copied by `store import`.
+    A relay's own peer given a new key in its file is updated, not a clash."""
+    store.add_peer(StoredPeer("phone", "kp", preshared_key="psk-phone"))
+    assert store.publish_config_peers("r1", [StoredPeer("a", "ka", preshared_key="p1")]) == []
+    assert {p.name: p.preshared_key for p in store.peers()} == {"phone": "psk-phone", "a": "p1"}
+    AddressPool(NET, store).assign("ka")
+    assert store.publish_config_peers("r1", [StoredPeer("a", "ka2", preshared_key="p2")]) == []
+    peers = {p.name: p for p in store.peers()}
+    assert (peers["a"].public_key, peers["a"].preshared_key) == ("ka2", "p2")
+    assert "ka" not in store.leases()  # the old key's lease went with it
+    with StateStore(tmp_path / "gtun.sqlite") as single:
+        single.add_peer(StoredPeer("tablet", "kt", preshared_key="pt", enabled=False))
+        store.import_state(single, "r1")
+    tablet = next(p for p in store.peers() if p.name == "tablet")
+    assert tablet.preshared_key == "pt" and not tablet.enabled
+
+
 def test_relay_health_for_doctor(store: PgStore, dsn: str, tmp_path: Path) -> None:
     """A relay's heartbeat records that it is alive and its clock's offset from the
     database's; doctor reads both, and the database's clock, through LiveSystem."""

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from gtun import __version__
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("genkey", help="print a new private key")
+    sub.add_parser("genpsk", help="print a new preshared key (as `wg genpsk`)")
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
 
     s = sub.add_parser("server", help="run the relay in the foreground")
@@ -63,6 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write the configuration to this new file (mode 0600; an existing file or a "
         "symlink is refused)",
+    )
+    add.add_argument(
+        "--qr",
+        action="store_true",
+        help="print the configuration as a QR code (for the WireGuard phone apps) instead "
+        "of as text",
+    )
+    add.add_argument(
+        "--qr-png",
+        type=Path,
+        metavar="OUT.png",
+        help="write the QR code to this new PNG file (mode 0600, as -o)",
+    )
+    add.add_argument(
+        "--no-psk",
+        action="store_true",
+        help="give the peer no preshared key (default: one of its own, as PresharedKey)",
+    )
+    add.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="leave out the DNS line (wg-quick needs resolvconf for it; see the README)",
     )
 
     for command, text in (
@@ -133,6 +156,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "genkey":
         print(keys.encode_key(keys.generate_private_key()))
         return 0
+    if args.command == "genpsk":
+        print(keys.encode_key(keys.generate_preshared_key()))
+        return 0
     if args.command == "pubkey":
         text = sys.stdin.read()
         private = keys.decode_key(text, file="<stdin>")
@@ -179,22 +205,52 @@ def peer_add(args: argparse.Namespace) -> int:
     endpoint = None
     if args.endpoint:
         endpoint = parse_host_port(args.endpoint, file="--endpoint", key="endpoint")
-    # The output file is made before the peer is stored, so that a file we may not
-    # write leaves no peer behind; it is removed again if adding the peer fails.
-    out = create_private_file(args.output) if args.output else None
+    # The output files are made before the peer is stored, so that a file we may not
+    # create leaves no peer behind; they are written once it is stored (add_peer's
+    # `deliver`: a failure there removes the peer again), and removed if anything fails.
+    made: list[tuple[Path, Any]] = []
     try:
-        text, note = add_peer(cfg, args.name, endpoint, args.relay)
+        if args.output:
+            made.append((args.output, create_private_file(args.output)))
+        if args.qr_png:
+            made.append((args.qr_png, create_private_file(args.qr_png, binary=True)))
+
+        def deliver(text: str) -> None:
+            from gtun.app import qr
+
+            lines = qr.terminal_lines(text, color=sys.stdout.isatty()) if args.qr else None
+            for path, f in made:
+                try:
+                    if path == args.output:
+                        f.write(text)
+                    else:
+                        qr.write_png(text, f)
+                    f.close()
+                except OSError as exc:
+                    raise RuntimeFailure(
+                        f"{path}: cannot write it: {exc.strerror or exc}"
+                    ) from None
+            if lines is not None:
+                print("\n".join(lines))
+            elif args.output is None:
+                print(text)
+
+        _, note = add_peer(
+            cfg,
+            args.name,
+            endpoint,
+            args.relay,
+            psk=not args.no_psk,
+            dns=not args.no_dns,
+            deliver=deliver,
+        )
     except BaseException:
-        if out is not None:
-            out.close()
-            args.output.unlink(missing_ok=True)
+        for path, f in made:
+            f.close()
+            path.unlink(missing_ok=True)
         raise
-    if out is not None:
-        with out:
-            out.write(text)
-        print(f"gtun: wrote {args.output}", file=sys.stderr)
-    else:
-        print(text)
+    for path, _ in made:
+        print(f"gtun: wrote {path}", file=sys.stderr)
     if note:
         print(f"gtun: peer {args.name} added; {note}", file=sys.stderr)
     return 0
@@ -258,10 +314,11 @@ def store_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_private_file(path: Path) -> TextIO:
-    """A new file at `path`, mode 0600, open for writing.  It must not exist: O_EXCL
-    refuses an existing file (whose wider mode would be kept) and any symlink, even a
-    dangling one; O_NOFOLLOW says so again.  Raises ConfigError (exit 2)."""
+def create_private_file(path: Path, *, binary: bool = False) -> Any:
+    """A new file at `path`, mode 0600, open for writing (text, or bytes if `binary`).
+    It must not exist: O_EXCL refuses an existing file (whose wider mode would be kept)
+    and any symlink, even a dangling one; O_NOFOLLOW says so again.  Raises ConfigError
+    (exit 2)."""
     import os
 
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -274,7 +331,7 @@ def create_private_file(path: Path) -> TextIO:
     except OSError as exc:
         raise ConfigError(f"cannot create it: {exc.strerror or exc}", file=path) from None
     os.fchmod(fd, 0o600)  # whatever the umask did, the key is for its owner only
-    return os.fdopen(fd, "w")
+    return os.fdopen(fd, "wb" if binary else "w")
 
 
 def _ago(ts: float | None) -> str:

@@ -128,6 +128,7 @@ class Client:
                 known=known,
                 endpoint_of=lambda text: udp_endpoint(text, v6),
                 udp_probe_interval=float(cfg.udp_probe_interval),
+                preshared_key=cfg.preshared_key,
             )
             self.core = core
             driver = Driver(core, loop, self.on_event)

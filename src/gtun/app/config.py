@@ -65,7 +65,7 @@ _SERVER_KEYS = (
     "store",
     "uapi",
 )
-_PEER_KEYS = ("name", "public_key", "address", "subnets")
+_PEER_KEYS = ("name", "public_key", "address", "subnets", "preshared_key_file")
 _CLIENT_KEYS = (
     "server",
     "server_public_key",
@@ -82,6 +82,7 @@ _CLIENT_KEYS = (
     "pmtu_raise_interval",
     "udp_probe_interval",
     "uapi",
+    "preshared_key_file",
 )
 PMTU_RAISE_RANGE = (1, 86400)  # seconds between attempts to raise a lowered path MTU
 UDP_PROBE_RANGE = (1, 86400)  # transport "auto" on TCP: seconds between tries of UDP
@@ -103,6 +104,7 @@ class PeerConfig:
     public_key: bytes
     address: IPv4Address | None = None
     subnets: tuple[IPNetwork, ...] = ()
+    preshared_key: bytes | None = None  # from preshared_key_file (mode 0600)
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class ClientConfig:
     pmtu_raise_interval: int = 60  # seconds between attempts to raise a lowered MTU
     udp_probe_interval: int = 30  # "auto" on TCP: seconds between tries of UDP (doubling)
     uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
+    preshared_key: bytes | None = None  # from preshared_key_file (mode 0600)
 
     @property
     def public_key(self) -> bytes:
@@ -439,6 +442,19 @@ def _private_key(table: _Table) -> tuple[Path, bytes]:
     return path, key
 
 
+def _preshared_key(table: _Table) -> bytes | None:
+    """The key in the table's `preshared_key_file`, if it names one: WireGuard's PSK,
+    as `wg genpsk` or `gtun genpsk` writes it; the file must be mode 0600."""
+    if "preshared_key_file" not in table.data:
+        return None
+    return read_private_key_file(
+        table.path("preshared_key_file"),
+        config_file=table.file,
+        key=table.dotted("preshared_key_file"),
+        make="gtun genpsk",
+    )
+
+
 def _public_key(table: _Table, name: str) -> bytes:
     """A peer's (or the relay's) public key; a low-order point is refused here, since
     every DH with it is all zeros: no one holds its private key and the WireGuard core
@@ -619,7 +635,15 @@ def _load_peers(
             subnets_seen[subnet] = i
             subnets.append(subnet)
 
-        peers.append(PeerConfig(name=name, public_key=key, address=address, subnets=tuple(subnets)))
+        peers.append(
+            PeerConfig(
+                name=name,
+                public_key=key,
+                address=address,
+                subnets=tuple(subnets),
+                preshared_key=_preshared_key(p),
+            )
+        )
     return tuple(peers)
 
 
@@ -659,6 +683,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
     low, high = UDP_PROBE_RANGE
     if not low <= probe_interval <= high:
         raise c.error("udp_probe_interval", f"{probe_interval} is not in {low}..{high} seconds")
+    psk = _preshared_key(c)
 
     return ClientConfig(
         path=path,
@@ -678,4 +703,5 @@ def load_client_config(path: str | Path) -> ClientConfig:
         pmtu_raise_interval=raise_interval,
         udp_probe_interval=probe_interval,
         uapi=uapi,
+        preshared_key=psk,
     )

@@ -90,10 +90,21 @@ def decode_key(text: str, *, file: str | Path | None = None, key: str | None = N
     return raw
 
 
+def generate_preshared_key() -> bytes:
+    """Return a new preshared key: 32 random bytes, as `wg genpsk` makes."""
+    return secrets.token_bytes(KEY_LEN)
+
+
 def read_private_key_file(
-    path: Path, *, config_file: str | Path | None = None, key: str = "private_key_file"
+    path: Path,
+    *,
+    config_file: str | Path | None = None,
+    key: str = "private_key_file",
+    make: str = "gtun genkey",
 ) -> bytes:
-    """Read a private key file written by `gtun genkey` or `wg genkey`.
+    """Read a private key file written by `gtun genkey` or `wg genkey` (or a
+    preshared key file, by `gtun genpsk` or `wg genpsk`: `make` is the command the
+    message for a missing file suggests).
 
     Raises ConfigError, naming `config_file`, `key` and the key file's path, when the
     file is missing, not a regular file, unreadable, readable or writable by group or
@@ -109,7 +120,7 @@ def read_private_key_file(
         # put in place of the key from hanging us; the S_ISREG check then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise fail(f"key file {path} does not exist; create one with: gtun genkey") from None
+        raise fail(f"key file {path} does not exist; create one with: {make}") from None
     except PermissionError:
         raise fail(f"key file {path} is not readable (permission denied)") from None
     except OSError as exc:

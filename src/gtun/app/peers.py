@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gtun.app.config import ServerConfig
 from gtun.app.control import query
-from gtun.app.keys import encode_key, generate_private_key, public_key
+from gtun.app.keys import encode_key, generate_preshared_key, generate_private_key, public_key
 from gtun.app.peerset import collect_peers, open_state
 from gtun.app.store import Store, StoredPeer
+from gtun.core.relay import PeerSpec
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
@@ -117,13 +119,23 @@ def add_peer(
     name: str,
     endpoint: tuple[str, int] | None,
     relay: str | None = None,
+    *,
+    psk: bool = True,
+    dns: bool = True,
+    deliver: Callable[[str], None] | None = None,
 ) -> tuple[str, str | None]:
     """Store a new peer, lease its address, and return (wg-quick text, reload note).
     The text names the relay of `cfg`, or with `relay` that relay of the shared store
-    (store_relay()); `endpoint` overrides the address dialed either way.
+    (store_relay()); `endpoint` overrides the address dialed either way.  With `psk`
+    the peer gets a preshared key of its own (stored with it, and in the text); with
+    `dns` the text has the relay's `dns` as wg-quick's DNS line.  `deliver`, when
+    given, is called with the text once the peer is stored and before the relay is
+    told: if it raises (an output file that cannot be written), the peer is removed
+    again and the error raised.
 
-    Raises ConfigError (bad name, name or key taken, --relay unusable: found before
-    anything is stored) or RuntimeFailure (state store)."""
+    All or nothing: raises ConfigError (bad name, name or key taken, --relay unusable,
+    a clash in the peer set: found before anything is stored, or undone) or
+    RuntimeFailure (state store), leaving no peer stored."""
     if cfg.mode == "tap":
         raise ConfigError(
             "this relay runs in tap mode (layer 2): stock WireGuard peers carry only IP "
@@ -143,6 +155,7 @@ def add_peer(
         own = DialedRelay(encode_key(cfg.public_key), guess_endpoint(cfg, endpoint), routes)
     private = generate_private_key()
     pub = encode_key(public_key(private))
+    preshared = encode_key(generate_preshared_key()) if psk else None
     store: Store = open_state(cfg)
     try:
         if relay is not None:
@@ -161,16 +174,42 @@ def add_peer(
             raise ConfigError(
                 f"a peer named {name} was already added (in {store.path})", file=cfg.path
             )
-        store.add_peer(StoredPeer(name=name, public_key=pub))
-        specs = collect_peers(cfg, store)
-        spec = next((s for s in specs if s.name == name), None)
-        if spec is None:  # the pool is full: refused, so not kept
-            store.remove_peer(name)
-            raise RuntimeFailure(
-                f"no free address left in {cfg.network} for peer {name}; it was not added"
-            )
+        store.add_peer(StoredPeer(name=name, public_key=pub, preshared_key=preshared))
+        try:
+            specs = collect_peers(cfg, store)
+            spec = next((s for s in specs if s.name == name), None)
+            if spec is None:  # the pool is full: refused, so not kept
+                raise RuntimeFailure(
+                    f"no free address left in {cfg.network} for peer {name}; it was not added"
+                )
+            text = _wg_quick(cfg, name, private, preshared, spec, specs, target, dns)
+            if deliver is not None:
+                deliver(text)
+        except BaseException as exc:
+            try:
+                store.remove_peer(name)
+            except GtunError as undo:
+                raise RuntimeFailure(
+                    f"{exc}; and peer {name} could not be removed again ({undo}): "
+                    f"run gtun peer remove {name} -c {cfg.path}"
+                ) from None
+            raise
     finally:
         store.close()
+    return text, _tell_relay(cfg, "the peer")
+
+
+def _wg_quick(
+    cfg: ServerConfig,
+    name: str,
+    private: bytes,
+    preshared: str | None,
+    spec: PeerSpec,
+    specs: list[PeerSpec],
+    target: DialedRelay,
+    dns: bool,
+) -> str:
+    """The wg-quick configuration of new peer `name` (`spec`), dialing `target`."""
     allowed = [str(cfg.network)] + ([str(cfg.network6)] if cfg.network6 else [])
     allowed += target.routes
     allowed += [str(n) for s in specs if s.name != name for n in s.subnets]
@@ -183,19 +222,20 @@ def add_peer(
         f"Address = {spec.address}/{cfg.network.prefixlen}"
         + (f", {spec.address6}/{cfg.network6.prefixlen}" if cfg.network6 and spec.address6 else ""),
     ]
-    if cfg.dns:
+    if cfg.dns and dns:
         lines.append(f"DNS = {', '.join(str(d) for d in cfg.dns)}")
     lines.append(f"MTU = {cfg.mtu}")
     lines += [
         "",
         "[Peer]",
         f"PublicKey = {target.public_key}",
+        *([f"PresharedKey = {preshared}"] if preshared else []),
         f"Endpoint = {host_text}:{port}",
         f"AllowedIPs = {', '.join(dict.fromkeys(allowed))}",
         "PersistentKeepalive = 25",
         "",
     ]
-    return "\n".join(lines), _tell_relay(cfg, "the peer")
+    return "\n".join(lines)
 
 
 def _tell_relay(cfg: ServerConfig, what: str) -> str:

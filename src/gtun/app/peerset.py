@@ -57,8 +57,9 @@ def collect_peers(cfg: ServerConfig, store: Store) -> list[PeerSpec]:
 
 def publish_config_peers(cfg: ServerConfig, store: Store) -> None:
     """Shared store: put this relay's [[peers]] in the store (PgStore.publish_config_
-    peers), so that every relay of the network serves them; a clash is logged, and the
-    config's peer is still served here.  Nothing to do on SQLite (one relay)."""
+    peers), so that every relay of the network serves them.  Called after read_peers(),
+    which refused any clash; one that came in between (another relay, `peer add`) is
+    logged, and the config's peer is still served here.  Nothing to do on SQLite."""
     if cfg.store is None:
         return
     from gtun.app.pgstore import PgStore
@@ -70,6 +71,7 @@ def publish_config_peers(cfg: ServerConfig, store: Store) -> None:
             encode_key(p.public_key),
             None if p.address is None else str(p.address),
             tuple(str(n) for n in p.subnets),
+            preshared_key=None if p.preshared_key is None else encode_key(p.preshared_key),
         )
         for p in cfg.peers
     ]
@@ -94,22 +96,30 @@ def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
     one transaction.  When the pool is full, the peers without an address are refused
     (named in PeerSet.refused), not the whole set.
 
-    Raises ConfigError for a stored peer that clashes with the config or has a
-    low-order key (the config's own peers were checked as it was read), or a fixed
-    address the pool cannot give, before any address is leased."""
+    A stored peer with the name or the public key of a [[peers]] entry, but not both,
+    is a clash: refused, never settled silently.  The same peer (name and key) in both
+    is served once, as the config gives it.  With a shared store, the rows this relay
+    published (source: its name) are its config's and not read here.
+
+    Raises ConfigError, before any address is leased, for a clash (naming the config
+    file and the store), a stored peer with a malformed or low-order key, or a fixed
+    address the pool cannot give."""
     pool = AddressPool(cfg.network, store)
-    entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...]]] = [
-        (p.name, p.public_key, p.address, p.subnets) for p in cfg.peers
+    entries: list[tuple[str, bytes, IPv4Address | None, tuple[Any, ...], bytes | None]] = [
+        (p.name, p.public_key, p.address, p.subnets, p.preshared_key) for p in cfg.peers
     ]
-    names = {p.name for p in cfg.peers}
-    keys = {p.public_key for p in cfg.peers}
-    own = {(p.name, p.public_key) for p in cfg.peers}
+    names = {p.name: i for i, p in enumerate(cfg.peers)}
+    keys = {p.public_key: i for i, p in enumerate(cfg.peers)}
+    me = relay_name(cfg) if cfg.store is not None else None
     for sp in store.peers():
+        if me is not None and sp.source == me:
+            continue  # this relay's own [[peers]], published: read from the file
+        key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
+        _check_clash(cfg, store, sp, key, names, keys)
+        if sp.name in names:
+            continue  # the same peer (name and key) in the config: served as it says
         if not sp.enabled:
             continue
-        key = decode_key(sp.public_key, file=store.path, key=f"peers.{sp.name}")
-        if sp.source is not None and (sp.name, key) in own:
-            continue  # this relay's own [[peers]] entry (or the same peer in another's)
         if is_degenerate_key(key):
             raise ConfigError(
                 f"peer {sp.name} has a low-order public key {sp.public_key} "
@@ -117,22 +127,17 @@ def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
                 file=store.path,
                 key=f"peers.{sp.name}",
             )
-        if sp.name in names or key in keys:
-            log.warning(
-                "peer %s from %s clashes with %s (same name or key); using the config's",
-                sp.name,
-                store.path,
-                cfg.path,
-            )
-            continue
-        names.add(sp.name)
-        keys.add(key)
+        psk = (
+            None
+            if sp.preshared_key is None
+            else decode_key(sp.preshared_key, file=store.path, key=f"peers.{sp.name}.preshared_key")
+        )
         fixed = IPv4Address(sp.address) if sp.address else None
         subnets = tuple(ip_network(s) for s in sp.subnets)
-        entries.append((sp.name, key, fixed, subnets))
+        entries.append((sp.name, key, fixed, subnets, psk))
     ordered = sorted(entries, key=lambda e: (e[2] is None, e[0]))
     wanted = []
-    for name, key, fixed, _ in ordered:
+    for name, key, fixed, _, _ in ordered:
         if fixed is not None:
             try:
                 pool.check_fixed(fixed)
@@ -141,7 +146,7 @@ def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
         wanted.append(LeaseWanted(encode_key(key), fixed, name))
     assignment = pool.assign_all(wanted)
     result = PeerSet()
-    for (name, key, _, subnets), want in zip(ordered, wanted, strict=True):
+    for (name, key, _, subnets, psk), want in zip(ordered, wanted, strict=True):
         address = assignment.addresses.get(want.public_key)
         if address is None:
             result.refused.append(name)
@@ -150,8 +155,43 @@ def read_peers(cfg: ServerConfig, store: Store) -> PeerSet:
         address6 = (
             None if cfg.network6 is None else address6_for(cfg.network, cfg.network6, address)
         )
-        result.specs.append(PeerSpec(name, key, address, subnets, address6))
+        result.specs.append(PeerSpec(name, key, address, subnets, address6, psk))
     return result
+
+
+def _check_clash(
+    cfg: ServerConfig,
+    store: Store,
+    sp: StoredPeer,
+    key: bytes,
+    names: dict[str, int],
+    keys: dict[bytes, int],
+) -> None:
+    """Raises ConfigError when stored peer `sp` shares its name or its key, but not
+    both, with a [[peers]] entry of `cfg` (`names`, `keys`: their indexes)."""
+    by_name, by_key = names.get(sp.name), keys.get(key)
+    if by_name is not None and by_name == by_key:
+        return  # the same peer
+    where = (
+        f"the store {store.path} (added by `gtun peer add`; `gtun peer remove {sp.name}` "
+        "forgets it)"
+        if sp.source is None
+        else f"the store {store.path} (the [[peers]] of relay {sp.source})"
+    )
+    if by_name is not None:
+        raise ConfigError(
+            f"peer {sp.name} is in this file with one public key and in {where} with "
+            "another; rename or remove one of them",
+            file=cfg.path,
+            key=f"peers[{by_name}].name",
+        )
+    if by_key is not None:
+        raise ConfigError(
+            f"the public key of peer {cfg.peers[by_key].name} is also peer {sp.name}'s in "
+            f"{where}; one key is one peer: remove one of them",
+            file=cfg.path,
+            key=f"peers[{by_key}].public_key",
+        )
 
 
 # Up to this many refused peers get a log line each; more get one line naming them all.

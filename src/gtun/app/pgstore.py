@@ -126,6 +126,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE peers ADD COLUMN source text",
         ),
     ),
+    # Each peer's WireGuard preshared key (base64; NULL: none), served by every relay.
+    (4, ("ALTER TABLE peers ADD COLUMN preshared_key text",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -462,8 +464,8 @@ class PgStore:
             try:
                 with self.transaction():
                     self._rows(
-                        "INSERT INTO peers (network, name, public_key, address, subnets, enabled) "
-                        "VALUES (%s, %s, %s, %s, %s, %s)",
+                        "INSERT INTO peers (network, name, public_key, address, subnets, enabled, "
+                        "preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                         (
                             self.network,
                             peer.name,
@@ -471,6 +473,7 @@ class PgStore:
                             peer.address,
                             list(peer.subnets),
                             peer.enabled,
+                            peer.preshared_key,
                         ),
                     )
                     self._notify()
@@ -507,8 +510,8 @@ class PgStore:
 
     def peers(self) -> list[StoredPeer]:
         rows = self._rows(
-            "SELECT name, public_key, address, subnets, enabled, source FROM peers "
-            "WHERE network = %s ORDER BY created, name",
+            "SELECT name, public_key, address, subnets, enabled, source, preshared_key "
+            "FROM peers WHERE network = %s ORDER BY created, name",
             (self.network,),
         )
         return [
@@ -519,8 +522,9 @@ class PgStore:
                 subnets=tuple(str(s) for s in subnets or ()),
                 enabled=bool(enabled),
                 source=None if source is None else str(source),
+                preshared_key=None if psk is None else str(psk),
             )
-            for name, key, address, subnets, enabled, source in rows
+            for name, key, address, subnets, enabled, source, psk in rows
         ]
 
     def publish_config_peers(self, relay: str, peers: Iterable[StoredPeer]) -> list[str]:
@@ -534,7 +538,8 @@ class PgStore:
         clashes: list[str] = []
         with self.transaction():  # under the network's lock, as leases
             rows = self._rows(
-                "SELECT name, public_key, address, subnets, source FROM peers WHERE network = %s",
+                "SELECT name, public_key, address, subnets, source, preshared_key FROM peers "
+                "WHERE network = %s",
                 (self.network,),
             )
             by_name = {str(r[0]): r for r in rows}
@@ -546,7 +551,7 @@ class PgStore:
                 if row is None:
                     self._rows(
                         "INSERT INTO peers (network, name, public_key, address, subnets, "
-                        "source) VALUES (%s, %s, %s, %s, %s, %s)",
+                        "source, preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                         (
                             self.network,
                             peer.name,
@@ -554,26 +559,50 @@ class PgStore:
                             peer.address,
                             list(peer.subnets),
                             relay,
+                            peer.preshared_key,
                         ),
                     )
                     changed = True
                     wanted.add(peer.name)
                     continue
-                name, key, address, subnets, source = row
+                name, key, address, subnets, source, psk = row
+                if (
+                    source == relay
+                    and name == peer.name
+                    and key != peer.public_key
+                    and peer.public_key not in by_key
+                ):
+                    # This relay's own peer, given a new key in its file: the old key
+                    # and its lease go, the peer stays.
+                    self._rows(
+                        "UPDATE peers SET public_key = %s WHERE network = %s AND name = %s",
+                        (peer.public_key, self.network, name),
+                    )
+                    self.delete_lease(str(key))
+                    key = peer.public_key
+                    changed = True
                 if name != peer.name or key != peer.public_key or source is None:
                     clashes.append(peer.name)
                     continue
                 wanted.add(peer.name)
                 if source == relay and (
-                    address != peer.address or tuple(subnets or ()) != peer.subnets
+                    address != peer.address
+                    or tuple(subnets or ()) != peer.subnets
+                    or psk != peer.preshared_key
                 ):
                     self._rows(
-                        "UPDATE peers SET address = %s, subnets = %s "
+                        "UPDATE peers SET address = %s, subnets = %s, preshared_key = %s "
                         "WHERE network = %s AND name = %s",
-                        (peer.address, list(peer.subnets), self.network, peer.name),
+                        (
+                            peer.address,
+                            list(peer.subnets),
+                            peer.preshared_key,
+                            self.network,
+                            peer.name,
+                        ),
                     )
                     changed = True
-            for name, key, _, _, source in rows:
+            for name, key, _, _, source, _ in rows:
                 if source == relay and name not in wanted:
                     self._rows(
                         "DELETE FROM peers WHERE network = %s AND name = %s", (self.network, name)
@@ -724,9 +753,18 @@ class PgStore:
         with self.transaction():
             for peer in peers:
                 rows = self._rows(
-                    "INSERT INTO peers (network, name, public_key, address, subnets) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-                    (self.network, peer.name, peer.public_key, peer.address, list(peer.subnets)),
+                    "INSERT INTO peers (network, name, public_key, address, subnets, "
+                    "enabled, preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    (
+                        self.network,
+                        peer.name,
+                        peer.public_key,
+                        peer.address,
+                        list(peer.subnets),
+                        peer.enabled,
+                        peer.preshared_key,
+                    ),
                 )
                 if rows:
                     summary.peers += 1

@@ -57,7 +57,7 @@ from gtun.core.relay import (
     RelaySettings,
     SessionHere,
 )
-from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown
+from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown, SessionUnconfirmed
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
@@ -72,6 +72,8 @@ log = logging.getLogger("gtun")
 
 ENDPOINT_SAVE_INTERVAL = 1.0  # seconds between looks for peers' new UDP endpoints
 JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
+UNCONFIRMED_SAID_EVERY = 60.0  # seconds between warnings of one peer's unused sessions
+UNCONFIRMED_KEPT = 4096  # peers remembered for that; past it the memory starts afresh
 UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 STATUS_CHUNK = 500  # peers described between two yields to the event loop
 ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
@@ -174,6 +176,7 @@ class Server:
         self.subnet_routes: set[Any] = set()
         # Per peer key: where and when "joined" was last said at INFO (bounded by the peers).
         self._joined: dict[bytes, tuple[str | None, float]] = {}
+        self._unconfirmed: dict[bytes, float] = {}  # peer key -> when last said
         self.unknown_keys = UnknownKeys()
         self._unknown_timer: asyncio.TimerHandle | None = None
         # Peers' UDP endpoints as the store has them (key -> text), and the task saving them.
@@ -241,8 +244,8 @@ class Server:
         store = open_state(cfg)
         rt.push("state store", store.close)
         self.store = store
+        peerset = read_peers(cfg, store)  # a clash refused before anything is published
         publish_config_peers(cfg, store)
-        peerset = read_peers(cfg, store)
         self._note_refused(cfg, peerset)
         specs = peerset.specs
         sock = bind_udp(cfg)
@@ -386,6 +389,22 @@ class Server:
             self.driver.poke()
         self._endpoint_task = asyncio.ensure_future(self._keep_endpoints(relay_key))
         self.rt.push("peer endpoints", lambda: self._stop_endpoints(relay_key))
+
+    def _rejoin_added(self, added: list[str]) -> None:
+        """Handshake at once with the added peers that were here before (`gtun peer
+        enable`): at the endpoint this relay last saved for them.  Their own timers
+        would take up to 15 s more."""
+        if self.relay is None or self.driver is None:
+            return
+        endpoints: dict[bytes, tuple[Any, ...]] = {}
+        for name in added:
+            peer = self.relay.peer_by_name(name)
+            text = None if peer is None else self._saved_endpoints.get(peer.public_key)
+            endpoint = None if text is None else endpoint_from_text(text)
+            if peer is not None and endpoint is not None:
+                endpoints[peer.public_key] = endpoint
+        if endpoints and self.relay.rejoin(endpoints, self.driver.loop.time()):
+            self.driver.poke()
 
     def _changed_endpoints(self) -> dict[bytes, str]:
         """Peers whose UDP endpoint differs from the stored one (a TCP one is not kept:
@@ -710,8 +729,9 @@ class Server:
         thousands of [[peers]] and leasing them takes a while.  Raises ConfigError or
         RuntimeFailure."""
         cfg = load_server_config(self.cfg.path)
+        peerset = read_peers(cfg, self.store)  # a clash refused before anything is published
         publish_config_peers(cfg, self.store)
-        return cfg, read_peers(cfg, self.store)
+        return cfg, peerset
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the peers (SIGHUP, `gtun peer add`), keeping others' sessions.  The
@@ -741,6 +761,7 @@ class Server:
             log.exception("reload failed (a bug), keeping the current peers")
             return {"ok": False, "error": f"internal error: {exc!r}"}
         self._note_refused(cfg, peerset)
+        self._rejoin_added(added)
         try:
             await self.rt.nl(self.sync_subnet_routes, specs)
         except GtunError as exc:
@@ -803,6 +824,27 @@ class Server:
             self._unknown_key(event)
         elif isinstance(event, HandshakeTimedOut):
             log.debug("peer %s stopped answering", event.peer.data.spec.name)
+        elif isinstance(event, SessionUnconfirmed):
+            self._session_unconfirmed(event.peer)
+
+    def _session_unconfirmed(self, peer: Any) -> None:
+        """A peer that initiates again and again without using our answers: its
+        preshared key is likely wrong (or the answers are lost).  Said at most once a
+        minute per peer; counted as `unconfirmed` always."""
+        now = time.monotonic()
+        said = self._unconfirmed.get(peer.public_key)
+        if said is not None and now - said < UNCONFIRMED_SAID_EVERY:
+            return
+        if len(self._unconfirmed) >= UNCONFIRMED_KEPT:
+            self._unconfirmed.clear()  # bounded: a flood of keys only repeats lines
+        self._unconfirmed[peer.public_key] = now
+        log.warning(
+            "peer %s (%s) at %s initiated again without using the session answered: a wrong "
+            "preshared key (PresharedKey), or the answers are lost on the way",
+            peer.data.spec.name,
+            peer.data.spec.address,
+            endpoint_text(peer.endpoint),
+        )
 
     def _mesh_event(self, event: Event) -> None:
         """An event of a mesh peer (another relay): no client, so no spec."""

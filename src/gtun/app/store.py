@@ -33,7 +33,10 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
+# 1: leases, peers (an `enabled` column added later), endpoints.  2: peers'
+# `preshared_key`: a gtun that knows only 1 would serve those peers without their key,
+# so it refuses the file instead (a newer schema).
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds another gtun process may hold the write lock
 
 _SCHEMA = """
@@ -81,6 +84,7 @@ class StoredPeer:
     subnets: tuple[str, ...] = ()
     enabled: bool = True  # a disabled peer is kept, with its lease, but not served
     source: str | None = None  # shared store: the relay whose [[peers]] it is (else None)
+    preshared_key: str | None = None  # WireGuard's PSK, base64 text (None: none)
 
 
 class Store(Protocol):
@@ -180,14 +184,18 @@ class StateStore:
                 self._db.execute("ALTER TABLE peers ADD COLUMN enabled INTEGER NOT NULL DEFAULT 1")
             row = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
             version = row[0] if row else None
-            if version is None:
-                self._db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
+            if version is not None and version > SCHEMA_VERSION:
                 raise StateFileError(
                     self.path,
                     f"the state database was written by a newer gtun "
                     f"(schema version {version}, this one knows {SCHEMA_VERSION})",
                 )
+            if "preshared_key" not in columns:  # schema 2
+                self._db.execute("ALTER TABLE peers ADD COLUMN preshared_key TEXT")
+            if version is None:
+                self._db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -321,8 +329,8 @@ class StateStore:
         try:
             with self.transaction():
                 self._db.execute(
-                    "INSERT INTO peers (name, public_key, address, subnets, created, enabled) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO peers (name, public_key, address, subnets, created, enabled, "
+                    "preshared_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         peer.name,
                         peer.public_key,
@@ -330,6 +338,7 @@ class StateStore:
                         json.dumps(list(peer.subnets)),
                         time.time(),
                         int(peer.enabled),
+                        peer.preshared_key,
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -362,10 +371,11 @@ class StateStore:
     def peers(self) -> list[StoredPeer]:
         """The stored peers, oldest first."""
         rows = self._query(
-            "SELECT name, public_key, address, subnets, enabled FROM peers ORDER BY created, name"
+            "SELECT name, public_key, address, subnets, enabled, preshared_key FROM peers "
+            "ORDER BY created, name"
         )
         peers = []
-        for name, key, address, subnets, enabled in rows:
+        for name, key, address, subnets, enabled, psk in rows:
             try:
                 decoded = json.loads(str(subnets)) if subnets else []
             except ValueError:
@@ -379,6 +389,7 @@ class StateStore:
                     address=None if address is None else str(address),
                     subnets=tuple(str(s) for s in decoded),
                     enabled=bool(enabled),
+                    preshared_key=None if psk is None else str(psk),
                 )
             )
         return peers

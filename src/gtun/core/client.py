@@ -410,6 +410,7 @@ class ClientCore:
         endpoint_of: Callable[[str], Hashable | None] | None = None,
         failover: bool = True,
         udp_probe_interval: float = UDP_PROBE_INTERVAL,
+        preshared_key: bytes | None = None,
     ) -> None:
         """`accept_partial`: this client completes TCP checksums the relay leaves partial
         (its device does, or its edge finishes them).  `transport`: "udp", "tcp" or
@@ -420,6 +421,8 @@ class ClientCore:
         sends to (None: unusable; by default the text itself); `failover`: ask for the
         other relays and move between them.  `udp_probe_interval`: with "auto", on TCP,
         seconds between tries of UDP (doubling up to UDP_PROBE_MAX while unanswered).
+        `preshared_key`: WireGuard's PSK, the same with every relay of the network (they
+        share the peer's record).
         Raises ValueError for an unknown transport or a probe interval not above 0."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
@@ -429,7 +432,10 @@ class ClientCore:
         self.wg.on_packet = self._on_packet  # the data fast lane
         self.relay = RelayPeer(configured=True)
         self.accept_partial = accept_partial
-        self.server = self.wg.add_peer(server_public_key, endpoint=endpoint, data=self.relay)
+        self.preshared_key = preshared_key
+        self.server = self.wg.add_peer(
+            server_public_key, preshared_key=preshared_key, endpoint=endpoint, data=self.relay
+        )
         self.mode = mode
         self.transport = transport
         self.ping_interval = ping_interval
@@ -1291,6 +1297,7 @@ class ClientCore:
         try:
             self.wg.add_peer(
                 key,
+                preshared_key=self.preshared_key,
                 endpoint=self._udp_endpoint(relay.endpoint),
                 data=RelayPeer(name=relay.name, endpoint=relay.endpoint),
             )

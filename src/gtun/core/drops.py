@@ -196,6 +196,15 @@ REASONS: tuple[Reason, ...] = (
         "push nothing to each other",
         ("relay", "peer"),
     ),
+    # Preshared keys (wg/device.py, relay.py): psk2 mixes the key into the response, so
+    # a responder never sees a wrong one; it sees sessions that are never used.
+    Reason(
+        "unconfirmed",
+        "a session the relay answered that the peer never used before initiating again: "
+        "the response was lost, or the peer could not authenticate it (a wrong preshared "
+        "key)",
+        ("relay", "peer"),
+    ),
 )
 
 MEANING = {r.name: r.meaning for r in REASONS}

@@ -68,7 +68,7 @@ from gtun.core.forward import EthernetForwarder, Forwarder, IpForwarder, TunWrit
 from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
-from gtun.core.wg import HandshakeCompleted, Peer, PeerUnknown, WireGuard
+from gtun.core.wg import HandshakeCompleted, Peer, PeerUnknown, SessionUnconfirmed, WireGuard
 from gtun.core.wg.events import Event, HandshakeTimedOut
 
 Network = IPv4Network | IPv6Network
@@ -99,6 +99,7 @@ class PeerSpec:
     address: IPv4Address
     subnets: tuple[Network, ...] = ()
     address6: IPv6Address | None = None
+    preshared_key: bytes | None = None  # WireGuard's optional PSK (32 bytes), per peer
 
     def owned(self) -> list[Network]:
         # (address, prefix) tuples, not text: no parsing, for 10,000 peers a reload.
@@ -282,9 +283,12 @@ class Relay:
             peer = self.wg.peers.get(key)
             if peer is not None and isinstance(peer.data, MeshState):
                 raise PeerSetError(name, f"public key is relay {peer.data.name}'s")
+            psk = spec.preshared_key
+            if psk is not None and len(psk) != 32:
+                raise PeerSetError(name, "preshared key must be 32 bytes")
             if peer is None:
                 try:
-                    peer = self.wg.new_peer(key, data=PeerState(spec))
+                    peer = self.wg.new_peer(key, preshared_key=psk, data=PeerState(spec))
                 except ValueError as exc:
                     raise PeerSetError(name, str(exc)) from exc
                 fresh.append(peer)
@@ -313,6 +317,9 @@ class Relay:
             fwd.peer_removed(peer)
         for spec, peer in wanted.values():
             peer.data.spec = spec
+            # A new preshared key ends the sessions made with the old one (a key
+            # revoked stops working now, not at the next rekey).
+            self.wg.set_preshared_key(peer, spec.preshared_key)
         fwd.table = table
         self._subnets = [(peer, net) for spec, peer in wanted.values() for net in spec.subnets]
         fwd.own = self._own_table()
@@ -617,6 +624,9 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
+                self._emit(event)
+            elif isinstance(event, SessionUnconfirmed):
+                self._count(event.peer, "unconfirmed")
                 self._emit(event)
         fwd = self.forwarder
         if fwd.claims:

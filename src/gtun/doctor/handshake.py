@@ -84,6 +84,7 @@ def _client_core(cfg: ClientConfig) -> ClientCore:
         RELAY,
         mode=cfg.mode,
         wall_offset=time.time() - time.monotonic(),
+        preshared_key=cfg.preshared_key,
     )
 
 

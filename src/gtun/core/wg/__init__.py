@@ -12,6 +12,7 @@ from gtun.core.wg.events import (
     HandshakeTimedOut,
     PacketReceived,
     PeerUnknown,
+    SessionUnconfirmed,
 )
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "PacketReceived",
     "Peer",
     "PeerUnknown",
+    "SessionUnconfirmed",
     "WireGuard",
 ]

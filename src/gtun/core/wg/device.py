@@ -88,6 +88,7 @@ from gtun.core.wg.events import (
     HandshakeTimedOut,
     PacketReceived,
     PeerUnknown,
+    SessionUnconfirmed,
 )
 from gtun.core.wg.ratelimiter import RateLimiter
 from gtun.core.wg.replay import ReplayWindow
@@ -327,6 +328,21 @@ class WireGuard:
         self.peers[public_key] = peer
         return peer
 
+    def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> bool:
+        """Give `peer` a new preshared key (None: none, all zeros).  When it changes,
+        the sessions and any handshake made with the old one end now, so that the old
+        key stops working at once; the next packet for the peer starts a handshake with
+        the new one.  Returns whether it changed.  Raises ValueError for a key that is
+        not 32 bytes, changing nothing."""
+        key = preshared_key or bytes(KEY_SIZE)
+        if len(key) != KEY_SIZE:
+            raise ValueError("preshared key must be 32 bytes")
+        if key == peer.preshared_key:
+            return False
+        peer.preshared_key = key
+        self._zero_keys(peer)
+        return True
+
     def remove_peer(self, peer: Peer) -> None:
         self._zero_keys(peer)
         self.peers.pop(peer.public_key, None)
@@ -518,6 +534,8 @@ class WireGuard:
             consumed, peer.preshared_key, local_index, msg.sender
         )
         kp = Keypair(peer, keys, local_index, msg.sender, now, initiator=False)
+        if peer.next is not None:
+            self._events.append(SessionUnconfirmed(peer))
         self._retire(peer.next)
         peer.next = kp
         self._keypairs[local_index] = kp

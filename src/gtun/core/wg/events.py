@@ -32,6 +32,15 @@ class HandshakeTimedOut(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionUnconfirmed(Event):
+    """`peer` initiated again before using the session we answered its last initiation
+    with: our response was lost, or the peer could not authenticate it (with psk2, a
+    wrong preshared key shows only so, on the responder's side)."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
 class PacketReceived(Event):
     """A decrypted, authenticated, non-empty payload from `peer` (zero padding kept)."""
 
