@@ -1,8 +1,9 @@
 """What the daemons change on the machine, behind one seam.
 
 `Platform` groups every change a daemon makes outside its own process (the device, its
-addresses and routes, sysctls, NAT, DNS, the full tunnel) so that a relay or a client can
-run in-process on fakes (gtun.testing.platform).  `LinuxPlatform` is the real one: each
+addresses and routes, sysctls, NAT, DNS, the full tunnel), and the one look the relay
+takes at its machine (relay_health), so that a relay or a client can run in-process on
+fakes (gtun.testing.platform).  `LinuxPlatform` is the real one: each
 method is the function of io/ or system/ the daemons called directly before.
 """
 
@@ -22,10 +23,12 @@ from ipaddress import (
 from pathlib import Path
 from typing import Protocol
 
+from gtun.core.tunnel import RelayHealth
 from gtun.errors import ConfigError
 from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
+from gtun.system import health as hostcheck
 from gtun.system import journal
 from gtun.system.ipv6 import enable_ipv6, eui64_link_local
 from gtun.system.netlink import LinkConfig
@@ -111,6 +114,11 @@ class Platform(Protocol):
     def recover_host(self, journal_path: Path) -> bool: ...
     def full_tunnel(self, device: str, state_path: Path, config_file: Path) -> ExitRoute: ...
     def mark_socket(self, sock: socket.socket, mark: int) -> None: ...
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        """What the relay's machine looks like now (never raises: unknown is None)."""
+        ...
 
 
 class LinuxPlatform:
@@ -165,3 +173,20 @@ class LinuxPlatform:
 
     def mark_socket(self, sock: socket.socket, mark: int) -> None:
         exitroute.mark_socket(sock, mark)
+
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        """The forwarding sysctls (IPv6 only with `ipv6`), the NAT table `nat_table`
+        (None: nat = false), `device`'s link state and which of `routes` no longer
+        leave by it.  Blocks for up to nft's timeout: run it off the event loop."""
+        missing = hostcheck.missing_routes(device, routes)
+        return RelayHealth(
+            device=device,
+            forwarding=hostcheck.sysctl_on("net/ipv4/ip_forward"),
+            dev_forwarding=hostcheck.sysctl_on(f"net/ipv4/conf/{device}/forwarding"),
+            forwarding6=hostcheck.sysctl_on("net/ipv6/conf/all/forwarding") if ipv6 else None,
+            nat=None if nat_table is None else hostcheck.nft_table_present("inet", nat_table),
+            device_up=hostcheck.link_up(device),
+            missing_routes=missing or (),
+        )

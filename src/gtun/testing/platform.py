@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -21,6 +21,7 @@ from ipaddress import (
 )
 from pathlib import Path
 
+from gtun.core.tunnel import RelayHealth
 from gtun.system.dns import DnsChange
 from gtun.testing.tun import FakeTun
 
@@ -65,6 +66,10 @@ class FakePlatform:
         self.eui64: set[str] = set()  # devices told to form their link-local from the MAC
         self.marks: list[int] = []  # firewall marks put on sockets
         self.recovered: list[Path] = []  # full-tunnel state files looked at
+        # What relay_health() says the machine looks like (a test changes it), and the
+        # arguments of each call.
+        self.health = RelayHealth(forwarding=True, dev_forwarding=True, nat=True, device_up=True)
+        self.health_asked: list[tuple[str, bool, str | None, tuple[Network, ...]]] = []
 
     def change(self, what: str) -> Change:
         done = Change(what)
@@ -142,6 +147,12 @@ class FakePlatform:
 
     def mark_socket(self, sock: socket.socket, mark: int) -> None:
         self.marks.append(mark)
+
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        self.health_asked.append((device, ipv6, nat_table, tuple(routes)))
+        return replace(self.health, device=device)
 
     def _undo(self, prefix: str) -> None:
         """Mark undone the newest change not yet undone whose description starts so."""
