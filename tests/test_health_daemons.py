@@ -152,3 +152,25 @@ def test_an_unanswered_request_gives_up_in_time(net: Net, platforms: Any) -> Non
             assert HEALTH_WAIT <= waited < HEALTH_WAIT + 2
 
     asyncio.run(scenario())
+
+
+# --- the readers behind LinuxPlatform.relay_health, over a made-up /proc and /sys -------
+
+
+def test_sysctl_and_link_readers(tmp_path: Path) -> None:
+    from gtun.system import health as hostcheck
+
+    (tmp_path / "net/ipv4").mkdir(parents=True)
+    (tmp_path / "net/ipv4/ip_forward").write_text("1\n")
+    assert hostcheck.sysctl_on("net/ipv4/ip_forward", tmp_path) is True
+    (tmp_path / "net/ipv4/ip_forward").write_text("0\n")
+    assert hostcheck.sysctl_on("net/ipv4/ip_forward", tmp_path) is False
+    assert hostcheck.sysctl_on("net/ipv6/conf/all/forwarding", tmp_path) is None
+    (tmp_path / "gtun0").mkdir()
+    (tmp_path / "gtun0/flags").write_text("0x1091\n")
+    assert hostcheck.link_up("gtun0", tmp_path) is True
+    (tmp_path / "gtun0/flags").write_text("0x1090\n")
+    assert hostcheck.link_up("gtun0", tmp_path) is False
+    assert hostcheck.link_up("gone0", tmp_path) is False  # no device: not up
+    (tmp_path / "gtun0/flags").write_text("garbage\n")
+    assert hostcheck.link_up("gtun0", tmp_path) is None

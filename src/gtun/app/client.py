@@ -606,7 +606,7 @@ class Client:
                 # What it was started with, for doctor to compare with the file now (the
                 # relay in use, peers[0], may be another after a failover).
                 "config_file": str(self.cfg.path),
-                "server": "{}:{}".format(*self.cfg.server),
+                "server": _hostport(*self.cfg.server),
                 "server_public_key": encode_key(self.cfg.server_public_key),
                 "transport_configured": self.cfg.transport,
                 "relays": [encode_key(key) for key in core.wg.peers],
@@ -664,3 +664,8 @@ def run_client(path: Path) -> None:
         asyncio.run(client.run())
     except OSError as exc:
         raise RuntimeFailure(f"client failed: {exc}") from exc
+
+
+def _hostport(host: str, port: int) -> str:
+    """An address as a config's `server` writes it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
