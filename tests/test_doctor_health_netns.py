@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.lab.net import PORT, GtunNet
 from gtun.lab.netns import Lab
+from gtun.system.nft import Nat
 from labkit import doctor_results, relay_peer, wait_until
 
 pytestmark = pytest.mark.netns
@@ -107,6 +109,30 @@ def test_ipv6_forwarding_off_with_network6(lab6: Lab6) -> None:
     finally:
         relay_ns.sysctl("net.ipv6.conf.all.forwarding", 1)
     wait_until(lambda: "relay-forwarding6" not in doctor(lab6), WAIT, "IPv6 forwarding on")
+
+
+def test_nat_table_and_route_gone_at_the_relay(lab6: Lab6) -> None:
+    """The relay's NAT table deleted and its network's route gone from its device (in
+    its namespace): the client's doctor names both, read by the relay through nft and
+    netlink."""
+    net = lab6.net
+    ns = net.relay.ns
+    nat = Nat("gtun0", [ip_network(net.network), ip_network(NETWORK6)])
+    ns.run(["nft", "delete", "table", "inet", nat.table])
+    ns.run(["ip", "route", "del", net.network, "dev", "gtun0"])
+    try:
+
+        def both_seen() -> dict[str, dict[str, Any]] | None:
+            r = doctor(lab6)
+            return r if "relay-nat" in r and "relay-routes" in r else None
+
+        results = wait_until(both_seen, WAIT, "relay-nat and relay-routes")
+        problem(results, "relay-nat", "masquerade table is missing", "gtun doctor -c")
+        problem(results, "relay-routes", net.network, "gtun doctor -c")
+    finally:
+        ns.run(["nft", "-f", "-"], input=nat.ruleset())
+        ns.run(["ip", "route", "replace", net.network, "dev", "gtun0", "src", "10.66.0.1"])
+    wait_until(lambda: "relay-routes" not in doctor(lab6), WAIT, "the route back")
 
 
 def edited(lab6: Lab6, name: str, **changes: str) -> Path:
