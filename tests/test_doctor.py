@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface, ip_network
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.cli import main
 from gtun.core.client import ClientCore
 from gtun.core.relay import PeerSpec, Relay
+from gtun.core.tunnel import RelayHealth
 from gtun.core.wg.constants import TAI64N_WHITENING_NS
 from gtun.doctor import checks as d
 from gtun.doctor import handshake as hs
@@ -440,11 +442,17 @@ def test_the_checks_read_no_clock() -> None:
 
 # --- whole runs over a fake system ------------------------------------------------------
 
+HEALTHY_RELAY = RelayHealth(
+    device="gtun0", forwarding=True, dev_forwarding=True, nat=True, device_up=True, age=2.0
+)
+
 
 class FakeSystem:
     def __init__(self, **facts: Any) -> None:
         self.facts = facts
         self.handshakes: list[str] = []
+        self.probed: list[ClientConfig] = []  # the config of each handshake probe
+        self.health_asked: list[Path] = []
 
     def now(self) -> float:
         return float(self.facts.get("now", NOW))
@@ -481,7 +489,12 @@ class FakeSystem:
 
     def handshake(self, cfg: ClientConfig, transport: str) -> d.Probe:
         self.handshakes.append(transport)
+        self.probed.append(cfg)
         return self.facts.get(transport) or d.Probe(transport)
+
+    def relay_health(self, path: Path) -> RelayHealth | str:
+        self.health_asked.append(path)
+        return self.facts.get("relay_health", HEALTHY_RELAY)
 
     def store(self, cfg: Any) -> d.StoreFacts | None:
         return self.facts.get("store")
@@ -588,6 +601,241 @@ def test_relay_run_over_facts(tmp_path: Path, keys: dict[str, bytes]) -> None:
     r = names(d.diagnose_relay(cfg, sick))  # type: ignore[arg-type]
     assert not r["forwarding"].ok and not r["rp_filter"].ok
     assert not r["forward"].ok and not r["nat"].ok
+
+
+# --- the relay's health, asked over the tunnel -------------------------------------
+
+
+def test_relay_health_one_problem_each_fixed_on_the_relay() -> None:
+    sick = RelayHealth(
+        device="gtun0",
+        forwarding=False,
+        forwarding6=False,
+        nat=False,
+        device_up=False,
+        missing_routes=(ip_network("192.168.88.0/24"),),
+        store=False,
+        age=4.0,
+    )
+    r = names(d.check_relay_health(sick))
+    assert set(r) == {
+        "relay-forwarding",
+        "relay-forwarding6",
+        "relay-nat",
+        "relay-device",
+        "relay-routes",
+        "relay-store",
+    }
+    for result in r.values():
+        assert not result.ok and "gtun doctor -c server.toml" in (result.fix or "")
+        assert "(4 s ago)" in result.detail
+    assert "net.ipv4.ip_forward=1" in (r["relay-forwarding"].fix or "")
+    assert "net.ipv6.conf.all.forwarding=1" in (r["relay-forwarding6"].fix or "")
+    assert "192.168.88.0/24" in r["relay-routes"].detail
+    # Forwarding off on the relay's device alone names the device's switch.
+    dev_off = d.check_relay_health(replace(HEALTHY_RELAY, dev_forwarding=False))
+    assert [x.check for x in dev_off] == ["relay-forwarding"]
+    assert "net.ipv4.conf.gtun0.forwarding=1" in (dev_off[0].fix or "")
+    # All well: one OK line; unknown or unasked: a note, never a problem.
+    [good] = d.check_relay_health(HEALTHY_RELAY)
+    assert good.ok and "IPv4 forwarding on" in good.detail and "gtun0 up" in good.detail
+    [fresh] = d.check_relay_health(RelayHealth())
+    assert fresh.ok and "not looked" in fresh.detail
+    [old] = d.check_relay_health("the relay does not answer health requests (an older gtun)")
+    assert old.ok and "older gtun" in old.detail
+    [stale] = d.check_relay_health(replace(HEALTHY_RELAY, age=600.0))
+    assert stale.ok and "stuck" in stale.detail
+
+
+def test_a_running_client_reports_what_is_off_at_its_relay(ccfg: ClientConfig) -> None:
+    facts: dict[str, Any] = {"link": link(addrs=["10.66.0.2/24"]), "route_dev": {"127.0.0.1": "lo"}}
+    off = replace(HEALTHY_RELAY, forwarding=False)
+    system = FakeSystem(status=RUNNING, relay_health=off, **facts)
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == [] and system.health_asked == [ccfg.control_socket]
+    r = names(results)
+    assert not r["relay-forwarding"].ok and "IPv4 forwarding is off" in r["relay-forwarding"].detail
+    assert d.exit_code(results) == 1
+    # A healthy relay: all OK, as before.
+    results = d.diagnose_client(ccfg, FakeSystem(status=RUNNING, **facts))  # type: ignore[arg-type]
+    assert d.exit_code(results) == 0 and names(results)["relay-health"].ok
+    # A client that is not connected is not asked (the path lines say why).
+    system = FakeSystem(status={**RUNNING, "connected": False}, **facts)
+    d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.health_asked == []
+
+
+def test_a_stopped_clients_probe_brings_the_relays_health(ccfg: ClientConfig) -> None:
+    answered = d.Probe("udp", answered=True, health=replace(HEALTHY_RELAY, nat=False))
+    r = names(d.diagnose_client(ccfg, FakeSystem(udp=answered)))  # type: ignore[arg-type]
+    assert not r["relay-nat"].ok and "gtun doctor -c server.toml" in (r["relay-nat"].fix or "")
+
+
+def relay_cfg(tmp_path: Path, keys: dict[str, bytes], **extra: str) -> Any:
+    from gtun.app.config import load_server_config
+
+    path = write_server(tmp_path, keys)
+    text = path.read_text().replace(
+        "[server]\n", "[server]\n" + "".join(f"{k} = {v}\n" for k, v in extra.items()), 1
+    )
+    path.write_text(text)
+    return load_server_config(path)
+
+
+def test_ipv6_forwarding_is_checked_with_network6(tmp_path: Path, keys: dict[str, bytes]) -> None:
+    status = {"peers": []}
+    up = link(addrs=["10.66.0.1/24"])
+    off = {"net.ipv6.conf.all.forwarding": "0"}
+    without = relay_cfg(tmp_path, keys)
+    r = names(d.diagnose_relay(without, FakeSystem(status=status, link=up, sysctl=off)))  # type: ignore[arg-type]
+    assert "forwarding6" not in r
+    cfg = relay_cfg(tmp_path, keys, network6='"fd66::/64"')
+    r = names(d.diagnose_relay(cfg, FakeSystem(status=status, link=up, sysctl=off)))  # type: ignore[arg-type]
+    assert not r["forwarding6"].ok and "net.ipv6.conf.all.forwarding=1" in (
+        r["forwarding6"].fix or ""
+    )
+    r = names(d.diagnose_relay(cfg, FakeSystem(status=status, link=up)))  # type: ignore[arg-type]
+    assert r["forwarding6"].ok
+    # A kernel without IPv6: network6 cannot work.
+    r = names(
+        d.diagnose_relay(
+            cfg,
+            FakeSystem(status=status, link=up, sysctl={"net.ipv6.conf.all.forwarding": None}),  # type: ignore[arg-type]
+        )
+    )
+    assert not r["forwarding6"].ok and "IPv6 is off in the kernel" in r["forwarding6"].detail
+
+
+def test_what_the_relay_sets_up_itself_is_no_problem_before_it_starts(
+    tmp_path: Path, keys: dict[str, bytes]
+) -> None:
+    cfg = relay_cfg(tmp_path, keys, network6='"fd66::/64"')
+    fresh = {
+        "sysctl": {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"},
+        "nft": [],
+    }
+    results = d.diagnose_relay(cfg, FakeSystem(**fresh))  # type: ignore[arg-type]
+    r = names(results)
+    assert [x.check for x in results if not x.ok] == ["relay"], d.format_text(results)
+    for check in ("forwarding", "forwarding6", "nat", "device"):
+        assert r[check].ok and "at start" in r[check].detail, r[check]
+    # While it runs, the same facts are problems.
+    running = FakeSystem(status={"peers": []}, link=link(addrs=["10.66.0.1/24"]), **fresh)
+    r = names(d.diagnose_relay(cfg, running))  # type: ignore[arg-type]
+    assert not r["forwarding"].ok and not r["forwarding6"].ok and not r["nat"].ok
+
+
+# --- doctor checks the file it was given ------------------------------------------------
+
+
+def running_from(cfg: ClientConfig, **changes: Any) -> dict[str, Any]:
+    """RUNNING as a client started from `cfg` reports it, with `changes`."""
+    relay = encode_key(cfg.server_public_key)
+    status = {
+        **RUNNING,
+        "device": cfg.device,
+        "public_key": encode_key(cfg.public_key),
+        "config_file": str(cfg.path),
+        "server": "{}:{}".format(*cfg.server),
+        "server_public_key": relay,
+        "transport_configured": cfg.transport,
+        "relays": [relay],
+        "peers": [{**RUNNING["peers"][0], "public_key": relay}],  # type: ignore[index]
+    }
+    status.update(changes)
+    return status
+
+
+FACTS: dict[str, Any] = {"link": link(addrs=["10.66.0.2/24"]), "route_dev": {"127.0.0.1": "lo"}}
+
+
+def test_the_same_file_is_no_problem(ccfg: ClientConfig) -> None:
+    system = FakeSystem(status=running_from(ccfg), **FACTS)
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert d.exit_code(results) == 0 and system.handshakes == [], d.format_text(results)
+    assert "config" not in names(results)
+
+
+def test_an_edited_server_key_is_probed_with_the_files_key(
+    ccfg: ClientConfig, tmp_path: Path, keys: dict[str, bytes]
+) -> None:
+    """The running client uses the old relay key; the file names a relay the running
+    client does not know: doctor may probe it under the client's key."""
+    old = encode_key(public_key(generate_private_key()))
+    status = running_from(ccfg, server_public_key=old, relays=[old])
+    status["peers"] = [{**status["peers"][0], "public_key": old}]
+    system = FakeSystem(
+        status=status, udp=d.Probe("udp"), tcp=d.Probe("tcp", error="refused"), **FACTS
+    )
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    r = names(results)
+    new = encode_key(ccfg.server_public_key)
+    assert not r["config"].ok
+    assert f"uses server_public_key {old}" in r["config"].detail
+    assert f"the file says server_public_key {new}" in r["config"].detail
+    assert "systemctl restart gtun-client@client" in (r["config"].fix or "")
+    assert f"gtun client -c {ccfg.path}" in (r["config"].fix or "")
+    # The probe ran with the file's relay key; it found the relay silent.
+    assert system.handshakes == ["udp", "tcp"]
+    assert all(c.server_public_key == ccfg.server_public_key for c in system.probed)
+    assert not r["handshake"].ok and "wrong server_public_key" in r["handshake"].detail
+    # The running client's own relay is still asked how it is, and said to be its.
+    assert "the running client's relay" in r["relay-health"].detail
+
+
+def test_no_handshake_under_the_same_key_with_a_relay_the_client_knows(
+    ccfg: ClientConfig,
+) -> None:
+    """Only the address changed: the relay (its key) is the running client's, whose
+    session a probe would take over.  Doctor only pokes the port and pings."""
+    status = running_from(ccfg, server="192.0.2.7:9621")
+    system = FakeSystem(status=status, **FACTS)
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    r = names(results)
+    assert system.handshakes == []
+    assert not r["config"].ok and "uses server 192.0.2.7:9621" in r["config"].detail
+    assert r["relay"].ok and "no handshake tried" in r["relay"].detail
+    assert "take over" in r["relay"].detail
+    # A relay it learnt from a mesh counts as known too.
+    learnt = encode_key(ccfg.server_public_key)
+    status = running_from(ccfg, server_public_key="other", relays=["other", learnt])
+    system = FakeSystem(status=status, **FACTS)
+    d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert system.handshakes == []
+    # A closed port is still said.
+    system = FakeSystem(
+        status=running_from(ccfg, server="192.0.2.7:9621"), udp_refused=True, **FACTS
+    )
+    r = names(d.diagnose_client(ccfg, system))  # type: ignore[arg-type]
+    assert not r["relay"].ok and "nothing listens on UDP" in r["relay"].detail
+
+
+def test_another_client_key_may_be_probed(ccfg: ClientConfig) -> None:
+    """The file's private_key_file changed: to the relay, the probe is another peer."""
+    status = running_from(ccfg, public_key=encode_key(public_key(generate_private_key())))
+    system = FakeSystem(status=status, udp=d.Probe("udp", answered=True), **FACTS)
+    r = names(d.diagnose_client(ccfg, system))  # type: ignore[arg-type]
+    assert system.handshakes == ["udp"]
+    assert not r["config"].ok and "public key (private_key_file)" in r["config"].detail
+    assert r["handshake"].ok
+
+
+def test_transport_and_device_changes_keep_the_running_session(ccfg: ClientConfig) -> None:
+    status = running_from(ccfg, transport_configured="tcp", device="gtun9")
+    system = FakeSystem(status=status, **FACTS)
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    r = names(results)
+    assert system.handshakes == []  # the same relay and key: the session tells
+    assert "uses transport tcp, device gtun9" in r["config"].detail
+    assert r["handshake"].ok and "running client has a session" in r["handshake"].detail
+    # The device checked is the running client's, the one that exists.
+    assert "gtun9" in r["device"].detail
+
+
+def test_an_older_running_client_is_compared_on_what_it_says(ccfg: ClientConfig) -> None:
+    system = FakeSystem(status=RUNNING, **FACTS)  # no server, key, transport or device
+    results = d.diagnose_client(ccfg, system)  # type: ignore[arg-type]
+    assert "config" not in names(results) and system.handshakes == []
 
 
 # --- several relays: the store, the mesh sessions, the clocks -------------------------
@@ -824,6 +1072,23 @@ def test_tcp_probe_gets_config_and_refusal(
     time.sleep(2 * TAI64N_WHITENING_NS / 1e9)
     got = asyncio.run(hs.probe_tcp(tap))
     assert got.refused is not None and "tun mode" in got.refused
+
+
+def test_the_probe_asks_the_relays_health(
+    tmp_path: Path, keys: dict[str, bytes], tcp_relay: TcpRelay
+) -> None:
+    """Once the relay's CONFIG grants it, the probe asks how the relay is, and a whole
+    run over the live system names what is off there, to be fixed on the relay."""
+    tcp_relay.relay.set_health(replace(HEALTHY_RELAY, forwarding=False), time.monotonic())
+    cfg = load_client_config(write_client(tmp_path, keys, port=tcp_relay.port))
+    got = asyncio.run(hs.probe_tcp(cfg))
+    assert got.config is not None and got.config.health
+    assert got.health is not None and got.health.forwarding is False
+    assert got.health.device == "gtun0" and got.health.age is not None and got.health.age < 5
+    time.sleep(2 * TAI64N_WHITENING_NS / 1e9)
+    results = names(d.diagnose_client(cfg, LiveSystem()))
+    assert not results["relay-forwarding"].ok, results
+    assert "gtun doctor -c server.toml" in (results["relay-forwarding"].fix or "")
 
 
 def test_tcp_probe_refused_port(tmp_path: Path, keys: dict[str, bytes]) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Coroutine
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from gtun.core.client import (
     Disconnected,
     Fallback,
     GaveUpRound,
+    HealthReceived,
     MtuChanged,
     NoAnswer,
     NoHandshake,
@@ -40,7 +42,7 @@ from gtun.core.client import (
 )
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
-from gtun.core.tunnel import PushedConfig
+from gtun.core.tunnel import PushedConfig, RelayHealth, health_payload
 from gtun.core.wg.events import Event
 from gtun.errors import GtunError, RuntimeFailure
 from gtun.io.driver import Driver
@@ -57,6 +59,7 @@ log = logging.getLogger("gtun")
 RESOLVE_RETRY = 5.0
 PATH_SETTLE = 0.05  # seconds after an address or route change before the way is looked up
 NOTICE_EVERY = 6  # handshake attempts between two "does not answer" warnings
+HEALTH_WAIT = 2.0  # seconds `relay_health` waits for the relay's answer
 
 
 class Client:
@@ -94,6 +97,9 @@ class Client:
         self.watcher: PathWatcher | None = None
         self.path: str | None = None
         self._path_check: asyncio.Task[None] | None = None
+        # `relay_health` commands waiting for the relay's answer, by request id (at most
+        # the control socket's connections).
+        self._health_waiters: dict[int, asyncio.Future[RelayHealth]] = {}
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -374,6 +380,10 @@ class Client:
                 log.warning("%s; the relays learnt are not kept", exc)
         elif isinstance(event, RelayChanged):
             self.on_relay_changed(event)
+        elif isinstance(event, HealthReceived):
+            waiter = self._health_waiters.pop(event.id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event.health)
         elif isinstance(event, GaveUpRound):
             log.warning(
                 "relay %s:%d did not answer for 90s; next attempt in %.0fs",
@@ -629,7 +639,11 @@ class Client:
             client_allowed_ips(self.applied, self.ipv6, full),
         )
 
-    def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
+    def on_control(
+        self, request: dict[str, Any]
+    ) -> dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]:
+        if request.get("command") == "relay_health":
+            return self.relay_health()
         if request.get("command") != "status":
             return {"error": f"unknown command {request.get('command')!r}"}
         core = self.core
@@ -666,6 +680,13 @@ class Client:
                     if (probe := core.next_udp_probe) is not None and self.driver is not None
                     else None
                 ),
+                # What it was started with, for doctor to compare with the file now (the
+                # relay in use, peers[0], may be another after a failover).
+                "config_file": str(self.cfg.path),
+                "server": _hostport(*self.cfg.server),
+                "server_public_key": encode_key(self.cfg.server_public_key),
+                "transport_configured": self.cfg.transport,
+                "relays": [encode_key(key) for key in core.wg.peers],
             },
             [
                 {
@@ -688,6 +709,32 @@ class Client:
             self.driver.datapath() if self.driver is not None else None,
         )
 
+    async def relay_health(self) -> dict[str, Any]:
+        """The `relay_health` control command: ask the relay in use what its edge last
+        saw of its machine (a HEALTH_REQUEST through the core) and wait HEALTH_WAIT at
+        most.  {"health": {...}, "relay": ...}, or {"health": None, "reason": ...}."""
+        core, driver = self.core, self.driver
+        if core is None or driver is None or not core.connected:
+            return {"health": None, "reason": "not connected to the relay"}
+        if core.config is None:
+            return {"health": None, "reason": "no configuration from the relay yet"}
+        request_id = core.ask_health(driver.loop.time())
+        if request_id is None:
+            return {
+                "health": None,
+                "reason": "the relay does not answer health requests (an older gtun)",
+            }
+        waiter: asyncio.Future[RelayHealth] = driver.loop.create_future()
+        self._health_waiters[request_id] = waiter
+        driver.poke()  # sent now, not at the next timer
+        try:
+            health = await asyncio.wait_for(waiter, HEALTH_WAIT)
+        except TimeoutError:
+            return {"health": None, "reason": f"the relay did not answer in {HEALTH_WAIT:g} s"}
+        finally:
+            self._health_waiters.pop(request_id, None)
+        return {"health": health_payload(health), "relay": self.relay_in_use}
+
 
 def run_client(path: Path) -> None:
     """Raises ConfigError or RuntimeFailure (translated by the CLI)."""
@@ -700,3 +747,8 @@ def run_client(path: Path) -> None:
         asyncio.run(client.run())
     except OSError as exc:
         raise RuntimeFailure(f"client failed: {exc}") from exc
+
+
+def _hostport(host: str, port: int) -> str:
+    """An address as a config's `server` writes it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

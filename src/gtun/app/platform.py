@@ -1,10 +1,10 @@
 """What the daemons change on the machine, behind one seam.
 
 `Platform` groups every change a daemon makes outside its own process (the device, its
-addresses and routes, sysctls, NAT, DNS, the full tunnel, where the `wg` socket goes) so
-that a relay or a client can run in-process on fakes (gtun.testing.platform).
-`LinuxPlatform` is the real one: each method is the function of io/ or system/ the
-daemons called directly before.
+addresses and routes, sysctls, NAT, DNS, the full tunnel, where the `wg` socket goes), and
+the one look the relay takes at its machine (relay_health), so that a relay or a client
+can run in-process on fakes (gtun.testing.platform).  `LinuxPlatform` is the real one:
+each method is the function of io/ or system/ the daemons called directly before.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Protocol
 
 from gtun.app.uapi import UAPI_DIR
+from gtun.core.tunnel import RelayHealth
 from gtun.errors import ConfigError
 from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
+from gtun.system import health as hostcheck
 from gtun.system import journal
 from gtun.system.ipv6 import enable_ipv6, eui64_link_local
 from gtun.system.netlink import LinkConfig
@@ -115,6 +117,11 @@ class Platform(Protocol):
     def mark_socket(self, sock: socket.socket, mark: int) -> None: ...
     def wg_socket_dir(self) -> Path | None:
         """Where `wg` looks for DEVICE.sock (app/uapi.py); None: nowhere."""
+
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        """What the relay's machine looks like now (never raises: unknown is None)."""
         ...
 
 
@@ -173,3 +180,20 @@ class LinuxPlatform:
 
     def wg_socket_dir(self) -> Path:
         return UAPI_DIR
+
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        """The forwarding sysctls (IPv6 only with `ipv6`), the NAT table `nat_table`
+        (None: nat = false), `device`'s link state and which of `routes` no longer
+        leave by it.  Blocks for up to nft's timeout: run it off the event loop."""
+        missing = hostcheck.missing_routes(device, routes)
+        return RelayHealth(
+            device=device,
+            forwarding=hostcheck.sysctl_on("net/ipv4/ip_forward"),
+            dev_forwarding=hostcheck.sysctl_on(f"net/ipv4/conf/{device}/forwarding"),
+            forwarding6=hostcheck.sysctl_on("net/ipv6/conf/all/forwarding") if ipv6 else None,
+            nat=None if nat_table is None else hostcheck.nft_table_present("inet", nat_table),
+            device_up=hostcheck.link_up(device),
+            missing_routes=missing or (),
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -57,6 +59,7 @@ from gtun.core.relay import (
     RelaySettings,
     SessionHere,
 )
+from gtun.core.tunnel import RelayHealth
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown, SessionUnconfirmed
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
@@ -80,6 +83,7 @@ ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
 PRESENCE_INTERVAL = 10.0  # seconds between heartbeats of the sessions held (shared store)
 PRESENCE_TTL = 3 * PRESENCE_INTERVAL  # how long a heartbeat says a session is here
 PRESENCE_RECENT = 180.0  # seconds since a peer's last packet for its session to count
+HEALTH_INTERVAL = 5.0  # seconds between looks at the relay's own machine (health answers)
 
 
 class UnknownKeys:
@@ -200,6 +204,8 @@ class Server:
         self._mesh_task: asyncio.Task[None] | None = None
         self._mesh_said: str | None = None  # the last mesh refusal logged
         self._presence_tasks: set[asyncio.Task[None]] = set()
+        self.health_interval = HEALTH_INTERVAL
+        self._health_said: str | None = None  # the last failure to look, logged once
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -212,6 +218,7 @@ class Server:
             await self._configure_device(tun, specs)
             driver.attach_tun(tun)
             self._configure_host(tun)
+            self._keep_health()
             self._rejoin()
             control = ControlServer(
                 self.cfg.control_socket, self.on_control, config_file=self.cfg.path
@@ -369,6 +376,49 @@ class Server:
             )
             nat.apply()
             rt.push("NAT rules", undo(nat.remove))
+
+    def _keep_health(self) -> None:
+        """Every `health_interval`, look at the relay's own machine in a worker thread
+        (forwarding, its NAT table, its device and the routes it made into it:
+        Platform.relay_health) and give the core the snapshot it answers clients' health
+        requests from, with whether the shared store answers (known here)."""
+        assert self.relay is not None
+        relay, cfg = self.relay, self.cfg
+        nat_table = table_name(cfg.device) if cfg.nat else None
+        loop = asyncio.get_running_loop()
+
+        async def keep() -> None:
+            while True:
+                routes: list[Network] = [cfg.network]
+                if cfg.network6 is not None:
+                    routes.append(cfg.network6)
+                routes.extend(sorted(self.subnet_routes, key=str))
+                try:
+                    look = functools.partial(
+                        self.platform.relay_health,
+                        cfg.device,
+                        ipv6=cfg.network6 is not None,
+                        nat_table=nat_table,
+                        routes=routes,
+                    )
+                    health = await off_loop(look)
+                except Exception as exc:  # a bug: the relay serves on, unable to say
+                    if self._health_said != str(exc):
+                        log.warning("cannot look at this relay's health: %s", exc)
+                    self._health_said = str(exc)
+                    health = RelayHealth(device=cfg.device)
+                store = self.store_up if isinstance(self.store, PgStore) else None
+                relay.set_health(replace(health, store=store), loop.time())
+                await asyncio.sleep(self.health_interval)
+
+        task = asyncio.ensure_future(keep())
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.rt.push("health look", stop)
 
     def _rejoin(self) -> None:
         """Handshake with every peer at the UDP endpoint it last used (a restart is

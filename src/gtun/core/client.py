@@ -169,6 +169,13 @@ than MIN_PROBE_TIMEOUT and no more than probe_timeout. Only an answer proves a s
 size fails once it went unanswered in MAX_PROBES rounds (as the MTU itself fails after
 MAX_PROBES lost confirmations), so random loss seldom makes a search stop low, and when
 it does the next raise finds the rest.
+
+The relay's health
+------------------
+ask_health() sends the relay in use a HEALTH_REQUEST when its configuration granted
+tunnel.Caps.health (an older relay never did, and is never asked); the answer comes as
+HealthReceived with the request's id.  At most MAX_HEALTH_PENDING wait; the daemon
+bounds the wait itself (`gtun doctor` asks through the control socket).
 """
 
 from __future__ import annotations
@@ -211,6 +218,7 @@ MOVE_RATIO = 0.75  # move to a relay whose RTT is below this share of the curren
 MOVE_MARGIN = 0.005  # ... and lower by at least this many seconds
 MOVE_HOLD = 60.0  # and not within this long of the last move
 MAX_RELAYS = tm.MAX_RELAYS  # known relays kept besides the configured one
+MAX_HEALTH_PENDING = 16  # health requests awaiting their answer (the oldest forgotten)
 
 # Path MTU discovery (RFC 8899 names in comments).  Tuning knobs:
 PROBE_TIMEOUT = 1.0  # seconds a probe waits for its answer at most (PROBE_TIMER) ...
@@ -346,6 +354,14 @@ class RelaysLearned(Event):
     """The known relays changed (a push): the daemon keeps them in its state."""
 
     relays: tuple[KnownRelay, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReceived(Event):
+    """The relay's answer to health request `id` (ask_health())."""
+
+    id: int
+    health: tm.RelayHealth
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +520,9 @@ class ClientCore:
         self._probe_handshake: object = None  # the last probe's pending handshake
         self._fell_back_at: float | None = None  # the last fallback, while on TCP
         self._blocked_told = True  # UdpBlocked said since the last fallback
+        # Health requests (ask_health()): the next id, and those awaiting an answer.
+        self._health_next = 1
+        self._health_pending: dict[int, float] = {}
         for relay in known:
             self._know(relay)
 
@@ -578,6 +597,24 @@ class ClientCore:
         if self.mode is not None:
             return self.mode
         return self.config.mode if self.config is not None else None
+
+    def ask_health(self, now: float) -> int | None:
+        """Ask the relay in use what its edge last saw of its machine (HEALTH_REQUEST);
+        the answer comes as HealthReceived with the id returned.  None when it cannot be
+        asked: not connected, no configuration yet, or a relay that does not answer
+        health requests (an older gtun: its configuration did not grant Caps.health).
+        At most MAX_HEALTH_PENDING requests wait; a newer one forgets the oldest."""
+        if not self.connected or self.config is None or not self.relay.caps.health:
+            return None
+        request_id = self._health_next
+        self._health_next = request_id % tm.MAX_HEALTH_ID + 1
+        pending = self._health_pending
+        if len(pending) >= MAX_HEALTH_PENDING:
+            del pending[next(iter(pending))]
+        pending[request_id] = now
+        self.wg.send(self.server, tm.push_health_request(request_id), now)
+        self._drain(now)
+        return request_id
 
     def set_endpoint(self, endpoint: Hashable | None) -> None:
         self.server.endpoint = endpoint
@@ -755,6 +792,7 @@ class ClientCore:
             partial=self.accept_partial,
             pmtu=self.pmtu_enabled,
             relays=self.failover,
+            health=True,
         )
         self.wg.send(self.server, tm.push_config_request(request), now)
         self._t_config = now + CONFIG_RETRY
@@ -867,6 +905,7 @@ class ClientCore:
                 bulk=config.bulk,
                 partial=config.partial and self.accept_partial,
                 pmtu=config.pmtu and self.pmtu_enabled,
+                health=config.health,
             )
             self._pmtu_configured(config, now)
             self._emit(ConfigReceived(config, changed))
@@ -879,6 +918,15 @@ class ClientCore:
                 self.drops["malformed"] += 1
                 return
             self._pmtu_answer(probe, now)
+        elif msg.type == tm.HEALTH:
+            try:
+                request_id = tm.health_id(msg)
+            except tm.TunnelMessageError:
+                self.drops["malformed"] += 1
+                return
+            if self._health_pending.pop(request_id, None) is not None:
+                self._emit(HealthReceived(request_id, tm.pull_health(msg.payload)))
+            # else late (forgotten) or never asked: nothing to tell
         elif msg.type == tm.REFUSED:
             self._move("refused")
             self._emit(Refused(str(msg.payload.get("reason", "refused"))))
@@ -1378,6 +1426,7 @@ class ClientCore:
         if self.probe_state is not None or self._t_probe is not None:
             self._probe_reset()
         self.moves += 1
+        self._health_pending.clear()  # asked of the old relay, whose answers are not taken
         self._pmtu_stop()  # the new relay's CONFIG starts it again
         self._emit(RelayChanged(self.relay.name, peer.public_key, self.relay.endpoint, reason))
 

@@ -129,7 +129,8 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "not_negotiated",
         "a bulk frame (bulk.py) from a peer that did not negotiate them (tunnel.Caps: a "
-        "stock peer, a client whose configuration request did not offer them, TAP mode)",
+        "stock peer, a client whose configuration request did not offer them, TAP mode), "
+        "or a health request from a client that did not ask for the capability",
         ("relay", "client", "peer"),
     ),
     Reason(
@@ -174,6 +175,12 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "probe_ratelimited",
         "path MTU probes from one peer faster than the relay answers (20/s, burst 64)",
+        ("relay", "peer"),
+    ),
+    # The relay's health (relay.py): what its edge saw of its machine, for doctor.
+    Reason(
+        "health_ratelimited",
+        "health requests from one peer faster than the relay answers (1/s, burst 4)",
         ("relay", "peer"),
     ),
     # The relay mesh (relay.py, forward.py): relays of one network forward one hop.

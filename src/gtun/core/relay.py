@@ -51,13 +51,22 @@ mesh forwards IP packets: a relay in TAP mode refuses one.  A gtun client that a
 (tunnel.Caps.relays) is pushed the other relays (name, key, endpoint: mesh_relays()) in its
 configuration, to fail over to (client.py).  The core reads no store: the
 edge feeds it the mesh and the presence, and writes the presence its events imply.
+
+Health
+------
+`gtun doctor` on a client asks the relay what is wrong on the relay's side: the edge
+looks at its machine every few seconds (forwarding, its NAT table, its device and
+routes, the store) and gives set_health() the snapshot; a client that negotiated
+tunnel.Caps.health asks with HEALTH_REQUEST and is answered from that snapshot, with its
+age, within a token bucket per peer (HEALTH_RATE, HEALTH_BURST).  A mesh relay, a stock
+peer and a client that did not negotiate it are answered nothing.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -88,6 +97,10 @@ MESH_KEEPALIVE = 25.0
 # one probe a second at most; a probe costs the relay one encryption of up to its MTU.
 PROBE_RATE = 20.0  # per second
 PROBE_BURST = 64
+# Health requests answered per peer: a token bucket too.  `gtun doctor` asks once a run;
+# an answer is a few hundred bytes, for a request of a few dozen.
+HEALTH_RATE = 1.0  # per second
+HEALTH_BURST = 4
 
 
 @dataclass
@@ -132,6 +145,8 @@ class PeerState:
     probes: int = 0  # probes answered
     probe_tokens: float = PROBE_BURST
     probe_refill: float | None = None  # when the tokens were last counted
+    health_tokens: float = HEALTH_BURST
+    health_refill: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +251,9 @@ class Relay:
         self.name: str | None = None
         self._presence: dict[bytes, str] = {}
         self.forwarder.own = self._own_table()
+        # What the edge last saw of the relay's machine (set_health()) and when.
+        self._health = tm.RelayHealth()
+        self._health_at: float | None = None
 
     @property
     def table(self) -> RouteTable[Peer]:
@@ -515,6 +533,21 @@ class Relay:
             own.insert(net, True)
         return own
 
+    # --- health --------------------------------------------------------------------
+
+    def set_health(self, health: tm.RelayHealth, now: float) -> None:
+        """What the edge saw of the relay's machine at `now` (forwarding, NAT, device,
+        routes, store), for the answers to HEALTH_REQUEST; the answers carry its age.
+        Until the first call, the answer says nothing is known."""
+        self._health = health
+        self._health_at = now
+
+    def health(self, now: float) -> tm.RelayHealth:
+        """The health a HEALTH answer at `now` carries."""
+        if self._health_at is None:
+            return tm.RelayHealth()
+        return replace(self._health, age=max(0.0, now - self._health_at))
+
     def rejoin(self, endpoints: Mapping[bytes, Hashable], now: float) -> int:
         """Initiate handshakes to peers at the endpoints they last used (public key ->
         endpoint), spread over time; a peer that already has an endpoint (it reached us
@@ -709,6 +742,8 @@ class Relay:
             self._claim(peer)
         elif msg.type == tm.PROBE:
             self._answer_probe(peer, state, msg, len(plaintext), now)
+        elif msg.type == tm.HEALTH_REQUEST:
+            self._answer_health(peer, state, msg, now)
         else:
             self._count(peer, "malformed")
 
@@ -736,6 +771,32 @@ class Relay:
             state.path_mtu = probe.mtu
         self.wg.send(peer, tm.push_probe(tm.PROBE_ACK, probe.id, size), now)
 
+    def _answer_health(
+        self, peer: Peer, state: PeerState, msg: tm.TunnelMessage, now: float
+    ) -> None:
+        """Answer a client that negotiated health requests (Caps.health) with what the
+        edge last saw, within the peer's token bucket; a stock peer never asks, and a
+        client that did not ask for the capability gets nothing."""
+        if not state.caps.health:
+            self._count(peer, "not_negotiated")
+            return
+        try:
+            request_id = tm.health_id(msg)
+        except tm.TunnelMessageError:
+            self._count(peer, "malformed")
+            return
+        last = state.health_refill
+        if last is not None:
+            state.health_tokens = min(
+                HEALTH_BURST, state.health_tokens + (now - last) * HEALTH_RATE
+            )
+        state.health_refill = now
+        if state.health_tokens < 1.0:
+            self._count(peer, "health_ratelimited")
+            return
+        state.health_tokens -= 1.0
+        self.wg.send(peer, tm.push_health(request_id, self.health(now)), now)
+
     def config_for(self, peer: Peer) -> PushedConfig:
         """What the relay pushes to `peer` (tunnel.push_config encodes it).  Raises
         LocalProtocolError for a mesh relay, which is pushed nothing."""
@@ -761,6 +822,7 @@ class Relay:
             partial=peer.data.caps.partial,
             network=s.network,
             pmtu=peer.data.caps.pmtu,  # answers its probes: it asked
+            health=peer.data.caps.health,  # answers its health requests: it asked
             # The other relays of the mesh, to fail over to: only to a client that asked.
             relays=self.mesh_relays() if peer.data.caps.relays else (),
             relays_pushed=peer.data.caps.relays,

@@ -19,8 +19,11 @@ Messages.
     magic(4) = 00 'g' 't' 01   type(1)   length(2, big-endian)   JSON payload(length)
 
 Types: CONFIG_REQUEST (client -> relay), CONFIG (relay -> client), REFUSED (relay ->
-client, with a reason), PING (client -> relay), PONG (relay -> client), and the path MTU
-probe and its answer, PROBE (client -> relay) and PROBE_ACK (relay -> client).  A probe
+client, with a reason), PING (client -> relay), PONG (relay -> client), the path MTU
+probe and its answer, PROBE (client -> relay) and PROBE_ACK (relay -> client), and the
+relay's health, HEALTH_REQUEST (client -> relay, `{"id": n}`) and HEALTH (relay ->
+client, `{"id": n, ...}`: what the relay's edge last saw of its own machine, typed
+here as RelayHealth, each key absent when not known).  A probe
 is `{"id": n}` (and the client's path MTU, "mtu") followed by zeros up to the size under
 test, so that the datagram carrying it has exactly that size; the relay answers
 `{"id": n}` padded to the probe's own length, never longer, so a probe tests both
@@ -35,7 +38,10 @@ completes (partial checksums), path MTU probes the relay answers (pmtu), and the
 relays of the network pushed in the configuration (relays: a client that asks with
 `"relays": true` gets `"relays": [{"name", "key", "endpoint"}, ...]`, at most
 MAX_RELAYS of them, so that it can fail over; an old client never asks and an old relay
-never answers, so neither sees the key).  A stock peer has NO_CAPS.
+never answers, so neither sees the key), and health requests the relay answers (health:
+a client that asks with `"health": true` is told `"health": true` in its CONFIG, and
+only then sends HEALTH_REQUEST; an old relay never grants it, so it is never sent one,
+and an old client never asks, so it is never answered).  A stock peer has NO_CAPS.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import re
 import struct
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -76,8 +83,13 @@ PING = 4
 PONG = 5
 PROBE = 6
 PROBE_ACK = 7
-TYPES = {CONFIG_REQUEST, CONFIG, REFUSED, PING, PONG, PROBE, PROBE_ACK}
+HEALTH_REQUEST = 8
+HEALTH = 9
+TYPES = {CONFIG_REQUEST, CONFIG, REFUSED, PING, PONG, PROBE, PROBE_ACK, HEALTH_REQUEST, HEALTH}
 MAX_PROBE_ID = 2**32 - 1
+MAX_HEALTH_ID = 2**32 - 1
+MAX_DEVICE_NAME = 15  # IFNAMSIZ - 1: a device name in a HEALTH answer
+MAX_HEALTH_ROUTES = 16  # missing routes named in a HEALTH answer (more are counted)
 
 # What a plaintext is (classify()).
 IPV4 = 4
@@ -158,6 +170,7 @@ class Caps:
     partial: bool = False  # sends and takes TCP segments with partial checksums
     pmtu: bool = False  # the relay answers path MTU probes (PROBE -> PROBE_ACK)
     relays: bool = False  # the relay pushes the other relays of its network
+    health: bool = False  # the relay answers HEALTH_REQUEST
 
 
 NO_CAPS = Caps()
@@ -171,13 +184,15 @@ class ConfigRequest:
     """`mode` None: the client follows the relay's mode.  `bulk`: it takes bulk frames;
     `partial`: it completes TCP checksums the relay leaves partial; `pmtu`: it probes
     the path MTU (and wants its probes answered); `relays`: it fails over, and wants
-    the other relays of the network in its configuration."""
+    the other relays of the network in its configuration; `health`: it may ask for the
+    relay's health (HEALTH_REQUEST)."""
 
     mode: str | None = None
     bulk: bool = False
     partial: bool = False
     pmtu: bool = False
     relays: bool = False
+    health: bool = False
 
 
 def push_config_request(request: ConfigRequest) -> bytes:
@@ -188,6 +203,8 @@ def push_config_request(request: ConfigRequest) -> bytes:
         payload["pmtu"] = True
     if request.relays:
         payload["relays"] = True
+    if request.health:
+        payload["health"] = True
     if request.mode is not None:
         payload["mode"] = request.mode
     return push_message(CONFIG_REQUEST, payload)
@@ -204,21 +221,23 @@ def parse_config_request(payload: dict[str, Any]) -> ConfigRequest:
         partial=payload.get("csum") == "partial",
         pmtu=payload.get("pmtu") is True,
         relays=payload.get("relays") is True,
+        health=payload.get("health") is True,
     )
 
 
 def relay_caps(request: ConfigRequest, *, tap: bool, partial_ok: bool) -> Caps:
     """What the relay grants a client that asked with `request`: neither in TAP mode
     (frames are never super-packets), and partial checksums only when the relay's own
-    device completes them (`partial_ok`).  Probes are answered, and relays pushed, in
-    either mode."""
+    device completes them (`partial_ok`).  Probes and health requests are answered, and
+    relays pushed, in either mode."""
     if tap:
-        return Caps(pmtu=request.pmtu, relays=request.relays)
+        return Caps(pmtu=request.pmtu, relays=request.relays, health=request.health)
     return Caps(
         bulk=request.bulk,
         partial=partial_ok and request.partial,
         pmtu=request.pmtu,
         relays=request.relays,
+        health=request.health,
     )
 
 
@@ -324,11 +343,18 @@ class PushedConfig:
     relays: tuple[RelayInfo, ...] = field(default=(), compare=False)
     relays_pushed: bool = field(default=False, compare=False)
     relays_dropped: int = field(default=0, compare=False)
+    health: bool = False  # the relay answers HEALTH_REQUEST
 
     @property
     def caps(self) -> Caps:
         """The capabilities the relay granted (the client ANDs in its own)."""
-        return Caps(bulk=self.bulk, partial=self.partial, pmtu=self.pmtu, relays=self.relays_pushed)
+        return Caps(
+            bulk=self.bulk,
+            partial=self.partial,
+            pmtu=self.pmtu,
+            relays=self.relays_pushed,
+            health=self.health,
+        )
 
 
 def push_config(config: PushedConfig) -> bytes:
@@ -356,6 +382,7 @@ def push_config(config: PushedConfig) -> bytes:
         "bulk": config.bulk,
         "csum": "partial" if config.partial else "full",
         **({"pmtu": True} if config.pmtu else {}),
+        **({"health": True} if config.health else {}),
         **({"relays": push_relays(config.relays)} if config.relays_pushed else {}),
         **ipv6,
     }
@@ -412,6 +439,7 @@ def parse_pushed_config(payload: dict[str, Any]) -> PushedConfig:
         relays=relays,
         relays_pushed=pushed,
         relays_dropped=dropped,
+        health=payload.get("health") is True,
     )
 
 
@@ -472,3 +500,117 @@ def parse_probe(msg: TunnelMessage, size: int) -> Probe:
     if mtu is not None:
         mtu = _int(mtu, 576, 9000, "mtu")
     return Probe(probe_id, size, mtu)
+
+
+# --- the relay's health (HEALTH_REQUEST -> HEALTH) ---------------------------------------
+
+# A device name as a HEALTH answer may carry it: what a fix line can name safely.
+_DEVICE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_DEVICE_NAME}}}")
+MAX_HEALTH_AGE = 86400.0  # an age beyond a day is not believed (read as unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayHealth:
+    """What a relay's edge last saw of its own machine, as the relay answers a HEALTH_
+    REQUEST.  None: not known (not looked at yet, unreadable) or not applicable
+    (`forwarding6` without network6, `nat` with nat = false, `store` without a shared
+    store).  `age`: seconds between that look and the answer."""
+
+    device: str | None = None  # the relay's device, for the fixes to name
+    forwarding: bool | None = None  # net.ipv4.ip_forward
+    dev_forwarding: bool | None = None  # net.ipv4.conf.<device>.forwarding
+    forwarding6: bool | None = None  # net.ipv6.conf.all.forwarding (network6 only)
+    nat: bool | None = None  # its masquerade table is there (nat = true only)
+    device_up: bool | None = None  # the device exists and is up
+    missing_routes: tuple[Network, ...] = ()  # routes it made into its device, gone since
+    store: bool | None = None  # the shared store answers (a shared store only)
+    age: float | None = None
+
+    @property
+    def known(self) -> bool:
+        """Whether the relay had looked at itself at all."""
+        return any(
+            v is not None
+            for v in (
+                self.forwarding,
+                self.dev_forwarding,
+                self.forwarding6,
+                self.nat,
+                self.device_up,
+                self.store,
+            )
+        )
+
+
+_HEALTH_FLAGS = ("forwarding", "dev_forwarding", "forwarding6", "nat", "device_up", "store")
+
+
+def health_payload(health: RelayHealth) -> dict[str, Any]:
+    """A RelayHealth as JSON (a HEALTH's payload without its id, and the client's control
+    answer): unknown facts left out, at most MAX_HEALTH_ROUTES routes."""
+    payload: dict[str, Any] = {}
+    if health.device is not None:
+        payload["device"] = health.device
+    for name in _HEALTH_FLAGS:
+        value = getattr(health, name)
+        if value is not None:
+            payload[name] = value
+    if health.missing_routes:
+        payload["missing_routes"] = [str(r) for r in health.missing_routes[:MAX_HEALTH_ROUTES]]
+    if health.age is not None:
+        payload["age"] = round(max(0.0, health.age), 1)
+    return payload
+
+
+def pull_health(payload: dict[str, Any]) -> RelayHealth:
+    """The RelayHealth in a HEALTH payload (or a control answer).  Never raises: a key
+    that is absent or ill-typed reads as unknown; a device name that a fix could not
+    name safely, and routes that do not parse or pass MAX_HEALTH_ROUTES, are left out."""
+    flags: dict[str, bool | None] = {}
+    for name in _HEALTH_FLAGS:
+        value = payload.get(name)
+        flags[name] = value if isinstance(value, bool) else None
+    device = payload.get("device")
+    if not isinstance(device, str) or not _DEVICE_NAME.fullmatch(device):
+        device = None
+    routes: list[Network] = []
+    value = payload.get("missing_routes")
+    if isinstance(value, list):
+        for text in value[:MAX_HEALTH_ROUTES]:
+            if isinstance(text, str) and len(text) <= 64:
+                try:
+                    routes.append(ipaddress.ip_network(text))
+                except ValueError:
+                    continue
+    age = _health_age(payload.get("age"))
+    return RelayHealth(device=device, missing_routes=tuple(routes), age=age, **flags)
+
+
+def _health_age(value: object) -> float | None:
+    """A number of seconds from 0 to MAX_HEALTH_AGE (no bool, NaN or infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0.0 <= value <= MAX_HEALTH_AGE else None
+
+
+def push_health_request(health_id: int) -> bytes:
+    """Raises LocalProtocolError for an id out of range."""
+    if not 0 <= health_id <= MAX_HEALTH_ID:
+        raise LocalProtocolError(f"health request id {health_id} out of range")
+    return push_message(HEALTH_REQUEST, {"id": health_id})
+
+
+def push_health(health_id: int, health: RelayHealth) -> bytes:
+    """The HEALTH answer to request `health_id`.  Raises LocalProtocolError for an id
+    out of range."""
+    if not 0 <= health_id <= MAX_HEALTH_ID:
+        raise LocalProtocolError(f"health request id {health_id} out of range")
+    return push_message(HEALTH, {"id": health_id, **health_payload(health)})
+
+
+def health_id(msg: TunnelMessage) -> int:
+    """The id of a pulled HEALTH_REQUEST or HEALTH.  Raises TunnelMessageError."""
+    value = msg.payload.get("id")
+    if type(value) is not int or not 0 <= value <= MAX_HEALTH_ID:
+        raise TunnelMessageError("health message without a valid id")
+    return value

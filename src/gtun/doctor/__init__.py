@@ -11,6 +11,26 @@ On a client, a running client is asked first (control socket) and trusted: docto
 starts a handshake with the client's key while a client runs, since a second session with
 the same key would take the running client's endpoint at the relay.  Only when no client
 runs does it probe with a client core of its own, over UDP and then TCP.
+
+Doctor checks the file it was given.  The running client's status says what it was
+started with (server, server_public_key, transport, device, its own key); when the
+file says otherwise, that is a problem (restart the client), and the path checked is the
+file's relay.  Then doctor probes that relay itself, but only when the probe cannot
+touch the running client (checks.probe_unsafe): under another key than the running
+client's (the file's private_key_file changed: to every relay, another peer), or with a
+relay the running client does not know (not the one it was started with, nor the one it
+uses, nor one it learnt from a mesh): the running client has no session there to take
+over.  A handshake under the same key with a relay the client knows would take its
+session over (the relay would send to doctor's socket), and its configuration request
+would claim the client's presence there for the other relays of a shared store; then
+doctor only looks whether the relay's UDP port is closed and its host answers ping.
+
+The relay's own health (forwarding, its NAT table, its device and routes, its store) is
+asked over the tunnel: through the running client (`relay_health` on its control
+socket), or within doctor's own probe.  Each fault there is a PROBLEM whose fix is
+`gtun doctor -c server.toml` on the relay.  On the relay itself, what the relay sets up
+at start (its device, forwarding, its NAT table) is a note while it is not running, a
+problem once it runs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from gtun.app.config import ClientConfig, ServerConfig
 from gtun.app.keys import encode_key
 from gtun.core.relay import PushedConfig
+from gtun.core.tunnel import RelayHealth
 from gtun.system.nft import table_name
 
 Network = IPv4Network | IPv6Network
@@ -110,6 +111,7 @@ class Probe:
     config: PushedConfig | None = None  # the relay's CONFIG, as the client core read it
     refused: str | None = None  # the relay's REFUSED reason
     rtt: float | None = None
+    health: RelayHealth | None = None  # the relay's answer to a health request, if any
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,11 @@ class System(Protocol):
     def ping_host(self, host: str) -> bool: ...
     def udp_refused(self, host: str, port: int) -> bool: ...
     def handshake(self, cfg: ClientConfig, transport: str) -> Probe: ...
+    def relay_health(self, path: Path) -> RelayHealth | str:
+        """Ask the client running on control socket `path` for its relay's health; a
+        str says why there is none (not connected, an older relay, no answer)."""
+        ...
+
     def store(self, cfg: ServerConfig) -> StoreFacts | None:
         """The relay's shared store, read; None when it has none (SQLite)."""
         ...
@@ -477,8 +484,21 @@ def check_mtu(dev: str, mtu: int, target: str, passed: dict[int, bool]) -> Resul
     )
 
 
-def check_forwarding(ip_forward: str | None, dev_forwarding: str | None, dev: str) -> Result:
+AT_START = "the relay turns it on at start"
+
+
+def check_forwarding(
+    ip_forward: str | None, dev_forwarding: str | None, dev: str, *, running: bool = True
+) -> Result:
+    """IPv4 forwarding, globally and on the device (the kernel forwards what enters by a
+    device whose forwarding is on).  `running`: whether the relay runs; before its
+    start, forwarding off is what the relay itself changes, not a problem."""
     if ip_forward != "1":
+        if not running:
+            return ok(
+                "forwarding",
+                f"IPv4 forwarding is off now (net.ipv4.ip_forward = {ip_forward}); {AT_START}",
+            )
         return problem(
             "forwarding",
             f"IPv4 forwarding is off (net.ipv4.ip_forward = {ip_forward})",
@@ -491,6 +511,32 @@ def check_forwarding(ip_forward: str | None, dev_forwarding: str | None, dev: st
             f"sysctl -w net.ipv4.conf.{dev}.forwarding=1",
         )
     return ok("forwarding", "IPv4 forwarding is on")
+
+
+def check_forwarding6(value: str | None, *, running: bool = True) -> Result:
+    """IPv6 forwarding, for a relay with network6.  Only net.ipv6.conf.all.forwarding
+    gates it (the kernel's ip6_forward() reads no per-device switch)."""
+    if value == "1":
+        return ok("forwarding6", "IPv6 forwarding is on")
+    if value is None:
+        return problem(
+            "forwarding6",
+            "net.ipv6.conf.all.forwarding cannot be read: IPv6 is off in the kernel, so "
+            "network6 cannot work",
+            "boot without ipv6.disable=1, or remove network6 from the relay's config",
+        )
+    if not running:
+        return ok(
+            "forwarding6",
+            f"IPv6 forwarding is off now (net.ipv6.conf.all.forwarding = {value}); {AT_START}",
+        )
+    return problem(
+        "forwarding6",
+        f"IPv6 forwarding is off (net.ipv6.conf.all.forwarding = {value}): clients' IPv6 "
+        "(network6) goes no further than the relay (client to client still works: the "
+        "relay forwards that itself)",
+        "sysctl -w net.ipv6.conf.all.forwarding=1",
+    )
 
 
 def check_rp_filter(all_value: str | None, dev_value: str | None, dev: str) -> Result:
@@ -613,8 +659,17 @@ def check_forward_chain(ruleset: list[dict[str, Any]] | str, dev: str) -> Result
 
 
 def check_nat(
-    nat: bool, routes: Sequence[Network], network: IPv4Network, dev: str, ruleset: Any, path: Path
+    nat: bool,
+    routes: Sequence[Network],
+    network: IPv4Network,
+    dev: str,
+    ruleset: Any,
+    path: Path,
+    *,
+    running: bool = True,
 ) -> Result:
+    """`running`: whether the relay runs; before its start, its own masquerade table
+    missing is what the relay installs itself, not a problem."""
     if isinstance(ruleset, str):
         return problem("nat", f"cannot read the nftables ruleset: {ruleset}", "run as root")
     table = table_name(dev)
@@ -628,6 +683,8 @@ def check_nat(
     if nat:
         if ours:
             return ok("nat", f"{network} is masqueraded as it leaves (table inet {table})")
+        if not running:
+            return ok("nat", f"nat = true: the relay installs table inet {table} at start")
         return problem(
             "nat",
             f"nat = true but the masquerade table inet {table} is missing: clients' traffic "
@@ -676,6 +733,183 @@ def check_peer(
         f"{key_text} is not a peer of this relay",
         _add_peer_fix(key_text, str(cfg.path)),
     )
+
+
+# ---------------------------------------------------------------------------
+# A client's relay, as the relay says (a health answer over the tunnel)
+
+HEALTH_STALE = 60.0  # a relay looks every 5 s: an older look is said to be old
+
+
+def _on_relay(cmd: str) -> str:
+    return f"run `gtun doctor -c server.toml` on the relay, which names the fix ({cmd})"
+
+
+def check_relay_health(answer: RelayHealth | str, *, whose: str = "the relay") -> list[Result]:
+    """What the relay's edge saw of its own machine (forwarding, its NAT table, its
+    device and routes, its store), asked through the client: one PROBLEM per relay-side
+    fault, each fixed on the relay; an OK line when it is all well.  `answer` as a str:
+    why there is none (not connected, an older relay, no answer), which the path checks
+    already explain: a note, not a problem."""
+    if isinstance(answer, str):
+        return [ok("relay-health", f"{whose} was not asked: {answer}")]
+    if not answer.known:
+        return [ok("relay-health", f"{whose} has not looked at its machine yet (just started)")]
+    dev = answer.device or "its device"
+    when = ""
+    if answer.age is not None:
+        when = f" ({answer.age:.0f} s ago)"
+        if answer.age > HEALTH_STALE:
+            when = f" (an old look, {answer.age:.0f} s ago: is the relay stuck?)"
+    results: list[Result] = []
+    if answer.forwarding is False or answer.dev_forwarding is False:
+        if answer.forwarding is False:
+            what, cmd = "IPv4 forwarding is off", "sysctl -w net.ipv4.ip_forward=1"
+        else:
+            what = f"forwarding is off on {dev}"
+            cmd = f"sysctl -w net.ipv4.conf.{answer.device or 'DEV'}.forwarding=1"
+        results.append(
+            problem(
+                "relay-forwarding",
+                f"{whose} says {what} there{when}: traffic from the tunnel to its routes "
+                "and beyond goes no further than the relay",
+                _on_relay(cmd),
+            )
+        )
+    if answer.forwarding6 is False:
+        results.append(
+            problem(
+                "relay-forwarding6",
+                f"{whose} says IPv6 forwarding is off there{when}: clients' IPv6 goes no "
+                "further than the relay",
+                _on_relay("sysctl -w net.ipv6.conf.all.forwarding=1"),
+            )
+        )
+    if answer.nat is False:
+        results.append(
+            problem(
+                "relay-nat",
+                f"{whose} says its masquerade table is missing (nat = true){when}: traffic "
+                "to its routes leaves with tunnel addresses nobody routes back",
+                _on_relay("restart the relay, which installs it"),
+            )
+        )
+    if answer.device_up is False:
+        results.append(
+            problem(
+                "relay-device",
+                f"{whose} says {dev} is down or gone{when}",
+                _on_relay(f"ip link set {answer.device} up" if answer.device else "restart it"),
+            )
+        )
+    if answer.missing_routes:
+        nets = ", ".join(str(n) for n in answer.missing_routes)
+        results.append(
+            problem(
+                "relay-routes",
+                f"{whose} says these no longer leave by {dev}{when}: {nets}",
+                _on_relay("restart the relay, or `ip route add NET dev DEV` for each"),
+            )
+        )
+    if answer.store is False:
+        results.append(
+            problem(
+                "relay-store",
+                f"{whose} says its shared store does not answer{when}: sessions flow, but "
+                "new peers and leases are refused",
+                _on_relay("start PostgreSQL, or correct `store` in the relay's config"),
+            )
+        )
+    if results:
+        return results
+    said = []
+    if answer.forwarding:
+        said.append("IPv4 forwarding on")
+    if answer.forwarding6:
+        said.append("IPv6 forwarding on")
+    if answer.nat:
+        said.append("its NAT table in place")
+    if answer.device_up:
+        said.append(f"{dev} up")
+    if answer.store:
+        said.append("its store answering")
+    return [ok("relay-health", f"{whose} says: {', '.join(said) or 'nothing wrong'}{when}")]
+
+
+# ---------------------------------------------------------------------------
+# A client running with another configuration than its file's
+
+
+def config_differences(cfg: ClientConfig, status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, the running client's, the file's) for each setting the running client
+    was started with that the file now says otherwise.  A status without a field (an
+    older gtun) compares nothing for it."""
+    fields = (
+        ("server", status.get("server"), _hostport(cfg)),
+        ("server_public_key", status.get("server_public_key"), encode_key(cfg.server_public_key)),
+        ("transport", status.get("transport_configured"), cfg.transport),
+        ("device", status.get("device"), cfg.device),
+        ("public key (private_key_file)", status.get("public_key"), encode_key(cfg.public_key)),
+    )
+    return [(name, str(r), f) for name, r, f in fields if r is not None and r != f]
+
+
+# What makes the running client's relay another than the file's.
+RELAY_FIELDS = ("server", "server_public_key", "public key (private_key_file)")
+
+
+def check_running_config(
+    cfg: ClientConfig, status: dict[str, Any], differences: list[tuple[str, str, str]]
+) -> Result:
+    running = ", ".join(f"{name} {value}" for name, value, _ in differences)
+    wanted = ", ".join(f"{name} {value}" for name, _, value in differences)
+    started = status.get("config_file")
+    source = f" (started from {started})" if started and started != str(cfg.path) else ""
+    return problem(
+        "config",
+        f"the running client{source} uses {running}; the file says {wanted}",
+        f"restart it: systemctl restart gtun-client@{cfg.path.stem} "
+        f"(or stop it and run gtun client -c {cfg.path})",
+    )
+
+
+def probe_unsafe(cfg: ClientConfig, status: dict[str, Any]) -> str | None:
+    """Why doctor must not handshake with the file's relay while this client runs, or
+    None when it may.  A handshake under the running client's key with a relay where
+    that client has (or may soon have) a session would take the session over: the relay
+    would send to doctor's socket, and with a shared store the configuration request
+    would claim the client's presence there.  So doctor probes only under another key
+    than the running client's, or a relay the running client does not know (neither
+    the one it was started with, nor the one it uses, nor one it learnt)."""
+    if status.get("public_key") != encode_key(cfg.public_key):
+        return None  # another key: to every relay, another peer
+    relay = encode_key(cfg.server_public_key)
+    known = {status.get("server_public_key"), *status.get("relays", [])}
+    known.update(p.get("public_key") for p in status.get("peers", []))
+    if relay in known:
+        return (
+            "the running client holds a session with that relay under the same key, which "
+            "a probe would take over"
+        )
+    return None
+
+
+def check_unprobed(
+    cfg: ClientConfig, refused: bool, host_pings: bool | None, why: str
+) -> list[Result]:
+    """The file's relay, when no handshake may be made with it: its UDP port and ping."""
+    where = _hostport(cfg)
+    if refused:
+        return [
+            problem(
+                "relay",
+                f"nothing listens on UDP {where} (ICMP port unreachable): "
+                "the relay is not running there",
+                f'on the relay: gtun server -c server.toml (listen = "0.0.0.0:{cfg.server[1]}")',
+            )
+        ]
+    seen = "its host answers ping" if host_pings else "its host does not answer ping"
+    return [ok("relay", f"{where}: {seen}; no handshake tried: {why}")]
 
 
 # ---------------------------------------------------------------------------
@@ -793,30 +1027,47 @@ def check_clock_skew(own_key: str, facts: StoreFacts) -> Result | None:
 
 
 def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
+    """The file's client: the running one (trusted, never probed under its own key)
+    when it runs with this file's relay, else the file's relay probed by doctor itself
+    (probe_unsafe() says when it may not be); then the relay's own health and the
+    running client's device, addresses, routes and MTU."""
     results: list[Result] = []
     now = system.now()
     status = system.status(cfg.control_socket)
     results.append(check_client_running(cfg, status))
+    differences = config_differences(cfg, status) if status is not None else []
+    if differences:
+        results.append(check_running_config(cfg, status or {}, differences))
+    # The path is the file's relay's: the running client's session tells about it only
+    # when that client runs with the same relay and key.
+    other_relay = any(name in RELAY_FIELDS for name, _, _ in differences)
+    session = status if not other_relay else None
+    unsafe = probe_unsafe(cfg, status) if status is not None and other_relay else None
     host, port = cfg.server
     refused = system.udp_refused(host, port) if status is not None else False
     udp: Probe | None = None
     tcp: Probe | None = None
-    if status is None:
+    if session is None and unsafe is None:
         if cfg.transport in ("udp", "auto"):
             udp = system.handshake(cfg, "udp")
         if not (udp and udp.answered) and not (udp and udp.refused):
             tcp = system.handshake(cfg, "tcp")
     host_pings = None
-    running_ok = status is not None and status.get("connected")
+    running_ok = session is not None and session.get("connected")
     answered = (udp and udp.answered) or (tcp and tcp.answered)
     closed = refused or (udp and udp.error == "refused")
     if not running_ok and not answered and not closed:
         host_pings = system.ping_host(host)
-    results.extend(check_path(cfg, status, refused, udp, tcp, host_pings, now=now))
+    if unsafe is not None:
+        results.extend(check_unprobed(cfg, refused, host_pings, unsafe))
+    else:
+        results.extend(check_path(cfg, session, refused, udp, tcp, host_pings, now=now))
+    # The running client's device is the one that exists, whatever the file says now.
+    dev = str(status.get("device") or cfg.device) if status is not None else cfg.device
     refused_reason = next((p.refused for p in (udp, tcp) if p and p.refused), None)
-    link = system.link(cfg.device)
+    link = system.link(dev)
     mode = check_mode(
-        cfg.mode, link if status is not None else None, cfg.device, refused_reason, cfg.path,
+        cfg.mode, link if status is not None else None, dev, refused_reason, cfg.path,
         "client",
     )  # fmt: skip
     if mode is not None:
@@ -825,21 +1076,27 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     # tunnel: look the endpoint up as those packets are routed.
     fwmark = status.get("fwmark") if status is not None else None
     via = system.route_dev(host, fwmark) if isinstance(fwmark, int) else system.route_dev(host)
-    endpoint = check_endpoint(cfg.device, host, via)
+    endpoint = check_endpoint(dev, host, via)
     if endpoint is not None:
         results.append(endpoint)
+    # The relay's own health: from doctor's probe of the file's relay, else asked of
+    # the running client's relay through that client.
+    probed = next((p.health for p in (udp, tcp) if p is not None and p.health is not None), None)
+    if probed is not None:
+        results.extend(check_relay_health(probed))
+    elif status is not None and status.get("connected"):
+        whose = "the running client's relay" if other_relay else "the relay"
+        results.extend(check_relay_health(system.relay_health(cfg.control_socket), whose=whose))
     if status is None:
         return results
-    results.append(check_device(cfg.device, link, f"restart the client: gtun client -c {cfg.path}"))
+    results.append(check_device(dev, link, f"restart the client: gtun client -c {cfg.path}"))
     address = status.get("address")
     want = IPv4Interface(address) if address else None
-    addr = check_address(cfg.device, link, want)
+    addr = check_address(dev, link, want)
     if addr is not None:
         results.append(addr)
     address6 = status.get("address6")
-    addr6 = check_address(
-        cfg.device, link, IPv6Interface(address6) if address6 else None, "address6"
-    )
+    addr6 = check_address(dev, link, IPv6Interface(address6) if address6 else None, "address6")
     if addr6 is not None:
         results.append(addr6)
     if link is None or not link.up or want is None:
@@ -849,20 +1106,20 @@ def diagnose_client(cfg: ClientConfig, system: System) -> list[Result]:
     if gateway:
         wanted.append(IPv4Network(f"{gateway}/32"))
     wanted.extend(ipaddress.ip_network(r) for r in status.get("routes", []))
-    routes = check_routes(cfg.device, wanted, system.route_dev, system.routes())
+    routes = check_routes(dev, wanted, system.route_dev, system.routes())
     if routes is not None:
         results.append(routes)
     results.append(
         check_rp_filter(
             system.sysctl("net.ipv4.conf.all.rp_filter"),
-            system.sysctl(f"net.ipv4.conf.{cfg.device}.rp_filter"),
-            cfg.device,
+            system.sysctl(f"net.ipv4.conf.{dev}.rp_filter"),
+            dev,
         )
     )
     if gateway and status.get("connected") and (routes is None or routes.ok):
         mtu = int(status.get("mtu") or link.mtu)
         passed = mtu_search(system, mtu, gateway)
-        results.append(check_mtu(cfg.device, mtu, gateway, passed))
+        results.append(check_mtu(dev, mtu, gateway, passed))
     return results
 
 
@@ -876,7 +1133,13 @@ def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) ->
         results.append(check_peer(key, status, cfg, now=now))
     dev = cfg.device
     link = system.link(dev)
-    results.append(check_device(dev, link, f"restart the relay: {_fix_server(cfg.path)}"))
+    # Before its start, what the relay sets up itself (its device, forwarding, its NAT
+    # table) is said as a note; the "relay" line is the problem to fix.
+    running = status is not None
+    if link is None and not running:
+        results.append(ok("device", f"{dev} does not exist now; the relay creates it at start"))
+    else:
+        results.append(check_device(dev, link, f"restart the relay: {_fix_server(cfg.path)}"))
     mode = check_mode(cfg.mode, link, dev, None, cfg.path, "server")
     if mode is not None:
         results.append(mode)
@@ -905,8 +1168,13 @@ def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) ->
             system.sysctl("net.ipv4.ip_forward"),
             system.sysctl(f"net.ipv4.conf.{dev}.forwarding") if link else None,
             dev,
+            running=running,
         )
     )
+    if cfg.network6 is not None:
+        results.append(
+            check_forwarding6(system.sysctl("net.ipv6.conf.all.forwarding"), running=running)
+        )
     results.append(
         check_rp_filter(
             system.sysctl("net.ipv4.conf.all.rp_filter"),
@@ -916,7 +1184,9 @@ def diagnose_relay(cfg: ServerConfig, system: System, key: str | None = None) ->
     )
     ruleset = system.nft_ruleset()
     results.append(check_forward_chain(ruleset, dev))
-    results.append(check_nat(cfg.nat, cfg.routes, cfg.network, dev, ruleset, cfg.path))
+    results.append(
+        check_nat(cfg.nat, cfg.routes, cfg.network, dev, ruleset, cfg.path, running=running)
+    )
     facts = system.store(cfg)
     if facts is not None:
         own = encode_key(cfg.public_key)

@@ -3,9 +3,10 @@ over UDP and over TCP, and what does it say to the configuration request?
 
 The probe drives the client's own core (core/client.py) for one handshake and one
 configuration request, so it asks exactly what a client would ask: a silent relay, a
-refusal and a mode mismatch read as the client reads them.  Bounded: UDP_HANDSHAKE_WAIT
-and TCP_HANDSHAKE_WAIT for the handshake, CONFIG_WAIT more for the relay's CONFIG or
-REFUSED once it answered.
+refusal and a mode mismatch read as the client reads them.  A relay that grants health
+requests (tunnel.Caps.health) is then asked what it sees of its own machine.  Bounded:
+UDP_HANDSHAKE_WAIT and TCP_HANDSHAKE_WAIT for the handshake, CONFIG_WAIT more for the
+relay's CONFIG or REFUSED once it answered, and CONFIG_WAIT more for its health.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gtun.app.config import ClientConfig
-from gtun.core.client import ClientCore, ConfigReceived, Connected, GaveUpRound, Refused
+from gtun.core.client import (
+    ClientCore,
+    ConfigReceived,
+    Connected,
+    GaveUpRound,
+    HealthReceived,
+    Refused,
+)
 from gtun.doctor.checks import TCP_HANDSHAKE_WAIT, UDP_HANDSHAKE_WAIT, Probe
 from gtun.io.framing import HEADER_SIZE, LENGTH, FrameError, check_length, push_frame
 
@@ -37,6 +45,9 @@ def take_events(core: ClientCore, result: Probe, elapsed: float) -> bool:
         elif isinstance(event, ConfigReceived):
             result.config = event.config
             over = True
+        elif isinstance(event, HealthReceived):
+            result.health = event.health
+            over = True
         elif isinstance(event, Refused):
             result.refused = event.reason
             over = True
@@ -53,12 +64,22 @@ async def _pump(
     result: Probe,
 ) -> None:
     """Drive `core` until the probe is over or `wait` seconds (CONFIG_WAIT more once the
-    relay answered); `recv(timeout)` returns bytes, or None when nothing came."""
+    relay answered, and CONFIG_WAIT more for its health once it sent its CONFIG);
+    `recv(timeout)` returns bytes, or None when nothing came."""
     started = time.monotonic()
     deadline = started + wait
     core.start(started)
     over = take_events(core, result, 0.0)
+    asked = False  # the relay's health was asked (once its CONFIG granted it)
     while True:
+        if over and not asked and result.config is not None and result.health is None:
+            asked = True
+            now = time.monotonic()
+            if core.ask_health(now) is not None:
+                over = False
+                deadline = now  # the answer has CONFIG_WAIT from now
+        if asked and result.health is not None:
+            over = True
         for datagram, _ in core.datagrams_to_send():
             await send(datagram)
         now = time.monotonic()

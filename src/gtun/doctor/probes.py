@@ -24,6 +24,7 @@ from typing import Any
 
 from gtun.app.config import ClientConfig, ServerConfig
 from gtun.app.control import query
+from gtun.core.tunnel import RelayHealth, pull_health
 from gtun.doctor.checks import PROBE_STEPS, Link, Probe, RelayFacts, Route, StoreFacts
 from gtun.doctor.handshake import probe_tcp, probe_udp
 from gtun.errors import GtunError
@@ -32,6 +33,7 @@ from gtun.errors import GtunError
 POKE_WAIT = 1.0  # for an ICMP port unreachable after an empty datagram
 PING_WAIT = 1  # ping -W
 CMD_TIMEOUT = 5.0
+HEALTH_QUERY_WAIT = 4.0  # the running client waits 2 s for its relay's answer
 
 ICMP_OVERHEAD = 28  # IPv4 header (20) + ICMP echo header (8)
 
@@ -164,6 +166,23 @@ class LiveSystem:
             except OSError:
                 return False
         return False
+
+    def relay_health(self, path: Path) -> RelayHealth | str:
+        """Ask the running client on `path` for its relay's health (it waits
+        client.HEALTH_WAIT for the relay at most)."""
+        try:
+            answer = query(path, {"command": "relay_health"}, timeout=HEALTH_QUERY_WAIT)
+        except GtunError as exc:
+            return str(exc)
+        error = answer.get("error")
+        if error is not None:
+            if "unknown command" in str(error):
+                return "the running client is an older gtun (it has no relay_health command)"
+            return f"the running client said: {error}"
+        health = answer.get("health")
+        if not isinstance(health, dict):
+            return str(answer.get("reason") or "no answer")
+        return pull_health(health)
 
     def handshake(self, cfg: ClientConfig, transport: str) -> Probe:
         probe = probe_udp if transport == "udp" else probe_tcp

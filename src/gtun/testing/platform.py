@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -21,6 +21,7 @@ from ipaddress import (
 )
 from pathlib import Path
 
+from gtun.core.tunnel import RelayHealth
 from gtun.system.dns import DnsChange
 from gtun.testing.tun import FakeTun
 
@@ -67,6 +68,10 @@ class FakePlatform:
         self.recovered: list[Path] = []  # full-tunnel state files looked at
         # Where the daemon puts its `wg` socket (app/uapi.py): none unless a test says.
         self.wg_sockets: Path | None = None
+        # What relay_health() says the machine looks like (a test changes it), and the
+        # arguments of each call.
+        self.health = RelayHealth(forwarding=True, dev_forwarding=True, nat=True, device_up=True)
+        self.health_asked: list[tuple[str, bool, str | None, tuple[Network, ...]]] = []
 
     def change(self, what: str) -> Change:
         done = Change(what)
@@ -147,6 +152,12 @@ class FakePlatform:
 
     def wg_socket_dir(self) -> Path | None:
         return self.wg_sockets
+
+    def relay_health(
+        self, device: str, *, ipv6: bool, nat_table: str | None, routes: Sequence[Network]
+    ) -> RelayHealth:
+        self.health_asked.append((device, ipv6, nat_table, tuple(routes)))
+        return replace(self.health, device=device)
 
     def _undo(self, prefix: str) -> None:
         """Mark undone the newest change not yet undone whose description starts so."""
