@@ -68,8 +68,10 @@ class Client:
         self.dialer: TcpDialer | None = None
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
-        # The relay in use, as the log names it: after a failover, not the configured one.
-        self.relay_in_use = "{}:{}".format(*cfg.server)
+        # The configured relay as the log names it ("[v6]:port"), and the one in use:
+        # after a failover, not the configured one.
+        self.configured_relay = endpoint_text(cfg.server)
+        self.relay_in_use = self.configured_relay
         self.tun: Device | None = None
         self.link: Link | None = None
         self.applied: PushedConfig | None = None
@@ -307,7 +309,7 @@ class Client:
 
     def on_udp_error(self, exc: Exception) -> None:
         if isinstance(exc, ConnectionRefusedError):
-            log.debug("relay %s:%d refused (nothing listens on that UDP port)", *self.cfg.server)
+            log.debug("relay %s refused (nothing listens on that UDP port)", self.configured_relay)
         else:
             log.debug("UDP error: %s", exc)
 
@@ -330,10 +332,10 @@ class Client:
         elif isinstance(event, NoAnswer):
             if event.attempts == 1 or event.attempts % NOTICE_EVERY == 0:
                 log.warning(
-                    "relay %s:%d does not answer (%d handshake attempts): is it running, "
+                    "relay %s does not answer (%d handshake attempts): is it running, "
                     "is %s port %d reachable, and is this key (%s) one of its peers? "
                     "still trying",
-                    *self.cfg.server,
+                    self.configured_relay,
                     event.attempts + 1,
                     self.transport.upper(),
                     self.cfg.server[1],
@@ -341,8 +343,8 @@ class Client:
                 )
         elif isinstance(event, Fallback):
             log.warning(
-                "no answer over UDP from relay %s:%d in %.0fs; falling back to TCP",
-                *self.cfg.server,
+                "no answer over UDP from relay %s in %.0fs; falling back to TCP",
+                self.configured_relay,
                 event.after,
             )
             assert self.driver is not None and self.endpoint is not None
@@ -362,15 +364,15 @@ class Client:
             self.on_relay_changed(event)
         elif isinstance(event, GaveUpRound):
             log.warning(
-                "relay %s:%d did not answer for 90s; next attempt in %.0fs",
-                *self.cfg.server,
+                "relay %s did not answer for 90s; next attempt in %.0fs",
+                self.configured_relay,
                 event.retry_in,
             )
 
     def on_relay_changed(self, event: RelayChanged) -> None:
         """Failover moved to another relay: over UDP the core already sends there (the
         roaming watch follows it); over TCP the dialer connects to it instead."""
-        where = event.endpoint or "{}:{}".format(*self.cfg.server)
+        where = event.endpoint or self.configured_relay
         self.relay_in_use = where
         log.warning(
             "now through relay %s (%s): %s", event.name or "configured", where, event.reason
@@ -527,7 +529,10 @@ class Client:
         if self.platform.dns_method() != "resolvconf":
             # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
             # containers) whose resolvconf state would be the host's.
-            log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
+            log.info(
+                "pushed DNS servers %s not applied: no resolvconf here",
+                ", ".join(str(d) for d in config.dns),
+            )
             return
         assert self.tun is not None
         change = dnsconf.DnsChange("resolvconf", interface=f"tun.{self.tun.name}")

@@ -649,10 +649,9 @@ class Server:
     def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
         cfg = self.cfg
         log.info(
-            "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
+            "relay %s listening on UDP and TCP %s, device %s %s/%d, %d peers, public key %s",
             cfg.path.name,
-            cfg.listen[0],
-            cfg.listen[1],
+            endpoint_text(cfg.listen),
             tun.name,
             cfg.relay_address,
             cfg.network.prefixlen,
@@ -764,7 +763,10 @@ class Server:
         if isinstance(event, HandshakeCompleted):
             spec = event.peer.data.spec
             log.debug(
-                "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
+                "handshake with %s (%s) from %s",
+                spec.name,
+                spec.address,
+                endpoint_text(event.peer.endpoint),
             )
         elif isinstance(event, SessionHere):
             if self.relay is not None and self.relay.name is not None:
