@@ -145,14 +145,17 @@ class Client:
             control = ControlServer(cfg.control_socket, self.on_control, config_file=cfg.path)
             await control.start()
             rt.push("control socket", control.close)
+            over = "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper()
             log.info(
-                "client %s: connecting to relay %s:%d over %s (public key %s)",
+                "client %s: connecting to relay %s over %s (public key %s)",
                 cfg.path.name,
-                cfg.server[0],
-                cfg.server[1],
-                "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
+                self.configured_relay,
+                over,
                 encode_key(cfg.public_key),
             )
+            # Ready once up and trying, not once connected: the client keeps trying on
+            # its own, and a relay that is down must not make `systemctl start` fail.
+            rt.serving(self._describe)
             self.endpoint = endpoint
             await self.watch_paths()
             if self.transport == "tcp":
@@ -316,6 +319,7 @@ class Client:
     def on_event(self, event: Event) -> None:
         if isinstance(event, Connected):
             log.info("handshake with relay %s complete", self.relay_in_use)
+            self.rt.say(self._describe())
         elif isinstance(event, ConfigReceived):
             if event.changed or self.applied is None:
                 task = asyncio.ensure_future(self.apply_config(event.config))
@@ -327,6 +331,7 @@ class Client:
             self.stop.set()
         elif isinstance(event, Disconnected):
             log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
+            self.rt.say(f"relay {self.relay_in_use} silent: reconnecting")
             if self.dialer is not None:
                 self.dialer.reconnect("the relay is silent")
         elif isinstance(event, NoAnswer):
@@ -427,6 +432,8 @@ class Client:
             except GtunError as exc:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
                 self.stop.set()
+                return
+            self.rt.say(self._describe())
 
     async def apply_mtu(self, event: MtuChanged) -> None:
         """Give the device the MTU the core found (once it is configured: until then
@@ -521,6 +528,16 @@ class Client:
             ", ".join(str(r) for r in config.routes) or "none",
             f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
         )
+
+    def _describe(self) -> str:
+        """The client's status line for systemd (STATUS=)."""
+        config, core = self.applied, self.core
+        if core is not None and core.connected and config is not None:
+            return (
+                f"connected to relay {self.relay_in_use} over {self.transport.upper()}: "
+                f"{config.address}/{config.prefix} on {self.cfg.device}"
+            )
+        return f"connecting to relay {self.relay_in_use} over {self.transport.upper()}"
 
     def apply_dns(self, config: PushedConfig) -> None:
         """Hand the pushed DNS servers to resolvconf when there is one (as wg-quick)."""

@@ -217,6 +217,7 @@ class Server:
             rt.handle_signals(reload=self.reload)
             self._watch_store()
             self._announce(tun, specs)
+            rt.serving(self._describe)
             # What start-up built lives as long as the relay: out of the collector's
             # sight, so that a full collection (during a reload of 10,000 peers, say)
             # does not walk it all while the event loop waits.
@@ -665,6 +666,13 @@ class Server:
         if len(specs) > ANNOUNCED_PEERS:
             more = len(specs) - ANNOUNCED_PEERS
             log.info("and %d more peers (`gtun status` lists them all)", more)
+
+    def _describe(self) -> str:
+        """The relay's status line for systemd (STATUS=)."""
+        cfg, relay = self.cfg, self.relay
+        peers = sum(1 for p in relay.wg.peers.values() if not relay.is_mesh(p)) if relay else 0
+        where = endpoint_text(cfg.listen)
+        return f"serving {peers} peers on UDP and TCP {where}, device {cfg.device}"
 
     # --- peers -----------------------------------------------------------------------
 
