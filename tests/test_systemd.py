@@ -9,10 +9,13 @@ would give them (NOTIFY_SOCKET, WATCHDOG_USEC, JOURNAL_STREAM).
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
+import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -376,3 +379,84 @@ def test_real_daemons_under_a_pretend_systemd(
     )
     assert "<3>reload failed, keeping the current peers:" in relay_log
     assert "<6>relay server.toml listening on UDP and TCP 0.0.0.0:9621" in relay_log
+
+
+# --- the units' limits ---------------------------------------------------------------------
+
+UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+SANDBOX = Path(__file__).resolve().parent / "scripts" / "sandbox.py"
+CAP_NET_BIND_SERVICE, CAP_NET_ADMIN = 10, 12
+
+
+def sandboxed(unit: str, *command: str) -> list[str]:
+    """`command` under the limits of contrib/systemd/`unit` (tests/scripts/sandbox.py)."""
+    return [sys.executable, str(SANDBOX), str(UNITS / unit), "--", *command]
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None or ctypes.util.find_library("seccomp") is None,
+    reason="needs systemd-analyze and libseccomp",
+)
+def test_the_daemons_work_within_their_units_limits(
+    lab: Lab, tmp_path: Path, listeners: Callable[[str], Listener]
+) -> None:
+    # The limits bite: what the relay and the client may not do fails.
+    for unit, caps in (
+        ("gtun-server@.service", {CAP_NET_ADMIN, CAP_NET_BIND_SERVICE}),
+        ("gtun-client@.service", {CAP_NET_ADMIN}),
+    ):
+        out = subprocess.run(
+            [sys.executable, str(SANDBOX), str(UNITS / unit), "--check"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        check = json.loads(out.stdout)
+        assert check["CapEff"] == sum(1 << c for c in caps), unit
+        assert check["socket AF_PACKET"] == check["setuid"] == "Operation not permitted"
+        assert check["mmap W+X"] == "Permission denied" and check["socket AF_INET"] == "allowed"
+    # A relay with NAT (nftables, forwarding sysctls), a client, and a full-tunnel client
+    # (policy rules, a firewall mark, src_valid_mark), each under its unit's limits.
+    gnet = GtunNet(lab, tmp_path / "net", clients=2, underlay=249)
+    relay, (c1, c2) = gnet.relay, gnet.clients
+    set_config_keys(c2.config, "client", {"default_route": "true"})
+    relay_rx = listeners("relay")
+    env = journal_env(relay.log, Path(relay_rx.sock.getsockname()), 2_000_000)
+    relay.proc = relay.ns.spawn(
+        sandboxed("gtun-server@.service", *GTUN, "server", "-c", str(relay.config)),
+        log_path=relay.log,
+        env=env,
+    )
+    wait_until(lambda: "READY" in relay_rx.states() or relay.proc.poll(), 20, "READY=1")
+    assert relay_rx.states() == ["READY"], gnet.log_tail(relay)
+    for c in (c1, c2):
+        env = journal_env(c.log, Path(listeners(c.name).sock.getsockname()), 2_000_000)
+        c.proc = c.ns.spawn(
+            sandboxed("gtun-client@.service", *GTUN, "client", "-c", str(c.config)),
+            log_path=c.log,
+            env=env,
+        )
+    for c in (c1, c2):
+        gnet.wait_configured(c)
+        gnet.ping(c.ns, "10.66.0.1")
+        gnet.ping(c.ns, "192.168.77.10")  # the LAN host, through the relay's NAT
+    # The daemons themselves run under the limits (the wrapper exec'd them).
+    for node, caps in (
+        (relay, 1 << CAP_NET_ADMIN | 1 << CAP_NET_BIND_SERVICE),
+        (c2, 1 << CAP_NET_ADMIN),
+    ):
+        assert node.proc is not None
+        status = Path(f"/proc/{node.proc.pid}/status").read_text()
+        assert "gtun" in Path(f"/proc/{node.proc.pid}/cmdline").read_text()
+        assert "Seccomp:\t2\n" in status and "NoNewPrivs:\t1\n" in status
+        assert f"CapBnd:\t{caps:016x}\n" in status
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: relay_rx.states().count("READY") == 2, 20, "READY after the reload")
+    assert [gnet.stop(n) for n in (c1, c2, relay)] == [0, 0, 0]
+    for node in (relay, c1, c2):
+        text = node.log.read_text()
+        bad = [line for line in text.splitlines() if line[:3] in ("<2>", "<3>", "<4>")]
+        assert bad == [] and "not permitted" not in text and "denied" not in text, text
+    assert "<6>reloaded server.toml" in relay.log.read_text()
+    assert "<6>full tunnel: all traffic through the relay" in c2.log.read_text()
