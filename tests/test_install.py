@@ -130,6 +130,15 @@ def test_the_readme_install_commands_work(tmp_path: Path) -> None:
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     ).stdout
     assert where.startswith(str(moved["/opt/gtun"] / "lib"))
+    # `gtun demo` runs from what was installed: its lab modules and the transfer program.
+    demo = (
+        "import os, gtun.lab.demo, gtun.lab.net as net; "
+        "print(os.path.exists(net.TRANSFER), net.TRANSFER.startswith(os.environ['VENV']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["VENV"] = str(moved["/opt/gtun"])
+    out = run([str(moved["/opt/gtun"] / "bin" / "python"), "-c", demo], env=env).stdout
+    assert out.split() == ["True", "True"]
 
 
 @needs_pypi
