@@ -321,6 +321,24 @@ def test_elsewhere_lines_keep_their_time_and_role(tmp_path: Path, stream: str | 
     assert not any(line.startswith("<") for line in lines)
 
 
+@pytest.mark.parametrize("journal", [True, False])
+def test_a_failing_command_says_why_at_priority_err(tmp_path: Path, journal: bool) -> None:
+    out = tmp_path / "stderr"
+    out.touch()
+    st = out.stat()
+    env = python_env({k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"})
+    if journal:
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    missing = tmp_path / "missing.toml"
+    with out.open("ab") as f:
+        code = subprocess.run(
+            [*GTUN, "client", "-c", str(missing)], stderr=f, env=env, timeout=30, check=False
+        ).returncode
+    (line,) = out.read_text().splitlines()
+    assert code == 2
+    assert line.startswith(f"{'<3>' if journal else ''}gtun: {missing}"), line
+
+
 # --- real processes in namespaces ----------------------------------------------------------
 
 

@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GtunError as exc:
         if args.debug:
             raise
-        print(f"gtun: {exc}", file=sys.stderr)
+        from gtun.app.logs import error_prefix
+
+        print(f"{error_prefix()}gtun: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

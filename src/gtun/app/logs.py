@@ -46,6 +46,12 @@ def is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
         return False
 
 
+def error_prefix() -> str:
+    """What the one line of a failing command starts with: `<3>` (err) when standard
+    error is the journal, so that `journalctl -p err` says why a service did not start."""
+    return "<3>" if is_journal(sys.stderr, os.environ) else ""
+
+
 class JournalFormatter(logging.Formatter):
     """`<priority>message`, the priority on every line (a traceback's too: journald
     takes each line as one entry)."""
