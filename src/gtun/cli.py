@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -127,14 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool, role: str) -> None:
-    logging.basicConfig(
-        level=logging.WARNING,
-        format=f"%(asctime)s gtun {role}: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    # Only gtun's own logger gets verbose: pyroute2 logs every netlink message at DEBUG.
-    logging.getLogger("gtun").setLevel(logging.DEBUG if debug else logging.INFO)
+    """Standard error, or the journal's form under systemd (app/logs.py)."""
+    from gtun.app.logs import setup_logging as setup
+
+    setup(debug, role)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GtunError as exc:
         if args.debug:
             raise
-        print(f"gtun: {exc}", file=sys.stderr)
+        from gtun.app.logs import error_prefix
+
+        print(f"{error_prefix()}gtun: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -80,8 +80,10 @@ class Client:
         self.tcp_past = dict.fromkeys(TCP_DROP_REASONS, 0)
         self.transport = "tcp" if cfg.transport == "tcp" else "udp"  # the one in use
         self.endpoint: tuple[str, int] | None = None  # the relay's resolved address
-        # The relay in use, as the log names it: after a failover, not the configured one.
-        self.relay_in_use = "{}:{}".format(*cfg.server)
+        # The configured relay as the log names it ("[v6]:port"), and the one in use:
+        # after a failover, not the configured one.
+        self.configured_relay = endpoint_text(cfg.server)
+        self.relay_in_use = self.configured_relay
         self.tun: Device | None = None
         self.link: Link | None = None
         self.applied: PushedConfig | None = None
@@ -162,14 +164,17 @@ class Client:
             rt.push("control socket", control.close)
             if cfg.uapi:
                 await start_uapi(rt.push, self.platform.wg_socket_dir(), cfg.device, self.wg_get)
+            over = "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper()
             log.info(
-                "client %s: connecting to relay %s:%d over %s (public key %s)",
+                "client %s: connecting to relay %s over %s (public key %s)",
                 cfg.path.name,
-                cfg.server[0],
-                cfg.server[1],
-                "UDP, falling back to TCP" if cfg.transport == "auto" else self.transport.upper(),
+                self.configured_relay,
+                over,
                 encode_key(cfg.public_key),
             )
+            # Ready once up and trying, not once connected: the client keeps trying on
+            # its own, and a relay that is down must not make `systemctl start` fail.
+            rt.serving(self._describe)
             self.endpoint = endpoint
             await self.watch_paths()
             if self.transport == "tcp":
@@ -326,13 +331,14 @@ class Client:
 
     def on_udp_error(self, exc: Exception) -> None:
         if isinstance(exc, ConnectionRefusedError):
-            log.debug("relay %s:%d refused (nothing listens on that UDP port)", *self.cfg.server)
+            log.debug("relay %s refused (nothing listens on that UDP port)", self.configured_relay)
         else:
             log.debug("UDP error: %s", exc)
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, Connected):
             log.info("handshake with relay %s complete", self.relay_in_use)
+            self.rt.say(self._describe())
         elif isinstance(event, ConfigReceived):
             if event.changed or self.applied is None:
                 task = asyncio.ensure_future(self.apply_config(event.config))
@@ -344,15 +350,16 @@ class Client:
             self.stop.set()
         elif isinstance(event, Disconnected):
             log.warning("relay silent for %.0fs: connection lost, reconnecting", event.silent_for)
+            self.rt.say(f"relay {self.relay_in_use} silent: reconnecting")
             if self.dialer is not None:
                 self.dialer.reconnect("the relay is silent")
         elif isinstance(event, NoAnswer):
             if event.attempts == 1 or event.attempts % NOTICE_EVERY == 0:
                 log.warning(
-                    "relay %s:%d does not answer (%d handshake attempts): is it running, "
+                    "relay %s does not answer (%d handshake attempts): is it running, "
                     "is %s port %d reachable, and is this key (%s) one of its peers? "
                     "still trying",
-                    *self.cfg.server,
+                    self.configured_relay,
                     event.attempts + 1,
                     self.transport.upper(),
                     self.cfg.server[1],
@@ -360,8 +367,8 @@ class Client:
                 )
         elif isinstance(event, Fallback):
             log.warning(
-                "no answer over UDP from relay %s:%d in %gs; falling back to TCP",
-                *self.cfg.server,
+                "no answer over UDP from relay %s in %gs; falling back to TCP",
+                self.configured_relay,
                 event.after,
             )
             assert self.endpoint is not None
@@ -386,8 +393,8 @@ class Client:
                 waiter.set_result(event.health)
         elif isinstance(event, GaveUpRound):
             log.warning(
-                "relay %s:%d did not answer for 90s; next attempt in %.0fs",
-                *self.cfg.server,
+                "relay %s did not answer for 90s; next attempt in %.0fs",
+                self.configured_relay,
                 event.retry_in,
             )
 
@@ -431,7 +438,7 @@ class Client:
     def on_relay_changed(self, event: RelayChanged) -> None:
         """Failover moved to another relay: over UDP the core already sends there (the
         roaming watch follows it); over TCP the dialer connects to it instead."""
-        where = event.endpoint or "{}:{}".format(*self.cfg.server)
+        where = event.endpoint or self.configured_relay
         self.relay_in_use = where
         log.warning(
             "now through relay %s (%s): %s", event.name or "configured", where, event.reason
@@ -486,6 +493,8 @@ class Client:
             except GtunError as exc:
                 self.exit_error = RuntimeFailure(f"cannot configure {self.cfg.device}: {exc}")
                 self.stop.set()
+                return
+            self.rt.say(self._describe())
 
     async def apply_mtu(self, event: MtuChanged) -> None:
         """Give the device the MTU the core found (once it is configured: until then
@@ -581,6 +590,16 @@ class Client:
             f", dns {', '.join(str(d) for d in config.dns)}" if config.dns else "",
         )
 
+    def _describe(self) -> str:
+        """The client's status line for systemd (STATUS=)."""
+        config, core = self.applied, self.core
+        if core is not None and core.connected and config is not None:
+            return (
+                f"connected to relay {self.relay_in_use} over {self.transport.upper()}: "
+                f"{config.address}/{config.prefix} on {self.cfg.device}"
+            )
+        return f"connecting to relay {self.relay_in_use} over {self.transport.upper()}"
+
     def apply_dns(self, config: PushedConfig) -> None:
         """Hand the pushed DNS servers to resolvconf when there is one (as wg-quick)."""
         if not config.dns:
@@ -588,7 +607,10 @@ class Client:
         if self.platform.dns_method() != "resolvconf":
             # Without resolvconf, or when resolv.conf is a private mount (ip netns exec,
             # containers) whose resolvconf state would be the host's.
-            log.info("pushed DNS servers %s not applied: no resolvconf here", list(config.dns))
+            log.info(
+                "pushed DNS servers %s not applied: no resolvconf here",
+                ", ".join(str(d) for d in config.dns),
+            )
             return
         assert self.tun is not None
         change = dnsconf.DnsChange("resolvconf", interface=f"tun.{self.tun.name}")

@@ -1,6 +1,6 @@
 """What the relay and the client daemons share while they run: the netlink thread, the
-stop event and the signals that set it, the clean-up stack, and the status fields they
-both report.
+stop event and the signals that set it, the clean-up stack, the status fields they
+both report, and what they tell systemd (app/sdnotify.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gtun.app.keys import encode_key
+from gtun.app.sdnotify import Notifier
 from gtun.core.wg import Peer
 from gtun.errors import GtunError
 
@@ -38,6 +39,9 @@ class Runtime:
         # pyroute2's synchronous API runs its own asyncio loop, so every netlink call
         # goes to this one worker thread, never to the event loop's thread.
         self._netlink = ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        # systemd (Type=notify): nothing unless NOTIFY_SOCKET is set.
+        self.notify = Notifier.from_environ()
+        self._describe: Callable[[], str] | None = None
 
     async def nl(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._netlink, fn, *args)
@@ -52,8 +56,31 @@ class Runtime:
             loop.add_signal_handler(sig, self.stop.set)
             self._signals.append(sig)
         if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: _run_soon(reload))
+            loop.add_signal_handler(signal.SIGHUP, lambda: _run_soon(lambda: self._reload(reload)))
             self._signals.append(signal.SIGHUP)
+
+    async def _reload(self, reload: Callable[[], object]) -> None:
+        """A reload asked by SIGHUP (`systemctl reload`), told to systemd around it."""
+        self.notify.reloading()
+        try:
+            result = reload()
+            if inspect.isawaitable(result):
+                await result
+        finally:
+            self.notify.ready(self._describe() if self._describe is not None else "serving")
+
+    # --- systemd -----------------------------------------------------------------------
+
+    def serving(self, describe: Callable[[], str]) -> None:
+        """The daemon serves: READY=1 with `describe()` as its status line (again after
+        each reload), and the watchdog's pings from now on."""
+        self._describe = describe
+        self.notify.ready(describe())
+        self.notify.start_watchdog(asyncio.get_running_loop())
+
+    def say(self, status: str) -> None:
+        """What the daemon is doing, for `systemctl status` (STATUS=)."""
+        self.notify.status(status)
 
     def forget_signals(self) -> None:
         """Remove the handlers of the signals `handle_signals` set, and only those (a
@@ -72,6 +99,7 @@ class Runtime:
     async def unwind(self) -> None:
         """Run every clean-up step, most recent first.  A step that fails is logged and
         the others still run; then the netlink thread ends."""
+        self.notify.stopping()
         self.forget_signals()
         while self._cleanup:
             what, undo, in_netlink = self._cleanup.pop()
@@ -87,6 +115,7 @@ class Runtime:
             except Exception as exc:  # cleanup must go on whatever one step does
                 log.error("while removing %s: %s", what, exc, exc_info=log.isEnabledFor(10))
         self._netlink.shutdown(wait=True)
+        self.notify.close()
 
     # --- status ------------------------------------------------------------------------
 

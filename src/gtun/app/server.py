@@ -231,6 +231,7 @@ class Server:
             rt.handle_signals(reload=self.reload)
             self._watch_store()
             self._announce(tun, specs)
+            rt.serving(self._describe)
             # What start-up built lives as long as the relay: out of the collector's
             # sight, so that a full collection (during a reload of 10,000 peers, say)
             # does not walk it all while the event loop waits.
@@ -722,10 +723,9 @@ class Server:
     def _announce(self, tun: Device, specs: list[PeerSpec]) -> None:
         cfg = self.cfg
         log.info(
-            "relay %s listening on UDP and TCP %s:%d, device %s %s/%d, %d peers, public key %s",
+            "relay %s listening on UDP and TCP %s, device %s %s/%d, %d peers, public key %s",
             cfg.path.name,
-            cfg.listen[0],
-            cfg.listen[1],
+            endpoint_text(cfg.listen),
             tun.name,
             cfg.relay_address,
             cfg.network.prefixlen,
@@ -739,6 +739,13 @@ class Server:
         if len(specs) > ANNOUNCED_PEERS:
             more = len(specs) - ANNOUNCED_PEERS
             log.info("and %d more peers (`gtun status` lists them all)", more)
+
+    def _describe(self) -> str:
+        """The relay's status line for systemd (STATUS=)."""
+        cfg, relay = self.cfg, self.relay
+        peers = sum(1 for p in relay.wg.peers.values() if not relay.is_mesh(p)) if relay else 0
+        where = endpoint_text(cfg.listen)
+        return f"serving {peers} peers on UDP and TCP {where}, device {cfg.device}"
 
     # --- peers -----------------------------------------------------------------------
 
@@ -839,7 +846,10 @@ class Server:
         if isinstance(event, HandshakeCompleted):
             spec = event.peer.data.spec
             log.debug(
-                "handshake with %s (%s) from %s", spec.name, spec.address, event.peer.endpoint
+                "handshake with %s (%s) from %s",
+                spec.name,
+                spec.address,
+                endpoint_text(event.peer.endpoint),
             )
         elif isinstance(event, SessionHere):
             if self.relay is not None and self.relay.name is not None:

@@ -53,7 +53,7 @@ from gtun.core.drops import TCP_DROP_REASONS
 from gtun.core.wg.endpoint import address_bytes, address_key
 from gtun.core.wg.messages import is_wireguard_message
 from gtun.io.framing import LENGTH, MAX_FRAME, FrameDecoder, FrameError
-from gtun.io.transport import Receive
+from gtun.io.transport import Receive, endpoint_text
 
 log = logging.getLogger("gtun")
 
@@ -398,7 +398,11 @@ class TcpServer(TcpTransport):
         peername = transport.get_extra_info("peername") or ("?", 0)
         if len(self.connections) >= self.limits.max_connections and not self._evict():
             self.counts["tcp_refused"] += 1
-            log.debug("TCP connection from %s refused: %d open", peername, len(self.connections))
+            log.debug(
+                "TCP connection from %s refused: %d open",
+                endpoint_text(peername),
+                len(self.connections),
+            )
             transport.abort()
             return None
         try:
@@ -407,7 +411,10 @@ class TcpServer(TcpTransport):
             source = None  # no address to charge (not an IP socket)
         if source is not None and self.pending.get(source, 0) >= self.limits.max_pending_per_source:
             self.counts["tcp_source_limit"] += 1
-            log.debug("TCP connection from %s refused: too many not authentic", peername)
+            log.debug(
+                "TCP connection from %s refused: too many not authentic",
+                endpoint_text(peername),
+            )
             transport.abort()
             return None
         ep = super()._opened(transport)
