@@ -45,7 +45,7 @@ def test_unit_runs_gtun_with_the_instance_config(unit: str, command: str) -> Non
     # A config mistake (exit 2) is not retried in a loop; crashes are.
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == "2"
-    assert service["StateDirectory"] == "gtun" and service["RuntimeDirectory"] == "gtun"
+    assert service["StateDirectory"] == "gtun" and service["RuntimeDirectory"] == "gtun wireguard"
     # gtun says when it serves, from its main process, and pings the watchdog.
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert int(service["WatchdogSec"]) >= 10
