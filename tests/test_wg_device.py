@@ -1083,3 +1083,93 @@ def test_counter_jump_from_an_authenticated_peer_does_not_raise() -> None:
         p.link.pump()
     assert p.b.wg.drops["replay"] == 0
     assert p.pb.current is not None and p.pb.current.replay.would_accept(1) is False
+
+
+# --- local indexes that name a worker ------------------------------------------------
+
+
+def _index_fields(sent: Sent) -> tuple[int, ...]:
+    """(sender,) of an initiation, (sender, receiver) of a response, (receiver,) else."""
+    if sent.kind == MESSAGE_INITIATION:
+        return (m.pull_initiation(sent.data).sender,)
+    if sent.kind == MESSAGE_RESPONSE:
+        r = m.pull_response(sent.data)
+        return (r.sender, r.receiver)
+    if sent.kind == MESSAGE_COOKIE_REPLY:
+        return (m.pull_cookie_reply(sent.data).receiver,)
+    return (m.pull_transport_header(sent.data).receiver,)
+
+
+@pytest.mark.parametrize(("worker", "workers"), [(-1, 2), (2, 2), (0, 0), (0, 1025)])
+def test_workers_reject_misuse(worker: int, workers: int) -> None:
+    with pytest.raises(ValueError):
+        WireGuard(_key(), worker=worker, workers=workers)
+
+
+def test_every_index_on_the_wire_names_the_worker_that_allocated_it() -> None:
+    """a is worker 1 of 3, b worker 2 of 3: every index a message carries for its
+    receiver to look up (and every sender index, which becomes one) names the device
+    that allocated it, through handshakes, rekeys and cookie replies."""
+    clock = Clock()
+    a = make_node("a", 1, worker=1, workers=3)
+    b = make_node("b", 2, worker=2, workers=3)
+    pa = a.wg.add_peer(b.wg.public_key, endpoint=b.addr)
+    b.wg.add_peer(a.wg.public_key)
+    link = Link(clock, a, b)
+    for _ in range(20):  # each a fresh handshake: new indexes on both sides
+        a.wg.initiate_handshake(pa, clock.now)
+        link.pump()
+        a.wg.send(pa, padded(b"x"), clock.now)
+        link.advance(HANDSHAKE_INITIATION_RATE + REKEY_TIMEOUT)
+    b.wg.force_under_load = True  # b answers the next initiation with a cookie reply
+    link.advance(REKEY_AFTER_TIME)
+    a.wg.send(pa, padded(b"y"), clock.now)
+    link.advance(REKEY_TIMEOUT + 1.0)
+    owner = {a.addr: 1, b.addr: 2}
+    seen = {MESSAGE_INITIATION: 0, MESSAGE_RESPONSE: 0, MESSAGE_COOKIE_REPLY: 0}
+    for sent in link.log:
+        fields = _index_fields(sent)
+        if sent.kind == MESSAGE_INITIATION:
+            assert fields[0] % 3 == owner[sent.src]
+        elif sent.kind == MESSAGE_RESPONSE:
+            assert (fields[0] % 3, fields[1] % 3) == (owner[sent.src], owner[sent.dst])
+        else:
+            assert fields[0] % 3 == owner[sent.dst]
+        seen[sent.kind] = seen.get(sent.kind, 0) + 1
+    assert seen[MESSAGE_INITIATION] >= 20 and seen[MESSAGE_RESPONSE] >= 20
+    assert seen[MESSAGE_COOKIE_REPLY] >= 1 and seen[MESSAGE_TRANSPORT] >= 20
+    assert pa.has_session
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7, 1024])
+def test_worker_indexes_cover_the_whole_32_bit_space(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lowest and highest draw of every worker's class are its own smallest and
+    largest 32-bit indexes: the class is used whole and never overflows 32 bits."""
+    from gtun.core.wg import device
+
+    for worker in sorted({0, 1 % workers, workers - 1}):
+        wg = WireGuard(_key(), worker=worker, workers=workers)
+        monkeypatch.setattr(device.secrets, "randbelow", lambda n: 0)
+        assert wg._new_index() == worker
+        monkeypatch.setattr(device.secrets, "randbelow", lambda n: n - 1)
+        top = wg._new_index()
+        assert top % workers == worker and top < 1 << 32 and top + workers >= 1 << 32
+        monkeypatch.undo()
+
+
+def test_worker_indexes_are_random_and_unique(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gtun.core.wg import device
+
+    wg = WireGuard(_key(), worker=2, workers=5)
+    drawn = [wg._new_index() for _ in range(2000)]
+    assert all(i % 5 == 2 for i in drawn)
+    assert len(set(drawn)) == len(drawn)
+    # Spread over the whole space, not crowded low: the top byte takes many values.
+    assert len({i >> 24 for i in drawn}) > 200
+    # A draw that is already in use is drawn again.
+    wg._keypairs[2 + 5 * 7] = None  # type: ignore[assignment]
+    draws = iter([7, 7, 8])
+    monkeypatch.setattr(device.secrets, "randbelow", lambda n: next(draws))
+    assert wg._new_index() == 2 + 5 * 8

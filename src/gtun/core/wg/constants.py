@@ -24,6 +24,7 @@ TRANSPORT_HEADER_SIZE = 16
 AEAD_TAG_SIZE = 16
 TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE
 KEY_SIZE = 32
+INDEX_SPACE = 1 << 32  # sender and receiver indexes are 32-bit integers (5.4.2)
 MAC_SIZE = 16
 TAI64N_SIZE = 12
 PADDING_MULTIPLE = 16
@@ -57,3 +58,7 @@ RATELIMITER_MAX_ENTRIES = 8192  # sources tracked at once (the kernel's floor)
 # many a second, the rest dropped unanswered.  A client needs one per two minutes.
 COOKIE_REPLIES_PER_SECOND_PER_SOURCE = 20.0
 COOKIE_REPLY_BURST_PER_SOURCE = 5
+# Relay workers sharing one UDP port (io/steering.py): each device's local indexes name
+# its worker (index % workers).  More than a 2-socket VM or a 256-core host will use; it
+# leaves every worker 2**32 / 1024 (4 million) indexes to draw from.
+MAX_WORKERS = 1024

@@ -59,10 +59,12 @@ from gtun.core.wg.constants import (
     COOKIE_REPLIES_PER_SECOND_PER_SOURCE,
     COOKIE_REPLY_BURST_PER_SOURCE,
     HANDSHAKE_INITIATION_RATE,
+    INDEX_SPACE,
     KEEPALIVE_TIMEOUT,
     KEY_SIZE,
     MAX_STAGED_PACKETS,
     MAX_TIMER_HANDSHAKES,
+    MAX_WORKERS,
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_RESPONSE,
@@ -226,6 +228,14 @@ class WireGuard:
     handle_timer() when get_timer() is due; after each, drain next_event() and
     datagrams_to_send().  `now` is a monotonic clock in seconds; `wall_offset` turns it
     into Unix time for the TAI64N timestamps of initiations.
+
+    `worker` of `workers` (default 0 of 1: any index) makes every local index this
+    device allocates name it: index % workers == worker, so that a steering program
+    in front of several devices sharing one port (io/steering.py) sends each response,
+    cookie reply and transport message to the device that owns its receiver index.
+    Within that class an index is still uniformly random (secrets) and unique among
+    this device's handshakes and keypairs.  Raises ValueError for a worker outside
+    0..workers-1 or workers outside 1..MAX_WORKERS.
     """
 
     def __init__(
@@ -235,9 +245,19 @@ class WireGuard:
         wall_offset: float = 0.0,
         mtu: int = 0,
         rng: random.Random | None = None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         if len(private_key) != KEY_SIZE:
             raise ValueError("private key must be 32 bytes")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1 to {MAX_WORKERS}")
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker must be 0 to {workers - 1}")
+        self.worker = worker
+        self.workers = workers
+        # Indexes naming this worker: worker + workers * k for k below this bound.
+        self._index_slots = (INDEX_SPACE - worker + workers - 1) // workers
         self._private = X25519PrivateKey.from_private_bytes(private_key)
         self.public_key = dh_public(self._private)
         self.wall_offset = wall_offset
@@ -794,8 +814,10 @@ class WireGuard:
             self._keypairs.pop(kp.local_index, None)
 
     def _new_index(self) -> int:
+        # Uniform over the indexes that name this worker (all of them with one worker):
+        # an attacker learns nothing from ours but the worker it already steers to.
         while True:
-            index = secrets.randbits(32)
+            index = self.worker + self.workers * secrets.randbelow(self._index_slots)
             if index not in self._keypairs and index not in self._handshakes:
                 return index
 
