@@ -21,7 +21,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from gtun.lab.netns import Lab, list_namespaces  # noqa: E402
+from gtun.testing.platform import FakePlatform  # noqa: E402
 
 # Prefixes of every lab made in this session, checked for leftovers at the end.
 _LAB_PREFIXES: set[str] = set()
@@ -151,3 +152,18 @@ def pg_dsn(pg_server: object) -> str:
 
     assert isinstance(pg_server, PostgresServer)
     return pg_server.create_database(f"t_{secrets.token_hex(6)}")
+
+
+@pytest.fixture
+def platforms() -> Iterator[Callable[[], FakePlatform]]:
+    """Make FakePlatforms for in-process daemons (tests/test_daemons.py's way of running
+    a relay or a client); their device ends are closed at the end."""
+    made: list[FakePlatform] = []
+
+    def make() -> FakePlatform:
+        made.append(FakePlatform())
+        return made[-1]
+
+    yield make
+    for platform in made:
+        platform.close_ends()

@@ -7,32 +7,17 @@ gate opens is back on UDP with its TCP connection closed, on both sides."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gtun.testing.platform import FakePlatform
 from test_daemons import LIMIT, Net, configured, exchange, free_port, pipe_to, status, until
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
     return Net(tmp_path)
-
-
-@pytest.fixture
-def platforms() -> Iterator[Callable[[], FakePlatform]]:
-    made: list[FakePlatform] = []
-
-    def make() -> FakePlatform:
-        made.append(FakePlatform())
-        return made[-1]
-
-    yield make
-    for platform in made:
-        platform.close_ends()
 
 
 class UdpGate(asyncio.DatagramProtocol):

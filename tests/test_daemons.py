@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Interface, ip_network
 from pathlib import Path
 from typing import Any
@@ -107,19 +107,6 @@ class Net:
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
     return Net(tmp_path)
-
-
-@pytest.fixture
-def platforms() -> Iterator[Callable[[], FakePlatform]]:
-    made: list[FakePlatform] = []
-
-    def make() -> FakePlatform:
-        made.append(FakePlatform())
-        return made[-1]
-
-    yield make
-    for platform in made:
-        platform.close_ends()
 
 
 async def until(condition: Callable[[], object], step: float = 0.01) -> None:

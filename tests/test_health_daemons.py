@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from ipaddress import ip_network
 from pathlib import Path
@@ -28,19 +28,6 @@ from test_daemons import LIMIT, Net, free_port, running, start_client, start_rel
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
     return Net(tmp_path)
-
-
-@pytest.fixture
-def platforms() -> Iterator[Callable[[], FakePlatform]]:
-    made: list[FakePlatform] = []
-
-    def make() -> FakePlatform:
-        made.append(FakePlatform())
-        return made[-1]
-
-    yield make
-    for platform in made:
-        platform.close_ends()
 
 
 async def ask(net: Net, command: str) -> dict[str, Any]:

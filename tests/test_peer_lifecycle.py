@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,9 @@ from gtun.app.server import Server
 from gtun.app.store import SCHEMA_VERSION, StateStore, StoredPeer
 from gtun.cli import main
 from gtun.errors import ConfigError
-from gtun.testing.platform import FakePlatform
 from test_daemons import LIMIT, Net, configured, exchange, running, status, until
 
 ENDPOINT = "203.0.113.5:9621"
-
-
-@pytest.fixture
-def platforms() -> Iterator[Callable[[], FakePlatform]]:
-    made: list[FakePlatform] = []
-
-    def make() -> FakePlatform:
-        made.append(FakePlatform())
-        return made[-1]
-
-    yield make
-    for platform in made:
-        platform.close_ends()
 
 
 def server_toml(tmp: Path, peers: str = "", body: str = "") -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from gtun.app.store import StoredPeer
 from gtun.errors import ConfigError, GtunError
 from gtun.lab.net import write_key
 from gtun.lab.postgres import PostgresServer
-from gtun.testing.platform import FakePlatform
 from test_daemons import Net, exchange, free_port, running, start_client, status, until
 
 LIMIT = 20.0  # seconds any one scenario may take
@@ -34,19 +33,6 @@ NOTIFIED_WITHIN = 2.0  # seconds for a change to reach every relay
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
     return Net(tmp_path)
-
-
-@pytest.fixture
-def platforms() -> Iterator[Callable[[], FakePlatform]]:
-    made: list[FakePlatform] = []
-
-    def make() -> FakePlatform:
-        made.append(FakePlatform())
-        return made[-1]
-
-    yield make
-    for platform in made:
-        platform.close_ends()
 
 
 @pytest.fixture
