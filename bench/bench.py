@@ -757,6 +757,13 @@ PROFILES = (
 )
 
 
+def py_spy() -> str:
+    """py-spy: beside this Python (a virtualenv's bin, often not on PATH under sudo),
+    else on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else "py-spy"
+
+
 def profile_node(
     pid: int,
     who: str,
@@ -779,7 +786,7 @@ def profile_node(
 
     def start() -> None:
         # fmt: off
-        cmd = ["py-spy", "record", "--format", "raw", "--function", "--threads", "-r", str(rate),
+        cmd = [py_spy(), "record", "--format", "raw", "--function", "--threads", "-r", str(rate),
                "-d", str(duration), "-o", str(raw), "--pid", str(pid)]
         # fmt: on
         spies.append(

@@ -81,3 +81,11 @@ def test_a_failed_path_says_why_and_the_others_keep_their_figures(bench: ModuleT
     assert "failed: setup: RuntimeError: tincd exited with 1" in text
     stats = results[0].as_json()["figures"]["mbit1"]
     assert (stats["min"], stats["median"], stats["max"]) == (500, 1000, 3000)
+
+
+def test_py_spy_is_found_beside_this_python(bench: ModuleType) -> None:
+    """`sudo bench/bench.py --profile` runs without the virtualenv's bin on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    assert bench.py_spy() == (str(beside) if beside.exists() else "py-spy")
+    if beside.exists():  # the dev extra installs it: the path is absolute, not PATH's
+        assert Path(bench.py_spy()).is_absolute()
