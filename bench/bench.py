@@ -158,6 +158,14 @@ class Result:
         values = self.samples.get(metric)
         return statistics.median(values) if values else None
 
+    def p90(self, metric: str) -> float | None:
+        """The 90th percentile of an `extra` series (every ping under load of every
+        run): the spread the median hides.  None with fewer than two values."""
+        values = self.extra.get(metric) or []
+        if len(values) < 2:
+            return None
+        return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
     def failed(self) -> str | None:
         """Why this path has no figures at all, or None."""
         if self.setup_error is not None:
@@ -418,6 +426,7 @@ def measure_round(result: Result, setup: Setup, args: argparse.Namespace, log_di
             got = pings.stop() if pings is not None else []
         if got:
             result.add("rtt_load", statistics.median(got))
+            result.extra.setdefault("rtt_load_pings", []).extend(got)  # the spread: p90
 
 
 # --- the paths ------------------------------------------------------------------------------
@@ -933,6 +942,7 @@ HEADERS = [
     "x peer",
     "RTT idle ms",
     "RTT load ms",
+    "RTT load p90 ms",
     "CPU s/GB 1",
     "CPU s/GB 4",
 ]
@@ -966,6 +976,7 @@ def rows(results: list[Result], width: int | None = FAIL_WIDTH) -> list[list[str
             ratio = None if value is None or not base else value / base
             row += [num(value, ".0f"), num(ratio, ".2f")]
         row += [num(r.median("rtt_idle"), ".3f"), num(r.median("rtt_load"), ".2f")]
+        row += [num(r.p90("rtt_load_pings"), ".2f")]
         row += [num(r.median("cpu_gb1"), ".1f"), num(r.median("cpu_gb4"), ".1f")]
         out.append(row)
     return out
@@ -997,7 +1008,8 @@ def method_lines(env: dict[str, Any], args: argparse.Namespace) -> list[str]:
         "fastest of wireguard-go, OpenVPN and tinc for the same stream count (client-to-client "
         "rows: to the fastest of OpenVPN client-to-client and a wireguard-go hub).  "
         f"RTT idle: median of {args.pings} pings {args.ping_interval} s apart; RTT load: median "
-        f"of pings every {LOAD_PING_INTERVAL} s during the one-stream run.  CPU s/GB: user + "
+        f"of pings every {LOAD_PING_INTERVAL} s during the one-stream run (p90: the 90th "
+        "percentile of all of them, every run together).  CPU s/GB: user + "
         "system CPU seconds of the tunnel's own processes (wireguard-go, openvpn, tincd, the "
         "gtun relay and clients) per GB received; softirq work and iperf3 are not counted.",
         f"{env['date']}; Linux {env['kernel']}; {env['cpu']}, {env['nproc']} CPUs; "

@@ -89,3 +89,19 @@ def test_py_spy_is_found_beside_this_python(bench: ModuleType) -> None:
     assert bench.py_spy() == (str(beside) if beside.exists() else "py-spy")
     if beside.exists():  # the dev extra installs it: the path is absolute, not PATH's
         assert Path(bench.py_spy()).is_absolute()
+
+
+def test_rtt_under_load_shows_its_spread(bench: ModuleType) -> None:
+    """The median of each run's pings under load, and beside it the 90th percentile of
+    every ping of every run: a path whose pings spike shows it."""
+    steady, spiky = result(bench, "wireguard-go", 1000, 1000), result(bench, "gtun-udp", 1, 1)
+    for r, pings in ((steady, [1.0] * 20), (spiky, [1.0] * 16 + [9.0] * 4)):
+        r.add("rtt_load", 1.0)
+        r.extra["rtt_load_pings"] = pings
+    table = {row[0]: row for row in bench.rows([steady, spiky])}
+    at = bench.HEADERS.index("RTT load p90 ms")
+    assert bench.HEADERS[at - 1] == "RTT load ms"
+    assert table[steady.label][at - 1 : at + 1] == ["1.00", "1.00"]
+    assert table[spiky.label][at - 1 : at + 1] == ["1.00", "9.00"]
+    none = result(bench, "tinc", 1000, 1000)
+    assert bench.rows([none])[0][at] == "-"  # no pings: no spread
