@@ -26,7 +26,6 @@ from test_daemons import (  # noqa: F401
     configured,
     exchange,
     net,
-    platforms,
     until,
 )
 from test_handshake_limits import LOW_ORDER

@@ -35,7 +35,6 @@ from gtun.lab.netns import Lab, python_env
 from labkit import set_config_keys, wait_until
 
 net = daemons.net
-platforms = daemons.platforms
 
 # What a log line must never show: a tuple, a list or an ip_address object's repr.
 REPRS = ("('", "IPv4Address(", "IPv6Address(", "[IPv", "IPv4Network(", "IPv6Network(")
