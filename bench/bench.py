@@ -255,6 +255,17 @@ def wait_listening(ns: Namespace, port: int, proc: subprocess.Popen[bytes]) -> N
     raise RuntimeError(f"iperf3 server in {ns.name} not listening after {LISTEN_TIMEOUT:g} s")
 
 
+def iperf_client_cmd(
+    address: str, seconds: int, streams: int, congestion: str | None = None
+) -> list[str]:
+    """The iperf3 client's command line (`-C`: the sender's congestion control)."""
+    # fmt: off
+    cmd = ["iperf3", "-J", "-c", address, "-p", str(IPERF_PORT), "-t", str(seconds),
+           "-P", str(streams), "--connect-timeout", "5000"]
+    # fmt: on
+    return cmd + (["-C", congestion] if congestion else [])
+
+
 def iperf(
     src: Namespace,
     dst: Namespace,
@@ -263,9 +274,11 @@ def iperf(
     log_dir: Path,
     streams: int = 1,
     on_start: Callable[[], None] | None = None,
+    congestion: str | None = None,
 ) -> dict[str, Any]:
     """`streams` TCP streams from `src` to `address` (in `dst`) for `seconds`; iperf3's
-    JSON.  `on_start` is called just before the client starts."""
+    JSON.  `on_start` is called just before the client starts; `congestion`: the
+    sender's TCP congestion control (None: the namespace's default)."""
     server = dst.spawn(
         ["iperf3", "-s", "-1", "-B", address, "-p", str(IPERF_PORT)],
         log_path=log_dir / f"iperf3-server-{dst.name}.log",
@@ -274,10 +287,7 @@ def iperf(
         wait_listening(dst, IPERF_PORT, server)
         if on_start is not None:
             on_start()
-        # fmt: off
-        cmd = ["iperf3", "-J", "-c", address, "-p", str(IPERF_PORT), "-t", str(seconds),
-               "-P", str(streams), "--connect-timeout", "5000"]
-        # fmt: on
+        cmd = iperf_client_cmd(address, seconds, streams, congestion)
         out = src.run(cmd, check=False, timeout=seconds + IPERF_SLACK)
         try:
             report: dict[str, Any] = json.loads(out.stdout)
@@ -405,7 +415,9 @@ def measure_round(result: Result, setup: Setup, args: argparse.Namespace, log_di
                 pings.start()
 
         try:
-            report = iperf(src, dst, address, args.seconds, log_dir, streams, start)
+            report = iperf(
+                src, dst, address, args.seconds, log_dir, streams, start, args.congestion
+            )
             meter.stop()
             end = report["end"]
             received = end["sum_received"]
@@ -813,7 +825,7 @@ def profile_node(
     try:
         try:
             warm_up(src, address)
-            report = iperf(src, dst, address, args.seconds, workdir, 1, started)
+            report = iperf(src, dst, address, args.seconds, workdir, 1, started, args.congestion)
             meter.stop()
             mbit = report["end"]["sum_received"]["bits_per_second"] / 1e6
         except (RuntimeError, subprocess.TimeoutExpired, KeyError) as e:
@@ -1060,6 +1072,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--pings", type=int, default=20, help="idle pings per path and run (20)")
     p.add_argument("--ping-interval", type=float, default=0.1, help="seconds between pings")
+    p.add_argument(
+        "--congestion",
+        metavar="ALGO",
+        help="the iperf3 sender's TCP congestion control (e.g. cubic, bbr; default: the "
+        "kernel's), to see how much of the RTT under load is the sender's",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     p.add_argument(
         "--markdown", nargs="?", const="-", metavar="FILE",

@@ -105,3 +105,11 @@ def test_rtt_under_load_shows_its_spread(bench: ModuleType) -> None:
     assert table[spiky.label][at - 1 : at + 1] == ["1.00", "9.00"]
     none = result(bench, "tinc", 1000, 1000)
     assert bench.rows([none])[0][at] == "-"  # no pings: no spread
+
+
+def test_the_senders_congestion_control_can_be_chosen(bench: ModuleType) -> None:
+    plain = bench.iperf_client_cmd("10.0.0.2", 5, 1)
+    assert "-C" not in plain and plain[:4] == ["iperf3", "-J", "-c", "10.0.0.2"]
+    assert bench.iperf_client_cmd("10.0.0.2", 5, 4, "cubic")[-2:] == ["-C", "cubic"]
+    args = bench.parse_args(["--congestion", "cubic"])
+    assert args.congestion == "cubic" and bench.parse_args([]).congestion is None
