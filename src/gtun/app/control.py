@@ -33,7 +33,8 @@ HANDLER_TIMEOUT = 30.0  # a reload may take a while; a status does not
 Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
-def _alive(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
+    """Whether a process answers on the Unix socket at `path` (connect() is accepted)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(1.0)
     try:
@@ -56,7 +57,7 @@ class ControlServer:
     async def start(self) -> None:
         """Raises ConfigError when another process answers on the socket."""
         if self.path.exists() or self.path.is_symlink():
-            if _alive(self.path):
+            if socket_answers(self.path):
                 raise ConfigError(
                     f"control socket {self.path} is in use: is another gtun running?",
                     file=self.config_file,

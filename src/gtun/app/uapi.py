@@ -47,6 +47,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gtun.app.control import socket_answers
 from gtun.core.relay import PeerSpec, Relay
 from gtun.core.tunnel import PushedConfig
 from gtun.core.wg import Peer
@@ -408,19 +409,6 @@ def udp_port(sock: socket.socket | None) -> int:
 # --- the socket --------------------------------------------------------------------
 
 
-def _alive(path: Path) -> bool:
-    """Whether a process answers on the socket at `path` (connect() is accepted)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1.0)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.lstat(path)
@@ -508,7 +496,7 @@ class UapiServer:
                 self.path,
             )
             return False
-        if _alive(self.path):
+        if socket_answers(self.path):
             log.warning(
                 "%s is answered by another process (a wireguard-go or another gtun with "
                 "device %s): leaving it; this gtun runs without `wg show`",
