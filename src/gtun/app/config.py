@@ -44,6 +44,7 @@ DEFAULT_STATE_DIR = "/var/lib/gtun"
 DEFAULT_SERVER_SOCKET = "/run/gtun/server.sock"
 DEFAULT_CLIENT_SOCKET = "/run/gtun/client.sock"
 MODES = ("tun", "tap")
+MAX_RELAY_WORKERS = 64  # processes of one relay (`workers`)
 TRANSPORTS = ("udp", "tcp", "auto")
 
 _SERVER_KEYS = (
@@ -64,6 +65,7 @@ _SERVER_KEYS = (
     "offload",
     "store",
     "uapi",
+    "workers",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets", "preshared_key_file")
 _CLIENT_KEYS = (
@@ -131,6 +133,7 @@ class ServerConfig:
     offload: bool = True  # TUN segmentation offloads (tun.py); false: one packet per read
     store: str | None = None  # a postgresql:// URI: state shared by several relays
     uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
+    workers: int | None = None  # processes sharing the port (app/workers.py); None: one per core
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -351,6 +354,9 @@ class _Table:
         value = self._get(name, bool, "a boolean (true or false)", False)
         return default if value is None else value
 
+    def optional_int(self, name: str) -> int | None:
+        return self._get(name, int, "an integer", False)
+
     def get_int(self, name: str, default: int) -> int:
         value = self._get(name, int, "an integer", False)
         return default if value is None else value
@@ -532,6 +538,13 @@ def load_server_config(path: str | Path) -> ServerConfig:
     endpoint = s.host_port("endpoint", require_ip=False)
     offload = s.get_bool("offload", True)
     uapi = s.get_bool("uapi", True)
+    workers = s.optional_int("workers")
+    if workers is not None and not 1 <= workers <= MAX_RELAY_WORKERS:
+        raise s.error(
+            "workers",
+            f"{workers} is out of range: 1 to {MAX_RELAY_WORKERS} processes "
+            "(leave it out for one per core)",
+        )
     store = s.optional_str("store")
     if store is not None and not store.startswith(("postgresql://", "postgres://")):
         raise s.error(
@@ -563,6 +576,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         offload=offload,
         store=store,
         uapi=uapi,
+        workers=workers,
     )
 
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from gtun import __version__
 from gtun.app.background import off_loop
 from gtun.app.keys import encode_key
+from gtun.app.workers import DROPS, WorkerPool, merged_totals
 from gtun.core.drops import PEER_DROP_REASONS
 from gtun.core.wg.constants import REJECT_AFTER_TIME
 from gtun.errors import ConfigError
@@ -208,21 +209,45 @@ class RelayCollector(GtunCollector):
         relay: Relay,
         clock: Callable[[], float],
         tcp_drops: Callable[[], Mapping[str, int]] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         super().__init__(relay.wg, clock, relay.drops, tcp_drops)
         self.relay = relay
+        self.pool = pool  # the other workers, whose last counters are added
 
     def peers(self) -> list[PeerView]:
         # list() copies the dict in one step: a scrape runs beside the event loop,
         # which may change the peer set meanwhile.
-        return [
-            PeerView(
-                f"relay {peer.data.name}" if self.relay.is_mesh(peer) else peer.data.spec.name,
-                peer,
-                dict(peer.data.drops),
-            )
-            for peer in list(self.relay.wg.peers.values())
-        ]
+        pool = self.pool
+        others = pool.peer_entries() if pool is not None else {}
+        views = []
+        for peer in list(self.relay.wg.peers.values()):
+            mesh = self.relay.is_mesh(peer)
+            drops = dict(peer.data.drops)
+            counted: Any = peer
+            entries = others.get(encode_key(peer.public_key)) if others else None
+            if entries:
+                counted = merged_totals(peer.public_key, peer, entries)
+                for e in entries:
+                    for reason, value in (e[DROPS] or {}).items():
+                        drops[reason] = drops.get(reason, 0) + value
+            name = f"relay {peer.data.name}" if mesh else peer.data.spec.name
+            views.append(PeerView(name, counted, drops))
+        return views
+
+    def drop_layers(self) -> list[tuple[str, Mapping[str, int]]]:
+        layers = super().drop_layers()
+        if self.pool is None:
+            return layers
+        others = self.pool.layer_drops()
+        merged: list[tuple[str, Mapping[str, int]]] = []
+        for layer, counts in layers:
+            total = dict(counts)
+            for reason, value in others.pop(layer, {}).items():
+                total[reason] = total.get(reason, 0) + value
+            merged.append((layer, total))
+        merged.extend(others.items())
+        return merged
 
 
 class ClientCollector(GtunCollector):

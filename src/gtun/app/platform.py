@@ -26,7 +26,7 @@ from typing import Protocol
 from gtun.app.uapi import UAPI_DIR
 from gtun.core.tunnel import RelayHealth
 from gtun.errors import ConfigError
-from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun
+from gtun.io.tun import PacketDevice, TunDevice, log_offloads, open_tun, open_tun_queues
 from gtun.system import dns as dnsconf
 from gtun.system import fulltunnel as exitroute
 from gtun.system import health as hostcheck
@@ -137,6 +137,12 @@ class LinuxPlatform:
 
     def open_tun(self, name: str, *, tap: bool, offload: bool) -> TunDevice:
         return open_tun(name, tap=tap, offload=offload)
+
+    def open_tun_queues(
+        self, name: str, queues: int, *, tap: bool, offload: bool
+    ) -> list[TunDevice]:
+        """The device with a queue per relay worker (app/workers.py)."""
+        return open_tun_queues(name, queues, tap=tap, offload=offload)
 
     def log_offloads(self, dev: Device, asked: bool) -> None:
         assert isinstance(dev, TunDevice)

@@ -42,17 +42,17 @@ from gtun.app.peerset import (
 )
 from gtun.app.pgstore import PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
+from gtun.app.relaylog import RelayEvents
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import Store
 from gtun.app.uapi import relay_answer, start_uapi, udp_port
+from gtun.app.workers import WorkerPool, bind_group, effective_workers, merge_peer
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
     MeshError,
     MeshRelay,
     Network,
-    PeerJoined,
-    PeerRefused,
     PeerSetError,
     PeerSpec,
     Relay,
@@ -60,10 +60,11 @@ from gtun.core.relay import (
     SessionHere,
 )
 from gtun.core.tunnel import RelayHealth
-from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut, PeerUnknown, SessionUnconfirmed
+from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
+from gtun.io.handoff import Handoff
 from gtun.io.tcp import TcpServer, endpoint_transport, forget_endpoint
 from gtun.io.transport import endpoint_text
 from gtun.io.udp import UdpTransport
@@ -74,59 +75,13 @@ from gtun.system.nft import table_name
 log = logging.getLogger("gtun")
 
 ENDPOINT_SAVE_INTERVAL = 1.0  # seconds between looks for peers' new UDP endpoints
-JOINED_AGAIN_AFTER = 600.0  # seconds before the same client joining from the same place is news
-UNCONFIRMED_SAID_EVERY = 60.0  # seconds between warnings of one peer's unused sessions
-UNCONFIRMED_KEPT = 4096  # peers remembered for that; past it the memory starts afresh
-UNKNOWN_KEYS_INTERVAL = 10.0  # seconds between reports of handshakes from unknown keys
 STATUS_CHUNK = 500  # peers described between two yields to the event loop
 ANNOUNCED_PEERS = 100  # peers named one a line at start; more are counted
 PRESENCE_INTERVAL = 10.0  # seconds between heartbeats of the sessions held (shared store)
 PRESENCE_TTL = 3 * PRESENCE_INTERVAL  # how long a heartbeat says a session is here
 PRESENCE_RECENT = 180.0  # seconds since a peer's last packet for its session to count
 HEALTH_INTERVAL = 5.0  # seconds between looks at the relay's own machine (health answers)
-
-
-class UnknownKeys:
-    """Reports handshakes from keys that are no peer of this relay without a log line
-    each: the first after a quiet interval at once (so a user who just tried a key sees
-    it), the rest as one summary per `interval`.  note() and flush() return the line to
-    log, or None; the caller calls flush() when `due` has passed."""
-
-    def __init__(self, interval: float = UNKNOWN_KEYS_INTERVAL) -> None:
-        self.interval = interval
-        self.total = 0  # since start
-        self.pending = 0  # not yet reported
-        self.last: tuple[bytes, str] | None = None  # the latest key and address
-        self.logged_at: float | None = None
-        self.due: float | None = None  # when the pending ones are to be reported
-
-    def note(self, key: bytes, addr: str, now: float) -> str | None:
-        self.total += 1
-        self.last = (key, addr)
-        if self.logged_at is None or now - self.logged_at >= self.interval:
-            self.logged_at = now
-            self.due = None
-            return (
-                f"handshake from unknown key {encode_key(key)} at {addr}: not a peer of this relay"
-            )
-        self.pending += 1
-        if self.due is None:
-            self.due = self.logged_at + self.interval
-        return None
-
-    def flush(self, now: float) -> str | None:
-        if not self.pending or self.last is None:
-            self.due = None
-            return None
-        key, addr = self.last
-        line = (
-            f"{self.pending} more handshakes from unknown keys in the last "
-            f"{now - (self.logged_at or now):.0f} s, the last from {addr} key {encode_key(key)}"
-        )
-        self.pending = 0
-        self.logged_at = now
-        self.due = None
-        return line
+WORKER_REFRESH = 2.0  # seconds between looks at the other workers' counters (metrics)
 
 
 def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
@@ -178,11 +133,14 @@ class Server:
         self.tcp: TcpServer | None = None
         self.link: Link | None = None
         self.subnet_routes: set[Any] = set()
-        # Per peer key: where and when "joined" was last said at INFO (bounded by the peers).
-        self._joined: dict[bytes, tuple[str | None, float]] = {}
-        self._unconfirmed: dict[bytes, float] = {}  # peer key -> when last said
-        self.unknown_keys = UnknownKeys()
-        self._unknown_timer: asyncio.TimerHandle | None = None
+        self.events = RelayEvents()  # what is said of the clients' events
+        self.handoff: Handoff | None = None  # the channels to the other workers, if any
+        self.pool: WorkerPool | None = None  # the other workers (app/workers.py), if any
+        # How many processes share the port (worker 0 is this one), and why one only.
+        self.workers, self.workers_why = effective_workers(
+            cfg, real_platform=isinstance(self.platform, LinuxPlatform)
+        )
+        self._refresh_task: asyncio.Task[None] | None = None
         # Peers' UDP endpoints as the store has them (key -> text), and the task saving them.
         self._saved_endpoints: dict[bytes, str] = {}
         self._seen_endpoints: dict[bytes, Any] = {}  # the endpoint at the last look
@@ -217,6 +175,8 @@ class Server:
             driver = await self._start(specs, sock, tcp_sock, tun)
             await self._configure_device(tun, specs)
             driver.attach_tun(tun)
+            if self.pool is not None:
+                await self._start_workers(specs)
             self._configure_host(tun)
             self._keep_health()
             self._rejoin()
@@ -242,6 +202,26 @@ class Server:
         finally:
             await rt.unwind()
 
+    async def _start_workers(self, specs: list[PeerSpec]) -> None:
+        """Workers 1..N-1 (app/workers.py), stopped before the device closes."""
+        pool = self.pool
+        assert pool is not None
+        self.rt.push("workers", pool.stop)
+        try:
+            await pool.start(specs)
+        except (OSError, RuntimeError) as exc:
+            raise RuntimeFailure(f"relay workers: {exc}") from exc
+        self._refresh_task = asyncio.ensure_future(self._refresh_workers())
+        self.rt.push("worker counters", self._refresh_task.cancel)
+        log.info("%d workers share %s:%d", pool.count, *self.cfg.listen)
+
+    async def _refresh_workers(self) -> None:
+        """The workers' counters, fresh for a metrics scrape (status asks anew)."""
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(WORKER_REFRESH)
+            await self.pool.refresh()
+
     def _open(self) -> tuple[list[PeerSpec], tuple[socket.socket, socket.socket], Device]:
         """The peers, the bound UDP and TCP sockets and the device, in an order where
         any failure leaves nothing open.  Raises ConfigError or RuntimeFailure."""
@@ -256,6 +236,8 @@ class Server:
         publish_config_peers(cfg, store)
         self._note_refused(cfg, peerset)
         specs = peerset.specs
+        if self.workers > 1:
+            return specs, *self._open_workers()
         sock = bind_udp(cfg)
         try:
             tcp_sock = bind_tcp(cfg)
@@ -273,6 +255,34 @@ class Server:
         rt.push(f"device {cfg.device}", tun.close)
         return specs, (sock, tcp_sock), tun
 
+    def _open_workers(self) -> tuple[tuple[socket.socket, socket.socket], Device]:
+        """_open() for several workers: a socket of the UDP and of the TCP group and a
+        queue of the device for each, and the channels between them, all kept here (the
+        workers' by the pool, which closes them at the end)."""
+        cfg, rt, n = self.cfg, self.rt, self.workers
+        udp = bind_group(cfg, socket.SOCK_DGRAM, n)
+        try:
+            tcp = bind_group(cfg, socket.SOCK_STREAM, n)
+        except ConfigError:
+            for sock in udp:
+                sock.close()
+            raise
+        try:
+            assert isinstance(self.platform, LinuxPlatform)  # effective_workers() says so
+            tuns = self.platform.open_tun_queues(
+                cfg.device, n, tap=cfg.mode == "tap", offload=cfg.offload
+            )
+        except GtunError:
+            for sock in udp + tcp:
+                sock.close()
+            raise
+        rt.push(f"device {cfg.device}", tuns[0].close)
+        channels = WorkerPool.channels_for(n)
+        pool = WorkerPool(n, udp, tcp, tuns, channels, cfg.private_key, cfg.offload)
+        rt.push("the workers' sockets and queues", pool.close)
+        self.pool = pool
+        return (udp[0], tcp[0]), tuns[0]
+
     async def _start(
         self, specs: list[PeerSpec], sock: socket.socket, tcp_sock: socket.socket, tun: Device
     ) -> Driver:
@@ -289,12 +299,37 @@ class Server:
             network6=cfg.network6,
             partial_ok=tun.vnet,
         )
-        relay = Relay(cfg.private_key, settings, wall_offset=time.time() - loop.time())
+        relay = Relay(
+            cfg.private_key,
+            settings,
+            wall_offset=time.time() - loop.time(),
+            worker=0,
+            workers=self.workers,
+        )
         apply_peers(relay, specs, cfg, self.store)
         self.relay = relay
         driver = Driver(relay, loop, self.on_event)
         self.driver = driver
-        rt.push("unknown-key report", self._cancel_unknown_timer)
+        pool = self.pool
+        if pool is not None:
+            pool.settings = settings
+
+            def held(worker: int, key: bytes, since: float) -> None:
+                relay.held_by(key, worker, since)
+                pool.held(key, worker)
+
+            handoff = Handoff(
+                0,
+                pool.ends_of(0),
+                loop,
+                lambda w, key, items: relay.handed(w, key, items, loop.time()),
+                held,
+                driver.after,
+            )
+            self.handoff = handoff
+            driver.handoff = handoff
+            rt.push("the channels to the workers", handoff.close)
+        rt.push("unknown-key report", self.events.close)
         driver.attach(UdpTransport(sock, loop, batching=cfg.offload))
         rt.push("UDP socket", driver.close)
         tcp = TcpServer(loop, lambda ep: forget_endpoint(relay.wg.peers.values(), ep))
@@ -304,7 +339,7 @@ class Server:
         rt.push("TCP listener", tcp.close)
         if cfg.metrics_listen is not None:
             metrics = await serve_metrics(
-                RelayCollector(relay, loop.time, lambda: tcp.counts),
+                RelayCollector(relay, loop.time, lambda: tcp.counts, pool=self.pool),
                 cfg.metrics_listen,
                 config_file=cfg.path,
                 key="server.metrics_listen",
@@ -806,6 +841,8 @@ class Server:
             cfg, peerset = await off_loop(self._read_peers)
             specs = peerset.specs
             added, removed = apply_peers(self.relay, specs, cfg, self.store)
+            if self.pool is not None:
+                await self.pool.set_peers(specs)
         except StoreUnavailable as exc:
             # Said once for the whole outage (_store_state), not once per attempt.
             log.debug("reload refused, keeping the current peers: %s", exc)
@@ -843,68 +880,18 @@ class Server:
         if peer is not None and self.relay is not None and self.relay.is_mesh(peer):
             self._mesh_event(event)
             return
-        if isinstance(event, HandshakeCompleted):
-            spec = event.peer.data.spec
-            log.debug(
-                "handshake with %s (%s) from %s",
-                spec.name,
-                spec.address,
-                endpoint_text(event.peer.endpoint),
-            )
-        elif isinstance(event, SessionHere):
+        if isinstance(event, SessionHere):
             if self.relay is not None and self.relay.name is not None:
                 self._note_session_here(event.peer.public_key)
-        elif isinstance(event, PeerJoined):
-            # A client asks again after every new session (every two minutes), and a
-            # hostile one as often as it likes: said at INFO only when it is news.
-            spec = event.peer.data.spec
-            where = endpoint_text(event.peer.endpoint)
-            now = time.monotonic()
-            said = self._joined.get(event.peer.public_key)
-            news = said is None or said[0] != where or now - said[1] >= JOINED_AGAIN_AFTER
-            if news:
-                self._joined[event.peer.public_key] = (where, now)
-            log.log(
-                logging.INFO if news else logging.DEBUG,
-                "client %s joined from %s as %s",
-                spec.name,
-                where,
-                spec.address,
-            )
-        elif isinstance(event, PeerRefused):
-            spec = event.peer.data.spec
-            log.warning(
-                "refused peer %s (%s) from %s: %s",
-                spec.name,
-                spec.address,
-                endpoint_text(event.peer.endpoint),
-                event.reason,
-            )
-        elif isinstance(event, PeerUnknown):
-            self._unknown_key(event)
-        elif isinstance(event, HandshakeTimedOut):
-            log.debug("peer %s stopped answering", event.peer.data.spec.name)
-        elif isinstance(event, SessionUnconfirmed):
-            self._session_unconfirmed(event.peer)
-
-    def _session_unconfirmed(self, peer: Any) -> None:
-        """A peer that initiates again and again without using our answers: its
-        preshared key is likely wrong (or the answers are lost).  Said at most once a
-        minute per peer; counted as `unconfirmed` always."""
-        now = time.monotonic()
-        said = self._unconfirmed.get(peer.public_key)
-        if said is not None and now - said < UNCONFIRMED_SAID_EVERY:
             return
-        if len(self._unconfirmed) >= UNCONFIRMED_KEPT:
-            self._unconfirmed.clear()  # bounded: a flood of keys only repeats lines
-        self._unconfirmed[peer.public_key] = now
-        log.warning(
-            "peer %s (%s) at %s initiated again without using the session answered: a wrong "
-            "preshared key (PresharedKey), or the answers are lost on the way",
-            peer.data.spec.name,
-            peer.data.spec.address,
-            endpoint_text(peer.endpoint),
-        )
+        if isinstance(event, HandshakeCompleted) and self.handoff is not None:
+            # The other workers hand this peer's packets here from now on.
+            last = event.peer.last_handshake
+            if last is not None:
+                self.handoff.announce(event.peer.public_key, last)
+            if self.pool is not None:
+                self.pool.held(event.peer.public_key, 0)
+        self.events.on_event(event)
 
     def _mesh_event(self, event: Event) -> None:
         """An event of a mesh peer (another relay): no client, so no spec."""
@@ -915,26 +902,6 @@ class Server:
             )
         elif isinstance(event, HandshakeTimedOut):
             log.debug("mesh relay %s stopped answering", event.peer.data.name)
-
-    def _unknown_key(self, event: PeerUnknown) -> None:
-        loop = asyncio.get_running_loop()
-        unknown = self.unknown_keys
-        line = unknown.note(event.public_key, endpoint_text(event.addr) or "?", loop.time())
-        if line is not None:
-            log.warning("%s", line)
-        elif unknown.due is not None and self._unknown_timer is None:
-            self._unknown_timer = loop.call_at(unknown.due, self._flush_unknown_keys)
-
-    def _flush_unknown_keys(self) -> None:
-        self._unknown_timer = None
-        line = self.unknown_keys.flush(asyncio.get_running_loop().time())
-        if line is not None:
-            log.warning("%s", line)
-
-    def _cancel_unknown_timer(self) -> None:
-        if self._unknown_timer is not None:
-            self._unknown_timer.cancel()
-            self._unknown_timer = None
 
     async def on_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
@@ -958,6 +925,11 @@ class Server:
         relay = self.relay
         assert relay is not None
         wall = relay.wg.wall_offset  # fixed at start, so reported times do not jitter
+        pool = self.pool
+        others: dict[str, list[list[Any]]] = {}
+        if pool is not None:
+            await pool.refresh()
+            others = pool.peer_entries()
         peers = []
         mesh = []
         for i, peer in enumerate(list(relay.wg.peers.values())):
@@ -992,7 +964,26 @@ class Server:
                     "drops": dict(peer.data.drops),
                 }
             )
+            if pool is not None:
+                entry = peers[-1]
+                held = pool.holder.get(peer.public_key)
+                entry["worker"] = held
+                entries = others.get(entry["public_key"])
+                if entries:
+                    merge_peer(entry, entries, wall, peer.last_handshake)
         drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
+        datapath = self.driver.datapath() if self.driver is not None else None
+        tcp_connections = len(self.tcp.connections) if self.tcp else 0
+        workers: list[dict[str, Any]] = [{"worker": 0, "pid": os.getpid(), "alive": True}]
+        if pool is not None:
+            drops = merge_counts(drops, pool.drops())
+            if datapath is not None:
+                for name, value in pool.datapath().items():
+                    if isinstance(datapath.get(name), int) and not isinstance(value, bool):
+                        datapath[name] += value
+            tcp_connections += pool.tcp_connections()
+            workers[0]["restarts"] = 0
+            workers.extend(pool.describe())
         cfg = self.cfg
         return self.rt.status(
             {
@@ -1007,9 +998,10 @@ class Server:
             },
             sorted(peers, key=lambda p: p["name"]),
             drops,
-            self.driver.datapath() if self.driver is not None else None,
+            datapath,
             tail={
-                "tcp_connections": len(self.tcp.connections) if self.tcp else 0,
+                "workers": workers,
+                "tcp_connections": tcp_connections,
                 "refused_peers": list(self.refused),
                 "relay_name": relay.name,
                 "mesh": sorted(mesh, key=lambda r: r["name"]),

@@ -203,6 +203,19 @@ REASONS: tuple[Reason, ...] = (
         "push nothing to each other",
         ("relay", "peer"),
     ),
+    # Relay workers (relay.py, forward.py, app/workers.py): one relay in several processes.
+    Reason(
+        "handoff_full",
+        "for a peer whose session another worker of the relay holds, and the channel to "
+        "that worker was full (or the worker was restarting)",
+        ("relay",),
+    ),
+    Reason(
+        "handoff_unknown",
+        "handed over by another worker for a peer this worker does not have (removed "
+        "meanwhile), or malformed",
+        ("relay",),
+    ),
     # Preshared keys (wg/device.py, relay.py): psk2 mixes the key into the response, so
     # a responder never sees a wrong one; it sees sessions that are never used.
     Reason(

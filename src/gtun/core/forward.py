@@ -74,7 +74,7 @@ from gtun.core.packet import (
     tunnel_addresses,
 )
 from gtun.core.routing import RouteTable
-from gtun.core.switch import Switch
+from gtun.core.switch import Switch, is_group
 from gtun.core.wg import Peer, WireGuard
 
 # Tuning knob: routing verdicts kept per sending peer (IpForwarder._route): a peer that
@@ -83,6 +83,8 @@ FLOW_CACHE_SIZE = 4096
 
 # The switch port of the relay's own TAP device (the other ports are Peers).
 LOCAL_PORT = "relay"
+# TAP mode with relay workers: addresses remembered as another worker's.
+MAX_REMOTE_MACS = 4096
 
 STOCK_PEER_IN_TAP_MODE = (
     "it sent an IP packet: this relay runs in tap mode, and stock WireGuard peers carry "
@@ -143,12 +145,22 @@ class Forwarder:
         self.claims: list[Peer] = []
         # Clients a mesh relay spoke for first (client, relay): held there from now on.
         self.learned: list[tuple[Peer, Peer]] = []
+        # Relay workers (app/workers.py): this forwarder is worker `worker` of `workers`
+        # processes of one relay.  `away` holds the peers whose session another worker
+        # has (peer -> worker); what goes to them is gathered in `handoff` for the edge
+        # to hand over, as (worker, peer, packet or (header, super-packet)); in TAP mode
+        # (worker, None, frame) for the other workers' switches.
+        self.worker = 0
+        self.workers = 1
+        self.away: dict[Peer, int] = {}
+        self.handoff: list[tuple[int, Peer | None, TunWrite]] = []
 
     def peers_changed(self) -> None:
         """The table was rebuilt: anything derived from it is stale."""
 
     def peer_removed(self, peer: Peer) -> None:
         self.table.remove_value(peer)
+        self.away.pop(peer, None)
 
     def joined(self, peer: Peer) -> None:
         """A gtun peer asked for its configuration."""
@@ -158,6 +170,12 @@ class Forwarder:
 
     def flush(self) -> None:
         """Send what was gathered during a batch."""
+
+    def deliver(self, peer: Peer | None, item: TunWrite, now: float) -> None:
+        """What another worker handed over: sent here, never handed on (so nothing can
+        go round between workers), by this worker's session, or after a handshake when
+        it has none."""
+        raise NotImplementedError
 
     def from_peer(self, peer: Peer, plaintext: bytes, now: float) -> None:
         raise NotImplementedError
@@ -195,8 +213,12 @@ class IpForwarder(Forwarder):
         forward, self._forward = self._forward, {}
         now = self._forward_now
         wg = self.wg
+        away = self.away
         for peer, packets in forward.items():
-            if len(packets) > 1 and bulk.takes_bulk(peer):
+            if away and peer in away:
+                worker = away[peer]
+                self.handoff.extend([(worker, peer, p) for p in packets])
+            elif len(packets) > 1 and bulk.takes_bulk(peer):
                 # To a gtun node over TCP: the segments of a flow travel as one bulk
                 # frame (coalesced here as a TUN write would be; send_super splits one
                 # larger than a bulk frame holds).
@@ -208,7 +230,19 @@ class IpForwarder(Forwarder):
     def tun_packet(self, packet: bytes, now: float) -> None:
         peer = self._tun_target(packet)
         if peer is not None:
-            self.wg.send(peer, packet, now)
+            if self.away and peer in self.away:
+                self.handoff.append((self.away[peer], peer, packet))
+            else:
+                self.wg.send(peer, packet, now)
+
+    def deliver(self, peer: Peer | None, item: TunWrite, now: float) -> None:
+        if peer is None:
+            self.drops["handoff_unknown"] += 1  # a frame: only TAP mode hands those
+        elif isinstance(item, bytes):
+            self.wg.send(peer, item, now)
+        else:
+            hdr, packet = item
+            self._send_super(peer, hdr, packet, now, handed=True)
 
     def tun_super(self, hdr: Gso, packet: bytes, now: float) -> None:
         """A TCP super-packet (or a packet whose checksum is ours to finish) from an
@@ -230,11 +264,21 @@ class IpForwarder(Forwarder):
         return self.where.get(peer, peer)
 
     def _send_super(
-        self, peer: Peer, hdr: Gso, packet: bytes, now: float, sender: Peer | None = None
+        self,
+        peer: Peer,
+        hdr: Gso,
+        packet: bytes,
+        now: float,
+        sender: Peer | None = None,
+        handed: bool = False,
     ) -> None:
         """bulk.send_super(), its drop counted: against `sender`, the peer the
         super-packet came from (a bulk frame's fault: "bad_bulk"), else the relay's own
-        (its TUN's: "bad_gso"); "too_big" either way for a packet no peer can take."""
+        (its TUN's: "bad_gso"); "too_big" either way for a packet no peer can take.
+        To a peer another worker holds: handed over whole (unless it was `handed`)."""
+        if not handed and self.away and peer in self.away:
+            self.handoff.append((self.away[peer], peer, (hdr, packet)))
+            return
         try:
             bulk.send_super(self.wg, peer, hdr, packet, now)
         except OffloadError as exc:
@@ -392,11 +436,52 @@ class EthernetForwarder(Forwarder):
         # What each peer's key derives (l2frame.mac_for_key): the one MAC it may use and
         # the link-local address its device forms from it; one entry per peer.
         self._pins: dict[Peer, tuple[bytes, bytes]] = {}
+        # With relay workers: addresses another worker's switch owns (MAC -> (worker,
+        # when seen)), learned from the frames it hands over (bounded, oldest out), and
+        # the worker whose frame deliver() is handling (set by the relay).
+        self._remote: dict[bytes, tuple[int, float]] = {}
+        self._handed_from = 0
 
     def peer_removed(self, peer: Peer) -> None:
         super().peer_removed(peer)
         self.switch.remove_port(peer)
         self._pins.pop(peer, None)
+
+    def deliver(self, peer: Peer | None, item: TunWrite, now: float) -> None:
+        """A frame another worker's switch flooded or sent here: to the port of this
+        worker's switch that owns its destination (one of its peers, or the TAP), else
+        to every peer of this worker; never back to another worker.  Its source is
+        remembered as that worker's (`_remote`) unless a port here owns it."""
+        if peer is not None or not isinstance(item, bytes) or len(item) < 14:
+            self.drops["handoff_unknown"] += 1
+            return
+        frame = item
+        switch = self.switch
+        dst, src = frame[:6], frame[6:12]
+        if switch.lookup(src, now) is None and not is_group(src):
+            remote = self._remote
+            remote.pop(src, None)
+            if len(remote) >= MAX_REMOTE_MACS:
+                del remote[next(iter(remote))]
+            remote[src] = (self._handed_from, now)
+        port = None if is_group(dst) else switch.lookup(dst, now)
+        if port is None:
+            outs: list[Peer | str] = [p for p in switch.ports if isinstance(p, Peer)]
+        else:
+            outs = [port]
+        wrapped: bytes | None = None
+        for out in outs:
+            if isinstance(out, Peer):
+                if wrapped is None:
+                    wrapped = l2frame.push_frame(frame)
+                self.wg.send(out, wrapped, now)
+            else:
+                self.tun_out.append(frame)
+
+    def gone_elsewhere(self, peer: Peer) -> None:
+        """Another worker holds `peer`'s session now: its port (and the addresses
+        learned on it) leave this worker's switch; it asks that worker's again."""
+        self.switch.remove_port(peer)
 
     def _pin(self, peer: Peer) -> tuple[bytes, bytes]:
         pin = self._pins.get(peer)
@@ -521,3 +606,13 @@ class EthernetForwarder(Forwarder):
                 self.wg.send(out, wrapped, now)
             else:
                 self.tun_out.append(frame)
+        if decision.flooded and self.workers > 1:
+            # Not a port here: another worker's peer, the other workers' to deliver
+            # (the one that owns the address, when it is known, else all of them).
+            remote = self._remote.get(frame[:6])
+            if remote is not None and now - remote[1] < self.switch.aging:
+                self.handoff.append((remote[0], None, frame))
+            else:
+                for worker in range(self.workers):
+                    if worker != self.worker:
+                        self.handoff.append((worker, None, frame))

@@ -224,10 +224,22 @@ class RelaySettings:
 
 class Relay:
     def __init__(
-        self, private_key: bytes, settings: RelaySettings, *, wall_offset: float = 0.0
+        self,
+        private_key: bytes,
+        settings: RelaySettings,
+        *,
+        wall_offset: float = 0.0,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
+        """`worker` of `workers`: this core is one of several processes of one relay
+        (app/workers.py), each with the same peers, the sessions it made itself, and
+        local indexes that name it (see io/steering.py).  Raises ValueError for a
+        worker outside 0..workers-1."""
         self.settings = settings
-        self.wg = WireGuard(private_key, wall_offset=wall_offset, mtu=settings.mtu)
+        self.wg = WireGuard(
+            private_key, wall_offset=wall_offset, mtu=settings.mtu, worker=worker, workers=workers
+        )
         self.drops: dict[str, int] = dict.fromkeys(RELAY_DROP_REASONS, 0)
         self._events: deque[Event] = deque()
         self._subnets: list[tuple[Peer, Network]] = []  # (owner, LAN behind it), of set_peers
@@ -238,6 +250,8 @@ class Relay:
             else IpForwarder(*hooks)
         )
         self.wg.on_packet = self.forwarder.from_peer  # the data fast lane
+        self.forwarder.worker = worker
+        self.forwarder.workers = workers
         self.wg.on_unknown_index = self._unknown_index
         # rejoin(): peers still to be sent an initiation, and the stored endpoints of
         # peers without a session yet (both bounded by the peers).
@@ -597,6 +611,60 @@ class Relay:
         fwd.tun_out = []
         return out
 
+    def handoffs(self) -> list[tuple[int, Peer | None, TunWrite]]:
+        """What goes to peers whose sessions other workers hold (and, in TAP mode,
+        frames for the other workers' switches): (worker, peer, packet), for the edge
+        to hand over.  Empty with one worker."""
+        fwd = self.forwarder
+        fwd.flush()
+        out = fwd.handoff
+        if out:
+            fwd.handoff = []
+        return out
+
+    def handed(self, worker: int, key: bytes | None, items: list[TunWrite], now: float) -> None:
+        """What worker `worker` handed over: packets for the peer with public key `key`
+        (sent by this worker's session with it, or after a handshake when it has
+        none), or frames (key None) for this worker's switch.  Never handed on.  An
+        unknown key is counted ("handoff_unknown")."""
+        fwd = self.forwarder
+        peer = None
+        if key is not None:
+            peer = self.wg.peers.get(key)
+            if peer is None:
+                self.drops["handoff_unknown"] += len(items)
+                return
+        if isinstance(fwd, EthernetForwarder):
+            fwd._handed_from = worker
+        for item in items:
+            fwd.deliver(peer, item, now)
+        self._drain_core(now)
+
+    def held_by(self, key: bytes, worker: int, since: float) -> bool:
+        """Worker `worker` made a session with the peer of key `key` at `since` (the
+        monotonic time of its handshake): packets to the peer go there from now on,
+        unless this worker's own session is newer.  Whether anything changed."""
+        peer = self.wg.peers.get(key)
+        if peer is None:
+            return False
+        fwd = self.forwarder
+        if worker == fwd.worker:
+            return fwd.away.pop(peer, None) is not None
+        last = peer.last_handshake
+        if last is not None and last > since:
+            return False  # ours is newer: that worker will hear of it
+        if fwd.away.get(peer) == worker:
+            return False
+        fwd.flush()
+        fwd.away[peer] = worker
+        if isinstance(fwd, EthernetForwarder):
+            fwd.gone_elsewhere(peer)
+        return True
+
+    def held_elsewhere(self, peer: Peer) -> int | None:
+        """The worker holding `peer`'s session when it is another one, else None."""
+        return self.forwarder.away.get(peer)
+
     def next_event(self) -> Event | None:
         """Events of the relay and of the WireGuard core, in order."""
         return self._events.popleft() if self._events else None
@@ -657,6 +725,12 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
+                elif isinstance(event, HandshakeCompleted):
+                    # The newest session is this worker's (the edge tells the others).
+                    fwd = self.forwarder
+                    if fwd.away and event.peer in fwd.away:
+                        fwd.flush()
+                        del fwd.away[event.peer]
                 self._emit(event)
             elif isinstance(event, SessionUnconfirmed):
                 self._count(event.peer, "unconfirmed")

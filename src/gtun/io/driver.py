@@ -273,6 +273,9 @@ class Driver:
         self._admitted: dict[Any, int] = {}
         self._admitters: list[Any] = []  # transports with an `admit` to set
         self._admit_on = False
+        # A relay worker's channels to the other workers (io/handoff.py): what the core
+        # hands over (Relay.handoffs()) leaves through them after every call.
+        self.handoff: Any = None
 
     # --- transports --------------------------------------------------------------------
 
@@ -474,6 +477,11 @@ class Driver:
                     core.drops["queue_full"] += len(datagrams)
                 else:
                     core.drops["queue_full"] += addressed.send(datagrams)
+        handoff = self.handoff
+        if handoff is not None:
+            items = core.handoffs()  # type: ignore[attr-defined]
+            if items:
+                core.drops["handoff_full"] += handoff.send(items)
         self._rearm()
 
     def _send_mixed(self, datagrams: list[tuple[bytes, Any]]) -> int:

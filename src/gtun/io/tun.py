@@ -45,6 +45,7 @@ IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUN_F_CSUM = 0x01
@@ -217,6 +218,36 @@ def write_segments(dev: PacketDevice, hdr: Gso, packet: bytes) -> int:
     return sum(1 for p in packets if not dev.write(p))
 
 
+def open_tun_queues(
+    name: str, queues: int, *, tap: bool = False, offload: bool = False
+) -> list[TunDevice]:
+    """Create (or attach to) TUN device `name` with `queues` queues (IFF_MULTI_QUEUE),
+    one open descriptor each: what the kernel routes into the device is spread over the
+    queues by flow (a flow's packets go to the queue that last wrote that flow's), and
+    any queue may write.  Offloads as open_tun(); all queues get the same.  Raises
+    RuntimeFailure as open_tun() does."""
+    _check_name(name)
+    devices: list[TunDevice] = []
+    try:
+        vnet = offload and not tap
+        error = ""
+        try:
+            devices.append(_open(name, tap=tap, vnet=vnet, multi=True))
+        except _OffloadRefused as exc:
+            vnet, error = False, str(exc)
+            devices.append(_open(name, tap=tap, vnet=False, multi=True))
+        name = devices[0].name
+        for _ in range(queues - 1):
+            devices.append(_open(name, tap=tap, vnet=vnet, multi=True))
+        for dev in devices:
+            dev.offload_error = error
+    except BaseException:
+        for dev in devices:
+            dev.close()
+        raise
+    return devices
+
+
 def open_tun(name: str, *, tap: bool = False, offload: bool = False) -> TunDevice:
     """Create (or attach to) TUN device `name` (a TAP device if `tap`) and open it.
 
@@ -254,7 +285,7 @@ class _OffloadRefused(Exception):
     pass
 
 
-def _open(name: str, *, tap: bool, vnet: bool) -> TunDevice:
+def _open(name: str, *, tap: bool, vnet: bool, multi: bool = False) -> TunDevice:
     kind = "TAP" if tap else "TUN"
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
@@ -266,6 +297,8 @@ def _open(name: str, *, tap: bool, vnet: bool) -> TunDevice:
         raise RuntimeFailure(f"cannot open {TUN_PATH}: {exc.strerror}") from exc
     try:
         flags = (IFF_TAP if tap else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        if multi:
+            flags |= IFF_MULTI_QUEUE
         ifr = struct.pack("16sH22x", name.encode(), flags)
         try:
             ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)

@@ -73,8 +73,10 @@ class GtunNet:
         mode: str | None = None,
         network6: str | None = None,
         devices: Mapping[str, str] | None = None,
+        workers: int | None = 1,
     ) -> None:
-        """`devices`: the device name of a node by its name ("relay", "c1", ...);
+        """`workers`: the relay's `workers` key (None: left out, one per core).
+        `devices`: the device name of a node by its name ("relay", "c1", ...);
         "gtun0" for any not named (each node has its own namespace, but a device's `wg`
         socket, /var/run/wireguard/DEVICE.sock, is shared by all of them)."""
         self.lab = lab
@@ -85,6 +87,7 @@ class GtunNet:
         self.network6 = network6  # the relay's "network6" (IPv6 inside the tunnel), if set
         self.debug = debug
         self.metrics = metrics
+        self.workers = workers
         r = lab.add_ns("relay")
         self.relay = Node(
             r,
@@ -138,7 +141,8 @@ class GtunNet:
             f'network = "{self.network}"\n'
             + (f'network6 = "{self.network6}"\n' if self.network6 else "")
             + f'device = "{self.device(r)}"\n'
-            f"routes = {routes}\n"
+            + (f"workers = {self.workers}\n" if self.workers is not None else "")
+            + f"routes = {routes}\n"
             f"nat = {'true' if nat else 'false'}\n"
             f'state_dir = "{self.dir / "state"}"\n'
             f'control_socket = "{r.socket}"\n'

@@ -1,0 +1,258 @@
+"""Handing packets between the worker processes of one relay (app/workers.py).
+
+Theory of operation
+-------------------
+A relay with several workers is several processes, each with its own WireGuard
+sessions.  A packet for a peer whose session another worker holds (routed from a peer
+here, or read from this worker's queue of the TUN) is handed to that worker, which
+encrypts and sends it; it is never handed on again, so nothing goes round.  A worker
+that makes a session tells every other one, which from then on hands that peer's
+packets to it.
+
+Every pair of workers shares one Unix datagram socket pair, made by the relay before it
+starts them and inherited: no other process can reach it, and the kernel keeps each
+message whole and in order.  A message is one of:
+
+    b"O" key(32) since(float64)   the sender made a session with the peer of `key` at
+                                  `since` (monotonic seconds, one clock for all)
+    b"P" key(32) item*            packets for the peer of `key`
+    b"F" item*                    frames for the receiver's switch (TAP mode)
+
+and an item is kind(1) length(4) data: kind 0 a packet, kind 1 a GSO header (10
+bytes) followed by its super-packet.  Packets for one peer leave as one message per
+wake-up (up to MESSAGE_BYTES), so handing over costs a system call per batch, not per
+packet.
+
+A channel that is full drops packets (counted "handoff_full" by the caller); a session
+notice that does not fit waits, in order, until the channel drains: losing one would
+leave the other worker sending to a session that is gone.  A malformed message (only a
+bug could make one) is counted "handoff_unknown" and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gtun.core.offload import GSO_HDR_LEN, Gso, pull_gso, push_gso
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES = 128 * 1024  # a message gathers items up to this size
+SOCKET_BUFFER = 4 * 1024 * 1024  # each direction of each channel
+READ_BATCH = 64  # messages per wake-up and channel
+
+KEY_LEN = 32
+_ITEM = struct.Struct("<BI")
+_SINCE = struct.Struct("<d")
+
+# What a core hands over: (worker, peer or None, packet or (header, super-packet)).
+Item = bytes | tuple[Gso, bytes]
+OnPackets = Callable[[int, bytes | None, list[Item]], None]
+OnHeld = Callable[[int, bytes, float], object]
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The two ends of a channel between two workers (inheritable by neither until
+    the relay says so: pass_fds)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (a, b):
+        for force, plain in (
+            (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+            (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force or plain, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+    return a, b
+
+
+def encode_items(head: bytes, items: list[Item]) -> list[bytes]:
+    """`head` and the items, cut into messages of up to MESSAGE_BYTES (an item bigger
+    than that travels alone)."""
+    out: list[bytes] = []
+    parts: list[bytes] = [head]
+    size = len(head)
+    for item in items:
+        if isinstance(item, bytes):
+            part = _ITEM.pack(0, len(item)) + item
+        else:
+            hdr, packet = item
+            part = _ITEM.pack(1, GSO_HDR_LEN + len(packet)) + push_gso(hdr) + packet
+        if size + len(part) > MESSAGE_BYTES and len(parts) > 1:
+            out.append(b"".join(parts))
+            parts, size = [head], len(head)
+        parts.append(part)
+        size += len(part)
+    if len(parts) > 1:
+        out.append(b"".join(parts))
+    return out
+
+
+def decode(message: bytes) -> tuple[str, bytes | None, Any]:
+    """("held", key, since), ("packets", key, items) or ("frames", None, items).
+    Raises ValueError for a malformed message."""
+    kind = message[:1]
+    if kind == b"O":
+        if len(message) != 1 + KEY_LEN + _SINCE.size:
+            raise ValueError("session notice of the wrong size")
+        return "held", message[1 : 1 + KEY_LEN], _SINCE.unpack_from(message, 1 + KEY_LEN)[0]
+    if kind == b"P":
+        if len(message) < 1 + KEY_LEN:
+            raise ValueError("packets without a key")
+        return "packets", message[1 : 1 + KEY_LEN], _items(message, 1 + KEY_LEN)
+    if kind == b"F":
+        return "frames", None, _items(message, 1)
+    raise ValueError(f"unknown message {kind!r}")
+
+
+def _items(message: bytes, at: int) -> list[Item]:
+    items: list[Item] = []
+    view = memoryview(message)
+    end = len(message)
+    while at < end:
+        if at + _ITEM.size > end:
+            raise ValueError("truncated item header")
+        kind, length = _ITEM.unpack_from(message, at)
+        at += _ITEM.size
+        if at + length > end:
+            raise ValueError("truncated item")
+        if kind == 0:
+            items.append(message[at : at + length])
+        elif kind == 1 and length >= GSO_HDR_LEN:
+            items.append(
+                (pull_gso(view[at : at + GSO_HDR_LEN]), message[at + GSO_HDR_LEN : at + length])
+            )
+        else:
+            raise ValueError(f"unknown item kind {kind}")
+        at += length
+    return items
+
+
+class Handoff:
+    """This worker's ends of its channels to the others (`socks`: worker -> socket), on
+    the event loop.  What arrives goes to `on_packets(worker, key, items)` (key None:
+    frames) and `on_held(worker, key, since)`; `after()` runs once per wake-up that
+    delivered anything (the driver's transmit)."""
+
+    def __init__(
+        self,
+        worker: int,
+        socks: dict[int, socket.socket],
+        loop: asyncio.AbstractEventLoop,
+        on_packets: OnPackets,
+        on_held: OnHeld,
+        after: Callable[[], None],
+    ) -> None:
+        self.worker = worker
+        self.socks = socks
+        self.loop = loop
+        self.on_packets = on_packets
+        self.on_held = on_held
+        self.after = after
+        self.counts = {"handed_out": 0, "handed_in": 0, "handoff_malformed": 0}
+        self._notices: dict[int, deque[bytes]] = {w: deque() for w in socks}
+        for w, sock in socks.items():
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._readable, w)
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+                self.loop.remove_writer(sock.fileno())
+                sock.close()
+
+    # --- out -------------------------------------------------------------------------
+
+    def send(self, items: list[tuple[int, Any, Item]]) -> int:
+        """Hand `items` (worker, peer or None, packet) over, grouped per worker and
+        peer in order; the number dropped (a channel full, or no such worker)."""
+        groups: dict[tuple[int, bytes | None], list[Item]] = {}
+        for worker, peer, item in items:
+            key = None if peer is None else peer.public_key
+            group = groups.get((worker, key))
+            if group is None:
+                groups[(worker, key)] = [item]
+            else:
+                group.append(item)
+        dropped = 0
+        for (worker, key), group in groups.items():
+            sock = self.socks.get(worker)
+            if sock is None:
+                dropped += len(group)
+                continue
+            head = b"F" if key is None else b"P" + key
+            for message in encode_items(head, group):
+                try:
+                    sock.send(message)
+                    self.counts["handed_out"] += 1
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
+                        log.debug("handing over to worker %d: %s", worker, exc)
+                    dropped += len(group)
+                    break
+        return dropped
+
+    def announce(self, key: bytes, since: float) -> None:
+        """Tell every other worker that this one made a session with `key` at `since`."""
+        message = b"O" + key + _SINCE.pack(since)
+        for worker in self.socks:
+            queue = self._notices[worker]
+            queue.append(message)
+            if len(queue) == 1:
+                self._flush_notices(worker)
+
+    def _flush_notices(self, worker: int) -> None:
+        sock = self.socks[worker]
+        queue = self._notices[worker]
+        while queue:
+            try:
+                sock.send(queue[0])
+            except BlockingIOError:
+                self.loop.add_writer(sock.fileno(), self._writable, worker)
+                return
+            except OSError:
+                queue.clear()  # the other end is gone: a new worker is told anew
+                return
+            queue.popleft()
+
+    def _writable(self, worker: int) -> None:
+        self.loop.remove_writer(self.socks[worker].fileno())
+        self._flush_notices(worker)
+
+    # --- in --------------------------------------------------------------------------
+
+    def _readable(self, worker: int) -> None:
+        sock = self.socks[worker]
+        got = False
+        for _ in range(READ_BATCH):
+            try:
+                message = sock.recv(MESSAGE_BYTES + 1024)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if not message:
+                break
+            got = True
+            self.counts["handed_in"] += 1
+            try:
+                kind, key, value = decode(message)
+            except ValueError:
+                self.counts["handoff_malformed"] += 1
+                continue
+            if kind == "held":
+                assert key is not None
+                self.on_held(worker, key, value)
+            else:
+                self.on_packets(worker, key, value)
+        if got:
+            self.after()
