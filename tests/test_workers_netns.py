@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -104,7 +105,16 @@ def metric(text: str, name: str, peer: str) -> float:
 
 
 def test_clients_on_different_workers_reach_each_other(lab: Lab, tmp_path: Path) -> None:
-    net = GtunNet(lab, tmp_path, clients=4, underlay=UNDERLAY, workers=2, metrics=True)
+    device = f"gw{secrets.token_hex(3)}"  # its `wg` socket is shared by every namespace
+    net = GtunNet(
+        lab,
+        tmp_path,
+        clients=4,
+        underlay=UNDERLAY,
+        workers=2,
+        metrics=True,
+        devices={"relay": device},
+    )
     held = spread(net)
     st = net.status(net.relay)
     assert st is not None

@@ -916,7 +916,11 @@ class Server:
         assert self.relay is not None and self.driver is not None
         udp = self.driver.udp
         port = udp_port(udp.sock if udp is not None else None)
-        return await relay_answer(self.relay, self.cfg.private_key, port)
+        others = None
+        if self.pool is not None:
+            await self.pool.refresh()
+            others = self.pool.wg_peers()
+        return await relay_answer(self.relay, self.cfg.private_key, port, others)
 
     async def status(self) -> dict[str, Any]:
         """The `gtun status` answer.  Built STATUS_CHUNK peers at a time, yielding to

@@ -41,7 +41,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -331,10 +331,16 @@ async def gather(items: Sequence[T], line: Callable[[T], str]) -> list[bytes]:
     return parts
 
 
-async def relay_answer(relay: Relay, private_key: bytes, listen_port: int) -> list[bytes]:
+async def relay_answer(
+    relay: Relay,
+    private_key: bytes,
+    listen_port: int,
+    others: Mapping[bytes, Sequence[WorkerPeer]] | None = None,
+) -> list[bytes]:
     """A relay's get answer: every client peer, its allowed IPs its addresses and the
     LANs behind it; and every other relay of a mesh (WireGuard peers too), its allowed
-    IPs the routes behind it."""
+    IPs the routes behind it.  `others`: what the relay's other workers (app/workers.py)
+    have of each peer, added: the bytes summed, the endpoint and handshake the newest."""
     wall = relay.wg.wall_offset  # fixed at start, as status has it
 
     def describe(peer: Peer) -> str:
@@ -342,10 +348,31 @@ async def relay_answer(relay: Relay, private_key: bytes, listen_port: int) -> li
             allowed = tuple(str(r) for r in peer.data.relay.routes)
         else:
             allowed = client_owned(peer.data.spec)
-        return push_peer(wg_peer(peer, wall, allowed))
+        item = wg_peer(peer, wall, allowed)
+        if others:
+            newest = peer.last_handshake
+            for other in others.get(peer.public_key, ()):
+                item.rx_bytes += other.rx_bytes
+                item.tx_bytes += other.tx_bytes
+                last = other.last_handshake
+                if last is not None and (newest is None or last > newest):
+                    newest = last
+                    item.last_handshake = last + wall
+                    item.endpoint = other.endpoint
+        return push_peer(item)
 
     parts = await gather(list(relay.wg.peers.values()), describe)
     return [push_interface(private_key, listen_port).encode(), *parts]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPeer:
+    """What another worker of the relay has of a peer, for relay_answer()."""
+
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None  # monotonic, as the cores' clocks
+    endpoint: str | None  # as uapi_endpoint() gives it
 
 
 def client_owned(spec: PeerSpec) -> tuple[str, ...]:

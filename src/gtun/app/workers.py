@@ -64,6 +64,7 @@ from typing import Any
 from gtun.app.config import ServerConfig
 from gtun.app.keys import decode_key, encode_key
 from gtun.app.relaylog import RelayEvents
+from gtun.app.uapi import WorkerPeer, uapi_endpoint
 from gtun.core.drops import merge_counts
 from gtun.core.relay import PeerSpec, Relay, RelaySettings
 from gtun.core.wg import HandshakeCompleted
@@ -235,6 +236,7 @@ def settings_from_json(d: dict[str, Any]) -> RelaySettings:
 # A peer's entry in a snapshot, by position.
 RX_BYTES, TX_BYTES, RX_PACKETS, TX_PACKETS, HANDSHAKES = range(5)
 LAST_HANDSHAKE, ENDPOINT, TRANSPORT, IS_GTUN, PATH_MTU, DROPS, UDP_ENDPOINT = range(5, 12)
+UAPI_ENDPOINT = 12
 
 
 def snapshot(relay: Relay, driver: Driver, tcp: TcpServer | None) -> dict[str, Any]:
@@ -260,6 +262,7 @@ def snapshot(relay: Relay, driver: Driver, tcp: TcpServer | None) -> dict[str, A
             peer.data.path_mtu,
             dict(drops),
             list(endpoint) if isinstance(endpoint, tuple) else None,
+            uapi_endpoint(endpoint),
         ]
     tcp_counts = tcp.counts if tcp is not None else {}
     drops = merge_counts(relay.wg.drops, relay.drops, tcp_counts)
@@ -524,10 +527,20 @@ class WorkerPool:
         """Every worker's entries per peer (key text -> entries), the retired first."""
         out: dict[str, list[list[Any]]] = {}
         for key, kept in self.retired.items():
-            out.setdefault(key, []).append([*kept, None, None, None, False, None, {}, None])
+            out.setdefault(key, []).append([*kept, None, None, None, False, None, {}, None, None])
         for worker in self.workers.values():
             for key, entry in worker.latest.get("peers", {}).items():
                 out.setdefault(key, []).append(entry)
+        return out
+
+    def wg_peers(self) -> dict[bytes, list[WorkerPeer]]:
+        """Every worker's bytes, handshake and endpoint per peer, for `wg show`."""
+        out: dict[bytes, list[WorkerPeer]] = {}
+        for key, entries in self.peer_entries().items():
+            out[decode_key(key)] = [
+                WorkerPeer(e[RX_BYTES], e[TX_BYTES], e[LAST_HANDSHAKE], e[UAPI_ENDPOINT])
+                for e in entries
+            ]
         return out
 
     def drops(self) -> dict[str, int]:
