@@ -16,7 +16,7 @@ import pytest
 
 from gtun.app.config import load_client_config, load_server_config
 from gtun.app.keys import encode_key, generate_private_key, public_key
-from gtun.app.server import UnknownKeys
+from gtun.app.relaylog import UnknownKeys
 from gtun.app.store import StoredPeer
 from gtun.errors import ConfigError
 from test_cli import one_line_error, run, server_toml, write_key

@@ -386,6 +386,14 @@ def status(args: argparse.Namespace) -> int:
                 "  the relay answers no handshake: is this client's public key a peer of "
                 "the relay? (gtun peer add, or [[peers]])"
             )
+    workers = answer.get("workers") or []
+    if len(workers) > 1:  # a relay of several processes (app/workers.py)
+        alive = sum(1 for w in workers if w.get("alive"))
+        restarts = sum(w.get("restarts") or 0 for w in workers)
+        print(
+            f"  {len(workers)} workers, {alive} running"
+            + (f", {restarts} restarted" if restarts else "")
+        )
     mesh = answer.get("mesh") or []
     here = answer.get("relay_name")
     if mesh:  # several relays: say which holds each peer's session
