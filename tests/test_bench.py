@@ -113,3 +113,39 @@ def test_the_senders_congestion_control_can_be_chosen(bench: ModuleType) -> None
     assert bench.iperf_client_cmd("10.0.0.2", 5, 4, "cubic")[-2:] == ["-C", "cubic"]
     args = bench.parse_args(["--congestion", "cubic"])
     assert args.congestion == "cubic" and bench.parse_args([]).congestion is None
+
+
+WORKERS = Path(__file__).resolve().parent.parent / "bench" / "workers.py"
+
+
+@pytest.fixture(scope="module")
+def workers_bench(bench: ModuleType) -> ModuleType:
+    sys.path.insert(0, str(WORKERS.parent))  # it imports bench and report from beside it
+    sys.modules.setdefault("bench", bench)
+    spec = importlib.util.spec_from_file_location("gtun_workers_bench", WORKERS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gtun_workers_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_worker_scaling_is_against_one_worker_with_as_many_pairs(
+    workers_bench: ModuleType,
+) -> None:
+    row = workers_bench.Row
+    rows = [
+        row(1, 1, ["2"], [500.0, 520.0, 510.0]),
+        row(1, 4, ["8"], [600.0]),
+        row(2, 1, ["1+1"], [450.0]),
+        row(2, 4, ["5+3", "4+4"], [900.0]),
+        row(2, 2, errors=["iperf3 from c3 gave no JSON"]),
+    ]
+    cells = workers_bench.cells(rows)
+    assert cells[0][3:5] == ["510", "1.00"]
+    assert cells[2][2:5] == ["1+1", "450", "0.88"]
+    assert cells[3][2:5] == ["4+4, 5+3", "900", "1.50"]
+    assert cells[4][3].startswith("FAILED: iperf3 from c3") and cells[4][4] == "-"
+    line = workers_bench.scaling_line(rows)
+    assert "4 pairs move 900 Mbit/s with 2 workers against 600 with one: 1.50x" in line
+    assert workers_bench.scaling_line(rows[:1]).startswith("Scaling: not measured")
