@@ -59,7 +59,7 @@ from gtun.core.relay import (
     RelaySettings,
     SessionHere,
 )
-from gtun.core.tunnel import RelayHealth
+from gtun.core.tunnel import RelayHealth, health_payload
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
@@ -444,7 +444,10 @@ class Server:
                     self._health_said = str(exc)
                     health = RelayHealth(device=cfg.device)
                 store = self.store_up if isinstance(self.store, PgStore) else None
-                relay.set_health(replace(health, store=store), loop.time())
+                health = replace(health, store=store)
+                relay.set_health(health, loop.time())
+                if self.pool is not None:
+                    await self.pool.set_health(health_payload(health))
                 await asyncio.sleep(self.health_interval)
 
         task = asyncio.ensure_future(keep())

@@ -67,6 +67,7 @@ from gtun.app.relaylog import RelayEvents
 from gtun.app.uapi import WorkerPeer, uapi_endpoint
 from gtun.core.drops import merge_counts
 from gtun.core.relay import PeerSpec, Relay, RelaySettings
+from gtun.core.tunnel import pull_health
 from gtun.core.wg import HandshakeCompleted
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError
@@ -344,7 +345,7 @@ class WorkerPool:
         self.retired: dict[str, list[Any]] = {}
         self.retired_drops: dict[str, int] = {}
         self.retired_layers: dict[str, dict[str, int]] = {}
-        self._watch_tasks: set[asyncio.Task[None]] = set()
+        self.health: dict[str, Any] | None = None  # the last health payload sent
 
     @staticmethod
     def channels_for(workers: int) -> dict[tuple[int, int], socket.socket]:
@@ -415,6 +416,7 @@ class WorkerPool:
                 "tun": {"name": tun.name, "tap": tun.tap, "vnet": tun.vnet},
                 "debug": logging.getLogger("gtun").getEffectiveLevel() <= logging.DEBUG,
                 "rejoin": endpoints or {},
+                "health": self.health,
                 # Where the other workers' sessions are: packets to those peers go there.
                 "held": {encode_key(key): w for key, w in self.holder.items() if w != k},
             },
@@ -502,6 +504,15 @@ class WorkerPool:
         """Every worker's peers become `specs` (a reload)."""
         self.specs = list(specs)
         message = {"op": "peers", "specs": specs_to_json(self.specs)}
+        for worker in self.workers.values():
+            if worker.writer is not None:
+                with contextlib.suppress(ConnectionError):
+                    await send_message(worker.writer, message)
+
+    async def set_health(self, payload: dict[str, Any]) -> None:
+        """What worker 0 saw of the machine, for every worker's health answers."""
+        self.health = payload
+        message = {"op": "health", "health": payload}
         for worker in self.workers.values():
             if worker.writer is not None:
                 with contextlib.suppress(ConnectionError):
@@ -741,6 +752,7 @@ class Worker:
         if rejoin:
             relay.rejoin(rejoin, loop.time())
             log.info("worker %d: rejoining %d peers", self.index, len(rejoin))
+        self._health(start.get("health"))
         driver.poke()
         await send_message(writer, {"op": "ready"})
         listen = asyncio.ensure_future(self._listen(reader, writer))
@@ -775,6 +787,19 @@ class Worker:
                 driver.poke()
             elif op == "snapshot":
                 await send_message(writer, {"op": "snapshot", **snapshot(relay, driver, self.tcp)})
+            elif op == "health":
+                self._health(message.get("health"))
+
+    def _health(self, payload: Any) -> None:
+        """Worker 0's look at the machine, answered to this worker's clients."""
+        if self.relay is None or not isinstance(payload, dict):
+            return
+        try:
+            health = pull_health(payload)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("worker %d: a health snapshot it cannot read: %s", self.index, exc)
+            return
+        self.relay.set_health(health, asyncio.get_running_loop().time())
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, HandshakeCompleted) and self.handoff is not None:
