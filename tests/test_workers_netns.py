@@ -12,6 +12,7 @@ Every address lives inside the lab's namespaces (prefix "gtwk")."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from gtun.app.store import StateStore
 from gtun.lab.net import METRICS_PORT, GtunNet, Node
 from gtun.lab.netns import Lab
 
@@ -172,6 +174,22 @@ def test_a_killed_worker_is_restarted_and_its_clients_flow(lab: Lab, tmp_path: P
     for name, count in before.items():
         assert after[name] >= count, (name, count, after[name])  # the dead one's kept
     assert "worker 1 exited (signal 9)" in (tmp_path / "server.log").read_text()
+    # The endpoints of the sessions worker 1 holds are saved for the next start too.
+    udp_on_1 = [
+        p for p in st["peers"] if p["worker"] == 1 and p["transport"] == "udp" and p["endpoint"]
+    ]
+    if udp_on_1:
+        peer = udp_on_1[0]
+        relay_key = net.relay.public
+        deadline = time.monotonic() + 10
+        while True:
+            with StateStore(tmp_path / "state" / "gtun.sqlite") as store:
+                saved = store.endpoints(relay_key).get(peer["public_key"])
+            host, port = peer["endpoint"].rsplit(":", 1)
+            if saved == json.dumps([host, int(port)]):
+                break
+            assert time.monotonic() < deadline, (saved, peer["endpoint"])
+            time.sleep(0.5)
 
 
 def test_tap_mode_with_two_workers(lab: Lab, tmp_path: Path) -> None:

@@ -502,10 +502,23 @@ class Server:
         saved, seen = self._saved_endpoints, self._seen_endpoints
         changed: dict[bytes, str] = {}
         relay = self.relay
+        # With workers: the endpoints of sessions they hold (newer than any here).
+        elsewhere = self.pool.endpoints() if self.pool is not None else {}
         for key, peer in relay.wg.peers.items():
             if relay.is_mesh(peer):
                 continue  # another relay: its endpoint is the store's relays row
             endpoint = peer.endpoint
+            other = elsewhere.get(key)
+            if other is not None and (
+                peer.last_handshake is None or other[1] > peer.last_handshake
+            ):
+                endpoint = other[0]
+                if seen.get(key) != endpoint:
+                    seen[key] = endpoint
+                    text = endpoint_to_text(endpoint)
+                    if saved.get(key) != text:
+                        changed[key] = text
+                continue
             # Compared as the tuple first: a scan of 10,000 peers formats only the new.
             if endpoint.__class__ is tuple and seen.get(key) != endpoint:
                 if peer.last_received is None:

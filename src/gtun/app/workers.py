@@ -554,6 +554,21 @@ class WorkerPool:
             ]
         return out
 
+    def endpoints(self) -> dict[bytes, tuple[tuple[Any, ...], float]]:
+        """Per peer, the UDP endpoint of the workers' newest session with it and when
+        that session was made (to be saved for the next start's rejoin)."""
+        out: dict[bytes, tuple[tuple[Any, ...], float]] = {}
+        for worker in self.workers.values():
+            for key, e in worker.latest.get("peers", {}).items():
+                last, endpoint = e[LAST_HANDSHAKE], e[UDP_ENDPOINT]
+                if last is None or endpoint is None:
+                    continue
+                raw = decode_key(key)
+                had = out.get(raw)
+                if had is None or last > had[1]:
+                    out[raw] = (tuple(endpoint), last)
+        return out
+
     def drops(self) -> dict[str, int]:
         total = dict(self.retired_drops)
         for worker in self.workers.values():
