@@ -57,6 +57,7 @@ from gtun.core.relay import (
     PeerSpec,
     Relay,
     RelaySettings,
+    SessionHeld,
     SessionHere,
 )
 from gtun.core.tunnel import RelayHealth, health_payload
@@ -900,13 +901,13 @@ class Server:
             if self.relay is not None and self.relay.name is not None:
                 self._note_session_here(event.peer.public_key)
             return
-        if isinstance(event, HandshakeCompleted) and self.handoff is not None:
+        if isinstance(event, SessionHeld):
             # The other workers hand this peer's packets here from now on.
-            last = event.peer.last_handshake
-            if last is not None:
-                self.handoff.announce(event.peer.public_key, last)
+            if self.handoff is not None:
+                self.handoff.announce(event.peer.public_key, event.since)
             if self.pool is not None:
                 self.pool.held(event.peer.public_key, 0)
+            return
         self.events.on_event(event)
 
     def _mesh_event(self, event: Event) -> None:

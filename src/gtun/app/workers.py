@@ -66,9 +66,8 @@ from gtun.app.keys import decode_key, encode_key
 from gtun.app.relaylog import RelayEvents
 from gtun.app.uapi import WorkerPeer, uapi_endpoint
 from gtun.core.drops import merge_counts
-from gtun.core.relay import PeerSpec, Relay, RelaySettings
+from gtun.core.relay import PeerSpec, Relay, RelaySettings, SessionHeld
 from gtun.core.tunnel import pull_health
-from gtun.core.wg import HandshakeCompleted
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError
 from gtun.io import steering
@@ -817,10 +816,10 @@ class Worker:
         self.relay.set_health(health, asyncio.get_running_loop().time())
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, HandshakeCompleted) and self.handoff is not None:
-            last = event.peer.last_handshake
-            if last is not None:
-                self.handoff.announce(event.peer.public_key, last)
+        if isinstance(event, SessionHeld):
+            if self.handoff is not None:
+                self.handoff.announce(event.peer.public_key, event.since)
+            return
         relay = self.relay
         peer = getattr(event, "peer", None)
         if peer is not None and relay is not None and relay.is_mesh(peer):

@@ -77,7 +77,14 @@ from gtun.core.forward import EthernetForwarder, Forwarder, IpForwarder, TunWrit
 from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
-from gtun.core.wg import HandshakeCompleted, Peer, PeerUnknown, SessionUnconfirmed, WireGuard
+from gtun.core.wg import (
+    HandshakeCompleted,
+    Peer,
+    PeerUnknown,
+    SessionConfirmed,
+    SessionUnconfirmed,
+    WireGuard,
+)
 from gtun.core.wg.events import Event, HandshakeTimedOut
 
 Network = IPv4Network | IPv6Network
@@ -196,6 +203,17 @@ class SessionHere(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionHeld(Event):
+    """A relay of several workers: this worker made a session with `peer` that the peer
+    uses (it initiated and we answered, and its data came; or we initiated and it
+    answered).  The edge tells the other workers, which hand it the peer's packets;
+    `since` is the session's handshake time."""
+
+    peer: Peer
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
 class PeerRefused(Event):
     """A peer was refused: a gtun client whose mode does not match the relay's, or a
     stock WireGuard peer of a relay in TAP mode (said once, at its first packet)."""
@@ -252,6 +270,10 @@ class Relay:
         self.wg.on_packet = self.forwarder.from_peer  # the data fast lane
         self.forwarder.worker = worker
         self.forwarder.workers = workers
+        self.wg.report_confirmed = workers > 1
+        # With workers: when this worker last took each peer (SessionHeld's `since`),
+        # so that an older notice from another worker does not take it away.
+        self._held_at: dict[Peer, float] = {}
         self.wg.on_unknown_index = self._unknown_index
         # rejoin(): peers still to be sent an initiation, and the stored endpoints of
         # peers without a session yet (both bounded by the peers).
@@ -347,6 +369,7 @@ class Relay:
         fwd.peers_changed()
         for peer in gone:
             fwd.peer_removed(peer)
+            self._held_at.pop(peer, None)
         for spec, peer in wanted.values():
             peer.data.spec = spec
             # A new preshared key ends the sessions made with the old one (a key
@@ -448,6 +471,7 @@ class Relay:
         fwd.table = table
         for peer in gone:
             fwd.peer_removed(peer)
+            self._held_at.pop(peer, None)
         fwd.peers_changed()
         self._mesh = {peer.data.name: peer for _, peer in wanted.values()}
         self._mesh_routes = routes
@@ -650,8 +674,8 @@ class Relay:
         fwd = self.forwarder
         if worker == fwd.worker:
             return fwd.away.pop(peer, None) is not None
-        last = peer.last_handshake
-        if last is not None and last > since:
+        taken = self._held_at.get(peer)
+        if taken is not None and taken > since:
             return False  # ours is newer: that worker will hear of it
         if fwd.away.get(peer) == worker:
             return False
@@ -725,13 +749,11 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
-                elif isinstance(event, HandshakeCompleted):
-                    # The newest session is this worker's (the edge tells the others).
-                    fwd = self.forwarder
-                    if fwd.away and event.peer in fwd.away:
-                        fwd.flush()
-                        del fwd.away[event.peer]
+                elif isinstance(event, HandshakeCompleted) and event.initiator:
+                    self._held_here(event.peer)  # it answered us: it uses the session
                 self._emit(event)
+            elif isinstance(event, SessionConfirmed):
+                self._held_here(event.peer)  # our answer used: not a replayed initiation
             elif isinstance(event, SessionUnconfirmed):
                 self._count(event.peer, "unconfirmed")
                 self._emit(event)
@@ -748,6 +770,18 @@ class Relay:
                     fwd.where[peer] = relay
                     self._presence[peer.public_key] = relay.data.name
                     fwd.peers_changed()
+
+    def _held_here(self, peer: Peer) -> None:
+        """With several workers: `peer` uses a session of this worker's; its packets
+        come here now, and the edge tells the other workers (SessionHeld)."""
+        if self.forwarder.workers <= 1 or peer.last_handshake is None:
+            return
+        fwd = self.forwarder
+        if peer in fwd.away:
+            fwd.flush()
+            del fwd.away[peer]
+        self._held_at[peer] = peer.last_handshake
+        self._emit(SessionHeld(peer, peer.last_handshake))
 
     def _claim(self, peer: Peer) -> None:
         """A client claimed its session here: held here now, whatever the presence map

@@ -12,6 +12,7 @@ from gtun.core.wg.events import (
     HandshakeTimedOut,
     PacketReceived,
     PeerUnknown,
+    SessionConfirmed,
     SessionUnconfirmed,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "PacketReceived",
     "Peer",
     "PeerUnknown",
+    "SessionConfirmed",
     "SessionUnconfirmed",
     "WireGuard",
 ]

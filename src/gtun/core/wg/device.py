@@ -90,6 +90,7 @@ from gtun.core.wg.events import (
     HandshakeTimedOut,
     PacketReceived,
     PeerUnknown,
+    SessionConfirmed,
     SessionUnconfirmed,
 )
 from gtun.core.wg.ratelimiter import RateLimiter
@@ -256,6 +257,9 @@ class WireGuard:
             raise ValueError(f"worker must be 0 to {workers - 1}")
         self.worker = worker
         self.workers = workers
+        # Say SessionConfirmed when a peer first uses a session we answered (a relay
+        # of several workers takes the peer's packets only then: app/workers.py).
+        self.report_confirmed = False
         # Indexes naming this worker: worker + workers * k for k below this bound.
         self._index_slots = (INDEX_SPACE - worker + workers - 1) // workers
         self._private = X25519PrivateKey.from_private_bytes(private_key)
@@ -467,6 +471,8 @@ class WireGuard:
             peer.handshake_attempts = 0
             if peer.staged:
                 self._flush_staged(peer, now)
+            if self.report_confirmed:
+                self._events.append(SessionConfirmed(peer))
         peer.rx_bytes += len(data)
         peer.last_received = now
         # Timers: any authenticated packet received.

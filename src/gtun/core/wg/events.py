@@ -41,6 +41,15 @@ class SessionUnconfirmed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionConfirmed(Event):
+    """The session we answered `peer`'s initiation with was used by it: the first
+    transport message under it arrived (so the initiation was not a replay).  Only
+    from a device with `report_confirmed` set (a relay of several workers)."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
 class PacketReceived(Event):
     """A decrypted, authenticated, non-empty payload from `peer` (zero padding kept)."""
 
