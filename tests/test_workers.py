@@ -219,26 +219,43 @@ def test_workers_default_to_the_cores_and_one_where_several_cannot_run(tmp_path:
     assert n == 1 and why is not None and "store" in why
 
 
-def test_a_replayed_initiation_at_another_worker_takes_nothing() -> None:
-    """Each worker keeps its own record of a peer's initiation timestamps, so an
-    initiation replayed from another source (hashed to another worker) is answered
-    there; but the peer never uses that answer, so its packets stay where they were."""
-    link = two_workers({"c1": 0, "c2": 1})
+def _fresh_initiation(link: WorkersLink) -> bytes:
     c1 = link.clients["c1"]
     link.now += 10.0
     c1.wg.initiate_handshake(c1.server, link.now)
     ((initiation, _),) = c1.wg.datagrams_to_send()
+    return initiation
+
+
+def test_a_replayed_initiation_is_refused_by_every_worker() -> None:
+    """Each worker checks a peer's initiation timestamps, and tells the others the one
+    it accepted: the initiation replayed from another source (hashed to another
+    worker) is refused there too."""
+    link = two_workers({"c1": 0, "c2": 1})
+    initiation = _fresh_initiation(link)
     link.workers[0].receive_datagram(initiation, "c1", link.now)  # the real one
     link.pump()
-    r0, r1 = link.workers
-    key = c1.wg.public_key
-    answered = r1.wg.drops["replayed_handshake"]
-    r1.receive_datagram(initiation, "attacker", link.now + 1.0)  # replayed elsewhere
+    r1 = link.workers[1]
+    replayed = r1.wg.drops["replayed_handshake"]
+    r1.receive_datagram(initiation, "attacker", link.now + 1.0)
     link.pump()
-    assert r1.wg.drops["replayed_handshake"] == answered  # worker 1 could not tell
+    assert r1.wg.drops["replayed_handshake"] == replayed + 1
+
+
+def test_a_replay_that_outruns_the_notice_takes_nothing() -> None:
+    """A replay that reaches another worker before the notice does is answered there;
+    but the peer never uses that answer, so its packets stay where they were."""
+    link = two_workers({"c1": 0, "c2": 1})
+    initiation = _fresh_initiation(link)
+    r0, r1 = link.workers
+    r0.receive_datagram(initiation, "c1", link.now)  # the notice not yet delivered
+    r1.receive_datagram(initiation, "attacker", link.now)
+    assert r1.wg.drops["replayed_handshake"] == 0  # it could not tell
+    link.pump()
+    key = link.clients["c1"].wg.public_key
     assert r0.held_elsewhere(r0.wg.peers[key]) is None
     assert r1.held_elsewhere(r1.wg.peers[key]) == 0
     packet = build_icmp_echo(IPv4Address("10.66.0.1"), C1, 9, 1, b"gtun")
-    link.workers[1].tun_packet(packet, link.now)
+    r1.tun_packet(packet, link.now)
     link.pump()
     assert link.got["c1"][-1] == packet

@@ -227,7 +227,9 @@ class RelayCollector(GtunCollector):
             counted: Any = peer
             entries = others.get(encode_key(peer.public_key)) if others else None
             if entries:
-                counted = merged_totals(peer.public_key, peer, entries)
+                assert pool is not None
+                session = pool.session_entry(peer.public_key, entries, peer.last_handshake)
+                counted = merged_totals(peer.public_key, peer, entries, session)
                 for e in entries:
                     for reason, value in (e[DROPS] or {}).items():
                         drops[reason] = drops.get(reason, 0) + value

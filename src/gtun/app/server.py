@@ -50,6 +50,7 @@ from gtun.app.workers import WorkerPool, bind_group, effective_workers, merge_pe
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
+    InitiationSeen,
     MeshError,
     MeshRelay,
     Network,
@@ -326,6 +327,7 @@ class Server:
                 lambda w, key, items: relay.handed(w, key, items, loop.time()),
                 held,
                 driver.after,
+                relay.seen_initiation,
             )
             self.handoff = handoff
             driver.handoff = handoff
@@ -901,6 +903,10 @@ class Server:
             if self.relay is not None and self.relay.name is not None:
                 self._note_session_here(event.peer.public_key)
             return
+        if isinstance(event, InitiationSeen):
+            if self.handoff is not None:
+                self.handoff.announce_initiation(event.peer.public_key, event.timestamp)
+            return
         if isinstance(event, SessionHeld):
             # The other workers hand this peer's packets here from now on.
             if self.handoff is not None:
@@ -991,7 +997,8 @@ class Server:
                 entry["worker"] = held
                 entries = others.get(entry["public_key"])
                 if entries:
-                    merge_peer(entry, entries, wall, peer.last_handshake)
+                    session = pool.session_entry(peer.public_key, entries, peer.last_handshake)
+                    merge_peer(entry, entries, wall, session)
         drops = merge_counts(relay.wg.drops, relay.drops, self.tcp.counts if self.tcp else {})
         datapath = self.driver.datapath() if self.driver is not None else None
         tcp_connections = len(self.tcp.connections) if self.tcp else 0

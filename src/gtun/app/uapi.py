@@ -340,7 +340,8 @@ async def relay_answer(
     """A relay's get answer: every client peer, its allowed IPs its addresses and the
     LANs behind it; and every other relay of a mesh (WireGuard peers too), its allowed
     IPs the routes behind it.  `others`: what the relay's other workers (app/workers.py)
-    have of each peer, added: the bytes summed, the endpoint and handshake the newest."""
+    have of each peer, added: the bytes summed, the endpoint and handshake of the worker
+    holding the peer's session."""
     wall = relay.wg.wall_offset  # fixed at start, as status has it
 
     def describe(peer: Peer) -> str:
@@ -350,14 +351,11 @@ async def relay_answer(
             allowed = client_owned(peer.data.spec)
         item = wg_peer(peer, wall, allowed)
         if others:
-            newest = peer.last_handshake
             for other in others.get(peer.public_key, ()):
                 item.rx_bytes += other.rx_bytes
                 item.tx_bytes += other.tx_bytes
-                last = other.last_handshake
-                if last is not None and (newest is None or last > newest):
-                    newest = last
-                    item.last_handshake = last + wall
+                if other.holds and other.last_handshake is not None:
+                    item.last_handshake = other.last_handshake + wall
                     item.endpoint = other.endpoint
         return push_peer(item)
 
@@ -373,6 +371,7 @@ class WorkerPeer:
     tx_bytes: int
     last_handshake: float | None  # monotonic, as the cores' clocks
     endpoint: str | None  # as uapi_endpoint() gives it
+    holds: bool  # its session is the one the peer uses: its endpoint and handshake shown
 
 
 def client_owned(spec: PeerSpec) -> tuple[str, ...]:

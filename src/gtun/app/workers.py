@@ -66,7 +66,7 @@ from gtun.app.keys import decode_key, encode_key
 from gtun.app.relaylog import RelayEvents
 from gtun.app.uapi import WorkerPeer, uapi_endpoint
 from gtun.core.drops import merge_counts
-from gtun.core.relay import PeerSpec, Relay, RelaySettings, SessionHeld
+from gtun.core.relay import InitiationSeen, PeerSpec, Relay, RelaySettings, SessionHeld
 from gtun.core.tunnel import pull_health
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError
@@ -237,6 +237,7 @@ def settings_from_json(d: dict[str, Any]) -> RelaySettings:
 RX_BYTES, TX_BYTES, RX_PACKETS, TX_PACKETS, HANDSHAKES = range(5)
 LAST_HANDSHAKE, ENDPOINT, TRANSPORT, IS_GTUN, PATH_MTU, DROPS, UDP_ENDPOINT = range(5, 12)
 UAPI_ENDPOINT = 12
+WORKER = 13  # added by WorkerPool.peer_entries(): the worker's index (-1: retired)
 
 
 def snapshot(relay: Relay, driver: Driver, tcp: TcpServer | None) -> dict[str, Any]:
@@ -537,18 +538,43 @@ class WorkerPool:
         """Every worker's entries per peer (key text -> entries), the retired first."""
         out: dict[str, list[list[Any]]] = {}
         for key, kept in self.retired.items():
-            out.setdefault(key, []).append([*kept, None, None, None, False, None, {}, None, None])
+            out.setdefault(key, []).append(
+                [*kept, None, None, None, False, None, {}, None, None, -1]
+            )
         for worker in self.workers.values():
             for key, entry in worker.latest.get("peers", {}).items():
-                out.setdefault(key, []).append(entry)
+                out.setdefault(key, []).append([*entry, worker.index])
         return out
+
+    def session_entry(
+        self, key: bytes, entries: list[list[Any]], own_last: float | None
+    ) -> list[Any] | None:
+        """Whose session fields (endpoint, handshake) a peer shows: the entry of the
+        worker holding its session, or None for worker 0's own.  Not the newest
+        handshake: a replayed initiation answered by another worker is newer, and never
+        used.  A peer no worker holds yet: the newest handshake's."""
+        holder = self.holder.get(key)
+        if holder == 0:
+            return None
+        if holder is not None:
+            return next((e for e in entries if e[WORKER] == holder), None)
+        newest, best = own_last, None
+        for e in entries:
+            last = e[LAST_HANDSHAKE]
+            if last is not None and (newest is None or last > newest):
+                newest, best = last, e
+        return best
 
     def wg_peers(self) -> dict[bytes, list[WorkerPeer]]:
         """Every worker's bytes, handshake and endpoint per peer, for `wg show`."""
         out: dict[bytes, list[WorkerPeer]] = {}
         for key, entries in self.peer_entries().items():
-            out[decode_key(key)] = [
-                WorkerPeer(e[RX_BYTES], e[TX_BYTES], e[LAST_HANDSHAKE], e[UAPI_ENDPOINT])
+            raw = decode_key(key)
+            session = self.session_entry(raw, entries, None)
+            out[raw] = [
+                WorkerPeer(
+                    e[RX_BYTES], e[TX_BYTES], e[LAST_HANDSHAKE], e[UAPI_ENDPOINT], e is session
+                )
                 for e in entries
             ]
         return out
@@ -646,33 +672,33 @@ class WorkerPool:
 
 
 def merge_peer(
-    entry: dict[str, Any], entries: list[list[Any]], wall: float, own_last: float | None
+    entry: dict[str, Any], entries: list[list[Any]], wall: float, session: list[Any] | None
 ) -> None:
     """Add the workers' `entries` for one peer to its status `entry` (worker 0's): the
-    counters summed; the session (endpoint, transport, last handshake, kind, path MTU)
-    from the worker with the newest handshake."""
-    newest = own_last
+    counters summed; the session (endpoint, transport, last handshake, path MTU) from
+    `session` (WorkerPool.session_entry(); None: worker 0's, as it is)."""
+    if session is not None and session[LAST_HANDSHAKE] is not None:
+        entry["endpoint"] = session[ENDPOINT]
+        entry["transport"] = session[TRANSPORT]
+        entry["last_handshake"] = session[LAST_HANDSHAKE] + wall
+        if session[PATH_MTU] is not None:
+            entry["path_mtu"] = session[PATH_MTU]
     for e in entries:
         entry["rx_bytes"] += e[RX_BYTES]
         entry["tx_bytes"] += e[TX_BYTES]
         entry["rx_packets"] += e[RX_PACKETS]
         entry["tx_packets"] += e[TX_PACKETS]
-        last = e[LAST_HANDSHAKE]
-        if last is not None and (newest is None or last > newest):
-            newest = last
-            entry["endpoint"] = e[ENDPOINT]
-            entry["transport"] = e[TRANSPORT]
-            entry["last_handshake"] = last + wall
-            if e[PATH_MTU] is not None:
-                entry["path_mtu"] = e[PATH_MTU]
         if e[IS_GTUN]:
             entry["kind"] = "gtun"
         drops = entry["drops"]
         add_counts(drops, e[DROPS] or {})
 
 
-def merged_totals(key: bytes, own: Any, entries: list[list[Any]]) -> Totals:
-    """A peer's counters over worker 0 (`own`, its wg Peer) and the others' entries."""
+def merged_totals(
+    key: bytes, own: Any, entries: list[list[Any]], session: list[Any] | None
+) -> Totals:
+    """A peer's counters over worker 0 (`own`, its wg Peer) and the others' entries; its
+    last handshake `session`'s (WorkerPool.session_entry(); None: worker 0's)."""
     t = Totals(
         key,
         own.rx_bytes,
@@ -688,9 +714,8 @@ def merged_totals(key: bytes, own: Any, entries: list[list[Any]]) -> Totals:
         t.rx_packets += e[RX_PACKETS]
         t.tx_packets += e[TX_PACKETS]
         t.handshakes += e[HANDSHAKES]
-        last = e[LAST_HANDSHAKE]
-        if last is not None and (t.last_handshake is None or last > t.last_handshake):
-            t.last_handshake = last
+    if session is not None and session[LAST_HANDSHAKE] is not None:
+        t.last_handshake = session[LAST_HANDSHAKE]
     return t
 
 
@@ -753,6 +778,7 @@ class Worker:
             lambda w, key, items: relay.handed(w, key, items, loop.time()),
             lambda w, key, since: relay.held_by(key, w, since),
             driver.after,
+            relay.seen_initiation,
         )
         self.handoff = handoff
         driver.handoff = handoff
@@ -816,6 +842,10 @@ class Worker:
         self.relay.set_health(health, asyncio.get_running_loop().time())
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, InitiationSeen):
+            if self.handoff is not None:
+                self.handoff.announce_initiation(event.peer.public_key, event.timestamp)
+            return
         if isinstance(event, SessionHeld):
             if self.handoff is not None:
                 self.handoff.announce(event.peer.public_key, event.since)

@@ -214,6 +214,16 @@ class SessionHeld(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class InitiationSeen(Event):
+    """A relay of several workers: this worker accepted an initiation from `peer` with
+    TAI64N `timestamp`.  The edge tells the other workers (`seen_initiation()`), so that
+    the same initiation replayed to them is refused as it is here."""
+
+    peer: Peer
+    timestamp: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PeerRefused(Event):
     """A peer was refused: a gtun client whose mode does not match the relay's, or a
     stock WireGuard peer of a relay in TAP mode (said once, at its first packet)."""
@@ -685,6 +695,13 @@ class Relay:
             fwd.gone_elsewhere(peer)
         return True
 
+    def seen_initiation(self, key: bytes, timestamp: bytes) -> None:
+        """Another worker accepted an initiation from the peer of `key` with TAI64N
+        `timestamp`: one not newer is a replay here too (WireGuard's replay check)."""
+        peer = self.wg.peers.get(key)
+        if peer is not None and len(timestamp) == 12 and timestamp > peer.last_timestamp:
+            peer.last_timestamp = timestamp
+
     def held_elsewhere(self, peer: Peer) -> int | None:
         """The worker holding `peer`'s session when it is another one, else None."""
         return self.forwarder.away.get(peer)
@@ -749,8 +766,11 @@ class Relay:
             if isinstance(event, HandshakeCompleted | HandshakeTimedOut | PeerUnknown):
                 if isinstance(event, HandshakeTimedOut):
                     self.forwarder.gone(event.peer)
-                elif isinstance(event, HandshakeCompleted) and event.initiator:
-                    self._held_here(event.peer)  # it answered us: it uses the session
+                elif isinstance(event, HandshakeCompleted):
+                    if event.initiator:
+                        self._held_here(event.peer)  # it answered us: it uses the session
+                    elif self.forwarder.workers > 1:
+                        self._emit(InitiationSeen(event.peer, event.peer.last_timestamp))
                 self._emit(event)
             elif isinstance(event, SessionConfirmed):
                 self._held_here(event.peer)  # our answer used: not a replayed initiation

@@ -17,6 +17,9 @@ message whole and in order.  A message is one of:
                                   `since` (monotonic seconds, one clock for all)
     b"P" key(32) item*            packets for the peer of `key`
     b"F" item*                    frames for the receiver's switch (TAP mode)
+    b"T" key(32) timestamp(12)    the sender accepted an initiation from the peer of
+                                  `key` with this TAI64N timestamp (a replay of it is
+                                  to be refused by every worker)
 
 and an item is kind(1) length(4) data: kind 0 a packet, kind 1 a GSO header (10
 bytes) followed by its super-packet.  Packets for one peer leave as one message per
@@ -49,6 +52,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024  # each direction of each channel
 READ_BATCH = 64  # messages per wake-up and channel
 
 KEY_LEN = 32
+TIMESTAMP_LEN = 12  # TAI64N
 _ITEM = struct.Struct("<BI")
 _SINCE = struct.Struct("<d")
 
@@ -110,6 +114,10 @@ def decode(message: bytes) -> tuple[str, bytes | None, Any]:
         return "packets", message[1 : 1 + KEY_LEN], _items(message, 1 + KEY_LEN)
     if kind == b"F":
         return "frames", None, _items(message, 1)
+    if kind == b"T":
+        if len(message) != 1 + KEY_LEN + TIMESTAMP_LEN:
+            raise ValueError("initiation notice of the wrong size")
+        return "initiation", message[1 : 1 + KEY_LEN], message[1 + KEY_LEN :]
     raise ValueError(f"unknown message {kind!r}")
 
 
@@ -139,8 +147,8 @@ def _items(message: bytes, at: int) -> list[Item]:
 class Handoff:
     """This worker's ends of its channels to the others (`socks`: worker -> socket), on
     the event loop.  What arrives goes to `on_packets(worker, key, items)` (key None:
-    frames) and `on_held(worker, key, since)`; `after()` runs once per wake-up that
-    delivered anything (the driver's transmit)."""
+    frames), `on_held(worker, key, since)` and `on_initiation(key, timestamp)`;
+    `after()` runs once per wake-up that delivered anything (the driver's transmit)."""
 
     def __init__(
         self,
@@ -150,6 +158,7 @@ class Handoff:
         on_packets: OnPackets,
         on_held: OnHeld,
         after: Callable[[], None],
+        on_initiation: Callable[[bytes, bytes], object] | None = None,
     ) -> None:
         self.worker = worker
         self.socks = socks
@@ -157,6 +166,7 @@ class Handoff:
         self.on_packets = on_packets
         self.on_held = on_held
         self.after = after
+        self.on_initiation = on_initiation
         self.counts = {"handed_out": 0, "handed_in": 0, "handoff_malformed": 0}
         self._notices: dict[int, deque[bytes]] = {w: deque() for w in socks}
         for w, sock in socks.items():
@@ -203,7 +213,13 @@ class Handoff:
 
     def announce(self, key: bytes, since: float) -> None:
         """Tell every other worker that this one made a session with `key` at `since`."""
-        message = b"O" + key + _SINCE.pack(since)
+        self._notice(b"O" + key + _SINCE.pack(since))
+
+    def announce_initiation(self, key: bytes, timestamp: bytes) -> None:
+        """Tell every other worker the newest initiation timestamp accepted from `key`."""
+        self._notice(b"T" + key + timestamp)
+
+    def _notice(self, message: bytes) -> None:
         for worker in self.socks:
             queue = self._notices[worker]
             queue.append(message)
@@ -252,6 +268,10 @@ class Handoff:
             if kind == "held":
                 assert key is not None
                 self.on_held(worker, key, value)
+            elif kind == "initiation":
+                assert key is not None
+                if self.on_initiation is not None:
+                    self.on_initiation(key, value)
             else:
                 self.on_packets(worker, key, value)
         if got:

@@ -5,7 +5,8 @@ clients at their names, and what the kernel and app/workers.py do between them:
   testing/cbpf.py on the datagram's bytes), or, where the program leaves it to the
   kernel's hash, to the worker `placement` names for that client (the hash's stand-in:
   a client keeps its worker while it keeps its address);
-- a worker's SessionHeld is told to every other worker (`held_by`), and what a
+- a worker's SessionHeld and InitiationSeen are told to every other worker (`held_by`,
+  `seen_initiation`), and what a
   worker hands over (`handoffs()`) is handed to its worker (`handed()`);
 - a packet "from the TUN" may be given to any worker, as a queue of a multiqueue device
   would."""
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from gtun.core.client import ClientCore
-from gtun.core.relay import Relay, RelaySettings, SessionHeld
+from gtun.core.relay import InitiationSeen, Relay, RelaySettings, SessionHeld
 from gtun.io.steering import encode, program
 from gtun.testing import cbpf
 
@@ -60,9 +61,9 @@ class WorkersLink:
             for w, relay in enumerate(self.workers):
                 for data, addr in relay.datagrams_to_send():
                     moved = True
-                    client = self.clients.get(addr)
-                    if client is not None:  # else to an address no client has
-                        client.receive_datagram(data, RELAY, self.now)
+                    dest = self.clients.get(addr)
+                    if dest is not None:  # else to an address no client has
+                        dest.receive_datagram(data, RELAY, self.now)
                 for item in relay.handoffs():
                     moved = True
                     to, peer, packet = item
@@ -71,6 +72,10 @@ class WorkersLink:
                     self.workers[to].handed(w, key, [packet], self.now)
                 self.tun_in[w].extend(relay.tun_writes())
                 while (event := relay.next_event()) is not None:
+                    if isinstance(event, InitiationSeen):
+                        for other in self.workers:
+                            if other is not relay:
+                                other.seen_initiation(event.peer.public_key, event.timestamp)
                     if isinstance(event, SessionHeld):
                         for other in self.workers:
                             if other is not relay:
