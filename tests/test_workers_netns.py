@@ -106,7 +106,10 @@ def metric(text: str, name: str, peer: str) -> float:
     raise AssertionError(f"no {name} for {peer}")
 
 
-def test_clients_on_different_workers_reach_each_other(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+def test_clients_on_different_workers_reach_each_other(
+    lab: Lab, tmp_path: Path, offload: bool
+) -> None:
     device = f"gw{secrets.token_hex(3)}"  # its `wg` socket is shared by every namespace
     net = GtunNet(
         lab,
@@ -116,7 +119,13 @@ def test_clients_on_different_workers_reach_each_other(lab: Lab, tmp_path: Path)
         workers=2,
         metrics=True,
         devices={"relay": device},
+        network6="fd66::/64",
     )
+    if not offload:
+        for node in (net.relay, *net.clients):
+            text = node.config.read_text()
+            head = "[server]\n" if node is net.relay else "[client]\n"
+            node.config.write_text(text.replace(head, head + "offload = false\n", 1))
     held = spread(net)
     st = net.status(net.relay)
     assert st is not None
@@ -124,8 +133,12 @@ def test_clients_on_different_workers_reach_each_other(lab: Lab, tmp_path: Path)
     assert pairs_fail(net) == []
     a, b = one_on_each(net, held)
     for src, dst in ((a, b), (b, a)):
-        sent, got, _ = net.transfer(src.ns, dst.ns, dst.extra["address"], SIZE)
-        assert sent == got and len(sent) == len(hashlib.sha256().hexdigest())
+        for address in (dst.extra["address"], dst.extra["address6"]):
+            sent, got, _ = net.transfer(src.ns, dst.ns, address, SIZE)
+            assert sent == got and len(sent) == len(hashlib.sha256().hexdigest())
+    st = net.status(net.relay)
+    assert st is not None
+    assert bool(st["datapath"]["tun_offload"]) is offload
     # Status and metrics add up both workers: each client's bytes are counted where
     # its session is, and the transfer's megabytes show on the worker-1 client.
     st = net.status(net.relay)
@@ -134,8 +147,8 @@ def test_clients_on_different_workers_reach_each_other(lab: Lab, tmp_path: Path)
     for c in net.clients:
         assert peers[c.name]["rx_bytes"] > 0, peers[c.name]
         assert peers[c.name]["endpoint"], peers[c.name]
-    assert peers[b.name]["rx_bytes"] > SIZE and peers[b.name]["worker"] == 1
-    assert peers[a.name]["rx_bytes"] > SIZE and peers[a.name]["worker"] == 0
+    assert peers[b.name]["rx_bytes"] > 2 * SIZE and peers[b.name]["worker"] == 1
+    assert peers[a.name]["rx_bytes"] > 2 * SIZE and peers[a.name]["worker"] == 0
     text = scrape(net)
     assert metric(text, "gtun_peer_rx_bytes_total", b.name) > SIZE
     assert metric(text, "gtun_peer_connected", b.name) == 1
