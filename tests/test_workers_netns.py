@@ -234,3 +234,13 @@ def test_a_reload_reaches_every_worker(lab: Lab, tmp_path: Path) -> None:
     others = [c for c in net.clients if c is not b]
     for c in others:
         net.ping(c.ns, "10.66.0.1", count=1)
+    # Worker 0 killed outright: the kernel ends the other workers with it.
+    st = net.status(net.relay)
+    assert st is not None
+    worker_pid = next(w["pid"] for w in st["workers"] if w["worker"] == 1)
+    net.relay.proc.kill()
+    net.relay.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker_pid}").exists():
+        assert time.monotonic() < deadline, "worker 1 outlived its relay"
+        time.sleep(0.1)

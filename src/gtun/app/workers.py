@@ -33,9 +33,10 @@ starts (`python -m gtun.app.workers`), each an event loop with its own relay cor
   which add them up.  The counters of a worker that died are kept.
 
 The control channel between worker 0 and a worker is a Unix stream socket pair;
-messages are JSON objects, each after its 4-byte length.  A worker exits when the
-channel closes (the relay is gone) and on SIGTERM; it also asks the kernel for SIGTERM
-when its parent dies.
+messages are JSON objects, each after its 4-byte length.  A worker exits when worker 0
+says so or the channel closes (the relay is gone), and the kernel kills it when its
+parent dies (PR_SET_PDEATHSIG); it ignores SIGTERM, SIGINT and SIGHUP, which a stop or a
+Ctrl-C sends the whole process group: worker 0 stops the workers itself.
 
 Not with several workers: a shared store (the relay mesh) and the in-process fake
 platform; `effective_workers()` says why a relay runs one.
@@ -393,6 +394,8 @@ class WorkerPool:
                 str(k),
                 "--fds",
                 json.dumps(fds),
+                "--parent",
+                str(os.getpid()),
                 pass_fds=pass_fds,
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -734,7 +737,6 @@ class Worker:
         self.tcp: TcpServer | None = None
         self.handoff: Handoff | None = None
         self.events = RelayEvents()
-        self.stop = asyncio.Event()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -743,9 +745,11 @@ class Worker:
         start = await read_message(reader)
         if start is None or start.get("op") != "start":
             return
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signal.SIGTERM, self.stop.set)
-            loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        # Worker 0 says when to stop (a "stop", or its channel closing; the kernel kills
+        # a worker whose relay died): a Ctrl-C or `systemctl stop` reaching the whole
+        # process group must not end workers that worker 0 would then start again.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         if start.get("debug"):
             logging.getLogger("gtun").setLevel(logging.DEBUG)
         settings = settings_from_json(start["settings"])
@@ -795,13 +799,9 @@ class Worker:
         self._health(start.get("health"))
         driver.poke()
         await send_message(writer, {"op": "ready"})
-        listen = asyncio.ensure_future(self._listen(reader, writer))
-        stopped = asyncio.ensure_future(self.stop.wait())
         try:
-            await asyncio.wait({listen, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await self._listen(reader, writer)
         finally:
-            listen.cancel()
-            stopped.cancel()
             self.events.close()
             handoff.close()
             driver.close()
@@ -860,16 +860,17 @@ class Worker:
 def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gtun relay worker")
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--fds", required=True)
+    parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent()
-    if os.getppid() == 1:
+    if os.getppid() != args.parent:
         return 1  # the relay died before we could ask to die with it
     from gtun.app.logs import setup_logging
 
