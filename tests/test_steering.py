@@ -57,9 +57,18 @@ from gtun.testing import cbpf
 MIN_SIZE = {2: RESPONSE_SIZE, 3: COOKIE_REPLY_SIZE, 4: TRANSPORT_MIN_SIZE}
 
 
-def message(kind: int, index: int, size: int) -> bytes:
-    """A datagram of `size` bytes: type, zero reserved bytes, `index` at 4..8."""
-    head = struct.pack("<II", kind, index)
+INDEX_AT = {2: 8, 3: 4, 4: 4}  # where each steered type has its receiver index
+
+
+def message(kind: int, index: int, size: int, sender: int | None = None) -> bytes:
+    """A datagram of `size` bytes: type, zero reserved bytes, `index` where the type
+    has its receiver index (a response: at 8..12, after the sender's, random unless
+    given; any other type: at 4..8)."""
+    if kind == 2:
+        own = sender if sender is not None else struct.unpack("<I", os.urandom(4))[0]
+        head = struct.pack("<III", kind, own, index)
+    else:
+        head = struct.pack("<II", kind, index)
     return (head + os.urandom(max(0, size - len(head))))[:size]
 
 
@@ -72,8 +81,19 @@ def expected(workers: int, data: bytes) -> int:
     4 with zero reserved bytes and at least their size; the kernel's hash otherwise."""
     kind = data[0] if data else 0
     if kind in MIN_SIZE and data[1:4] == bytes(3) and len(data) >= max(8, MIN_SIZE[kind]):
-        return int.from_bytes(data[4:8], "little") % workers
+        at = INDEX_AT[kind]
+        return int.from_bytes(data[at : at + 4], "little") % workers
     return FALLBACK
+
+
+def test_a_response_goes_by_its_receiver_index_not_its_senders() -> None:
+    """A response to a handshake the relay started (a rejoin, a re-enabled peer)
+    carries the peer's own index first: steered by that, half of them would reach a
+    worker that never sent the initiation."""
+    for receiver, sender in [(0, 1), (1, 0), (2, 7), (0x01020304, 0xFFFFFFFF)]:
+        data = message(2, receiver, RESPONSE_SIZE, sender=sender)
+        assert verdict(3, data) == receiver % 3
+        assert verdict(2, data) == receiver % 2
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 7, 16, MAX_WORKERS])

@@ -31,8 +31,13 @@ def lab_prefix() -> str:
 
 
 def _message(kind: int, index: int, size: int) -> bytes:
-    head = struct.pack("<II", kind, index)
-    return (head + os.urandom(size))[:size]  # random tails tell datagrams apart
+    """`index` where `kind` has its receiver index (a response: after a random sender
+    index); random tails tell datagrams apart."""
+    if kind == 2:
+        head = struct.pack("<I", kind) + os.urandom(4) + struct.pack("<I", index)
+    else:
+        head = struct.pack("<II", kind, index)
+    return (head + os.urandom(size))[:size]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -57,7 +62,8 @@ def test_the_kernel_delivers_where_the_program_says(lab: Lab, host: str) -> None
     code = steering.encode(steering.program(WORKERS))
     for data, socket_index in zip(steered, arrived[: len(steered)], strict=True):
         assert cbpf.run(code, data) == socket_index, data[:8].hex()
-        assert socket_index == int.from_bytes(data[4:8], "little") % WORKERS
+        at = 8 if data[0] == 2 else 4
+        assert socket_index == int.from_bytes(data[at : at + 4], "little") % WORKERS
     rest = arrived[len(steered) :]
     for n, group in enumerate((initiations, short, truncated)):
         assert all(cbpf.run(code, d) == steering.FALLBACK for d in group)

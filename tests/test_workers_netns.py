@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from gtun.app.keys import decode_key
 from gtun.app.store import StateStore
 from gtun.lab.net import METRICS_PORT, GtunNet, Node
 from gtun.lab.netns import Lab
@@ -244,3 +245,26 @@ def test_a_reload_reaches_every_worker(lab: Lab, tmp_path: Path) -> None:
     while Path(f"/proc/{worker_pid}").exists():
         assert time.monotonic() < deadline, "worker 1 outlived its relay"
         time.sleep(0.1)
+
+
+def test_a_restarted_relay_rejoins_its_clients_through_every_worker(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """The relay stopped and started again: each worker handshakes with its share of
+    the clients (by key) at their saved endpoints, and every client flows at once."""
+    net = GtunNet(lab, tmp_path, clients=4, underlay=UNDERLAY, workers=2)
+    net.start_all()
+    for c in net.clients:
+        net.ping(c.ns, "10.66.0.1", count=1)
+    time.sleep(2.5)  # the endpoints saved (every second, once the counters are read)
+    net.stop(net.relay)
+    net.start_relay()
+    shares = {int.from_bytes(decode_key(c.public)[:4], "little") % 2 for c in net.clients}
+    started = time.monotonic()
+    for c in net.clients:
+        net.ping(c.ns, "10.66.0.1", count=1, timeout=10)
+    assert time.monotonic() - started < 10
+    log = (tmp_path / "server.log").read_text()
+    if 1 in shares:
+        assert "worker 1: handshaking with" in log, net.log_tail(net.relay)
+    assert pairs_fail(net) == []

@@ -475,6 +475,10 @@ class Server:
             if endpoint is not None and key is not None:
                 endpoints[key] = endpoint
                 self._saved_endpoints[key] = text
+        if self.pool is not None:
+            # Spread over the workers (each peer by its key), as the clients' own
+            # handshakes would be: the one that initiates holds the session.
+            endpoints = self.pool.rejoin_elsewhere(endpoints)
         queued = self.relay.rejoin(endpoints, self.driver.loop.time())
         if queued:
             log.info("handshaking with %d peers at their last endpoints", queued)

@@ -79,7 +79,7 @@ from gtun.io.transport import endpoint_text
 from gtun.io.tun import TunDevice
 from gtun.io.udp import UdpTransport
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gtun.app.workers")  # not __main__ when run with -m
 
 START_TIMEOUT = 15.0  # seconds for a worker to say it is ready
 SNAPSHOT_TIMEOUT = 2.0  # seconds for a worker's counters
@@ -342,11 +342,15 @@ class WorkerPool:
         self.workers = {k: _Worker(k) for k in range(1, workers)}
         self.stopping = False
         self.holder: dict[bytes, int] = {}  # the worker each peer's newest session is at
+        # Per peer: the UDP endpoint and time of the newest session a worker said it
+        # holds (saved before the next snapshot brings it).
+        self.noted: dict[bytes, tuple[tuple[Any, ...], float]] = {}
         # Counters of workers that died: per peer, and the relay's drops.
         self.retired: dict[str, list[Any]] = {}
         self.retired_drops: dict[str, int] = {}
         self.retired_layers: dict[str, dict[str, int]] = {}
         self.health: dict[str, Any] | None = None  # the last health payload sent
+        self._sending: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def channels_for(workers: int) -> dict[tuple[int, int], socket.socket]:
@@ -444,6 +448,8 @@ class WorkerPool:
                 if op == "ready":
                     worker.ready.set()
                     log.debug("worker %d ready (pid %d)", worker.index, proc.pid)
+                elif op == "held":
+                    self._note_endpoint(message)
                 elif op == "snapshot":
                     worker.latest = message
                     waiting, worker.waiting = worker.waiting, []
@@ -506,11 +512,50 @@ class WorkerPool:
     async def set_peers(self, specs: list[PeerSpec]) -> None:
         """Every worker's peers become `specs` (a reload)."""
         self.specs = list(specs)
+        keys = {spec.public_key for spec in specs}
+        self.noted = {k: v for k, v in self.noted.items() if k in keys}
+        self.holder = {k: v for k, v in self.holder.items() if k in keys}
         message = {"op": "peers", "specs": specs_to_json(self.specs)}
         for worker in self.workers.values():
             if worker.writer is not None:
                 with contextlib.suppress(ConnectionError):
                     await send_message(worker.writer, message)
+
+    def _note_endpoint(self, message: dict[str, Any]) -> None:
+        try:
+            key = decode_key(message["key"])
+            since = float(message["since"])
+            endpoint = tuple(message["endpoint"])
+        except (KeyError, TypeError, ValueError):
+            return
+        had = self.noted.get(key)
+        if had is None or since >= had[1]:
+            self.noted[key] = (endpoint, since)
+
+    def rejoin_elsewhere(self, endpoints: dict[bytes, tuple[Any, ...]]) -> dict[bytes, Any]:
+        """Give each worker the stored endpoints of its share of the peers (by key) to
+        handshake with; worker 0's share is returned."""
+        shares: dict[int, dict[str, list[Any]]] = {}
+        mine: dict[bytes, Any] = {}
+        for key, endpoint in endpoints.items():
+            k = int.from_bytes(key[:4], "little") % self.count
+            if k == 0:
+                mine[key] = endpoint
+            else:
+                shares.setdefault(k, {})[encode_key(key)] = list(endpoint)
+        for k, share in shares.items():
+            worker = self.workers[k]
+            if worker.writer is not None:
+                message = {"op": "rejoin", "endpoints": share}
+                task = asyncio.ensure_future(self._send(worker, message))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+        return mine
+
+    async def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
+        if worker.writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await send_message(worker.writer, message)
 
     async def set_health(self, payload: dict[str, Any]) -> None:
         """What worker 0 saw of the machine, for every worker's health answers."""
@@ -585,7 +630,7 @@ class WorkerPool:
     def endpoints(self) -> dict[bytes, tuple[tuple[Any, ...], float]]:
         """Per peer, the UDP endpoint of the workers' newest session with it and when
         that session was made (to be saved for the next start's rejoin)."""
-        out: dict[bytes, tuple[tuple[Any, ...], float]] = {}
+        out: dict[bytes, tuple[tuple[Any, ...], float]] = dict(self.noted)
         for worker in self.workers.values():
             for key, e in worker.latest.get("peers", {}).items():
                 last, endpoint = e[LAST_HANDSHAKE], e[UDP_ENDPOINT]
@@ -737,11 +782,14 @@ class Worker:
         self.tcp: TcpServer | None = None
         self.handoff: Handoff | None = None
         self.events = RelayEvents()
+        self.writer: asyncio.StreamWriter | None = None  # the control channel
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         control = socket.socket(fileno=self.fds["control"])
         reader, writer = await asyncio.open_unix_connection(sock=control)
+        self.writer = writer
         start = await read_message(reader)
         if start is None or start.get("op") != "start":
             return
@@ -789,13 +837,7 @@ class Worker:
         for key, holder in start.get("held", {}).items():
             with contextlib.suppress(ValueError):
                 relay.held_by(decode_key(key), holder, 0.0)
-        rejoin = {}
-        for key, endpoint in start.get("rejoin", {}).items():
-            with contextlib.suppress(ValueError):
-                rejoin[decode_key(key)] = tuple(endpoint)
-        if rejoin:
-            relay.rejoin(rejoin, loop.time())
-            log.info("worker %d: rejoining %d peers", self.index, len(rejoin))
+        self._rejoin(start.get("rejoin"))
         self._health(start.get("health"))
         driver.poke()
         await send_message(writer, {"op": "ready"})
@@ -823,12 +865,27 @@ class Worker:
                 try:
                     relay.set_peers(specs_from_json(message["specs"]))
                 except Exception as exc:  # worker 0 applied the same set: a bug
-                    log.error("worker %d: peers not applied: %s", self.index, exc)
+                    log.error("peers not applied: %s", exc)
                 driver.poke()
             elif op == "snapshot":
                 await send_message(writer, {"op": "snapshot", **snapshot(relay, driver, self.tcp)})
             elif op == "health":
                 self._health(message.get("health"))
+            elif op == "rejoin":
+                self._rejoin(message.get("endpoints"))
+                driver.poke()
+
+    def _rejoin(self, endpoints: Any) -> None:
+        """Handshake with peers at their last endpoints (key text -> address list)."""
+        if self.relay is None or not isinstance(endpoints, dict):
+            return
+        rejoin: dict[bytes, Any] = {}
+        for key, endpoint in endpoints.items():
+            with contextlib.suppress(ValueError, TypeError):
+                rejoin[decode_key(key)] = tuple(endpoint)
+        if rejoin:
+            queued = self.relay.rejoin(rejoin, asyncio.get_running_loop().time())
+            log.info("handshaking with %d peers at their last endpoints", queued)
 
     def _health(self, payload: Any) -> None:
         """Worker 0's look at the machine, answered to this worker's clients."""
@@ -837,7 +894,7 @@ class Worker:
         try:
             health = pull_health(payload)
         except (ValueError, TypeError, KeyError) as exc:
-            log.error("worker %d: a health snapshot it cannot read: %s", self.index, exc)
+            log.error("a health snapshot it cannot read: %s", exc)
             return
         self.relay.set_health(health, asyncio.get_running_loop().time())
 
@@ -849,6 +906,18 @@ class Worker:
         if isinstance(event, SessionHeld):
             if self.handoff is not None:
                 self.handoff.announce(event.peer.public_key, event.since)
+            endpoint = event.peer.endpoint
+            if self.writer is not None and isinstance(endpoint, tuple):
+                # Worker 0 saves it for the next start's rejoin (snapshots come later).
+                message = {
+                    "op": "held",
+                    "key": encode_key(event.peer.public_key),
+                    "since": event.since,
+                    "endpoint": list(endpoint),
+                }
+                task = asyncio.ensure_future(send_message(self.writer, message))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
             return
         relay = self.relay
         peer = getattr(event, "peer", None)
@@ -874,14 +943,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the relay died before we could ask to die with it
     from gtun.app.logs import setup_logging
 
-    setup_logging(False, f"server worker {args.worker}")
+    setup_logging(False, "server")
+    prefix = f"worker {args.worker}: "
+
+    def said_by_worker(record: logging.LogRecord) -> bool:
+        # Every line of this process says which worker it is, in the journal too.
+        record.msg = prefix + str(record.msg)
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(said_by_worker)
     worker = Worker(args.worker, json.loads(args.fds))
     try:
         asyncio.run(worker.run())
     except KeyboardInterrupt:
         return 0
     except Exception:
-        log.exception("worker %d failed", args.worker)
+        log.exception("failed")
         return 1
     return 0
 

@@ -14,9 +14,10 @@ the payload's (the first datagram's and those behind it, for a GRO train; they s
 flow, hence a worker).
 
 Every local index a worker's WireGuard core allocates names that worker
-(`WireGuard(worker=, workers=)`: index % workers == worker), and each message that
-carries an index for its receiver to look up carries it at bytes 4..8, little-endian:
-responses (type 2), cookie replies (3) and transport data (4).  So:
+(`WireGuard(worker=, workers=)`: index % workers == worker), and three messages carry
+an index for their receiver to look up, little-endian: transport data (type 4) and
+cookie replies (3) at bytes 4..8, responses (2) at bytes 8..12, after the responder's
+own index.  So:
 
 - types 2, 3 and 4, with zero reserved bytes and at least the length of their type,
   go to socket `receiver index % workers`: the worker that owns the session or the
@@ -114,14 +115,18 @@ INSN = struct.Struct("=HBBI")
 # --- Steering ---------------------------------------------------------------------------
 # What the program returns for "let the kernel hash": never a socket's index.
 FALLBACK = 0xFFFFFFFF
-INDEX_OFFSET = 4  # the receiver index of types 2, 3, 4 (whitepaper 5.4.3 - 5.4.6)
-INDEX_END = INDEX_OFFSET + 4
+# Where each steered message carries its receiver index (whitepaper 5.4.3 - 5.4.7): a
+# transport message and a cookie reply right after the type, a response after its
+# sender's index.
+INDEX_OFFSET = 4
+RESPONSE_INDEX_OFFSET = 8
+INDEX_END = INDEX_OFFSET + 4  # what any message must have for its type to be read
 # A message's first word as `ld [0]` reads it (network byte order): its type, then
-# three reserved bytes that must be zero.
+# three reserved bytes that must be zero.  (type, least size, index offset)
 _STEERED = (
-    (MESSAGE_TRANSPORT, TRANSPORT_MIN_SIZE),  # first: the per-packet case
-    (MESSAGE_RESPONSE, RESPONSE_SIZE),
-    (MESSAGE_COOKIE_REPLY, COOKIE_REPLY_SIZE),
+    (MESSAGE_TRANSPORT, TRANSPORT_MIN_SIZE, INDEX_OFFSET),  # first: the per-packet case
+    (MESSAGE_RESPONSE, RESPONSE_SIZE, RESPONSE_INDEX_OFFSET),
+    (MESSAGE_COOKIE_REPLY, COOKIE_REPLY_SIZE, INDEX_OFFSET),
 )
 
 
@@ -178,24 +183,25 @@ def program(workers: int) -> list[Insn]:
     asm.jump(BPF_JMP | BPF_JGE | BPF_K, INDEX_END, None, "fallback")
     asm.op(BPF_MISC | BPF_TAX)  # X = the length, for the checks below
     asm.op(BPF_LD | BPF_W | BPF_ABS, 0)  # the type and reserved bytes, big-endian
-    for kind, _ in _STEERED:
+    for kind, _, _ in _STEERED:
         asm.jump(BPF_JMP | BPF_JEQ | BPF_K, kind << 24, f"type{kind}")
     asm.jump(BPF_JMP | BPF_JA, 0, "fallback")  # initiations and anything else
-    for kind, size in _STEERED:
+    for kind, size, at in _STEERED:
         asm.label(f"type{kind}")
         asm.op(BPF_MISC | BPF_TXA)
-        asm.jump(BPF_JMP | BPF_JGE | BPF_K, size, "steer", "fallback")
-    # The receiver index, little-endian at 4..8, into A byte by byte (`ld [4]` reads a
-    # word big-endian), then the worker it names.
-    asm.label("steer")
-    asm.op(BPF_LD | BPF_B | BPF_ABS, INDEX_END - 1)
-    for offset in range(INDEX_END - 2, INDEX_OFFSET - 1, -1):
-        asm.op(BPF_ALU | BPF_LSH | BPF_K, 8)
-        asm.op(BPF_MISC | BPF_TAX)
-        asm.op(BPF_LD | BPF_B | BPF_ABS, offset)
-        asm.op(BPF_ALU | BPF_OR | BPF_X)
-    asm.op(BPF_ALU | BPF_MOD | BPF_K, workers)
-    asm.op(BPF_RET | BPF_A)
+        asm.jump(BPF_JMP | BPF_JGE | BPF_K, size, f"steer{at}", "fallback")
+    # The receiver index, little-endian at `at`..`at`+4, into A byte by byte (`ld [at]`
+    # reads a word big-endian), then the worker it names.
+    for at in sorted({at for _, _, at in _STEERED}):
+        asm.label(f"steer{at}")
+        asm.op(BPF_LD | BPF_B | BPF_ABS, at + 3)
+        for offset in range(at + 2, at - 1, -1):
+            asm.op(BPF_ALU | BPF_LSH | BPF_K, 8)
+            asm.op(BPF_MISC | BPF_TAX)
+            asm.op(BPF_LD | BPF_B | BPF_ABS, offset)
+            asm.op(BPF_ALU | BPF_OR | BPF_X)
+        asm.op(BPF_ALU | BPF_MOD | BPF_K, workers)
+        asm.op(BPF_RET | BPF_A)
     asm.label("fallback")
     asm.op(BPF_RET | BPF_K, FALLBACK)
     return asm.assemble()
