@@ -259,3 +259,24 @@ def test_a_replay_that_outruns_the_notice_takes_nothing() -> None:
     r1.tun_packet(packet, link.now)
     link.pump()
     assert link.got["c1"][-1] == packet
+
+
+def test_a_handshake_a_worker_starts_is_answered_to_that_worker() -> None:
+    """A relay's own initiation (a rejoin after a restart, a peer enabled again): the
+    peer's response carries the peer's index first and the worker's second, and goes
+    to the worker that sent it, which then holds the session."""
+    link = two_workers({"c1": 0, "c2": 1})
+    r0, r1 = link.workers
+    key = link.clients["c1"].wg.public_key
+    link.now += 10.0
+    assert r1.rejoin({key: "c1"}, link.now) == 1  # its last endpoint, as the store has it
+    r1.handle_timer(link.now)
+    for attempt in range(8):  # the peer's own index is random: half name the other
+        if attempt:
+            link.now += 10.0
+            r1.wg.initiate_handshake(r1.wg.peers[key], link.now)
+        handshakes = r1.wg.peers[key].handshakes
+        link.pump()
+        assert r1.wg.peers[key].handshakes == handshakes + 1, attempt
+        assert r1.held_elsewhere(r1.wg.peers[key]) is None
+        assert r0.held_elsewhere(r0.wg.peers[key]) == 1

@@ -263,7 +263,7 @@ def test_a_restarted_relay_rejoins_its_clients_through_every_worker(
     started = time.monotonic()
     for c in net.clients:
         net.ping(c.ns, "10.66.0.1", count=1, timeout=10)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 5  # a round trip each, not a client timer
     log = (tmp_path / "server.log").read_text()
     if 1 in shares:
         assert "worker 1: handshaking with" in log, net.log_tail(net.relay)
