@@ -670,8 +670,11 @@ class Relay:
                 return
         if isinstance(fwd, EthernetForwarder):
             fwd._handed_from = worker
-        for item in items:
-            fwd.deliver(peer, item, now)
+        if peer is not None and len(items) > 1 and all(isinstance(i, bytes) for i in items):
+            self.wg.send_many(peer, items, now)  # type: ignore[arg-type]
+        else:
+            for item in items:
+                fwd.deliver(peer, item, now)
         self._drain_core(now)
 
     def held_by(self, key: bytes, worker: int, since: float) -> bool:

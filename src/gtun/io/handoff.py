@@ -47,9 +47,12 @@ from gtun.core.offload import GSO_HDR_LEN, Gso, pull_gso, push_gso
 
 log = logging.getLogger(__name__)
 
-MESSAGE_BYTES = 128 * 1024  # a message gathers items up to this size
-SOCKET_BUFFER = 4 * 1024 * 1024  # each direction of each channel
+MESSAGE_BYTES = 64 * 1024  # a message gathers items up to this size
+# Each direction of each channel: a few milliseconds of traffic, not a standing queue
+# (a worker that falls behind has packets dropped, which TCP senders slow down for).
+SOCKET_BUFFER = 512 * 1024
 READ_BATCH = 64  # messages per wake-up and channel
+RECV_BYTES = 2 * MESSAGE_BYTES  # more than any message (a 64 KB super-packet alone)
 
 KEY_LEN = 32
 TIMESTAMP_LEN = 12  # TAI64N
@@ -251,7 +254,7 @@ class Handoff:
         got = False
         for _ in range(READ_BATCH):
             try:
-                message = sock.recv(MESSAGE_BYTES + 1024)
+                message = sock.recv(RECV_BYTES)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
