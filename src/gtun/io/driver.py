@@ -479,9 +479,7 @@ class Driver:
                     core.drops["queue_full"] += addressed.send(datagrams)
         handoff = self.handoff
         if handoff is not None:
-            items = core.handoffs()  # type: ignore[attr-defined]
-            if items:
-                core.drops["handoff_full"] += handoff.send(items)
+            handoff.drain(core)
         self._rearm()
 
     def _send_mixed(self, datagrams: list[tuple[bytes, Any]]) -> int:

@@ -185,6 +185,16 @@ class Handoff:
 
     # --- out -------------------------------------------------------------------------
 
+    def drain(self, core: Any) -> None:
+        """Hand over what `core` (a Relay) gathered for the other workers (the driver
+        calls this after every call into the core); what a full channel refuses is
+        counted "handoff_full"."""
+        items = core.handoffs()
+        if items:
+            dropped = self.send(items)
+            if dropped:
+                core.drops["handoff_full"] += dropped
+
     def send(self, items: list[tuple[int, Any, Item]]) -> int:
         """Hand `items` (worker, peer or None, packet) over, grouped per worker and
         peer in order; the number dropped (a channel full, or no such worker)."""
