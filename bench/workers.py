@@ -13,10 +13,13 @@ namespaces "gtmbw...", underlay 10.247.<i>.0/24 inside them; nothing in the root
 namespace changes) with `workers = N`.  Pair i is client 2i-1 sending to client 2i
 (client to client through the relay); for each number of pairs, every pair runs one
 iperf3 TCP stream for --seconds at the same time, and the receivers' rates are added
-(the aggregate), while client 1 pings client 2 every 0.2 s (RTT under load, median).
---runs rounds; medians.  A client's worker is the kernel's hash of its address and port
-(app/workers.py): the table says how the clients of each row were spread ("3+1": three
-on worker 0, one on worker 1).
+(the aggregate), while client 1 pings client 2 every 0.2 s (RTT under load, median),
+and the relay's processes' CPU seconds per GB received are counted.  With several
+workers, one pair is measured twice: put on one worker, and across two (client 2
+restarted until the kernel's hash places it so), which shows what handing packets
+between workers costs.  --runs rounds; medians.  A client's worker is the kernel's
+hash of its address and port (app/workers.py): the table says how the clients of each
+row were spread ("3+1": three on worker 0, one on worker 1).
 
 This is a script that prints figures, not a test: nothing here asserts a speed.
 """
@@ -45,7 +48,16 @@ from gtun.lab.netns import Lab  # noqa: E402
 PREFIX = "gtmbw"
 UNDERLAY = 247
 CONFIGURE_TIMEOUT = 30.0
-HEADERS = ("workers", "pairs", "clients per worker", "aggregate Mbit/s", "x 1 worker", "RTT load")
+PLACE_TRIES = 12  # client restarts to put a pair on one worker, or across two
+HEADERS = (
+    "workers",
+    "pairs",
+    "clients per worker",
+    "aggregate Mbit/s",
+    "x 1 worker",
+    "RTT load",
+    "relay CPU s/GB",
+)
 
 
 @dataclass
@@ -55,16 +67,42 @@ class Row:
     spread: list[str] = field(default_factory=list)
     mbit: list[float] = field(default_factory=list)
     rtt_load: list[float] = field(default_factory=list)  # ms
+    cpu_per_gb: list[float] = field(default_factory=list)  # relay processes, all workers
     errors: list[str] = field(default_factory=list)
+    place: str = ""  # "same" or "across": one pair put on one worker or on two
+
+
+def holders(net: GtunNet) -> dict[str, int]:
+    st = net.status(net.relay)
+    return {p["name"]: p.get("worker") or 0 for p in (st or {}).get("peers", [])}
 
 
 def spread(net: GtunNet, clients: int, workers: int) -> str:
-    st = net.status(net.relay)
-    held = {p["name"]: p.get("worker") or 0 for p in (st or {}).get("peers", [])}
+    held = holders(net)
     counts = [0] * workers
     for c in net.clients[:clients]:
-        counts[held.get(c.name, 0) or 0] += 1
+        counts[held.get(c.name, 0)] += 1
     return "+".join(str(n) for n in counts)
+
+
+def place(net: GtunNet, same: bool) -> None:
+    """Restart client 2 until pair 1 is on one worker (`same`) or on two: a client's
+    worker is the kernel's hash of its source port, drawn anew at each start."""
+    src, dst = net.clients[0], net.clients[1]
+    for _ in range(PLACE_TRIES):
+        hub_bench.warm_up(src.ns, dst.extra["address"])
+        held = holders(net)
+        if (held.get(src.name) == held.get(dst.name)) == same:
+            return
+        net.stop(dst)
+        net.start_client(dst)
+        net.wait_configured(dst, timeout=CONFIGURE_TIMEOUT)
+    raise RuntimeError(f"pair 1 never {'on one worker' if same else 'across workers'}")
+
+
+def relay_pids(net: GtunNet) -> dict[str, int]:
+    st = net.status(net.relay) or {}
+    return {f"worker {w['worker']}": w["pid"] for w in st.get("workers", []) if w.get("pid")}
 
 
 def one_round(net: GtunNet, row: Row, seconds: int, log_dir: Path) -> None:
@@ -77,8 +115,10 @@ def one_round(net: GtunNet, row: Row, seconds: int, log_dir: Path) -> None:
         first_src.ns, first_dst.extra["address"], seconds, log_dir / "ping-load.log"
     )
     results: list[float] = []
+    received: list[float] = []  # bytes
     errors: list[str] = []
     started = threading.Barrier(len(pairs) + 1)
+    meter = hub_bench.CpuMeter(relay_pids(net))
 
     def run(src: Any, dst: Any) -> None:
         try:
@@ -91,6 +131,7 @@ def one_round(net: GtunNet, row: Row, seconds: int, log_dir: Path) -> None:
                 on_start=started.wait,
             )
             results.append(got["end"]["sum_received"]["bits_per_second"] / 1e6)
+            received.append(got["end"]["sum_received"]["bytes"])
         except Exception as exc:  # one pair's failure is the row's, not the run's
             errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             started.abort()
@@ -101,20 +142,28 @@ def one_round(net: GtunNet, row: Row, seconds: int, log_dir: Path) -> None:
     try:
         started.wait(timeout=30)
         pings.start()
+        meter.start()
     except threading.BrokenBarrierError:
         pass
     for t in threads:
         t.join(seconds + 60)
+    meter.stop()
     rtts = pings.stop()
     if errors:
         raise RuntimeError(errors[0])
     row.mbit.append(sum(results))
+    if received:
+        row.cpu_per_gb.append(sum(meter.seconds.values()) / (sum(received) / 1e9))
     if rtts:
         row.rtt_load.append(statistics.median(rtts))
 
 
 def measure(args: argparse.Namespace, workdir: Path, workers: int) -> list[Row]:
     rows = [Row(workers, n) for n in args.pairs]
+    if workers > 1 and 1 in args.pairs:
+        # One pair on one worker and across two: what a handoff costs.
+        rows = [Row(workers, 1, place="same"), Row(workers, 1, place="across")]
+        rows += [Row(workers, n) for n in args.pairs if n != 1]
     clients = 2 * max(args.pairs)
     with Lab(PREFIX) as lab:
         net = GtunNet(
@@ -133,6 +182,8 @@ def measure(args: argparse.Namespace, workdir: Path, workers: int) -> list[Row]:
         for _ in range(args.runs):
             for row in rows:
                 try:
+                    if row.place:
+                        place(net, row.place == "same")
                     one_round(net, row, args.seconds, log_dir)
                 except report.ERRORS as exc:
                     row.errors.append(str(exc).splitlines()[0])
@@ -145,14 +196,18 @@ def cells(rows: list[Row]) -> list[list[str]]:
     for r in rows:
         mbit = statistics.median(r.mbit) if r.mbit else None
         ratio = f"{mbit / base[r.pairs]:.2f}" if mbit and r.pairs in base else "-"
+        pairs = str(r.pairs) + (
+            f" ({r.place} worker{'s' if r.place == 'across' else ''})" if r.place else ""
+        )
         out.append(
             [
                 str(r.workers),
-                str(r.pairs),
+                pairs,
                 ", ".join(sorted(set(r.spread))) or "-",
                 f"{mbit:.0f}" if mbit is not None else "FAILED: " + "; ".join(r.errors[:1]),
                 ratio,
                 f"{statistics.median(r.rtt_load):.2f} ms" if r.rtt_load else "-",
+                f"{statistics.median(r.cpu_per_gb):.1f}" if r.cpu_per_gb else "-",
             ]
         )
     return out

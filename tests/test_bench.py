@@ -137,13 +137,13 @@ def test_worker_scaling_is_against_one_worker_with_as_many_pairs(
     rows = [
         row(1, 1, ["2"], [500.0, 520.0, 510.0]),
         row(1, 4, ["8"], [600.0]),
-        row(2, 1, ["1+1"], [450.0]),
+        row(2, 1, ["1+1"], [450.0], place="across"),
         row(2, 4, ["5+3", "4+4"], [900.0]),
         row(2, 2, errors=["iperf3 from c3 gave no JSON"]),
     ]
     cells = workers_bench.cells(rows)
     assert cells[0][3:5] == ["510", "1.00"]
-    assert cells[2][2:5] == ["1+1", "450", "0.88"]
+    assert cells[2][1:5] == ["1 (across workers)", "1+1", "450", "0.88"]
     assert cells[3][2:5] == ["4+4, 5+3", "900", "1.50"]
     assert cells[4][3].startswith("FAILED: iperf3 from c3") and cells[4][4] == "-"
     line = workers_bench.scaling_line(rows)
