@@ -280,3 +280,24 @@ def test_a_handshake_a_worker_starts_is_answered_to_that_worker() -> None:
         assert r1.wg.peers[key].handshakes == handshakes + 1, attempt
         assert r1.held_elsewhere(r1.wg.peers[key]) is None
         assert r0.held_elsewhere(r0.wg.peers[key]) == 1
+
+
+def test_what_a_client_negotiated_is_known_to_every_worker() -> None:
+    """A client's capabilities (partial checksums, bulk frames...) are negotiated with
+    the worker it asks for its configuration; the others forward to it too, and must
+    not, say, complete every TCP checksum for a client that takes them partial."""
+    key = secrets.token_bytes(32)
+    link = WorkersLink(key, relay_settings(partial_ok=True), 2, now=1000.0)
+    relay_public = link.workers[0].wg.public_key
+    client = ClientCore(secrets.token_bytes(32), relay_public, "R", mode="tun", accept_partial=True)
+    link.add_client("c1", client, 0)
+    spec = PeerSpec("c1", client.wg.public_key, C1)
+    for relay in link.workers:
+        relay.set_peers([spec])
+    client.start(link.now)
+    link.pump()
+    r0, r1 = link.workers
+    caps = r0.wg.peers[spec.public_key].data.caps
+    assert caps.partial  # negotiated at worker 0 ...
+    assert r1.wg.peers[spec.public_key].data.caps == caps  # ... and known at worker 1
+    assert r1.wg.peers[spec.public_key].data.is_gtun

@@ -46,10 +46,18 @@ from gtun.app.relaylog import RelayEvents
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import Store
 from gtun.app.uapi import relay_answer, start_uapi, udp_port
-from gtun.app.workers import WorkerPool, bind_group, effective_workers, merge_peer
+from gtun.app.workers import (
+    WorkerPool,
+    announce,
+    apply_notice,
+    bind_group,
+    effective_workers,
+    merge_peer,
+)
 from gtun.core.drops import merge_counts
 from gtun.core.l2frame import mac_for_key
 from gtun.core.relay import (
+    CapsLearned,
     InitiationSeen,
     MeshError,
     MeshRelay,
@@ -316,18 +324,17 @@ class Server:
         if pool is not None:
             pool.settings = settings
 
-            def held(worker: int, key: bytes, since: float) -> None:
-                relay.held_by(key, worker, since)
-                pool.held(key, worker)
+            def notice(worker: int, kind: str, key: bytes, value: Any) -> None:
+                apply_notice(relay, worker, kind, key, value)
+                pool.noticed(worker, kind, key, value)
 
             handoff = Handoff(
                 0,
                 pool.ends_of(0),
                 loop,
                 lambda w, key, items: relay.handed(w, key, items, loop.time()),
-                held,
+                notice,
                 driver.after,
-                relay.seen_initiation,
             )
             self.handoff = handoff
             driver.handoff = handoff
@@ -907,16 +914,12 @@ class Server:
             if self.relay is not None and self.relay.name is not None:
                 self._note_session_here(event.peer.public_key)
             return
-        if isinstance(event, InitiationSeen):
+        if isinstance(event, SessionHeld | InitiationSeen | CapsLearned):
+            # What the other workers need to know (app/workers.py).
             if self.handoff is not None:
-                self.handoff.announce_initiation(event.peer.public_key, event.timestamp)
-            return
-        if isinstance(event, SessionHeld):
-            # The other workers hand this peer's packets here from now on.
-            if self.handoff is not None:
-                self.handoff.announce(event.peer.public_key, event.since)
+                announce(self.handoff, event)
             if self.pool is not None:
-                self.pool.held(event.peer.public_key, 0)
+                self.pool.noticed_here(event)
             return
         self.events.on_event(event)
 

@@ -67,8 +67,15 @@ from gtun.app.keys import decode_key, encode_key
 from gtun.app.relaylog import RelayEvents
 from gtun.app.uapi import WorkerPeer, uapi_endpoint
 from gtun.core.drops import merge_counts
-from gtun.core.relay import InitiationSeen, PeerSpec, Relay, RelaySettings, SessionHeld
-from gtun.core.tunnel import pull_health
+from gtun.core.relay import (
+    CapsLearned,
+    InitiationSeen,
+    PeerSpec,
+    Relay,
+    RelaySettings,
+    SessionHeld,
+)
+from gtun.core.tunnel import caps_bits, caps_from_bits, pull_health
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError
 from gtun.io import steering
@@ -342,6 +349,7 @@ class WorkerPool:
         self.workers = {k: _Worker(k) for k in range(1, workers)}
         self.stopping = False
         self.holder: dict[bytes, int] = {}  # the worker each peer's newest session is at
+        self.caps: dict[bytes, int] = {}  # what each gtun client negotiated (caps_bits)
         # Per peer: the UDP endpoint and time of the newest session a worker said it
         # holds (saved before the next snapshot brings it).
         self.noted: dict[bytes, tuple[tuple[Any, ...], float]] = {}
@@ -426,6 +434,7 @@ class WorkerPool:
                 "health": self.health,
                 # Where the other workers' sessions are: packets to those peers go there.
                 "held": {encode_key(key): w for key, w in self.holder.items() if w != k},
+                "caps": {encode_key(key): bits for key, bits in self.caps.items()},
             },
         )
         worker.task = asyncio.ensure_future(self._listen(worker, reader, proc))
@@ -509,12 +518,27 @@ class WorkerPool:
         """Worker `worker` made the newest session with the peer of `key`."""
         self.holder[key] = worker
 
+    def noticed(self, worker: int, kind: str, key: bytes, value: Any) -> None:
+        """A notice worker `worker` sent worker 0: kept for a worker started later."""
+        if kind == "held":
+            self.holder[key] = worker
+        elif kind == "caps" and isinstance(value, int):
+            self.caps[key] = value
+
+    def noticed_here(self, event: Event) -> None:
+        """An event of worker 0's own that the other workers were told of."""
+        if isinstance(event, SessionHeld):
+            self.holder[event.peer.public_key] = 0
+        elif isinstance(event, CapsLearned):
+            self.caps[event.peer.public_key] = caps_bits(event.caps)
+
     async def set_peers(self, specs: list[PeerSpec]) -> None:
         """Every worker's peers become `specs` (a reload)."""
         self.specs = list(specs)
         keys = {spec.public_key for spec in specs}
         self.noted = {k: v for k, v in self.noted.items() if k in keys}
         self.holder = {k: v for k, v in self.holder.items() if k in keys}
+        self.caps = {k: v for k, v in self.caps.items() if k in keys}
         message = {"op": "peers", "specs": specs_to_json(self.specs)}
         for worker in self.workers.values():
             if worker.writer is not None:
@@ -767,6 +791,27 @@ def merged_totals(
     return t
 
 
+def announce(handoff: Handoff, event: Event) -> None:
+    """Tell the other workers what they must know of a relay event: a session held
+    here, an initiation accepted here, a client's capabilities."""
+    if isinstance(event, SessionHeld):
+        handoff.announce(event.peer.public_key, event.since)
+    elif isinstance(event, InitiationSeen):
+        handoff.announce_initiation(event.peer.public_key, event.timestamp)
+    elif isinstance(event, CapsLearned):
+        handoff.announce_caps(event.peer.public_key, caps_bits(event.caps))
+
+
+def apply_notice(relay: Relay, worker: int, kind: str, key: bytes, value: Any) -> None:
+    """What another worker told this one (io/handoff.py's notices), into the core."""
+    if kind == "held":
+        relay.held_by(key, worker, value)
+    elif kind == "initiation":
+        relay.seen_initiation(key, value)
+    elif kind == "caps":
+        relay.learned_caps(key, caps_from_bits(value))
+
+
 # --- a worker's side ------------------------------------------------------------------
 
 
@@ -828,15 +873,17 @@ class Worker:
             channels,
             loop,
             lambda w, key, items: relay.handed(w, key, items, loop.time()),
-            lambda w, key, since: relay.held_by(key, w, since),
+            lambda w, kind, key, value: apply_notice(relay, w, kind, key, value),
             driver.after,
-            relay.seen_initiation,
         )
         self.handoff = handoff
         driver.handoff = handoff
         for key, holder in start.get("held", {}).items():
             with contextlib.suppress(ValueError):
                 relay.held_by(decode_key(key), holder, 0.0)
+        for key, bits in start.get("caps", {}).items():
+            with contextlib.suppress(ValueError, TypeError):
+                relay.learned_caps(decode_key(key), caps_from_bits(bits))
         self._rejoin(start.get("rejoin"))
         self._health(start.get("health"))
         driver.poke()
@@ -899,13 +946,13 @@ class Worker:
         self.relay.set_health(health, asyncio.get_running_loop().time())
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, InitiationSeen):
+        if isinstance(event, InitiationSeen | CapsLearned):
             if self.handoff is not None:
-                self.handoff.announce_initiation(event.peer.public_key, event.timestamp)
+                announce(self.handoff, event)
             return
         if isinstance(event, SessionHeld):
             if self.handoff is not None:
-                self.handoff.announce(event.peer.public_key, event.since)
+                announce(self.handoff, event)
             endpoint = event.peer.endpoint
             if self.writer is not None and isinstance(endpoint, tuple):
                 # Worker 0 saves it for the next start's rejoin (snapshots come later).

@@ -212,20 +212,24 @@ class IpForwarder(Forwarder):
             return
         forward, self._forward = self._forward, {}
         now = self._forward_now
-        wg = self.wg
         away = self.away
         for peer, packets in forward.items():
             if away and peer in away:
                 worker = away[peer]
                 self.handoff.extend([(worker, peer, p) for p in packets])
-            elif len(packets) > 1 and bulk.takes_bulk(peer):
-                # To a gtun node over TCP: the segments of a flow travel as one bulk
-                # frame (coalesced here as a TUN write would be; send_super splits one
-                # larger than a bulk frame holds).
-                for hdr, packet in coalesce(packets):
-                    self._send_super(peer, hdr, packet, now)
             else:
-                wg.send_many(peer, packets, now)
+                self.send_batch(peer, packets, now)
+
+    def send_batch(self, peer: Peer, packets: list[bytes], now: float) -> None:
+        """Packets for one peer, gathered during a batch (or handed over by another
+        worker, never to be handed on): to a gtun node over TCP the segments of a flow
+        travel as one bulk frame (coalesced as a TUN write would be; send_super splits
+        one larger than a bulk frame holds), to anyone else encrypted together."""
+        if len(packets) > 1 and bulk.takes_bulk(peer):
+            for hdr, packet in coalesce(packets):
+                self._send_super(peer, hdr, packet, now, handed=True)
+        else:
+            self.wg.send_many(peer, packets, now)
 
     def tun_packet(self, packet: bytes, now: float) -> None:
         peer = self._tun_target(packet)

@@ -224,6 +224,16 @@ class InitiationSeen(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CapsLearned(Event):
+    """A relay of several workers: `peer` negotiated `caps` with this worker (its
+    configuration request).  The edge tells the other workers (`learned_caps()`): how
+    they forward to the peer (partial checksums, bulk frames) depends on them."""
+
+    peer: Peer
+    caps: Caps
+
+
+@dataclass(frozen=True, slots=True)
 class PeerRefused(Event):
     """A peer was refused: a gtun client whose mode does not match the relay's, or a
     stock WireGuard peer of a relay in TAP mode (said once, at its first packet)."""
@@ -670,8 +680,18 @@ class Relay:
                 return
         if isinstance(fwd, EthernetForwarder):
             fwd._handed_from = worker
-        if peer is not None and len(items) > 1 and all(isinstance(i, bytes) for i in items):
-            self.wg.send_many(peer, items, now)  # type: ignore[arg-type]
+        if peer is not None and isinstance(fwd, IpForwarder):
+            run: list[bytes] = []  # packets in a row, sent as one batch, in order
+            for item in items:
+                if isinstance(item, bytes):
+                    run.append(item)
+                    continue
+                if run:
+                    fwd.send_batch(peer, run, now)
+                    run = []
+                fwd.deliver(peer, item, now)
+            if run:
+                fwd.send_batch(peer, run, now)
         else:
             for item in items:
                 fwd.deliver(peer, item, now)
@@ -697,6 +717,13 @@ class Relay:
         if isinstance(fwd, EthernetForwarder):
             fwd.gone_elsewhere(peer)
         return True
+
+    def learned_caps(self, key: bytes, caps: Caps) -> None:
+        """Another worker negotiated `caps` with the peer of `key` (a gtun client)."""
+        peer = self.wg.peers.get(key)
+        if peer is not None and isinstance(peer.data, PeerState):
+            peer.data.caps = caps
+            peer.data.is_gtun = True
 
     def seen_initiation(self, key: bytes, timestamp: bytes) -> None:
         """Another worker accepted an initiation from the peer of `key` with TAI64N
@@ -859,6 +886,8 @@ class Relay:
             state.caps = tm.relay_caps(
                 request, tap=self.forwarder.tap, partial_ok=self.settings.partial_ok
             )
+            if self.forwarder.workers > 1:
+                self._emit(CapsLearned(peer, state.caps))
             self.forwarder.joined(peer)
             try:
                 answer = tm.push_config(self.config_for(peer))

@@ -174,6 +174,17 @@ class Caps:
 
 
 NO_CAPS = Caps()
+_CAPS_FIELDS = ("bulk", "partial", "pmtu", "relays", "health")
+
+
+def caps_bits(caps: Caps) -> int:
+    """`caps` as one byte (bit i: the i-th of _CAPS_FIELDS), for a relay's workers."""
+    return sum(1 << i for i, name in enumerate(_CAPS_FIELDS) if getattr(caps, name))
+
+
+def caps_from_bits(bits: int) -> Caps:
+    """The Caps of caps_bits(); unknown bits are ignored."""
+    return Caps(**{name: bool(bits >> i & 1) for i, name in enumerate(_CAPS_FIELDS)})
 
 
 # --- the configuration request (client -> relay) ------------------------------------------

@@ -20,6 +20,10 @@ message whole and in order.  A message is one of:
     b"T" key(32) timestamp(12)    the sender accepted an initiation from the peer of
                                   `key` with this TAI64N timestamp (a replay of it is
                                   to be refused by every worker)
+    b"C" key(32) caps(1)          the peer of `key` asked the sender for its
+                                  configuration and negotiated these capabilities
+                                  (tunnel.caps_bits()), which decide how every worker
+                                  forwards to it
 
 and an item is kind(1) length(4) data: kind 0 a packet, kind 1 a GSO header (10
 bytes) followed by its super-packet.  Packets for one peer leave as one message per
@@ -62,7 +66,8 @@ _SINCE = struct.Struct("<d")
 # What a core hands over: (worker, peer or None, packet or (header, super-packet)).
 Item = bytes | tuple[Gso, bytes]
 OnPackets = Callable[[int, bytes | None, list[Item]], None]
-OnHeld = Callable[[int, bytes, float], object]
+# on_notice(worker, kind, key, value): "held" (since), "initiation" (timestamp), "caps".
+OnNotice = Callable[[int, str, bytes, Any], object]
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -104,7 +109,8 @@ def encode_items(head: bytes, items: list[Item]) -> list[bytes]:
 
 
 def decode(message: bytes) -> tuple[str, bytes | None, Any]:
-    """("held", key, since), ("packets", key, items) or ("frames", None, items).
+    """("held", key, since), ("initiation", key, timestamp), ("caps", key, bits),
+    ("packets", key, items) or ("frames", None, items).
     Raises ValueError for a malformed message."""
     kind = message[:1]
     if kind == b"O":
@@ -121,6 +127,10 @@ def decode(message: bytes) -> tuple[str, bytes | None, Any]:
         if len(message) != 1 + KEY_LEN + TIMESTAMP_LEN:
             raise ValueError("initiation notice of the wrong size")
         return "initiation", message[1 : 1 + KEY_LEN], message[1 + KEY_LEN :]
+    if kind == b"C":
+        if len(message) != 1 + KEY_LEN + 1:
+            raise ValueError("capabilities notice of the wrong size")
+        return "caps", message[1 : 1 + KEY_LEN], message[1 + KEY_LEN]
     raise ValueError(f"unknown message {kind!r}")
 
 
@@ -150,8 +160,8 @@ def _items(message: bytes, at: int) -> list[Item]:
 class Handoff:
     """This worker's ends of its channels to the others (`socks`: worker -> socket), on
     the event loop.  What arrives goes to `on_packets(worker, key, items)` (key None:
-    frames), `on_held(worker, key, since)` and `on_initiation(key, timestamp)`;
-    `after()` runs once per wake-up that delivered anything (the driver's transmit)."""
+    frames) and the notices to `on_notice(worker, kind, key, value)`; `after()` runs
+    once per wake-up that delivered anything (the driver's transmit)."""
 
     def __init__(
         self,
@@ -159,17 +169,15 @@ class Handoff:
         socks: dict[int, socket.socket],
         loop: asyncio.AbstractEventLoop,
         on_packets: OnPackets,
-        on_held: OnHeld,
+        on_notice: OnNotice,
         after: Callable[[], None],
-        on_initiation: Callable[[bytes, bytes], object] | None = None,
     ) -> None:
         self.worker = worker
         self.socks = socks
         self.loop = loop
         self.on_packets = on_packets
-        self.on_held = on_held
+        self.on_notice = on_notice
         self.after = after
-        self.on_initiation = on_initiation
         self.counts = {"handed_out": 0, "handed_in": 0, "handoff_malformed": 0}
         self._notices: dict[int, deque[bytes]] = {w: deque() for w in socks}
         for w, sock in socks.items():
@@ -228,6 +236,10 @@ class Handoff:
         """Tell every other worker that this one made a session with `key` at `since`."""
         self._notice(b"O" + key + _SINCE.pack(since))
 
+    def announce_caps(self, key: bytes, bits: int) -> None:
+        """Tell every other worker the capabilities the peer of `key` negotiated here."""
+        self._notice(b"C" + key + bytes([bits]))
+
     def announce_initiation(self, key: bytes, timestamp: bytes) -> None:
         """Tell every other worker the newest initiation timestamp accepted from `key`."""
         self._notice(b"T" + key + timestamp)
@@ -278,14 +290,10 @@ class Handoff:
             except ValueError:
                 self.counts["handoff_malformed"] += 1
                 continue
-            if kind == "held":
-                assert key is not None
-                self.on_held(worker, key, value)
-            elif kind == "initiation":
-                assert key is not None
-                if self.on_initiation is not None:
-                    self.on_initiation(key, value)
-            else:
+            if kind == "packets" or kind == "frames":
                 self.on_packets(worker, key, value)
+            else:
+                assert key is not None
+                self.on_notice(worker, kind, key, value)
         if got:
             self.after()

@@ -5,8 +5,8 @@ clients at their names, and what the kernel and app/workers.py do between them:
   testing/cbpf.py on the datagram's bytes), or, where the program leaves it to the
   kernel's hash, to the worker `placement` names for that client (the hash's stand-in:
   a client keeps its worker while it keeps its address);
-- a worker's SessionHeld and InitiationSeen are told to every other worker (`held_by`,
-  `seen_initiation`), and what a
+- a worker's SessionHeld, InitiationSeen and CapsLearned are told to every other
+  worker (`held_by`, `seen_initiation`, `learned_caps`), and what a
   worker hands over (`handoffs()`) is handed to its worker (`handed()`);
 - a packet "from the TUN" may be given to any worker, as a queue of a multiqueue device
   would."""
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from gtun.core.client import ClientCore
-from gtun.core.relay import InitiationSeen, Relay, RelaySettings, SessionHeld
+from gtun.core.relay import CapsLearned, InitiationSeen, Relay, RelaySettings, SessionHeld
 from gtun.io.steering import encode, program
 from gtun.testing import cbpf
 
@@ -72,14 +72,15 @@ class WorkersLink:
                     self.workers[to].handed(w, key, [packet], self.now)
                 self.tun_in[w].extend(relay.tun_writes())
                 while (event := relay.next_event()) is not None:
-                    if isinstance(event, InitiationSeen):
-                        for other in self.workers:
-                            if other is not relay:
-                                other.seen_initiation(event.peer.public_key, event.timestamp)
-                    if isinstance(event, SessionHeld):
-                        for other in self.workers:
-                            if other is not relay:
-                                other.held_by(event.peer.public_key, w, event.since)
+                    for other in self.workers:
+                        if other is relay:
+                            continue
+                        if isinstance(event, InitiationSeen):
+                            other.seen_initiation(event.peer.public_key, event.timestamp)
+                        elif isinstance(event, SessionHeld):
+                            other.held_by(event.peer.public_key, w, event.since)
+                        elif isinstance(event, CapsLearned):
+                            other.learned_caps(event.peer.public_key, event.caps)
             if not moved:
                 return
         raise AssertionError("link did not settle")
