@@ -438,7 +438,9 @@ def test_the_daemons_work_within_their_units_limits(
     # Device names of its own: `wg show`'s sockets in /var/run/wireguard are shared by
     # every namespace, and a clash is said at warning level (which this test forbids).
     devices = {"relay": "gtsR0", "c1": "gtsC1", "c2": "gtsC2"}
-    gnet = GtunNet(lab, tmp_path / "net", clients=2, underlay=249, devices=devices)
+    # Two workers, as a relay on a machine of two cores or more runs by default: the
+    # workers it starts live under the same limits.
+    gnet = GtunNet(lab, tmp_path / "net", clients=2, underlay=249, devices=devices, workers=2)
     relay, (c1, c2) = gnet.relay, gnet.clients
     set_config_keys(c2.config, "client", {"default_route": "true"})
     relay_rx = listeners("relay")
@@ -471,6 +473,10 @@ def test_the_daemons_work_within_their_units_limits(
         assert "gtun" in Path(f"/proc/{node.proc.pid}/cmdline").read_text()
         assert "Seccomp:\t2\n" in status and "NoNewPrivs:\t1\n" in status
         assert f"CapBnd:\t{caps:016x}\n" in status
+    st = gnet.status(relay)
+    assert st is not None and [w["alive"] for w in st["workers"]] == [True, True]
+    worker = Path(f"/proc/{st['workers'][1]['pid']}/status").read_text()
+    assert "Seccomp:\t2\n" in worker and "NoNewPrivs:\t1\n" in worker
     relay.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: relay_rx.states().count("READY") == 2, 20, "READY after the reload")
     assert [gnet.stop(n) for n in (c1, c2, relay)] == [0, 0, 0]
