@@ -24,7 +24,7 @@ from gtun.core.offload import Gso
 from gtun.core.packet import build_icmp_echo
 from gtun.core.relay import PeerSpec
 from gtun.errors import ConfigError
-from gtun.io.handoff import MESSAGE_BYTES, decode, encode_items
+from gtun.io.handoff import MAX_PARTS, MESSAGE_BYTES, decode, encode_items, encode_parts
 from gtun.testing.link import relay_settings
 from gtun.testing.workers import WorkersLink
 
@@ -155,6 +155,10 @@ def test_handoff_messages_round_trip_and_malformed_ones_are_refused() -> None:
     many = encode_items(b"F", [b"x" * 40000] * 5)
     assert len(many) == 5 and all(len(m) <= MESSAGE_BYTES for m in many)  # one each
     assert [i for m in many for i in decode(m)[2]] == [b"x" * 40000] * 5
+    tiny = [bytes([i % 256]) * 40 for i in range(600)]  # ACKs: many to a message
+    parts = encode_parts(b"P" + key, tiny)
+    assert len(parts) == 3 and all(len(p) <= MAX_PARTS for p in parts)  # 255 a message
+    assert [i for p in parts for i in decode(b"".join(p))[2]] == tiny
     for bad in (b"", b"Z", b"P" + key[:5], b"P" + key + b"\x00\x10\x00\x00\x00ab", b"O" + key):
         with pytest.raises(ValueError):
             decode(bad)

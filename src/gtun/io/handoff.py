@@ -56,6 +56,7 @@ MESSAGE_BYTES = 64 * 1024  # a message gathers items up to this size
 # (a worker that falls behind has packets dropped, which TCP senders slow down for).
 SOCKET_BUFFER = 512 * 1024
 READ_BATCH = 64  # messages per wake-up and channel
+MAX_PARTS = 512  # buffers a message is gathered from (the kernel takes up to 1024)
 RECV_BYTES = 2 * MESSAGE_BYTES  # more than any message (a 64 KB super-packet alone)
 
 KEY_LEN = 32
@@ -86,26 +87,36 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def encode_items(head: bytes, items: list[Item]) -> list[bytes]:
-    """`head` and the items, cut into messages of up to MESSAGE_BYTES (an item bigger
-    than that travels alone)."""
-    out: list[bytes] = []
+def encode_parts(head: bytes, items: list[Item]) -> list[list[bytes]]:
+    """`head` and the items as the buffers of messages of up to MESSAGE_BYTES and
+    MAX_PARTS buffers each (an item bigger than that travels alone), for sendmsg() to
+    gather: no item is copied here."""
+    out: list[list[bytes]] = []
     parts: list[bytes] = [head]
     size = len(head)
     for item in items:
         if isinstance(item, bytes):
-            part = _ITEM.pack(0, len(item)) + item
+            lead, body, length = _ITEM.pack(0, len(item)), item, len(item)
         else:
-            hdr, packet = item
-            part = _ITEM.pack(1, GSO_HDR_LEN + len(packet)) + push_gso(hdr) + packet
-        if size + len(part) > MESSAGE_BYTES and len(parts) > 1:
-            out.append(b"".join(parts))
+            hdr, body = item
+            length = GSO_HDR_LEN + len(body)
+            lead = _ITEM.pack(1, length) + push_gso(hdr)
+        if len(parts) > 1 and (
+            size + _ITEM.size + length > MESSAGE_BYTES or len(parts) + 2 > MAX_PARTS
+        ):
+            out.append(parts)
             parts, size = [head], len(head)
-        parts.append(part)
-        size += len(part)
+        parts.append(lead)
+        parts.append(body)
+        size += len(lead) + len(body)
     if len(parts) > 1:
-        out.append(b"".join(parts))
+        out.append(parts)
     return out
+
+
+def encode_items(head: bytes, items: list[Item]) -> list[bytes]:
+    """encode_parts(), each message joined."""
+    return [b"".join(parts) for parts in encode_parts(head, items)]
 
 
 def decode(message: bytes) -> tuple[str, bytes | None, Any]:
@@ -221,9 +232,9 @@ class Handoff:
                 dropped += len(group)
                 continue
             head = b"F" if key is None else b"P" + key
-            for message in encode_items(head, group):
+            for parts in encode_parts(head, group):
                 try:
-                    sock.send(message)
+                    sock.sendmsg(parts)
                     self.counts["handed_out"] += 1
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
