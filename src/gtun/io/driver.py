@@ -38,6 +38,18 @@ the flood arrives.
 When nothing waits, one wake-up's budget of a delivery goes straight to the core in
 arrival order (all of it in the common case, a busy peer or many quiet ones), and only
 the rest is queued, its sources behind those that were not served yet.
+
+Delay.  The kernel's socket buffer and the per-source queues together are one queue
+in front of the core, large enough to absorb any burst, and so large enough for a
+sender that only slows down on loss (TCP cubic) to keep it full: every packet, a ping
+or a video call's, would wait tens of milliseconds behind it.  CoDel (core/codel.py)
+bounds that: what reaches the core is timed from its arrival in the kernel (the UDP
+socket's receive timestamps, udp.py; a delivery without them from its read) to the
+moment the core takes it, one sojourn per delivery or per turn of the queues (its
+oldest datagram's), and when the sojourn has stood above CODEL_TARGET for
+CODEL_INTERVAL a large transport datagram of it is dropped ("codel") at CoDel's
+pace: the sender behind the queue slows down and the queue drains, while bursts, and
+small datagrams (handshakes, keepalives, pings, TCP acknowledgements) are never cut.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gtun.core.codel import CoDel
 from gtun.core.offload import (
     F_NEEDS_CSUM,
     GSO_NONE,
@@ -78,6 +91,22 @@ FAIR_QUEUE = 4096  # datagrams per source ...
 FAIR_QUEUE_BYTES = 4 << 20  # ... and bytes
 FAIR_TOTAL = 16384  # datagrams in all ...
 FAIR_TOTAL_BYTES = 32 << 20  # ... and bytes
+# Delay (see above): the sojourn that may stand, and for how long, before CoDel drops.
+CODEL_TARGET = 0.002
+CODEL_INTERVAL = 0.100
+# Only WireGuard transport messages (type 4) at least this long are CoDel's to drop:
+# a full-size packet's carrier, never a keepalive, a ping or a TCP acknowledgement.
+CODEL_MIN_BYTES = 256
+_TRANSPORT_TYPE = 4
+
+
+def codel_victim(batch: list[tuple[bytes, Any]]) -> int:
+    """The index of the first datagram in `batch` that CoDel may drop, or -1."""
+    for i, item in enumerate(batch):
+        data = item[0]
+        if len(data) >= CODEL_MIN_BYTES and data[0] == _TRANSPORT_TYPE:
+            return i
+    return -1
 
 
 class Core(Protocol):
@@ -96,10 +125,11 @@ class Core(Protocol):
 class _Source:
     """One source's waiting datagrams and its DRR deficit."""
 
-    __slots__ = ("queue", "size", "deficit", "flow")
+    __slots__ = ("queue", "arrivals", "size", "deficit", "flow")
 
     def __init__(self, source: Any) -> None:
         self.queue: deque[tuple[bytes, Any]] = deque()
+        self.arrivals: deque[float] = deque()  # when each of `queue` arrived (loop time)
         self.size = 0  # bytes waiting
         self.deficit = 0
         # A source that can stop sending (a TCP connection: pause_reading() and
@@ -140,12 +170,14 @@ class FairQueue:
         self.old: dict[Any, _Source] = {}
         self.held = 0  # datagrams waiting
         self.held_bytes = 0
+        self.oldest = 0.0  # the earliest arrival among what the last pop() returned
 
     def __len__(self) -> int:
         return self.held
 
-    def push(self, batch: list[tuple[bytes, Any]]) -> int:
-        """Queue `batch` by source; the number dropped (past a bound)."""
+    def push(self, batch: list[tuple[bytes, Any]], arrival: float = 0.0) -> int:
+        """Queue `batch`, which arrived at `arrival`, by source; the number dropped (past
+        a bound)."""
         new, old = self.new, self.old
         dropped = 0
         for item in batch:
@@ -162,6 +194,7 @@ class FairQueue:
                 dropped += 1
                 continue
             entry.queue.append(item)
+            entry.arrivals.append(arrival)
             entry.size += size
             self.held += 1
             self.held_bytes += size
@@ -193,9 +226,11 @@ class FairQueue:
     def pop(self, count: int, nbytes: int) -> tuple[list[tuple[bytes, Any]], bool]:
         """Up to `count` datagrams and about `nbytes` bytes in DRR order, and whether they
         are those of sources that had been idle (then only those: transmit them at once,
-        then call again for the backlogged ones)."""
+        then call again for the backlogged ones).  `oldest` is then the earliest arrival
+        among them."""
         out: list[tuple[bytes, Any]] = []
         new, old = self.new, self.old
+        oldest = float("inf")
         fresh = bool(new)
         ring = new if fresh else old
         while ring and count > 0 and nbytes > 0:
@@ -207,9 +242,13 @@ class FairQueue:
                 old[source] = entry
                 continue
             queue = entry.queue
+            arrivals = entry.arrivals
+            if queue and arrivals[0] < oldest:
+                oldest = arrivals[0]
             taken = 0
             while queue and entry.deficit > 0 and count > 0 and nbytes > 0:
                 item = queue.popleft()
+                arrivals.popleft()
                 size = len(item[0])
                 entry.deficit -= size
                 taken += size
@@ -230,6 +269,7 @@ class FairQueue:
                 entry.deficit += self.quantum
                 old[source] = entry
         self.held -= len(out)
+        self.oldest = oldest
         return out, fresh
 
     def clear(self) -> None:
@@ -273,6 +313,7 @@ class Driver:
         self._admitted: dict[Any, int] = {}
         self._admitters: list[Any] = []  # transports with an `admit` to set
         self._admit_on = False
+        self.codel = CoDel(CODEL_TARGET, CODEL_INTERVAL)  # the delay's bound (see above)
 
     # --- transports --------------------------------------------------------------------
 
@@ -287,7 +328,15 @@ class Driver:
         if hasattr(transport, "admit"):  # it can ask before it reads (transport.Admit)
             self._admitters.append(transport)
             transport.admit = self._admit if self.fair.held else None
-        transport.open(self.receive)
+        if hasattr(transport, "waited"):  # it knows how long a delivery waited before
+            waited = transport
+
+            def receive(batch: list[tuple[bytes, Any]], now: float) -> None:
+                self.receive(batch, now, waited.waited)
+
+            transport.open(receive)
+        else:
+            transport.open(self.receive)
 
     def _admitting(self, on: bool) -> None:
         """Have the transports that can ask (transport.Admit) ask _admit() or not: only
@@ -327,10 +376,11 @@ class Driver:
         addressed = self._addressed
         return addressed if isinstance(addressed, UdpTransport) else None
 
-    def receive(self, batch: list[tuple[bytes, Any]], now: float) -> None:
-        """What a transport delivers: the datagrams of one wake-up.  Straight to the core
-        when nothing waits and it fits one wake-up's budget; else queued per source and
-        served fairly (see above)."""
+    def receive(self, batch: list[tuple[bytes, Any]], now: float, waited: float = 0.0) -> None:
+        """What a transport delivers: the datagrams of one wake-up, whose first waited
+        `waited` seconds before it was read.  Straight to the core when nothing waits and
+        it fits one wake-up's budget; else queued per source and served fairly (see
+        above)."""
         if self._admitted:
             self._admitted.clear()
         fair = self.fair
@@ -338,18 +388,21 @@ class Driver:
             # Nobody waits: one wake-up's budget goes straight to the core in arrival
             # order, and only the rest is queued, behind sources not yet served.
             budget = self.budget
-            head = batch if len(batch) <= budget else batch[:budget]
+            whole = len(batch) <= budget
+            head = batch if whole else batch[:budget]
+            if self.codel.should_drop(waited, now):  # one sojourn per delivery
+                head = self._codel_drop(head)
             receive = self.core.receive_datagram
             for data, addr in head:
                 receive(data, addr, now)
             self.after()
-            if head is batch:
+            if whole:
                 return
             rest = batch[budget:]
-            dropped = fair.push(rest)
+            dropped = fair.push(rest, now - waited)
             fair.demote({addr for _, addr in head})
         else:
-            dropped = fair.push(batch)
+            dropped = fair.push(batch, now - waited)
         if dropped:
             drops = self.core.drops
             drops["fair_queue_full"] = drops.get("fair_queue_full", 0) + dropped
@@ -384,6 +437,8 @@ class Driver:
             batch, fresh = fair.pop(count, nbytes)
             if not batch:
                 break
+            if self.codel.should_drop(now - fair.oldest, now):  # one per turn
+                batch = self._codel_drop(batch)
             for data, addr in batch:
                 receive(data, addr, now)
                 nbytes -= len(data)
@@ -401,6 +456,15 @@ class Driver:
                 self._admitting(False)
         elif self._serving is None:
             self._later()
+
+    def _codel_drop(self, batch: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+        """`batch` without the datagram CoDel drops (counted), if it has one to drop."""
+        i = codel_victim(batch)
+        if i < 0:
+            return batch
+        drops = self.core.drops
+        drops["codel"] = drops.get("codel", 0) + 1
+        return batch[:i] + batch[i + 1 :]
 
     # --- TUN ---------------------------------------------------------------------------
 
