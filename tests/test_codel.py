@@ -14,7 +14,7 @@ import pytest
 
 from gtun.core.codel import CoDel
 from gtun.core.drops import CLIENT_DROP_REASONS, RELAY_DROP_REASONS
-from gtun.io.driver import CODEL_MIN_BYTES, Driver, codel_victim
+from gtun.io.driver import CODEL_MIN_BYTES, SMALL_FIRST, Driver, codel_victim
 from gtun.io.udp import UdpBatch, UdpTransport
 from gtun.testing.core import FakeCore
 
@@ -131,8 +131,10 @@ def test_only_large_transport_messages_are_victims() -> None:
     small = (transport_message(0, CODEL_MIN_BYTES - 1), A)
     handshake = (bytes([1]) + bytes(147 + 200), A)
     big = (transport_message(1), A)
-    assert codel_victim([small, handshake, big, big]) == 2
-    assert codel_victim([small, handshake]) == -1
+    other = (transport_message(2), B)
+    assert codel_victim([small, handshake, other, big, big], A) == 3
+    assert codel_victim([small, handshake, big], B) == -1
+    assert codel_victim([small, handshake], A) == -1
 
 
 def test_a_standing_delay_is_dropped_from_and_counted_a_short_one_is_not() -> None:
@@ -142,6 +144,7 @@ def test_a_standing_delay_is_dropped_from_and_counted_a_short_one_is_not() -> No
         driver = Driver(core, loop, lambda e: None)
         wire = Wire()
         driver.attach(wire)
+        driver.codel_target, driver.codel_interval = T, IV
         now = loop.time()
         ping = (bytes([4]) + bytes(127), B)  # a ping's size: never dropped
         sent = 0
@@ -149,7 +152,7 @@ def test_a_standing_delay_is_dropped_from_and_counted_a_short_one_is_not() -> No
         # socket: the delay stands, CoDel drops from it at its pace.
         for i in range(300):
             wire.waited = 0.010
-            wire.deliver([ping, (transport_message(i), A)], now + i * STEP)
+            wire.deliver([(transport_message(i), A), ping], now + i * STEP)
             sent += 1
         drops = core.drops.get("codel", 0)
         assert 1 <= drops < 20  # after one interval, then at interval/sqrt(n)
@@ -161,7 +164,7 @@ def test_a_standing_delay_is_dropped_from_and_counted_a_short_one_is_not() -> No
             wire.waited = 0.0005
             wire.deliver([(transport_message(i), A)], now + i * STEP)
         assert core.drops["codel"] == drops
-        assert not driver.codel.dropping
+        assert not driver.codels[A].dropping
         driver.close()
 
     asyncio.run(main())
@@ -178,7 +181,7 @@ def test_what_waits_in_the_queues_counts_toward_the_delay() -> None:
         # Deliveries that waited no time in the socket but came faster than the core is
         # fed (two datagrams a wake-up): they wait in the per-source queues, and that
         # is a sojourn too.
-        driver.codel = CoDel(0.001, 0.005)
+        driver.codel_target, driver.codel_interval = 0.001, 0.005
         for i in range(64):
             wire.deliver([(transport_message(i * 64 + j), A) for j in range(64)], loop.time())
         start = loop.time()
@@ -230,10 +233,11 @@ def test_a_read_says_when_its_first_datagram_arrived(family: int, host: str) -> 
         train = [(bytes([i]) * 1000, rx.getsockname()[:2]) for i in range(20)]
         sent = time.time()
         assert sender.send(train) == 0
+        sent_after = time.time()  # loopback: delivered within the send call
         time.sleep(0.02)
         first = batch.recv(5)
         stamp = batch.arrived
-        assert len(first) == 5 and sent - 0.01 <= stamp <= sent + 0.015
+        assert len(first) == 5 and sent - 0.01 <= stamp <= sent_after
         rest = []
         for _ in range(20):
             rest += batch.recv(100)
@@ -260,5 +264,38 @@ def test_the_transport_tells_the_driver_how_long_a_delivery_waited() -> None:
         assert len(seen) == 1 and 0.03 <= seen[0] < 1.0
         transport._receive = None
         transport.close()
+
+    asyncio.run(main())
+
+
+def test_while_a_backlog_waits_small_datagrams_skip_it_within_a_bound() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        core = FakeCore()
+        driver = Driver(core, loop, lambda e: None)
+        wire = Wire()
+        driver.attach(wire)
+        driver.budget = 8
+        wire.deliver([(transport_message(i), A) for i in range(200)], loop.time())
+        assert len(driver.fair) > 0  # A's backlog
+        ping = (bytes([4]) + bytes(127), A)  # small, from the same source
+        before = len(core.received)
+        wire.deliver([(transport_message(1000), A), ping], loop.time())
+        # The ping went to the core at once, ahead of A's large datagrams.
+        assert core.received[before:] == [ping]
+        # A flood of small datagrams skips the queues by SMALL_FIRST a delivery only.
+        smalls = [(bytes([4]) + i.to_bytes(4, "big") + bytes(60), B) for i in range(100)]
+        before = len(core.received)
+        wire.deliver(smalls, loop.time())
+        # (then B, a source that was idle, is served one wake-up's budget: fairness)
+        got = core.received[before:]
+        assert got[:SMALL_FIRST] == smalls[:SMALL_FIRST]
+        assert len(got) <= SMALL_FIRST + driver.budget < len(smalls)
+        while len(driver.fair):
+            await asyncio.sleep(0)
+        assert len(core.received) == 200 + 1 + 1 + 100  # nothing lost, all in the end
+        got_a = [d for d, a in core.received if a == A and len(d) >= CODEL_MIN_BYTES]
+        assert got_a == [transport_message(i) for i in [*range(200), 1000]]  # in order
+        driver.close()
 
     asyncio.run(main())
