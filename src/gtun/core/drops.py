@@ -159,6 +159,14 @@ REASONS: tuple[Reason, ...] = (
         "others fairly: dropped from that source's tail",
         ("relay", "client"),
     ),
+    # The edge's bound on delay (io/driver.py, core/codel.py).
+    Reason(
+        "codel",
+        "a large transport datagram dropped because what waited before the core (the "
+        "socket's buffer and the per-source queues) stood above CoDel's target: the "
+        "sender is told to slow down",
+        ("relay", "client"),
+    ),
     # Failover (client.py): the other relays of the network, pushed in the configuration.
     Reason(
         "bad_relay",

@@ -30,6 +30,7 @@ import logging
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 SOL_UDP = 17
 UDP_SEGMENT = 103  # send: cmsg or sockopt, a __u16 segment size (udp_cmsg_send)
 UDP_GRO = 104  # receive: sockopt int; the cmsg carries an int segment size (udp_cmsg_recv)
+# <asm-generic/socket.h> (level SOL_SOCKET): each read carries the kernel's arrival time
+# of the datagram, or of the first of a GRO train, as a struct timespec (CLOCK_REALTIME).
+SOL_SOCKET = socket.SOL_SOCKET
+SO_TIMESTAMPNS = 35  # SO_TIMESTAMPNS_OLD: a native-long timespec; also the cmsg type
 
 # The kernel's UDP_MAX_SEGMENTS was 64 until Linux 6.9 raised it to 128: use the lower.
 MAX_GSO_SEGMENTS = 64
@@ -68,6 +73,7 @@ _GSO_REFUSED = frozenset(
 )
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
+_TIMESPEC = struct.Struct("@ll")
 
 
 def _probe_gso(sock: socket.socket) -> bool:
@@ -76,6 +82,16 @@ def _probe_gso(sock: socket.socket) -> bool:
         return False
     try:
         sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
+
+
+def _enable_timestamps(sock: socket.socket) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     except OSError:
         return False
     return True
@@ -100,7 +116,11 @@ class UdpBatch:
     they are counted in `stats` and handed to `on_error` if set.
 
     With `gro` on, every read of the socket must go through `recv()`: a plain recvfrom
-    would return a coalesced train as one long datagram.
+    would return a coalesced train as one long datagram.  With `gro` on, reads also
+    carry the kernel's arrival time (SO_TIMESTAMPNS, `stamps`): after each recv(),
+    `arrived` is the wall-clock time (time.time()) the first datagram it returned reached
+    the socket, 0.0 when unknown, so that the time it waited in the kernel's buffer is
+    time.time() - arrived.  One control message per read (one per GRO train).
     """
 
     def __init__(self, sock: socket.socket, *, gso: bool = True, gro: bool = True) -> None:
@@ -108,6 +128,9 @@ class UdpBatch:
         self.on_error: Callable[[OSError], None] | None = None
         self.gso = gso and _probe_gso(sock)
         self.gro = gro and _enable_gro(sock)
+        self.stamps = self.gro and _enable_timestamps(sock)
+        self.arrived = 0.0
+        self._pending_arrived = 0.0  # the arrival time of the train _pending came from
         # Asked before a datagram or a GRO train is taken (transport.Admit); None: take
         # all.  The Driver sets it only while datagrams wait in its queues.
         self.admit: Admit | None = None
@@ -150,7 +173,9 @@ class UdpBatch:
         if limit <= 0:
             return []
         out: list[tuple[bytes, Any]]
+        self.arrived = 0.0
         if self._pending:
+            self.arrived = self._pending_arrived
             out = self._pending[:limit]
             del self._pending[:limit]
             if len(out) >= limit:
@@ -196,9 +221,15 @@ class UdpBatch:
                 self._recv_error(exc)
                 continue
             segment = 0
+            stamp = 0.0
             for level, kind, data in ancdata:
                 if kind == UDP_GRO and level == SOL_UDP and len(data) >= 4:
                     segment = _INT.unpack_from(data)[0]
+                elif kind == SO_TIMESTAMPNS and level == SOL_SOCKET and len(data) >= 16:
+                    sec, nsec = _TIMESPEC.unpack_from(data)
+                    stamp = sec + nsec * 1e-9
+            if not out:
+                self.arrived = stamp
             if segment <= 0 or n <= segment:
                 if admit is None or admit(addr, 1):
                     append((bytes(view[:n]), addr))
@@ -218,6 +249,7 @@ class UdpBatch:
                 else:
                     out.extend(pieces[:room])
                     self._pending = pieces[room:]
+                    self._pending_arrived = stamp
             if len(out) >= limit:
                 break
         if gro_reads:
@@ -386,6 +418,9 @@ class UdpTransport:
         self.batch = UdpBatch(sock, gso=batching, gro=batching)
         self.batch.on_error = on_error
         self._receive: Receive | None = None
+        # Seconds the first datagram of the last delivery waited in the kernel's socket
+        # buffer (0.0 when unknown): read by the Driver (driver.py, Delay) in receive().
+        self.waited = 0.0
 
     @property
     def gso(self) -> bool:
@@ -418,6 +453,8 @@ class UdpTransport:
         batch = self.batch
         datagrams = batch.recv(UDP_BATCH)
         if datagrams:
+            arrived = batch.arrived
+            self.waited = max(0.0, time.time() - arrived) if arrived else 0.0
             receive(datagrams, self.loop.time())
         if batch.pending:  # a GRO train left datagrams over: the socket will not say so
             self.loop.call_soon(self._readable)
