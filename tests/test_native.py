@@ -26,7 +26,7 @@ CORE_TESTS = [
     "tests/test_bulk.py",
     "tests/test_wg_replay.py",
     "tests/test_wg_device.py",
-    "tests/test_conformance.py",
+    "tests/test_relay.py",
 ]
 
 _PROBE = """
@@ -73,6 +73,12 @@ def test_every_listed_module_exists_as_python() -> None:
 def test_built_all_or_none() -> None:
     """A build compiles the whole list: a partial one is a failed build."""
     assert len(set(BUILT.values())) == 1, BUILT
+
+
+def test_compiled_modules_are_not_stale() -> None:
+    """An edited module would otherwise run as it was at the build (gtun would fall back
+    to pure Python, slower): run scripts/build-native again."""
+    assert not native.stale(), "compiled modules older than their .py: scripts/build-native"
 
 
 def test_pure_env_loads_source_files() -> None:

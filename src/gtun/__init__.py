@@ -1,10 +1,9 @@
 """gtun: a VPN relay and clients speaking the WireGuard protocol."""
 
-import os as _os
+from gtun import native as _native
 
 __version__ = "0.1.0"
 
-if _os.environ.get("GTUN_PURE", "") not in ("", "0"):  # native.PURE_ENV, read once here
-    from gtun import native as _native
-
+# Before any other gtun module is imported: compiled modules (mypyc) or their .py files.
+if _native.pure_requested() or _native.stale():
     _native.force_pure()

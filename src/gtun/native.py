@@ -6,6 +6,10 @@ C extension modules (scripts/build-native, run by scripts/setup) that sit beside
 .py files stay the reference: with GTUN_PURE=1 in the environment, gtun/__init__.py
 calls force_pure() before any other gtun module is imported, and every gtun module is
 loaded from its .py file.  The test suite runs the core's tests both ways.
+
+A compiled module older than its .py file (edited, or another branch checked out since
+the build) would run old code: then every gtun module is loaded from its .py file too,
+until scripts/build-native runs again (tests/test_native.py fails meanwhile).
 """
 
 from __future__ import annotations
@@ -59,6 +63,20 @@ def force_pure() -> None:
     """Load gtun's modules from their .py files from now on (idempotent)."""
     if not any(isinstance(f, _PureFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PureFinder())
+
+
+def stale() -> bool:
+    """Whether some compiled module is older than its .py file."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in MYPYC_MODULES:
+        base = os.path.join(package, *name.split(".")[1:])
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            try:
+                if os.stat(base + ".py").st_mtime > os.stat(base + suffix).st_mtime:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def is_compiled(module: ModuleType) -> bool:
