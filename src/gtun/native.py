@@ -29,6 +29,8 @@ MYPYC_MODULES = (
     "gtun.core.bulk",
     "gtun.core.wg.replay",
     "gtun.core.wg.device",
+    "gtun.io.udp",
+    "gtun.io.driver",
 )
 # The name of their shared library, gtun/_compiled__mypyc*.so (inside the package).
 MYPYC_GROUP = "gtun._compiled"
