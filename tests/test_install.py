@@ -167,6 +167,8 @@ def test_the_debian_package(tmp_path: Path) -> None:
     # The virtualenv was made elsewhere and moved: nothing in it names the build's path.
     venv = unpacked / "opt" / "gtun"
     assert (venv / "bin" / "gtun").read_text().startswith("#!/opt/gtun/bin/python")
+    # Pure Python: no mypyc extension built for the tree's own .venv (scripts/build-native).
+    assert not [p for p in venv.rglob("*.so") if "site-packages/gtun/" in p.as_posix()]
     leftover = subprocess.run(
         ["grep", "-rlI", "root/opt/gtun", str(venv)], capture_output=True, text=True, check=False
     )

@@ -37,8 +37,10 @@ FORBIDDEN = {
     "tempfile",
 }
 # Each layer and its rank: a module may import from its own layer and from lower ranks.
-# `errors` is the one shared leaf (user-facing errors); `cli` is the entry point above all.
+# `errors` is the one shared leaf (user-facing errors); `cli` is the entry point above all;
+# `native` (which modules are compiled) is below even the package's __init__, which uses it.
 LAYERS = {
+    "native": -1,
     "errors": 0,
     "core": 1,
     "io": 2,

@@ -51,14 +51,16 @@ _ICMP_ECHO = struct.Struct("!BBHHH")
 _UDP = struct.Struct("!HHHH")
 
 Address4 = bytes | str | IPv4Address
+# What the parsers read (typed for mypyc, which checks the type of every argument).
+Buffer = bytes | bytearray | memoryview
 
 
-def ip_version(packet: bytes) -> int:
+def ip_version(packet: Buffer) -> int:
     """The version nibble of an IP packet: 4, 6, something else, or 0 if empty."""
     return packet[0] >> 4 if packet else 0
 
 
-def parse_addresses(packet: bytes) -> tuple[bytes, bytes] | None:
+def parse_addresses(packet: Buffer) -> tuple[bytes, bytes] | None:
     """The raw (source, destination) addresses of a well-formed IPv4 or IPv6 packet.
 
     Returns None, never raises, for anything else: empty, truncated, another version,
@@ -80,7 +82,7 @@ def is_link_scoped(src: bytes, dst: bytes) -> bool:
     return dst[0] & 0xF0 == 0xE0 or dst == b"\xff\xff\xff\xff"
 
 
-def packet_length(packet: bytes) -> int | None:
+def packet_length(packet: Buffer) -> int | None:
     """The length the IP header claims for the packet (IPv4 total length, IPv6 40 +
     payload length), or None if the packet is malformed as parse_addresses judges it.
 
