@@ -444,16 +444,21 @@ class Driver:
         """While a backlog waits: hand the core at once up to SMALL_FIRST small datagrams
         of `batch` (under CODEL_MIN_BYTES: pings, TCP acknowledgements, keepalives, a
         call's voice) rather than queue them behind their source's large ones; the rest."""
-        small = [item for item in batch if len(item[0]) < CODEL_MIN_BYTES]
-        if not small:
-            return batch
-        small = small[:SMALL_FIRST]
         receive = self.core.receive_datagram
-        for data, addr in small:
-            receive(data, addr, now)
+        rest: list[tuple[bytes, Any]] = []
+        taken = 0
+        # By position, not by id(): compiled (mypyc), a tuple read from a list may be a
+        # new object each time, and the id of one freed may be another's.
+        for data, addr in batch:
+            if taken < SMALL_FIRST and len(data) < CODEL_MIN_BYTES:
+                receive(data, addr, now)
+                taken += 1
+            else:
+                rest.append((data, addr))
+        if not taken:
+            return batch
         self.after()
-        taken = {id(item) for item in small}
-        return [item for item in batch if id(item) not in taken]
+        return rest
 
     def _later(self) -> None:
         # A timer due now runs after the loop's next poll of the sockets and the TUN, so
