@@ -36,5 +36,7 @@ def test_a_transfer_under_loss_arrives_whole(lab: Lab, tmp_path: Path, percent: 
     assert sent and sent == received, "the transfer did not arrive whole"
     # The loss was real and per datagram: thousands crossed, a share of them dropped.
     assert net.relay.ns.dropped_at_random() > SIZE // 1500 * percent // 200
+    # Nothing dropped by the relay itself, but for the delay's bound (CoDel may shed a
+    # datagram of a burst that a retransmission makes: a drop by design, counted).
     drops = (net.status(net.relay) or {}).get("drops") or {}
-    assert not {k: v for k, v in drops.items() if v and k not in ("link_scoped",)}, drops
+    assert not {k: v for k, v in drops.items() if v and k not in ("link_scoped", "codel")}, drops
