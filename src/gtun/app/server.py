@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import gc
 import json
@@ -51,6 +50,7 @@ from gtun.app.workers import (
     announce,
     apply_notice,
     bind_group,
+    bind_listener,
     effective_workers,
     merge_peer,
 )
@@ -94,39 +94,13 @@ HEALTH_INTERVAL = 5.0  # seconds between looks at the relay's own machine (healt
 WORKER_REFRESH = 2.0  # seconds between looks at the other workers' counters (metrics)
 
 
-def _bind(cfg: ServerConfig, kind: int) -> socket.socket:
-    """A socket of `kind` bound to the listen address.  Raises ConfigError."""
-    host, port = cfg.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    name = "TCP" if kind == socket.SOCK_STREAM else "UDP"
-    sock = socket.socket(family, kind)
-    try:
-        if kind == socket.SOCK_STREAM:
-            # Restarting while old connections sit in TIME_WAIT must not fail.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"cannot listen on {name} {host}:{port}: {exc.strerror}"
-            + (" (another program uses this port)" if exc.errno == errno.EADDRINUSE else ""),
-            file=cfg.path,
-            key="server.listen",
-        ) from exc
-    return sock
-
-
 def bind_udp(cfg: ServerConfig) -> socket.socket:
-    return _bind(cfg, socket.SOCK_DGRAM)
+    return bind_listener(cfg, socket.SOCK_DGRAM)
 
 
 def bind_tcp(cfg: ServerConfig) -> socket.socket:
     """The TCP listener on the same host and port as UDP.  Raises ConfigError."""
-    return _bind(cfg, socket.SOCK_STREAM)
+    return bind_listener(cfg, socket.SOCK_STREAM)
 
 
 class Server:

@@ -122,39 +122,63 @@ def effective_workers(cfg: ServerConfig, *, real_platform: bool) -> tuple[int, s
     return wanted, None
 
 
-def bind_group(cfg: ServerConfig, kind: int, count: int) -> list[socket.socket]:
-    """`count` sockets of `kind` bound to the listen address with SO_REUSEPORT, in
-    worker order (the order is the reuseport group's, which steering relies on).
-    Raises ConfigError as the relay's single socket does."""
-    host, port = cfg.listen
+def bind_listener(
+    cfg: ServerConfig, kind: int, *, reuseport: bool = False, port: int | None = None
+) -> socket.socket:
+    """A socket of `kind` bound to the listen address (its port, or `port`), sharing
+    it with others of the same kind when `reuseport`.  Raises ConfigError."""
+    host, listen_port = cfg.listen
+    port = listen_port if port is None else port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     name = "TCP" if kind == socket.SOCK_STREAM else "UDP"
-    socks: list[socket.socket] = []
+    sock = socket.socket(family, kind)
     try:
-        for _ in range(count):
-            sock = socket.socket(family, kind)
-            socks.append(sock)
+        if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
-            if kind == socket.SOCK_STREAM:
-                sock.listen(128)
-            if port == 0:  # the first took a port: the others share it
-                port = sock.getsockname()[1]
-        if kind == socket.SOCK_DGRAM:
-            steering.attach(socks[0], count)
+        if kind == socket.SOCK_STREAM:
+            # Restarting while old connections sit in TIME_WAIT must not fail.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
     except OSError as exc:
-        for sock in socks:
-            sock.close()
+        sock.close()
         raise ConfigError(
-            f"cannot listen on {name} {host}:{port} with {count} workers: {exc.strerror}"
+            f"cannot listen on {name} {host}:{port}: {exc.strerror}"
             + (" (another program uses this port)" if exc.errno == errno.EADDRINUSE else ""),
             file=cfg.path,
             key="server.listen",
         ) from exc
+    return sock
+
+
+def bind_group(cfg: ServerConfig, kind: int, count: int) -> list[socket.socket]:
+    """`count` sockets of `kind` bound to the listen address with SO_REUSEPORT, in
+    worker order (the order is the reuseport group's, which steering relies on), the
+    UDP group with the steering program.  Raises ConfigError as the relay's single
+    socket does."""
+    socks: list[socket.socket] = []
+    port: int | None = None
+    try:
+        for _ in range(count):
+            sock = bind_listener(cfg, kind, reuseport=True, port=port)
+            socks.append(sock)
+            port = sock.getsockname()[1]  # a port 0 taken by the first: the others share it
+        if kind == socket.SOCK_DGRAM:
+            try:
+                steering.attach(socks[0], count)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot steer UDP datagrams to {count} workers: {exc.strerror}",
+                    file=cfg.path,
+                    key="server.workers",
+                ) from exc
+    except ConfigError:
+        for sock in socks:
+            sock.close()
+        raise
     return socks
 
 

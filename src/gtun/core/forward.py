@@ -59,7 +59,7 @@ Both hand gtun messages (the 00 'g' 't' 01 plaintexts, tunnel.py) back to the re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from gtun.core import bulk, l2frame
@@ -473,14 +473,7 @@ class EthernetForwarder(Forwarder):
             outs: list[Peer | str] = [p for p in switch.ports if isinstance(p, Peer)]
         else:
             outs = [port]
-        wrapped: bytes | None = None
-        for out in outs:
-            if isinstance(out, Peer):
-                if wrapped is None:
-                    wrapped = l2frame.push_frame(frame)
-                self.wg.send(out, wrapped, now)
-            else:
-                self.tun_out.append(frame)
+        self._send_frame(frame, outs, now)
 
     def gone_elsewhere(self, peer: Peer) -> None:
         """Another worker holds `peer`'s session now: its port (and the addresses
@@ -594,6 +587,17 @@ class EthernetForwarder(Forwarder):
             return address == link_local
         return self.table.lookup(address) is peer
 
+    def _send_frame(self, frame: bytes, ports: Iterable[Peer | str], now: float) -> None:
+        """`frame` out of each of `ports`: to a peer wrapped (once), into the TAP plain."""
+        wrapped: bytes | None = None
+        for out in ports:
+            if isinstance(out, Peer):
+                if wrapped is None:
+                    wrapped = l2frame.push_frame(frame)
+                self.wg.send(out, wrapped, now)
+            else:
+                self.tun_out.append(frame)
+
     def _switch_frame(self, port: Peer | str, frame: bytes, now: float) -> None:
         decision = self.switch.receive(port, frame, now)
         if decision.drop is not None:
@@ -602,14 +606,7 @@ class EthernetForwarder(Forwarder):
             else:
                 self.drops[decision.drop] += 1
             return
-        wrapped: bytes | None = None
-        for out in decision.ports:
-            if isinstance(out, Peer):
-                if wrapped is None:
-                    wrapped = l2frame.push_frame(frame)
-                self.wg.send(out, wrapped, now)
-            else:
-                self.tun_out.append(frame)
+        self._send_frame(frame, decision.ports, now)
         if decision.flooded and self.workers > 1:
             # Not a port here: another worker's peer, the other workers' to deliver
             # (the one that owns the address, when it is known, else all of them).
