@@ -538,10 +538,6 @@ class WorkerPool:
         except OSError as exc:
             log.error("worker %d could not be started again: %s", worker.index, exc)
 
-    def held(self, key: bytes, worker: int) -> None:
-        """Worker `worker` made the newest session with the peer of `key`."""
-        self.holder[key] = worker
-
     def noticed(self, worker: int, kind: str, key: bytes, value: Any) -> None:
         """A notice worker `worker` sent worker 0: kept for a worker started later."""
         if kind == "held":
@@ -563,11 +559,7 @@ class WorkerPool:
         self.noted = {k: v for k, v in self.noted.items() if k in keys}
         self.holder = {k: v for k, v in self.holder.items() if k in keys}
         self.caps = {k: v for k, v in self.caps.items() if k in keys}
-        message = {"op": "peers", "specs": specs_to_json(self.specs)}
-        for worker in self.workers.values():
-            if worker.writer is not None:
-                with contextlib.suppress(ConnectionError):
-                    await send_message(worker.writer, message)
+        await self._send_all({"op": "peers", "specs": specs_to_json(self.specs)})
 
     def _note_endpoint(self, message: dict[str, Any]) -> None:
         try:
@@ -592,27 +584,26 @@ class WorkerPool:
             else:
                 shares.setdefault(k, {})[encode_key(key)] = list(endpoint)
         for k, share in shares.items():
-            worker = self.workers[k]
-            if worker.writer is not None:
-                message = {"op": "rejoin", "endpoints": share}
-                task = asyncio.ensure_future(self._send(worker, message))
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+            message = {"op": "rejoin", "endpoints": share}
+            task = asyncio.ensure_future(self._send(self.workers[k], message))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         return mine
 
     async def _send(self, worker: _Worker, message: dict[str, Any]) -> None:
+        """`message` to a worker, unless it has no channel (being started again)."""
         if worker.writer is not None:
             with contextlib.suppress(ConnectionError):
                 await send_message(worker.writer, message)
 
+    async def _send_all(self, message: dict[str, Any]) -> None:
+        for worker in self.workers.values():
+            await self._send(worker, message)
+
     async def set_health(self, payload: dict[str, Any]) -> None:
         """What worker 0 saw of the machine, for every worker's health answers."""
         self.health = payload
-        message = {"op": "health", "health": payload}
-        for worker in self.workers.values():
-            if worker.writer is not None:
-                with contextlib.suppress(ConnectionError):
-                    await send_message(worker.writer, message)
+        await self._send_all({"op": "health", "health": payload})
 
     async def refresh(self) -> None:
         """Ask every live worker for its counters and wait (SNAPSHOT_TIMEOUT at most):
@@ -625,8 +616,7 @@ class WorkerPool:
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             worker.waiting.append(fut)
             futures.append(fut)
-            with contextlib.suppress(ConnectionError):
-                await send_message(worker.writer, {"op": "snapshot"})
+            await self._send(worker, {"op": "snapshot"})
         if futures:
             await asyncio.wait(futures, timeout=SNAPSHOT_TIMEOUT)
 

@@ -33,7 +33,8 @@ packet.
 A channel that is full drops packets (counted "handoff_full" by the caller); a session
 notice that does not fit waits, in order, until the channel drains: losing one would
 leave the other worker sending to a session that is gone.  A malformed message (only a
-bug could make one) is counted "handoff_unknown" and dropped.
+bug could make one) is dropped and counted in the channel's own `counts`
+("handoff_malformed").
 """
 
 from __future__ import annotations
