@@ -3,9 +3,11 @@ messages, app/workers.py's parts that need no process), and the `workers` key.""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +26,15 @@ from gtun.core.offload import Gso
 from gtun.core.packet import build_icmp_echo
 from gtun.core.relay import PeerSpec
 from gtun.errors import ConfigError
-from gtun.io.handoff import MAX_PARTS, MESSAGE_BYTES, decode, encode_items, encode_parts
+from gtun.io.handoff import (
+    MAX_PARTS,
+    MESSAGE_BYTES,
+    Handoff,
+    channel_pair,
+    decode,
+    encode_items,
+    encode_parts,
+)
 from gtun.testing.link import relay_settings
 from gtun.testing.workers import WorkersLink
 
@@ -164,6 +174,46 @@ def test_handoff_messages_round_trip_and_malformed_ones_are_refused() -> None:
             decode(bad)
     with pytest.raises(ValueError):
         decode(b"F\x07\x01\x00\x00\x00z")  # an unknown item kind
+
+
+def test_a_channel_counts_what_it_hands_over_and_refuses() -> None:
+    """Over a real channel pair: packet messages are counted out and in, a notice is
+    neither, and a malformed message is counted and dropped (nothing delivered)."""
+
+    async def run() -> tuple[dict[str, int], dict[str, int], list[Any], list[Any]]:
+        loop = asyncio.get_running_loop()
+        a, b = channel_pair()
+        got: list[Any] = []
+        notices: list[Any] = []
+        arrived = asyncio.Event()
+
+        def on_packets(worker: int, key: bytes | None, items: list[Any]) -> None:
+            got.append((worker, key, items))
+
+        def on_notice(worker: int, kind: str, key: bytes, value: Any) -> None:
+            notices.append((worker, kind, key))
+
+        h0 = Handoff(0, {1: a}, loop, on_packets, on_notice, lambda: None)
+        h1 = Handoff(1, {0: b}, loop, on_packets, on_notice, arrived.set)
+        try:
+            key = secrets.token_bytes(32)
+            assert h0.send([(1, None, b"p" * 100)]) == 0  # a frame (no peer)
+            h0.announce(key, 1000.0)
+            a.send(b"P" + key[:5])  # only a bug could send this
+            assert h0.send([(2, None, b"q")]) == 1  # no such worker: dropped
+            while len(got) + len(notices) < 2 or h1.counts["handoff_malformed"] < 1:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 5)
+            return h0.counts, h1.counts, got, notices
+        finally:
+            h0.close()
+            h1.close()
+
+    out, into, got, notices = asyncio.run(run())
+    assert got == [(0, None, [b"p" * 100])]
+    assert [n[:2] for n in notices] == [(0, "held")]
+    assert out["handed_out"] == 1 and into["handed_in"] == 1
+    assert into["handoff_malformed"] == 1 and out["handoff_malformed"] == 0
 
 
 def test_specs_and_settings_cross_to_a_worker_unchanged() -> None:

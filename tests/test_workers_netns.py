@@ -140,6 +140,9 @@ def test_clients_on_different_workers_reach_each_other(
     st = net.status(net.relay)
     assert st is not None
     assert bool(st["datapath"]["tun_offload"]) is offload
+    # The transfers crossed the workers' channels, every message well formed.
+    dp = st["datapath"]
+    assert 0 < dp["handed_in"] <= dp["handed_out"] and dp["handoff_malformed"] == 0, dp
     # Status and metrics add up both workers: each client's bytes are counted where
     # its session is, and the transfer's megabytes show on the worker-1 client.
     st = net.status(net.relay)

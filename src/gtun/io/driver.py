@@ -627,6 +627,7 @@ class Driver:
             "udp_gro": udp.gro if udp is not None else None,
             **self.counts,
             "fair_waiting": self.fair.held,
+            **(self.handoff.counts if self.handoff is not None else {}),
             **({f"udp_{k}": v for k, v in udp.stats.items()} if udp is not None else {}),
         }
 

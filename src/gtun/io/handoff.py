@@ -34,7 +34,8 @@ A channel that is full drops packets (counted "handoff_full" by the caller); a s
 notice that does not fit waits, in order, until the channel drains: losing one would
 leave the other worker sending to a session that is gone.  A malformed message (only a
 bug could make one) is dropped and counted in the channel's own `counts`
-("handoff_malformed").
+("handoff_malformed"), beside the messages of packets handed out and in ("handed_out",
+"handed_in"); the driver's datapath() adds them to `gtun status`.
 """
 
 from __future__ import annotations
@@ -296,13 +297,13 @@ class Handoff:
             if not message:
                 break
             got = True
-            self.counts["handed_in"] += 1
             try:
                 kind, key, value = decode(message)
             except ValueError:
                 self.counts["handoff_malformed"] += 1
                 continue
             if kind == "packets" or kind == "frames":
+                self.counts["handed_in"] += 1
                 self.on_packets(worker, key, value)
             else:
                 assert key is not None
