@@ -33,6 +33,7 @@ MYPYC_MODULES = (
     "gtun.core.bulk",
     "gtun.core.wg.replay",
     "gtun.core.wg.device",
+    "gtun.core.forward",
     "gtun.io.udp",
     "gtun.io.driver",
 )
