@@ -479,6 +479,27 @@ def test_coalesce_breaks_runs() -> None:
     assert IP(got[0][1])[TCP].flags == "PA"
 
 
+@pytest.mark.parametrize(
+    ("v6", "offset"),
+    # A byte of: DF, the acknowledgment number, the window, the urgent pointer, a TCP
+    # option (IPv4); the flow label, the hop limit, the acknowledgment number, the
+    # window, the urgent pointer, a TCP option (IPv6).
+    [(False, 6), (False, 30), (False, 35), (False, 39), (False, 50)]
+    + [(True, 3), (True, 7), (True, 50), (True, 55), (True, 59), (True, 70)],
+)
+def test_coalesce_a_changed_header_field_breaks_a_run(v6: bool, offset: int) -> None:
+    # Segments after the first of a run are checked against its header byte by byte
+    # (offload._Run.same): any field of the signature that differs ends the run.
+    segs = expected_segments(payload_of(1000 * 4), 1000, v6=v6)
+    odd = bytearray(segs[2])
+    odd[offset] ^= 0x01
+    got = coalesce(segs[:2] + [bytes(odd)] + segs[3:])
+    assert len(segment(*got[0])) == 2
+    assert got[1] == (PLAIN, bytes(odd))
+    assert coalesce(segs)[0] == coalesce(segs[:2] + segs[2:])[0]  # the control
+    assert len(coalesce(segs)) == 1
+
+
 @pytest.mark.parametrize("flags", ["FA", "SA", "RA", "UA", "EA", "CA", "A"])
 def test_coalesce_flags_that_pass_through(flags: str) -> None:
     segs = expected_segments(payload_of(1000 * 4), 1000)

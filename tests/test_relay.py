@@ -315,3 +315,45 @@ def test_oversized_configuration_is_refused_not_raised() -> None:
     net.start()
     refused = [e for e in net.events["c1"] if isinstance(e, Refused)]
     assert refused and "too large" in refused[0].reason
+
+
+def test_a_batch_of_datagrams_is_handled_as_one_by_one() -> None:
+    # The edge hands the relay a wake-up's datagrams in one call (receive_datagrams):
+    # data before and after a handshake in the same batch is forwarded in order, and the
+    # handshake's events and a stock peer's claim are handled as if fed one by one.
+    from gtun.core.relay import SessionHere
+    from gtun.core.wg import HandshakeCompleted
+    from gtun.testing.link import STOCK
+
+    net = Net()
+    net.start("c1", "c2")
+    c1 = net.clients["c1"]
+    pings = [build_icmp_echo("10.66.0.2", "10.66.0.1", 9, i, b"batch") for i in range(3)]
+    c1.tun_packet(pings[0], net.now)
+    first = c1.datagrams_to_send()
+    net.stock.send(net.stock_peer, build_icmp_echo("10.66.0.9", "10.66.0.1", 3, 1, b"s"), net.now)
+    initiation = net.stock.datagrams_to_send()
+    for ping in pings[1:]:
+        c1.tun_packet(ping, net.now)
+    rest = c1.datagrams_to_send()
+    assert len(first) == 1 and len(initiation) == 1 and len(rest) == 2
+    batch = [(first[0][0], "c1"), (initiation[0][0], STOCK)] + [(d, "c1") for d, _ in rest]
+    net.relay.receive_datagrams(batch, net.now)
+    assert net.relay.tun_writes() == pings
+    events = []
+    while (ev := net.relay.next_event()) is not None:
+        events.append(ev)
+    assert [type(e) for e in events].count(HandshakeCompleted) == 1
+    # The response reaches the stock peer, whose staged packet then comes in a batch of
+    # its own: its data claims its session here (the relay's bookkeeping ran).
+    for data, addr in net.relay.datagrams_to_send():
+        assert addr == STOCK
+        net.stock.receive_datagram(data, "R", net.now)
+    data = net.stock.datagrams_to_send()
+    assert data
+    net.relay.receive_datagrams([(d, STOCK) for d, _ in data], net.now)
+    assert net.relay.tun_writes()
+    claimed = []
+    while (ev := net.relay.next_event()) is not None:
+        claimed.append(ev)
+    assert any(isinstance(e, SessionHere) for e in claimed), claimed

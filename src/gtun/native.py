@@ -24,15 +24,16 @@ from types import ModuleType
 # The hot path of a packet over UDP, compiled by scripts/build-native (one list, read by
 # that script too).  A compiled class takes no new attributes and its methods cannot be
 # patched, and arguments are checked against their annotations: keep these modules so.
-# Not here yet: relay.py, forward.py and client.py (mypyc 2.4 fails on the events'
-# dataclasses, which name device.Peer while device.py imports them, and on
-# IpForwarder.__init__(*args)).
+# Not here yet: relay.py and client.py (mypyc 2.4 fails on the events' dataclasses,
+# which name device.Peer while device.py imports them); the relay's per-datagram loop
+# lives in forward.py (receive_all) for that reason.
 MYPYC_MODULES = (
     "gtun.core.offload",
     "gtun.core.packet",
     "gtun.core.bulk",
     "gtun.core.wg.replay",
     "gtun.core.wg.device",
+    "gtun.core.forward",
     "gtun.io.udp",
     "gtun.io.driver",
 )

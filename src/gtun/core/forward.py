@@ -109,6 +109,24 @@ MessageFn = Callable[[Peer, bytes, float], None]
 RefuseFn = Callable[[Peer, str], None]
 
 
+def receive_all(
+    wg: WireGuard,
+    fwd: Forwarder,
+    batch: list[tuple[bytes, Any]],
+    now: float,
+    drain: Callable[[float], None],
+) -> None:
+    """The relay's datagrams of one wake-up, in order: each to `wg` (whose data fast
+    lane is `fwd`), and `drain(now)` after each that left the relay something to do
+    (WireGuard events, sessions claimed or learned by the forwarder).  Here rather than
+    in the relay so that the per-datagram loop is compiled (gtun/native.py)."""
+    receive = wg.receive_datagram
+    for data, addr in batch:
+        receive(data, addr, now)
+        if wg.has_events() or fwd.claims or fwd.learned:
+            drain(now)
+
+
 class Forwarder:
     """What both modes share: the route table, the TUN output and the relay's hooks.
 
@@ -190,8 +208,16 @@ class Forwarder:
 class IpForwarder(Forwarder):
     """TUN mode: a router between the peers and the relay's TUN."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        wg: WireGuard,
+        drops: dict[str, int],
+        count: CountFn,
+        on_message: MessageFn,
+        refuse: RefuseFn,
+    ) -> None:
+        # Named, not *args: compiled (mypyc), a call through *args passes one tuple.
+        super().__init__(wg, drops, count, on_message, refuse)
         # Routing verdicts of the flows seen, per sending peer by source + destination:
         # the next packet of a flow skips the checks and lookups.
         self._flows: dict[Peer, dict[bytes, _Verdict]] = {}
@@ -433,8 +459,17 @@ class EthernetForwarder(Forwarder):
 
     tap = True
 
-    def __init__(self, *args: Any, mtu: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        wg: WireGuard,
+        drops: dict[str, int],
+        count: CountFn,
+        on_message: MessageFn,
+        refuse: RefuseFn,
+        *,
+        mtu: int,
+    ) -> None:
+        super().__init__(wg, drops, count, on_message, refuse)
         self.switch: Switch[Peer | str] = Switch(l2frame.max_frame_for(mtu))
         self.switch.add_port(LOCAL_PORT)
         # What each peer's key derives (l2frame.mac_for_key): the one MAC it may use and

@@ -73,7 +73,7 @@ from typing import Any
 from gtun.core import tunnel as tm
 from gtun.core.drops import RELAY_DROP_REASONS
 from gtun.core.errors import LocalProtocolError
-from gtun.core.forward import EthernetForwarder, Forwarder, IpForwarder, TunWrite
+from gtun.core.forward import EthernetForwarder, Forwarder, IpForwarder, TunWrite, receive_all
 from gtun.core.routing import RouteTable
 from gtun.core.switch import Switch
 from gtun.core.tunnel import NO_CAPS, Caps, PushedConfig
@@ -745,6 +745,11 @@ class Relay:
     def receive_datagram(self, data: bytes, addr: Hashable, now: float) -> None:
         self.wg.receive_datagram(data, addr, now)
         self._drain_core(now)
+
+    def receive_datagrams(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """receive_datagram() for each of `batch`, in order (the edge's per-wake-up
+        call: the loop runs compiled, and the relay is asked only when it has work)."""
+        receive_all(self.wg, self.forwarder, batch, now, self._drain_core)
 
     def tun_packet(self, packet: bytes, now: float) -> None:
         self.forwarder.tun_packet(packet, now)

@@ -338,6 +338,21 @@ class Driver:
         self.codel_target = CODEL_TARGET
         self.codel_interval = CODEL_INTERVAL
         self.codels: dict[Any, CoDel] = {}
+        # A core that takes a wake-up's datagrams in one call (the relay's loop over
+        # them runs compiled); else one receive_datagram() each.
+        self._receive_many: Callable[[list[tuple[bytes, Any]], float], None] | None = getattr(
+            core, "receive_datagrams", None
+        )
+
+    def _deliver(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """Hand `batch` to the core, in order."""
+        many = self._receive_many
+        if many is not None:
+            many(batch, now)
+            return
+        receive = self.core.receive_datagram
+        for data, addr in batch:
+            receive(data, addr, now)
 
     # --- transports --------------------------------------------------------------------
 
@@ -417,9 +432,7 @@ class Driver:
             first = head[0][1]
             if self._codel(first).should_drop(waited, now):  # one sojourn per delivery
                 head = self._codel_drop(head, first)
-            receive = self.core.receive_datagram
-            for data, addr in head:
-                receive(data, addr, now)
+            self._deliver(head, now)
             self.after()
             if whole:
                 return
@@ -473,7 +486,6 @@ class Driver:
         if not fresh_only:
             self._serving = None
         fair = self.fair
-        receive = self.core.receive_datagram
         now = self.loop.time()
         count, nbytes = self.budget, self.budget_bytes
         unsent = False  # the core has handled datagrams since the last after()
@@ -486,8 +498,8 @@ class Driver:
             for source, arrival in fair.heads:  # one sojourn per source and turn
                 if self._codel(source).should_drop(now - arrival, now):
                     batch = self._codel_drop(batch, source)
-            for data, addr in batch:
-                receive(data, addr, now)
+            self._deliver(batch, now)
+            for data, _ in batch:
                 nbytes -= len(data)
             count -= len(batch)
             unsent = True

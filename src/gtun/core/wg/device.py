@@ -397,6 +397,10 @@ class WireGuard:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def has_events(self) -> bool:
+        """Whether next_event() has something (cheaper to ask per datagram)."""
+        return bool(self._events)
+
     def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
         out = self._datagrams
         self._datagrams = []
