@@ -8,7 +8,7 @@ not payload) and, at the end, how long each process waited for a CPU per run
     sudo env PYTHONPATH=src python bench/queues.py --seconds 10 [--congestion cubic]
 
 Like bench.py, run it alone (under the shared benchmark lock where several people
-measure on one machine): it makes namespaces of its own, prefix "gtq".
+measure on one machine): it makes namespaces of its own, prefix "gtq" (--prefix).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="iperf3 duration (10)")
     parser.add_argument("--congestion", default="", help="the iperf3 sender's congestion control")
     parser.add_argument("--every", type=float, default=0.005, help="seconds between samples")
+    parser.add_argument("--prefix", default=PREFIX, help=f"namespace prefix ({PREFIX})")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, Lab(PREFIX) as lab:
+    with tempfile.TemporaryDirectory() as tmp, Lab(args.prefix) as lab:
         work = Path(tmp)
         net = GtunNet(lab, work, clients=2, underlay=243, network="10.68.0.0/24", lan=False)
         net.start_all()
