@@ -15,7 +15,7 @@ import pytest
 
 from gtun.core.codel import CoDel
 from gtun.core.drops import CLIENT_DROP_REASONS, RELAY_DROP_REASONS
-from gtun.io.driver import CODEL_MIN_BYTES, SMALL_FIRST, Driver, codel_victim, small_behind
+from gtun.io.driver import CODEL_MIN_BYTES, SMALL_FIRST, Driver, codel_victim
 from gtun.io.udp import UdpBatch, UdpTransport
 from gtun.testing.core import FakeCore
 
@@ -305,47 +305,6 @@ def test_while_a_backlog_waits_small_datagrams_skip_it_within_a_bound() -> None:
         assert len(core.received) == 200 + 1 + 1 + 100  # nothing lost, all in the end
         got_a = [d for d, a in core.received if a == A and len(d) >= CODEL_MIN_BYTES]
         assert got_a == [transport_message(i) for i in [*range(200), 1000]]  # in order
-        driver.close()
-
-    asyncio.run(main())
-
-
-def test_small_behind_says_whether_a_small_datagram_follows_a_large_one() -> None:
-    small = (bytes([4]) + bytes(CODEL_MIN_BYTES - 2), A)
-    big = (transport_message(0), A)
-    assert small_behind([big, small])
-    assert small_behind([small, big, big, small, big])
-    assert not small_behind([small, small, big, big])  # already first: in order
-    assert not small_behind([big, big])
-    assert not small_behind([small, small])
-    assert not small_behind([])
-
-
-def test_with_nothing_waiting_a_ping_read_behind_a_burst_goes_first() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        core = FakeCore()
-        driver = Driver(core, loop, lambda e: None)
-        wire = Wire()
-        driver.attach(wire)
-        driver.budget = 8
-        ping = (bytes([4]) + bytes(127), A)
-        burst = [(transport_message(i), A) for i in range(5)]
-        # Within one wake-up's budget: the ping first, then the burst in order.
-        wire.deliver([*burst, ping], loop.time())
-        assert core.received == [ping, *burst]
-        assert len(driver.fair) == 0
-        # Past the budget: the ping in the part that would be queued goes at once too,
-        # the large datagrams past the budget wait, in order.
-        core.received.clear()
-        ping2 = (bytes([4]) + bytes(100), A)
-        flood = [(transport_message(100 + i), A) for i in range(20)]
-        wire.deliver([*flood, ping2], loop.time())
-        assert core.received == [*flood[:8], ping2]
-        assert len(driver.fair) == 12
-        while len(driver.fair):
-            await asyncio.sleep(0)
-        assert core.received == [*flood[:8], ping2, *flood[8:]]
         driver.close()
 
     asyncio.run(main())

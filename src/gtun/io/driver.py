@@ -55,9 +55,7 @@ drains, while bursts, and small datagrams (handshakes, keepalives, pings, TCP
 acknowledgements) are never cut.  And while a backlog waits, up to SMALL_FIRST small
 datagrams of a delivery skip it (a ping, an acknowledgement or a call's voice need not
 wait behind their own source's bulk; the bound keeps a flood of small datagrams inside
-the fair queues); so do those of a delivery handled at once that come after a large
-datagram (small_behind: a ping read behind a flood's burst), and those of the part of a
-delivery past the wake-up's budget, which would otherwise join their source's queue.
+the fair queues).
 """
 
 from __future__ import annotations
@@ -125,18 +123,6 @@ def codel_victim(batch: list[tuple[bytes, Any]], source: Any) -> int:
         if len(data) >= CODEL_MIN_BYTES and data[0] == _TRANSPORT_TYPE and item[1] == source:
             return i
     return -1
-
-
-def small_behind(batch: list[tuple[bytes, Any]]) -> bool:
-    """Whether a small datagram (under CODEL_MIN_BYTES) of `batch` comes after a large
-    one: handled in order, it would wait until the core had handled those."""
-    large = False
-    for item in batch:
-        if len(item[0]) >= CODEL_MIN_BYTES:
-            large = True
-        elif large:
-            return True
-    return False
 
 
 class Core(Protocol):
@@ -431,15 +417,13 @@ class Driver:
             first = head[0][1]
             if self._codel(first).should_drop(waited, now):  # one sojourn per delivery
                 head = self._codel_drop(head, first)
-            if small_behind(head):  # a ping need not wait for the bulk read before it
-                head = self._small_first(head, now)
             receive = self.core.receive_datagram
             for data, addr in head:
                 receive(data, addr, now)
             self.after()
             if whole:
                 return
-            rest = self._small_first(batch[budget:], now)  # nor behind the queue it joins
+            rest = batch[budget:]
             dropped = fair.push(rest, now - waited)
             fair.demote({addr for _, addr in head})
         else:
