@@ -407,9 +407,10 @@ class UdpTransport:
     """A UDP socket as a transport (transport.py): endpoints are (host, port) tuples.
 
     Owns `sock` (closed by close()).  The socket is read directly, up to UDP_BATCH
-    datagrams per wake-up (one read after a quiet spell: transport.LONE_GAP), rather than through an asyncio DatagramTransport, which would
-    cost a loop iteration and a callback per datagram; sends go straight to the socket,
-    whose kernel buffer is the bound: when it is full the datagram is dropped.  With
+    datagrams per wake-up (one read after a quiet spell: transport.LONE_GAP), rather
+    than through an asyncio DatagramTransport, which would cost a loop iteration and a
+    callback per datagram; sends go straight to the socket, whose kernel buffer is the
+    bound: when it is full the datagram is dropped.  With
     `batching`, sends use UDP GSO and reads UDP GRO (UdpBatch).  Socket errors (an ICMP
     port unreachable, say) are counted in `stats` and handed to `on_error`."""
 
