@@ -17,6 +17,10 @@ the kernel is paid per batch rather than per packet:
   call (UDP GSO) and reads many datagrams per call (UDP GRO);
 - the packets the core decrypts in one wake-up are coalesced (offload.coalesce) into
   TCP super-packets, one TUN write each.
+An idle input's wake-up is the exception: after a quiet spell (transport.LONE_GAP) the
+TUN or a UDP socket is read once, for the packet that woke it, and not once more only
+to hear EAGAIN, which costs a process that has been asleep more than the packet's own
+work; if more was waiting, the loop's next turn reads it, in batches.
 
 Fairness.  One peer's flood must not delay another peer's packets by more than a small
 bound, so what the transports deliver is not handled first-in first-out when there is
@@ -77,7 +81,7 @@ from gtun.core.offload import (
     to_partial,
 )
 from gtun.core.wg.events import Event
-from gtun.io.transport import Transport
+from gtun.io.transport import LONE_GAP, Transport
 from gtun.io.tun import PacketDevice
 from gtun.io.udp import UdpTransport
 
@@ -320,6 +324,8 @@ class Driver:
         # A device without offloads, where peers may leave TCP checksums partial: the
         # edge completes them before writing (tun.py, offload.py).
         self.finish_checksums = False
+        self._tun_last = 0.0  # the loop's time at the TUN's last wake-up (LONE_GAP)
+        self._tun_busy = False  # whether that wake-up read more than one packet
         # Batching at work (status): super-packets read from and written to the TUN;
         # wake-ups that left datagrams waiting for the next (fairness, above).
         self.counts = {"tun_super_reads": 0, "tun_super_writes": 0, "fair_deferred": 0}
@@ -556,9 +562,14 @@ class Driver:
         if tun is None:
             return
         now = self.loop.time()
+        # Idle, one packet waits: one read, not a second to hear EAGAIN (LONE_GAP);
+        # busy (the last wake-up read more than one, however long ago it began): batches.
+        reads = 1 if now - self._tun_last >= LONE_GAP and not self._tun_busy else TUN_BATCH
+        self._tun_last = now
         core = self.core
         budget = TUN_BATCH_BYTES
-        for _ in range(TUN_BATCH):
+        taken = 0
+        for _ in range(reads):
             try:
                 got = tun.read_super()
             except OffloadError:  # a header no kernel writes: count, go on
@@ -575,9 +586,11 @@ class Driver:
             else:
                 self.counts["tun_super_reads"] += 1
                 core.tun_super(hdr, packet, now)
+            taken += 1
             budget -= len(packet)
             if budget <= 0:
                 break
+        self._tun_busy = taken > 1
         self.after()
 
     # --- after every call: events, transmit, timer --------------------------------------

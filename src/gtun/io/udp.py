@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gtun.io.transport import Admit, Receive
+from gtun.io.transport import LONE_GAP, Admit, Receive
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class UdpBatch:
         self.stamps = self.gro and _enable_timestamps(sock)
         self.arrived = 0.0
         self._pending_arrived = 0.0  # the arrival time of the train _pending came from
+        self.reads = 0  # successful reads (datagrams or GRO trains) of the last recv()
         # Asked before a datagram or a GRO train is taken (transport.Admit); None: take
         # all.  The Driver sets it only while datagrams wait in its queues.
         self.admit: Admit | None = None
@@ -164,8 +165,10 @@ class UdpBatch:
 
     # -- receive ------------------------------------------------------------------------
 
-    def recv(self, limit: int) -> list[tuple[bytes, Any]]:
+    def recv(self, limit: int, once: bool = False) -> list[tuple[bytes, Any]]:
         """Up to `limit` datagrams waiting now, as (data, address); [] when none.
+        `once`: from one successful read only (a datagram or a GRO train), without the
+        read that would say the socket is empty (transport.LONE_GAP).
 
         Never blocks or raises for socket errors.  A GRO train larger than what is left
         of `limit` is split and its remainder returned first by the next call.
@@ -174,6 +177,7 @@ class UdpBatch:
             return []
         out: list[tuple[bytes, Any]]
         self.arrived = 0.0
+        self.reads = 0
         if self._pending:
             self.arrived = self._pending_arrived
             out = self._pending[:limit]
@@ -184,34 +188,40 @@ class UdpBatch:
         else:
             out = []
         if self.gro:
-            self._recv_gro(out, limit)
+            self.reads = self._recv_gro(out, limit, once)
         else:
-            self._recv_plain(out, limit)
+            self.reads = self._recv_plain(out, limit, once)
         self.stats["datagrams_received"] += len(out)
         return out
 
-    def _recv_plain(self, out: list[tuple[bytes, Any]], limit: int) -> None:
+    def _recv_plain(self, out: list[tuple[bytes, Any]], limit: int, once: bool) -> int:
         recv = self.sock.recvfrom
         append = out.append
         admit = self.admit
+        reads = 0
         for _ in range(limit - len(out)):
             try:
                 item = recv(PLAIN_RECV)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 self._recv_error(exc)
                 continue
+            reads += 1
             if admit is None or admit(item[1], 1):
                 append(item)
+            if once:
+                break
+        return reads
 
-    def _recv_gro(self, out: list[tuple[bytes, Any]], limit: int) -> None:
+    def _recv_gro(self, out: list[tuple[bytes, Any]], limit: int, once: bool) -> int:
         recvmsg_into = self.sock.recvmsg_into
         bufs = [self._buf]
         view = self._view
         append = out.append
         admit = self.admit  # set and cleared by the Driver between reads, never during one
         gro_reads = 0
+        reads = 0
         for _ in range(limit - len(out)):
             try:
                 n, ancdata, flags, addr = recvmsg_into(bufs, ANCILLARY_BUFFER)
@@ -220,6 +230,7 @@ class UdpBatch:
             except OSError as exc:
                 self._recv_error(exc)
                 continue
+            reads += 1
             segment = 0
             stamp = 0.0
             for level, kind, data in ancdata:
@@ -250,10 +261,11 @@ class UdpBatch:
                     out.extend(pieces[:room])
                     self._pending = pieces[room:]
                     self._pending_arrived = stamp
-            if len(out) >= limit:
+            if once or len(out) >= limit:
                 break
         if gro_reads:
             self.stats["gro_reads"] += gro_reads
+        return reads
 
     def _recv_error(self, exc: OSError) -> None:
         self.stats["recv_errors"] += 1
@@ -395,9 +407,10 @@ class UdpTransport:
     """A UDP socket as a transport (transport.py): endpoints are (host, port) tuples.
 
     Owns `sock` (closed by close()).  The socket is read directly, up to UDP_BATCH
-    datagrams per wake-up, rather than through an asyncio DatagramTransport, which would
-    cost a loop iteration and a callback per datagram; sends go straight to the socket,
-    whose kernel buffer is the bound: when it is full the datagram is dropped.  With
+    datagrams per wake-up (one read after a quiet spell: transport.LONE_GAP), rather
+    than through an asyncio DatagramTransport, which would cost a loop iteration and a
+    callback per datagram; sends go straight to the socket, whose kernel buffer is the
+    bound: when it is full the datagram is dropped.  With
     `batching`, sends use UDP GSO and reads UDP GRO (UdpBatch).  Socket errors (an ICMP
     port unreachable, say) are counted in `stats` and handed to `on_error`."""
 
@@ -421,6 +434,8 @@ class UdpTransport:
         # Seconds the first datagram of the last delivery waited in the kernel's socket
         # buffer (0.0 when unknown): read by the Driver (driver.py, Delay) in receive().
         self.waited = 0.0
+        self._last = 0.0  # the loop's time at the last wake-up (transport.LONE_GAP)
+        self._busy = False  # whether it read more than one datagram or GRO train
 
     @property
     def gso(self) -> bool:
@@ -451,11 +466,17 @@ class UdpTransport:
         if receive is None:  # closed since this call was scheduled
             return
         batch = self.batch
-        datagrams = batch.recv(UDP_BATCH)
+        now = self.loop.time()
+        # Idle: one read (transport.LONE_GAP); busy (the last wake-up found more than
+        # one datagram, however long ago it began), batches.
+        lone = now - self._last >= LONE_GAP and not self._busy
+        self._last = now
+        datagrams = batch.recv(UDP_BATCH, lone)
+        self._busy = batch.reads > 1 or len(datagrams) > 1
         if datagrams:
             arrived = batch.arrived
             self.waited = max(0.0, time.time() - arrived) if arrived else 0.0
-            receive(datagrams, self.loop.time())
+            receive(datagrams, now)
         if batch.pending:  # a GRO train left datagrams over: the socket will not say so
             self.loop.call_soon(self._readable)
 
