@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from gtun.errors import ConfigError
 from gtun.io.handoff import (
     MAX_PARTS,
     MESSAGE_BYTES,
+    SOCKET_BUFFER,
     Handoff,
     channel_pair,
     decode,
@@ -183,6 +185,9 @@ def test_a_channel_counts_what_it_hands_over_and_refuses() -> None:
     async def run() -> tuple[dict[str, int], dict[str, int], list[Any], list[Any]]:
         loop = asyncio.get_running_loop()
         a, b = channel_pair()
+        for sock in (a, b):  # the kernel doubles what it is given (its bookkeeping)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= SOCKET_BUFFER
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= SOCKET_BUFFER
         got: list[Any] = []
         notices: list[Any] = []
         arrived = asyncio.Event()

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gtun.core.offload import GSO_HDR_LEN, Gso, pull_gso, push_gso
+from gtun.io.udp import set_buffers
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,7 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     the relay says so: pass_fds)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for sock in (a, b):
-        for force, plain in (
-            (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-            (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        ):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force or plain, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        set_buffers(sock, SOCKET_BUFFER)
     return a, b
 
 

@@ -386,9 +386,10 @@ class UdpBatch:
             self.on_error(exc)
 
 
-def set_buffers(sock: socket.socket) -> None:
-    """Large socket buffers absorb bursts.  The *FORCE options (root) go past the
-    namespace's rmem_max/wmem_max without changing those sysctls."""
+def set_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:
+    """Receive and send buffers of `size` bytes each (large ones absorb bursts).  The
+    *FORCE options (root) go past the namespace's rmem_max/wmem_max without changing
+    those sysctls; without root the kernel caps them there."""
     for force, plain in (
         (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
@@ -397,7 +398,7 @@ def set_buffers(sock: socket.socket) -> None:
             if opt is None:
                 continue
             try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
                 break
             except OSError:
                 continue
