@@ -133,6 +133,10 @@ def codel_victim(batch: list[tuple[bytes, Any]], source: Any) -> int:
 
 
 class Core(Protocol):
+    """What the Driver drives (the relay's and the client's cores, test fakes).  A core
+    may also offer receive_datagrams(batch, now), receive_datagram() for each of a
+    wake-up's datagrams in order: the Driver then makes one call per batch (_deliver)."""
+
     drops: dict[str, int]
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
