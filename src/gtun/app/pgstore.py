@@ -547,7 +547,8 @@ class PgStore:
                 with self.transaction():
                     self._rows(
                         "INSERT INTO peers (network, name, public_key, address, subnets, enabled, "
-                        "preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        "preshared_key, quota, disabled_reason) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         (
                             self.network,
                             peer.name,
@@ -556,6 +557,8 @@ class PgStore:
                             list(peer.subnets),
                             peer.enabled,
                             peer.preshared_key,
+                            peer.quota,
+                            None if peer.enabled else peer.disabled_reason,
                         ),
                     )
                     self._notify()

@@ -43,8 +43,8 @@ from gtun.app.pgstore import LiveRow, PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.relaylog import RelayEvents
 from gtun.app.runtime import Runtime, peer_traffic
-from gtun.app.store import Store, StoredPeer, bucket_start
-from gtun.app.traffic import QUOTA_REASON, fold, quota_changes
+from gtun.app.store import Store
+from gtun.app.traffic import QUOTA_REASON, Quotas, enforce_quotas, fold
 from gtun.app.uapi import relay_answer, start_uapi, udp_port
 from gtun.app.workers import (
     WorkerPool,
@@ -619,10 +619,16 @@ class Server:
         """Every fold_interval, and once at stop, fold the peers' counters into the
         store (fold_traffic)."""
 
+        async def once() -> None:
+            try:
+                await self.fold_traffic()
+            except Exception:  # a bug: say so, and let the relay serve on
+                log.exception("traffic fold failed (a bug)")
+
         async def keep() -> None:
             while True:
                 await asyncio.sleep(self.fold_interval)
-                await self.fold_traffic()
+                await once()
 
         task = asyncio.ensure_future(keep())
 
@@ -630,7 +636,7 @@ class Server:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await self.fold_traffic()
+            await once()
 
         self.rt.push("traffic history", stop)
 
@@ -652,43 +658,31 @@ class Server:
             shared = isinstance(store, PgStore)
             name = self.cfg.path.stem if shared else ""
             live, stats = self._live(status, now) if shared else ([], {})
-            month_start = bucket_start("month", now)
-            written = False
-
-            Written = tuple[dict[str, tuple[int, int]], list[StoredPeer], list[str], list[str]]
-
-            def write() -> Written:
-                nonlocal written
-                store.add_traffic(result.deltas, now)
-                written = True
-                store.note_sources(name, result.seen, now)
-                if isinstance(store, PgStore):
-                    store.publish_live(name, live, stats)
-                month = store.totals("month", month_start)
-                stored = store.peers()
-                disable, enable = quota_changes(stored, month)
-                for peer in disable:
-                    store.set_enabled(peer, False, QUOTA_REASON)
-                for peer in enable:
-                    store.set_enabled(peer, True)
-                return month, stored, disable, enable
-
             try:
-                month, stored, disable, enable = await off_loop(write)
+                # First the history alone: once it is written, these deltas are done
+                # with, whatever fails after.
+                await off_loop(store.add_traffic, result.deltas, now)
+                self._fold_last = result.totals
+
+                def settle() -> Quotas:
+                    store.note_sources(name, result.seen, now)
+                    if isinstance(store, PgStore):
+                        store.publish_live(name, live, stats)
+                    return enforce_quotas(store, now)
+
+                quotas = await off_loop(settle)
             except GtunError as exc:
-                if written:
-                    self._fold_last = result.totals
                 if isinstance(exc, StoreUnavailable):
                     self._store_state(False, str(exc))
                 elif self._fold_said is None:
                     log.warning("cannot write the traffic history (retrying): %s", exc)
                 self._fold_said = str(exc)
                 return
-            self._fold_last = result.totals
             if self._fold_said is not None:
                 log.info("traffic history written again")
                 self._fold_said = None
-            self._note_month(status["peers"], stored, month, disable, enable)
+            disable, enable = quotas.disabled, quotas.enabled
+            self._note_month(status["peers"], quotas)
             for peer in disable:
                 log.warning("peer %s disabled: over its monthly quota", peer)
             for peer in enable:
@@ -696,15 +690,10 @@ class Server:
             if (disable or enable) and not shared and not self.stop.is_set():
                 self._request_reload()  # a shared store told every relay (NOTIFY)
 
-    def _note_month(
-        self,
-        peers: list[dict[str, Any]],
-        stored: list[StoredPeer],
-        month: dict[str, tuple[int, int]],
-        disable: list[str],
-        enable: list[str],
-    ) -> None:
+    def _note_month(self, peers: list[dict[str, Any]], quotas: Quotas) -> None:
         """Keep each peer's month total and quota of this fold, for metrics."""
+        stored, month = quotas.stored, quotas.month
+        disable, enable = quotas.disabled, quotas.enabled
         keys = {p["name"]: p["public_key"] for p in peers}
         keys.update({p.name: p.public_key for p in stored})
         self.month_bytes = {n: sum(month.get(k, (0, 0))) for n, k in keys.items()}

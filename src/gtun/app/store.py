@@ -421,7 +421,7 @@ class StateStore:
             with self.transaction():
                 self._db.execute(
                     "INSERT INTO peers (name, public_key, address, subnets, created, enabled, "
-                    "preshared_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "preshared_key, quota, disabled_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         peer.name,
                         peer.public_key,
@@ -430,6 +430,8 @@ class StateStore:
                         time.time(),
                         int(peer.enabled),
                         peer.preshared_key,
+                        peer.quota,
+                        None if peer.enabled else peer.disabled_reason,
                     ),
                 )
         except sqlite3.IntegrityError as exc:

@@ -10,7 +10,9 @@ include what this one could not write.
 A counter that went down (its peer was removed and added again, so its session and
 counters started afresh) counts from 0.  quota_changes() says which stored peers to
 disable for their monthly quota (rx+tx in this month's bucket at or over it) and which
-peers disabled for it to enable again (a new month, a raised or removed quota).
+peers disabled for it to enable again (a new month, a raised or removed quota);
+enforce_quotas() reads the store and applies them (the one function here that does
+I/O: the relay calls it in a worker thread).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gtun.app.store import StoredPeer
+from gtun.app.store import Store, StoredPeer, bucket_start
 
-__all__ = ["QUOTA_REASON", "Fold", "fold", "quota_changes"]
+__all__ = ["QUOTA_REASON", "Fold", "Quotas", "enforce_quotas", "fold", "quota_changes"]
 
 QUOTA_REASON = "quota"  # StoredPeer.disabled_reason of a peer the relay disabled
 
@@ -76,3 +78,28 @@ def quota_changes(
         elif not peer.enabled and peer.disabled_reason == QUOTA_REASON and not over:
             enable.append(peer.name)
     return disable, enable
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What enforce_quotas() read and did."""
+
+    month: dict[str, tuple[int, int]]  # key -> (rx, tx) this month, every relay's
+    stored: list[StoredPeer]  # the stored peers, as read before the changes
+    disabled: list[str]  # names disabled for their quota now
+    enabled: list[str]  # names enabled again now
+
+
+def enforce_quotas(store: Store, now: float) -> Quotas:
+    """Disable (reason QUOTA_REASON) the stored peers over their quota this month (the
+    month holding `now`) and enable again those disabled for it and now under it, each
+    with Store.set_enabled (NOTIFY on a shared store; the caller reloads otherwise).
+    Raises what the store raises (GtunError)."""
+    month = store.totals("month", bucket_start("month", now))
+    stored = store.peers()
+    disable, enable = quota_changes(stored, month)
+    for name in disable:
+        store.set_enabled(name, False, QUOTA_REASON)
+    for name in enable:
+        store.set_enabled(name, True)
+    return Quotas(month, stored, disable, enable)
