@@ -175,6 +175,12 @@ def test_live_rows_and_relay_stats(store: PgStore) -> None:
         (LIVE_FRESH + 1,),
     )
     assert set(store.live()) == {"a"}
+    store._rows("UPDATE live SET updated = now() - interval '2 days' WHERE public_key = 'b'")
+    store.publish_live("r1", [], {"peers": 1, "store_up": True, "mesh": {"r2": True}})
+    # another relay's stale row stays
+    assert store._rows("SELECT count(*) FROM live WHERE public_key = 'b'") == [(1,)]
+    store.publish_live("r2", [], {})  # its own goes
+    assert store._rows("SELECT count(*) FROM live WHERE public_key = 'b'") == [(0,)]
     store.relay_alive("KEY1", clock)
     stats = {name: rest for name, *rest in store.relay_stats()}
     assert stats["r1"][0] == "KEY1" and stats["r1"][1] == "192.0.2.1:9621"

@@ -81,6 +81,7 @@ WATCH_PING = 2.0  # seconds between liveness checks of the LISTEN connection
 WATCH_BACKOFF = (0.5, 10.0)  # seconds between reconnection attempts: first, most
 _MIGRATE_LOCK = 0x67_74_75_6E  # "gtun": one migration at a time
 LIVE_FRESH = 60.0  # seconds a relay's live row counts (it publishes every fold, 10 s)
+LIVE_KEEP = 86400.0  # seconds after which a relay deletes its rows no longer refreshed
 
 # Each migration: (the version it makes, its statements).  Append, never edit.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -999,6 +1000,13 @@ class PgStore:
                     cur.execute(
                         "UPDATE relays SET stats = %s WHERE network = %s AND name = %s",
                         (Jsonb(stats), self.network, relay),
+                    )
+                    # Rows of peers gone (removed, or held nowhere) for a day: the
+                    # table stays about as large as the peers held now.
+                    cur.execute(
+                        "DELETE FROM live WHERE network = %s AND relay = %s "
+                        "AND updated < now() - make_interval(secs => %s)",
+                        (self.network, relay, LIVE_KEEP),
                     )
             except psycopg.Error as exc:
                 raise self._failure(exc) from None
