@@ -1,6 +1,7 @@
 """`gtun server`: the relay's edge.  Wires the sans-IO Relay to a UDP socket, a TUN
 device, netlink, nftables, the state store and the control socket; undoes all of its
-network changes on exit.
+network changes on exit.  Every FOLD_INTERVAL (and at stop) it folds the peers' counters
+into the store's traffic history and enforces their monthly quotas (app/traffic.py).
 """
 
 from __future__ import annotations
