@@ -23,7 +23,7 @@ from gtun.app.pgstore import LIVE_FRESH, SCHEMA_VERSION, LiveRow, PgStore, migra
 from gtun.app.store import KEEP, MAX_SOURCES, PERIODS, Source, StoredPeer, bucket_start
 from gtun.app.traffic import QUOTA_REASON, enforce_quotas
 from gtun.cli import main
-from test_daemons import LIMIT, Net, configured, exchange
+from test_daemons import LIMIT, Net, configured, exchange, running, start_relay, until
 from test_pgstore_relays import shared_relays
 
 NET = IPv4Network("10.66.0.0/24")
@@ -256,5 +256,36 @@ def test_a_relay_on_the_store_publishes_its_sessions(
             with PgStore(pg_dsn, NET) as s:
                 month = s.totals("month", bucket_start("month", time.time()))
             assert month[c1] == server._fold_last[c1]
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_on_the_store_disables_a_peer_over_its_quota(
+    tmp_path: Path, pg_dsn: str, platforms: Any
+) -> None:
+    """The fold disables the peer in the store; the NOTIFY reloads the relay (no local
+    reload on a shared store), and the peer is served no more."""
+    migrate(pg_dsn)
+    net = Net(tmp_path)
+    shared_relays(net, pg_dsn, count=1)
+    hog = net.public("c2")
+    with PgStore(pg_dsn, NET) as s:
+        s.add_peer(StoredPeer("hog", hog, quota=100))
+        s.add_traffic([(hog, 60, 40)], time.time())
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT):
+            server = start_relay(net, platforms())
+            server.fold_interval = 0.05
+            async with running(server):
+                relay = server.relay
+                assert relay is not None
+                await until(lambda: relay.peer_by_name("hog") is None)
+                assert server.quotas["hog"] == (100, True)
+                with PgStore(pg_dsn, NET) as s:
+                    peer = next(p for p in s.peers() if p.name == "hog")
+                    assert not peer.enabled and peer.disabled_reason == QUOTA_REASON
+                    s.set_quota("hog", None)
+                await until(lambda: relay.peer_by_name("hog") is not None)
 
     asyncio.run(scenario())
