@@ -181,7 +181,7 @@ def test_a_schema_1_state_file_is_upgraded_with_its_peers(tmp_path: Path) -> Non
     db = sqlite3.connect(path)
     assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     db.close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
 
 
 def test_relay_and_client_with_a_preshared_key(

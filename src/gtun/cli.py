@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         one = peer_sub.add_parser(command, help=text)
         one.add_argument("name", help="the peer's name")
         one.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    quota = peer_sub.add_parser(
+        "quota",
+        help="set a stored peer's monthly quota (rx+tx, calendar month UTC), or none",
+        description=(
+            "Set a stored peer's monthly quota: bytes received and sent in a calendar "
+            "month (UTC).  The relay disables the peer once it is over, and enables it "
+            "again when it is under (a new month, a raised quota)."
+        ),
+    )
+    quota.add_argument("name", help="the peer's name")
+    quota.add_argument(
+        "size",
+        help="bytes, or a number with K, M, G or T (powers of 1024: 50G = 50 GiB), or none",
+    )
+    quota.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
     ls = peer_sub.add_parser("list", help="the relay's peers: configured and stored")
     ls.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
 
@@ -254,7 +269,7 @@ def peer_add(args: argparse.Namespace) -> int:
 
 
 def peer_manage(args: argparse.Namespace) -> int:
-    """`gtun peer list|remove|disable|enable`."""
+    """`gtun peer list|remove|disable|enable|quota`."""
     from gtun.app import peers
     from gtun.app.config import load_server_config
 
@@ -264,6 +279,12 @@ def peer_manage(args: argparse.Namespace) -> int:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for row in rows:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        return 0
+    if args.peer_command == "quota":
+        size = peers.parse_size(args.size)
+        note = peers.set_peer_quota(cfg, args.name, size)
+        said = "no quota" if size is None else f"a quota of {peers.format_size(size)}/month"
+        print(f"gtun: peer {args.name} has {said}; {note}", file=sys.stderr)
         return 0
     if args.peer_command == "remove":
         note = peers.remove_peer(cfg, args.name)

@@ -210,10 +210,40 @@ class RelayCollector(GtunCollector):
         clock: Callable[[], float],
         tcp_drops: Callable[[], Mapping[str, int]] | None = None,
         pool: WorkerPool | None = None,
+        quotas: Callable[[], list[tuple[str, int, int | None, bool]]] | None = None,
     ) -> None:
         super().__init__(relay.wg, clock, relay.drops, tcp_drops)
         self.relay = relay
         self.pool = pool  # the other workers, whose last counters are added
+        # (peer, bytes this month, quota or None, disabled for it) of the last traffic
+        # fold (Server.quota_rows): kept by the relay, so a scrape reads no store.
+        self.quotas = quotas
+
+    def extra(self) -> Iterator[Metric]:
+        if self.quotas is None:
+            return
+        month = GaugeMetricFamily(
+            "gtun_peer_month_bytes",
+            "Bytes received from and sent to the peer this calendar month (UTC), rx+tx, "
+            "as of the last traffic fold (every relay of a shared store).",
+            labels=("peer",),
+        )
+        quota = GaugeMetricFamily(
+            "gtun_peer_quota_bytes",
+            "The peer's monthly quota in bytes (peers with one only).",
+            labels=("peer",),
+        )
+        over = GaugeMetricFamily(
+            "gtun_peer_over_quota",
+            "1 if the relay disabled the peer for its monthly quota, else 0.",
+            labels=("peer",),
+        )
+        for name, used, limit, is_over in self.quotas():
+            month.add_metric([name], used)
+            if limit is not None:
+                quota.add_metric([name], limit)
+                over.add_metric([name], 1 if is_over else 0)
+        yield from (month, quota, over)
 
     def peers(self) -> list[PeerView]:
         # list() copies the dict in one step: a scrape runs beside the event loop,

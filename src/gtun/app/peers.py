@@ -1,4 +1,10 @@
-"""`gtun peer add`: a stock WireGuard peer for a relay, as a wg-quick configuration."""
+"""`gtun peer add`: a stock WireGuard peer for a relay, as a wg-quick configuration; and
+`gtun peer list|remove|disable|enable|quota`.
+
+Each change is written to the store and then, unless `tell=False`, the running relay is
+asked to reload over its control socket (the console, inside the relay, passes
+tell=False and reloads it directly).
+"""
 
 from __future__ import annotations
 
@@ -123,6 +129,7 @@ def add_peer(
     psk: bool = True,
     dns: bool = True,
     deliver: Callable[[str], None] | None = None,
+    tell: bool = True,
 ) -> tuple[str, str | None]:
     """Store a new peer, lease its address, and return (wg-quick text, reload note).
     The text names the relay of `cfg`, or with `relay` that relay of the shared store
@@ -131,7 +138,8 @@ def add_peer(
     `dns` the text has the relay's `dns` as wg-quick's DNS line.  `deliver`, when
     given, is called with the text once the peer is stored and before the relay is
     told: if it raises (an output file that cannot be written), the peer is removed
-    again and the error raised.
+    again and the error raised.  With `tell` False the running relay is not asked to
+    reload (the note is None then).
 
     All or nothing: raises ConfigError (bad name, name or key taken, --relay unusable,
     a clash in the peer set: found before anything is stored, or undone) or
@@ -196,7 +204,7 @@ def add_peer(
             raise
     finally:
         store.close()
-    return text, _tell_relay(cfg, "the peer")
+    return text, _tell_relay(cfg, "the peer") if tell else None
 
 
 def _wg_quick(
@@ -268,9 +276,10 @@ def _not_configured_elsewhere(store: Store, name: str) -> None:
         )
 
 
-def remove_peer(cfg: ServerConfig, name: str) -> str:
-    """Forget a peer `gtun peer add` stored, and its lease; the note for the user.
-    Raises ConfigError (a config peer, or no such peer) or RuntimeFailure (store)."""
+def remove_peer(cfg: ServerConfig, name: str, *, tell: bool = True) -> str:
+    """Forget a peer `gtun peer add` stored, and its lease; the note for the user (""
+    when not `tell`: the running relay is not asked to reload).  Raises ConfigError (a
+    config peer, or no such peer) or RuntimeFailure (store)."""
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
@@ -279,12 +288,14 @@ def remove_peer(cfg: ServerConfig, name: str) -> str:
             raise ConfigError(f"no stored peer named {name}", file=store.path)
     finally:
         store.close()
-    return _tell_relay(cfg, "the change")
+    return _tell_relay(cfg, "the change") if tell else ""
 
 
-def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool) -> str:
+def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool, *, tell: bool = True) -> str:
     """Enable or disable a stored peer (a disabled one keeps its address but is not
-    served); the note for the user.  Raises ConfigError or RuntimeFailure."""
+    served; a peer disabled for its quota and enabled here may be disabled again at the
+    relay's next fold if it is still over it); the note for the user ("" when not
+    `tell`).  Raises ConfigError or RuntimeFailure."""
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
@@ -293,7 +304,52 @@ def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool) -> str:
             raise ConfigError(f"no stored peer named {name}", file=store.path)
     finally:
         store.close()
-    return _tell_relay(cfg, "the change")
+    return _tell_relay(cfg, "the change") if tell else ""
+
+
+def set_peer_quota(cfg: ServerConfig, name: str, quota: int | None, *, tell: bool = True) -> str:
+    """Set (None: remove) a stored peer's monthly quota in bytes (rx+tx in a calendar
+    month, UTC): the relay disables the peer at its next fold once over it, and enables
+    it again when under (a new month, a raised quota); the note for the user ("" when
+    not `tell`).  Raises ConfigError (a config peer, no such peer, a negative quota) or
+    RuntimeFailure (store)."""
+    if quota is not None and quota < 0:
+        raise ConfigError(f"a quota cannot be negative ({quota})")
+    _stored_only(cfg, name)
+    store = open_state(cfg)
+    try:
+        _not_configured_elsewhere(store, name)
+        if not store.set_quota(name, quota):
+            raise ConfigError(f"no stored peer named {name}", file=store.path)
+    finally:
+        store.close()
+    return _tell_relay(cfg, "the change") if tell else ""
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int | None:
+    """A quota as `gtun peer quota` takes it: bytes, or a number with K, M, G or T
+    (powers of 1024: 50G is 50 GiB), or "none" (None).  Raises ConfigError."""
+    if text.strip().lower() == "none":
+        return None
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"size {text!r}: give bytes, a number with K, M, G or T (powers of 1024), or none"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_size(size: int) -> str:
+    """A size as parse_size() reads it back: the largest unit that divides it, else
+    bytes (50G, 1536M, 1000)."""
+    for unit in ("T", "G", "M", "K"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
 
 
 def list_peers(cfg: ServerConfig) -> list[tuple[str, str, str, str]]:
@@ -314,5 +370,10 @@ def list_peers(cfg: ServerConfig) -> list[tuple[str, str, str, str]]:
             continue  # this relay's [[peers]], shared through the store: listed above
         address = sp.address or leases.get(sp.public_key, "-")
         kept = "stored" if sp.source is None else f"config of relay {sp.source}"
-        rows.append((sp.name, address, kept if sp.enabled else f"{kept}, disabled", sp.public_key))
+        if not sp.enabled:
+            over = sp.disabled_reason == "quota"
+            kept += ", disabled (over its quota)" if over else ", disabled"
+        if sp.quota is not None:
+            kept += f", quota {format_size(sp.quota)}/month"
+        rows.append((sp.name, address, kept, sp.public_key))
     return rows

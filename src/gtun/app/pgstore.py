@@ -13,6 +13,12 @@ as payload, delivered at commit; every relay LISTENs on a connection of its own
 the presence (a client's session completing at a relay) sends `NOTIFY gtun_mesh` the
 same way: every relay re-reads the mesh and the presence map.
 
+Traffic history, sources and settings are StateStore's (store.py), keyed by the
+network too; several relays add into the same bucket (an upsert that adds, rows written
+in one order so that two relays never deadlock).  Live rows (`live`): every relay
+publishes the sessions it holds with their counters, and its own stats (relays.stats),
+at each fold, so that any relay's console shows the whole network.
+
 The schema is versioned (`gtun_schema`): `gtun store migrate` applies MIGRATIONS in one
 transaction; a relay or `gtun peer add` refuses a schema older or newer than its own.
 
@@ -34,8 +40,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import psycopg.errors
+from psycopg.types.json import Jsonb
 
-from gtun.app.store import StateStore, StoredPeer
+from gtun.app.store import (
+    KEEP,
+    MAX_SOURCES,
+    PERIODS,
+    PRUNE_INTERVAL,
+    Source,
+    StateStore,
+    StoredPeer,
+    bucket_start,
+)
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 __all__ = [
@@ -43,6 +59,8 @@ __all__ = [
     "MESH_CHANNEL",
     "SCHEMA_VERSION",
     "ImportSummary",
+    "LIVE_FRESH",
+    "LiveRow",
     "PgStore",
     "StoreConflict",
     "StoreSchemaError",
@@ -62,6 +80,8 @@ WATCH_POLL = 0.5  # seconds between looks for notifications (and for stop)
 WATCH_PING = 2.0  # seconds between liveness checks of the LISTEN connection
 WATCH_BACKOFF = (0.5, 10.0)  # seconds between reconnection attempts: first, most
 _MIGRATE_LOCK = 0x67_74_75_6E  # "gtun": one migration at a time
+LIVE_FRESH = 60.0  # seconds a relay's live row counts (it publishes every fold, 10 s)
+LIVE_KEEP = 86400.0  # seconds after which a relay deletes its rows no longer refreshed
 
 # Each migration: (the version it makes, its statements).  Append, never edit.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -128,6 +148,54 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
     # Each peer's WireGuard preshared key (base64; NULL: none), served by every relay.
     (4, ("ALTER TABLE peers ADD COLUMN preshared_key text",)),
+    # Traffic history, sources, quotas, settings (the console), live sessions and each
+    # relay's stats (store.py, app/traffic.py).
+    (
+        5,
+        (
+            "ALTER TABLE peers ADD COLUMN quota bigint",
+            "ALTER TABLE peers ADD COLUMN disabled_reason text",
+            """CREATE TABLE traffic (
+                network text NOT NULL,
+                public_key text NOT NULL,
+                period text NOT NULL,
+                start double precision NOT NULL,
+                rx bigint NOT NULL DEFAULT 0,
+                tx bigint NOT NULL DEFAULT 0,
+                PRIMARY KEY (network, public_key, period, start)
+            )""",
+            "CREATE INDEX traffic_bucket ON traffic (network, period, start)",
+            """CREATE TABLE sources (
+                network text NOT NULL,
+                public_key text NOT NULL,
+                endpoint text NOT NULL,
+                transport text NOT NULL,
+                relay text NOT NULL,
+                first_seen double precision NOT NULL,
+                last_seen double precision NOT NULL,
+                PRIMARY KEY (network, public_key, endpoint, transport, relay)
+            )""",
+            """CREATE TABLE settings (
+                network text NOT NULL,
+                name text NOT NULL,
+                value text NOT NULL,
+                PRIMARY KEY (network, name)
+            )""",
+            """CREATE TABLE live (
+                network text NOT NULL,
+                public_key text NOT NULL,
+                relay text NOT NULL,
+                endpoint text,
+                transport text,
+                last_handshake double precision,
+                rx_bytes bigint NOT NULL DEFAULT 0,
+                tx_bytes bigint NOT NULL DEFAULT 0,
+                updated timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (network, public_key)
+            )""",
+            "ALTER TABLE relays ADD COLUMN stats jsonb",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -141,6 +209,20 @@ class RelayHealth:
     endpoint: str | None
     seen_ago: float | None  # seconds since its last heartbeat (None: never)
     clock_offset: float | None  # its clock minus the database's, at that heartbeat
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    """A session a relay holds now, with its counters as that relay sees them."""
+
+    public_key: str
+    relay: str  # the relay's name (its config file's stem)
+    endpoint: str | None
+    transport: str | None
+    last_handshake: float | None  # Unix seconds
+    rx_bytes: int
+    tx_bytes: int
+    updated: float  # Unix seconds, the database's clock (0 when publishing)
 
 
 class StoreUnavailable(RuntimeFailure):
@@ -289,6 +371,7 @@ class PgStore:
         self._lock_key = _lock_id(self.network)
         self._lock = threading.RLock()
         self._depth = 0
+        self._pruned = float("-inf")  # when add_traffic() last pruned old buckets
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = _connect(dsn)
         self._closed = False
         self._suspect = False  # set by suspect_connection(), from any thread
@@ -465,7 +548,8 @@ class PgStore:
                 with self.transaction():
                     self._rows(
                         "INSERT INTO peers (network, name, public_key, address, subnets, enabled, "
-                        "preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        "preshared_key, quota, disabled_reason) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         (
                             self.network,
                             peer.name,
@@ -474,6 +558,8 @@ class PgStore:
                             list(peer.subnets),
                             peer.enabled,
                             peer.preshared_key,
+                            peer.quota,
+                            None if peer.enabled else peer.disabled_reason,
                         ),
                     )
                     self._notify()
@@ -496,22 +582,33 @@ class PgStore:
             self._notify()
             return True
 
-    def set_enabled(self, name: str, enabled: bool) -> bool:
+    def set_enabled(self, name: str, enabled: bool, reason: str | None = None) -> bool:
         """Enable or disable the stored peer `name` (a disabled one keeps its lease but
-        is served by no relay); return whether it exists."""
+        is served by no relay), keeping `reason` as its disabled_reason (cleared on
+        enable); tell every relay; return whether it exists."""
         with self.transaction():
             rows = self._rows(
-                "UPDATE peers SET enabled = %s WHERE network = %s AND name = %s RETURNING 1",
-                (enabled, self.network, name),
+                "UPDATE peers SET enabled = %s, disabled_reason = %s "
+                "WHERE network = %s AND name = %s RETURNING 1",
+                (enabled, None if enabled else reason, self.network, name),
             )
             if rows:
                 self._notify()
             return bool(rows)
 
+    def set_quota(self, name: str, quota: int | None) -> bool:
+        """Set (None: remove) the monthly quota of stored peer `name`, in bytes;
+        return whether it exists.  No relay needs telling: the next fold reads it."""
+        rows = self._rows(
+            "UPDATE peers SET quota = %s WHERE network = %s AND name = %s RETURNING 1",
+            (quota, self.network, name),
+        )
+        return bool(rows)
+
     def peers(self) -> list[StoredPeer]:
         rows = self._rows(
-            "SELECT name, public_key, address, subnets, enabled, source, preshared_key "
-            "FROM peers WHERE network = %s ORDER BY created, name",
+            "SELECT name, public_key, address, subnets, enabled, source, preshared_key, "
+            "quota, disabled_reason FROM peers WHERE network = %s ORDER BY created, name",
             (self.network,),
         )
         return [
@@ -523,8 +620,10 @@ class PgStore:
                 enabled=bool(enabled),
                 source=None if source is None else str(source),
                 preshared_key=None if psk is None else str(psk),
+                quota=None if quota is None else int(quota),
+                disabled_reason=None if reason is None else str(reason),
             )
-            for name, key, address, subnets, enabled, source, psk in rows
+            for name, key, address, subnets, enabled, source, psk, quota, reason in rows
         ]
 
     def publish_config_peers(self, relay: str, peers: Iterable[StoredPeer]) -> list[str]:
@@ -739,6 +838,220 @@ class PgStore:
         )
         return {str(k): str(r) for k, r in rows}
 
+    # -- traffic history, sources, settings --------------------------------------------
+
+    def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """`sql` for each of `rows` in one transaction of its own (no lease lock: rows
+        are upserted in a fixed order, so two relays writing at once queue on the row
+        locks and never deadlock)."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(sql, rows)
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+
+    def add_traffic(self, deltas: Iterable[tuple[str, int, int]], now: float) -> None:
+        """Add each (public key, rx bytes, tx bytes) into the buckets of every period
+        holding `now`, in one transaction (several relays may add into one bucket);
+        prune buckets older than KEEP (at most once every PRUNE_INTERVAL)."""
+        starts = [(period, bucket_start(period, now)) for period in PERIODS]
+        rows: list[tuple[object, ...]] = [
+            (self.network, key, period, start, rx, tx)
+            for key, rx, tx in sorted(deltas)
+            if rx or tx
+            for period, start in starts
+        ]
+        prune = now - self._pruned >= PRUNE_INTERVAL
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO traffic (network, public_key, period, start, rx, tx) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (network, public_key, period, start) DO UPDATE SET "
+                        "rx = traffic.rx + excluded.rx, tx = traffic.tx + excluded.tx",
+                        rows,
+                    )
+                    if prune:
+                        cur.executemany(
+                            "DELETE FROM traffic WHERE network = %s AND period = %s AND start < %s",
+                            [(self.network, p, now - KEEP[p]) for p in PERIODS],
+                        )
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+            if prune:
+                self._pruned = now
+
+    def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
+        """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
+        after `since`, oldest first.  Raises ValueError for an unknown period."""
+        if period not in PERIODS:
+            raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+        rows = self._rows(
+            "SELECT start, rx, tx FROM traffic WHERE network = %s AND public_key = %s "
+            "AND period = %s AND start >= %s ORDER BY start",
+            (self.network, public_key, period, since),
+        )
+        return [(float(s), int(rx), int(tx)) for s, rx, tx in rows]
+
+    def totals(self, period: str, start: float) -> dict[str, tuple[int, int]]:
+        """Every peer's (rx, tx) in the `period` bucket starting at `start`.  Raises
+        ValueError for an unknown period."""
+        if period not in PERIODS:
+            raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+        rows = self._rows(
+            "SELECT public_key, rx, tx FROM traffic WHERE network = %s AND period = %s "
+            "AND start = %s",
+            (self.network, period, start),
+        )
+        return {str(k): (int(rx), int(tx)) for k, rx, tx in rows}
+
+    def note_sources(self, relay: str, seen: Iterable[tuple[str, str, str]], now: float) -> None:
+        """Record that each (public key, endpoint, transport) was seen at `relay` now
+        (its first_seen kept); keep the MAX_SOURCES most recent per peer."""
+        rows = sorted(set(seen))
+        if not rows:
+            return
+        keys = sorted({r[0] for r in rows})
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO sources (network, public_key, endpoint, transport, relay, "
+                        "first_seen, last_seen) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (network, public_key, endpoint, transport, relay) "
+                        "DO UPDATE SET last_seen = greatest(sources.last_seen, "
+                        "excluded.last_seen)",
+                        [(self.network, k, e, t, relay, now, now) for k, e, t in rows],
+                    )
+                    cur.executemany(
+                        "DELETE FROM sources WHERE network = %s AND public_key = %s "
+                        "AND (endpoint, transport, relay) NOT IN ("
+                        "SELECT endpoint, transport, relay FROM sources WHERE network = %s "
+                        "AND public_key = %s ORDER BY last_seen DESC, endpoint LIMIT %s)",
+                        [(self.network, k, self.network, k, MAX_SOURCES) for k in keys],
+                    )
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+
+    def sources(self, public_key: str) -> list[Source]:
+        """The endpoints `public_key` came from (at any relay), the most recent first."""
+        rows = self._rows(
+            "SELECT endpoint, transport, relay, first_seen, last_seen FROM sources "
+            "WHERE network = %s AND public_key = %s ORDER BY last_seen DESC, endpoint",
+            (self.network, public_key),
+        )
+        return [Source(str(e), str(t), str(r), float(f), float(ls)) for e, t, r, f, ls in rows]
+
+    def get_setting(self, name: str) -> str | None:
+        """The setting `name` of this network, or None if unset."""
+        rows = self._rows(
+            "SELECT value FROM settings WHERE network = %s AND name = %s", (self.network, name)
+        )
+        return str(rows[0][0]) if rows else None
+
+    def set_setting(self, name: str, value: str) -> None:
+        """Set the setting `name` of this network to `value`."""
+        self._write(
+            "INSERT INTO settings (network, name, value) VALUES (%s, %s, %s) "
+            "ON CONFLICT (network, name) DO UPDATE SET value = excluded.value",
+            [(self.network, name, value)],
+        )
+
+    # -- live sessions and relays' stats ---------------------------------------------
+
+    def publish_live(self, relay: str, rows: Iterable[LiveRow], stats: dict[str, Any]) -> None:
+        """The sessions relay `relay` (its name) holds now, one row per peer (the
+        latest writer wins), and its stats (a JSON object) in its relays row, in one
+        transaction."""
+        values = [
+            (
+                self.network,
+                r.public_key,
+                relay,
+                r.endpoint,
+                r.transport,
+                r.last_handshake,
+                r.rx_bytes,
+                r.tx_bytes,
+            )
+            for r in sorted(rows, key=lambda r: r.public_key)
+        ]
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO live (network, public_key, relay, endpoint, transport, "
+                        "last_handshake, rx_bytes, tx_bytes) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (network, public_key) DO UPDATE SET "
+                        "relay = excluded.relay, endpoint = excluded.endpoint, "
+                        "transport = excluded.transport, "
+                        "last_handshake = excluded.last_handshake, "
+                        "rx_bytes = excluded.rx_bytes, tx_bytes = excluded.tx_bytes, "
+                        "updated = now()",
+                        values,
+                    )
+                    cur.execute(
+                        "UPDATE relays SET stats = %s WHERE network = %s AND name = %s",
+                        (Jsonb(stats), self.network, relay),
+                    )
+                    # Rows of peers gone (removed, or held nowhere) for a day: the
+                    # table stays about as large as the peers held now.
+                    cur.execute(
+                        "DELETE FROM live WHERE network = %s AND relay = %s "
+                        "AND updated < now() - make_interval(secs => %s)",
+                        (self.network, relay, LIVE_KEEP),
+                    )
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+
+    def live(self) -> dict[str, LiveRow]:
+        """The live rows updated within LIVE_FRESH, by peer public key."""
+        rows = self._rows(
+            "SELECT public_key, relay, endpoint, transport, last_handshake, rx_bytes, "
+            "tx_bytes, extract(epoch FROM updated) FROM live WHERE network = %s "
+            "AND updated > now() - make_interval(secs => %s)",
+            (self.network, LIVE_FRESH),
+        )
+        return {
+            str(k): LiveRow(
+                str(k),
+                str(r),
+                None if e is None else str(e),
+                None if t is None else str(t),
+                None if h is None else float(h),
+                int(rx),
+                int(tx),
+                float(u),
+            )
+            for k, r, e, t, h, rx, tx, u in rows
+        }
+
+    def relay_stats(self) -> list[tuple[str, str, str | None, float | None, dict[str, Any]]]:
+        """Every relay of this network: (name, public key, endpoint, seconds since its
+        last heartbeat or None, its last published stats or {})."""
+        rows = self._rows(
+            "SELECT name, public_key, endpoint, extract(epoch FROM now() - seen), stats "
+            "FROM relays WHERE network = %s ORDER BY name",
+            (self.network,),
+        )
+        return [
+            (
+                str(n),
+                str(k),
+                None if e is None else str(e),
+                None if age is None else float(age),
+                dict(stats) if isinstance(stats, dict) else {},
+            )
+            for n, k, e, age, stats in rows
+        ]
+
     # -- import ----------------------------------------------------------------------
 
     def import_state(self, source: StateStore, relay: str) -> ImportSummary:
@@ -754,7 +1067,8 @@ class PgStore:
             for peer in peers:
                 rows = self._rows(
                     "INSERT INTO peers (network, name, public_key, address, subnets, "
-                    "enabled, preshared_key) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    "enabled, preshared_key, quota, disabled_reason) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT DO NOTHING RETURNING 1",
                     (
                         self.network,
@@ -764,6 +1078,8 @@ class PgStore:
                         list(peer.subnets),
                         peer.enabled,
                         peer.preshared_key,
+                        peer.quota,
+                        peer.disabled_reason,
                     ),
                 )
                 if rows:

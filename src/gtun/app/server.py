@@ -1,6 +1,7 @@
 """`gtun server`: the relay's edge.  Wires the sans-IO Relay to a UDP socket, a TUN
 device, netlink, nftables, the state store and the control socket; undoes all of its
-network changes on exit.
+network changes on exit.  Every FOLD_INTERVAL (and at stop) it folds the peers' counters
+into the store's traffic history and enforces their monthly quotas (app/traffic.py).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from gtun.app.peerset import (
     read_peers,
     refused_lines,
 )
-from gtun.app.pgstore import PgStore, StoreUnavailable, StoreWatch
+from gtun.app.pgstore import LiveRow, PgStore, StoreUnavailable, StoreWatch
 from gtun.app.platform import Device, Link, LinuxPlatform, Platform
 from gtun.app.relaylog import RelayEvents
 from gtun.app.runtime import Runtime, peer_traffic
 from gtun.app.store import Store
+from gtun.app.traffic import QUOTA_REASON, Quotas, enforce_quotas, fold
 from gtun.app.uapi import relay_answer, start_uapi, udp_port
 from gtun.app.workers import (
     WorkerPool,
@@ -92,6 +94,8 @@ PRESENCE_TTL = 3 * PRESENCE_INTERVAL  # how long a heartbeat says a session is h
 PRESENCE_RECENT = 180.0  # seconds since a peer's last packet for its session to count
 HEALTH_INTERVAL = 5.0  # seconds between looks at the relay's own machine (health answers)
 WORKER_REFRESH = 2.0  # seconds between looks at the other workers' counters (metrics)
+FOLD_INTERVAL = 10.0  # seconds between folds of the peers' counters into the store
+MESH_UP_WITHIN = 180.0  # a mesh session counts as up with a handshake this recent
 
 
 def bind_udp(cfg: ServerConfig) -> socket.socket:
@@ -148,6 +152,15 @@ class Server:
         self._presence_tasks: set[asyncio.Task[None]] = set()
         self.health_interval = HEALTH_INTERVAL
         self._health_said: str | None = None  # the last failure to look, logged once
+        # Traffic history (app/traffic.py): the counters at the last written fold, the
+        # last failure (logged once per run of failures), and for metrics (no store
+        # access in a scrape) each peer's bytes this month and quota at the last fold.
+        self.fold_interval = FOLD_INTERVAL
+        self._fold_last: dict[str, tuple[int, int]] = {}
+        self._fold_said: str | None = None
+        self._fold_lock = asyncio.Lock()
+        self.month_bytes: dict[str, int] = {}  # peer name -> rx+tx this month (UTC)
+        self.quotas: dict[str, tuple[int, bool]] = {}  # name -> (quota, disabled for it)
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -174,6 +187,7 @@ class Server:
                 await start_uapi(rt.push, uapi_dir, self.cfg.device, self.wg_get)
             rt.handle_signals(reload=self.reload)
             self._watch_store()
+            self._keep_traffic()
             self._announce(tun, specs)
             rt.serving(self._describe)
             # What start-up built lives as long as the relay: out of the collector's
@@ -323,7 +337,9 @@ class Server:
         rt.push("TCP listener", tcp.close)
         if cfg.metrics_listen is not None:
             metrics = await serve_metrics(
-                RelayCollector(relay, loop.time, lambda: tcp.counts, pool=self.pool),
+                RelayCollector(
+                    relay, loop.time, lambda: tcp.counts, pool=self.pool, quotas=self.quota_rows
+                ),
                 cfg.metrics_listen,
                 config_file=cfg.path,
                 key="server.metrics_listen",
@@ -597,6 +613,142 @@ class Server:
             self._store_state(False, str(exc))  # announced again when it is back
         except GtunError as exc:
             log.debug("presence heartbeat failed: %s", exc)
+
+    # --- traffic history ---------------------------------------------------------------
+
+    def _keep_traffic(self) -> None:
+        """Every fold_interval, and once at stop, fold the peers' counters into the
+        store (fold_traffic)."""
+
+        async def once() -> None:
+            try:
+                await self.fold_traffic()
+            except Exception:  # a bug: say so, and let the relay serve on
+                log.exception("traffic fold failed (a bug)")
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(self.fold_interval)
+                await once()
+
+        task = asyncio.ensure_future(keep())
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await once()
+
+        self.rt.push("traffic history", stop)
+
+    async def fold_traffic(self) -> None:
+        """Fold the merged per-peer counters of status() into the store, off the event
+        loop: the deltas since the last fold into the history's buckets, the endpoints
+        that carried them, on a shared store the sessions held here and this relay's
+        stats; then disable the stored peers over their monthly quota and enable those
+        back under it (a reload here, NOTIFY on a shared store).  A failure is logged
+        once per run of failures; its deltas are written by the next fold that works.
+        Never raises but for a bug."""
+        async with self._fold_lock:
+            store = self.store
+            if self.relay is None or self.store_up is False:
+                return  # a shared store away: said by _store_state; folded later
+            status = await self.status()
+            now = time.time()
+            result = fold(self._fold_last, status["peers"])
+            shared = isinstance(store, PgStore)
+            name = self.cfg.path.stem if shared else ""
+            live, stats = self._live(status, now) if shared else ([], {})
+            try:
+                # First the history alone: once it is written, these deltas are done
+                # with, whatever fails after.
+                await off_loop(store.add_traffic, result.deltas, now)
+                self._fold_last = result.totals
+
+                def settle() -> Quotas:
+                    store.note_sources(name, result.seen, now)
+                    if isinstance(store, PgStore):
+                        store.publish_live(name, live, stats)
+                    return enforce_quotas(store, now)
+
+                quotas = await off_loop(settle)
+            except GtunError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    self._store_state(False, str(exc))
+                elif self._fold_said is None:
+                    log.warning("cannot write the traffic history (retrying): %s", exc)
+                self._fold_said = str(exc)
+                return
+            if self._fold_said is not None:
+                log.info("traffic history written again")
+                self._fold_said = None
+            disable, enable = quotas.disabled, quotas.enabled
+            self._note_month(status["peers"], quotas)
+            for peer in disable:
+                log.warning("peer %s disabled: over its monthly quota", peer)
+            for peer in enable:
+                log.info("peer %s enabled again: under its monthly quota", peer)
+            if (disable or enable) and not shared and not self.stop.is_set():
+                self._request_reload()  # a shared store told every relay (NOTIFY)
+
+    def _note_month(self, peers: list[dict[str, Any]], quotas: Quotas) -> None:
+        """Keep each peer's month total and quota of this fold, for metrics."""
+        stored, month = quotas.stored, quotas.month
+        disable, enable = quotas.disabled, quotas.enabled
+        keys = {p["name"]: p["public_key"] for p in peers}
+        keys.update({p.name: p.public_key for p in stored})
+        self.month_bytes = {n: sum(month.get(k, (0, 0))) for n, k in keys.items()}
+        self.quotas = {
+            p.name: (
+                p.quota,
+                p.name in disable
+                or (not p.enabled and p.disabled_reason == QUOTA_REASON and p.name not in enable),
+            )
+            for p in stored
+            if p.quota is not None
+        }
+
+    def quota_rows(self) -> list[tuple[str, int, int | None, bool]]:
+        """(peer name, bytes this month, quota or None, disabled for it) of the last
+        fold, for metrics."""
+        rows = []
+        for name, used in sorted(self.month_bytes.items()):
+            quota, over = self.quotas.get(name, (None, False))
+            rows.append((name, used, quota, over))
+        return rows
+
+    def _live(self, status: dict[str, Any], now: float) -> tuple[list[LiveRow], dict[str, Any]]:
+        """The sessions held here (a handshake, and no other relay holding the peer)
+        and this relay's stats, from a status() answer."""
+        assert self.relay is not None
+        rows = [
+            LiveRow(
+                p["public_key"],
+                self.cfg.path.stem,
+                p["endpoint"],
+                p["transport"],
+                p["last_handshake"],
+                p["rx_bytes"],
+                p["tx_bytes"],
+                0.0,
+            )
+            for p in status["peers"]
+            if p["relay"] is None and p["last_handshake"] is not None
+        ]
+        stats = {
+            "peers": len(rows),
+            "rx_bytes": sum(p["rx_bytes"] for p in status["peers"]),
+            "tx_bytes": sum(p["tx_bytes"] for p in status["peers"]),
+            "handshakes": self.relay.wg.handshakes_completed,
+            "drops": sum(v for v in status["drops"].values() if isinstance(v, int)),
+            "store_up": self.store_up is not False,
+            "mesh": {
+                m["name"]: m["last_handshake"] is not None
+                and now - m["last_handshake"] < MESH_UP_WITHIN
+                for m in status.get("mesh", [])
+            },
+        }
+        return rows, stats
 
     # --- the shared store ----------------------------------------------------------------
 

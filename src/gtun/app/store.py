@@ -1,9 +1,16 @@
-"""What the relay remembers across restarts: address leases and peers added at run time.
+"""What the relay remembers across restarts: address leases, peers added at run time,
+and each peer's traffic history, source addresses and monthly quota.
 
-Both live in one SQLite file under `state_dir`.  The running relay and `gtun peer add`
+All live in one SQLite file under `state_dir`.  The running relay and `gtun peer add`
 may open it at the same time, so every change is one short IMMEDIATE transaction (the
 write lock is taken at its start, so two writers queue instead of deadlocking) and a
 busy timeout makes the second process wait for the first instead of failing.
+
+Traffic history: the relay's fold (app/traffic.py) adds each peer's bytes into one
+bucket per PERIOD (minute, hour, day, calendar month; UTC) keyed by the bucket's start;
+buckets older than KEEP of their period are pruned, so the table holds at most
+peers x (buckets kept) rows.  Sources: the last MAX_SOURCES endpoints each peer came
+from.  Settings: small named values (the console's admin hash).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,19 +33,32 @@ from gtun.errors import ConfigError, GtunError, RuntimeFailure
 __all__ = [
     "AddressPool",
     "Assignment",
+    "KEEP",
     "LeaseWanted",
+    "MAX_SOURCES",
+    "PERIODS",
+    "Source",
     "StateFileError",
     "StateStore",
     "Store",
     "StoredPeer",
     "SCHEMA_VERSION",
+    "bucket_start",
 ]
 
 # 1: leases, peers (an `enabled` column added later), endpoints.  2: peers'
 # `preshared_key`: a gtun that knows only 1 would serve those peers without their key,
-# so it refuses the file instead (a newer schema).
-SCHEMA_VERSION = 2
+# so it refuses the file instead (a newer schema).  3: peers' `quota` and
+# `disabled_reason`, the tables traffic, sources and settings.
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 10.0  # seconds another gtun process may hold the write lock
+
+# Traffic history: the bucket sizes (UTC), and how long each is kept (seconds).
+PERIODS = ("minute", "hour", "day", "month")
+KEEP = {"minute": 86400, "hour": 90 * 86400, "day": 400 * 86400, "month": 3 * 366 * 86400}
+PRUNE_INTERVAL = 60.0  # seconds between prunings of old buckets, per store object
+MAX_SOURCES = 20  # source endpoints kept per peer (the oldest last_seen go)
+_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -61,7 +82,59 @@ CREATE TABLE IF NOT EXISTS endpoints (
     updated REAL,
     PRIMARY KEY (relay, public_key)
 );
+CREATE TABLE IF NOT EXISTS traffic (
+    public_key TEXT NOT NULL,
+    period TEXT NOT NULL,
+    start REAL NOT NULL,
+    rx INTEGER NOT NULL DEFAULT 0,
+    tx INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (public_key, period, start)
+);
+CREATE INDEX IF NOT EXISTS traffic_bucket ON traffic (period, start);
+CREATE TABLE IF NOT EXISTS sources (
+    public_key TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    relay TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (public_key, endpoint, transport, relay)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+
+def bucket_start(period: str, t: float) -> float:
+    """The start (Unix seconds) of the `period` bucket holding time `t`, in UTC: a
+    month starts on its first day at 00:00 UTC.  Raises ValueError for an unknown
+    period."""
+    if period == "month":
+        day = datetime.fromtimestamp(t, UTC)
+        return day.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    try:
+        size = _SECONDS[period]
+    except KeyError:
+        raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})") from None
+    return float(int(t // size) * size)
+
+
+def _check_period(period: str) -> None:
+    if period not in PERIODS:
+        raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An endpoint a peer's traffic came from, at a relay."""
+
+    endpoint: str  # "203.0.113.5:51820" (endpoint_text form)
+    transport: str  # "udp" | "tcp"
+    relay: str  # the relay's name (its config file's stem; "" for a lone relay)
+    first_seen: float  # Unix seconds
+    last_seen: float
 
 
 class StateFileError(ConfigError):
@@ -85,6 +158,8 @@ class StoredPeer:
     enabled: bool = True  # a disabled peer is kept, with its lease, but not served
     source: str | None = None  # shared store: the relay whose [[peers]] it is (else None)
     preshared_key: str | None = None  # WireGuard's PSK, base64 text (None: none)
+    quota: int | None = None  # bytes per calendar month (UTC), rx+tx; None: no quota
+    disabled_reason: str | None = None  # "quota" when the relay disabled it; else None
 
 
 class Store(Protocol):
@@ -107,10 +182,22 @@ class Store(Protocol):
     def replace_leases(self, drop: Iterable[str], put: Iterable[tuple[str, str, str]]) -> None: ...
     def add_peer(self, peer: StoredPeer) -> None: ...
     def remove_peer(self, name: str) -> bool: ...
-    def set_enabled(self, name: str, enabled: bool) -> bool: ...
+    def set_enabled(self, name: str, enabled: bool, reason: str | None = None) -> bool: ...
+    def set_quota(self, name: str, quota: int | None) -> bool: ...
     def peers(self) -> list[StoredPeer]: ...
     def endpoints(self, relay: str) -> dict[str, str]: ...
     def save_endpoints(self, relay: str, changed: dict[str, str]) -> None: ...
+    def add_traffic(self, deltas: Iterable[tuple[str, int, int]], now: float) -> None: ...
+    def traffic(
+        self, public_key: str, period: str, since: float
+    ) -> list[tuple[float, int, int]]: ...
+    def totals(self, period: str, start: float) -> dict[str, tuple[int, int]]: ...
+    def note_sources(
+        self, relay: str, seen: Iterable[tuple[str, str, str]], now: float
+    ) -> None: ...
+    def sources(self, public_key: str) -> list[Source]: ...
+    def get_setting(self, name: str) -> str | None: ...
+    def set_setting(self, name: str, value: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -134,6 +221,7 @@ class StateStore:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._depth = 0
+        self._pruned = float("-inf")  # when add_traffic() last pruned old buckets
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Created here rather than by SQLite so that it is never readable by others.
@@ -192,6 +280,9 @@ class StateStore:
                 )
             if "preshared_key" not in columns:  # schema 2
                 self._db.execute("ALTER TABLE peers ADD COLUMN preshared_key TEXT")
+            if "quota" not in columns:  # schema 3 (its tables are made above)
+                self._db.execute("ALTER TABLE peers ADD COLUMN quota INTEGER")
+                self._db.execute("ALTER TABLE peers ADD COLUMN disabled_reason TEXT")
             if version is None:
                 self._db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:
@@ -330,7 +421,7 @@ class StateStore:
             with self.transaction():
                 self._db.execute(
                     "INSERT INTO peers (name, public_key, address, subnets, created, enabled, "
-                    "preshared_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "preshared_key, quota, disabled_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         peer.name,
                         peer.public_key,
@@ -339,6 +430,8 @@ class StateStore:
                         time.time(),
                         int(peer.enabled),
                         peer.preshared_key,
+                        peer.quota,
+                        None if peer.enabled else peer.disabled_reason,
                     ),
                 )
         except sqlite3.IntegrityError as exc:
@@ -359,23 +452,32 @@ class StateStore:
             self._db.execute("DELETE FROM leases WHERE public_key = ?", (row[0],))
             return True
 
-    def set_enabled(self, name: str, enabled: bool) -> bool:
+    def set_enabled(self, name: str, enabled: bool, reason: str | None = None) -> bool:
         """Enable or disable the stored peer `name` (a disabled one keeps its lease but
-        is not served); return whether it exists."""
+        is not served), keeping `reason` as its disabled_reason (cleared on enable);
+        return whether it exists."""
         with self.transaction():
             cur = self._db.execute(
-                "UPDATE peers SET enabled = ? WHERE name = ?", (int(enabled), name)
+                "UPDATE peers SET enabled = ?, disabled_reason = ? WHERE name = ?",
+                (int(enabled), None if enabled else reason, name),
             )
+            return cur.rowcount > 0
+
+    def set_quota(self, name: str, quota: int | None) -> bool:
+        """Set (None: remove) the monthly quota of stored peer `name`, in bytes;
+        return whether it exists."""
+        with self.transaction():
+            cur = self._db.execute("UPDATE peers SET quota = ? WHERE name = ?", (quota, name))
             return cur.rowcount > 0
 
     def peers(self) -> list[StoredPeer]:
         """The stored peers, oldest first."""
         rows = self._query(
-            "SELECT name, public_key, address, subnets, enabled, preshared_key FROM peers "
-            "ORDER BY created, name"
+            "SELECT name, public_key, address, subnets, enabled, preshared_key, quota, "
+            "disabled_reason FROM peers ORDER BY created, name"
         )
         peers = []
-        for name, key, address, subnets, enabled, psk in rows:
+        for name, key, address, subnets, enabled, psk, quota, reason in rows:
             try:
                 decoded = json.loads(str(subnets)) if subnets else []
             except ValueError:
@@ -390,6 +492,8 @@ class StateStore:
                     subnets=tuple(str(s) for s in decoded),
                     enabled=bool(enabled),
                     preshared_key=None if psk is None else str(psk),
+                    quota=None if quota is None else int(str(quota)),
+                    disabled_reason=None if reason is None else str(reason),
                 )
             )
         return peers
@@ -415,6 +519,101 @@ class StateStore:
                 "VALUES (?, ?, ?, ?) ON CONFLICT (relay, public_key) DO UPDATE SET "
                 "endpoint = excluded.endpoint, updated = excluded.updated",
                 [(relay, key, endpoint, now) for key, endpoint in changed.items()],
+            )
+
+    # -- traffic history, sources, settings --------------------------------------------
+
+    def add_traffic(self, deltas: Iterable[tuple[str, int, int]], now: float) -> None:
+        """Add each (public key, rx bytes, tx bytes) into the buckets of every period
+        holding `now`, in one transaction; prune buckets older than KEEP (at most once
+        every PRUNE_INTERVAL)."""
+        starts = [(period, bucket_start(period, now)) for period in PERIODS]
+        rows = [
+            (key, period, start, rx, tx)
+            for key, rx, tx in deltas
+            if rx or tx
+            for period, start in starts
+        ]
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO traffic (public_key, period, start, rx, tx) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (public_key, period, start) DO UPDATE SET "
+                "rx = traffic.rx + excluded.rx, tx = traffic.tx + excluded.tx",
+                rows,
+            )
+            if now - self._pruned >= PRUNE_INTERVAL:
+                self._pruned = now
+                self._db.executemany(
+                    "DELETE FROM traffic WHERE period = ? AND start < ?",
+                    [(period, now - KEEP[period]) for period in PERIODS],
+                )
+
+    def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
+        """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
+        after `since`, oldest first.  Raises ValueError for an unknown period."""
+        _check_period(period)
+        rows = self._query(
+            "SELECT start, rx, tx FROM traffic WHERE public_key = ? AND period = ? "
+            "AND start >= ? ORDER BY start",
+            (public_key, period, since),
+        )
+        return [(float(str(s)), int(str(rx)), int(str(tx))) for s, rx, tx in rows]
+
+    def totals(self, period: str, start: float) -> dict[str, tuple[int, int]]:
+        """Every peer's (rx, tx) in the `period` bucket starting at `start`.  Raises
+        ValueError for an unknown period."""
+        _check_period(period)
+        rows = self._query(
+            "SELECT public_key, rx, tx FROM traffic WHERE period = ? AND start = ?",
+            (period, start),
+        )
+        return {str(k): (int(str(rx)), int(str(tx))) for k, rx, tx in rows}
+
+    def note_sources(self, relay: str, seen: Iterable[tuple[str, str, str]], now: float) -> None:
+        """Record that each (public key, endpoint, transport) was seen at `relay` now
+        (its first_seen kept); keep the MAX_SOURCES most recent per peer."""
+        rows = sorted(set(seen))
+        if not rows:
+            return
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO sources (public_key, endpoint, transport, relay, first_seen, "
+                "last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (public_key, endpoint, transport, relay) DO UPDATE SET "
+                "last_seen = excluded.last_seen",
+                [(key, endpoint, transport, relay, now, now) for key, endpoint, transport in rows],
+            )
+            self._db.executemany(
+                "DELETE FROM sources WHERE public_key = ? AND rowid NOT IN ("
+                "SELECT rowid FROM sources WHERE public_key = ? "
+                "ORDER BY last_seen DESC, rowid DESC LIMIT ?)",
+                [(key, key, MAX_SOURCES) for key in sorted({r[0] for r in rows})],
+            )
+
+    def sources(self, public_key: str) -> list[Source]:
+        """The endpoints `public_key` came from, the most recently seen first."""
+        rows = self._query(
+            "SELECT endpoint, transport, relay, first_seen, last_seen FROM sources "
+            "WHERE public_key = ? ORDER BY last_seen DESC, endpoint",
+            (public_key,),
+        )
+        return [
+            Source(str(e), str(t), str(r), float(str(f)), float(str(last)))
+            for e, t, r, f, last in rows
+        ]
+
+    def get_setting(self, name: str) -> str | None:
+        """The setting `name`, or None if unset."""
+        rows = self._query("SELECT value FROM settings WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def set_setting(self, name: str, value: str) -> None:
+        """Set the setting `name` to `value`."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
             )
 
     # -- life --------------------------------------------------------------------
