@@ -20,7 +20,15 @@ import pytest
 
 from gtun.app import pgstore
 from gtun.app.pgstore import LIVE_FRESH, SCHEMA_VERSION, LiveRow, PgStore, migrate, schema_version
-from gtun.app.store import KEEP, MAX_SOURCES, PERIODS, Source, StoredPeer, bucket_start
+from gtun.app.store import (
+    KEEP,
+    MAX_SOURCES,
+    PERIODS,
+    SOURCES_KEEP,
+    Source,
+    StoredPeer,
+    bucket_start,
+)
 from gtun.app.traffic import QUOTA_REASON, enforce_quotas
 from gtun.cli import main
 from test_daemons import LIMIT, Net, configured, exchange, running, start_relay, until
@@ -107,6 +115,15 @@ def test_two_relays_add_into_one_bucket(dsn: str) -> None:
         month = s.totals("month", bucket_start("month", T))
         assert month == dict.fromkeys(keys, (2 * 20 * 3, 2 * 20 * 1))
         assert s.traffic("k07", "minute", 0) == [(bucket_start("minute", T), 120, 40)]
+
+
+def test_sources_unseen_for_the_hourly_history_are_pruned(store: PgStore) -> None:
+    store.note_sources("r1", [("gone", "198.51.100.9:1", "udp")], T)
+    store.note_sources("r1", [("kept", "198.51.100.8:1", "udp")], T + SOURCES_KEEP - 10)
+    store._pruned = float("-inf")
+    store.add_traffic([("kept", 1, 1)], T + SOURCES_KEEP + 1)
+    assert store.sources("gone") == []
+    assert len(store.sources("kept")) == 1
 
 
 def test_sources(store: PgStore) -> None:

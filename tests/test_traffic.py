@@ -24,6 +24,7 @@ from gtun.app.store import (
     MAX_SOURCES,
     PERIODS,
     SCHEMA_VERSION,
+    SOURCES_KEEP,
     Source,
     StateStore,
     StoredPeer,
@@ -195,6 +196,15 @@ def test_sources_keep_first_seen_and_at_most_twenty(store: StateStore) -> None:
     assert [s.last_seen for s in got] == sorted((s.last_seen for s in got), reverse=True)
     assert all(s.endpoint != "198.51.100.7:4000" for s in got)  # the oldest went
     assert len(store.sources("b")) == 1  # another peer's are its own
+
+
+def test_sources_unseen_for_the_hourly_history_are_pruned(store: StateStore) -> None:
+    # A removed peer's sources, never seen again, go with the history's pruning.
+    store.note_sources("", [("gone", "198.51.100.9:1", "udp")], T)
+    store.note_sources("", [("kept", "198.51.100.8:1", "udp")], T + SOURCES_KEEP - 10)
+    store.add_traffic([("kept", 1, 1)], T + SOURCES_KEEP + 1)
+    assert store.sources("gone") == []
+    assert len(store.sources("kept")) == 1
 
 
 def test_quota_reason_and_settings(store: StateStore) -> None:

@@ -47,6 +47,7 @@ from gtun.app.store import (
     MAX_SOURCES,
     PERIODS,
     PRUNE_INTERVAL,
+    SOURCES_KEEP,
     Source,
     StateStore,
     StoredPeer,
@@ -879,6 +880,10 @@ class PgStore:
                         cur.executemany(
                             "DELETE FROM traffic WHERE network = %s AND period = %s AND start < %s",
                             [(self.network, p, now - KEEP[p]) for p in PERIODS],
+                        )
+                        cur.execute(
+                            "DELETE FROM sources WHERE network = %s AND last_seen < %s",
+                            (self.network, now - SOURCES_KEEP),
                         )
             except psycopg.Error as exc:
                 raise self._failure(exc) from None

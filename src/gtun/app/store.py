@@ -58,6 +58,7 @@ PERIODS = ("minute", "hour", "day", "month")
 KEEP = {"minute": 86400, "hour": 90 * 86400, "day": 400 * 86400, "month": 3 * 366 * 86400}
 PRUNE_INTERVAL = 60.0  # seconds between prunings of old buckets, per store object
 MAX_SOURCES = 20  # source endpoints kept per peer (the oldest last_seen go)
+SOURCES_KEEP = KEEP["hour"]  # seconds a source unseen is kept (a removed peer's too)
 _SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
 _SCHEMA = """
@@ -547,6 +548,9 @@ class StateStore:
                     "DELETE FROM traffic WHERE period = ? AND start < ?",
                     [(period, now - KEEP[period]) for period in PERIODS],
                 )
+                # A source unseen for as long as the hourly history is kept goes too
+                # (a removed peer's among them): the table stays bounded by the peers.
+                self._db.execute("DELETE FROM sources WHERE last_seen < ?", (now - SOURCES_KEEP,))
 
     def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
         """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
