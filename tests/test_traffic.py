@@ -76,10 +76,13 @@ def test_fold_counts_deltas_and_the_sources_that_carried_them() -> None:
     second = fold(first.totals, [peer("a", 150, 40), peer("b", 0, 0), peer("c", 5, 0, None)])
     assert second.deltas == [("a", 50, 0)]
     assert second.seen == [("a", "198.51.100.7:4000", "udp")]
-    # a was re-added: its counters went down, so they count from 0; b is gone.
+    # a's counters went down (a worker restarted, or a was re-added): nothing counted,
+    # the new value is the base; b is gone.
     third = fold(second.totals, [peer("a", 30, 7), peer("c", 9, 1, None)])
-    assert third.deltas == [("a", 30, 7), ("c", 4, 1)]
-    assert "b" not in third.totals
+    assert third.deltas == [("c", 4, 1)]
+    assert third.totals["a"] == (30, 7) and "b" not in third.totals
+    fourth = fold(third.totals, [peer("a", 45, 7)])
+    assert fourth.deltas == [("a", 15, 0)]
 
 
 def test_fold_skips_entries_without_counters() -> None:

@@ -7,8 +7,12 @@ kept from the last successful write, writes the deltas into the store's buckets
 for the next fold.  A write that fails keeps the old totals, so the next fold's deltas
 include what this one could not write.
 
-A counter that went down (its peer was removed and added again, so its session and
-counters started afresh) counts from 0.  quota_changes() says which stored peers to
+A counter that went down counts nothing this time, and its new value is the base for
+the next fold.  It goes down when its peer was removed and added again (its counters
+start afresh) or when one of several relay workers restarted (its part of the merged
+total is gone while the others' stays): counting the new value from 0 would count the
+other workers' part of the whole run a second time, which may be gigabytes, where
+counting nothing loses at most one fold interval's traffic of that peer.  quota_changes() says which stored peers to
 disable for their monthly quota (rx+tx in this month's bucket at or over it) and which
 peers disabled for it to enable again (a new month, a raised or removed quota);
 enforce_quotas() reads the store and applies them (the one function here that does
@@ -40,9 +44,9 @@ class Fold:
 
 def fold(last: Mapping[str, tuple[int, int]], peers: Iterable[Mapping[str, Any]]) -> Fold:
     """The deltas of `peers` (status() peer entries: public_key, rx_bytes, tx_bytes,
-    endpoint, transport) since the totals `last`.  A peer not in `last` counts from 0,
-    as does a counter lower than its last total.  A peer with traffic in the interval
-    and an endpoint is among `seen`."""
+    endpoint, transport) since the totals `last`.  A peer not in `last` counts from 0;
+    a counter lower than its last total counts nothing (see the module's docstring).
+    A peer with traffic in the interval and an endpoint is among `seen`."""
     result = Fold()
     for peer in peers:
         key = peer.get("public_key")
@@ -50,8 +54,8 @@ def fold(last: Mapping[str, tuple[int, int]], peers: Iterable[Mapping[str, Any]]
         if not isinstance(key, str) or not isinstance(rx, int) or not isinstance(tx, int):
             continue
         old_rx, old_tx = last.get(key, (0, 0))
-        d_rx = rx - old_rx if rx >= old_rx else rx
-        d_tx = tx - old_tx if tx >= old_tx else tx
+        d_rx = rx - old_rx if rx >= old_rx else 0
+        d_tx = tx - old_tx if tx >= old_tx else 0
         result.totals[key] = (rx, tx)
         if not d_rx and not d_tx:
             continue
