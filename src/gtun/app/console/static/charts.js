@@ -3,7 +3,6 @@
 "use strict";
 
 const charts = (() => {
-  const W = 600;
   const H = 160;
   const TOP = 14;
   const BOTTOM = 16;
@@ -29,6 +28,9 @@ const charts = (() => {
   }
 
   function draw(svgNode, buckets, start, end, bars, stamp) {
+    // Drawn at the element's own width, so that the labels keep their shape.
+    const W = Math.max(200, Math.round(svgNode.getBoundingClientRect().width) || 600);
+    svgNode.setAttribute("viewBox", `0 0 ${W} ${H}`);
     const { rx, tx } = bucketize(buckets, start, end, bars);
     const max = Math.max(1, ...rx, ...tx);
     const slot = W / bars;
