@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import aiohttp  # noqa: E402
-from console_fake import FakeHost, fake_relay  # noqa: E402
 
+from console_fake import FakeHost, fake_relay  # noqa: E402
 from gtun.app.console import auth, start_console  # noqa: E402
 from gtun.app.keys import encode_key, generate_private_key, public_key  # noqa: E402
 from gtun.app.store import StoredPeer  # noqa: E402
