@@ -680,3 +680,70 @@ def test_console_passwd_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert PASSWORD not in stored
     assert auth.verify_password(PASSWORD, stored)
     assert not auth.verify_password(PASSWORD + "x", stored)
+
+
+# --- the relay's hook ------------------------------------------------------------------
+
+
+def test_the_relay_serves_the_console_and_closes_it(tmp_path: Path) -> None:
+    """Server.run() starts the console after the control socket, and its unwind
+    closes it."""
+    import socket
+
+    from gtun.app.server import Server
+    from gtun.testing.platform import FakePlatform
+
+    def free_port(kind: int) -> int:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    relay_port, console_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    path = write_config(
+        tmp_path, extra=f'console_listen = "127.0.0.1:{console_port}"\nuapi = false'
+    )
+    path.write_text(path.read_text().replace("127.0.0.1:9621", f"127.0.0.1:{relay_port}"))
+    cfg = load_server_config(path)
+    server = Server(cfg, FakePlatform())
+    base = f"http://127.0.0.1:{console_port}"
+
+    async def go() -> None:
+        task = asyncio.create_task(server.run())
+        try:
+            for _ in range(500):
+                if cfg.control_socket.exists() or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            async with aiohttp.ClientSession() as client:
+                async with client.get(f"{base}/login") as r:
+                    assert r.status == 200 and 'id="password"' in await r.text()
+                async with client.get(f"{base}/api/status") as r:
+                    assert r.status == 401
+        finally:
+            server.stop.set()
+            await task
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with client.get(f"{base}/login") as r:
+                    await r.read()
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_doctor(host: Any) -> None:
+    """`gtun doctor --json` on the relay's config, in a subprocess, cached."""
+
+    async def scenario(base: str, client: aiohttp.ClientSession) -> None:
+        await login(base, client)
+        async with client.get(f"{base}/api/doctor") as r:
+            first = await r.json()
+        async with client.get(f"{base}/api/doctor") as r:
+            again = await r.json()
+        assert again["ran"] == first["ran"]  # one run serves 30 s
+        checks = {c["check"]: c for c in first["checks"]}
+        # nothing runs this fake relay's control socket: doctor says so, with the fix
+        assert not checks["relay"]["ok"] and "gtun server" in checks["relay"]["fix"]
+        assert first["ok"] is False and isinstance(first["ran"], float)
+
+    run(host, scenario)
