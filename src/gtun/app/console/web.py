@@ -393,7 +393,8 @@ class Console:
             stored = await self._stored_now()
         except GtunError as exc:
             return _error(503, f"the store: {exc}")
-        row = next((r for r in self._rows(status, stored) if r["name"] == name), None)
+        rows = await off_loop(self._rows, status, stored)
+        row = next((r for r in rows if r["name"] == name), None)
         if row is None:
             return _error(404, f"no peer named {name}")
         key = row["public_key"]
