@@ -80,8 +80,11 @@ class FakeStore:
         out = []
         for sp in self.real.peers():
             fields = {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
-            fields.setdefault("quota", self.quotas.get(sp.name))
-            fields.setdefault("disabled_reason", self.reasons.get(sp.name))
+            # What a test set here, over what the state file says (or lacks)
+            if fields.get("quota") is None:
+                fields["quota"] = self.quotas.get(sp.name)
+            if fields.get("disabled_reason") is None:
+                fields["disabled_reason"] = self.reasons.get(sp.name)
             out.append(FakePeer(**fields))
         return out
 
