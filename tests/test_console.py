@@ -361,8 +361,12 @@ def test_add_peer(host: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -
             assert r.status == 409
         async with client.post(f"{base}/api/peers", json={"name": "bad name!"}, headers=hdr) as r:
             assert r.status == 400
-        async with client.post(f"{base}/api/peers", data=b"{", headers=hdr) as r:
+        json_type = {**hdr, "Content-Type": "application/json"}
+        async with client.post(f"{base}/api/peers", data=b"{", headers=json_type) as r:
             assert r.status == 400
+        form = {**hdr, "Content-Type": "text/plain"}  # what a form of another site can send
+        async with client.post(f"{base}/api/peers", data=b'{"name": "x"}', headers=form) as r:
+            assert r.status == 415
         async with client.get(f"{base}/api/peers") as r:
             rows = {p["name"]: p for p in (await r.json())["peers"]}
         assert rows["phone"]["source"] == "stored" and rows["phone"]["enabled"]
@@ -456,6 +460,7 @@ def test_peer_rows(host: Any) -> None:
         assert list(rows) == ["alice", "cfg0", "over", "quiet"]
         a = rows["alice"]
         assert a["online"] and a["enabled"] and a["relay"] == "this relay"
+        assert a["kind"] == "wireguard" and rows["over"]["kind"] is None
         assert (a["rx_bytes"], a["tx_bytes"]) == (101_000, 50_500)
         assert a["endpoint"] == "198.51.100.7:40000" and a["transport"] == "udp"
         assert 100_000 / 1.5 < a["rate_in"] < 100_000 / 0.25  # samples 0.3 s apart
@@ -557,7 +562,7 @@ def test_shared_store_views(host: Any) -> None:
         async with client.get(f"{base}/api/peers") as r:
             rows = {p["name"]: p for p in (await r.json())["peers"]}
         roamer = rows["roamer"]
-        assert roamer["relay"] == "r2" and roamer["online"]
+        assert roamer["relay"] == "r2" and roamer["online"] and roamer["kind"] is None
         assert (roamer["rx_bytes"], roamer["endpoint"], roamer["transport"]) == (
             4000,
             "192.0.2.8:1",

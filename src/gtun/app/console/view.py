@@ -120,6 +120,8 @@ def peer_rows(
         }
         rate_in, rate_out = rates.rate(key)
         lr = live.get(key) if holder is not None else None
+        if holder is not None or p.get("last_handshake") is None:
+            row["kind"] = None  # unknown: it never made a session here
         if holder is not None:
             row["relay"] = holder
             row["endpoint"] = row["transport"] = row["last_handshake"] = None

@@ -279,6 +279,14 @@ class Console:
         return request.remote or "?"
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object.  Only as application/json: a page of another site
+        cannot send that type without the browser asking first (CORS), which nothing
+        here grants.  Raises HTTPBadRequest (400) or HTTPUnsupportedMediaType (415)."""
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(
+                text=json.dumps({"error": "send the body as application/json"}),
+                content_type="application/json",
+            )
         try:
             data = await request.json()
         except (ValueError, UnicodeDecodeError):
