@@ -90,6 +90,7 @@ const gtun = (() => {
   }
 
   function ready() {
+    if (document.body.dataset.ready !== "1") performance.mark("gtun-ready"); // for bench/
     document.body.dataset.ready = "1";
   }
 
