@@ -184,6 +184,8 @@ def test_login_wrong_and_right(host: Any) -> None:
         assert "Secure" not in cookie  # plain HTTP on loopback
         async with client.get(f"{base}/api/session") as r:
             assert (await r.json())["csrf"] == csrf
+        async with client.get(f"{base}/login", allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/"
         async with client.get(f"{base}/") as r:
             assert r.status == 200 and 'id="peers"' in await r.text()
         async with client.post(f"{base}/api/logout", headers={"X-CSRF-Token": csrf}) as r:

@@ -260,6 +260,8 @@ class Console:
         )
 
     async def page_login(self, request: web.Request) -> web.Response:
+        if self.sessions.get(request.cookies.get(COOKIE)) is not None:
+            raise web.HTTPFound("/")  # logged in already
         return self._render("login.html", title="Log in")
 
     async def page(self, page: str, request: web.Request) -> web.Response:
