@@ -589,6 +589,7 @@ def test_single_relay_row(host: Any) -> None:
         async with client.get(f"{base}/api/relays") as r:
             (row,) = (await r.json())["relays"]
         assert row["this"] and row["alive"] and row["endpoint"] == "203.0.113.5:9621"
+        assert row["name"] == "server"  # its config file's stem
         assert (row["peers"], row["handshakes"], row["rx_bytes"], row["drops"]) == (2, 1, 10, 3)
 
     run(host, scenario)

@@ -183,9 +183,11 @@ def relay_rows(
     stats: list[tuple[str, str, str | None, float | None, dict[str, Any]]] | None,
     endpoint: str | None,
     now: float,
+    own_name: str = "this relay",
 ) -> list[dict[str, Any]]:
     """The relays of the network: the store's rows (`stats`, a shared store), or this
-    relay alone from its status.  A relay is alive when its heartbeat is under 60 s."""
+    relay alone from its status, named `own_name` (its config file's stem) when it has
+    no name in a mesh.  A relay is alive when its heartbeat is under 60 s."""
     here = status.get("relay_name")
     if stats is None:
         peers = status.get("peers", [])
@@ -197,7 +199,7 @@ def relay_rows(
         ]
         return [
             {
-                "name": here or "this relay",
+                "name": here or own_name,
                 "public_key": status.get("public_key"),
                 "endpoint": endpoint,
                 "this": True,

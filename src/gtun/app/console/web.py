@@ -442,7 +442,9 @@ class Console:
         endpoint = (
             None if ep is None else (f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}")
         )
-        return await self._answer({"relays": relay_rows(status, stats, endpoint, time.time())})
+        return await self._answer(
+            {"relays": relay_rows(status, stats, endpoint, time.time(), self.cfg.path.stem)}
+        )
 
     async def api_doctor(self, request: web.Request) -> web.Response:
         fresh = request.query.get("fresh") == "1"  # the page's "Run again"
