@@ -267,6 +267,23 @@ def test_csrf_is_required_for_changes(host: Any) -> None:
     run(host, scenario)
 
 
+def test_loopback_console_answers_to_localhost_only(host: Any) -> None:
+    async def scenario(base: str, client: aiohttp.ClientSession) -> None:
+        port = base.rsplit(":", 1)[1]
+        for name, want in (
+            (f"localhost:{port}", 200),
+            (f"127.0.0.1:{port}", 200),
+            (f"[::1]:{port}", 200),
+            ("localhost", 200),
+            (f"evil.example:{port}", 403),  # a rebound name
+            ("127.0.0.1.evil.example", 403),
+        ):
+            async with client.get(f"{base}/login", headers={"Host": name}) as r:
+                assert r.status == want, name
+
+    run(host, scenario)
+
+
 def test_headers(host: Any) -> None:
     async def scenario(base: str, client: aiohttp.ClientSession) -> None:
         for path in ("/login", "/api/peers", "/static/common.js"):

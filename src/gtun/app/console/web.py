@@ -19,6 +19,7 @@ import base64
 import functools
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import ssl
@@ -95,6 +96,8 @@ class Console:
         self.cfg = host.cfg
         self.store: ConsoleStore = host.store
         self.tls = self.cfg.console_tls_cert is not None
+        listen = self.cfg.console_listen
+        self.local_only = listen is not None and ipaddress.ip_address(listen[0]).is_loopback
         self.sessions = auth.Sessions()
         self.limiter = auth.LoginLimiter()
         self.rates = Rates()
@@ -177,6 +180,10 @@ class Console:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
+        if self.local_only and not _local_host(request.host):
+            # DNS rebinding: a page of another site whose name now points at this
+            # machine would reach a loopback console under its own name.
+            return _error(403, f"this console answers to localhost only, not {request.host}")
         if path == "/login" or path == "/api/login" or path.startswith("/static/"):
             return await handler(request)
         session = self.sessions.get(request.cookies.get(COOKIE))
@@ -600,6 +607,21 @@ class Console:
             return refused
         fn = functools.partial(peers.set_peer_quota, self.cfg, name, quota, tell=False)
         return await self._change(f"peer {name} quota {quota}", fn)
+
+
+def _local_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback: localhost or a loopback
+    address, with or without a port."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _png_data_url(text: str) -> str:
