@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
     imp.add_argument("source", type=Path, help="the relay's state file (state_dir/gtun.sqlite)")
 
+    con = sub.add_parser("console", help="the relay's web console")
+    con_sub = con.add_subparsers(dest="console_command", required=True, parser_class=_Parser)
+    pw = con_sub.add_parser(
+        "passwd", help="set the console's admin password (kept as a scrypt hash in the store)"
+    )
+    pw.add_argument("-c", "--config", required=True, type=Path, help="the relay's server.toml")
+    pw.add_argument(
+        "--stdin", action="store_true", help="read the password once from standard input"
+    )
+
     st = sub.add_parser("status", help="ask a running relay or client")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("-s", "--socket", type=Path, help="control socket (default: relay's)")
@@ -194,6 +204,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return peer_manage(args)
     if args.command == "store":
         return store_command(args)
+    if args.command == "console":
+        return console_passwd(args)
     if args.command == "status":
         return status(args)
     if args.command == "doctor":
@@ -292,6 +304,35 @@ def peer_manage(args: argparse.Namespace) -> int:
         note = peers.set_peer_enabled(cfg, args.name, args.peer_command == "enable")
     done = {"remove": "removed", "disable": "disabled", "enable": "enabled"}[args.peer_command]
     print(f"gtun: peer {args.name} {done}; {note}", file=sys.stderr)
+    return 0
+
+
+def console_passwd(args: argparse.Namespace) -> int:
+    """`gtun console passwd`: the new password twice from the terminal, or once from
+    standard input with --stdin; its hash goes into the store (every relay of a
+    shared store takes the same login)."""
+    from gtun.app.config import load_server_config
+    from gtun.app.console import auth
+    from gtun.app.peerset import open_state
+
+    cfg = load_server_config(args.config)
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        password = getpass.getpass("New console password: ")
+        auth.check_new_password(password)
+        if getpass.getpass("Again: ") != password:
+            raise ConfigError("the two passwords differ; nothing was changed")
+    auth.check_new_password(password)
+    text = auth.hash_password(password)
+    store = open_state(cfg)
+    try:
+        auth.write_admin_hash(store, text)
+    finally:
+        store.close()
+    print(f"gtun: console password set in {store.path}", file=sys.stderr)
     return 0
 
 

@@ -66,6 +66,10 @@ _SERVER_KEYS = (
     "store",
     "uapi",
     "workers",
+    "console_listen",
+    "console_tls_cert",
+    "console_tls_key",
+    "console_insecure",
 )
 _PEER_KEYS = ("name", "public_key", "address", "subnets", "preshared_key_file")
 _CLIENT_KEYS = (
@@ -134,6 +138,10 @@ class ServerConfig:
     store: str | None = None  # a postgresql:// URI: state shared by several relays
     uapi: bool = True  # answer `wg show` on /var/run/wireguard/DEVICE.sock (app/uapi.py)
     workers: int | None = None  # processes sharing the port (app/workers.py); None: one per core
+    console_listen: tuple[str, int] | None = None  # the web console (app/console/); None: off
+    console_tls_cert: Path | None = None  # PEM certificate chain: the console serves HTTPS
+    console_tls_key: Path | None = None  # its PEM private key (both or neither)
+    console_insecure: bool = False  # true: plain HTTP on a non-loopback console_listen
 
     @property
     def relay_address(self) -> IPv4Address:
@@ -553,6 +561,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
             "leave it out to keep the state in SQLite under state_dir",
         )
 
+    console_listen, console_tls, console_insecure = _console(s)
     peers = _load_peers(doc, network, public_key(private), network6=network6)
 
     return ServerConfig(
@@ -577,7 +586,35 @@ def load_server_config(path: str | Path) -> ServerConfig:
         store=store,
         uapi=uapi,
         workers=workers,
+        console_listen=console_listen,
+        console_tls_cert=console_tls[0] if console_tls else None,
+        console_tls_key=console_tls[1] if console_tls else None,
+        console_insecure=console_insecure,
     )
+
+
+def _console(s: _Table) -> tuple[tuple[str, int] | None, tuple[Path, Path] | None, bool]:
+    """The web console's keys: where it listens, its TLS files (both or neither), and
+    whether plain HTTP may leave the machine.  A non-loopback address without TLS is
+    refused unless `console_insecure` says so: the password and the session cookie
+    would cross the network in clear."""
+    listen = s.host_port("console_listen", require_ip=True)
+    cert = s.path("console_tls_cert") if "console_tls_cert" in s.data else None
+    key = s.path("console_tls_key") if "console_tls_key" in s.data else None
+    if (cert is None) != (key is None):
+        missing = "console_tls_key" if key is None else "console_tls_cert"
+        raise s.error(missing, "console_tls_cert and console_tls_key go together; set both")
+    insecure = s.get_bool("console_insecure", False)
+    local = listen is None or ipaddress.ip_address(listen[0]).is_loopback
+    if not local and cert is None and not insecure:
+        assert listen is not None
+        raise s.error(
+            "console_listen",
+            f"{listen[0]} is not a loopback address and the console has no TLS: set "
+            "console_tls_cert and console_tls_key, or console_insecure = true to serve "
+            "plain HTTP anyway (or listen on 127.0.0.1 and use an SSH tunnel)",
+        )
+    return listen, (cert, key) if cert is not None and key is not None else None, insecure
 
 
 def _load_peers(

@@ -182,6 +182,11 @@ class Server:
             )
             await control.start()
             rt.push("control socket", control.close)
+            if self.cfg.console_listen is not None:
+                from gtun.app.console import start_console
+
+                console = await start_console(self)
+                rt.push("web console", console.close)
             if self.cfg.uapi:
                 uapi_dir = self.platform.wg_socket_dir()
                 await start_uapi(rt.push, uapi_dir, self.cfg.device, self.wg_get)
