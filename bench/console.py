@@ -61,18 +61,19 @@ def build(tmp: Path, peers: int) -> CachedHost:
     base = fake_relay(tmp, config_peers=0)
     host = CachedHost(base.cfg, base.store)
     now = time.time()
-    with host.store.real.transaction():
+    deltas = []
+    with host.store.transaction():
         for i in range(peers):
             key = encode_key(public_key(generate_private_key()))
-            host.store.real.add_peer(StoredPeer(name=f"peer{i:04d}", public_key=key))
-            host.store.period_totals["day"][key] = (random.randint(0, 10**9), 10**8)
-            host.store.period_totals["month"][key] = (random.randint(0, 10**11), 10**10)
+            host.store.add_peer(StoredPeer(name=f"peer{i:04d}", public_key=key))
+            deltas.append((key, random.randint(0, 10**9), 10**8))
             if i % 4:
                 host.traffic[f"peer{i:04d}"] = {
                     "last_handshake": now - random.randint(1, 100),
                     "endpoint": f"198.51.{i // 250}.{i % 250}:51820",
                     "transport": "udp",
                 }
+    host.store.add_traffic(deltas, now)  # today's and this month's totals in the real store
     auth.write_admin_hash(host.store, auth.hash_password(PASSWORD))
     asyncio.run(host.status())  # the fake reads and leases its peers once, here
     return host

@@ -22,10 +22,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from console_fake import FakeLive, FakeSource, bridge_peers_api, fake_relay, write_config
+from console_fake import fake_relay, write_config
 from gtun.app.config import load_server_config
 from gtun.app.console import auth, start_console, web
-from gtun.app.console.view import period_start
+from gtun.app.pgstore import LiveRow
+from gtun.app.store import bucket_start
 from gtun.cli import main
 from gtun.errors import ConfigError
 
@@ -46,7 +47,6 @@ def _fast(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     h = fake_relay(tmp_path)
-    bridge_peers_api(monkeypatch, h.store)
     auth.write_admin_hash(h.store, auth.hash_password(PASSWORD))
     yield h
     h.store.close()
@@ -87,7 +87,7 @@ def add_stored(host: Any, name: str, **traffic: Any) -> str:
     from gtun.app.store import StoredPeer
 
     key = encode_key(public_key(generate_private_key()))
-    host.store.real.add_peer(StoredPeer(name=name, public_key=key))
+    host.store.add_peer(StoredPeer(name=name, public_key=key))
     if traffic:
         host.traffic[name] = traffic
     return key
@@ -455,11 +455,14 @@ def test_peer_rows(host: Any) -> None:
     add_stored(host, "quiet", last_handshake=t - 600)
     add_stored(host, "over")
     asyncio.run(host.status())  # served once: leased, and the lease kept when disabled
-    host.store.real.set_enabled("over", False)
-    host.store.reasons["over"] = "quota"
-    host.store.quotas["over"] = 10**9
-    host.store.period_totals["day"][key] = (700, 300)
-    host.store.period_totals["month"][key] = (7000, 3000)
+    host.store.set_enabled("over", False, "quota")
+    host.store.set_quota("over", 10**9)
+    # Today's traffic, and earlier this month's (when today is not the month's first day).
+    host.store.add_traffic([(key, 700, 300)], t)
+    month_start = bucket_start("month", t)
+    earlier = month_start < bucket_start("day", t)
+    if earlier:
+        host.store.add_traffic([(key, 6300, 2700)], month_start)
 
     async def scenario(base: str, client: aiohttp.ClientSession) -> None:
         await login(base, client)
@@ -484,7 +487,8 @@ def test_peer_rows(host: Any) -> None:
         assert a["endpoint"] == "198.51.100.7:40000" and a["transport"] == "udp"
         assert 100_000 / 1.5 < a["rate_in"] < 100_000 / 0.25  # samples 0.3 s apart
         assert abs(a["rate_in"] / a["rate_out"] - 2) < 0.01
-        assert a["today"] == {"rx": 700, "tx": 300} and a["month"] == {"rx": 7000, "tx": 3000}
+        assert a["today"] == {"rx": 700, "tx": 300}
+        assert a["month"] == ({"rx": 7000, "tx": 3000} if earlier else {"rx": 700, "tx": 300})
         assert rows["cfg0"]["source"] == "config" and rows["cfg0"]["quota"] is None
         assert not rows["quiet"]["online"] and rows["quiet"]["enabled"]
         o = rows["over"]
@@ -527,13 +531,13 @@ def test_peer_detail(host: Any) -> None:
         last_handshake=t - 5,
         drops={"replay": 2, "too_big": 0},
     )
-    m = period_start("day", t)
-    host.store.history[(key, "minute")] = [(m - 7200, 1, 1), (t - 120, 5, 6), (t - 60, 7, 8)]
-    host.store.history[(key, "hour")] = [(m - 86400 * 40, 9, 9), (m - 3600, 50, 60)]
-    host.store.source_rows[key] = [
-        FakeSource("198.51.100.7:40000", "udp", "", t - 900, t - 100),
-        FakeSource("203.0.113.9:5000", "tcp", "", t - 90, t - 10),
-    ]
+    # Folds at these times (the store puts each into its minute, hour, day and month).
+    for when, rx, tx in ((t - 7200 * 13, 1, 1), (t - 120, 5, 6), (t - 60, 7, 8)):
+        host.store.add_traffic([(key, rx, tx)], when)
+    host.store.add_traffic([(key, 9, 9)], t - 86400 * 40)  # beyond the month view
+    host.store.note_sources("", [(key, "198.51.100.7:40000", "udp")], t - 900)
+    host.store.note_sources("", [(key, "198.51.100.7:40000", "udp")], t - 100)
+    host.store.note_sources("", [(key, "203.0.113.9:5000", "tcp")], t - 10)
 
     async def scenario(base: str, client: aiohttp.ClientSession) -> None:
         await login(base, client)
@@ -541,9 +545,16 @@ def test_peer_detail(host: Any) -> None:
             p = await r.json()
         assert p["name"] == "alice" and p["drops"] == {"replay": 2, "too_big": 0}
         assert [s["endpoint"] for s in p["sources"]] == ["203.0.113.9:5000", "198.51.100.7:40000"]
-        assert p["history"]["hour"] == [[t - 120, 5, 6], [t - 60, 7, 8]]
-        assert len(p["history"]["day"]) == 3
-        assert p["history"]["month"] == [[m - 3600, 50, 60]]
+        minute = [bucket_start("minute", t - 120), bucket_start("minute", t - 60)]
+        assert p["history"]["hour"] == [[minute[0], 5, 6], [minute[1], 7, 8]]
+        assert p["history"]["day"] == p["history"]["hour"]  # nothing else within 24 h
+        hours = {start for start, _, _ in p["history"]["month"]}
+        assert bucket_start("hour", t - 7200 * 13) in hours
+        assert bucket_start("hour", t - 86400 * 40) not in hours
+        assert sum(rx for _, rx, _ in p["history"]["month"]) == 1 + 5 + 7
+        first, last = p["sources"][1], p["sources"][0]
+        assert (first["first_seen"], first["last_seen"]) == (t - 900, t - 100)
+        assert last["transport"] == "tcp"
         async with client.get(f"{base}/api/peers/nobody") as r:
             assert r.status == 404
 
@@ -555,7 +566,7 @@ def test_shared_store_views(host: Any) -> None:
     host.cfg = dataclasses.replace(host.cfg, store="postgresql://gtun@db/gtun")
     host.relay_name = "r1"
     key = add_stored(host, "roamer", relay="r2", last_handshake=t - 900, rx_bytes=5, tx_bytes=5)
-    host.store.live_rows[key] = FakeLive(key, "r2", "192.0.2.8:1", "tcp", t - 3, 4000, 2000, t)
+    host.store.live_rows[key] = LiveRow(key, "r2", "192.0.2.8:1", "tcp", t - 3, 4000, 2000, t)
     host.store.stats = [
         (
             "r2",

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from console_fake import bridge_peers_api, fake_relay
+from console_fake import fake_relay
 from gtun.app.console import auth, start_console, web
 from gtun.app.keys import encode_key, generate_private_key, public_key
 from gtun.app.store import StoredPeer
@@ -32,12 +32,11 @@ def console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
     monkeypatch.setattr(auth, "SCRYPT_N", 2**10)
     monkeypatch.setattr(web, "SAMPLE_INTERVAL", 0.3)
     host = fake_relay(tmp_path)
-    bridge_peers_api(monkeypatch, host.store)
     auth.write_admin_hash(host.store, auth.hash_password(PASSWORD))
     now = time.time()
     for i, name in enumerate(("alice", "bob", "carol")):
         key = encode_key(public_key(generate_private_key()))
-        host.store.real.add_peer(StoredPeer(name=name, public_key=key))
+        host.store.add_peer(StoredPeer(name=name, public_key=key))
         if name != "carol":
             host.traffic[name] = {
                 "rx_bytes": 1000 * (i + 1),

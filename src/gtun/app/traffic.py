@@ -12,11 +12,12 @@ the next fold.  It goes down when its peer was removed and added again (its coun
 start afresh) or when one of several relay workers restarted (its part of the merged
 total is gone while the others' stays): counting the new value from 0 would count the
 other workers' part of the whole run a second time, which may be gigabytes, where
-counting nothing loses at most one fold interval's traffic of that peer.  quota_changes() says which stored peers to
-disable for their monthly quota (rx+tx in this month's bucket at or over it) and which
-peers disabled for it to enable again (a new month, a raised or removed quota);
-enforce_quotas() reads the store and applies them (the one function here that does
-I/O: the relay calls it in a worker thread).
+counting nothing loses at most one fold interval's traffic of that peer.
+
+quota_changes() says which stored peers to disable for their monthly quota (rx+tx in
+this month's bucket at or over it) and which peers disabled for it to enable again (a
+new month, a raised or removed quota); enforce_quotas() reads the store and applies them
+(the one function here that does I/O: the relay calls it in a worker thread).
 """
 
 from __future__ import annotations

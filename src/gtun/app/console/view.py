@@ -7,8 +7,6 @@ event loop where the work is large.
 
 from __future__ import annotations
 
-import calendar
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
 from typing import Any, Protocol
@@ -32,14 +30,6 @@ class ConsoleStore(Protocol):
     def set_setting(self, name: str, value: str) -> None: ...
     def live(self) -> dict[str, Any]: ...
     def relay_stats(self) -> list[tuple[str, str, str | None, float | None, dict[str, Any]]]: ...
-
-
-def period_start(period: str, t: float) -> float:
-    """The start of the UTC day or month holding `t` (as the store's buckets)."""
-    if period == "day":
-        return t - t % 86400
-    tm = time.gmtime(t)
-    return float(calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0)))
 
 
 class Rates:

@@ -41,9 +41,9 @@ from gtun.app.console.view import (
     Rates,
     as_dict,
     peer_rows,
-    period_start,
     relay_rows,
 )
+from gtun.app.store import bucket_start
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
 log = logging.getLogger("gtun")
@@ -362,8 +362,8 @@ class Console:
         return {
             "peers": self.store.peers(),
             "leases": self.store.leases(),
-            "today": self.store.totals("day", period_start("day", now)),
-            "month": self.store.totals("month", period_start("month", now)),
+            "today": self.store.totals("day", bucket_start("day", now)),
+            "month": self.store.totals("month", bucket_start("month", now)),
         }
 
     async def _stored_now(self) -> dict[str, Any]:
