@@ -300,6 +300,9 @@ def test_console_in_a_browser(console: Console) -> None:
     # History is in the store: it survives a restart of the relay.
     b.goto("/peer/c1")
     b.wait(lambda: b.find_all("svg#chart-hour rect"), "c1's hour chart")
+    # c1 is a [[peers]] entry: changed in the config file, so no buttons for it here.
+    assert not b.find("#disable").is_enabled() and not b.find("#remove").is_enabled()
+    assert "config" in b.text("#kept-note")
     b.screenshot("peer")
     net.stop(net.relay)  # the relay folds its counters once more as it stops
     net.start_relay()

@@ -24,8 +24,13 @@
     const state = document.getElementById("state");
     state.textContent = p.enabled ? "enabled" : `disabled (${p.disabled_reason || "admin"})`;
     state.className = `badge ${p.enabled ? (p.online ? "st-online" : "st-offline") : "st-disabled"}`;
-    document.getElementById("enable").disabled = p.enabled;
-    document.getElementById("disable").disabled = !p.enabled;
+    // A [[peers]] entry is changed in its relay's config file, not here.
+    const stored = p.source === "stored";
+    document.getElementById("enable").disabled = p.enabled || !stored;
+    document.getElementById("disable").disabled = !p.enabled || !stored;
+    for (const id of ["remove", "quota", "set-quota"]) document.getElementById(id).disabled = !stored;
+    const kept = document.getElementById("kept-note");
+    if (kept) kept.textContent = stored ? "" : `In the [[peers]] of ${p.source === "config" ? "this relay's config file" : p.source.replace("config of ", "")}: change it there.`;
     const facts = [
       ["State", !p.enabled ? "disabled" : p.online ? "online" : "offline"],
       ["Address", [p.address, p.address6].filter(Boolean).join(", ") || "-"],
