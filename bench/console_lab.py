@@ -3,7 +3,7 @@
 
 Run as root (after scripts/setup, which installs chromium and chromium-driver):
 
-    python3 bench/console_lab.py [--peers 2,1000] [--seconds 30] [--loads 5]
+    python3 bench/console_lab.py [--peers 2,1000] [--seconds 30] [--loads 5] [--screenshots DIR]
 
 For each peer count, one lab (namespaces "gtcb...", addresses only inside them): a
 relay with `console_listen` on its own loopback, two gtun clients pinging each other
@@ -65,7 +65,9 @@ def extra_peers(count: int) -> str:
     )
 
 
-def measure(peers: int, seconds: float, loads: int, workdir: Path) -> dict[str, float]:
+def measure(
+    peers: int, seconds: float, loads: int, workdir: Path, shots: Path | None
+) -> dict[str, float]:
     lab = Lab("gtcb")
     browser: Browser | None = None
     forward: NsPortForward | None = None
@@ -125,6 +127,9 @@ def measure(peers: int, seconds: float, loads: int, workdir: Path) -> dict[str, 
                 api_ms.append(entry[0])
                 api_kb.append(entry[1] / 1024)
         watched = cpu_over(pid, seconds)
+        if shots is not None:  # the page after `seconds` of polling: rates and graphs filled
+            shots.mkdir(parents=True, exist_ok=True)
+            b.driver.save_screenshot(str(shots / f"peers-{peers}.png"))
         return {
             "peers": peers,
             "ready_ms": statistics.median(ready),
@@ -148,9 +153,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--screenshots", type=Path, default=None, help="save the peers page here (PNG)"
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gtun-console-bench-"))
-    rows = [measure(int(n), args.seconds, args.loads, workdir) for n in args.peers.split(",")]
+    rows = [measure(int(n), args.seconds, args.loads, workdir, args.screenshots) for n in args.peers.split(",")]
     print(
         "| peers | page to first data ms (median, max) | /api/peers ms | /api/peers KiB "
         "| relay CPU % no page | relay CPU % page open |"
