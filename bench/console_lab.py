@@ -158,7 +158,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gtun-console-bench-"))
-    rows = [measure(int(n), args.seconds, args.loads, workdir, args.screenshots) for n in args.peers.split(",")]
+    rows = [
+        measure(int(n), args.seconds, args.loads, workdir, args.screenshots)
+        for n in args.peers.split(",")
+    ]
     print(
         "| peers | page to first data ms (median, max) | /api/peers ms | /api/peers KiB "
         "| relay CPU % no page | relay CPU % page open |"
