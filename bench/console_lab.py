@@ -127,8 +127,18 @@ def measure(
                 api_ms.append(entry[0])
                 api_kb.append(entry[1] / 1024)
         watched = cpu_over(pid, seconds)
-        if shots is not None:  # the page after `seconds` of polling: rates and graphs filled
+        if shots is not None:
+            # After the measurements, a burst of bigger pings for the graphs to show,
+            # then the page as large as its content.
+            c1.ns.run(
+                ["ping", "-n", "-q", "-s", "1200", "-i", "0.01", "-c", "800", c2.extra["address"]],
+                check=False,
+                timeout=60,
+            )
+            time.sleep(8)
             shots.mkdir(parents=True, exist_ok=True)
+            height = b.js("return document.documentElement.scrollHeight")
+            b.driver.set_window_size(1400, min(int(height) + 40, 1000))
             b.driver.save_screenshot(str(shots / f"peers-{peers}.png"))
         return {
             "peers": peers,

@@ -276,19 +276,29 @@ def _not_configured_elsewhere(store: Store, name: str) -> None:
         )
 
 
-def remove_peer(cfg: ServerConfig, name: str, *, tell: bool = True) -> str:
-    """Forget a peer `gtun peer add` stored, and its lease; the note for the user (""
-    when not `tell`: the running relay is not asked to reload).  Raises ConfigError (a
-    config peer, or no such peer) or RuntimeFailure (store)."""
+def _change_stored(
+    cfg: ServerConfig, name: str, change: Callable[[Store], bool], tell: bool
+) -> str:
+    """Apply `change` to stored peer `name` (False from it: no such peer) and, with
+    `tell`, ask the running relay to reload; the note for the user ("" when not `tell`).
+    Refuses a [[peers]] entry of this config or of another relay's.  Raises ConfigError
+    or RuntimeFailure (store)."""
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
         _not_configured_elsewhere(store, name)
-        if not store.remove_peer(name):
+        if not change(store):
             raise ConfigError(f"no stored peer named {name}", file=store.path)
     finally:
         store.close()
     return _tell_relay(cfg, "the change") if tell else ""
+
+
+def remove_peer(cfg: ServerConfig, name: str, *, tell: bool = True) -> str:
+    """Forget a peer `gtun peer add` stored, and its lease; the note for the user (""
+    when not `tell`: the running relay is not asked to reload).  Raises ConfigError (a
+    config peer, or no such peer) or RuntimeFailure (store)."""
+    return _change_stored(cfg, name, lambda store: store.remove_peer(name), tell)
 
 
 def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool, *, tell: bool = True) -> str:
@@ -296,15 +306,7 @@ def set_peer_enabled(cfg: ServerConfig, name: str, enabled: bool, *, tell: bool 
     served; a peer disabled for its quota and enabled here may be disabled again at the
     relay's next fold if it is still over it); the note for the user ("" when not
     `tell`).  Raises ConfigError or RuntimeFailure."""
-    _stored_only(cfg, name)
-    store = open_state(cfg)
-    try:
-        _not_configured_elsewhere(store, name)
-        if not store.set_enabled(name, enabled):
-            raise ConfigError(f"no stored peer named {name}", file=store.path)
-    finally:
-        store.close()
-    return _tell_relay(cfg, "the change") if tell else ""
+    return _change_stored(cfg, name, lambda store: store.set_enabled(name, enabled), tell)
 
 
 def set_peer_quota(cfg: ServerConfig, name: str, quota: int | None, *, tell: bool = True) -> str:
@@ -315,15 +317,7 @@ def set_peer_quota(cfg: ServerConfig, name: str, quota: int | None, *, tell: boo
     RuntimeFailure (store)."""
     if quota is not None and quota < 0:
         raise ConfigError(f"a quota cannot be negative ({quota})")
-    _stored_only(cfg, name)
-    store = open_state(cfg)
-    try:
-        _not_configured_elsewhere(store, name)
-        if not store.set_quota(name, quota):
-            raise ConfigError(f"no stored peer named {name}", file=store.path)
-    finally:
-        store.close()
-    return _tell_relay(cfg, "the change") if tell else ""
+    return _change_stored(cfg, name, lambda store: store.set_quota(name, quota), tell)
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

@@ -459,6 +459,19 @@ class PgStore:
             finally:
                 self._depth = 0
 
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+        """A cursor in a transaction of its own, without the lease lock: for writes
+        keyed by one relay, or that add into counters, which no lease depends on.
+        Commits at the block's end; raises StoreUnavailable or RuntimeFailure."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+            except psycopg.Error as exc:
+                raise self._failure(exc) from None
+
     def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement, inside the transaction held or on its own (no lock); its rows
         (none for a statement that returns none)."""
@@ -721,18 +734,13 @@ class PgStore:
 
     def save_endpoints(self, relay: str, changed: dict[str, str]) -> None:
         # Keyed by the relay's own key: no lease lock needed, so not in transaction().
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO endpoints (relay, public_key, endpoint) VALUES (%s, %s, %s) "
-                        "ON CONFLICT (relay, public_key) DO UPDATE SET "
-                        "endpoint = excluded.endpoint, updated = now()",
-                        [(relay, key, endpoint) for key, endpoint in changed.items()],
-                    )
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(
+                "INSERT INTO endpoints (relay, public_key, endpoint) VALUES (%s, %s, %s) "
+                "ON CONFLICT (relay, public_key) DO UPDATE SET "
+                "endpoint = excluded.endpoint, updated = now()",
+                [(relay, key, endpoint) for key, endpoint in changed.items()],
+            )
 
     # -- relays and presence -------------------------------------------------------
 
@@ -741,20 +749,15 @@ class PgStore:
     ) -> None:
         """Record (or refresh) a relay of this network, with the routes its
         configuration pushes, and tell every relay (MESH_CHANNEL)."""
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        "INSERT INTO relays (network, public_key, name, endpoint, routes) "
-                        "VALUES (%s, %s, %s, %s, %s) "
-                        "ON CONFLICT (network, public_key) DO UPDATE SET name = excluded.name, "
-                        "endpoint = excluded.endpoint, routes = excluded.routes, updated = now()",
-                        (self.network, public_key, name, endpoint, list(routes)),
-                    )
-                    conn.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.execute(
+                "INSERT INTO relays (network, public_key, name, endpoint, routes) "
+                "VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (network, public_key) DO UPDATE SET name = excluded.name, "
+                "endpoint = excluded.endpoint, routes = excluded.routes, updated = now()",
+                (self.network, public_key, name, endpoint, list(routes)),
+            )
+            cur.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
 
     def relay_rows(self) -> list[tuple[str, str, str | None, tuple[str, ...]]]:
         """The relays of this network: (public key, name, endpoint, routes)."""
@@ -815,21 +818,16 @@ class PgStore:
         """Say that `relay` holds the sessions of `peers` now, for `ttl` seconds.  Times
         are the database server's, so relays' clocks do not matter.  With `notify`, tell
         every relay (MESH_CHANNEL): a session that moved here."""
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO presence (network, public_key, relay, heartbeat, expires) "
-                        "VALUES (%s, %s, %s, now(), now() + make_interval(secs => %s)) "
-                        "ON CONFLICT (network, public_key) DO UPDATE SET relay = excluded.relay, "
-                        "heartbeat = excluded.heartbeat, expires = excluded.expires",
-                        [(self.network, key, relay, ttl) for key in peers],
-                    )
-                    if notify:
-                        cur.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(
+                "INSERT INTO presence (network, public_key, relay, heartbeat, expires) "
+                "VALUES (%s, %s, %s, now(), now() + make_interval(secs => %s)) "
+                "ON CONFLICT (network, public_key) DO UPDATE SET relay = excluded.relay, "
+                "heartbeat = excluded.heartbeat, expires = excluded.expires",
+                [(self.network, key, relay, ttl) for key in peers],
+            )
+            if notify:
+                cur.execute("SELECT pg_notify(%s, %s)", (MESH_CHANNEL, self.network))
 
     def presence(self) -> dict[str, str]:
         """Peer public key to the relay holding its session, for unexpired heartbeats."""
@@ -845,13 +843,8 @@ class PgStore:
         """`sql` for each of `rows` in one transaction of its own (no lease lock: rows
         are upserted in a fixed order, so two relays writing at once queue on the row
         locks and never deadlock)."""
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(sql, rows)
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(sql, rows)
 
     def add_traffic(self, deltas: Iterable[tuple[str, int, int]], now: float) -> None:
         """Add each (public key, rx bytes, tx bytes) into the buckets of every period
@@ -865,30 +858,25 @@ class PgStore:
             for period, start in starts
         ]
         prune = now - self._pruned >= PRUNE_INTERVAL
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO traffic (network, public_key, period, start, rx, tx) "
-                        "VALUES (%s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (network, public_key, period, start) DO UPDATE SET "
-                        "rx = traffic.rx + excluded.rx, tx = traffic.tx + excluded.tx",
-                        rows,
-                    )
-                    if prune:
-                        cur.executemany(
-                            "DELETE FROM traffic WHERE network = %s AND period = %s AND start < %s",
-                            [(self.network, p, now - KEEP[p]) for p in PERIODS],
-                        )
-                        cur.execute(
-                            "DELETE FROM sources WHERE network = %s AND last_seen < %s",
-                            (self.network, now - SOURCES_KEEP),
-                        )
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(
+                "INSERT INTO traffic (network, public_key, period, start, rx, tx) "
+                "VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (network, public_key, period, start) DO UPDATE SET "
+                "rx = traffic.rx + excluded.rx, tx = traffic.tx + excluded.tx",
+                rows,
+            )
             if prune:
-                self._pruned = now
+                cur.executemany(
+                    "DELETE FROM traffic WHERE network = %s AND period = %s AND start < %s",
+                    [(self.network, p, now - KEEP[p]) for p in PERIODS],
+                )
+                cur.execute(
+                    "DELETE FROM sources WHERE network = %s AND last_seen < %s",
+                    (self.network, now - SOURCES_KEEP),
+                )
+        if prune:  # committed
+            self._pruned = now
 
     def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
         """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
@@ -921,27 +909,22 @@ class PgStore:
         if not rows:
             return
         keys = sorted({r[0] for r in rows})
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO sources (network, public_key, endpoint, transport, relay, "
-                        "first_seen, last_seen) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (network, public_key, endpoint, transport, relay) "
-                        "DO UPDATE SET last_seen = greatest(sources.last_seen, "
-                        "excluded.last_seen)",
-                        [(self.network, k, e, t, relay, now, now) for k, e, t in rows],
-                    )
-                    cur.executemany(
-                        "DELETE FROM sources WHERE network = %s AND public_key = %s "
-                        "AND (endpoint, transport, relay) NOT IN ("
-                        "SELECT endpoint, transport, relay FROM sources WHERE network = %s "
-                        "AND public_key = %s ORDER BY last_seen DESC, endpoint LIMIT %s)",
-                        [(self.network, k, self.network, k, MAX_SOURCES) for k in keys],
-                    )
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(
+                "INSERT INTO sources (network, public_key, endpoint, transport, relay, "
+                "first_seen, last_seen) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (network, public_key, endpoint, transport, relay) "
+                "DO UPDATE SET last_seen = greatest(sources.last_seen, "
+                "excluded.last_seen)",
+                [(self.network, k, e, t, relay, now, now) for k, e, t in rows],
+            )
+            cur.executemany(
+                "DELETE FROM sources WHERE network = %s AND public_key = %s "
+                "AND (endpoint, transport, relay) NOT IN ("
+                "SELECT endpoint, transport, relay FROM sources WHERE network = %s "
+                "AND public_key = %s ORDER BY last_seen DESC, endpoint LIMIT %s)",
+                [(self.network, k, self.network, k, MAX_SOURCES) for k in keys],
+            )
 
     def sources(self, public_key: str) -> list[Source]:
         """The endpoints `public_key` came from (at any relay), the most recent first."""
@@ -986,35 +969,30 @@ class PgStore:
             )
             for r in sorted(rows, key=lambda r: r.public_key)
         ]
-        with self._lock:
-            conn = self._connection()
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO live (network, public_key, relay, endpoint, transport, "
-                        "last_handshake, rx_bytes, tx_bytes) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                        "ON CONFLICT (network, public_key) DO UPDATE SET "
-                        "relay = excluded.relay, endpoint = excluded.endpoint, "
-                        "transport = excluded.transport, "
-                        "last_handshake = excluded.last_handshake, "
-                        "rx_bytes = excluded.rx_bytes, tx_bytes = excluded.tx_bytes, "
-                        "updated = now()",
-                        values,
-                    )
-                    cur.execute(
-                        "UPDATE relays SET stats = %s WHERE network = %s AND name = %s",
-                        (Jsonb(stats), self.network, relay),
-                    )
-                    # Rows of peers gone (removed, or held nowhere) for a day: the
-                    # table stays about as large as the peers held now.
-                    cur.execute(
-                        "DELETE FROM live WHERE network = %s AND relay = %s "
-                        "AND updated < now() - make_interval(secs => %s)",
-                        (self.network, relay, LIVE_KEEP),
-                    )
-            except psycopg.Error as exc:
-                raise self._failure(exc) from None
+        with self._cursor() as cur:
+            cur.executemany(
+                "INSERT INTO live (network, public_key, relay, endpoint, transport, "
+                "last_handshake, rx_bytes, tx_bytes) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (network, public_key) DO UPDATE SET "
+                "relay = excluded.relay, endpoint = excluded.endpoint, "
+                "transport = excluded.transport, "
+                "last_handshake = excluded.last_handshake, "
+                "rx_bytes = excluded.rx_bytes, tx_bytes = excluded.tx_bytes, "
+                "updated = now()",
+                values,
+            )
+            cur.execute(
+                "UPDATE relays SET stats = %s WHERE network = %s AND name = %s",
+                (Jsonb(stats), self.network, relay),
+            )
+            # Rows of peers gone (removed, or held nowhere) for a day: the
+            # table stays about as large as the peers held now.
+            cur.execute(
+                "DELETE FROM live WHERE network = %s AND relay = %s "
+                "AND updated < now() - make_interval(secs => %s)",
+                (self.network, relay, LIVE_KEEP),
+            )
 
     def live(self) -> dict[str, LiveRow]:
         """The live rows updated within LIVE_FRESH, by peer public key."""
