@@ -16,7 +16,9 @@ measures, in this order:
   tunnel would): the time from navigation start to the page's first data on screen (the
   page marks it, performance mark "gtun-ready"), and the /api/peers answer (its size and
   its time from request to end of response, resource timing);
-- the relay's CPU over `--seconds` with the peers page open (it polls every 2 s).
+- the relay's CPU over `--seconds` with the peers page open (it polls every 2 s);
+- and, over both of those spells, the round trips of c1's pings to c2 through the relay
+  (0.2 s apart), as what a page costs the data path.
 
 This is a script that prints figures, not a test: nothing here asserts a speed.
 """
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -58,6 +62,25 @@ def cpu_over(pid: int, seconds: float) -> float:
     return (cpu_seconds(pid) - before) / (time.monotonic() - started)
 
 
+def ping_times(log: Path) -> list[tuple[float, float]]:
+    """(Unix time, RTT ms) of each answer in a `ping -D` log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"\[(\d+\.\d+)\].* time=([\d.]+) ms", line)
+        if m:
+            out.append((float(m.group(1)), float(m.group(2))))
+    return out
+
+
+def percentiles(values: list[float]) -> str:
+    """ "median / p99 / max" in ms, or "-"."""
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"{statistics.median(ordered):.2f} / {p99:.2f} / {ordered[-1]:.2f}"
+
+
 def extra_peers(count: int) -> str:
     keys = (encode_key(public_key(generate_private_key())) for _ in range(count))
     return "".join(
@@ -67,7 +90,7 @@ def extra_peers(count: int) -> str:
 
 def measure(
     peers: int, seconds: float, loads: int, workdir: Path, shots: Path | None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     lab = Lab("gtcb")
     browser: Browser | None = None
     forward: NsPortForward | None = None
@@ -94,12 +117,15 @@ def measure(
         )
         net.start_all(timeout=60)
         c1, c2 = net.clients
-        c1.ns.spawn(["ping", "-n", "-i", "0.2", c2.extra["address"]])
+        pings = workdir / f"n{peers}" / "c1-ping.log"
+        c1.ns.spawn(["ping", "-n", "-D", "-i", "0.2", c2.extra["address"]], log_path=pings)
         c2.ns.spawn(["ping", "-n", "-i", "0.2", c1.extra["address"]])
         assert net.relay.proc is not None
         pid = net.relay.proc.pid
         time.sleep(3)
+        quiet_from = time.time()
         idle = cpu_over(pid, seconds)
+        quiet_to = time.time()
 
         forward = NsPortForward(net.relay.ns.name, ("127.0.0.1", PORT))
         browser = Browser(forward.url)
@@ -126,7 +152,12 @@ def measure(
             if entry:
                 api_ms.append(entry[0])
                 api_kb.append(entry[1] / 1024)
+        watched_from = time.time()
         watched = cpu_over(pid, seconds)
+        watched_to = time.time()
+        rtts = ping_times(pings)
+        quiet_rtt = [ms for t, ms in rtts if quiet_from <= t <= quiet_to]
+        watched_rtt = [ms for t, ms in rtts if watched_from <= t <= watched_to]
         if shots is not None:
             # After the measurements, a burst of bigger pings for the graphs to show,
             # then the page as large as its content.
@@ -137,8 +168,10 @@ def measure(
             )
             time.sleep(8)
             shots.mkdir(parents=True, exist_ok=True)
-            height = b.js("return document.documentElement.scrollHeight")
-            b.driver.set_window_size(1400, min(int(height) + 40, 1000))
+            bottom = b.js(
+                "return document.querySelector('table#peers').getBoundingClientRect().bottom"
+            )
+            b.driver.set_window_size(1400, min(int(bottom) + 30, 1000))
             b.driver.save_screenshot(str(shots / f"peers-{peers}.png"))
         return {
             "peers": peers,
@@ -148,6 +181,8 @@ def measure(
             "api_kb": statistics.median(api_kb) if api_kb else float("nan"),
             "cpu_idle": idle * 100,
             "cpu_watched": watched * 100,
+            "rtt_quiet": percentiles(quiet_rtt),
+            "rtt_watched": percentiles(watched_rtt),
         }
     finally:
         if browser is not None:
@@ -174,14 +209,15 @@ def main() -> None:
     ]
     print(
         "| peers | page to first data ms (median, max) | /api/peers ms | /api/peers KiB "
-        "| relay CPU % no page | relay CPU % page open |"
+        "| relay CPU % no page | relay CPU % page open "
+        "| ping c1->c2 ms no page (median / p99 / max) | same, page open |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['peers']} | {r['ready_ms']:.0f} ({r['ready_max_ms']:.0f}) | "
             f"{r['api_ms']:.0f} | {r['api_kb']:.0f} | {r['cpu_idle']:.2f} | "
-            f"{r['cpu_watched']:.2f} |"
+            f"{r['cpu_watched']:.2f} | {r['rtt_quiet']} | {r['rtt_watched']} |"
         )
 
 
