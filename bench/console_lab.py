@@ -17,7 +17,9 @@ measures, in this order:
   page marks it, performance mark "gtun-ready"), and the /api/peers answer (its size and
   its time from request to end of response, resource timing);
 - the relay's CPU over `--seconds` with the peers page open (it polls every 2 s);
-- and, over both of those spells, the round trips of c1's pings to c2 through the relay
+- the relay's CPU over `--seconds` with /api/peers fetched every 2 s by this script
+  instead (what the relay's side costs without a browser on the same 2 cores);
+- and, over each of those spells, the round trips of c1's pings to c2 through the relay
   (0.2 s apart), as what a page costs the data path.
 
 This is a script that prints figures, not a test: nothing here asserts a speed.
@@ -26,12 +28,14 @@ This is a script that prints figures, not a test: nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from gtun.lab.portfwd import NsPortForward  # noqa: E402
 PORT = 9680
 PASSWORD = "bench console password"
 TICKS = os.sysconf("SC_CLK_TCK")
+POLL_EVERY = 2.0  # seconds, as the peers page polls
 
 
 def cpu_seconds(pid: int) -> float:
@@ -55,10 +60,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def cpu_over(pid: int, seconds: float) -> float:
-    """The share of one CPU that `pid` used over the next `seconds`."""
+def cpu_over(pid: int, seconds: float, poll: tuple[str, str] | None = None) -> float:
+    """The share of one CPU that `pid` used over the next `seconds`; with `poll` (a URL
+    and a session cookie), GET it every POLL_EVERY seconds meanwhile, as a page does."""
     before, started = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)
+    if poll is None:
+        time.sleep(seconds)
+    else:
+        url, cookie = poll
+        while time.monotonic() - started < seconds:
+            request = urllib.request.Request(url, headers={"Cookie": f"gtun_session={cookie}"})
+            with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+                answer.read()
+            time.sleep(POLL_EVERY)
     return (cpu_seconds(pid) - before) / (time.monotonic() - started)
 
 
@@ -155,12 +169,23 @@ def measure(
         watched_from = time.time()
         watched = cpu_over(pid, seconds)
         watched_to = time.time()
+        # The same polling without a browser on this machine (a script, or a browser on
+        # the admin's own computer): what the relay's side costs alone.
+        cookie = b.cookies()["gtun_session"]["value"]
+        b.driver.get("about:blank")  # the page stops polling
+        polled_from = time.time()
+        polled = cpu_over(pid, seconds, poll=(forward.url + "/api/peers", cookie))
+        polled_to = time.time()
         rtts = ping_times(pings)
-        quiet_rtt = [ms for t, ms in rtts if quiet_from <= t <= quiet_to]
-        watched_rtt = [ms for t, ms in rtts if watched_from <= t <= watched_to]
+
+        def spell(start: float, end: float) -> list[float]:
+            return [ms for t, ms in rtts if start <= t <= end]
+
         if shots is not None:
-            # After the measurements, a burst of bigger pings for the graphs to show,
-            # then the page as large as its content.
+            # After the measurements: the page again, a burst of bigger pings for the
+            # graphs to show, then the page as large as its content.
+            b.goto("/")
+            time.sleep(15)
             c1.ns.run(
                 ["ping", "-n", "-q", "-s", "1200", "-i", "0.01", "-c", "800", c2.extra["address"]],
                 check=False,
@@ -171,8 +196,11 @@ def measure(
             bottom = b.js(
                 "return document.querySelector('table#peers').getBoundingClientRect().bottom"
             )
-            b.driver.set_window_size(1400, min(int(bottom) + 30, 1000))
-            b.driver.save_screenshot(str(shots / f"peers-{peers}.png"))
+            clip = {"x": 0, "y": 0, "width": 1400, "height": min(int(bottom) + 28, 1000)}
+            shot = b.driver.execute_cdp_cmd(
+                "Page.captureScreenshot", {"format": "png", "clip": {**clip, "scale": 1}}
+            )
+            (shots / f"peers-{peers}.png").write_bytes(base64.b64decode(shot["data"]))
         return {
             "peers": peers,
             "ready_ms": statistics.median(ready),
@@ -181,8 +209,10 @@ def measure(
             "api_kb": statistics.median(api_kb) if api_kb else float("nan"),
             "cpu_idle": idle * 100,
             "cpu_watched": watched * 100,
-            "rtt_quiet": percentiles(quiet_rtt),
-            "rtt_watched": percentiles(watched_rtt),
+            "cpu_polled": polled * 100,
+            "rtt_quiet": percentiles(spell(quiet_from, quiet_to)),
+            "rtt_watched": percentiles(spell(watched_from, watched_to)),
+            "rtt_polled": percentiles(spell(polled_from, polled_to)),
         }
     finally:
         if browser is not None:
@@ -209,15 +239,16 @@ def main() -> None:
     ]
     print(
         "| peers | page to first data ms (median, max) | /api/peers ms | /api/peers KiB "
-        "| relay CPU % no page | relay CPU % page open "
-        "| ping c1->c2 ms no page (median / p99 / max) | same, page open |"
+        "| relay CPU %: no page, page open, API polled "
+        "| ping c1->c2 ms (median / p99 / max): no page | page open | API polled |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['peers']} | {r['ready_ms']:.0f} ({r['ready_max_ms']:.0f}) | "
-            f"{r['api_ms']:.0f} | {r['api_kb']:.0f} | {r['cpu_idle']:.2f} | "
-            f"{r['cpu_watched']:.2f} | {r['rtt_quiet']} | {r['rtt_watched']} |"
+            f"{r['api_ms']:.0f} | {r['api_kb']:.0f} | "
+            f"{r['cpu_idle']:.2f}, {r['cpu_watched']:.2f}, {r['cpu_polled']:.2f} | "
+            f"{r['rtt_quiet']} | {r['rtt_watched']} | {r['rtt_polled']} |"
         )
 
 

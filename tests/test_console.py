@@ -221,6 +221,42 @@ def test_failed_logins_are_limited(host: Any) -> None:
     run(host, scenario)
 
 
+def test_concurrent_logins_beyond_the_bound_are_refused_at_once(
+    host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A burst of logins must not all reach scrypt: those over MAX_VERIFYING get 429
+    # without being checked, while the ones in flight finish.
+    import threading
+
+    release = threading.Event()
+    checked: list[str] = []
+
+    def slow_verify(password: str, stored: str | None) -> bool:
+        checked.append(password)
+        release.wait(10)
+        return False
+
+    monkeypatch.setattr(auth, "verify_password", slow_verify)
+
+    async def scenario(base: str, client: aiohttp.ClientSession) -> None:
+        async def attempt() -> int:
+            async with client.post(f"{base}/api/login", json={"password": "x" * 12}) as r:
+                return r.status
+
+        burst = [asyncio.ensure_future(attempt()) for _ in range(auth.MAX_VERIFYING + 3)]
+        for _ in range(100):  # until the first MAX_VERIFYING are inside scrypt
+            if len(checked) == auth.MAX_VERIFYING:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert len(checked) == auth.MAX_VERIFYING
+        release.set()
+        statuses = sorted(await asyncio.gather(*burst))
+        assert statuses == [401] * auth.MAX_VERIFYING + [429] * 3, statuses
+
+    run(host, scenario)
+
+
 def test_rates() -> None:
     from gtun.app.console.view import Rates
 

@@ -37,6 +37,11 @@ SESSION_IDLE = 3600.0  # seconds without a request
 FAILS_PER_ADDRESS = 5  # failed logins from one address ...
 FAIL_WINDOW = 300.0  # ... within this many seconds, then 429
 FAILS_PER_MINUTE = 20  # failed logins from everyone within 60 s, then 429
+# Logins checked at once (each is 32 MiB and ~0.1 s of scrypt in a worker thread); more
+# get 429 at once: the limits above count failures only once checked, so a burst of
+# concurrent attempts would otherwise all reach scrypt and fill the worker threads that
+# the relay's own background work (the traffic fold, health) shares.
+MAX_VERIFYING = 2
 
 
 class SettingsStore(Protocol):

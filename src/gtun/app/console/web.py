@@ -100,6 +100,7 @@ class Console:
         self.local_only = listen is not None and ipaddress.ip_address(listen[0]).is_loopback
         self.sessions = auth.Sessions()
         self.limiter = auth.LoginLimiter()
+        self._verifying = 0  # logins being checked now (auth.MAX_VERIFYING at most)
         self.rates = Rates()
         self.live_rates = Rates()
         self._status: dict[str, Any] | None = None
@@ -316,10 +317,18 @@ class Console:
             return _error(
                 429, "too many failed logins; try again later", {"Retry-After": str(wait)}
             )
-        data = await self._body(request)
-        password = data.get("password")
-        stored = await off_loop(auth.read_admin_hash, self.store)
-        good = isinstance(password, str) and await off_loop(auth.verify_password, password, stored)
+        if self._verifying >= auth.MAX_VERIFYING:
+            return _error(429, "other logins are being checked; try again", {"Retry-After": "1"})
+        self._verifying += 1
+        try:
+            data = await self._body(request)
+            password = data.get("password")
+            stored = await off_loop(auth.read_admin_hash, self.store)
+            good = isinstance(password, str) and await off_loop(
+                auth.verify_password, password, stored
+            )
+        finally:
+            self._verifying -= 1
         if not good:
             self.limiter.failed(address)
             log.warning("console: failed login from %s", address)
