@@ -257,6 +257,30 @@ def test_concurrent_logins_beyond_the_bound_are_refused_at_once(
     run(host, scenario)
 
 
+def test_connections_beyond_the_bound_are_closed(
+    host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Connections that never send a request hold at most MAX_CONNECTIONS descriptors;
+    # one more is closed at once, and a slot freed serves again.
+    monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
+
+    async def scenario(base: str, client: aiohttp.ClientSession) -> None:
+        host_, port = base.removeprefix("http://").rsplit(":", 1)
+        idle = [await asyncio.open_connection(host_, int(port)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection(host_, int(port))
+        assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed unanswered
+        writer.close()
+        idle[0][1].close()
+        await asyncio.sleep(0.2)
+        async with client.get(f"{base}/login") as r:
+            assert r.status == 200
+        for _, w in idle[1:]:
+            w.close()
+
+    run(host, scenario)
+
+
 def test_rates() -> None:
     from gtun.app.console.view import Rates
 

@@ -59,6 +59,7 @@ CSP = (
 SAMPLE_INTERVAL = 2.0  # seconds between samples of the relay's counters
 WATCH_FOR = 30.0  # seconds after the last API call that sampling goes on
 LIVE_INTERVAL = 5.0  # seconds between reads of a shared store's live rows
+MAX_CONNECTIONS = 64  # open connections to the console; more are closed at once
 STORE_CACHE = 5.0  # seconds the peers' stored rows and totals are reused
 DOCTOR_CACHE = 30.0  # seconds a doctor run's answer is reused
 DOCTOR_TIMEOUT = 60.0  # seconds a doctor run may take
@@ -660,22 +661,44 @@ def tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def _bounded(server: web.Server, limit: int) -> Callable[[], asyncio.BaseProtocol]:
+    """aiohttp's protocol factory, refusing connections beyond `limit` open ones: an
+    unauthenticated host that opens connections and never finishes a request would
+    otherwise hold descriptors the relay needs (its TCP transport, its store) until
+    the process runs out."""
+
+    def make() -> asyncio.BaseProtocol:
+        if len(server.connections) >= limit:
+            return _Refused()
+        return server()
+
+    return make
+
+
 class RunningConsole:
     """A started console: its address, and close() (the AsyncClose the relay pushes)."""
 
-    def __init__(self, runner: web.AppRunner, site: web.TCPSite, console: Console) -> None:
+    def __init__(
+        self, runner: web.AppRunner, listener: asyncio.base_events.Server, console: Console
+    ) -> None:
         self.runner = runner
-        self.site = site
+        self.listener = listener
         self.console = console
 
     @property
     def address(self) -> tuple[str, int]:
-        server = self.site._server
-        assert server is not None and isinstance(server, asyncio.base_events.Server)
-        host, port = server.sockets[0].getsockname()[:2]
+        host, port = self.listener.sockets[0].getsockname()[:2]
         return host, port
 
     async def close(self) -> None:
+        self.listener.close()
         await self.runner.cleanup()
 
 
@@ -688,10 +711,16 @@ async def start_console(server: ConsoleHost) -> RunningConsole:
     console = Console(server)
     runner = web.AppRunner(console.app(), access_log=None, handle_signals=False)
     await runner.setup()
+    assert runner.server is not None
     host, port = cfg.console_listen
-    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            _bounded(runner.server, MAX_CONNECTIONS),
+            host,
+            port,
+            ssl=context,
+            reuse_address=True,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(
@@ -699,7 +728,7 @@ async def start_console(server: ConsoleHost) -> RunningConsole:
             file=cfg.path,
             key="server.console_listen",
         ) from None
-    running = RunningConsole(runner, site, console)
+    running = RunningConsole(runner, listener, console)
     shown = "https" if context is not None else "http"
     h, p = running.address
     log.info("console on %s://%s:%d/", shown, f"[{h}]" if ":" in h else h, p)
