@@ -318,6 +318,8 @@ def test_csrf_is_required_for_changes(host: Any) -> None:
             assert r.status == 403
         async with client.delete(f"{base}/api/peers/alice", headers={"X-CSRF-Token": ""}) as r:
             assert r.status == 403
+        async with client.post(url, headers={"X-CSRF-Token": "forgé" + csrf[5:]}) as r:
+            assert r.status == 403  # not ASCII: refused, not a 500
         assert host.reloads == 0
         assert [p.enabled for p in host.store.peers()] == [True]
         async with client.post(url, headers={"X-CSRF-Token": csrf}) as r:

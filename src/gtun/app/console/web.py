@@ -195,7 +195,8 @@ class Console:
             raise web.HTTPFound("/login")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             token = request.headers.get("X-CSRF-Token", "")
-            if not token or not hmac.compare_digest(token, session.csrf):
+            # As bytes: compare_digest refuses a str with non-ASCII characters.
+            if not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):
                 return _error(403, "missing or wrong X-CSRF-Token")
         request[SESSION] = session
         if path.startswith("/api"):
