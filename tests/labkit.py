@@ -1,11 +1,13 @@
 """Helpers of the namespace tests (tier 3) that `gtun demo` and the benchmark do not
 need: gtun commands and inline Python run in a namespace, a port held by another
 program, IPv6 on a GtunNet's LAN link, checked transfers over long-lived agents, and
-stock WireGuard peers configured the way wg-quick does.  The network itself is
+stock WireGuard peers configured the way wg-quick does, and the web console's API as a
+script uses it.  The network itself is
 gtun.lab.net's GtunNet; the programs these helpers start are in tests/scripts/."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import re
@@ -13,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,3 +432,40 @@ def transport_size(inner: int) -> int:
     """The WireGuard datagram that carries an `inner`-byte packet or frame (padded to a
     multiple of 16, as WireGuard pads)."""
     return TRANSPORT_OVERHEAD + ((inner + 15) & ~15)
+
+
+# --- the web console ----------------------------------------------------------------
+
+
+class ConsoleApi:
+    """The web console's JSON API as a script uses it: a cookie jar and the CSRF token
+    (tests/test_console_mesh_netns.py, test_systemd.py)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+        self.csrf = ""
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.csrf:
+            headers["X-CSRF-Token"] = self.csrf
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data, headers, method=method)
+        try:
+            with self.opener.open(request, timeout=30) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def login(self, password: str) -> None:
+        status, answer = self.call("POST", "/api/login", {"password": password})
+        assert status == 200, answer
+        self.csrf = answer["csrf"]
+
+    def peer(self, name: str) -> dict[str, Any]:
+        status, answer = self.call("GET", "/api/peers")
+        assert status == 200, answer
+        return next(p for p in answer["peers"] if p["name"] == name)

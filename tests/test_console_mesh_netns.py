@@ -12,12 +12,7 @@ Every address lives inside the lab's namespaces (prefix "gtcm")."""
 
 from __future__ import annotations
 
-import http.cookiejar
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,7 +22,7 @@ from gtun.lab.mesh import MeshNet
 from gtun.lab.net import GTUN, write_key
 from gtun.lab.netns import Lab, python_env
 from gtun.lab.portfwd import NsPortForward
-from labkit import ping_count, set_config_keys, wait_until
+from labkit import ConsoleApi, ping_count, set_config_keys, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -39,39 +34,6 @@ LIVE_BOUND = 40.0  # seconds for r2's fold (10 s) and the console's read (5 s), 
 @pytest.fixture
 def lab_prefix() -> str:
     return "gtcm"
-
-
-class Api:
-    """The console's JSON API as a script uses it: a cookie jar and the CSRF token."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
-        )
-        self.csrf = ""
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.csrf:
-            headers["X-CSRF-Token"] = self.csrf
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data, headers, method=method)
-        try:
-            with self.opener.open(request, timeout=30) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def login(self, password: str) -> None:
-        status, answer = self.call("POST", "/api/login", {"password": password})
-        assert status == 200, answer
-        self.csrf = answer["csrf"]
-
-    def peer(self, name: str) -> dict[str, Any]:
-        status, answer = self.call("GET", "/api/peers")
-        assert status == 200, answer
-        return next(p for p in answer["peers"] if p["name"] == name)
 
 
 def wg_fields(text: str) -> dict[str, str]:
@@ -113,7 +75,7 @@ def test_one_console_for_both_relays(lab: Lab, tmp_path: Path, pg_dsn: str) -> N
         net.wait_presence(c1, r1)
 
         forward = NsPortForward(r1.ns.name, ("127.0.0.1", CONSOLE_PORT))
-        api = Api(forward.url)
+        api = ConsoleApi(forward.url)
         assert api.call("GET", "/api/peers")[0] == 401  # no session yet
         api.login(PASSWORD)
 

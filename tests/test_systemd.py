@@ -32,7 +32,8 @@ import test_daemons as daemons
 from gtun.app.sdnotify import Notifier, notify_address, status_line, watchdog_interval
 from gtun.lab.net import GTUN, GtunNet
 from gtun.lab.netns import Lab, python_env
-from labkit import set_config_keys, wait_until
+from gtun.lab.portfwd import NsPortForward
+from labkit import ConsoleApi, set_config_keys, wait_until
 
 net = daemons.net
 
@@ -377,6 +378,16 @@ def test_real_daemons_under_a_pretend_systemd(
     text = relay.config.read_text()
     set_config_keys(relay.config, "server", {"no_such_key": "1"})
     assert relay.proc is not None
+    with NsPortForward(relay.ns.name, ("127.0.0.1", CONSOLE_PORT)) as forward:
+        api = ConsoleApi(forward.url)
+        api.login(CONSOLE_PASSWORD)
+        assert api.peer("c1")["online"]
+        status, doctor = api.call("GET", "/api/doctor?fresh=1")
+        assert status == 200 and "error" not in doctor, doctor
+        checks = {c["check"]: c for c in doctor["checks"]}
+        assert checks["relay"]["ok"] and checks["device"]["ok"], doctor
+        status, added = api.call("POST", "/api/peers", {"name": "phone"})
+        assert status == 201 and added["qr"].startswith("data:image/png;base64,"), added
     relay.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: relay_rx.states().count("READY") == 2, 20, "READY after the reload")
     relay.config.write_text(text)
@@ -403,6 +414,8 @@ def test_real_daemons_under_a_pretend_systemd(
 UNITS = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 SANDBOX = Path(__file__).resolve().parent / "scripts" / "sandbox.py"
 CAP_NET_BIND_SERVICE, CAP_NET_ADMIN = 10, 12
+CONSOLE_PORT = 9680
+CONSOLE_PASSWORD = "within the unit's limits"
 
 
 def sandboxed(unit: str, *command: str) -> list[str]:
@@ -443,6 +456,13 @@ def test_the_daemons_work_within_their_units_limits(
     gnet = GtunNet(lab, tmp_path / "net", clients=2, underlay=249, devices=devices, workers=2)
     relay, (c1, c2) = gnet.relay, gnet.clients
     set_config_keys(c2.config, "client", {"default_route": "true"})
+    # The web console too: its port, its scrypt, its doctor subprocess, under the limits.
+    set_config_keys(relay.config, "server", {"console_listen": f'"127.0.0.1:{CONSOLE_PORT}"'})
+    relay.ns.run(
+        [*GTUN, "console", "passwd", "--stdin", "-c", str(relay.config)],
+        input=CONSOLE_PASSWORD + "\n",
+        env=python_env(),
+    )
     relay_rx = listeners("relay")
     env = journal_env(relay.log, Path(relay_rx.sock.getsockname()), 2_000_000)
     relay.proc = relay.ns.spawn(
@@ -477,6 +497,16 @@ def test_the_daemons_work_within_their_units_limits(
     assert st is not None and [w["alive"] for w in st["workers"]] == [True, True]
     worker = Path(f"/proc/{st['workers'][1]['pid']}/status").read_text()
     assert "Seccomp:\t2\n" in worker and "NoNewPrivs:\t1\n" in worker
+    with NsPortForward(relay.ns.name, ("127.0.0.1", CONSOLE_PORT)) as forward:
+        api = ConsoleApi(forward.url)
+        api.login(CONSOLE_PASSWORD)
+        assert api.peer("c1")["online"]
+        status, doctor = api.call("GET", "/api/doctor?fresh=1")
+        assert status == 200 and "error" not in doctor, doctor
+        checks = {c["check"]: c for c in doctor["checks"]}
+        assert checks["relay"]["ok"] and checks["device"]["ok"], doctor
+        status, added = api.call("POST", "/api/peers", {"name": "phone"})
+        assert status == 201 and added["qr"].startswith("data:image/png;base64,"), added
     relay.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: relay_rx.states().count("READY") == 2, 20, "READY after the reload")
     assert [gnet.stop(n) for n in (c1, c2, relay)] == [0, 0, 0]
