@@ -285,6 +285,16 @@ def split_wg_quick(text: str) -> tuple[str, dict[str, list[str]], list[str]]:
     return "\n".join(out) + "\n", iface, allowed
 
 
+def wg_quick_fields(text: str) -> dict[str, str]:
+    """The `Key = value` lines of a wg-quick configuration (the first of each key)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def apply_wg_quick(ns: Namespace, ifname: str, wg_quick: str, conf_path: Path) -> list[str]:
     """Apply a wg-quick configuration (as `gtun peer add` prints it) to WireGuard
     interface `ifname` in `ns` the way wg-quick does: `wg setconf` with the wg-quick-only

@@ -22,7 +22,7 @@ from gtun.lab.mesh import MeshNet
 from gtun.lab.net import GTUN, write_key
 from gtun.lab.netns import Lab, python_env
 from gtun.lab.portfwd import NsPortForward
-from labkit import ConsoleApi, ping_count, set_config_keys, wait_until
+from labkit import ConsoleApi, ping_count, set_config_keys, wait_until, wg_quick_fields
 
 pytestmark = pytest.mark.netns
 
@@ -34,15 +34,6 @@ LIVE_BOUND = 40.0  # seconds for r2's fold (10 s) and the console's read (5 s), 
 @pytest.fixture
 def lab_prefix() -> str:
     return "gtcm"
-
-
-def wg_fields(text: str) -> dict[str, str]:
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
 
 
 def test_one_console_for_both_relays(lab: Lab, tmp_path: Path, pg_dsn: str) -> None:
@@ -82,7 +73,7 @@ def test_one_console_for_both_relays(lab: Lab, tmp_path: Path, pg_dsn: str) -> N
         # A peer added in r1's console; c2 uses its key and preshared key with r2.
         status, added = api.call("POST", "/api/peers", {"name": "c2"})
         assert status == 201, added
-        fields = wg_fields(added["config"])
+        fields = wg_quick_fields(added["config"])
         c2.key = decode_key(fields["PrivateKey"])
         net.write_client_config(c2, r2)
         write_key(net.dir / "c2.psk", decode_key(fields["PresharedKey"]))

@@ -30,7 +30,7 @@ from gtun.lab.mesh import MeshNet
 from gtun.lab.net import Node, write_key
 from gtun.lab.netns import Lab, Namespace
 from gtun.lab.postgres import PostgresServer, find_bindir
-from labkit import run_gtun, wait_until
+from labkit import run_gtun, wait_until, wg_quick_fields
 
 pytestmark = pytest.mark.netns
 
@@ -157,15 +157,6 @@ def peer_add(relay: Node, name: str, out: Path) -> tuple[int, str]:
     """`gtun peer add NAME -c <relay's config> -o OUT`: (exit code, standard error)."""
     done = run_gtun(relay.ns, "peer", "add", name, "-c", str(relay.config), "-o", str(out))
     return done.returncode, done.stderr
-
-
-def wg_quick_fields(text: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
 
 
 def test_sessions_flow_while_the_store_is_away_and_new_peers_wait_for_it(

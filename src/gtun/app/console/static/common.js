@@ -123,5 +123,21 @@ const gtun = (() => {
     }
   });
 
-  return { api, session, bytes, rate, ago, when, el, svg, set, ready, showError, parseSize };
+  // GET `path` every `ms`, each answer to `render`; the page is ready after the first.
+  function poll(path, render, ms) {
+    async function once() {
+      try {
+        render(await api("GET", path));
+        showError("");
+        ready();
+      } catch (e) {
+        showError(e.message);
+      } finally {
+        setTimeout(once, ms);
+      }
+    }
+    once();
+  }
+
+  return { api, session, bytes, rate, ago, when, el, svg, set, ready, showError, parseSize, poll };
 })();

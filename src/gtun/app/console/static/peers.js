@@ -107,18 +107,7 @@
     gtun.set(document.getElementById("summary"), `${data.peers.length} peers, ${online} online`);
   }
 
-  async function poll() {
-    try {
-      render(await gtun.api("GET", "/api/peers"));
-      gtun.showError("");
-      gtun.ready();
-    } catch (e) {
-      gtun.showError(e.message);
-    } finally {
-      setTimeout(poll, POLL);
-    }
-  }
 
   filter.addEventListener("input", applyFilter);
-  poll();
+  gtun.poll("/api/peers", render, POLL);
 })();

@@ -56,17 +56,5 @@
     tbody.replaceChildren(frag);
   }
 
-  async function poll() {
-    try {
-      render(await gtun.api("GET", "/api/relays"));
-      gtun.showError("");
-      gtun.ready();
-    } catch (e) {
-      gtun.showError(e.message);
-    } finally {
-      setTimeout(poll, POLL);
-    }
-  }
-
-  poll();
+  gtun.poll("/api/relays", render, POLL);
 })();
