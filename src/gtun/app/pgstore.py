@@ -51,7 +51,8 @@ from gtun.app.store import (
     Source,
     StateStore,
     StoredPeer,
-    bucket_start,
+    bucket_rows,
+    check_period,
 )
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 
@@ -850,13 +851,8 @@ class PgStore:
         """Add each (public key, rx bytes, tx bytes) into the buckets of every period
         holding `now`, in one transaction (several relays may add into one bucket);
         prune buckets older than KEEP (at most once every PRUNE_INTERVAL)."""
-        starts = [(period, bucket_start(period, now)) for period in PERIODS]
-        rows: list[tuple[object, ...]] = [
-            (self.network, key, period, start, rx, tx)
-            for key, rx, tx in sorted(deltas)
-            if rx or tx
-            for period, start in starts
-        ]
+        # Sorted: two relays adding at once lock the rows in one order, never deadlock.
+        rows = [(self.network, *row) for row in bucket_rows(sorted(deltas), now)]
         prune = now - self._pruned >= PRUNE_INTERVAL
         with self._cursor() as cur:
             cur.executemany(
@@ -881,8 +877,7 @@ class PgStore:
     def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
         """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
         after `since`, oldest first.  Raises ValueError for an unknown period."""
-        if period not in PERIODS:
-            raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+        check_period(period)
         rows = self._rows(
             "SELECT start, rx, tx FROM traffic WHERE network = %s AND public_key = %s "
             "AND period = %s AND start >= %s ORDER BY start",
@@ -893,8 +888,7 @@ class PgStore:
     def totals(self, period: str, start: float) -> dict[str, tuple[int, int]]:
         """Every peer's (rx, tx) in the `period` bucket starting at `start`.  Raises
         ValueError for an unknown period."""
-        if period not in PERIODS:
-            raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+        check_period(period)
         rows = self._rows(
             "SELECT public_key, rx, tx FROM traffic WHERE network = %s AND period = %s "
             "AND start = %s",

@@ -43,7 +43,9 @@ __all__ = [
     "Store",
     "StoredPeer",
     "SCHEMA_VERSION",
+    "bucket_rows",
     "bucket_start",
+    "check_period",
 ]
 
 # 1: leases, peers (an `enabled` column added later), endpoints.  2: peers'
@@ -108,23 +110,37 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 
+def check_period(period: str) -> None:
+    """Raises ValueError for a period not in PERIODS."""
+    if period not in PERIODS:
+        raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+
+
 def bucket_start(period: str, t: float) -> float:
     """The start (Unix seconds) of the `period` bucket holding time `t`, in UTC: a
     month starts on its first day at 00:00 UTC.  Raises ValueError for an unknown
     period."""
+    check_period(period)
     if period == "month":
         day = datetime.fromtimestamp(t, UTC)
         return day.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-    try:
-        size = _SECONDS[period]
-    except KeyError:
-        raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})") from None
+    size = _SECONDS[period]
     return float(int(t // size) * size)
 
 
-def _check_period(period: str) -> None:
-    if period not in PERIODS:
-        raise ValueError(f"unknown period {period!r} (one of {', '.join(PERIODS)})")
+def bucket_rows(
+    deltas: Iterable[tuple[str, int, int]], now: float
+) -> list[tuple[str, str, float, int, int]]:
+    """(public key, period, bucket start, rx, tx): each delta with traffic, once for
+    the bucket of every period holding `now`, in the order of `deltas` (what both
+    stores' add_traffic() upsert)."""
+    starts = [(period, bucket_start(period, now)) for period in PERIODS]
+    return [
+        (key, period, start, rx, tx)
+        for key, rx, tx in deltas
+        if rx or tx
+        for period, start in starts
+    ]
 
 
 @dataclass(frozen=True)
@@ -528,13 +544,7 @@ class StateStore:
         """Add each (public key, rx bytes, tx bytes) into the buckets of every period
         holding `now`, in one transaction; prune buckets older than KEEP (at most once
         every PRUNE_INTERVAL)."""
-        starts = [(period, bucket_start(period, now)) for period in PERIODS]
-        rows = [
-            (key, period, start, rx, tx)
-            for key, rx, tx in deltas
-            if rx or tx
-            for period, start in starts
-        ]
+        rows = bucket_rows(deltas, now)
         with self.transaction():
             self._db.executemany(
                 "INSERT INTO traffic (public_key, period, start, rx, tx) VALUES (?, ?, ?, ?, ?) "
@@ -555,7 +565,7 @@ class StateStore:
     def traffic(self, public_key: str, period: str, since: float) -> list[tuple[float, int, int]]:
         """The (bucket start, rx, tx) of `public_key`'s `period` buckets starting at or
         after `since`, oldest first.  Raises ValueError for an unknown period."""
-        _check_period(period)
+        check_period(period)
         rows = self._query(
             "SELECT start, rx, tx FROM traffic WHERE public_key = ? AND period = ? "
             "AND start >= ? ORDER BY start",
@@ -566,7 +576,7 @@ class StateStore:
     def totals(self, period: str, start: float) -> dict[str, tuple[int, int]]:
         """Every peer's (rx, tx) in the `period` bucket starting at `start`.  Raises
         ValueError for an unknown period."""
-        _check_period(period)
+        check_period(period)
         rows = self._query(
             "SELECT public_key, rx, tx FROM traffic WHERE period = ? AND start = ?",
             (period, start),
