@@ -73,6 +73,7 @@ from gtun.core.relay import (
 )
 from gtun.core.tunnel import RelayHealth, health_payload
 from gtun.core.wg import HandshakeCompleted, HandshakeTimedOut
+from gtun.core.wg.constants import REJECT_AFTER_TIME
 from gtun.core.wg.events import Event
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
 from gtun.io.driver import Driver
@@ -95,7 +96,7 @@ PRESENCE_RECENT = 180.0  # seconds since a peer's last packet for its session to
 HEALTH_INTERVAL = 5.0  # seconds between looks at the relay's own machine (health answers)
 WORKER_REFRESH = 2.0  # seconds between looks at the other workers' counters (metrics)
 FOLD_INTERVAL = 10.0  # seconds between folds of the peers' counters into the store
-MESH_UP_WITHIN = 180.0  # a mesh session counts as up with a handshake this recent
+MESH_UP_WITHIN = REJECT_AFTER_TIME  # a mesh session is up with a handshake this recent
 
 
 def bind_udp(cfg: ServerConfig) -> socket.socket:

@@ -11,7 +11,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, is_dataclass
 from typing import Any, Protocol
 
-ONLINE_WITHIN = 180.0  # seconds since the last handshake (WireGuard rekeys every 120 s)
+from gtun.core.wg.constants import REJECT_AFTER_TIME
+
+# Online: a handshake younger than REJECT_AFTER_TIME, as `gtun_peer_connected` counts
+# (app/metrics.py): past it no session of the peer can carry data.
+ONLINE_WITHIN = REJECT_AFTER_TIME
 KEEP_SAMPLES = 2  # counter samples per peer kept for its rate
 
 

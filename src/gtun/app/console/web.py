@@ -45,6 +45,7 @@ from gtun.app.console.view import (
 )
 from gtun.app.store import bucket_start
 from gtun.errors import ConfigError, GtunError, RuntimeFailure
+from gtun.io.transport import endpoint_text
 
 log = logging.getLogger("gtun")
 
@@ -226,14 +227,14 @@ class Console:
                 self._wake.clear()
                 await self._wake.wait()
             try:
-                await self._sample(fresh=False)
+                await self._sample()
             except Exception as exc:  # the relay stopping, the store away: next time
                 log.debug("console: sampling failed: %s", exc)
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    async def _sample(self, fresh: bool) -> dict[str, Any]:
-        """The relay's status, sampled now unless a sample is younger than
-        SAMPLE_INTERVAL (or `fresh` is false and one exists)."""
+    async def _sample(self) -> dict[str, Any]:
+        """The relay's status, sampled now unless a sample is (nearly) younger than
+        SAMPLE_INTERVAL: the sampler and a request arriving together sample once."""
         async with self._sampling:
             now = time.monotonic()
             if self._status is not None and now - self._sampled < SAMPLE_INTERVAL * 0.9:
@@ -259,7 +260,7 @@ class Console:
     async def status(self) -> dict[str, Any]:
         if self._status is not None and time.monotonic() - self._sampled < SAMPLE_INTERVAL:
             return self._status
-        return await self._sample(fresh=True)
+        return await self._sample()
 
     # --- pages ------------------------------------------------------------------------
 
@@ -430,11 +431,12 @@ class Console:
         now = time.time()
 
         def read() -> dict[str, Any]:
+            day = self.store.traffic(key, "minute", now - 86400)
             return {
                 "sources": [as_dict(s) for s in self.store.sources(key)],
                 "history": {
-                    "hour": self.store.traffic(key, "minute", now - 3600),
-                    "day": self.store.traffic(key, "minute", now - 86400),
+                    "hour": [b for b in day if b[0] >= now - 3600],  # the day's last hour
+                    "day": day,
                     "month": self.store.traffic(key, "hour", now - 31 * 86400),
                 },
             }
@@ -456,10 +458,7 @@ class Console:
                 stats = await off_loop(self.store.relay_stats)
             except GtunError as exc:
                 return _error(503, f"the store: {exc}")
-        ep = self.cfg.endpoint
-        endpoint = (
-            None if ep is None else (f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}")
-        )
+        endpoint = endpoint_text(self.cfg.endpoint)
         return await self._answer(
             {"relays": relay_rows(status, stats, endpoint, time.time(), self.cfg.path.stem)}
         )
