@@ -276,19 +276,23 @@ def _not_configured_elsewhere(store: Store, name: str) -> None:
         )
 
 
+class NoSuchPeer(ConfigError):
+    """No stored peer of that name (the console answers it with 404)."""
+
+
 def _change_stored(
     cfg: ServerConfig, name: str, change: Callable[[Store], bool], tell: bool
 ) -> str:
     """Apply `change` to stored peer `name` (False from it: no such peer) and, with
     `tell`, ask the running relay to reload; the note for the user ("" when not `tell`).
     Refuses a [[peers]] entry of this config or of another relay's.  Raises ConfigError
-    or RuntimeFailure (store)."""
+    (NoSuchPeer for an unknown name) or RuntimeFailure (store)."""
     _stored_only(cfg, name)
     store = open_state(cfg)
     try:
         _not_configured_elsewhere(store, name)
         if not change(store):
-            raise ConfigError(f"no stored peer named {name}", file=store.path)
+            raise NoSuchPeer(f"no stored peer named {name}", file=store.path)
     finally:
         store.close()
     return _tell_relay(cfg, "the change") if tell else ""

@@ -555,29 +555,19 @@ class Console:
         answer = {"name": name, "config": text, "qr": png, "note": qr_note or note}
         return _json(answer, 201, {"Cache-Control": "no-store"})
 
-    async def _stored_peer(self, name: str) -> web.Response | None:
-        """None if `name` is a peer the console may change; else the refusal."""
-        if any(p.name == name for p in self.cfg.peers):
-            return _error(400, f"peer {name} is in the config file's [[peers]]; change it there")
-        try:
-            stored = await off_loop(self.store.peers)
-        except GtunError as exc:
-            return _error(503, f"the store: {exc}")
-        sp = next((p for p in stored if p.name == name), None)
-        if sp is None:
-            status = await self.status()
-            if any(p["name"] == name for p in status["peers"]):
-                return _error(400, f"peer {name} is in a config file's [[peers]]; change it there")
-            return _error(404, f"no peer named {name}")
-        if sp.source is not None:
-            return _error(
-                400, f"peer {name} is in the [[peers]] of relay {sp.source}; change it there"
-            )
-        return None
-
-    async def _change(self, what: str, fn: Callable[[], object]) -> web.Response:
+    async def _change(self, name: str, what: str, fn: Callable[[], object]) -> web.Response:
+        """Run one of app/peers.py's changes to stored peer `name` (which refuse a
+        [[peers]] entry, this relay's or another's), then reload the relay."""
         try:
             await off_loop(fn)
+        except peers.NoSuchPeer:
+            self._changed()
+            status = await self.status()
+            if any(p["name"] == name for p in status["peers"]):
+                # Served, but neither this config's nor stored: a config file's [[peers]]
+                # added since this relay read its own.
+                return _error(400, f"peer {name} is in a config file's [[peers]]; change it there")
+            return _error(404, f"no peer named {name}")
         except ConfigError as exc:
             self._changed()
             return _error(400, str(exc))
@@ -590,19 +580,13 @@ class Console:
 
     async def api_enable(self, enabled: bool, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        refused = await self._stored_peer(name)
-        if refused is not None:
-            return refused
         fn = functools.partial(peers.set_peer_enabled, self.cfg, name, enabled, tell=False)
-        return await self._change(f"peer {name} {'enabled' if enabled else 'disabled'}", fn)
+        return await self._change(name, f"peer {name} {'enabled' if enabled else 'disabled'}", fn)
 
     async def api_remove(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        refused = await self._stored_peer(name)
-        if refused is not None:
-            return refused
         fn = functools.partial(peers.remove_peer, self.cfg, name, tell=False)
-        return await self._change(f"peer {name} removed", fn)
+        return await self._change(name, f"peer {name} removed", fn)
 
     async def api_quota(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -612,11 +596,8 @@ class Console:
             not isinstance(quota, int) or isinstance(quota, bool) or quota < 0
         ):
             return _error(400, "quota is a number of bytes (an integer, 0 or more) or null")
-        refused = await self._stored_peer(name)
-        if refused is not None:
-            return refused
         fn = functools.partial(peers.set_peer_quota, self.cfg, name, quota, tell=False)
-        return await self._change(f"peer {name} quota {quota}", fn)
+        return await self._change(name, f"peer {name} quota {quota}", fn)
 
 
 def _local_host(host: str) -> bool:
