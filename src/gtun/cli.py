@@ -318,14 +318,14 @@ def console_passwd(args: argparse.Namespace) -> int:
     cfg = load_server_config(args.config)
     if args.stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+        auth.check_new_password(password)
     else:
         import getpass
 
         password = getpass.getpass("New console password: ")
-        auth.check_new_password(password)
+        auth.check_new_password(password)  # said before asking again
         if getpass.getpass("Again: ") != password:
             raise ConfigError("the two passwords differ; nothing was changed")
-    auth.check_new_password(password)
     text = auth.hash_password(password)
     store = open_state(cfg)
     try:

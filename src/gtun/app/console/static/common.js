@@ -5,12 +5,17 @@
 const gtun = (() => {
   let csrf = null;
 
-  async function session() {
-    const r = await fetch("/api/session", { credentials: "same-origin" });
+  // A 401: the session is gone (expired, logged out, the relay restarted).
+  function toLogin(r) {
     if (r.status === 401) {
       location.href = "/login";
       throw new Error("not logged in");
     }
+  }
+
+  async function session() {
+    const r = await fetch("/api/session", { credentials: "same-origin" });
+    toLogin(r);
     csrf = (await r.json()).csrf;
     return csrf;
   }
@@ -26,10 +31,7 @@ const gtun = (() => {
       init.body = JSON.stringify(body);
     }
     const r = await fetch(path, init);
-    if (r.status === 401) {
-      location.href = "/login";
-      throw new Error("not logged in");
-    }
+    toLogin(r);
     let data = null;
     try {
       data = await r.json();
@@ -123,21 +125,26 @@ const gtun = (() => {
     }
   });
 
-  // GET `path` every `ms`, each answer to `render`; the page is ready after the first.
-  function poll(path, render, ms) {
-    async function once() {
-      try {
-        render(await api("GET", path));
-        showError("");
-        ready();
-      } catch (e) {
-        showError(e.message);
-      } finally {
-        setTimeout(once, ms);
-      }
+  // GET `path` and give the answer to `render` (the page is ready after the first),
+  // or show what failed.
+  async function show(path, render) {
+    try {
+      render(await api("GET", path));
+      showError("");
+      ready();
+    } catch (e) {
+      showError(e.message);
     }
-    once();
   }
 
-  return { api, session, bytes, rate, ago, when, el, svg, set, ready, showError, parseSize, poll };
+  // show() every `ms`, each after the last one ended.
+  function poll(path, render, ms) {
+    const tick = async () => {
+      await show(path, render);
+      setTimeout(tick, ms);
+    };
+    tick();
+  }
+
+  return { api, session, bytes, rate, ago, when, el, svg, set, ready, showError, parseSize, show, poll };
 })();

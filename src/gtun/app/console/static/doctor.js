@@ -21,15 +21,8 @@
 
   async function load(fresh) {
     rerun.disabled = true;
-    try {
-      render(await gtun.api("GET", `/api/doctor${fresh ? "?fresh=1" : ""}`));
-      gtun.showError("");
-      gtun.ready();
-    } catch (e) {
-      gtun.showError(e.message);
-    } finally {
-      rerun.disabled = false;
-    }
+    await gtun.show(`/api/doctor${fresh ? "?fresh=1" : ""}`, render);
+    rerun.disabled = false;
   }
 
   rerun.addEventListener("click", () => load(true));

@@ -63,15 +63,7 @@
     fill(document.querySelector("#drops tbody"), drops.length ? drops : [["none", 0]]);
   }
 
-  async function load() {
-    try {
-      render(await gtun.api("GET", path));
-      gtun.showError("");
-      gtun.ready();
-    } catch (e) {
-      gtun.showError(e.message);
-    }
-  }
+  const load = () => gtun.show(path, render);
 
   async function act(method, suffix, body) {
     note.textContent = "";
@@ -108,6 +100,5 @@
     }
     act("PUT", "/quota", { quota });
   });
-  load();
-  setInterval(load, POLL);
+  gtun.poll(path, render, POLL);
 })();
