@@ -372,6 +372,33 @@ def test_history_survives_a_relay_restart(net: Net, platforms: Any) -> None:
     asyncio.run(scenario())
 
 
+def test_a_peer_removed_between_folds_keeps_its_traffic(net: Net, platforms: Any) -> None:
+    # c1 leaves the config and the relay reloads well before its next fold (10 s): the
+    # bytes it carried since the last one are in the history all the same.
+    cfg = load_server_config(net.tmp / "relay.toml")
+    c1 = net.public("c1")
+
+    def month_total() -> tuple[int, int]:
+        with StateStore(cfg.state_dir / STATE_FILE) as store:
+            return store.totals("month", bucket_start("month", _now())).get(c1, (0, 0))
+
+    async def scenario() -> None:
+        async with asyncio.timeout(LIMIT):
+            relay_pf, client_pf = platforms(), platforms()
+            async with configured(net, relay_pf, client_pf) as (server, _):
+                await exchange(relay_pf, client_pf, b"carried, then removed" * 40)
+                held = next(p for p in (await server.status())["peers"] if p["name"] == "c1")
+                assert await asyncio.to_thread(month_total) == (0, 0)  # no fold yet
+                net.peers.remove("c1")
+                net.write_relay()
+                answer = await server.reload()
+                assert answer["ok"] and answer["removed"] == ["c1"], answer
+                total = await asyncio.to_thread(month_total)
+                assert total[0] >= held["rx_bytes"] > 800 and total[1] >= held["tx_bytes"] > 800
+
+    asyncio.run(scenario())
+
+
 def _now() -> float:
     import time
 

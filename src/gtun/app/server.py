@@ -626,16 +626,10 @@ class Server:
         """Every fold_interval, and once at stop, fold the peers' counters into the
         store (fold_traffic)."""
 
-        async def once() -> None:
-            try:
-                await self.fold_traffic()
-            except Exception:  # a bug: say so, and let the relay serve on
-                log.exception("traffic fold failed (a bug)")
-
         async def keep() -> None:
             while True:
                 await asyncio.sleep(self.fold_interval)
-                await once()
+                await self._fold_safely()
 
         task = asyncio.ensure_future(keep())
 
@@ -643,9 +637,15 @@ class Server:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await once()
+            await self._fold_safely()
 
         self.rt.push("traffic history", stop)
+
+    async def _fold_safely(self) -> None:
+        try:
+            await self.fold_traffic()
+        except Exception:  # a bug: say so, and let the relay serve on
+            log.exception("traffic fold failed (a bug)")
 
     async def fold_traffic(self) -> None:
         """Fold the merged per-peer counters of status() into the store, off the event
@@ -1002,6 +1002,9 @@ class Server:
         try:
             cfg, peerset = await off_loop(self._read_peers)
             specs = peerset.specs
+            # A peer removed or disabled takes its counters with it: what it carried
+            # since the last fold goes into the history first.
+            await self._fold_safely()
             added, removed = apply_peers(self.relay, specs, cfg, self.store)
             if self.pool is not None:
                 await self.pool.set_peers(specs)
